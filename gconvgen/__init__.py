@@ -1,0 +1,16 @@
+"""gconvgen: a code-generating compiler for grouped and depthwise convolutions.
+
+One conv travels api -> ir (ConvSpec) -> plan (networkx pass graph) -> codegen (Jinja -> Triton)
+-> runtime (disk cache, launch, torch custom op).
+"""
+from .api import CompiledLayer, GroupedConv2d, compile_layer, conv2d, resolve_padding
+from .codegen import gconvgen_version
+from .ir import ConvSpec
+from .plan import Plan, padding_overhead, plan, suggest_groups
+
+__version__ = gconvgen_version()
+
+__all__ = [
+    "CompiledLayer", "ConvSpec", "GroupedConv2d", "Plan", "compile_layer", "conv2d", "padding_overhead", "plan",
+    "resolve_padding", "suggest_groups",
+]

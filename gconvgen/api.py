@@ -1,0 +1,239 @@
+"""The Python API: functional ``conv2d``, the ``GroupedConv2d`` module and ``compile_layer``.
+
+Everything a user passes is checked here and turned into a ConvSpec; the custom op then runs it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import knobs
+from .ir import CHANNEL_POLICIES, ConvSpec, check, fail
+from .runtime.kernels import compiled_for, planned
+from .runtime.ops import DTYPE_NAMES, activation_layout, conv2d_op, spec_for_call
+
+DATA_FORMATS = ("NCHW", "NHWC")
+IntOrPair = Union[int, Sequence[int]]
+Padding = Union[str, int, Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------------- argument checks
+
+
+def _ints(name: str, value: object, length: int, minimum: int, lengths: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """An int or a sequence of ``length`` (or one of ``lengths``) ints, each >= minimum, as a tuple."""
+    items = (value,) * length if isinstance(value, int) and not isinstance(value, bool) else value
+    check(isinstance(items, (tuple, list)), f"{name}={value!r} must be an int or a tuple of {length} ints", TypeError)
+    check(len(items) in (lengths or (length,)),
+          f"{name}={value!r} has {len(items)} values; give an int or {' or '.join(map(str, lengths or (length,)))} ints")
+    for item in items:
+        check(isinstance(item, int) and not isinstance(item, bool), f"{name}={value!r} must hold ints only", TypeError)
+        check(item >= minimum, f"{name}={value!r} must be >= {minimum}"
+              + (f"; use {minimum} for none" if minimum == 0 else ""))
+    return tuple(items)
+
+
+def resolve_padding(padding: Padding, size: tuple[int, int], kernel_size: tuple[int, int],
+                    stride: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Padding as (top, bottom, left, right).
+
+    'valid' is none; 'same' follows TensorFlow at any stride: out = ceil(in / stride), the odd pixel of
+    padding after. An int pads all four sides, (h, w) pads each dimension on both sides, and four ints
+    are (top, bottom, left, right).
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        check(padding == "same", f"padding={padding!r} is not a padding mode; use 'same', 'valid', an int, "
+                                 f"(pad_h, pad_w) or (top, bottom, left, right)")
+        sides = []
+        for length, k, s, d in zip(size, kernel_size, stride, dilation):
+            total = max((math.ceil(length / s) - 1) * s + d * (k - 1) + 1 - length, 0)
+            sides += [total // 2, total - total // 2]
+        return tuple(sides)
+    values = _ints("padding", padding, 2, 0, lengths=(2, 4))
+    return (values[0], values[0], values[1], values[1]) if len(values) == 2 else values
+
+
+def _check_tensor(name: str, value: object, ranks: tuple[int, ...], layout_hint: str) -> None:
+    check(isinstance(value, torch.Tensor), f"{name} must be a torch.Tensor, got {type(value).__name__}", TypeError)
+    check(value.dim() in ranks, f"{name} has shape {tuple(value.shape)} ({value.dim()}-D); expected {layout_hint}")
+    check(value.dtype in DTYPE_NAMES,
+          f"{name}.dtype={value.dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16", TypeError)
+
+
+def _check_same(name: str, tensor: torch.Tensor, reference: torch.Tensor) -> None:
+    check(tensor.dtype == reference.dtype,
+          f"{name}.dtype={tensor.dtype} does not match input.dtype={reference.dtype}; cast it with .to({reference.dtype})",
+          TypeError)
+    check(tensor.device == reference.device,
+          f"{name} is on {tensor.device} but input is on {reference.device}; move it with .to('{reference.device}')")
+
+
+# ---------------------------------------------------------------------------------------------- functional
+
+
+def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: IntOrPair = 1,
+           padding: Padding = 0, dilation: IntOrPair = 1, groups: int = 1, *, channel_policy: str = "strict",
+           data_format: str = "NCHW") -> torch.Tensor:
+    """Grouped 2-D convolution; the same results as ``torch.nn.functional.conv2d`` for all it accepts.
+
+    Beyond it: ``padding='same'`` at any stride (TensorFlow's rule), four-sided padding
+    ``(top, bottom, left, right)``, ``channel_policy='pad'`` for channel counts the groups do not divide
+    (group g reads input channels [g*ci, (g+1)*ci) of the zero-padded input and writes outputs
+    [g*co, (g+1)*co) clipped to out_channels, ci = ceil(C_in/groups), co = ceil(C_out/groups)), and
+    ``data_format='NHWC'`` with a Keras HWIO weight [kh, kw, ci, C_out], returning NHWC, without copies.
+
+    Returns the output [N, C_out, OH, OW] (channels_last in gives channels_last out), or [N, OH, OW, C_out]
+    for NHWC. Raises TypeError / ValueError naming the argument for anything it cannot compute.
+    """
+    check(data_format in DATA_FORMATS, f"data_format={data_format!r} is not a data format; use 'NCHW' or 'NHWC'")
+    check(channel_policy in CHANNEL_POLICIES,
+          f"channel_policy={channel_policy!r} is not a policy; use 'strict' or 'pad'")
+    nhwc = data_format == "NHWC"
+    _check_tensor("input", input, (3, 4), "[N, H, W, C] or [H, W, C]" if nhwc else "[N, C, H, W] or [C, H, W]")
+    _check_tensor("weight", weight, (4,), "[kh, kw, in_channels/groups, out_channels] (HWIO)" if nhwc
+                  else "[out_channels, in_channels/groups, kh, kw]")
+    _check_same("weight", weight, input)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    x = x.permute(0, 3, 1, 2) if nhwc else x          # NCHW-indexed view, no copy
+    w = weight.permute(3, 2, 0, 1) if nhwc else weight  # OIHW-indexed view, no copy
+    check(isinstance(groups, int) and not isinstance(groups, bool), f"groups={groups!r} must be an int", TypeError)
+    check(groups >= 1, f"groups={groups} must be >= 1")
+    in_channels, out_channels = x.shape[1], w.shape[0]
+    per_group = math.ceil(in_channels / groups) if channel_policy == "pad" else in_channels / groups
+    check(groups <= in_channels, f"groups={groups} exceeds the input's {in_channels} channels; use groups <= {in_channels}")
+    check(w.shape[1] == per_group or (channel_policy == "strict" and in_channels % groups),
+          f"weight has {w.shape[1]} input channels per group but in_channels={in_channels} with groups={groups} "
+          f"and channel_policy={channel_policy!r} needs {per_group:g}; the weight must be "
+          + ("[kh, kw, in_channels/groups, out_channels]" if nhwc else "[out_channels, in_channels/groups, kh, kw]"))
+    if bias is not None:
+        check(isinstance(bias, torch.Tensor), f"bias must be a torch.Tensor or None, got {type(bias).__name__}", TypeError)
+        check(bias.dim() == 1 and bias.shape[0] == out_channels,
+              f"bias has shape {tuple(bias.shape)}; expected [{out_channels}] (one value per output channel)")
+        _check_same("bias", bias, input)
+    kernel_size = (w.shape[2], w.shape[3])
+    stride_hw = _ints("stride", stride, 2, 1)
+    dilation_hw = _ints("dilation", dilation, 2, 1)
+    padding_4 = resolve_padding(padding, (x.shape[2], x.shape[3]), kernel_size, stride_hw, dilation_hw)
+
+    spec = spec_for_call(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
+    planned(spec, knobs.padding_budget())   # raises the planner's error for a conv it refuses
+    spec.output_size(x.shape[2], x.shape[3])  # raises if the kernel does not fit the padded input
+    out = conv2d_op(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
+    out = out.permute(0, 2, 3, 1).contiguous() if nhwc else out
+    return out.squeeze(0) if unbatched else out
+
+
+# ---------------------------------------------------------------------------------------------- the module
+
+
+class GroupedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` run by gconvgen, with the same constructor plus ``channel_policy``.
+
+    Its state dict has nn.Conv2d's keys and shapes. Under ``channel_policy='pad'`` the weight is
+    [out_channels, ceil(in_channels/groups), kh, kw]. Padding may also be 'same' at any stride or four sides.
+    Only ``padding_mode='zeros'`` is supported.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+                 padding: Padding = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device=None, dtype=None, *, channel_policy: str = "strict"):
+        check(padding_mode == "zeros",
+              f"padding_mode={padding_mode!r} is not supported by gconvgen; use 'zeros' or keep nn.Conv2d")
+        kernel_hw = _ints("kernel_size", kernel_size, 2, 1)
+        spec = ConvSpec(in_channels, out_channels, groups, kernel_hw, _ints("stride", stride, 2, 1),
+                        dilation=_ints("dilation", dilation, 2, 1), channel_policy=channel_policy)
+        planned(spec, knobs.padding_budget())  # refuses uneven channels under 'strict', with the fix
+        if not isinstance(padding, str):
+            _ints("padding", padding, 2, 0, lengths=(2, 4))
+        # nn.Conv2d refuses uneven channels and 'same' at stride > 1: build it on even sizes, then set the real ones
+        padded_in = spec.in_channels_per_group * groups
+        padded_out = spec.out_channels_per_group * groups
+        super().__init__(padded_in, padded_out, kernel_hw, spec.stride, 0, spec.dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.in_channels, self.out_channels, self.padding = in_channels, out_channels, padding
+        self.channel_policy = channel_policy
+        if padded_out != out_channels:
+            self.weight = nn.Parameter(self.weight.detach()[:out_channels].clone())
+            self.bias = None if self.bias is None else nn.Parameter(self.bias.detach()[:out_channels].clone())
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, channel_policy: str = "strict") -> "GroupedConv2d":
+        """A GroupedConv2d sharing ``conv``'s parameters (same tensors, device and dtype)."""
+        check(isinstance(conv, nn.Conv2d), f"conv must be an nn.Conv2d, got {type(conv).__name__}", TypeError)
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+                     dtype=conv.weight.dtype, channel_policy=channel_policy)
+        module.weight = conv.weight
+        module.bias = conv.bias
+        module.train(conv.training)
+        return module
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                      channel_policy=self.channel_policy)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", channel_policy={self.channel_policy!r}"
+
+
+# ---------------------------------------------------------------------------------------------- compile_layer
+
+
+class CompiledLayer:
+    """A callable that holds the planned and compiled kernel of one spec on one device.
+
+    Call it as ``layer(x, weight, bias=None)``, or ``layer(x)`` when it was compiled from a module.
+    """
+
+    def __init__(self, spec: ConvSpec, device: torch.device, module: Optional[nn.Conv2d] = None):
+        self.spec = spec
+        self.device = device
+        self.module = module
+        self.kernel = compiled_for(spec, device)
+
+    def __call__(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if weight is None:
+            check(self.module is not None, "weight is required: this layer was compiled from a spec, not a module")
+            weight, bias = self.module.weight, self.module.bias
+        check(isinstance(x, torch.Tensor) and x.dim() == 4, "x must be a 4-D [N, C, H, W] tensor", TypeError)
+        actual = spec_for_call(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation,
+                               self.spec.groups, self.spec.channel_policy)
+        check(actual == self.spec, f"these tensors make {actual}, but the layer was compiled for {self.spec}; "
+                                   f"call gconvgen.compile_layer again for them")
+        check(x.device == self.device, f"x is on {x.device} but the layer was compiled for {self.device}")
+        return conv2d_op(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation, self.spec.groups,
+                         self.spec.channel_policy)
+
+
+def compile_layer(spec_or_conv: Union[ConvSpec, nn.Conv2d], *, device: Union[str, torch.device, None] = None,
+                  layout: str = "nchw") -> CompiledLayer:
+    """Plan, render and load the kernel for a ConvSpec or an nn.Conv2d now, and return it as a callable.
+
+    ``device`` defaults to the module's device, else CUDA when present, else the CPU (Triton's interpreter).
+    Padding given as a word ('same') is resolved per input size and cannot be compiled ahead; use ints.
+    """
+    module = None
+    if isinstance(spec_or_conv, nn.Conv2d):
+        module = spec_or_conv
+        check(not isinstance(module.padding, str),
+              f"padding={module.padding!r} depends on the input size; give the module integer padding")
+        check(module.padding_mode == "zeros", f"padding_mode={module.padding_mode!r} is not supported; use 'zeros'")
+        spec = ConvSpec(module.in_channels, module.out_channels, module.groups, tuple(module.kernel_size),
+                        tuple(module.stride), resolve_padding(tuple(module.padding), (1, 1), (1, 1), (1, 1), (1, 1)),
+                        tuple(module.dilation), module.bias is not None, DTYPE_NAMES[module.weight.dtype], layout,
+                        getattr(module, "channel_policy", "strict"))
+        device = device or module.weight.device
+    elif isinstance(spec_or_conv, ConvSpec):
+        spec = spec_or_conv
+    else:
+        fail(f"spec_or_conv must be a gconvgen.ConvSpec or an nn.Conv2d, got {type(spec_or_conv).__name__}", TypeError)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    planned(spec, knobs.padding_budget())
+    return CompiledLayer(spec, device, module)

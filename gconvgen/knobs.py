@@ -1,0 +1,115 @@
+"""Every setting gconvgen reads from the environment, in one place.
+
+Each knob is read when asked for (not at import), typed, and documented here. Tests scope a change
+with ``knobs.scoped(FALLBACK="error")`` instead of touching ``os.environ``.
+
+    GCONVGEN_CACHE_DIR       where rendered kernels and tuning results live
+                             (else $XDG_CACHE_HOME/gconvgen, else ~/.cache/gconvgen)
+    GCONVGEN_FALLBACK        "warn" (default): CPU tensors without TRITON_INTERPRET run an exact aten
+                             fallback and say so once; "error": every fallback raises instead
+    GCONVGEN_PADDING_BUDGET  extra work channel padding may add before a plan is refused (default 0.5)
+    GCONVGEN_DEBUG_PLAN      "1": verify the pass graph after every planner pass
+    GCONVGEN_AUTOTUNE        "1": tune an untuned layer on its first call (never otherwise)
+    TRITON_INTERPRET         Triton's own switch: "1" runs kernels on CPU tensors through the interpreter
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+@dataclass(frozen=True)
+class _Knob:
+    env: str
+    default: str
+    parse: Callable[[str], object]
+    doc: str
+
+    def get(self) -> object:
+        raw = os.environ.get(self.env)
+        return self.parse(self.default if raw is None or raw == "" else raw)
+
+
+def _flag(raw: str) -> bool:
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fallback_mode(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in ("warn", "error"):
+        raise ValueError(f"GCONVGEN_FALLBACK={raw!r} is not a fallback mode; use 'warn' or 'error'")
+    return mode
+
+
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"GCONVGEN_PADDING_BUDGET={raw!r} is not a number; use e.g. 0.5 for 50% extra work") from None
+    if value < 0:
+        raise ValueError(f"GCONVGEN_PADDING_BUDGET={raw!r} is negative; use a fraction >= 0, e.g. 0.5")
+    return value
+
+
+def _default_cache_dir() -> str:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return str(base / "gconvgen")
+
+
+_KNOBS = {
+    "CACHE_DIR": _Knob("GCONVGEN_CACHE_DIR", "", lambda raw: Path(raw or _default_cache_dir()).expanduser(),
+                       "cache directory for rendered kernels and tuning results"),
+    "FALLBACK": _Knob("GCONVGEN_FALLBACK", "warn", _fallback_mode, "'warn' or 'error' on an aten fallback"),
+    "PADDING_BUDGET": _Knob("GCONVGEN_PADDING_BUDGET", "0.5", _fraction, "max extra work from channel padding"),
+    "DEBUG_PLAN": _Knob("GCONVGEN_DEBUG_PLAN", "0", _flag, "verify the pass graph after every pass"),
+    "AUTOTUNE": _Knob("GCONVGEN_AUTOTUNE", "0", _flag, "tune untuned layers on first call"),
+    "INTERPRET": _Knob("TRITON_INTERPRET", "0", _flag, "Triton's interpreter for CPU tensors"),
+}
+
+
+def cache_dir() -> Path:
+    return _KNOBS["CACHE_DIR"].get()
+
+
+def fallback_mode() -> str:
+    return _KNOBS["FALLBACK"].get()
+
+
+def padding_budget() -> float:
+    return _KNOBS["PADDING_BUDGET"].get()
+
+
+def debug_plan() -> bool:
+    return _KNOBS["DEBUG_PLAN"].get()
+
+
+def autotune_on_first_call() -> bool:
+    return _KNOBS["AUTOTUNE"].get()
+
+
+def interpret() -> bool:
+    return _KNOBS["INTERPRET"].get()
+
+
+@contextlib.contextmanager
+def scoped(**settings: object) -> Iterator[None]:
+    """Temporarily set knobs by name, e.g. ``scoped(FALLBACK="error", CACHE_DIR=tmp_path)``."""
+    saved = {}
+    try:
+        for name, value in settings.items():
+            if name not in _KNOBS:
+                raise KeyError(f"unknown knob {name!r}; known: {sorted(_KNOBS)}")
+            env = _KNOBS[name].env
+            saved[env] = os.environ.get(env)
+            os.environ[env] = str(value)
+        yield
+    finally:
+        for env, old in saved.items():
+            if old is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = old

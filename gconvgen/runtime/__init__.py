@@ -1,0 +1,1 @@
+"""Runtime: the disk cache, compiled kernels and their launch, and the torch custom op."""

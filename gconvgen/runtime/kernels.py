@@ -1,0 +1,124 @@
+"""Compiled kernels: configs, the in-process memo, and the launch (check -> allocate -> launch)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .. import codegen, knobs
+from ..ir import ConvSpec
+from ..plan import Plan, plan
+from . import cache
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration. block_m tiles output pixels, block_n output channels (per group for
+    igemm), block_k the reduction (igemm only; 0 for depthwise)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def meta(self, family: str) -> dict:
+        blocks = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+        if family == "igemm":
+            blocks["BLOCK_K"] = self.block_k
+        return {**blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def _pow2_between(value: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(value)))
+
+
+def default_config(spec: ConvSpec, family: str, *, interpret: bool) -> KernelConfig:
+    """A sound config chosen at once from the spec; tuning finds better ones.
+
+    Under the interpreter each program costs milliseconds, so blocks are large and grids small.
+    tl.dot needs every tile side >= 16.
+    """
+    if family == "igemm":
+        reduction = spec.in_channels_per_group * spec.kernel_size[0] * spec.kernel_size[1]
+        return KernelConfig(
+            block_m=256 if interpret else 128,
+            block_n=_pow2_between(spec.out_channels_per_group, 16, 128),
+            block_k=_pow2_between(reduction, 16, 64 if interpret else 32),
+            num_warps=4,
+            num_stages=1 if interpret else 3,
+        )
+    if interpret:
+        return KernelConfig(block_m=256, block_n=_pow2_between(spec.out_channels, 1, 64), block_k=0, num_stages=1)
+    if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
+        return KernelConfig(block_m=32, block_n=_pow2_between(spec.out_channels, 8, 64), block_k=0)
+    return KernelConfig(block_m=128, block_n=_pow2_between(spec.out_channels, 1, 8), block_k=0)
+
+
+@functools.cache
+def device_target(device: torch.device) -> str:
+    """What a compiled kernel is specific to: 'interpreter', or the GPU's name and capability."""
+    if device.type == "cpu":
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+
+
+class CompiledConv:
+    """A planned, rendered and imported kernel for one spec on one target, ready to launch."""
+
+    def __init__(self, conv_plan: Plan, target: str, *, allow_tf32: bool, config: KernelConfig | None = None):
+        self.plan = conv_plan
+        self.spec = conv_plan.spec
+        self.family = conv_plan.family
+        self.interpret = target == "interpreter"
+        self.uri = codegen.kernel_uri(conv_plan, interpret=self.interpret)
+        path = cache.ensure_module_file(
+            target, self.uri, lambda: codegen.render(conv_plan, interpret=self.interpret, allow_tf32=allow_tf32))
+        self.source_path = path
+        self.kernel = getattr(cache.import_module(path), codegen.kernel_name(conv_plan, interpret=self.interpret))
+        self.config = config or default_config(self.spec, self.family, interpret=self.interpret)
+
+    def launch(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+               config: KernelConfig | None = None) -> torch.Tensor:
+        """Run the kernel on NCHW-indexed views (any strides): x [N, C_in, H, W], weight [C_out, ci, kh, kw],
+        out [N, C_out, OH, OW], preallocated. Returns ``out``."""
+        config = config or self.config
+        batch, _, height, width = x.shape
+        out_height, out_width = out.shape[2], out.shape[3]
+        pixels = batch * out_height * out_width
+        if pixels == 0:
+            return out
+        if self.family == "igemm":
+            grid = (triton.cdiv(pixels, config.block_m),
+                    triton.cdiv(self.spec.out_channels_per_group, config.block_n), self.spec.groups)
+        else:
+            grid = (triton.cdiv(pixels, config.block_m), triton.cdiv(self.spec.out_channels, config.block_n))
+        self.kernel[grid](
+            x, weight, bias if bias is not None else weight, out,
+            batch, height, width, *x.stride(),
+            *weight.stride(),
+            out_height, out_width, *out.stride(),
+            **config.meta(self.family),
+        )
+        return out
+
+
+@functools.lru_cache(maxsize=1024)
+def planned(spec: ConvSpec, padding_budget: float) -> Plan:
+    """``plan`` memoised per spec: the API checks every call against it, so it must cost nothing warm."""
+    return plan(spec, padding_budget=padding_budget)
+
+
+@functools.lru_cache(maxsize=1024)
+def compiled(spec: ConvSpec, target: str, allow_tf32: bool, padding_budget: float) -> CompiledConv:
+    """The in-process memo: a warm call does no planning, rendering, hashing of sources or file I/O."""
+    return CompiledConv(planned(spec, padding_budget), target, allow_tf32=allow_tf32)
+
+
+def compiled_for(spec: ConvSpec, device: torch.device) -> CompiledConv:
+    """The compiled kernel for ``spec`` on ``device`` (CPU means Triton's interpreter)."""
+    allow_tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    return compiled(spec, device_target(device), allow_tf32, knobs.padding_budget())

@@ -1,0 +1,89 @@
+"""The torch custom op ``gconvgen::conv2d``: the one door from torch into a compiled kernel.
+
+CUDA tensors run the Triton kernel. CPU tensors run the same kernel through Triton's interpreter when
+TRITON_INTERPRET=1; otherwise the exact aten form of the same plan, said once (or refused when
+GCONVGEN_FALLBACK=error).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional, Sequence
+
+import torch
+
+from .. import knobs
+from ..ir import ConvSpec, conv_output_size
+from .fallback import aten_conv2d
+from .kernels import compiled_for
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def activation_layout(x: torch.Tensor) -> str:
+    """Memory order of an NCHW-indexed activation: 'nhwc' (channels contiguous), 'nchw' or 'strided'.
+    A dimension of size 1 has no meaningful stride, so it counts as contiguous."""
+    channels_unit = x.stride(1) == 1 or x.shape[1] == 1
+    width_unit = x.stride(3) == 1 or x.shape[3] == 1
+    if channels_unit and (not width_unit or x.is_contiguous(memory_format=torch.channels_last)):
+        return "nhwc"
+    return "nchw" if width_unit else "strided"
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last in gives channels_last out, as F.conv2d does."""
+    return torch.channels_last if activation_layout(x) == "nhwc" and not x.is_contiguous() else torch.contiguous_format
+
+
+@functools.lru_cache(maxsize=4096)
+def spec_of(in_channels: int, out_channels: int, groups: int, kernel_size: tuple[int, int],
+            stride: tuple[int, int], padding: tuple[int, int, int, int], dilation: tuple[int, int],
+            bias: bool, dtype: str, layout: str, channel_policy: str) -> ConvSpec:
+    return ConvSpec(in_channels, out_channels, groups, kernel_size, stride, padding, dilation, bias, dtype,
+                    layout, channel_policy)
+
+
+def spec_for_call(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+                  padding: Sequence[int], dilation: Sequence[int], groups: int, channel_policy: str) -> ConvSpec:
+    return spec_of(x.shape[1], weight.shape[0], groups, (weight.shape[2], weight.shape[3]), tuple(stride),
+                   tuple(padding), tuple(dilation), bias is not None, DTYPE_NAMES[x.dtype], activation_layout(x),
+                   channel_policy)
+
+
+@functools.cache
+def _say_fallback_once(reason: str) -> None:
+    warnings.warn(f"gconvgen: {reason}; running the exact aten fallback instead of the generated kernel "
+                  f"(set TRITON_INTERPRET=1 to run the kernel on CPU, GCONVGEN_FALLBACK=error to refuse)",
+                  stacklevel=3)
+
+
+def _fallback(reason: str) -> None:
+    if knobs.fallback_mode() == "error":
+        raise RuntimeError(f"gconvgen: {reason} and GCONVGEN_FALLBACK=error forbids the aten fallback")
+    _say_fallback_once(reason)
+
+
+def _allocate_output(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                     dilation: Sequence[int]) -> torch.Tensor:
+    out_height = conv_output_size(x.shape[2], weight.shape[2], stride[0], dilation[0], padding[0], padding[1])
+    out_width = conv_output_size(x.shape[3], weight.shape[3], stride[1], dilation[1], padding[2], padding[3])
+    shape = (x.shape[0], weight.shape[0], out_height, out_width)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+@torch.library.custom_op("gconvgen::conv2d", mutates_args=())
+def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+              padding: Sequence[int], dilation: Sequence[int], groups: int, channel_policy: str) -> torch.Tensor:
+    """Grouped conv2d on NCHW-indexed x [N, C_in, H, W] (any strides) and weight [C_out, ci, kh, kw];
+    padding is four sides (top, bottom, left, right). Inputs are validated by gconvgen.conv2d."""
+    spec = spec_for_call(x, weight, bias, stride, padding, dilation, groups, channel_policy)
+    if x.device.type == "cpu" and not knobs.interpret():
+        _fallback("CPU tensors and TRITON_INTERPRET is not set")
+        return aten_conv2d(spec, x, weight, bias).contiguous(memory_format=output_memory_format(x))
+    out = _allocate_output(x, weight, stride, padding, dilation)
+    return compiled_for(spec, x.device).launch(x, weight, bias, out)
+
+
+@conv2d_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, channel_policy):
+    return _allocate_output(x, weight, stride, padding, dilation)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import functools
 import hashlib
 from importlib import metadata
-from pathlib import Path
 
 import jinja2
 
 from .plan import Plan
+from .resources import data_dir
 
 TEMPLATE_SCHEMA_VERSION = 1
 TEMPLATES = {"igemm": "grouped_igemm.py.jinja", "depthwise": "depthwise_direct.py.jinja"}
@@ -27,19 +27,10 @@ def gconvgen_version() -> str:
 
 
 @functools.cache
-def templates_dir() -> Path:
-    """The templates shipped inside the wheel (gconvgen/templates), else the checkout's templates/."""
-    for candidate in (Path(__file__).parent / "templates", Path(__file__).parent.parent / "templates"):
-        if (candidate / TEMPLATES["igemm"]).is_file():
-            return candidate
-    raise FileNotFoundError(f"gconvgen kernel templates not found next to {Path(__file__).parent}; reinstall gconvgen")
-
-
-@functools.cache
 def environment() -> jinja2.Environment:
     """The one Jinja environment: undefined names are errors, never empty strings."""
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(templates_dir()),
+        loader=jinja2.FileSystemLoader(data_dir("templates")),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -51,7 +42,7 @@ def environment() -> jinja2.Environment:
 def templates_hash() -> str:
     """Hash of every template source and the schema version: part of every cache path."""
     digest = hashlib.sha256(str(TEMPLATE_SCHEMA_VERSION).encode())
-    for path in sorted(templates_dir().glob("*.py.jinja")):
+    for path in sorted(data_dir("templates").glob("*.py.jinja")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

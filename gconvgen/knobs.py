@@ -10,7 +10,8 @@ with ``knobs.scoped(FALLBACK="error")`` instead of touching ``os.environ``.
     GCONVGEN_PADDING_BUDGET  extra work channel padding may add before a plan is refused (default 0.5)
     GCONVGEN_DEBUG_PLAN      "1": verify the pass graph after every planner pass
     GCONVGEN_AUTOTUNE        "1": tune an untuned layer on its first call (never otherwise)
-    TRITON_INTERPRET         Triton's own switch: "1" runs kernels on CPU tensors through the interpreter
+    TRITON_INTERPRET         Triton's own switch: "1" runs kernels on CPU tensors through the interpreter;
+                             Triton reads it when it is imported, so set it before importing gconvgen
 """
 from __future__ import annotations
 

@@ -1,0 +1,155 @@
+"""Differential tests: gconvgen.conv2d against torch.nn.functional.conv2d in float64, run through the
+generated Triton kernels under the interpreter (fallbacks are errors, unwritten outputs stay NaN)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gconvgen
+from conftest import assert_close
+
+P = pytest.param
+# batch, in_channels, out_channels, (height, width), kernel, stride, padding, dilation, groups, policy, layout
+CASES = [
+    P(2, 12, 12, (9, 9), 3, 1, 1, 1, 3, "strict", "nchw", id="grouped"),
+    P(2, 8, 8, (9, 9), 3, 1, 1, 1, 8, "strict", "nchw", id="depthwise"),
+    P(2, 8, 16, (9, 9), 3, 1, 1, 1, 8, "strict", "channels_last", id="depthwise-multiplier-2"),
+    P(2, 6, 8, (7, 7), 3, 1, 1, 1, 1, "strict", "nchw", id="groups-1"),
+    P(2, 12, 11, (8, 8), 3, 1, 1, 1, 3, "pad", "nchw", id="uneven-out-pad"),          # C_out % groups != 0
+    P(2, 11, 6, (8, 8), 3, 1, 1, 1, 3, "pad", "channels_last", id="uneven-in-pad"),   # C_in % groups != 0
+    P(2, 4, 7, (6, 6), 3, 1, 1, 1, 4, "pad", "nchw", id="uneven-depthwise-pad"),     # depthwise, C_out % groups != 0
+    P(2, 12, 12, (9, 9), 3, 1, 1, 1, 12, "pad", "nchw", id="divisible-pad"),          # pad == strict when divisible
+    P(2, 12, 12, (9, 9), 3, 2, 1, 1, 3, "strict", "nchw", id="stride-2"),
+    P(2, 8, 8, (10, 10), 3, 3, 1, 1, 8, "strict", "channels_last", id="stride-3-depthwise"),
+    P(2, 8, 8, (9, 9), 3, 1, 2, 2, 2, "strict", "nchw", id="dilation-2"),
+    P(2, 8, 8, (9, 9), 3, (2, 1), (1, 0), (2, 1), 8, "strict", "nchw", id="rect-stride-dilation"),
+    P(2, 8, 8, (8, 7), 3, 1, (0, 2, 1, 0), 1, 4, "strict", "nchw", id="asymmetric-padding"),
+    P(2, 8, 8, (8, 7), 3, 2, "same", 1, 4, "strict", "channels_last", id="same-stride-2"),
+    P(2, 8, 8, (7, 8), 4, 2, "same", 1, 8, "strict", "nchw", id="same-stride-2-even-kernel-depthwise"),
+    P(2, 8, 8, (7, 7), 3, 1, "valid", 1, 2, "strict", "nchw", id="valid"),
+    P(2, 16, 16, (6, 6), 1, 1, 0, 1, 4, "strict", "channels_last", id="1x1"),
+    P(2, 8, 8, (9, 9), 5, 1, 2, 1, 2, "strict", "nchw", id="5x5"),
+    P(2, 8, 8, (9, 9), (1, 5), 1, (0, 2), 1, 8, "strict", "nchw", id="1x5-depthwise"),
+    P(2, 8, 8, (3, 3), 5, 1, 1, 1, 2, "strict", "nchw", id="kernel-equals-padded-input"),
+    P(1, 8, 8, (9, 9), 3, 1, 1, 1, 4, "strict", "nchw", id="batch-1"),
+    P(2, 12, 12, (9, 9), 3, 1, 1, 1, 3, "strict", "view", id="non-contiguous-view"),
+    P(2, 8, 8, (9, 9), 3, 1, 1, 1, 8, "strict", "strided", id="strided-depthwise"),
+    P(2, 12, 12, (9, 9), 3, 1, 1, 1, 3, "strict", "nhwc", id="nhwc-hwio"),
+    P(2, 8, 16, (9, 9), 3, 2, "same", 1, 8, "strict", "nhwc", id="nhwc-hwio-depthwise-same"),
+]
+
+
+def resolve_padding_for_reference(padding, size, kernel, stride, dilation):
+    """(top, bottom, left, right), written out independently of gconvgen."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":  # TensorFlow: out = ceil(in / stride), the odd pixel after
+        sides = []
+        for n, k, s, d in zip(size, kernel, stride, dilation):
+            total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+            sides += [total // 2, total - total // 2]
+        return tuple(sides)
+    if isinstance(padding, int):
+        return (padding,) * 4
+    return (padding[0], padding[0], padding[1], padding[1]) if len(padding) == 2 else tuple(padding)
+
+
+def grouped_reference(x, weight, bias, stride, padding, dilation, groups):
+    """The channel_policy='pad' definition, group by group, in float64: group g reads input channels
+    [g*ci, (g+1)*ci) of the zero-padded input and writes outputs [g*co, (g+1)*co) clipped to C_out."""
+    in_channels, out_channels = x.shape[1], weight.shape[0]
+    ci, co = math.ceil(in_channels / groups), math.ceil(out_channels / groups)
+    top, bottom, left, right = padding
+    x64 = F.pad(x.double(), (left, right, top, bottom, 0, ci * groups - in_channels))
+    outputs = []
+    for g in range(groups):
+        w_g = weight[g * co: min((g + 1) * co, out_channels)].double()
+        b_g = None if bias is None else bias[g * co: min((g + 1) * co, out_channels)].double()
+        outputs.append(F.conv2d(x64[:, g * ci:(g + 1) * ci], w_g, b_g, stride, 0, dilation))
+    return torch.cat(outputs, dim=1)
+
+
+def make_input(batch, channels, size, dtype, layout):
+    height, width = size
+    if layout == "view":  # a slice of a larger tensor: no dimension is packed
+        return torch.randn(batch + 1, channels + 3, height + 2, width + 5, dtype=dtype)[1:, 2:-1, 1:-1, 3:-2]
+    if layout == "strided":  # every other column of channels_last storage: neither C nor W has unit stride
+        full = torch.randn(batch, channels, height, 2 * width, dtype=dtype).to(memory_format=torch.channels_last)
+        return full[..., ::2]
+    x = torch.randn(batch, channels, height, width, dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy, layout",
+                         CASES)
+def test_matches_torch(batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy,
+                       layout, bias, dtype, nan_filled_outputs):
+    kernel, stride, dilation = (v if isinstance(v, tuple) else (v, v) for v in (kernel, stride, dilation))
+    x = make_input(batch, in_channels, size, dtype, layout)
+    weight = torch.randn(out_channels, math.ceil(in_channels / groups), *kernel, dtype=dtype)
+    bias_tensor = torch.randn(out_channels, dtype=dtype) if bias else None
+    sides = resolve_padding_for_reference(padding, size, kernel, stride, dilation)
+    expected = grouped_reference(x, weight, bias_tensor, stride, sides, dilation, groups)
+
+    if layout == "nhwc":
+        out = gconvgen.conv2d(x.permute(0, 2, 3, 1), weight.permute(2, 3, 1, 0), bias_tensor, stride, padding,
+                              dilation, groups, channel_policy=policy, data_format="NHWC")
+        assert out.is_contiguous(), "NHWC in must give contiguous NHWC out"
+        out = out.permute(0, 3, 1, 2)
+    else:
+        out = gconvgen.conv2d(x, weight, bias_tensor, stride, padding, dilation, groups, channel_policy=policy)
+        if layout == "channels_last":
+            assert out.is_contiguous(memory_format=torch.channels_last), "channels_last in, channels_last out"
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype)
+
+
+def test_matches_torch_padding_same_stride_1():
+    """At stride 1 'same' is PyTorch's own rule too."""
+    x, weight = torch.randn(2, 8, 7, 6), torch.randn(8, 2, 4, 3)
+    out = gconvgen.conv2d(x, weight, None, 1, "same", (1, 2), 4)
+    assert_close(out, F.conv2d(x.double(), weight.double(), None, 1, "same", (1, 2), 4), torch.float32)
+
+
+def test_unbatched_input_like_torch():
+    x, weight, bias = torch.randn(8, 6, 6), torch.randn(8, 4, 3, 3), torch.randn(8)
+    out = gconvgen.conv2d(x, weight, bias, 1, 1, 1, 2)
+    assert_close(out, F.conv2d(x.double(), weight.double(), bias.double(), 1, 1, 1, 2), torch.float32)
+
+
+def test_empty_batch_returns_empty_output():
+    out = gconvgen.conv2d(torch.randn(0, 8, 9, 9), torch.randn(8, 1, 3, 3), None, 2, 1, 1, 8)
+    assert out.shape == (0, 8, 5, 5)
+
+
+def test_random_specs_fuzz(nan_filled_outputs):
+    """Random grouped convs (fresh each run: see the seed in the header), both policies, all layouts."""
+    generator = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    for _ in range(8):
+        pick = lambda low, high: int(torch.randint(low, high + 1, (), generator=generator))  # noqa: E731
+        groups = pick(1, 4)
+        policy = "pad" if pick(0, 1) else "strict"
+        per_group_in = pick(1, 5)
+        in_channels = groups * per_group_in - (pick(0, per_group_in - 1) if policy == "pad" else 0)
+        out_channels = groups * pick(1, 4) - (pick(0, 1) if policy == "pad" else 0)
+        if policy == "pad" and (in_channels <= (groups - 1) * math.ceil(in_channels / groups)
+                                or out_channels <= (groups - 1) * math.ceil(out_channels / groups)):
+            continue  # a group would be empty: the planner refuses that (tested elsewhere)
+        kernel, stride, dilation = (pick(1, 3), pick(1, 3)), (pick(1, 2), pick(1, 2)), (pick(1, 2), pick(1, 2))
+        padding = tuple(pick(0, 2) for _ in range(4))
+        size = (pick(4, 8), pick(4, 8))
+        if any(n + padding[2 * i] + padding[2 * i + 1] < d * (k - 1) + 1
+               for i, (n, k, d) in enumerate(zip(size, kernel, dilation))):
+            continue
+        layout = ["nchw", "channels_last", "view"][pick(0, 2)]
+        x = make_input(2, in_channels, size, torch.float32, layout)
+        weight = torch.randn(out_channels, math.ceil(in_channels / groups), *kernel)
+        bias = torch.randn(out_channels) if pick(0, 1) else None
+        out = gconvgen.conv2d(x, weight, bias, stride, padding, dilation, groups, channel_policy=policy)
+        expected = grouped_reference(x, weight, bias, stride, padding, dilation, groups)
+        assert_close(out, expected, torch.float32)

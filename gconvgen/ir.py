@@ -35,7 +35,8 @@ def _check_pair(name: str, value: object, minimum: int, length: int = 2) -> None
     check(isinstance(value, tuple) and len(value) == length,
           f"{name}={value!r} must be a tuple of {length} ints", TypeError)
     for item in value:
-        _check_int(name, item, minimum)
+        check(isinstance(item, int) and not isinstance(item, bool), f"{name}={value!r} must hold ints only", TypeError)
+        check(item >= minimum, f"{name}={value!r} must hold ints >= {minimum}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,13 @@ class ConvSpec:
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Output (height, width) for an input of (height, width); raises if the kernel does not fit."""
         top, bottom, left, right = self.padding
+        for name, size, before, after, k, d in (("height", height, top, bottom, self.kernel_size[0], self.dilation[0]),
+                                                ("width", width, left, right, self.kernel_size[1], self.dilation[1])):
+            span = d * (k - 1) + 1
+            check(size + before + after >= span,
+                  f"kernel_size={self.kernel_size} with dilation={self.dilation} spans {span} pixels but the padded "
+                  f"input {name} is {size + before + after} ({size} + padding {before}+{after}); use a smaller "
+                  f"kernel or more padding")
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         return conv_output_size(height, kh, sh, dh, top, bottom), conv_output_size(width, kw, sw, dw, left, right)
 

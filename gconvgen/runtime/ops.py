@@ -15,7 +15,7 @@ import torch
 from .. import knobs
 from ..ir import ConvSpec, conv_output_size
 from .fallback import aten_conv2d
-from .kernels import compiled_for
+from .kernels import compiled_for, planned
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -78,8 +78,9 @@ def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     padding is four sides (top, bottom, left, right). Inputs are validated by gconvgen.conv2d."""
     spec = spec_for_call(x, weight, bias, stride, padding, dilation, groups, channel_policy)
     if x.device.type == "cpu" and not knobs.interpret():
+        conv_plan = planned(spec, knobs.padding_budget())
         _fallback("CPU tensors and TRITON_INTERPRET is not set")
-        return aten_conv2d(spec, x, weight, bias).contiguous(memory_format=output_memory_format(x))
+        return aten_conv2d(conv_plan.spec, x, weight, bias).contiguous(memory_format=output_memory_format(x))
     out = _allocate_output(x, weight, stride, padding, dilation)
     return compiled_for(spec, x.device).launch(x, weight, bias, out)
 

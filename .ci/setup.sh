@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up .venv for gconvgen on any machine, idempotently.
+# - A machine that already has torch (e.g. a CUDA build) keeps it: the venv sees system site-packages.
+# - A machine with no torch gets the CPU build torch==2.13.0 (on the CPU machines it lies on disk, so
+#   nothing is downloaded); GPU users are never pinned, since pyproject.toml only asks for torch>=2.4.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv --system-site-packages .venv
+fi
+PY=.venv/bin/python
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q -e ".[test]"
+"$PY" -c "import torch, triton, gconvgen; print(f'gconvgen {gconvgen.__version__}: torch {torch.__version__}, triton {triton.__version__}')"

@@ -2,11 +2,17 @@
 with a private cache directory and fallbacks forbidden, so a passing test proves a kernel ran."""
 from __future__ import annotations
 
-import pytest
-import torch
-import torch.nn.functional as F
+import os
 
-from gconvgen import knobs
+# Triton decides when triton.language is imported whether its functions run in the interpreter,
+# so the switch must be on before anything imports triton.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gconvgen import knobs  # noqa: E402
 
 # dtype, atol, rtol travel together. Tolerances are against a float64 reference on inputs rounded to dtype.
 TOLERANCES = {

@@ -14,7 +14,7 @@ import platform
 import subprocess
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import triton
@@ -24,7 +24,7 @@ from .autotune.choice import choice_for, launch_chosen
 from .autotune.database import ATEN, choice_of, database, key_of
 from .autotune.space import ELEMENT_BYTES, Problem, config_name, device_facts
 from .autotune.suites import Layer
-from .autotune.tuner import Timer, Workload, allows_tf32
+from .autotune.tuner import Timer, Workload, allows_tf32, cudnn_benchmark
 from .runtime.fallback import aten_conv2d
 from .runtime.kernels import compiled_for
 
@@ -53,8 +53,7 @@ def measure_ceilings(device: torch.device, timer: Timer) -> Ceilings:
     left = torch.randn(size, size, device=device).to(dtype)
     right = torch.randn(size, size, device=device).to(dtype)
     matmul_ms = timer.measure(lambda: left @ right)
-    del source, target, left, right
-    return Ceilings(2 * copy_elements * (2 if on_gpu else 4) / (copy_ms * 1e-3), 2 * size ** 3 / (matmul_ms * 1e-3),
+    return Ceilings(2 * source.numel() * source.element_size() / (copy_ms * 1e-3), 2 * size ** 3 / (matmul_ms * 1e-3),
                     f"{str(dtype).removeprefix('torch.')} {size}^3")
 
 
@@ -97,17 +96,6 @@ class BenchRow:
     error: str
 
 
-@contextlib.contextmanager
-def cudnn_benchmark() -> Iterator[None]:
-    """cudnn.benchmark on (F.conv2d picks its fastest algorithm, as a tuned model would), restored after."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
-
-
 def _describe_choice(key: str, choice_kind: str, config) -> tuple[str, object]:
     """A readable choice and the kernel config to time as 'the generated kernel' (aten keeps its best kernel)."""
     record = database().lookup(key) or {}
@@ -142,9 +130,9 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
     x, out = workload.copies[0]
     error = workload.error_of(gconvgen(x, workload.weight, workload.bias, out.fill_(float("nan"))))
     error = error or workload.error_of(kernel(x, workload.weight, workload.bias, out.fill_(float("nan"))))
-    with cudnn_benchmark():
+    with cudnn_benchmark():  # for F.conv2d, and for gconvgen where aten won
         aten_ms = timer.measure(workload.timed(aten))
-    gconvgen_ms = timer.measure(workload.timed(gconvgen))
+        gconvgen_ms = timer.measure(workload.timed(gconvgen))
     # the op runs the kernel itself unless aten won; then time the best kernel separately
     kernel_ms = timer.measure(workload.timed(kernel)) if choice.kind == ATEN else gconvgen_ms
     bytes_moved, flops = roofline(problem)
@@ -188,7 +176,8 @@ def environment(device: torch.device) -> dict:
                                     capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter",
+        "device": (torch.cuda.get_device_name(device) if on_gpu
+                   else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"),
         "driver": driver,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

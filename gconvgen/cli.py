@@ -275,6 +275,14 @@ def info() -> None:
 
 
 @cache.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+def export(path) -> None:
+    """Write this user's tuning results to PATH, e.g. to ship them in tuning/databases/<gpu>.json."""
+    count = database().export(Path(path))
+    click.echo(f"wrote {count} tuning records to {path}")
+
+
+@cache.command()
 @click.option("--kernels/--no-kernels", default=True, show_default=True, help="Remove the rendered kernels.")
 @click.option("--tuning/--no-tuning", default=True, show_default=True,
               help="Remove this user's tuning results (shipped databases stay).")

@@ -29,6 +29,7 @@ def _run(*args: str, code: int = 0):
     ["cache"],
     ["cache", "info"],
     ["cache", "clear"],
+    ["cache", "export"],
 ])
 def test_every_command_has_help(command):
     assert "Usage:" in _run(*command, "--help").output
@@ -106,9 +107,11 @@ def test_headline_on_cpu_runs_the_smoke_suite_instead(monkeypatch):
     assert "running the 'smoke' suite instead" in output and tuned[0].batch * tuned[0].height ** 2 <= 256
 
 
-def test_cache_info_and_clear():
+def test_cache_info_export_and_clear(tmp_path):
     database().record({"some-key": {"choice": "aten"}})
     assert "tuning database:" in _run("cache", "info").output
+    assert "tuning records to" in _run("cache", "export", str(tmp_path / "shipped.json")).output
+    assert json.loads((tmp_path / "shipped.json").read_text())["entries"]["some-key"] == {"choice": "aten"}
     output = _run("cache", "clear").output
     assert "removed" in output and database().lookup("some-key") is None
     assert "0 records" in _run("cache", "info").output

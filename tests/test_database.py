@@ -125,7 +125,8 @@ for index in range(count):  # one write per key: as many chances to interleave a
 
 def test_two_concurrent_writer_processes_lose_nothing(tmp_path):
     path = tmp_path / "db.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    checkout = str(Path(__file__).parents[1])  # the writers import this gconvgen, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([checkout, os.environ.get("PYTHONPATH", "")])}
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, "25"], env=env,
                                 stderr=subprocess.PIPE, text=True) for name in ("first", "second")]
     for writer in writers:

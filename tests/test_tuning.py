@@ -1,6 +1,8 @@
 """The tuner, the search spaces, the suites and the runtime's use of tuning results, on Triton's interpreter."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,18 +74,24 @@ def test_gpu_space_prunes_by_channels_shared_memory_and_occupancy():
     first = space.stage_one(problem, H200)
     assert first and {config.block_n for config in first} == {16}
     assert all(config.block_k <= 64 for config in first)  # reduction is 4 * 3 * 3 = 36
-    second = space.stage_two(first[:3], problem, H200)
-    assert all(c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) * 2 <= 232448 for c in second)
+    small_gpu = dataclasses.replace(H200, shared_memory_bytes=48 * 1024)
+    roomy, cramped = space.stage_two(first, problem, H200), space.stage_two(first, problem, small_gpu)
+    assert 0 < len(cramped) < len(roomy)
+    assert all(c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) * 2 <= 48 * 1024 for c in cramped)
     tiny = _problem(32, 32, 2, 3, 1, 1, 1, 4, dtype="bfloat16")  # 16 pixels: no tile fills 132 SMs
     survivors = space.stage_one(tiny, H200)
-    assert survivors and all(c.block_m == 32 and c.block_n == 16 for c in survivors)  # the smallest tile stays
+    smallest = min(dict(space.tiles)["block_m"])
+    assert survivors and all(c.block_m == smallest and c.block_n == 16 for c in survivors)  # the smallest tile stays
 
 
-def test_depthwise_gpu_space_has_both_tile_shapes():
+def test_depthwise_gpu_space_fits_tiles_to_the_layout():
     layer = suites.load_suite("headline").select(("mbv2-dw3",)).layers[0]
-    configs = load_space("depthwise", "gpu").stage_one(layer.problem("bfloat16", "nchw"), H200)
-    assert any(c.block_n == 1 for c in configs) and any(c.block_n >= 64 for c in configs)
-    assert all(512 <= c.block_m * c.block_n <= 8192 for c in configs)
+    space = load_space("depthwise", "gpu")
+    nchw = space.stage_one(layer.problem("bfloat16", "nchw"), H200)
+    nhwc = space.stage_one(layer.problem("bfloat16", "nhwc"), H200)
+    assert all(c.block_m >= 64 for c in nchw) and any(c.block_n <= 4 for c in nchw)  # long pixel tiles
+    assert all(c.block_n >= 8 for c in nhwc) and any(c.block_n >= 64 for c in nhwc)   # wide channel tiles
+    assert all(1024 <= c.block_m * c.block_n <= 4096 for c in nchw + nhwc)
 
 
 # ---------------------------------------------------------------------------------------------- the runtime

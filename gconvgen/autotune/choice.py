@@ -6,6 +6,7 @@ tuned on its first call (and recorded); never silently on the hot path. A key wh
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from typing import Optional
 
@@ -19,6 +20,7 @@ from .database import ATEN, DEFAULT, Choice, database, key_of
 from .space import Problem
 from .tuner import allows_tf32, tune
 
+_log = logging.getLogger("gconvgen")
 _failed_keys: set[str] = set()  # keys whose first-call tuning failed: not retried in this process
 
 
@@ -37,8 +39,10 @@ def choice_for(spec: ConvSpec, device: torch.device, batch: int, height: int, wi
     db = database()
     choice = db.choice(key)
     if choice is DEFAULT and knobs.autotune_on_first_call() and key not in _failed_keys:
+        problem = Problem(spec, batch, height, width)
+        _log.info("gconvgen: GCONVGEN_AUTOTUNE=1, tuning %s on its first call", problem.describe())
         try:
-            db.record({key: tune(Problem(spec, batch, height, width), device).record()})
+            db.record({key: tune(problem, device).record()})
         except (RuntimeError, ValueError) as error:
             _failed_keys.add(key)
             warnings.warn(f"gconvgen: GCONVGEN_AUTOTUNE could not tune {key}: {error}; using the default config",

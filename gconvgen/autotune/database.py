@@ -117,6 +117,11 @@ def _parse(text: str) -> dict:
     return data["entries"]
 
 
+def _serialise(entries: dict) -> str:
+    body = {"schema_version": DB_SCHEMA_VERSION, "gconvgen": codegen.gconvgen_version(), "entries": entries}
+    return json.dumps(body, indent=1, sort_keys=True) + "\n"
+
+
 class TuningDatabase:
     """The user's database at ``path`` over the shipped ones; one instance per path in a process."""
 
@@ -207,13 +212,20 @@ class TuningDatabase:
         with self._lock():
             user = self._read_user()
             user.update(new_entries)
-            body = {"schema_version": DB_SCHEMA_VERSION, "gconvgen": codegen.gconvgen_version(), "entries": user}
-            write_atomic(self.path, json.dumps(body, indent=1, sort_keys=True) + "\n")
+            write_atomic(self.path, _serialise(user))
         with self._mutex:
             if self._entries is not None:
                 self._entries.update(new_entries)
             for key in new_entries:
                 self._choices.pop(key, None)
+
+    def export(self, path: Path) -> int:
+        """Write the user's records to ``path`` as a database gconvgen can ship in tuning/databases/;
+        returns how many records it holds."""
+        with self._lock():
+            user = self._read_user()
+        write_atomic(Path(path), _serialise(user))
+        return len(user)
 
     def clear(self) -> int:
         """Delete the user's results (shipped defaults stay); returns how many records were removed."""

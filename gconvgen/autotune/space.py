@@ -56,6 +56,7 @@ class Problem:
         return self.batch * out_height * out_width
 
     def describe(self) -> str:
+        """A short readable description, e.g. 'N=64 128->128 @56x56 g32 k3x3 s1 bfloat16 nhwc'."""
         spec = self.spec
         return (f"N={self.batch} {spec.in_channels}->{spec.out_channels} @{self.height}x{self.width} g{spec.groups} "
                 f"k{spec.kernel_size[0]}x{spec.kernel_size[1]} s{spec.stride[0]} {spec.dtype} {spec.layout}")
@@ -107,26 +108,42 @@ def _within(configs: list[KernelConfig], axis: str, extent: int, minimum: int) -
 
 
 def block_n_within_channels(configs, problem, facts, family, params):
+    """Drop channel tiles wider than the output channels (per group for igemm)."""
     channels = problem.spec.out_channels_per_group if family == "igemm" else problem.spec.out_channels
     return _within(configs, "block_n", channels, params.get("min", 1))
 
 
 def block_k_within_reduction(configs, problem, facts, family, params):
+    """Drop reduction steps longer than in_channels_per_group * kh * kw."""
     spec = problem.spec
     reduction = spec.in_channels_per_group * spec.kernel_size[0] * spec.kernel_size[1]
     return _within(configs, "block_k", reduction, params.get("min", 1))
 
 
 def block_m_within_pixels(configs, problem, facts, family, params):
+    """Drop pixel tiles larger than all output pixels of the batch."""
     return _within(configs, "block_m", problem.output_pixels, params.get("min", 1))
 
 
 def tile_elements(configs, problem, facts, family, params):
+    """Keep tiles of min <= BLOCK_M * BLOCK_N <= max outputs."""
     low, high = params.get("min", 0), params.get("max", float("inf"))
     return [c for c in configs if low <= c.block_m * c.block_n <= high]
 
 
+def tile_fits_layout(configs, problem, facts, family, params):
+    """channels_last: channel tiles of at least nhwc_min_block_n; NCHW: pixel tiles of at least nchw_min_block_m."""
+    spec = problem.spec
+    if spec.layout == "nhwc":
+        least = min(params["nhwc_min_block_n"], triton.next_power_of_2(spec.out_channels))
+        return [c for c in configs if c.block_n >= least]
+    if spec.layout == "nchw":
+        return [c for c in configs if c.block_m >= params["nchw_min_block_m"]]
+    return configs
+
+
 def shared_memory_fits(configs, problem, facts, family, params):
+    """Drop configs whose pipelined operand tiles exceed the device's shared memory (else default_bytes)."""
     limit = facts.shared_memory_bytes or params["default_bytes"]
     element = ELEMENT_BYTES[problem.spec.dtype]
     return [c for c in configs
@@ -134,6 +151,7 @@ def shared_memory_fits(configs, problem, facts, family, params):
 
 
 def fills_the_gpu(configs, problem, facts, family, params):
+    """Keep grids of at least waves x multiprocessors programs; when none is, the grids with the most."""
     def programs(config: KernelConfig) -> int:
         return functools.reduce(lambda a, b: a * b, launch_grid(problem.spec, family, config, problem.output_pixels))
 
@@ -146,8 +164,8 @@ def fills_the_gpu(configs, problem, facts, family, params):
 
 
 RULES: dict[str, Rule] = {rule.__name__: rule for rule in (
-    block_n_within_channels, block_k_within_reduction, block_m_within_pixels, tile_elements, shared_memory_fits,
-    fills_the_gpu,
+    block_n_within_channels, block_k_within_reduction, block_m_within_pixels, tile_elements, tile_fits_layout,
+    shared_memory_fits, fills_the_gpu,
 )}
 
 

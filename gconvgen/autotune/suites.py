@@ -133,8 +133,10 @@ def load_suite(name_or_file: str) -> Suite:
     check(isinstance(data, dict) and data.get("schema_version") == SUITE_SCHEMA_VERSION,
           f"suite file {path}: schema_version must be {SUITE_SCHEMA_VERSION}")
     layouts = tuple(data.get("layouts", ("nchw", "nhwc")))
-    check(all(layout in LAYOUTS for layout in layouts), f"suite file {path}: layouts={list(layouts)} must be from {LAYOUTS}")
+    check(all(layout in LAYOUTS for layout in layouts),
+          f"suite file {path}: layouts={list(layouts)} must be from {LAYOUTS}")
     layers = tuple(_layer(raw, f"{path} layer #{index}") for index, raw in enumerate(data.get("layers", [])))
     ids = [layer.id for layer in layers]
-    check(len(set(ids)) == len(ids), f"suite file {path}: layer ids repeat: {sorted(i for i in ids if ids.count(i) > 1)}")
+    check(len(set(ids)) == len(ids),
+          f"suite file {path}: layer ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}")
     return Suite(data.get("suite", path.stem), data.get("about", ""), data.get("dtype", "bfloat16"), layouts, layers)

@@ -9,12 +9,13 @@ a ``time.perf_counter`` median, labelled as such: those timings say nothing abou
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -48,6 +49,7 @@ class Timer:
     cpu_repeats: int = 3
 
     def measure(self, run: Callable[[], object]) -> float:
+        """The median time of ``run()`` in milliseconds, after warm-up."""
         if self.on_gpu:
             import triton.testing  # imports CUDA helpers; only needed on a GPU
 
@@ -59,6 +61,18 @@ class Timer:
             run()
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark() -> Iterator[None]:
+    """cudnn.benchmark on, restored after: F.conv2d picks its fastest algorithm, as a tuned model's would,
+    so the aten baseline is the strongest one and a tuned layer is never slower than it."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def timer_for(device: torch.device, *, warmup_ms: int = 10, rep_ms: int = 50) -> Timer:
@@ -132,7 +146,9 @@ class Workload:
         reference = aten_conv2d(spec, x.double(), weight.double(), None if bias is None else bias.double())
         out = allocate_output(problem, x)
         working_set = (x.numel() + out.numel()) * x.element_size()
-        count = 1 if facts.l2_bytes == 0 or working_set >= facts.l2_bytes else min(256, math.ceil(2 * facts.l2_bytes / working_set))
+        count = 1  # enough copies that one pass over them overflows L2 twice
+        if 0 < working_set < facts.l2_bytes:
+            count = min(256, math.ceil(2 * facts.l2_bytes / working_set))
         copies = [(x, out)] + [(_same_strides(x), torch.empty_like(out)) for _ in range(count - 1)]
         tf32 = spec.dtype == "float32" and allow_tf32
         return cls(problem, weight, bias, copies, reference, TOLERANCE["tf32" if tf32 else spec.dtype])
@@ -193,6 +209,7 @@ class TuningResult:
         return min(recordable, key=lambda t: t.time_ms)
 
     def time_of(self, name: str) -> Optional[float]:
+        """The time of the correct trial called ``name`` ('aten', 'default', ...), else None."""
         return next((t.time_ms for t in self.trials if t.name == name and t.status == "ok"), None)
 
     def record(self) -> dict:
@@ -262,7 +279,8 @@ def tune(problem: Problem, device: torch.device | str, *, extra_configs: Sequenc
         return lambda x, weight, bias, out: compiled.launch(x, weight, bias, out, config)
 
     spec = problem.spec
-    attempt(ATEN, None, lambda x, weight, bias, out: aten_conv2d(spec, x, weight, bias))
+    with cudnn_benchmark():
+        attempt(ATEN, None, lambda x, weight, bias, out: aten_conv2d(spec, x, weight, bias))
     default = default_config(spec, compiled.family, interpret=facts.kind == "interpreter")
     attempt("default", default, kernel_runner(default))
     for name, runner in extra_runners:

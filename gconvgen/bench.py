@@ -189,8 +189,9 @@ def environment(device: torch.device) -> dict:
 
 
 def report(suite: str, rows: list[BenchRow], ceilings: Ceilings, timer: Timer, device: torch.device,
-           deferred: list[dict]) -> dict:
-    """Everything the bench measured, as the JSON it writes."""
+           deferred: list[dict], failed: list[dict]) -> dict:
+    """Everything the bench measured, as the JSON it writes. ``deferred`` and ``failed`` list
+    {"id", "why"} for layers kept for later and layers that could not be measured."""
     on_cpu = torch.device(device).type == "cpu"
     return {
         "schema_version": BENCH_SCHEMA_VERSION,
@@ -202,6 +203,7 @@ def report(suite: str, rows: list[BenchRow], ceilings: Ceilings, timer: Timer, d
         "rows": [asdict(row) for row in rows],
         "geomean": summary(rows),
         "deferred": deferred,
+        "failed": failed,
         "note": CPU_NOTE if on_cpu else "",
     }
 
@@ -235,6 +237,7 @@ def format_table(data: dict, *, markdown: bool = False) -> str:
     if data["note"]:
         lines.insert(0, f"NOTE: {data['note']}")
     lines += [f"kept for later: {d['id']} ({d['why']})" for d in data["deferred"]]
+    lines += [f"FAILED: {d['id']} ({d['why']})" for d in data["failed"]]
     if markdown:
         table = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         table += ["| " + " | ".join(row) + " |" for row in cells]

@@ -48,7 +48,8 @@ def test_bench_writes_a_table_and_json_with_every_field(tmp_path):
                   "--json", str(report), "--markdown", str(tmp_path / "bench.md")).output
     assert "geomean (all)" in output and "F.conv2d ms" in output and "say nothing about GPU speed" in output
     data = json.loads(report.read_text())
-    assert {"schema_version", "suite", "environment", "timer", "ceilings", "rows", "geomean", "note"} <= set(data)
+    assert {"schema_version", "suite", "environment", "timer", "ceilings", "rows", "geomean", "note", "deferred",
+            "failed"} <= set(data) and data["failed"] == []
     assert data["ceilings"]["copy_GB_per_s"] > 0 and data["ceilings"]["matmul_TFLOP_per_s"] > 0
     assert "cpu-interpreter" in data["timer"] and data["note"]
     assert {(row["layer"], row["layout"]) for row in data["rows"]} == {

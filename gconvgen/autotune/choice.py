@@ -43,7 +43,7 @@ def choice_for(spec: ConvSpec, device: torch.device, batch: int, height: int, wi
         _log.info("gconvgen: GCONVGEN_AUTOTUNE=1, tuning %s on its first call", problem.describe())
         try:
             db.record({key: tune(problem, device).record()})
-        except (RuntimeError, ValueError) as error:
+        except (RuntimeError, ValueError, OSError) as error:  # no correct candidate, or an unwritable cache
             _failed_keys.add(key)
             warnings.warn(f"gconvgen: GCONVGEN_AUTOTUNE could not tune {key}: {error}; using the default config",
                           stacklevel=3)

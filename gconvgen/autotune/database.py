@@ -134,28 +134,34 @@ class TuningDatabase:
         self.set_aside: list[Path] = []        # corrupt files this instance renamed
 
     # ------------------------------------------------------------------------------------------ reading
-    def _read_user(self) -> dict:
-        """The user file's entries; a corrupt file is reported and renamed. Call under the file lock."""
+    def _read_user(self, *, locked: bool) -> dict:
+        """The user file's entries. Writers replace the file atomically, so reading needs no lock; a file that
+        does not parse is read again under the lock (it may just have been replaced) and then set aside."""
         try:
-            text = self.path.read_text()
+            return _parse(self.path.read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, UnicodeDecodeError) as error:
-            return self._set_aside(f"unreadable ({error})")
-        try:
-            return _parse(text)
-        except ValueError as error:
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            if not locked:
+                with self._lock():
+                    return self._read_user(locked=True)
             return self._set_aside(str(error))
 
     def _set_aside(self, why: str) -> dict:
+        """Rename the unusable user file out of the way and say so; tuning goes on from an empty database."""
         aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-pid{os.getpid()}")
         try:
             self.path.rename(aside)
         except FileNotFoundError:  # another process set it aside first
             return {}
+        except OSError as error:
+            warnings.warn(f"gconvgen: the tuning database {self.path} cannot be read ({why}) nor set aside "
+                          f"({error}); ignoring it", stacklevel=4)
+            return {}
         self.set_aside.append(aside)
-        warnings.warn(f"gconvgen: the tuning database {self.path} is {why}; it was set aside as {aside.name} and "
-                      f"tuning continues from an empty database (re-run `gconvgen tune` to refill it)", stacklevel=3)
+        warnings.warn(f"gconvgen: the tuning database {self.path} cannot be read ({why}); it was set aside as "
+                      f"{aside.name} and tuning continues from an empty database (re-run `gconvgen tune` to "
+                      f"refill it)", stacklevel=4)
         return {}
 
     def _shipped_entries(self) -> dict:
@@ -175,16 +181,8 @@ class TuningDatabase:
         """Every record by key: the shipped defaults overlaid with the user's results (read once)."""
         with self._mutex:
             if self._entries is None:
-                shipped = self._shipped_entries()
-                user = self._read_user_locked()
-                self._entries = {**shipped, **user}
+                self._entries = {**self._shipped_entries(), **self._read_user(locked=False)}
             return self._entries
-
-    def _read_user_locked(self) -> dict:
-        if not self.path.exists():
-            return {}
-        with self._lock():
-            return self._read_user()
 
     def lookup(self, key: str) -> Optional[dict]:
         """The record stored under ``key``, or None when it is untuned."""
@@ -210,7 +208,7 @@ class TuningDatabase:
         for key, record in new_entries.items():
             choice_of(record)  # refuse to write a record the runtime could not read back
         with self._lock():
-            user = self._read_user()
+            user = self._read_user(locked=True)
             user.update(new_entries)
             write_atomic(self.path, _serialise(user))
         with self._mutex:
@@ -222,15 +220,14 @@ class TuningDatabase:
     def export(self, path: Path) -> int:
         """Write the user's records to ``path`` as a database gconvgen can ship in tuning/databases/;
         returns how many records it holds."""
-        with self._lock():
-            user = self._read_user()
+        user = self._read_user(locked=False)
         write_atomic(Path(path), _serialise(user))
         return len(user)
 
     def clear(self) -> int:
         """Delete the user's results (shipped defaults stay); returns how many records were removed."""
         with self._lock():
-            removed = len(self._read_user())
+            removed = len(self._read_user(locked=True))
             self.path.unlink(missing_ok=True)
         with self._mutex:
             self._entries, self._choices = None, {}
@@ -238,7 +235,7 @@ class TuningDatabase:
 
     def describe(self) -> dict:
         """Path, size and record counts, for ``gconvgen cache info``."""
-        user = self._read_user_locked()
+        user = self._read_user(locked=False)
         return {
             "path": str(self.path),
             "bytes": self.path.stat().st_size if self.path.exists() else 0,

@@ -54,13 +54,20 @@ class Timer:
             import triton.testing  # imports CUDA helpers; only needed on a GPU
 
             return float(triton.testing.do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
-        run()  # warm-up: first calls build oneDNN primitives and the interpreter's caches
-        times = []
-        for _ in range(self.cpu_repeats):
+        # as do_bench does: warm up for warmup_ms, then time for rep_ms (at least cpu_repeats runs);
+        # a CPU conv's first calls (oneDNN set-up) are 100x slower than the rest
+        self._cpu_times(run, self.warmup_ms, 1)
+        times = self._cpu_times(run, self.rep_ms, self.cpu_repeats)
+        return statistics.median(times)
+
+    @staticmethod
+    def _cpu_times(run: Callable[[], object], budget_ms: float, at_least: int) -> list[float]:
+        times: list[float] = []
+        while len(times) < at_least or sum(times) < budget_ms:
             start = time.perf_counter()
             run()
             times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return times
 
 
 @contextlib.contextmanager
@@ -77,9 +84,8 @@ def cudnn_benchmark() -> Iterator[None]:
 
 def timer_for(device: torch.device, *, warmup_ms: int = 10, rep_ms: int = 50) -> Timer:
     """The timer for ``device``: short do_bench runs for tuning by default; the bench passes longer ones."""
-    if torch.device(device).type == "cpu":
-        return Timer(CPU_TIMER_LABEL, on_gpu=False)
-    return Timer(GPU_TIMER_LABEL, on_gpu=True, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    on_gpu = torch.device(device).type != "cpu"
+    return Timer(GPU_TIMER_LABEL if on_gpu else CPU_TIMER_LABEL, on_gpu, warmup_ms, rep_ms)
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -1,12 +1,34 @@
-"""The gconvgen command line: ``gconvgen plan`` explains a layer's plan and prints its kernel."""
+"""The gconvgen command line.
+
+    gconvgen plan   explain a layer's plan and print its generated kernel
+    gconvgen tune   tune a suite's layers and write the tuning database
+    gconvgen bench  time gconvgen against F.conv2d and the roofline floor, layer by layer
+    gconvgen cache  show or clear the kernel cache and the tuning database
+"""
 from __future__ import annotations
 
-import click
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
 
-from . import codegen
+import click
+import torch
+import tqdm
+
+from . import bench as benchmark
+from . import codegen, knobs
 from .api import resolve_padding
+from .autotune import suites
+from .autotune.database import choice_of, database, key_of
+from .autotune.space import Problem, config_name, device_facts
+from .autotune import tuner
+from .bench import CPU_NOTE
 from .ir import CHANNEL_POLICIES, DTYPES, LAYOUTS, ConvSpec
 from .plan import plan as plan_spec
+from .runtime import cache as kernel_cache
+from .runtime.kernels import planned
 
 
 def _pair(text: str) -> tuple[int, ...]:
@@ -57,6 +79,234 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
 
 def _expand(values: tuple[int, ...]) -> tuple[int, int]:
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+# ---------------------------------------------------------------------------------------------- tune / bench
+
+
+def _device(name: str | None) -> torch.device:
+    """--device, defaulting to CUDA when present; a CUDA request without a GPU is a usage error."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise click.UsageError(f"--device {name!r} is not a device; use cuda or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError(f"--device {name} asked for a GPU but torch sees none; use --device cpu")
+    if device.type not in ("cuda", "cpu"):
+        raise click.UsageError(f"--device {name} is not supported; use cuda or cpu")
+    return device
+
+
+def _problems(suite_name: str | None, layer_ids: tuple[str, ...], dtype: str | None, layout: str,
+              device: torch.device) -> tuple[suites.Suite, list[tuple[str, suites.Layer, Problem]]]:
+    """The suite's (label, layer, problem) list; on CPU a shipped GPU suite is replaced by the smoke suite."""
+    if device.type == "cpu" and suite_name not in (None, "smoke") and suite_name in suites.suite_names():
+        click.echo(f"no GPU: suite {suite_name!r} would take hours in Triton's interpreter; running the "
+                   f"'smoke' suite instead (use a CUDA machine for {suite_name!r})", err=True)
+        suite_name, layer_ids = "smoke", ()
+    name = suite_name or ("headline" if device.type == "cuda" else "smoke")
+    try:
+        suite = suites.load_suite(name).select(layer_ids)
+        layouts = suite.layouts if layout == "both" else (layout,)
+        problems = [(f"{layer.id} {lay}", layer, layer.problem(dtype or suite.dtype, lay))
+                    for layer in suite.runnable for lay in layouts]
+        for _, _, problem in problems:
+            planned(problem.spec, knobs.padding_budget())  # a layer gconvgen refuses is named now, not mid-run
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        raise click.UsageError(str(error)) from None
+    for layer in suite.deferred:
+        click.echo(f"kept for later: {layer.id} ({layer.later})", err=True)
+    return suite, problems
+
+
+def _on(device: torch.device) -> None:
+    """CPU runs Triton's interpreter; say plainly what CPU timings are worth.
+
+    Triton decides when triton.language is imported whether its library functions run in the interpreter,
+    and gconvgen has imported Triton by now, so without TRITON_INTERPRET=1 this command restarts itself
+    once with it set.
+    """
+    if device.type != "cpu":
+        return
+    if not knobs.interpret():
+        click.echo("CPU: restarting with TRITON_INTERPRET=1 (Triton reads it at import)", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with knobs.scoped(INTERPRET=1):
+            os.execv(sys.executable, [sys.executable, "-m", "gconvgen.cli", *sys.argv[1:]])
+    click.echo(f"NOTE: {CPU_NOTE}", err=True)
+
+
+def _tune_all(problems: list[tuple[str, suites.Layer, Problem]], device: torch.device, force: bool) -> list[dict]:
+    """Tune every problem not in the database yet (all with ``force``), recording each as it finishes.
+
+    Ctrl-C stops after recording what finished; the CLI then exits with status 130.
+    """
+    facts = device_facts(device)
+    db = database()
+    todo = [(label, problem) for label, _, problem in problems
+            if force or db.lookup(key_of(problem, facts.target, tuner.allows_tf32(device))) is None]
+    for label, _, _ in problems:
+        if all(label != done for done, _ in todo):
+            click.echo(f"{label}: already tuned (use --force to tune again)", err=True)
+    estimates = [tuner.planned_trials(problem, facts) for _, problem in todo]
+    results = []
+    with tqdm.tqdm(total=sum(estimates), unit="trial", desc="tuning", dynamic_ncols=True) as bar:
+        try:
+            for (label, problem), estimate in zip(todo, estimates):
+                bar.set_postfix_str(label)
+                try:
+                    result = tuner.tune(problem, device, on_trial=lambda trial: bar.update(1))
+                    record = result.record()
+                except (RuntimeError, ValueError, OSError) as error:  # one layer's failure does not stop the rest
+                    bar.write(f"{label}: not tuned: {error}")
+                    continue
+                db.record({result.key: record})
+                bar.total += len(result.trials) - estimate
+                bar.refresh()
+                results.append({"layer": label, **record})
+                bar.write(f"{label}: {_winner_text(record)}")
+        except KeyboardInterrupt:
+            bar.close()
+            click.echo(f"\ninterrupted: kept the {len(results)} layer(s) tuned so far in {db.path}", err=True)
+            raise SystemExit(130) from None
+    return results
+
+
+def _winner_text(record: dict) -> str:
+    won = "aten" if record["choice"] == "aten" else "kernel " + config_name(choice_of(record).config)
+    return (f"{won} {record['time_ms']:.4f} ms (aten {record['aten_ms']:.4f} ms); {record['trials']} trials, "
+            f"{record['rejected']} wrong, {record['failed']} failed")
+
+
+_suite_options = [
+    click.option("--suite", default=None, metavar="NAME|FILE",
+                 help="A shipped suite (headline, secondary, smoke) or a suite JSON file. "
+                      "Default: headline on a GPU, smoke on CPU."),
+    click.option("--layer", "layer_ids", multiple=True, metavar="ID", help="Only this layer id (repeatable)."),
+    click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: the suite's dtype."),
+    click.option("--layout", type=click.Choice(["nchw", "nhwc", "both"]), default="both", show_default=True,
+                 help="Activation layout (nhwc = channels_last)."),
+    click.option("--device", default=None, help="cuda or cpu (Triton's interpreter). Default: cuda when present."),
+    click.option("--force", is_flag=True, help="Tune layers again even when the database has them."),
+]
+
+
+def _with_suite_options(command):
+    for option in reversed(_suite_options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@_with_suite_options
+def tune(suite, layer_ids, dtype, layout, device, force) -> None:
+    """Tune a suite's layers and write the winners to the tuning database.
+
+    Every candidate is checked against a float64 reference before its time counts; PyTorch's own conv is
+    always a candidate, so a tuned layer is never slower than F.conv2d. Ctrl-C keeps what was tuned.
+    """
+    device = _device(device)
+    _on(device)
+    _, problems = _problems(suite, layer_ids, dtype, layout, device)
+    _tune_all(problems, device, force)
+    click.echo(f"tuning database: {database().path}")
+
+
+@main.command()
+@_with_suite_options
+@click.option("--tune", "tune_first", is_flag=True, help="Tune untuned layers first (one call tunes and benchmarks).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Write the table as markdown.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Plot speedup and % of floor per layer (needs the 'plot' extra: matplotlib).")
+def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path, markdown_path, plot_path) -> None:
+    """Time gconvgen against F.conv2d (cudnn.benchmark on, same layout and dtype) and the roofline floor.
+
+    The floor is max(bytes / copy bandwidth, flops / matmul rate), both ceilings measured in this run.
+    On CPU it runs the smoke suite through Triton's interpreter: those timings say nothing about GPU speed.
+    """
+    device = _device(device)
+    _on(device)
+    suite_info, problems = _problems(suite, layer_ids, dtype, layout, device)
+    if tune_first or force:
+        _tune_all(problems, device, force)
+    timer = tuner.timer_for(device, warmup_ms=25, rep_ms=100)
+    click.echo("measuring the copy bandwidth and matmul rate ...", err=True)
+    ceilings = benchmark.measure_ceilings(device, timer)
+    rows, failed = [], []
+    try:
+        for label, layer, problem in tqdm.tqdm(problems, desc="benchmarking", unit="layer", dynamic_ncols=True):
+            try:
+                rows.append(benchmark.bench_layer(layer, problem, device, timer, ceilings))
+            except (RuntimeError, ValueError) as error:  # e.g. out of memory: report it, measure the rest
+                failed.append({"id": label, "why": f"{type(error).__name__}: {error}"})
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: reporting the {len(rows)} layer(s) measured so far", err=True)
+    skipped = [{"id": layer.id, "why": layer.later} for layer in suite_info.deferred]
+    data = benchmark.report(suite_info.name, rows, ceilings, timer, device, skipped, failed)
+    click.echo(benchmark.format_table(data))
+    if json_path:
+        Path(json_path).write_text(json.dumps(data, indent=1) + "\n")
+        click.echo(f"wrote {json_path}")
+    if markdown_path:
+        Path(markdown_path).write_text(benchmark.format_table(data, markdown=True))
+        click.echo(f"wrote {markdown_path}")
+    if plot_path:
+        try:
+            benchmark.plot(data, plot_path)
+        except RuntimeError as error:
+            raise click.ClickException(str(error)) from None
+        click.echo(f"wrote {plot_path}")
+    if failed or any(not row.correct for row in rows):
+        raise click.ClickException("some layers failed or gave wrong results (check column): see above")
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+@main.group()
+def cache() -> None:
+    """Show or clear gconvgen's cache: rendered kernels and the tuning database."""
+
+
+@cache.command()
+def info() -> None:
+    """Where the cache is, how many kernels and tuning records it holds, and the shipped databases."""
+    root = kernel_cache.kernels_root()
+    modules = list(root.glob("*/*.py")) if root.is_dir() else []
+    described = database().describe()
+    click.echo(f"cache directory: {knobs.cache_dir()}  (GCONVGEN_CACHE_DIR)")
+    click.echo(f"kernels: {len(modules)} rendered modules in {len({m.parent for m in modules})} build(s), "
+               f"{sum(m.stat().st_size for m in modules) / 1024:.1f} KiB under {root}")
+    click.echo(f"tuning database: {described['path']}: {described['records']} records "
+               f"({described['aten_records']} where aten won), {described['bytes'] / 1024:.1f} KiB")
+    for path, count in described["shipped"].items():
+        click.echo(f"shipped database: {path}: {count} records")
+    if not described["shipped"]:
+        click.echo("shipped databases: none for any device yet (tuning/databases/)")
+
+
+@cache.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+def export(path) -> None:
+    """Write this user's tuning results to PATH, e.g. to ship them in tuning/databases/<gpu>.json."""
+    count = database().export(Path(path))
+    click.echo(f"wrote {count} tuning records to {path}")
+
+
+@cache.command()
+@click.option("--kernels/--no-kernels", default=True, show_default=True, help="Remove the rendered kernels.")
+@click.option("--tuning/--no-tuning", default=True, show_default=True,
+              help="Remove this user's tuning results (shipped databases stay).")
+def clear(kernels, tuning) -> None:
+    """Delete the rendered kernels and/or this user's tuning results. Do not run it while gconvgen runs."""
+    if kernels:
+        shutil.rmtree(kernel_cache.kernels_root(), ignore_errors=True)
+        click.echo(f"removed {kernel_cache.kernels_root()}")
+    if tuning:
+        removed = database().clear()
+        click.echo(f"removed {removed} tuning records from {database().path}")
 
 
 if __name__ == "__main__":

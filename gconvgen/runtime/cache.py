@@ -31,8 +31,13 @@ def build_key(target: str) -> str:
     return f"{gconvgen_version()}-triton{triton.__version__}-{hashlib.sha256(what.encode()).hexdigest()[:16]}"
 
 
+def kernels_root() -> Path:
+    """The folder holding every build's rendered kernel modules."""
+    return knobs.cache_dir() / "kernels"
+
+
 def kernel_dir(target: str) -> Path:
-    return knobs.cache_dir() / "kernels" / build_key(target)
+    return kernels_root() / build_key(target)
 
 
 def _checksum(body: str) -> str:

@@ -57,6 +57,15 @@ def default_config(spec: ConvSpec, family: str, *, interpret: bool) -> KernelCon
     return KernelConfig(block_m=128, block_n=_pow2_between(spec.out_channels, 1, 8), block_k=0)
 
 
+def launch_grid(spec: ConvSpec, family: str, config: KernelConfig, pixels: int) -> tuple[int, ...]:
+    """The launch grid for ``pixels`` output pixels (batch * out_height * out_width): igemm runs
+    (pixel tiles, channel tiles per group, groups), depthwise (pixel tiles, channel tiles)."""
+    if family == "igemm":
+        return (triton.cdiv(pixels, config.block_m), triton.cdiv(spec.out_channels_per_group, config.block_n),
+                spec.groups)
+    return (triton.cdiv(pixels, config.block_m), triton.cdiv(spec.out_channels, config.block_n))
+
+
 @functools.cache
 def device_target(device: torch.device) -> str:
     """What a compiled kernel is specific to: 'interpreter', or the GPU's name and capability."""
@@ -91,12 +100,7 @@ class CompiledConv:
         pixels = batch * out_height * out_width
         if pixels == 0:
             return out
-        if self.family == "igemm":
-            grid = (triton.cdiv(pixels, config.block_m),
-                    triton.cdiv(self.spec.out_channels_per_group, config.block_n), self.spec.groups)
-        else:
-            grid = (triton.cdiv(pixels, config.block_m), triton.cdiv(self.spec.out_channels, config.block_n))
-        self.kernel[grid](
+        self.kernel[launch_grid(self.spec, self.family, config, pixels)](
             x, weight, bias if bias is not None else weight, out,
             batch, height, width, *x.stride(),
             *weight.stride(),

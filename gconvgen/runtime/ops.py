@@ -13,9 +13,10 @@ from typing import Optional, Sequence
 import torch
 
 from .. import knobs
+from ..autotune.choice import launch_chosen
 from ..ir import ConvSpec, conv_output_size
 from .fallback import aten_conv2d
-from .kernels import compiled_for, planned
+from .kernels import planned
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -82,7 +83,7 @@ def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         _fallback("CPU tensors and TRITON_INTERPRET is not set")
         return aten_conv2d(conv_plan.spec, x, weight, bias).contiguous(memory_format=output_memory_format(x))
     out = _allocate_output(x, weight, stride, padding, dilation)
-    return compiled_for(spec, x.device).launch(x, weight, bias, out)
+    return launch_chosen(spec, x, weight, bias, out)  # the tuning database's choice for this key
 
 
 @conv2d_op.register_fake

@@ -1,0 +1,262 @@
+"""The tuning database: which config (or aten) won for each key, persisted as versioned JSON.
+
+The user's database is ``<cache_dir>/tuning/tuning-db-v<schema>.json``; databases shipped in
+``tuning/databases/*.json`` are read as defaults under it. Writes take a file lock, re-read the file, merge
+and replace it atomically, so concurrent tuners lose nothing. A file that cannot be read is reported and
+set aside (renamed), never a crash. Lookups are served from memory after the first read.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import filelock
+import triton
+
+from .. import codegen, knobs
+from ..resources import data_dir
+from ..runtime.cache import write_atomic
+from ..runtime.kernels import KernelConfig, planned
+from .space import Problem
+
+DB_SCHEMA_VERSION = 1
+ATEN = "aten"      # the record's choice when PyTorch's own conv won
+KERNEL = "kernel"  # the record's choice when a generated kernel won
+
+
+@functools.cache
+def _template_hash(family: str) -> str:
+    """Hash of the one template a family renders from (other templates changing does not matter)."""
+    source = (data_dir("templates") / codegen.TEMPLATES[family]).read_bytes()
+    return hashlib.sha256(str(codegen.TEMPLATE_SCHEMA_VERSION).encode() + source).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=4096)
+def key_of(problem: Problem, target: str, allow_tf32: bool) -> str:
+    """The one key a tuning result is stored under. A result is invalid when any of these changes:
+
+    - the device: ``target`` is the GPU's name and compute capability (or 'interpreter');
+    - the Triton version, and the kernel family's template source (they decide the generated code);
+    - the dtype, and for float32 whether TF32 is allowed (a different tl.dot);
+    - the activation layout (nchw / nhwc / strided);
+    - the shape: in/out channels, batch, input height and width, kernel size;
+    - stride, four-sided padding, dilation, groups, bias;
+    - the channel policy and the channel masks the planner lowered it to.
+
+    It reads like ``NVIDIA H200 sm_90|triton 3.6.0|t=...|igemm_ci128_..._nhwc_bfloat16|n64_h56_w56|strict``.
+    """
+    spec = problem.spec
+    conv_plan = planned(spec, knobs.padding_budget())
+    uri = codegen.kernel_uri(conv_plan, interpret=target == "interpreter")
+    parts = [target, f"triton {triton.__version__}", f"t={_template_hash(conv_plan.family)}", uri,
+             f"n{problem.batch}_h{problem.height}_w{problem.width}", spec.channel_policy]
+    if spec.dtype == "float32":
+        parts.append("tf32" if allow_tf32 else "ieee")
+    return "|".join(parts)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the runtime runs for a key: a tuned kernel config, aten, or (untuned) the heuristic default."""
+
+    kind: str                       # KERNEL, ATEN or "default"
+    config: Optional[KernelConfig] = None
+
+
+DEFAULT = Choice("default")
+
+
+def choice_of(record: dict) -> Choice:
+    """The Choice a database record asks for; raises ValueError for a malformed record."""
+    if record.get("choice") == ATEN:
+        return Choice(ATEN)
+    if record.get("choice") == KERNEL:
+        try:
+            return Choice(KERNEL, KernelConfig(**record["config"]))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"record's config {record.get('config')!r} is not a KernelConfig: {error}") from None
+    raise ValueError(f"record's choice={record.get('choice')!r}; expected {KERNEL!r} or {ATEN!r}")
+
+
+def kernel_record(config: KernelConfig) -> dict:
+    """The choice part of a record for a winning kernel config."""
+    return {"choice": KERNEL, "config": asdict(config)}
+
+
+def user_database_path() -> Path:
+    """Where this user's tuning results are written (under GCONVGEN_CACHE_DIR)."""
+    return knobs.cache_dir() / "tuning" / f"tuning-db-v{DB_SCHEMA_VERSION}.json"
+
+
+def shipped_database_paths() -> list[Path]:
+    """Databases shipped with gconvgen (tuning/databases/*.json), read as defaults."""
+    return sorted((data_dir("tuning") / "databases").glob("*.json"))
+
+
+def _parse(text: str) -> dict:
+    """The entries of a database file's text; raises ValueError saying what is wrong with it."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        raise ValueError("not a gconvgen tuning database (no 'entries' object)")
+    if data.get("schema_version") != DB_SCHEMA_VERSION:
+        raise ValueError(f"schema_version={data.get('schema_version')!r}, this gconvgen reads {DB_SCHEMA_VERSION}")
+    bad = [key for key, record in data["entries"].items() if not isinstance(record, dict)]
+    if bad:
+        raise ValueError(f"entry {bad[0]!r} is not an object")
+    return data["entries"]
+
+
+def _serialise(entries: dict) -> str:
+    body = {"schema_version": DB_SCHEMA_VERSION, "gconvgen": codegen.gconvgen_version(), "entries": entries}
+    return json.dumps(body, indent=1, sort_keys=True) + "\n"
+
+
+class TuningDatabase:
+    """The user's database at ``path`` over the shipped ones; one instance per path in a process."""
+
+    def __init__(self, path: Path, shipped: Optional[list[Path]] = None):
+        self.path = Path(path)
+        self.shipped = shipped_database_paths() if shipped is None else list(shipped)
+        self._entries: Optional[dict] = None   # shipped defaults overlaid with the user's file
+        self._choices: dict[str, Choice] = {}
+        self._mutex = threading.Lock()
+        self.set_aside: list[Path] = []        # corrupt files this instance renamed
+
+    # ------------------------------------------------------------------------------------------ reading
+    def _read_user(self, *, locked: bool) -> dict:
+        """The user file's entries. Writers replace the file atomically, so reading needs no lock; a file that
+        does not parse is read again under the lock (it may just have been replaced) and then set aside."""
+        try:
+            return _parse(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            if not locked:
+                with self._lock():
+                    return self._read_user(locked=True)
+            return self._set_aside(str(error))
+
+    def _set_aside(self, why: str) -> dict:
+        """Rename the unusable user file out of the way and say so; tuning goes on from an empty database."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-pid{os.getpid()}")
+        try:
+            self.path.rename(aside)
+        except FileNotFoundError:  # another process set it aside first
+            return {}
+        except OSError as error:
+            warnings.warn(f"gconvgen: the tuning database {self.path} cannot be read ({why}) nor set aside "
+                          f"({error}); ignoring it", stacklevel=4)
+            return {}
+        self.set_aside.append(aside)
+        warnings.warn(f"gconvgen: the tuning database {self.path} cannot be read ({why}); it was set aside as "
+                      f"{aside.name} and tuning continues from an empty database (re-run `gconvgen tune` to "
+                      f"refill it)", stacklevel=4)
+        return {}
+
+    def _shipped_entries(self) -> dict:
+        entries: dict = {}
+        for path in self.shipped:
+            try:
+                entries.update(_parse(path.read_text()))
+            except (OSError, ValueError) as error:  # package data: report, never rename
+                warnings.warn(f"gconvgen: ignoring the shipped tuning database {path}: {error}", stacklevel=3)
+        return entries
+
+    def _lock(self) -> filelock.FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(str(self.path) + ".lock")
+
+    def entries(self) -> dict:
+        """Every record by key: the shipped defaults overlaid with the user's results (read once)."""
+        with self._mutex:
+            if self._entries is None:
+                self._entries = {**self._shipped_entries(), **self._read_user(locked=False)}
+            return self._entries
+
+    def lookup(self, key: str) -> Optional[dict]:
+        """The record stored under ``key``, or None when it is untuned."""
+        return self.entries().get(key)
+
+    def choice(self, key: str) -> Choice:
+        """What to run for ``key``, memoised: a warm lookup is one dict access, no file I/O."""
+        found = self._choices.get(key)
+        if found is not None:
+            return found
+        record = self.lookup(key)
+        try:
+            found = DEFAULT if record is None else choice_of(record)
+        except ValueError as error:
+            warnings.warn(f"gconvgen: ignoring the tuning record for {key!r}: {error}", stacklevel=2)
+            found = DEFAULT
+        self._choices[key] = found
+        return found
+
+    # ------------------------------------------------------------------------------------------ writing
+    def record(self, new_entries: dict[str, dict]) -> None:
+        """Store records by key: lock, re-read the file (another process may have added keys), merge, replace."""
+        for key, record in new_entries.items():
+            choice_of(record)  # refuse to write a record the runtime could not read back
+        with self._lock():
+            user = self._read_user(locked=True)
+            user.update(new_entries)
+            write_atomic(self.path, _serialise(user))
+        with self._mutex:
+            if self._entries is not None:
+                self._entries.update(new_entries)
+            for key in new_entries:
+                self._choices.pop(key, None)
+
+    def export(self, path: Path) -> int:
+        """Write the user's records to ``path`` as a database gconvgen can ship in tuning/databases/;
+        returns how many records it holds."""
+        user = self._read_user(locked=False)
+        write_atomic(Path(path), _serialise(user))
+        return len(user)
+
+    def clear(self) -> int:
+        """Delete the user's results (shipped defaults stay); returns how many records were removed."""
+        with self._lock():
+            removed = len(self._read_user(locked=True))
+            self.path.unlink(missing_ok=True)
+        with self._mutex:
+            self._entries, self._choices = None, {}
+        return removed
+
+    def describe(self) -> dict:
+        """Path, size and record counts, for ``gconvgen cache info``."""
+        user = self._read_user(locked=False)
+        return {
+            "path": str(self.path),
+            "bytes": self.path.stat().st_size if self.path.exists() else 0,
+            "records": len(user),
+            "aten_records": sum(1 for record in user.values() if record.get("choice") == ATEN),
+            "shipped": {str(path): len(self._parse_quietly(path)) for path in self.shipped},
+        }
+
+    @staticmethod
+    def _parse_quietly(path: Path) -> dict:
+        try:
+            return _parse(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+@functools.lru_cache(maxsize=8)
+def _database_at(path: Path) -> TuningDatabase:
+    return TuningDatabase(path)
+
+
+def database() -> TuningDatabase:
+    """The process's database for the current cache directory (one instance per path)."""
+    return _database_at(user_database_path())

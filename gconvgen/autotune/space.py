@@ -1,0 +1,245 @@
+"""Search spaces: which configs are worth timing for one problem.
+
+The values live in ``tuning/spaces/<family>.json`` (data, not code): tile sizes and launch settings per
+target ('gpu' or 'interpreter') and a list of named pruning rules with their parameters. This module turns
+a space and a problem into candidate KernelConfigs: stage one is every tile with the space's first launch
+setting, stage two the fastest tiles with every launch setting; both go through the same rules.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import triton
+
+from ..ir import ConvSpec, check
+from ..resources import data_dir
+from ..runtime.kernels import KernelConfig, device_target, launch_grid
+
+SPACE_SCHEMA_VERSION = 1
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One layer at one input size: what a tuning result is for. ``spec`` fixes the kernel, the batch
+    and spatial size fix the grid and the timings."""
+
+    spec: ConvSpec
+    batch: int
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "height", "width"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                  f"{name}={value!r} must be an int >= 1", ValueError)
+        out_height, out_width = self.output_size
+        check(out_height >= 1 and out_width >= 1,
+              f"a {self.height}x{self.width} input is smaller than the {self.spec.kernel_size} kernel with padding "
+              f"{self.spec.padding}; use a larger height/width")
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(out_height, out_width)."""
+        return self.spec.output_size(self.height, self.width)
+
+    @property
+    def output_pixels(self) -> int:
+        """batch * out_height * out_width: the M side of every kernel's grid."""
+        out_height, out_width = self.output_size
+        return self.batch * out_height * out_width
+
+    def describe(self) -> str:
+        """A short readable description, e.g. 'N=64 128->128 @56x56 g32 k3x3 s1 bfloat16 nhwc'."""
+        spec = self.spec
+        return (f"N={self.batch} {spec.in_channels}->{spec.out_channels} @{self.height}x{self.width} g{spec.groups} "
+                f"k{spec.kernel_size[0]}x{spec.kernel_size[1]} s{spec.stride[0]} {spec.dtype} {spec.layout}")
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What pruning needs to know about the device: multiprocessor count, shared memory per block, L2.
+    Zero means unknown (the interpreter); rules then use the space's default."""
+
+    target: str
+    multiprocessors: int = 0
+    shared_memory_bytes: int = 0
+    l2_bytes: int = 0
+
+    @property
+    def kind(self) -> str:
+        """The space target: 'interpreter' or 'gpu'."""
+        return "interpreter" if self.target == "interpreter" else "gpu"
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
+    """The facts of ``device`` (CPU means Triton's interpreter)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return DeviceFacts("interpreter")
+    props = torch.cuda.get_device_properties(device)
+    return DeviceFacts(device_target(device), props.multi_processor_count,
+                       getattr(props, "shared_memory_per_block_optin", 0), getattr(props, "L2_cache_size", 0))
+
+
+def config_name(config: KernelConfig) -> str:
+    """A short readable name, e.g. 'm128 n16 k32 w4 s3'."""
+    return (f"m{config.block_m} n{config.block_n} k{config.block_k} "
+            f"w{config.num_warps} s{config.num_stages}")
+
+
+# ---------------------------------------------------------------------------------------------- pruning rules
+# Each rule takes (configs, problem, facts, family, params) and returns the configs it keeps.
+
+Rule = Callable[[list[KernelConfig], Problem, DeviceFacts, str, dict], list[KernelConfig]]
+
+
+def _within(configs: list[KernelConfig], axis: str, extent: int, minimum: int) -> list[KernelConfig]:
+    """Configs whose ``axis`` tile covers ``extent`` (rounded up to a power of two, at least ``minimum``)
+    without a wasted power of two; when every tile is larger, the smallest one stays."""
+    limit = max(minimum, triton.next_power_of_2(extent), min((getattr(c, axis) for c in configs), default=0))
+    return [c for c in configs if getattr(c, axis) <= limit]
+
+
+def block_n_within_channels(configs, problem, facts, family, params):
+    """Drop channel tiles wider than the output channels (per group for igemm)."""
+    channels = problem.spec.out_channels_per_group if family == "igemm" else problem.spec.out_channels
+    return _within(configs, "block_n", channels, params.get("min", 1))
+
+
+def block_k_within_reduction(configs, problem, facts, family, params):
+    """Drop reduction steps longer than in_channels_per_group * kh * kw."""
+    spec = problem.spec
+    reduction = spec.in_channels_per_group * spec.kernel_size[0] * spec.kernel_size[1]
+    return _within(configs, "block_k", reduction, params.get("min", 1))
+
+
+def block_m_within_pixels(configs, problem, facts, family, params):
+    """Drop pixel tiles larger than all output pixels of the batch."""
+    return _within(configs, "block_m", problem.output_pixels, params.get("min", 1))
+
+
+def tile_elements(configs, problem, facts, family, params):
+    """Keep tiles of min <= BLOCK_M * BLOCK_N <= max outputs."""
+    low, high = params.get("min", 0), params.get("max", float("inf"))
+    return [c for c in configs if low <= c.block_m * c.block_n <= high]
+
+
+def tile_fits_layout(configs, problem, facts, family, params):
+    """channels_last: channel tiles of at least nhwc_min_block_n; NCHW: pixel tiles of at least nchw_min_block_m."""
+    spec = problem.spec
+    if spec.layout == "nhwc":
+        least = min(params["nhwc_min_block_n"], triton.next_power_of_2(spec.out_channels))
+        return [c for c in configs if c.block_n >= least]
+    if spec.layout == "nchw":
+        return [c for c in configs if c.block_m >= params["nchw_min_block_m"]]
+    return configs
+
+
+def shared_memory_fits(configs, problem, facts, family, params):
+    """Drop configs whose pipelined operand tiles exceed the device's shared memory (else default_bytes)."""
+    limit = facts.shared_memory_bytes or params["default_bytes"]
+    element = ELEMENT_BYTES[problem.spec.dtype]
+    return [c for c in configs
+            if c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) * element <= limit]
+
+
+def fills_the_gpu(configs, problem, facts, family, params):
+    """Keep grids of at least waves x multiprocessors programs; when none is, the grids with the most."""
+    def programs(config: KernelConfig) -> int:
+        return functools.reduce(lambda a, b: a * b, launch_grid(problem.spec, family, config, problem.output_pixels))
+
+    wanted = (facts.multiprocessors or params["default_multiprocessors"]) * params.get("waves", 1)
+    full = [c for c in configs if programs(c) >= wanted]
+    if full or not configs:
+        return full
+    most = max(programs(c) for c in configs)
+    return [c for c in configs if programs(c) == most]
+
+
+RULES: dict[str, Rule] = {rule.__name__: rule for rule in (
+    block_n_within_channels, block_k_within_reduction, block_m_within_pixels, tile_elements, tile_fits_layout,
+    shared_memory_fits, fills_the_gpu,
+)}
+
+
+# ---------------------------------------------------------------------------------------------- spaces
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """One family's space on one target kind, as read from tuning/spaces/<family>.json."""
+
+    family: str
+    kind: str
+    tiles: tuple[tuple[str, tuple[int, ...]], ...]
+    launch: tuple[tuple[str, tuple[int, ...]], ...]
+    first_launch: tuple[tuple[str, int], ...]
+    finalists: int
+    rules: tuple[tuple[str, tuple[tuple[str, object], ...]], ...]
+
+    def prune(self, configs: list[KernelConfig], problem: Problem, facts: DeviceFacts) -> list[KernelConfig]:
+        """The configs every rule of this space keeps, in their original order, without repeats.
+        A rule that would leave no config at all is skipped for this problem (a tiny layer breaks most)."""
+        kept = list(dict.fromkeys(configs))
+        for name, params in self.rules:
+            kept = RULES[name](kept, problem, facts, self.family, dict(params)) or kept
+        return kept
+
+    def stage_one(self, problem: Problem, facts: DeviceFacts) -> list[KernelConfig]:
+        """Every tile with the first launch setting, pruned."""
+        names = [name for name, _ in self.tiles]
+        configs = [KernelConfig(**dict(zip(names, values)), **dict(self.first_launch))
+                   for values in itertools.product(*(values for _, values in self.tiles))]
+        return self.prune(configs, problem, facts)
+
+    def stage_two(self, finalists: list[KernelConfig], problem: Problem, facts: DeviceFacts) -> list[KernelConfig]:
+        """Every launch setting for each finalist tile, pruned (shared memory depends on num_stages)."""
+        names = [name for name, _ in self.launch]
+        configs = [KernelConfig(config.block_m, config.block_n, config.block_k, **dict(zip(names, values)))
+                   for config in finalists
+                   for values in itertools.product(*(values for _, values in self.launch))]
+        return self.prune(configs, problem, facts)
+
+
+def _frozen_axes(axes: dict, where: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    for name, values in axes.items():
+        check(name in KernelConfig.__dataclass_fields__ and isinstance(values, list) and values
+              and all(isinstance(v, int) for v in values),
+              f"{where}: axis {name!r}={values!r} must name a KernelConfig field and list ints")
+    return tuple((name, tuple(values)) for name, values in axes.items())
+
+
+@functools.cache
+def load_space(family: str, kind: str) -> SearchSpace:
+    """The search space of ``family`` ('igemm' or 'depthwise') for ``kind`` ('gpu' or 'interpreter').
+
+    Raises FileNotFoundError when the file is missing, ValueError when it is malformed (naming the field).
+    """
+    path = data_dir("tuning") / "spaces" / f"{family}.json"
+    check(path.is_file(), f"no search space for kernel family {family!r}: {path} is missing", FileNotFoundError)
+    data = json.loads(path.read_text())
+    check(data.get("schema_version") == SPACE_SCHEMA_VERSION,
+          f"{path}: schema_version={data.get('schema_version')!r}, this gconvgen reads {SPACE_SCHEMA_VERSION}")
+    check(kind in data.get("targets", {}), f"{path}: no targets.{kind} section; add one")
+    target = data["targets"][kind]
+    rules = []
+    for rule in data.get("pruning", []):
+        check(rule.get("rule") in RULES, f"{path}: unknown pruning rule {rule.get('rule')!r}; known: {sorted(RULES)}")
+        if kind in rule.get("targets", ("gpu", "interpreter")):
+            params = tuple((k, v) for k, v in rule.items() if k not in ("rule", "targets", "why"))
+            rules.append((rule["rule"], params))
+    return SearchSpace(
+        family=family, kind=kind,
+        tiles=_frozen_axes(target["tiles"], f"{path} targets.{kind}.tiles"),
+        launch=_frozen_axes(target["launch"], f"{path} targets.{kind}.launch"),
+        first_launch=tuple(target["first_launch"].items()),
+        finalists=int(target["finalists"]),
+        rules=tuple(rules),
+    )

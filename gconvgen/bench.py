@@ -1,0 +1,285 @@
+"""The benchmark: gconvgen against F.conv2d and against the roofline floor, layer by layer.
+
+For each layer and layout it times what gconvgen's op runs (the tuning database's choice), the generated
+kernel itself, and F.conv2d (cudnn.benchmark on, same layout and dtype), after checking gconvgen's output
+against a float64 reference. The floor is max(bytes / copy bandwidth, flops / matmul rate) with both
+ceilings measured in the same run (shared BENCHMARK_LAYERS.md). On CPU everything runs through Triton's
+interpreter: those timings say nothing about GPU speed, and the report says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import triton
+
+from . import codegen
+from .autotune.choice import choice_for, launch_chosen
+from .autotune.database import ATEN, choice_of, database, key_of
+from .autotune.space import ELEMENT_BYTES, Problem, config_name, device_facts
+from .autotune.suites import Layer
+from .autotune.tuner import Timer, Workload, allows_tf32, cudnn_benchmark
+from .runtime.fallback import aten_conv2d
+from .runtime.kernels import compiled_for
+
+BENCH_SCHEMA_VERSION = 1
+CPU_NOTE = ("CPU run: every kernel ran through Triton's interpreter and F.conv2d on the CPU; these timings say "
+            "nothing about GPU speed. Run on a GPU for real numbers.")
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """The machine's two roofline ceilings, measured in this run."""
+
+    copy_bytes_per_s: float   # device-to-device copy, read + write bytes
+    matmul_flops_per_s: float
+    matmul: str               # what was multiplied, e.g. 'bfloat16 8192^3'
+
+
+def measure_ceilings(device: torch.device, timer: Timer) -> Ceilings:
+    """A large copy and a large matmul on ``device`` (bf16 on a GPU; small fp32 ones on CPU)."""
+    on_gpu = torch.device(device).type == "cuda"
+    copy_elements = (1 << 29) if on_gpu else (1 << 23)  # 1 GiB of bf16 / 32 MiB of fp32
+    source = torch.ones(copy_elements, dtype=torch.bfloat16 if on_gpu else torch.float32, device=device)
+    target = torch.empty_like(source)
+    copy_ms = timer.measure(lambda: target.copy_(source))
+    size, dtype = (8192, torch.bfloat16) if on_gpu else (512, torch.float32)
+    left = torch.randn(size, size, device=device).to(dtype)
+    right = torch.randn(size, size, device=device).to(dtype)
+    matmul_ms = timer.measure(lambda: left @ right)
+    return Ceilings(2 * source.numel() * source.element_size() / (copy_ms * 1e-3), 2 * size ** 3 / (matmul_ms * 1e-3),
+                    f"{str(dtype).removeprefix('torch.')} {size}^3")
+
+
+def roofline(problem: Problem) -> tuple[int, int]:
+    """(bytes, flops) of one forward conv: bytes = b * (input + output + weight), flops = 2 * MACs."""
+    spec = problem.spec
+    out_height, out_width = problem.output_size
+    taps = spec.kernel_size[0] * spec.kernel_size[1]
+    element = ELEMENT_BYTES[spec.dtype]
+    bytes_moved = element * (problem.batch * spec.in_channels * problem.height * problem.width
+                             + problem.batch * spec.out_channels * out_height * out_width
+                             + spec.out_channels * spec.in_channels_per_group * taps)
+    flops = 2 * problem.batch * spec.out_channels * out_height * out_width * spec.in_channels_per_group * taps
+    return bytes_moved, flops
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One layer in one layout. Times in ms; speedup = F.conv2d time / gconvgen time; % of floor = floor / time."""
+
+    layer: str
+    model: str
+    layout: str
+    dtype: str
+    choice: str
+    gconvgen_ms: float
+    kernel_ms: float
+    kernel_config: str
+    aten_ms: float
+    speedup: float
+    kernel_speedup: float
+    floor_ms: float
+    pct_of_floor: float
+    kernel_pct_of_floor: float
+    aten_pct_of_floor: float
+    bound: str
+    bytes: int
+    flops: int
+    correct: bool
+    error: str
+
+
+def _describe_choice(key: str, choice_kind: str, config) -> tuple[str, object]:
+    """A readable choice and the kernel config to time as 'the generated kernel' (aten keeps its best kernel)."""
+    record = database().lookup(key) or {}
+    if choice_kind == ATEN:
+        best = record.get("best_kernel")
+        return "aten (tuned)", choice_of(best).config if best else None
+    if choice_kind == "default":
+        return "default (untuned)", None
+    return f"kernel {config_name(config)}", config
+
+
+def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Timer, ceilings: Ceilings) -> BenchRow:
+    """Check and time one layer in one layout."""
+    spec = problem.spec
+    facts = device_facts(device)
+    workload = Workload.create(problem, device, facts, allows_tf32(device))
+    key = key_of(problem, facts.target, allows_tf32(device))
+    choice = choice_for(spec, device, problem.batch, problem.height, problem.width)
+    label, kernel_config = _describe_choice(key, choice.kind, choice.config)
+    compiled = compiled_for(spec, device)
+    kernel_config = kernel_config or compiled.config
+
+    def gconvgen(x, weight, bias, out):
+        return launch_chosen(spec, x, weight, bias, out)
+
+    def kernel(x, weight, bias, out):
+        return compiled.launch(x, weight, bias, out, kernel_config)
+
+    def aten(x, weight, bias, out):
+        return aten_conv2d(spec, x, weight, bias)
+
+    x, out = workload.copies[0]
+    error = workload.error_of(gconvgen(x, workload.weight, workload.bias, out.fill_(float("nan"))))
+    error = error or workload.error_of(kernel(x, workload.weight, workload.bias, out.fill_(float("nan"))))
+    with cudnn_benchmark():  # for F.conv2d, and for gconvgen where aten won
+        aten_ms = timer.measure(workload.timed(aten))
+        gconvgen_ms = timer.measure(workload.timed(gconvgen))
+    # the op runs the kernel itself unless aten won; then time the best kernel separately
+    kernel_ms = timer.measure(workload.timed(kernel)) if choice.kind == ATEN else gconvgen_ms
+    bytes_moved, flops = roofline(problem)
+    memory_ms = bytes_moved / ceilings.copy_bytes_per_s * 1e3
+    compute_ms = flops / ceilings.matmul_flops_per_s * 1e3
+    floor_ms = max(memory_ms, compute_ms)
+    return BenchRow(
+        layer=layer.id, model=layer.model, layout=spec.layout, dtype=spec.dtype, choice=label,
+        gconvgen_ms=gconvgen_ms, kernel_ms=kernel_ms, kernel_config=config_name(kernel_config), aten_ms=aten_ms,
+        speedup=aten_ms / gconvgen_ms, kernel_speedup=aten_ms / kernel_ms, floor_ms=floor_ms,
+        pct_of_floor=100 * floor_ms / gconvgen_ms, kernel_pct_of_floor=100 * floor_ms / kernel_ms,
+        aten_pct_of_floor=100 * floor_ms / aten_ms, bound="memory" if memory_ms >= compute_ms else "compute",
+        bytes=bytes_moved, flops=flops, correct=error is None, error=error or "",
+    )
+
+
+def geomean(values: list[float]) -> float:
+    """The geometric mean (nan for an empty list)."""
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def summary(rows: list[BenchRow]) -> dict:
+    """Geometric means of speedup and % of floor per layout and over all rows; the worst speedup."""
+    groups = {layout: [r for r in rows if r.layout == layout] for layout in dict.fromkeys(r.layout for r in rows)}
+    groups["all"] = rows
+    return {name: {"speedup": geomean([r.speedup for r in group]),
+                   "kernel_speedup": geomean([r.kernel_speedup for r in group]),
+                   "pct_of_floor": geomean([r.pct_of_floor for r in group]),
+                   "min_speedup": min((r.speedup for r in group), default=float("nan")),
+                   "layers": len(group)}
+            for name, group in groups.items()}
+
+
+def environment(device: torch.device) -> dict:
+    """Date, device, driver and library versions, for the report."""
+    on_gpu = torch.device(device).type == "cuda"
+    driver = None
+    if on_gpu:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": (torch.cuda.get_device_name(device) if on_gpu
+                   else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"),
+        "driver": driver,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if on_gpu else None,
+        "triton": triton.__version__,
+        "gconvgen": codegen.gconvgen_version(),
+        "python": platform.python_version(),
+    }
+
+
+def report(suite: str, rows: list[BenchRow], ceilings: Ceilings, timer: Timer, device: torch.device,
+           deferred: list[dict], failed: list[dict]) -> dict:
+    """Everything the bench measured, as the JSON it writes. ``deferred`` and ``failed`` list
+    {"id", "why"} for layers kept for later and layers that could not be measured."""
+    on_cpu = torch.device(device).type == "cpu"
+    return {
+        "schema_version": BENCH_SCHEMA_VERSION,
+        "suite": suite,
+        "environment": environment(device),
+        "timer": timer.label,
+        "ceilings": {"copy_GB_per_s": ceilings.copy_bytes_per_s / 1e9,
+                     "matmul_TFLOP_per_s": ceilings.matmul_flops_per_s / 1e12, "matmul": ceilings.matmul},
+        "rows": [asdict(row) for row in rows],
+        "geomean": summary(rows),
+        "deferred": deferred,
+        "failed": failed,
+        "note": CPU_NOTE if on_cpu else "",
+    }
+
+
+def _columns(ms_unit: Callable[[float], str]) -> list[tuple[str, Callable[[BenchRow], str]]]:
+    return [
+        ("layer", lambda r: r.layer), ("layout", lambda r: r.layout), ("choice", lambda r: r.choice),
+        ("gconvgen ms", lambda r: ms_unit(r.gconvgen_ms)), ("kernel ms", lambda r: ms_unit(r.kernel_ms)),
+        ("F.conv2d ms", lambda r: ms_unit(r.aten_ms)), ("speedup", lambda r: f"{r.speedup:.2f}x"),
+        ("floor ms", lambda r: ms_unit(r.floor_ms)), ("% floor", lambda r: f"{r.pct_of_floor:.3g}%"),
+        ("aten % floor", lambda r: f"{r.aten_pct_of_floor:.3g}%"), ("bound", lambda r: r.bound),
+        ("check", lambda r: "ok" if r.correct else "WRONG"),
+    ]
+
+
+def format_table(data: dict, *, markdown: bool = False) -> str:
+    """The report as a text (or markdown) table: one row per layer and layout, then the geometric means."""
+    rows = [BenchRow(**row) for row in data["rows"]]
+    columns = _columns(lambda ms: f"{ms:.4g}")
+    cells = [[cell(row) for _, cell in columns] for row in rows]
+    for name, means in data["geomean"].items():
+        cells.append([f"geomean ({name})", "", "", "", "", "", f"{means['speedup']:.2f}x", "",
+                      f"{means['pct_of_floor']:.3g}%", "", "", f"min {means['min_speedup']:.2f}x"])
+    headers = [name for name, _ in columns]
+    env, ceil = data["environment"], data["ceilings"]
+    lines = [f"suite {data['suite']} on {env['device']} | torch {env['torch']} | triton {env['triton']}"
+             f" | cudnn {env['cudnn']} | driver {env['driver']} | {env['date']}",
+             f"timer: {data['timer']}",
+             f"ceilings measured in this run: copy {ceil['copy_GB_per_s']:.1f} GB/s, "
+             f"{ceil['matmul']} matmul {ceil['matmul_TFLOP_per_s']:.2f} TFLOP/s"]
+    if data["note"]:
+        lines.insert(0, f"NOTE: {data['note']}")
+    lines += [f"kept for later: {d['id']} ({d['why']})" for d in data["deferred"]]
+    lines += [f"FAILED: {d['id']} ({d['why']})" for d in data["failed"]]
+    if markdown:
+        table = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        table += ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join(f"- {line}" for line in lines) + "\n\n" + "\n".join(table) + "\n"
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+    table = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    table += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines) + "\n\n" + "\n".join(table)
+
+
+def plot(data: dict, path: str) -> None:
+    """Bar charts of speedup over F.conv2d and % of the roofline floor per layer and layout, saved to ``path``.
+
+    Needs matplotlib (``pip install 'gconvgen[plot]'``); raises RuntimeError saying so when it is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib, which is not installed; run pip install 'gconvgen[plot]' "
+                           "(or pip install matplotlib), or drop --plot") from None
+    rows = data["rows"]
+    layers = list(dict.fromkeys(row["layer"] for row in rows))
+    layouts = list(dict.fromkeys(row["layout"] for row in rows))
+    figure, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(layers)), 8), sharex=True)
+    width = 0.8 / max(1, len(layouts))
+    for panel, (field, line, title) in zip(axes, (("speedup", 1.0, "speedup over F.conv2d"),
+                                                  ("pct_of_floor", 70.0, "% of roofline floor"))):
+        for index, layout in enumerate(layouts):
+            values = {row["layer"]: row[field] for row in rows if row["layout"] == layout}
+            positions = [i + index * width for i in range(len(layers))]
+            panel.bar(positions, [values.get(layer, 0.0) for layer in layers], width, label=layout)
+        panel.axhline(line, color="black", linewidth=0.8, linestyle="--")
+        panel.set_ylabel(title)
+        panel.legend()
+    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(layers))])
+    axes[1].set_xticklabels(layers, rotation=30, ha="right")
+    env = data["environment"]
+    figure.suptitle(f"gconvgen vs F.conv2d, suite {data['suite']}\n{env['device']}"
+                    + (" (timings say nothing about GPU speed)" if data["note"] else ""), fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

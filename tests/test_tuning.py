@@ -1,0 +1,194 @@
+"""The tuner, the search spaces, the suites and the runtime's use of tuning results, on Triton's interpreter."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import gconvgen
+from gconvgen import knobs
+from gconvgen.autotune import choice, suites, tuner
+from gconvgen.autotune.database import ATEN, database, kernel_record, key_of
+from gconvgen.autotune.space import DeviceFacts, Problem, load_space
+from gconvgen.ir import ConvSpec
+from gconvgen.runtime.kernels import CompiledConv, KernelConfig, compiled_for
+from gconvgen.runtime.ops import activation_layout
+from conftest import assert_close, reference_conv2d
+
+CPU = torch.device("cpu")
+H200 = DeviceFacts("NVIDIA H200 sm_90", multiprocessors=132, shared_memory_bytes=232448, l2_bytes=60 << 20)
+
+
+def _problem(in_channels, out_channels, groups, kernel, stride, padding, batch, size, *, dtype="float32",
+             layout="nchw", bias=False, policy="strict"):
+    spec = ConvSpec(in_channels, out_channels, groups, (kernel, kernel), (stride, stride), (padding,) * 4,
+                    bias=bias, dtype=dtype, layout=layout, channel_policy=policy)
+    return Problem(spec, batch, size, size)
+
+
+# ---------------------------------------------------------------------------------------------- the tuner
+
+
+def test_tuner_rejects_wrong_candidates_and_drops_failing_ones():
+    problem = _problem(16, 16, 4, 3, 1, 1, 2, 8, layout="nhwc")  # grouped, 4 channels per group, channels_last
+    kernel = compiled_for(problem.spec, CPU)
+
+    def zeros(x, weight, bias, out):  # the fastest candidate of all, and wrong
+        return out.zero_()
+
+    def one_element_off(x, weight, bias, out):  # the real kernel with one output nudged by 0.05
+        kernel.launch(x, weight, bias, out)
+        out[1, 5, 2, 3] += 0.05
+        return out
+
+    result = tuner.tune(problem, CPU, extra_runners=[("zeros", zeros), ("one-element-off", one_element_off)],
+                        extra_configs=[KernelConfig(block_m=48, block_n=16, block_k=16)])  # BLOCK_M not a power of 2
+    status = {trial.name: trial for trial in result.trials}
+    assert status["zeros"].status == "wrong" and status["zeros"].time_ms is None
+    assert status["one-element-off"].status == "wrong", status["one-element-off"]
+    assert status["m48 n16 k16 w4 s2"].status == "failed", status["m48 n16 k16 w4 s2"]
+    assert status[ATEN].status == "ok" and status["default"].status == "ok"
+    correct = [trial for trial in result.trials if trial.status == "ok"]
+    assert len(correct) >= 3 and all(trial.time_ms > 0 for trial in correct)
+    assert result.winner.name not in ("zeros", "one-element-off")
+    assert result.winner.time_ms == min(trial.time_ms for trial in correct if trial.name in (ATEN,) or trial.config)
+    record = result.record()
+    assert record["rejected"] == 2 and record["failed"] == 1 and "cpu-interpreter" in record["timer"]
+    assert "best_kernel" in record  # kept even when aten wins, for the bench
+
+
+def test_every_kernel_candidate_is_a_power_of_two_tile_within_the_layer():
+    problem = _problem(16, 16, 2, 3, 2, 1, 2, 9, dtype="float16")  # stride 2, odd size, 8 channels per group
+    result = tuner.tune(problem, CPU)
+    kernels = [trial for trial in result.trials if trial.config is not None]
+    assert kernels and all(trial.status == "ok" for trial in result.trials), result.trials
+    for trial in kernels[1:]:  # the default config comes first and is never pruned
+        assert trial.config.block_n <= 16 and trial.config.block_k <= 128 and trial.config.block_m <= 64
+
+
+def test_gpu_space_prunes_by_channels_shared_memory_and_occupancy():
+    layer = suites.load_suite("headline").select(("resnext50-l1",)).layers[0]
+    problem = layer.problem("bfloat16", "nhwc")  # 4 channels per group: only 16-wide channel tiles make sense
+    space = load_space("igemm", "gpu")
+    first = space.stage_one(problem, H200)
+    assert first and {config.block_n for config in first} == {16}
+    assert all(config.block_k <= 64 for config in first)  # reduction is 4 * 3 * 3 = 36
+    small_gpu = dataclasses.replace(H200, shared_memory_bytes=48 * 1024)
+    roomy, cramped = space.stage_two(first, problem, H200), space.stage_two(first, problem, small_gpu)
+    assert 0 < len(cramped) < len(roomy)
+    assert all(c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) * 2 <= 48 * 1024 for c in cramped)
+    tiny = _problem(32, 32, 2, 3, 1, 1, 1, 4, dtype="bfloat16")  # 16 pixels: no tile fills 132 SMs
+    survivors = space.stage_one(tiny, H200)
+    smallest = min(dict(space.tiles)["block_m"])
+    assert survivors and all(c.block_m == smallest and c.block_n == 16 for c in survivors)  # the smallest tile stays
+
+
+def test_depthwise_gpu_space_fits_tiles_to_the_layout():
+    layer = suites.load_suite("headline").select(("mbv2-dw3",)).layers[0]
+    space = load_space("depthwise", "gpu")
+    nchw = space.stage_one(layer.problem("bfloat16", "nchw"), H200)
+    nhwc = space.stage_one(layer.problem("bfloat16", "nhwc"), H200)
+    assert all(c.block_m >= 64 for c in nchw) and any(c.block_n <= 4 for c in nchw)  # long pixel tiles
+    assert all(c.block_n >= 8 for c in nhwc) and any(c.block_n >= 64 for c in nhwc)   # wide channel tiles
+    assert all(1024 <= c.block_m * c.block_n <= 4096 for c in nchw + nhwc)
+
+
+# ---------------------------------------------------------------------------------------------- the runtime
+
+
+def _inputs(problem):
+    spec = problem.spec
+    x = torch.randn(problem.batch, spec.in_channels, problem.height, problem.width)
+    if spec.layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(spec.weight_shape)
+    bias = torch.randn(spec.out_channels) if spec.bias else None
+    return x, weight, bias
+
+
+def _run_op(problem, x, weight, bias):
+    spec = problem.spec
+    out = gconvgen.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+    assert_close(out, reference_conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups),
+                 torch.float32)
+    return out
+
+
+def _spy_on_launch(monkeypatch):
+    configs = []
+    launch = CompiledConv.launch
+
+    def spy(self, x, weight, bias, out, config=None):
+        configs.append(config)
+        return launch(self, x, weight, bias, out, config)
+
+    monkeypatch.setattr(CompiledConv, "launch", spy)
+    return configs
+
+
+def test_op_runs_the_recorded_config_then_aten_where_aten_won(monkeypatch):
+    problem = _problem(16, 16, 16, 3, 1, 1, 2, 7, bias=True)  # depthwise with bias, odd size
+    x, weight, bias = _inputs(problem)
+    key = key_of(problem, "interpreter", allow_tf32=False)
+    launches = _spy_on_launch(monkeypatch)
+
+    _run_op(problem, x, weight, bias)  # untuned: the heuristic default, at once
+    assert launches == [None]
+
+    tuned = KernelConfig(block_m=64, block_n=8, block_k=0, num_warps=4, num_stages=1)
+    database().record({key: {**kernel_record(tuned), "time_ms": 1.0}})
+    _run_op(problem, x, weight, bias)
+    assert launches[-1] == tuned
+
+    aten_calls = []
+    monkeypatch.setattr(choice, "aten_conv2d", lambda *args: aten_calls.append(1) or tuner.aten_conv2d(*args))
+    database().record({key: {"choice": ATEN, "time_ms": 1.0}})
+    out = _run_op(problem, x, weight, bias)
+    assert aten_calls == [1] and len(launches) == 2 and activation_layout(out) == "nchw"
+
+
+def test_untuned_call_never_tunes_unless_asked(monkeypatch):
+    problem = _problem(8, 16, 4, 3, 1, 0, 2, 6, layout="nhwc")  # grouped, channel multiplier 2, no padding
+    x, weight, bias = _inputs(problem)
+    key = key_of(problem, "interpreter", allow_tf32=False)
+    calls = []
+    real_tune = choice.tune
+    monkeypatch.setattr(choice, "tune", lambda *args, **kwargs: calls.append(args) or real_tune(*args, **kwargs))
+
+    _run_op(problem, x, weight, bias)
+    assert calls == [] and database().lookup(key) is None
+
+    with knobs.scoped(AUTOTUNE=1):
+        out = _run_op(problem, x, weight, bias)
+        _run_op(problem, x, weight, bias)  # tuned once, then served from memory
+    assert len(calls) == 1 and database().lookup(key)["choice"] in ("kernel", ATEN)
+    assert activation_layout(out) == "nhwc"
+
+
+# ---------------------------------------------------------------------------------------------- suites
+
+
+def test_suites_hold_the_benchmark_layers():
+    headline = suites.load_suite("headline")
+    assert len(headline.runnable) == 10 and {layer.id for layer in headline.deferred} == {"wav2vec2-posconv",
+                                                                                            "mamba-causal"}
+    assert headline.dtype == "bfloat16" and headline.layouts == ("nchw", "nhwc")
+    assert len(suites.load_suite("secondary").runnable) == 5
+    smoke = suites.load_suite("smoke")
+    assert all(layer.batch * layer.size ** 2 <= 256 for layer in smoke.runnable)
+    with pytest.raises(ValueError, match="layer='nope' is not in suite 'smoke'; its layers: smoke-grouped"):
+        smoke.select(("nope",))
+    with pytest.raises(FileNotFoundError, match="neither a shipped suite"):
+        suites.load_suite("no-such-suite")
+
+
+def test_suite_file_errors_name_the_field(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text('{"schema_version": 1, "layers": [{"id": "a", "in_channels": 8, "out_channels": 8, '
+                    '"groups": 2, "kernel": 3, "batch": 1, "size": 0}]}')
+    with pytest.raises(ValueError, match="size=0 must be an int >= 1"):
+        suites.load_suite(str(path))
+    path.write_text('{"schema_version": 1, "layers": [{"id": "a", "in_channels": 8}]}')
+    with pytest.raises(ValueError, match="lacks out_channels, groups, kernel, batch, size"):
+        suites.load_suite(str(path))

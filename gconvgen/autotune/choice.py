@@ -56,6 +56,8 @@ def launch_chosen(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: O
     """Run ``spec`` on NCHW-indexed x [N, C_in, H, W] and weight [C_out, ci, kh, kw] as the database says:
     the generated kernel with the tuned (or default) config into ``out``, or aten where aten won.
     Returns the output, in ``out``'s memory format."""
+    if out.numel() == 0:  # an empty batch: nothing to choose or compute
+        return out
     choice = choice_for(spec, x.device, x.shape[0], x.shape[2], x.shape[3])
     if choice.kind == ATEN:
         result = aten_conv2d(spec, x, weight, bias)

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from .. import codegen, knobs
-from ..ir import ConvSpec
+from ..ir import ConvSpec, check
 from ..plan import Plan, plan
 from . import cache
 
@@ -70,6 +70,10 @@ def launch_grid(spec: ConvSpec, family: str, config: KernelConfig, pixels: int) 
 def device_target(device: torch.device) -> str:
     """What a compiled kernel is specific to: 'interpreter', or the GPU's name and capability."""
     if device.type == "cpu":
+        import triton.language as tl
+        check(not isinstance(tl.zeros, triton.JITFunction),
+              "TRITON_INTERPRET=1 was set after Triton was imported, so Triton's own functions cannot run in its "
+              "interpreter; set TRITON_INTERPRET=1 before importing gconvgen or triton", RuntimeError)
         return "interpreter"
     major, minor = torch.cuda.get_device_capability(device)
     return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"

@@ -2,11 +2,18 @@
 with a private cache directory and fallbacks forbidden, so a passing test proves a kernel ran."""
 from __future__ import annotations
 
-import pytest
-import torch
-import torch.nn.functional as F
+import os
+import random
 
-from gconvgen import knobs
+# Triton decides when triton.language is imported whether its functions run in the interpreter,
+# so the switch must be on before anything imports triton.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gconvgen import knobs  # noqa: E402
 
 # dtype, atol, rtol travel together. Tolerances are against a float64 reference on inputs rounded to dtype.
 TOLERANCES = {
@@ -22,9 +29,35 @@ def interpreter_and_private_cache(tmp_path_factory):
         yield
 
 
+def pytest_addoption(parser):
+    parser.addoption("--seed", type=int, default=None, help="seed for the random inputs (default: fresh each run)")
+
+
+def pytest_configure(config):
+    if config.getoption("--seed") is None:
+        config.option.seed = random.SystemRandom().randrange(2**31)
+
+
+def pytest_report_header(config):
+    return f"gconvgen random inputs: --seed {config.getoption('--seed')} (pass it to reproduce)"
+
+
 @pytest.fixture(autouse=True)
-def seed():
-    torch.manual_seed(0)
+def seed(request):
+    """Fresh random inputs each run; the seed is in the report header to reproduce a failure."""
+    torch.manual_seed(request.config.getoption("--seed"))
+    yield
+
+
+@pytest.fixture
+def nan_filled_outputs():
+    """torch.empty fills floats with NaN while deterministic algorithms are on, so any output element a
+    kernel fails to write survives as NaN and assert_close catches it."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
 
 
 def reference_conv2d(x, weight, bias, stride, padding, dilation, groups):

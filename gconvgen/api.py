@@ -122,9 +122,10 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     dilation_hw = _ints("dilation", dilation, 2, 1)
     padding_4 = resolve_padding(padding, (x.shape[2], x.shape[3]), kernel_size, stride_hw, dilation_hw)
 
-    spec = spec_for_call(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
-    planned(spec, knobs.padding_budget())   # raises the planner's error for a conv it refuses
-    spec.output_size(x.shape[2], x.shape[3])  # raises if the kernel does not fit the padded input
+    if not torch.compiler.is_compiling():  # Dynamo cannot trace the planner and its caches; the op plans when it runs
+        spec = spec_for_call(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
+        planned(spec, knobs.padding_budget())   # raises the planner's error for a conv it refuses
+        spec.output_size(x.shape[2], x.shape[3])  # raises if the kernel does not fit the padded input
     out = conv2d_op(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
     out = out.permute(0, 2, 3, 1).contiguous() if nhwc else out
     return out.squeeze(0) if unbatched else out

@@ -70,8 +70,8 @@ for name, (spec_args, allow_tf32) in variants.items():
     conv_plan = plan(spec)
     for kind in ("grad_input", "grad_weight"):
         uri = codegen.kernel_uri(conv_plan, interpret=False, kind=kind)
-        path = cache.ensure_module_file("sm90-compile-test", uri,
-                                        lambda: codegen.render(conv_plan, interpret=False, allow_tf32=allow_tf32, kind=kind))
+        render = lambda: codegen.render(conv_plan, interpret=False, allow_tf32=allow_tf32, kind=kind)
+        path = cache.ensure_module_file("sm90-compile-test", uri, render)
         fn = getattr(cache.import_module(path), "gconvgen_" + uri)
         config = default_grad_config(kind, spec, conv_plan.family, interpret=False)
         results[f"{name}:{kind}"] = compile_kernel(fn, spec.dtype, config)

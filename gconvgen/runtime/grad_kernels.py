@@ -64,7 +64,8 @@ def target_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_pixels(pixels: int, block_pixels: int, tiles: int, programs: int, splits: int | None = None) -> tuple[int, int]:
+def split_pixels(pixels: int, block_pixels: int, tiles: int, programs: int,
+                 splits: int | None = None) -> tuple[int, int]:
     """(splits, pixels_per_split) for a reduction over ``pixels`` done by ``tiles`` programs per split.
 
     Without ``splits``: as many as fill ``programs`` programs, while each split keeps at least
@@ -105,15 +106,23 @@ class _LoadedKernel:
         self.config = config
 
 
-class GradInputKernel(_LoadedKernel):
-    """The transposed grouped conv of one plan: grad_output and weight in, the input gradient out."""
+class _PlannedGradKernel(_LoadedKernel):
+    """The backward kernel ``kind`` of one plan, rendered from the plan's family of templates."""
+
+    kind = ""
 
     def __init__(self, conv_plan: Plan, target: str, *, allow_tf32: bool):
         interpret = target == "interpreter"
         self.spec, self.family = conv_plan.spec, conv_plan.family
-        super().__init__(target, codegen.kernel_uri(conv_plan, interpret=interpret, kind="grad_input"),
-                         lambda: codegen.render(conv_plan, interpret=interpret, allow_tf32=allow_tf32, kind="grad_input"),
-                         default_grad_config("grad_input", conv_plan.spec, conv_plan.family, interpret=interpret))
+        super().__init__(target, codegen.kernel_uri(conv_plan, interpret=interpret, kind=self.kind),
+                         lambda: codegen.render(conv_plan, interpret=interpret, allow_tf32=allow_tf32, kind=self.kind),
+                         default_grad_config(self.kind, conv_plan.spec, conv_plan.family, interpret=interpret))
+
+
+class GradInputKernel(_PlannedGradKernel):
+    """The transposed grouped conv of one plan: grad_output and weight in, the input gradient out."""
+
+    kind = "grad_input"
 
     def launch(self, grad_output: torch.Tensor, weight: torch.Tensor, grad_input: torch.Tensor,
                config: KernelConfig | None = None) -> torch.Tensor:
@@ -139,15 +148,10 @@ class GradInputKernel(_LoadedKernel):
         return grad_input
 
 
-class GradWeightKernel(_LoadedKernel):
+class GradWeightKernel(_PlannedGradKernel):
     """The weight gradient of one plan: x and grad_output in, reduced over batch and space per group."""
 
-    def __init__(self, conv_plan: Plan, target: str, *, allow_tf32: bool):
-        interpret = target == "interpreter"
-        self.spec, self.family = conv_plan.spec, conv_plan.family
-        super().__init__(target, codegen.kernel_uri(conv_plan, interpret=interpret, kind="grad_weight"),
-                         lambda: codegen.render(conv_plan, interpret=interpret, allow_tf32=allow_tf32, kind="grad_weight"),
-                         default_grad_config("grad_weight", conv_plan.spec, conv_plan.family, interpret=interpret))
+    kind = "grad_weight"
 
     def launch(self, x: torch.Tensor, grad_output: torch.Tensor, grad_weight: torch.Tensor,
                config: KernelConfig | None = None, splits: int | None = None) -> torch.Tensor:

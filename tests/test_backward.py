@@ -133,6 +133,27 @@ def test_gradients_match_torch_float32(batch, in_channels, out_channels, size, k
         assert actual[0].is_contiguous(memory_format=torch.channels_last), "channels_last x, channels_last grad"
 
 
+def test_gradients_through_nhwc_and_unbatched_inputs():
+    """data_format='NHWC' with an HWIO weight, and a 3-D input: the op sees views, autograd maps them back."""
+    x = torch.randn(2, 6, 5, 8, requires_grad=True)              # NHWC
+    weight = torch.randn(3, 3, 2, 8, requires_grad=True)         # HWIO, groups=4
+    out = gconvgen.conv2d(x, weight, None, 1, "same", 1, 4, data_format="NHWC")
+    grad_output = torch.randn_like(out)
+    actual = torch.autograd.grad(out, (x, weight), grad_output)
+    expected = reference_gradients(x.permute(0, 3, 1, 2), weight.permute(3, 2, 0, 1), None,
+                                   grad_output.permute(0, 3, 1, 2), (1, 1), (1, 1, 1, 1), (1, 1), 4, "strict")
+    assert_close(actual[0], expected[0].permute(0, 2, 3, 1), torch.float32)
+    assert_close(actual[1], expected[1].permute(2, 3, 1, 0), torch.float32)
+
+    unbatched = torch.randn(4, 5, 5, requires_grad=True)
+    weight = torch.randn(4, 1, 3, 3, requires_grad=True)
+    gconvgen.conv2d(unbatched, weight, None, 2, 1, 1, 4).square().sum().backward()
+    x64, weight64 = (t.detach().double().requires_grad_() for t in (unbatched, weight))
+    F.conv2d(x64, weight64, None, 2, 1, 1, 4).square().sum().backward()
+    assert_close(unbatched.grad, x64.grad, torch.float32)
+    assert_close(weight.grad, weight64.grad, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("groups, layout", [P(4, "channels_last", id="grouped-channels-last"),
                                             P(8, "nchw", id="depthwise-nchw")])

@@ -3,7 +3,9 @@ real architectures trained one step against eager torch."""
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,8 +187,12 @@ def test_rewrite_of_module_calls_and_aten_convolution():
     torch.testing.assert_close(traced(x, weight), aten_convs(x, weight), atol=1e-5, rtol=1e-4)
 
 
-def test_backend_is_registered_by_name():
+def test_backend_is_registered_by_name_and_entry_point():
     assert gconvgen.compile.BACKEND_NAME in torch._dynamo.list_backends(exclude_tags=())
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    module, _, attribute = project["project"]["entry-points"]["torch_dynamo_backends"]["gconvgen"].partition(":")
+    assert getattr(importlib.import_module(module), attribute) is gconvgen.compile.backend
     with pytest.raises(TypeError, match="inner=3 must be a torch.compile backend"):
         gconvgen.compile.make_backend(3)
 

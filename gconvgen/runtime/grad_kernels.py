@@ -214,7 +214,7 @@ class GradBiasKernel(_LoadedKernel):
             grad_output, partials,
             batch, channels, out_height, out_width, *grad_output.stride(),
             *partials.stride(), pixels_per_split,
-            **config.meta("depthwise"),
+            **config.meta("depthwise"),  # like the depthwise kernels: pixel and channel blocks, no BLOCK_K
         )
         return _add_splits(partials, grad_bias)
 

@@ -62,7 +62,8 @@ def _check_tensor(name: str, value: object, ranks: tuple[int, ...], layout_hint:
     check(isinstance(value, torch.Tensor), f"{name} must be a torch.Tensor, got {type(value).__name__}", TypeError)
     check(value.dim() in ranks, f"{name} has shape {tuple(value.shape)} ({value.dim()}-D); expected {layout_hint}")
     check(value.dtype in DTYPE_NAMES,
-          f"{name}.dtype={value.dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16", TypeError)
+          f"{name}.dtype={value.dtype} is not supported; use torch.float32, torch.float16, torch.bfloat16 or "
+          f"torch.float64", TypeError)
 
 
 def _check_same(name: str, tensor: torch.Tensor, reference: torch.Tensor) -> None:

@@ -1,7 +1,9 @@
 """Codegen: a plan becomes Triton source through one Jinja environment (uri / gen).
 
 ``kernel_uri`` names a kernel readably and deterministically; ``render`` turns every decision into a
-template constant and renders it. Loading and caching the result is the runtime's job.
+template constant and renders it. One plan renders three kernels from the same constants: the forward
+conv and, for training, its grad-input and grad-weight; the bias gradient has one kernel per dtype.
+Loading and caching the result is the runtime's job.
 """
 from __future__ import annotations
 
@@ -11,11 +13,21 @@ from importlib import metadata
 
 import jinja2
 
+from .ir import DTYPES, check
 from .plan import Plan
 from .resources import data_dir
 
 TEMPLATE_SCHEMA_VERSION = 1
 TEMPLATES = {"igemm": "grouped_igemm.py.jinja", "depthwise": "depthwise_direct.py.jinja"}
+# backward kernels: (kind, the plan's family) -> template
+GRAD_TEMPLATES = {
+    ("grad_input", "igemm"): "grouped_igemm_grad_input.py.jinja",
+    ("grad_input", "depthwise"): "depthwise_grad_input.py.jinja",
+    ("grad_weight", "igemm"): "grouped_igemm_grad_weight.py.jinja",
+    ("grad_weight", "depthwise"): "depthwise_grad_weight.py.jinja",
+}
+GRAD_BIAS_TEMPLATE = "grad_bias.py.jinja"
+KINDS = ("forward", "grad_input", "grad_weight")
 
 
 @functools.cache
@@ -48,13 +60,16 @@ def templates_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def kernel_uri(plan: Plan, *, interpret: bool) -> str:
+def kernel_uri(plan: Plan, *, interpret: bool, kind: str = "forward") -> str:
     """A readable name that is unique for what the rendered source depends on.
 
-    e.g. ``igemm_ci4_co4_g32_k3x3_s1x1_d1x1_p1111_nhwc_bfloat16_bias``.
+    e.g. ``igemm_ci4_co4_g32_k3x3_s1x1_d1x1_p1111_nhwc_bfloat16_bias``; a backward kernel starts with its
+    kind, e.g. ``grad_weight_depthwise_ci96_...``.
     """
+    check(kind in KINDS, f"kind={kind!r} is not a kernel kind; use one of {KINDS}")
     spec, kernel = plan.spec, plan.kernel
-    parts = [
+    parts = [] if kind == "forward" else [kind]
+    parts += [
         kernel["family"],
         f"ci{spec.in_channels}", f"co{spec.out_channels}", f"g{spec.groups}",
         "k{}x{}".format(*spec.kernel_size), "s{}x{}".format(*spec.stride),
@@ -66,21 +81,26 @@ def kernel_uri(plan: Plan, *, interpret: bool) -> str:
     return "_".join(parts)
 
 
-def render(plan: Plan, *, interpret: bool, allow_tf32: bool) -> str:
-    """Render the Triton module for ``plan``. ``interpret`` selects the interpreter-safe variant."""
+def render(plan: Plan, *, interpret: bool, allow_tf32: bool, kind: str = "forward") -> str:
+    """Render the Triton module for ``plan``: its forward kernel, or the backward kernel ``kind``
+    ('grad_input' or 'grad_weight'). ``interpret`` selects the interpreter-safe variant."""
     spec, kernel = plan.spec, plan.kernel
-    template = environment().get_template(TEMPLATES[kernel["family"]])
-    return template.render(
+    check(kind in KINDS, f"kind={kind!r} is not a kernel kind; use one of {KINDS}")
+    name = TEMPLATES[kernel["family"]] if kind == "forward" else GRAD_TEMPLATES[kind, kernel["family"]]
+    kernel_taps = spec.kernel_size[0] * spec.kernel_size[1]
+    return environment().get_template(name).render(
         version=gconvgen_version(),
         spec=spec,
-        kernel_name=kernel_name(plan, interpret=interpret),
+        kernel_name=kernel_name(plan, interpret=interpret, kind=kind),
         in_channels=spec.in_channels,
         out_channels=spec.out_channels,
         in_channels_per_group=spec.in_channels_per_group,
         out_channels_per_group=spec.out_channels_per_group,
         kernel_size=spec.kernel_size,
-        kernel_taps=spec.kernel_size[0] * spec.kernel_size[1],
-        reduction_size=spec.in_channels_per_group * spec.kernel_size[0] * spec.kernel_size[1],
+        kernel_taps=kernel_taps,
+        # forward and grad-weight reduce over (input channel of the group, tap); grad-input over (output channel, tap)
+        reduction_size=spec.in_channels_per_group * kernel_taps,
+        transposed_reduction_size=spec.out_channels_per_group * kernel_taps,
         stride=spec.stride,
         dilation=spec.dilation,
         padding_top=spec.padding[0],
@@ -91,12 +111,39 @@ def render(plan: Plan, *, interpret: bool, allow_tf32: bool) -> str:
         x_channels_contiguous=spec.layout == "nhwc",
         x_width_contiguous=spec.layout == "nchw",
         channel_innermost=spec.layout == "nhwc",
+        accumulator=_accumulator(spec.dtype),
         # bf16 tl.dot is wrong under Triton's interpreter; the GPU path keeps bf16 tensor-core operands
         dot_in_float32=interpret and spec.dtype == "bfloat16",
-        # fp32 follows torch's cuDNN setting so results match F.conv2d's precision
-        input_precision="ieee" if spec.dtype == "float32" and not allow_tf32 else "tf32",
+        # fp32 follows torch's cuDNN setting so results match F.conv2d's precision; fp64 is always exact
+        input_precision="ieee" if spec.dtype == "float64" or (spec.dtype == "float32" and not allow_tf32) else "tf32",
     )
 
 
-def kernel_name(plan: Plan, *, interpret: bool) -> str:
-    return "gconvgen_" + kernel_uri(plan, interpret=interpret)
+def kernel_name(plan: Plan, *, interpret: bool, kind: str = "forward") -> str:
+    return "gconvgen_" + kernel_uri(plan, interpret=interpret, kind=kind)
+
+
+# ---------------------------------------------------------------------------------------------- grad-bias
+# The bias gradient is a per-channel sum of the output gradient: it depends on the dtype alone, so every
+# conv of one dtype shares one kernel.
+
+
+def grad_bias_uri(dtype: str, *, interpret: bool) -> str:
+    """e.g. ``grad_bias_bfloat16``, ``grad_bias_float64_interp``."""
+    check(dtype in DTYPES, f"dtype={dtype!r} is not supported; use one of {DTYPES}")
+    return f"grad_bias_{dtype}" + ("_interp" if interpret else "")
+
+
+def render_grad_bias(dtype: str, *, interpret: bool) -> str:
+    """Render the Triton module of the bias-gradient kernel for ``dtype``."""
+    return environment().get_template(GRAD_BIAS_TEMPLATE).render(
+        version=gconvgen_version(),
+        dtype=dtype,
+        kernel_name="gconvgen_" + grad_bias_uri(dtype, interpret=interpret),
+        accumulator=_accumulator(dtype),
+    )
+
+
+def _accumulator(dtype: str) -> str:
+    """float64 sums in float64 (what gradcheck needs); every other dtype sums in float32."""
+    return "tl.float64" if dtype == "float64" else "tl.float32"

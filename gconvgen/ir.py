@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import NoReturn
 
-DTYPES = ("float32", "float16", "bfloat16")
+# float64 accumulates in float64: it exists for gradient checks (torch.autograd.gradcheck) and references
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 LAYOUTS = ("nchw", "nhwc", "strided")
 CHANNEL_POLICIES = ("strict", "pad")
 

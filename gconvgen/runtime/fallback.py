@@ -23,3 +23,24 @@ def aten_conv2d(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: tor
     else:
         out = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, spec.stride, 0, spec.dilation, spec.groups)
     return out[:, : spec.out_channels]
+
+
+def aten_conv2d_backward(spec: ConvSpec, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         needs: tuple[bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad of x, grad of weight) of ``aten_conv2d`` by aten.convolution_backward, each None unless asked
+    for in ``needs``. Channel and four-sided padding are materialised and cut off again; the operand whose
+    gradient is asked for alone may hold any values of the right shape."""
+    top, bottom, left, right = spec.padding
+    padded_in = spec.in_channels_per_group * spec.groups - spec.in_channels
+    padded_out = spec.out_channels_per_group * spec.groups - spec.out_channels
+    x_padded = F.pad(x, (left, right, top, bottom, 0, padded_in))
+    weight_padded = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded_out))
+    grad_padded = F.pad(grad_output, (0, 0, 0, 0, 0, padded_out))
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_padded, x_padded, weight_padded, None, list(spec.stride), [0, 0], list(spec.dilation), False, [0, 0],
+        spec.groups, [needs[0], needs[1], False])
+    if grad_x is not None:
+        grad_x = grad_x[:, : spec.in_channels, top: top + x.shape[2], left: left + x.shape[3]]
+    if grad_weight is not None:
+        grad_weight = grad_weight[: spec.out_channels]
+    return grad_x, grad_weight

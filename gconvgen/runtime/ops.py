@@ -18,7 +18,7 @@ from ..ir import ConvSpec, conv_output_size
 from .fallback import aten_conv2d
 from .kernels import planned
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
 def activation_layout(x: torch.Tensor) -> str:

@@ -1,0 +1,122 @@
+"""The torch.compile backend ``gconvgen``: grouped convs in the captured graph become gconvgen ops, and the
+rest of the graph goes to Inductor.
+
+    torch.compile(model, backend="gconvgen", fullgraph=True)
+
+The rewrite happens on Dynamo's torch-level graph, before AOTAutograd, so training traces the backward
+through gconvgen's autograd formula into its grad ops. Registered under the ``torch_dynamo_backends``
+entry point (pyproject.toml) and, for a checkout that is not installed, when this module is imported.
+``make_backend(inner)`` hands the rest to another backend (e.g. "aot_eager") instead of Inductor.
+"""
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from typing import Callable, Optional
+
+import torch
+import torch._dynamo
+from torch import fx, nn
+
+from .api import conv2d
+from .ir import check
+from .runtime.ops import DTYPE_NAMES
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAME = "gconvgen"
+# (input, weight, bias, stride, padding, dilation, groups): the functional form and its defaults
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV2D_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
+                     "groups")
+
+
+def _conv_call(graph_module: fx.GraphModule, node: fx.Node) -> Optional[dict]:
+    """The arguments of a 2-D conv call (F.conv2d, aten.conv2d, aten.convolution or an nn.Conv2d module),
+    keyed by _CONV2D_ARGS, or None when ``node`` is not one. A module's weight and bias are given as their
+    attribute paths (str); ``rewrite_grouped_convs`` turns them into get_attr nodes."""
+    if node.op == "call_module":
+        module = graph_module.get_submodule(node.target)
+        if type(module) is not nn.Conv2d or module.padding_mode != "zeros" or len(node.args) != 1:
+            return None
+        return {"input": node.args[0], "weight": f"{node.target}.weight",
+                "bias": None if module.bias is None else f"{node.target}.bias", "stride": module.stride,
+                "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
+    if node.op != "call_function":
+        return None
+    if node.target in (torch.conv2d, torch.ops.aten.conv2d.default, torch.ops.aten.conv2d.padding):
+        return {**_CONV2D_DEFAULTS, **dict(zip(_CONV2D_ARGS, node.args)), **node.kwargs}
+    if node.target is torch.ops.aten.convolution.default:
+        call = dict(zip(_CONVOLUTION_ARGS, node.args))
+        if call["transposed"] or any(call["output_padding"]) or len(call["stride"]) != 2:
+            return None
+        return {name: call[name] for name in _CONV2D_ARGS}
+    return None
+
+
+def _why_not(call: dict) -> Optional[str]:
+    """Why a conv call stays as it is, or None when gconvgen runs it."""
+    groups = call["groups"]
+    if not isinstance(groups, int) or groups <= 1:
+        return f"groups={groups!r}"
+    example = call["input"].meta.get("example_value", call["input"].meta.get("val"))
+    if not isinstance(example, torch.Tensor):
+        return "no example input in the graph"
+    if example.dtype not in DTYPE_NAMES or example.dim() not in (3, 4):
+        return f"input {example.dtype} with {example.dim()} dims"
+    return None
+
+
+def rewrite_grouped_convs(graph_module: fx.GraphModule) -> int:
+    """Replace every grouped 2-D conv call of ``graph_module`` by ``gconvgen.conv2d``, in place. Returns how
+    many were replaced; why the others were not is logged at debug level."""
+    replaced = 0
+    for node in list(graph_module.graph.nodes):
+        call = _conv_call(graph_module, node)
+        if call is None:
+            continue
+        reason = _why_not(call)
+        if reason:
+            log.debug("gconvgen backend: %s stays with torch: %s", node.name, reason)
+            continue
+        with graph_module.graph.inserting_before(node):
+            for name in ("weight", "bias"):
+                if isinstance(call[name], str):  # a module's parameter
+                    call[name] = graph_module.graph.get_attr(call[name])
+            gconvgen_call = graph_module.graph.call_function(conv2d, tuple(call[name] for name in _CONV2D_ARGS))
+        gconvgen_call.meta = dict(node.meta)
+        node.replace_all_uses_with(gconvgen_call)
+        graph_module.graph.erase_node(node)
+        replaced += 1
+    graph_module.recompile()
+    log.info("gconvgen backend: %d grouped conv(s) now run by gconvgen", replaced)
+    return replaced
+
+
+def make_backend(inner: str | Callable = "inductor") -> Callable:
+    """A torch.compile backend that rewrites grouped convs, then compiles the graph with ``inner`` (a backend
+    name such as "inductor" or "aot_eager", or a backend function)."""
+    check(isinstance(inner, str) or callable(inner),
+          f"inner={inner!r} must be a torch.compile backend name or function", TypeError)
+
+    def gconvgen_backend(graph_module: fx.GraphModule, example_inputs: list) -> Callable:
+        rewrite_grouped_convs(graph_module)
+        return torch._dynamo.lookup_backend(inner)(graph_module, example_inputs)
+
+    return gconvgen_backend
+
+
+backend = make_backend("inductor")
+
+
+def _register() -> None:
+    """Register ``backend`` as "gconvgen" unless torch will load it through the installed entry point
+    (registering it twice is an error in torch)."""
+    if any(entry.name == BACKEND_NAME for entry in metadata.entry_points(group="torch_dynamo_backends")):
+        return
+    if BACKEND_NAME not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(backend, name=BACKEND_NAME)
+
+
+_register()

@@ -1,0 +1,154 @@
+"""Training: the backward custom ops and the autograd formula of ``gconvgen::conv2d``.
+
+Each gradient is its own torch op with a fake kernel, so torch.compile traces a backward graph of
+gconvgen ops:
+
+    gconvgen::conv2d_grad_input   grad_output, weight -> grad of x     (the transposed grouped conv)
+    gconvgen::conv2d_grad_weight  grad_output, x      -> grad of weight (split-K, deterministic)
+    gconvgen::conv2d_grad_bias    grad_output         -> grad of bias   (split-K, deterministic)
+
+``gconvgen::conv2d``'s backward calls only those whose inputs need a gradient. Like the forward, CUDA
+tensors run the Triton kernels, CPU tensors run them through Triton's interpreter when TRITON_INTERPRET=1
+and the exact aten form otherwise (said once, refused under GCONVGEN_FALLBACK=error).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import knobs
+from ..ir import ConvSpec, check
+from .fallback import aten_conv2d_backward
+from .grad_kernels import grad_bias_kernel, grad_kernel_for
+from .kernels import device_target
+from .ops import DTYPE_NAMES, _fallback, activation_layout, conv2d_op, output_memory_format, spec_of
+
+
+def _spec(activation: torch.Tensor, in_channels: int, weight_size: Sequence[int], stride: Sequence[int],
+          padding: Sequence[int], dilation: Sequence[int], groups: int, channel_policy: str) -> ConvSpec:
+    """The forward conv's spec as a backward kernel sees it: no bias (its gradient has its own kernel) and
+    the layout of ``activation``, the activation the kernel reads."""
+    return spec_of(in_channels, weight_size[0], groups, (weight_size[2], weight_size[3]), tuple(stride),
+                   tuple(padding), tuple(dilation), False, DTYPE_NAMES[activation.dtype],
+                   activation_layout(activation), channel_policy)
+
+
+def _runs_on_aten(device: torch.device) -> bool:
+    """CPU tensors without Triton's interpreter take the aten path (said once, or refused)."""
+    if device.type == "cpu" and not knobs.interpret():
+        _fallback("CPU tensors and TRITON_INTERPRET is not set")
+        return True
+    return False
+
+
+def _check_grad_output(grad_output: torch.Tensor, reference: torch.Tensor, name: str) -> None:
+    check(grad_output.dim() == 4, f"grad_output has shape {tuple(grad_output.shape)}; expected [N, C_out, OH, OW]")
+    check(grad_output.dtype == reference.dtype and grad_output.device == reference.device,
+          f"grad_output ({grad_output.dtype}, {grad_output.device}) must match {name} "
+          f"({reference.dtype}, {reference.device})", TypeError)
+
+
+# ---------------------------------------------------------------------------------------------- grad-input
+
+
+def _allocate_grad_input(grad_output: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
+    """The input gradient [N, C_in, H, W], channels_last when the output gradient is."""
+    return torch.empty(tuple(input_size), dtype=grad_output.dtype, device=grad_output.device,
+                       memory_format=output_memory_format(grad_output))
+
+
+@torch.library.custom_op("gconvgen::conv2d_grad_input", mutates_args=())
+def conv2d_grad_input_op(grad_output: torch.Tensor, weight: torch.Tensor, input_size: Sequence[int],
+                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                         channel_policy: str) -> torch.Tensor:
+    """Gradient of gconvgen::conv2d with respect to x [N, C_in, H, W] = ``input_size``, from grad_output
+    [N, C_out, OH, OW] and weight [C_out, ci, kh, kw] (any strides); the other arguments are the forward's."""
+    _check_grad_output(grad_output, weight, "weight")
+    check(len(input_size) == 4, f"input_size={list(input_size)} must be [N, C_in, H, W]")
+    spec = _spec(grad_output, input_size[1], weight.shape, stride, padding, dilation, groups, channel_policy)
+    if _runs_on_aten(grad_output.device):
+        x_shaped = grad_output.new_zeros(tuple(input_size))
+        grad_x, _ = aten_conv2d_backward(spec, grad_output, x_shaped, weight, (True, False))
+        return grad_x.contiguous(memory_format=output_memory_format(grad_output))
+    grad_x = _allocate_grad_input(grad_output, input_size)
+    return grad_kernel_for("grad_input", spec, grad_output.device).launch(grad_output, weight, grad_x)
+
+
+@conv2d_grad_input_op.register_fake
+def _(grad_output, weight, input_size, stride, padding, dilation, groups, channel_policy):
+    return _allocate_grad_input(grad_output, input_size)
+
+
+# ---------------------------------------------------------------------------------------------- grad-weight
+
+
+@torch.library.custom_op("gconvgen::conv2d_grad_weight", mutates_args=())
+def conv2d_grad_weight_op(grad_output: torch.Tensor, x: torch.Tensor, weight_size: Sequence[int],
+                          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                          channel_policy: str) -> torch.Tensor:
+    """Gradient of gconvgen::conv2d with respect to the weight [C_out, ci, kh, kw] = ``weight_size``, from
+    grad_output [N, C_out, OH, OW] and x [N, C_in, H, W] (any strides); contiguous. Deterministic."""
+    _check_grad_output(grad_output, x, "x")
+    check(len(weight_size) == 4, f"weight_size={list(weight_size)} must be [C_out, C_in/groups, kh, kw]")
+    spec = _spec(x, x.shape[1], weight_size, stride, padding, dilation, groups, channel_policy)
+    if _runs_on_aten(x.device):
+        weight_shaped = x.new_zeros(tuple(weight_size))
+        _, grad_weight = aten_conv2d_backward(spec, grad_output, x, weight_shaped, (False, True))
+        return grad_weight.contiguous()
+    grad_weight = x.new_empty(tuple(weight_size))
+    return grad_kernel_for("grad_weight", spec, x.device).launch(x, grad_output, grad_weight)
+
+
+@conv2d_grad_weight_op.register_fake
+def _(grad_output, x, weight_size, stride, padding, dilation, groups, channel_policy):
+    return x.new_empty(tuple(weight_size))
+
+
+# ---------------------------------------------------------------------------------------------- grad-bias
+
+
+@torch.library.custom_op("gconvgen::conv2d_grad_bias", mutates_args=())
+def conv2d_grad_bias_op(grad_output: torch.Tensor) -> torch.Tensor:
+    """Gradient of a conv's bias: grad_output [N, C_out, OH, OW] summed over batch and space. Deterministic."""
+    check(grad_output.dim() == 4, f"grad_output has shape {tuple(grad_output.shape)}; expected [N, C_out, OH, OW]")
+    check(grad_output.dtype in DTYPE_NAMES, f"grad_output.dtype={grad_output.dtype} is not supported", TypeError)
+    if _runs_on_aten(grad_output.device):
+        return grad_output.sum(dim=(0, 2, 3))
+    grad_bias = grad_output.new_empty(grad_output.shape[1])
+    kernel = grad_bias_kernel(DTYPE_NAMES[grad_output.dtype], device_target(grad_output.device))
+    return kernel.launch(grad_output, grad_bias)
+
+
+@conv2d_grad_bias_op.register_fake
+def _(grad_output):
+    return grad_output.new_empty(grad_output.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Save only what the needed gradients read: x for the weight's, the weight for x's."""
+    x, weight, bias, stride, padding, dilation, groups, channel_policy = inputs
+    needs_x, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ctx.save_for_backward(x if needs_weight else None, weight if needs_x else None)
+    ctx.input_size = tuple(x.shape)
+    ctx.weight_size = tuple(weight.shape)
+    ctx.grad_memory_format = output_memory_format(x)
+    ctx.conv = (stride, padding, dilation, groups, channel_policy)
+
+
+def _backward(ctx, grad_output: torch.Tensor):
+    """(grad x, grad weight, grad bias, None for each non-tensor argument); a gradient nobody needs is None."""
+    x, weight = ctx.saved_tensors
+    needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    # autograd may hand over any strides (an expanded scalar, a transposed view): give the kernels x's layout
+    grad_output = grad_output.contiguous(memory_format=ctx.grad_memory_format)
+    grad_x = conv2d_grad_input_op(grad_output, weight, ctx.input_size, *ctx.conv) if needs_x else None
+    grad_weight = conv2d_grad_weight_op(grad_output, x, ctx.weight_size, *ctx.conv) if needs_weight else None
+    grad_bias = conv2d_grad_bias_op(grad_output) if needs_bias else None
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+conv2d_op.register_autograd(_backward, setup_context=_setup_context)

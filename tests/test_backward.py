@@ -1,0 +1,329 @@
+"""Backward kernels under Triton's interpreter: gradcheck in float64, gradients against torch's autograd in
+float64, the split-K reduction and its determinism, only the needed gradients, opcheck, the aten fallback."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gconvgen
+from conftest import TOLERANCES, assert_close, reference_conv2d
+from gconvgen import codegen, knobs
+from gconvgen.bench_backward import format_table, time_forward_backward
+from gconvgen.plan import plan
+from gconvgen.runtime.backward import conv2d_grad_bias_op, conv2d_grad_input_op, conv2d_grad_weight_op
+from gconvgen.runtime.grad_kernels import grad_bias_kernel, grad_kernel_for, split_pixels
+from gconvgen.runtime.kernels import KernelConfig
+from gconvgen.runtime.ops import conv2d_op, spec_for_call
+
+P = pytest.param
+
+
+def pad_policy_reference(x, weight, bias, stride, padding, dilation, groups):
+    """channel_policy='pad' written as one dense conv in float64 whose weight is block-diagonal: output o of
+    group g = o // co sees input channels [g*ci, (g+1)*ci) that exist, ci = ceil(C_in/groups), co likewise."""
+    in_channels, out_channels = x.shape[1], weight.shape[0]
+    ci, co = math.ceil(in_channels / groups), math.ceil(out_channels / groups)
+    dense = weight.new_zeros(out_channels, in_channels, *weight.shape[2:])
+    for out_channel in range(out_channels):
+        first = out_channel // co * ci
+        real = min(first + ci, in_channels) - first
+        dense[out_channel, first:first + real] = weight[out_channel, :real]
+    top, bottom, left, right = padding
+    return F.conv2d(F.pad(x, (left, right, top, bottom)), dense, bias, stride, 0, dilation)
+
+
+def make_input(batch, channels, size, dtype, layout):
+    x = torch.randn(batch, channels, *size, dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def pair(value):
+    return value if isinstance(value, tuple) else (value, value)
+
+
+# batch, in_channels, out_channels, (height, width), kernel, stride, padding, dilation, groups, policy, layout
+GRADCHECK_CASES = [
+    P(1, 4, 4, (5, 5), 3, 1, 1, 1, 4, "strict", "nchw", id="depthwise"),
+    P(1, 3, 5, (5, 4), 3, 1, 1, 1, 3, "pad", "nchw", id="depthwise-uneven-out-pad"),     # C_out % groups != 0
+    P(1, 5, 5, (5, 5), 3, 1, 1, 1, 2, "pad", "nchw", id="uneven-groups-pad"),           # C_in, C_out % groups != 0
+    P(1, 4, 4, (6, 6), 3, 2, 1, 1, 2, "strict", "nchw", id="stride-2"),
+    P(1, 4, 4, (6, 6), 3, 1, 2, 2, 2, "strict", "nchw", id="dilation-2"),
+    P(1, 4, 4, (6, 5), 3, 2, "same", 1, 2, "strict", "nchw", id="same-stride-2"),       # asymmetric padding
+    P(1, 4, 6, (5, 5), 3, 1, 1, 1, 2, "strict", "channels_last", id="channels-last"),
+    P(1, 4, 8, (5, 5), 3, 2, "same", 1, 4, "strict", "channels_last", id="channels-last-depthwise-x2-same-s2"),
+    P(1, 4, 4, (5, 6), (2, 3), (1, 2), (0, 1, 2, 0), 1, 2, "strict", "nchw", id="rect-kernel-asymmetric-padding"),
+]
+
+
+@pytest.mark.parametrize("batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy, "
+                         "layout", GRADCHECK_CASES)
+def test_gradcheck_float64(batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy,
+                           layout):
+    """Every gradient (x, weight, bias) against finite differences, through the generated kernels in float64.
+    fast_mode checks a random projection of the Jacobian: two forward calls per input instead of two per element."""
+    x = make_input(batch, in_channels, size, torch.float64, layout).requires_grad_()
+    weight = torch.randn(out_channels, math.ceil(in_channels / groups), *pair(kernel), dtype=torch.float64,
+                         requires_grad=True)
+    bias = torch.randn(out_channels, dtype=torch.float64, requires_grad=True)
+
+    def conv(x, weight, bias):
+        return gconvgen.conv2d(x, weight, bias, stride, padding, dilation, groups, channel_policy=policy)
+
+    assert torch.autograd.gradcheck(conv, (x, weight, bias), fast_mode=True)
+
+
+def test_gradcheck_float64_full_jacobian():
+    """One tiny case element by element (the slow, exact mode): stride 2, grouped, with bias."""
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: gconvgen.conv2d(x, w, b, 2, 1, 1, 2), (x, weight, bias))
+
+
+# batch, in_channels, out_channels, (height, width), kernel, stride, padding, dilation, groups, policy, layout
+GRADIENT_CASES = [
+    P(2, 12, 12, (7, 7), 3, 1, 1, 1, 3, "strict", "nchw", id="grouped"),
+    P(2, 8, 16, (7, 6), 3, 1, 1, 1, 8, "strict", "channels_last", id="depthwise-multiplier-2"),
+    P(2, 11, 7, (6, 6), 3, 2, 1, 1, 3, "pad", "channels_last", id="uneven-in-and-out-pad-stride-2"),
+    P(2, 4, 7, (6, 6), 3, 1, 2, 2, 4, "pad", "nchw", id="depthwise-uneven-out-pad-dilation-2"),
+    P(2, 8, 8, (8, 7), 3, 2, "same", 1, 4, "strict", "nchw", id="same-stride-2"),
+    P(2, 8, 8, (7, 7), 4, 3, (2, 0, 1, 3), 1, 8, "strict", "channels_last", id="depthwise-stride-3-asymmetric"),
+    P(2, 16, 16, (5, 5), 1, 1, 0, 1, 4, "strict", "nchw", id="1x1"),
+]
+
+
+def reference_gradients(x, weight, bias, grad_output, stride, padding, dilation, groups, policy):
+    """Gradients of torch's own conv (the block-diagonal form under 'pad') in float64 by torch's autograd."""
+    x64, weight64 = (t.detach().double().requires_grad_() for t in (x, weight))
+    bias64 = None if bias is None else bias.detach().double().requires_grad_()
+    reference = pad_policy_reference if policy == "pad" else reference_conv2d
+    out = reference(x64, weight64, bias64, stride, padding, dilation, groups)
+    leaves = [t for t in (x64, weight64, bias64) if t is not None]
+    return torch.autograd.grad(out, leaves, grad_output.double())
+
+
+def resolved(padding, size, kernel, stride, dilation):
+    return gconvgen.resolve_padding(padding, size, pair(kernel), pair(stride), pair(dilation))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy, "
+                         "layout", GRADIENT_CASES)
+def test_gradients_match_torch_float32(batch, in_channels, out_channels, size, kernel, stride, padding, dilation,
+                                       groups, policy, layout, bias, nan_filled_outputs):
+    dtype = torch.float32
+    x = make_input(batch, in_channels, size, dtype, layout).requires_grad_()
+    weight = torch.randn(out_channels, math.ceil(in_channels / groups), *pair(kernel), requires_grad=True)
+    bias_tensor = torch.randn(out_channels, requires_grad=True) if bias else None
+    out = gconvgen.conv2d(x, weight, bias_tensor, stride, padding, dilation, groups, channel_policy=policy)
+    grad_output = torch.randn_like(out)
+    leaves = [t for t in (x, weight, bias_tensor) if t is not None]
+    actual = torch.autograd.grad(out, leaves, grad_output)
+    sides = resolved(padding, size, kernel, stride, dilation)
+    expected = reference_gradients(x, weight, bias_tensor, grad_output, pair(stride), sides, pair(dilation), groups,
+                                   policy)
+    for name, got, want in zip(("x", "weight", "bias"), actual, expected):
+        assert_close(got, want, dtype), name
+    if layout == "channels_last":
+        assert actual[0].is_contiguous(memory_format=torch.channels_last), "channels_last x, channels_last grad"
+
+
+def test_gradients_through_nhwc_and_unbatched_inputs():
+    """data_format='NHWC' with an HWIO weight, and a 3-D input: the op sees views, autograd maps them back."""
+    x = torch.randn(2, 6, 5, 8, requires_grad=True)              # NHWC
+    weight = torch.randn(3, 3, 2, 8, requires_grad=True)         # HWIO, groups=4
+    out = gconvgen.conv2d(x, weight, None, 1, "same", 1, 4, data_format="NHWC")
+    grad_output = torch.randn_like(out)
+    actual = torch.autograd.grad(out, (x, weight), grad_output)
+    expected = reference_gradients(x.permute(0, 3, 1, 2), weight.permute(3, 2, 0, 1), None,
+                                   grad_output.permute(0, 3, 1, 2), (1, 1), (1, 1, 1, 1), (1, 1), 4, "strict")
+    assert_close(actual[0], expected[0].permute(0, 2, 3, 1), torch.float32)
+    assert_close(actual[1], expected[1].permute(2, 3, 1, 0), torch.float32)
+
+    unbatched = torch.randn(4, 5, 5, requires_grad=True)
+    weight = torch.randn(4, 1, 3, 3, requires_grad=True)
+    gconvgen.conv2d(unbatched, weight, None, 2, 1, 1, 4).square().sum().backward()
+    x64, weight64 = (t.detach().double().requires_grad_() for t in (unbatched, weight))
+    F.conv2d(x64, weight64, None, 2, 1, 1, 4).square().sum().backward()
+    assert_close(unbatched.grad, x64.grad, torch.float32)
+    assert_close(weight.grad, weight64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("groups, layout", [P(4, "channels_last", id="grouped-channels-last"),
+                                            P(8, "nchw", id="depthwise-nchw")])
+def test_gradients_match_torch_half_precision(dtype, groups, layout, nan_filled_outputs):
+    """bf16 runs the fp32-operand variant under the interpreter; tolerances scale with the gradient's size."""
+    x = make_input(2, 8, (6, 6), dtype, layout).requires_grad_()
+    weight = (torch.randn(8, 8 // groups, 3, 3) / 3).to(dtype).requires_grad_()
+    bias = torch.randn(8, dtype=dtype, requires_grad=True)
+    out = gconvgen.conv2d(x, weight, bias, 1, 1, 1, groups)
+    grad_output = torch.randn_like(out)
+    actual = torch.autograd.grad(out, (x, weight, bias), grad_output)
+    expected = reference_gradients(x, weight, bias, grad_output, (1, 1), (1, 1, 1, 1), (1, 1), groups, "strict")
+    atol, rtol = TOLERANCES[dtype]
+    for name, got, want in zip(("x", "weight", "bias"), actual, expected):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, atol=atol * max(1.0, scale), rtol=rtol, msg=name)
+
+
+class GconvgenOps(TorchDispatchMode):
+    """Records the gconvgen ops that run."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "gconvgen":
+            self.names.append(func.name().split("::")[1].split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("needs, expected", [
+    P((True, True, True), ["conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"], id="all"),
+    P((False, True, False), ["conv2d_grad_weight"], id="weight-only"),      # a frozen input, e.g. the first layer
+    P((True, False, False), ["conv2d_grad_input"], id="input-only"),        # frozen weights (fine-tuning above)
+])
+def test_only_needed_gradients_run(needs, expected):
+    x, weight, bias = torch.randn(2, 4, 5, 5), torch.randn(4, 2, 3, 3), torch.randn(4)
+    for tensor, need in zip((x, weight, bias), needs):
+        tensor.requires_grad_(need)
+    out = gconvgen.conv2d(x, weight, bias, 1, 1, 1, 2)
+    with GconvgenOps() as ops:
+        out.sum().backward()  # the output gradient is an expanded scalar: strides 0
+    assert ops.names == expected
+    for tensor, need in zip((x, weight, bias), needs):
+        assert (tensor.grad is not None) == need
+
+
+# (kind, in_channels, out_channels, groups, layout)
+SPLIT_CASES = [
+    P("igemm", 8, 8, 2, "nchw", id="igemm"),
+    P("igemm", 7, 5, 2, "channels_last", id="igemm-pad-channels-last"),  # masks under channel_policy='pad'
+    P("depthwise", 4, 8, 4, "nchw", id="depthwise-multiplier-2"),
+]
+
+
+@pytest.mark.parametrize("family, in_channels, out_channels, groups, layout", SPLIT_CASES)
+def test_grad_weight_split_k_is_exact_and_deterministic(family, in_channels, out_channels, groups, layout,
+                                                        nan_filled_outputs):
+    """Every split count gives the reference, and the same split count gives the same bits on every run."""
+    x = make_input(2, in_channels, (6, 6), torch.float32, layout)
+    weight = torch.randn(out_channels, math.ceil(in_channels / groups), 3, 3)
+    grad_output = torch.randn(2, out_channels, 6, 6)
+    spec = spec_for_call(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), groups, "pad")
+    kernel = grad_kernel_for("grad_weight", spec, x.device)
+    assert kernel.family == family
+    config = KernelConfig(block_m=16, block_n=16, block_k=16) if family == "igemm" else KernelConfig(16, 8, 0)
+    (expected,) = reference_gradients(x, weight, None, grad_output, (1, 1), (1, 1, 1, 1), (1, 1), groups, "pad")[1:]
+    for splits in (1, 2, 5):
+        first = kernel.launch(x, grad_output, torch.empty_like(weight), config=config, splits=splits)
+        again = kernel.launch(x, grad_output, torch.empty_like(weight), config=config, splits=splits)
+        assert_close(first, expected, torch.float32)
+        assert torch.equal(first, again), f"splits={splits} is not deterministic"
+
+
+def test_grad_bias_split_k(nan_filled_outputs):
+    grad_output = torch.randn(3, 70, 5, 4).to(memory_format=torch.channels_last)
+    kernel = grad_bias_kernel("float32", "interpreter")
+    for splits in (1, 3):
+        got = kernel.launch(grad_output, torch.empty(70), config=KernelConfig(16, 64, 0), splits=splits)
+        assert_close(got, grad_output.double().sum(dim=(0, 2, 3)), torch.float32)
+
+
+@pytest.mark.parametrize("pixels, block, tiles, programs, splits, expected", [
+    P(1000, 100, 1, 1, None, (1, 1000), id="interpreter-one-program"),
+    P(1000, 100, 2, 64, None, (2, 500), id="few-blocks-keep-4-per-split"),
+    P(100_000, 64, 4, 528, None, (131, 768), id="fill-the-gpu"),  # 132 asked, 131 after rounding to blocks
+    P(72, 16, 1, 1, 3, (3, 32), id="forced"),
+    P(72, 16, 1, 1, 50, (5, 16), id="forced-beyond-blocks"),
+])
+def test_split_pixels(pixels, block, tiles, programs, splits, expected):
+    got = split_pixels(pixels, block, tiles, programs, splits)
+    assert got == expected
+    count, per_split = got
+    assert per_split % block == 0 and (count - 1) * per_split < pixels <= count * per_split, "no empty split"
+
+
+def test_empty_batch_backward():
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    weight, bias = torch.randn(4, 1, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    gconvgen.conv2d(x, weight, bias, 1, 1, 1, 4).sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("x_layout, bias", [P("nchw", True, id="nchw-bias"),
+                                            P("channels_last", False, id="channels-last-depthwise")])
+def test_opcheck_with_requires_grad(x_layout, bias):
+    """Schema, fake kernel, autograd registration and AOT dispatch with dynamic shapes, forward and backward."""
+    groups = 2 if bias else 4
+    x = make_input(2, 4, (5, 5), torch.float32, x_layout).requires_grad_()
+    weight = torch.randn(4, 4 // groups, 3, 3, requires_grad=True)
+    bias_tensor = torch.randn(4, requires_grad=True) if bias else None
+    torch.library.opcheck(conv2d_op, (x, weight, bias_tensor, [2, 2], [1, 0, 1, 1], [1, 1], groups, "strict"))
+
+
+def test_opcheck_backward_ops():
+    grad_output, x, weight = torch.randn(2, 5, 3, 3), torch.randn(2, 7, 5, 5), torch.randn(5, 4, 3, 3)
+    conv = ([2, 2], [1, 0, 1, 1], [1, 1], 2, "pad")
+    torch.library.opcheck(conv2d_grad_input_op, (grad_output, weight, [2, 7, 5, 5], *conv))
+    torch.library.opcheck(conv2d_grad_weight_op, (grad_output, x, [5, 4, 3, 3], *conv))
+    torch.library.opcheck(conv2d_grad_bias_op, (grad_output,))
+
+
+def test_aten_fallback_gradients_match_torch():
+    """CPU without the interpreter: the exact aten form of the same plan, asymmetric padding and 'pad'."""
+    x, weight, bias = torch.randn(2, 7, 6, 5, requires_grad=True), torch.randn(5, 4, 3, 3), torch.randn(5)
+    weight.requires_grad_(), bias.requires_grad_()
+    with knobs.scoped(INTERPRET=0, FALLBACK="warn"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once per process: whether here depends on the tests before
+        out = gconvgen.conv2d(x, weight, bias, 2, (1, 0, 2, 1), 1, 2, channel_policy="pad")
+        grad_output = torch.randn_like(out)
+        actual = torch.autograd.grad(out, (x, weight, bias), grad_output)
+    expected = reference_gradients(x, weight, bias, grad_output, (2, 2), (1, 0, 2, 1), (1, 1), 2, "pad")
+    for got, want in zip(actual, expected):
+        assert_close(got, want, torch.float32)
+
+
+def test_fallback_refused_names_the_switch():
+    with knobs.scoped(INTERPRET=0), pytest.raises(RuntimeError, match="GCONVGEN_FALLBACK=error"):
+        conv2d_grad_bias_op(torch.randn(2, 3, 4, 4))
+
+
+def test_bad_backward_arguments_are_named():
+    with pytest.raises(ValueError, match=r"input_size=\[2, 4, 5\] must be \[N, C_in, H, W\]"):
+        conv2d_grad_input_op(torch.randn(2, 4, 5, 5), torch.randn(4, 1, 3, 3), [2, 4, 5], [1, 1], [1, 1, 1, 1],
+                             [1, 1], 4, "strict")
+    with pytest.raises(TypeError, match="grad_output .* must match x"):
+        conv2d_grad_weight_op(torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5, dtype=torch.float64), [4, 1, 3, 3],
+                              [1, 1], [1, 1, 1, 1], [1, 1], 4, "strict")
+    with pytest.raises(ValueError, match="splits=0 must be an int >= 1"):
+        split_pixels(100, 16, 1, 1, 0)
+
+
+def test_backward_kernels_are_named_by_kind():
+    conv_plan = plan(gconvgen.ConvSpec(8, 8, 2, (3, 3), padding=(1, 1, 1, 1), layout="nhwc", dtype="bfloat16"))
+    uris = {kind: codegen.kernel_uri(conv_plan, interpret=False, kind=kind)
+            for kind in ("forward", "grad_input", "grad_weight")}
+    assert uris["grad_input"] == "grad_input_" + uris["forward"]
+    assert uris["grad_weight"] == "grad_weight_" + uris["forward"]
+    assert codegen.grad_bias_uri("bfloat16", interpret=True) == "grad_bias_bfloat16_interp"
+    with pytest.raises(ValueError, match="kind='grad_bias' is not a kernel kind"):
+        codegen.render(conv_plan, interpret=False, allow_tf32=False, kind="grad_bias")
+
+
+def test_bench_forward_backward_runs_and_formats():
+    spec = gconvgen.ConvSpec(4, 4, 2, (3, 3), padding=(1, 1, 1, 1), bias=True, layout="nhwc")
+    timing = time_forward_backward(spec, batch=1, height=5, width=5, device="cpu", repeats=1)
+    assert timing.gconvgen_ms > 0 and timing.torch_ms > 0
+    assert "geometric-mean speedup" in format_table([timing])
+    with pytest.raises(ValueError, match="height=0 must be an int >= 1"):
+        time_forward_backward(spec, batch=1, height=0, width=5, device="cpu")

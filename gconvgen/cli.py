@@ -18,6 +18,7 @@ import torch
 import tqdm
 
 from . import bench as benchmark
+from . import bench_backward
 from . import codegen, knobs
 from .api import resolve_padding
 from .autotune import suites
@@ -220,7 +221,10 @@ def tune(suite, layer_ids, dtype, layout, device, force) -> None:
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Write the table as markdown.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Plot speedup and % of floor per layer (needs the 'plot' extra: matplotlib).")
-def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path, markdown_path, plot_path) -> None:
+@click.option("--backward", is_flag=True,
+              help="Also time forward + backward (grads of input, weight, bias) against PyTorch eager.")
+def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path, markdown_path, plot_path,
+          backward) -> None:
     """Time gconvgen against F.conv2d (cudnn.benchmark on, same layout and dtype) and the roofline floor.
 
     The floor is max(bytes / copy bandwidth, flops / matmul rate), both ceilings measured in this run.
@@ -246,6 +250,11 @@ def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path,
     skipped = [{"id": layer.id, "why": layer.later} for layer in suite_info.deferred]
     data = benchmark.report(suite_info.name, rows, ceilings, timer, device, skipped, failed)
     click.echo(benchmark.format_table(data))
+    if backward:
+        timings = _time_backward(problems, device)
+        click.echo("\nforward + backward, gconvgen against PyTorch eager:\n" + bench_backward.format_table(timings))
+        data["backward"] = [{"id": label, "gconvgen_ms": t.gconvgen_ms, "torch_ms": t.torch_ms, "speedup": t.speedup}
+                            for (label, _, _), t in zip(problems, timings)]
     if json_path:
         Path(json_path).write_text(json.dumps(data, indent=1) + "\n")
         click.echo(f"wrote {json_path}")
@@ -260,6 +269,14 @@ def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path,
         click.echo(f"wrote {plot_path}")
     if failed or any(not row.correct for row in rows):
         raise click.ClickException("some layers failed or gave wrong results (check column): see above")
+
+
+def _time_backward(problems, device: torch.device) -> list:
+    """Forward + backward of each problem; on the CPU a few interpreter runs, on a GPU do_bench for 100 ms."""
+    repeats = 100 if device.type == "cuda" else 2
+    return [bench_backward.time_forward_backward(problem.spec, problem.batch, problem.height, problem.width,
+                                                 device=device, repeats=repeats)
+            for _, _, problem in tqdm.tqdm(problems, desc="forward + backward", unit="layer", dynamic_ncols=True)]
 
 
 # ---------------------------------------------------------------------------------------------- cache

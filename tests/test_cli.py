@@ -61,6 +61,16 @@ def test_bench_writes_a_table_and_json_with_every_field(tmp_path):
     assert "| layer |" in (tmp_path / "bench.md").read_text()
 
 
+def test_bench_backward_times_forward_and_backward_against_torch(tmp_path):
+    report = tmp_path / "bench.json"
+    output = _run("bench", "--suite", "smoke", "--layer", "smoke-dw3", "--layout", "nhwc", "--backward",
+                  "--json", str(report)).output
+    assert "forward + backward, gconvgen against PyTorch eager" in output and "geometric-mean speedup" in output
+    (row,) = json.loads(report.read_text())["backward"]
+    assert row["id"] == "smoke-dw3 nhwc" and row["gconvgen_ms"] > 0 and row["torch_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["torch_ms"] / row["gconvgen_ms"])
+
+
 def test_bench_plot_draws_or_says_how_to_install_matplotlib(tmp_path):
     plot = tmp_path / "bench.png"
     args = ("bench", "--suite", "smoke", "--layer", "smoke-dw3", "--layout", "nchw", "--plot", str(plot))

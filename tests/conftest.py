@@ -1,13 +1,30 @@
 """Shared test set-up: every test runs the generated kernels through Triton's interpreter on CPU tensors,
-with a private cache directory and fallbacks forbidden, so a passing test proves a kernel ran."""
+with a private cache directory and fallbacks forbidden, so a passing test proves a kernel ran.
+
+``pytest --device cuda tests/test_forward.py tests/test_op.py tests/test_backward.py tests/test_training.py`` runs the
+same differential tests on a GPU with Triton's real compiler instead (tensors made with torch's default
+device, which the session sets to CUDA; TF32 off so fp32 is compared at fp32).
+"""
 from __future__ import annotations
 
 import os
 import random
+import sys
+
+
+def _requested_device(argv: list[str]) -> str:
+    for index, arg in enumerate(argv):
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+        if arg == "--device" and index + 1 < len(argv):
+            return argv[index + 1]
+    return "cpu"
+
 
 # Triton decides when triton.language is imported whether its functions run in the interpreter,
 # so the switch must be on before anything imports triton.
-os.environ["TRITON_INTERPRET"] = "1"
+if _requested_device(sys.argv) == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -24,18 +41,38 @@ TOLERANCES = {
 
 
 @pytest.fixture(scope="session", autouse=True)
-def interpreter_and_private_cache(tmp_path_factory):
-    with knobs.scoped(INTERPRET=1, FALLBACK="error", CACHE_DIR=tmp_path_factory.mktemp("gconvgen-cache")):
+def interpreter_and_private_cache(request, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("gconvgen-cache")
+    if request.config.getoption("--device") == "cuda":
+        torch.set_default_device("cuda")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with knobs.scoped(FALLBACK="error", CACHE_DIR=cache):
+            yield
+        return
+    with knobs.scoped(INTERPRET=1, FALLBACK="error", CACHE_DIR=cache):
         yield
 
 
 def pytest_addoption(parser):
     parser.addoption("--seed", type=int, default=None, help="seed for the random inputs (default: fresh each run)")
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="cpu: Triton's interpreter on CPU tensors (default); cuda: real Triton on the GPU")
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_only: about CPU behaviour (the interpreter, the aten fallback); "
+                                       "skipped under --device cuda")
     if config.getoption("--seed") is None:
         config.option.seed = random.SystemRandom().randrange(2**31)
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") == "cuda":
+        skip = pytest.mark.skip(reason="about CPU behaviour; this run is on the GPU")
+        for item in items:
+            if "cpu_only" in item.keywords:
+                item.add_marker(skip)
 
 
 def pytest_report_header(config):

@@ -17,7 +17,7 @@ from gconvgen.bench_backward import format_table, time_forward_backward
 from gconvgen.plan import plan
 from gconvgen.runtime.backward import conv2d_grad_bias_op, conv2d_grad_input_op, conv2d_grad_weight_op
 from gconvgen.runtime.grad_kernels import grad_bias_kernel, grad_kernel_for, split_pixels
-from gconvgen.runtime.kernels import KernelConfig
+from gconvgen.runtime.kernels import KernelConfig, device_target
 from gconvgen.runtime.ops import conv2d_op, spec_for_call
 
 P = pytest.param
@@ -232,7 +232,7 @@ def test_grad_weight_split_k_is_exact_and_deterministic(family, in_channels, out
 
 def test_grad_bias_split_k(nan_filled_outputs):
     grad_output = torch.randn(3, 70, 5, 4).to(memory_format=torch.channels_last)
-    kernel = grad_bias_kernel("float32", "interpreter")
+    kernel = grad_bias_kernel("float32", device_target(grad_output.device))
     for splits in (1, 3):
         got = kernel.launch(grad_output, torch.empty(70), config=KernelConfig(16, 64, 0), splits=splits)
         assert_close(got, grad_output.double().sum(dim=(0, 2, 3)), torch.float32)
@@ -279,6 +279,7 @@ def test_opcheck_backward_ops():
     torch.library.opcheck(conv2d_grad_bias_op, (grad_output,))
 
 
+@pytest.mark.cpu_only
 def test_aten_fallback_gradients_match_torch():
     """CPU without the interpreter: the exact aten form of the same plan, asymmetric padding and 'pad'."""
     x, weight, bias = torch.randn(2, 7, 6, 5, requires_grad=True), torch.randn(5, 4, 3, 3), torch.randn(5)
@@ -293,6 +294,7 @@ def test_aten_fallback_gradients_match_torch():
         assert_close(got, want, torch.float32)
 
 
+@pytest.mark.cpu_only
 def test_fallback_refused_names_the_switch():
     with knobs.scoped(INTERPRET=0), pytest.raises(RuntimeError, match="GCONVGEN_FALLBACK=error"):
         conv2d_grad_bias_op(torch.randn(2, 3, 4, 4))
@@ -320,6 +322,7 @@ def test_backward_kernels_are_named_by_kind():
         codegen.render(conv_plan, interpret=False, allow_tf32=False, kind="grad_bias")
 
 
+@pytest.mark.cpu_only
 def test_bench_forward_backward_runs_and_formats():
     spec = gconvgen.ConvSpec(4, 4, 2, (3, 3), padding=(1, 1, 1, 1), bias=True, layout="nhwc")
     timing = time_forward_backward(spec, batch=1, height=5, width=5, device="cpu", repeats=1)

@@ -83,7 +83,7 @@ def make_input(batch, channels, size, dtype, layout):
     return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy, layout",
                          CASES)

@@ -6,6 +6,8 @@
 #
 #   scripts/tune_and_bench_gpu.sh [OUT_DIR] [SUITE]      (OUT_DIR defaults to $OUT, else ./gconvgen-bench)
 set -uo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"   # a checkout that is not installed, as on the lent GPU
 out="${1:-${OUT:-gconvgen-bench}}"
 suite="${2:-headline}"
 mkdir -p "$out"
@@ -16,7 +18,7 @@ else
     echo "matplotlib is missing: no plot (pip install 'gconvgen[plot]')" >&2
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.csv" 2>&1 || true
-python -m gconvgen.cli bench --suite "$suite" --tune --device cuda \
+python -m gconvgen.cli bench --suite "$suite" --tune --backward --device cuda \
     --json "$out/bench-$suite.json" --markdown "$out/bench-$suite.md" "${plot[@]}"
 status=$?
 python -m gconvgen.cli cache export "$out/tuning-db.json"   # whatever was tuned, even when bench failed

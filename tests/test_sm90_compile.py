@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     layouts = ["nchw", "nhwc", "strided"]
     # every variant in every dtype; the layouts rotate so each (variant, layout) and (dtype, layout) pair appears
     for (index, args), (turn, dtype) in itertools.product(enumerate(json.loads(sys.argv[1])),
-                                                          enumerate(["float32", "float16", "bfloat16"])):
+                                                          enumerate(["float32", "float16", "bfloat16", "float64"])):
         layout = layouts[(index + turn) % 3]
         in_c, out_c, groups, kernel, stride, padding, dilation, bias, policy = args
         spec = ConvSpec(in_c, out_c, groups, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), bias,
@@ -61,7 +61,7 @@ def test_every_template_variant_compiles_for_sm90(tmp_path):
     report = json.loads(run.stdout.split("RESULTS", 1)[1])
     assert report["control"].startswith("rejected"), f"an fp16 tl.dot with K = 8 was {report['control']}"
     results = report["variants"]
-    assert len(results) == len(VARIANTS) * 3
+    assert len(results) == len(VARIANTS) * 4
     assert {family for _, family, _, _ in results} == {"igemm", "depthwise"}
     failures = [(spec, error) for spec, _, ok, error in results if not ok]
     assert not failures, "\n\n".join(f"{spec}\n  {error}" for spec, error in failures)

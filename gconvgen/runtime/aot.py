@@ -6,7 +6,7 @@ from ..ir import check
 from ..plan import Plan
 from .kernels import CompiledConv, KernelConfig, default_config
 
-TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 
 
 def compile_for_gpu(conv_plan: Plan, config: KernelConfig | None = None, *, capability: int = 90):

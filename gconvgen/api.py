@@ -5,6 +5,7 @@ Everything a user passes is checked here and turned into a ConvSpec; the custom 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -23,17 +24,30 @@ Padding = Union[str, int, Sequence[int]]
 # ---------------------------------------------------------------------------------------------- argument checks
 
 
+def _is_int(value: object) -> bool:
+    """Python ints and integer scalars (numpy, torch) count; bools and floats do not."""
+    if isinstance(value, bool) or isinstance(value, float):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _ints(name: str, value: object, length: int, minimum: int, lengths: tuple[int, ...] = ()) -> tuple[int, ...]:
-    """An int or a sequence of ``length`` (or one of ``lengths``) ints, each >= minimum, as a tuple."""
-    items = (value,) * length if isinstance(value, int) and not isinstance(value, bool) else value
+    """An int, or a sequence of one int (used for every dimension, as torch does) or of ``length`` (or one of
+    ``lengths``) ints, each >= minimum, as a tuple of Python ints."""
+    items = (value,) * length if _is_int(value) else value
     check(isinstance(items, (tuple, list)), f"{name}={value!r} must be an int or a tuple of {length} ints", TypeError)
+    items = tuple(items) * length if len(items) == 1 else tuple(items)
     check(len(items) in (lengths or (length,)),
           f"{name}={value!r} has {len(items)} values; give an int or {' or '.join(map(str, lengths or (length,)))} ints")
     for item in items:
-        check(isinstance(item, int) and not isinstance(item, bool), f"{name}={value!r} must hold ints only", TypeError)
-        check(item >= minimum, f"{name}={value!r} must be >= {minimum}"
+        check(_is_int(item), f"{name}={value!r} must hold ints only", TypeError)
+        check(operator.index(item) >= minimum, f"{name}={value!r} must be >= {minimum}"
               + (f"; use {minimum} for none" if minimum == 0 else ""))
-    return tuple(items)
+    return tuple(operator.index(item) for item in items)
 
 
 def resolve_padding(padding: Padding, size: tuple[int, int], kernel_size: tuple[int, int],
@@ -103,7 +117,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     x = input.unsqueeze(0) if unbatched else input
     x = x.permute(0, 3, 1, 2) if nhwc else x          # NCHW-indexed view, no copy
     w = weight.permute(3, 2, 0, 1) if nhwc else weight  # OIHW-indexed view, no copy
-    check(isinstance(groups, int) and not isinstance(groups, bool), f"groups={groups!r} must be an int", TypeError)
+    check(_is_int(groups), f"groups={groups!r} must be an int", TypeError)
+    groups = operator.index(groups)
     check(groups >= 1, f"groups={groups} must be >= 1")
     in_channels, out_channels = x.shape[1], w.shape[0]
     per_group = math.ceil(in_channels / groups) if channel_policy == "pad" else in_channels / groups
@@ -199,21 +214,27 @@ class CompiledLayer:
         self.spec = spec
         self.device = device
         self.module = module
-        self.kernel = compiled_for(spec, device)
+        # CPU tensors run generated kernels only through Triton's interpreter; otherwise calls take the op's
+        # aten fallback (said once, or refused under GCONVGEN_FALLBACK=error)
+        runs_kernel = device.type != "cpu" or knobs.interpret()
+        self.kernel = compiled_for(spec, device) if runs_kernel else None
 
     def __call__(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The conv of ``x`` [N, C, H, W] with ``weight``/``bias`` (or the module's); every argument is
+        checked as gconvgen.conv2d checks it, and tensors that make another spec are refused."""
         if weight is None:
             check(self.module is not None, "weight is required: this layer was compiled from a spec, not a module")
             weight, bias = self.module.weight, self.module.bias
         check(isinstance(x, torch.Tensor) and x.dim() == 4, "x must be a 4-D [N, C, H, W] tensor", TypeError)
-        actual = spec_for_call(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation,
-                               self.spec.groups, self.spec.channel_policy)
-        check(actual == self.spec, f"these tensors make {actual}, but the layer was compiled for {self.spec}; "
-                                   f"call gconvgen.compile_layer again for them")
         check(x.device == self.device, f"x is on {x.device} but the layer was compiled for {self.device}")
-        return conv2d_op(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation, self.spec.groups,
-                         self.spec.channel_policy)
+        if isinstance(weight, torch.Tensor) and x.dtype in DTYPE_NAMES and weight.dim() == 4:
+            actual = spec_for_call(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation,
+                                   self.spec.groups, self.spec.channel_policy)
+            check(actual == self.spec, f"these tensors make {actual}, but the layer was compiled for {self.spec}; "
+                                       f"call gconvgen.compile_layer again for them")
+        return conv2d(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation, self.spec.groups,
+                      channel_policy=self.spec.channel_policy)
 
 
 def compile_layer(spec_or_conv: Union[ConvSpec, nn.Conv2d], *, device: Union[str, torch.device, None] = None,
@@ -230,7 +251,7 @@ def compile_layer(spec_or_conv: Union[ConvSpec, nn.Conv2d], *, device: Union[str
               f"padding={module.padding!r} depends on the input size; give the module integer padding")
         check(module.padding_mode == "zeros", f"padding_mode={module.padding_mode!r} is not supported; use 'zeros'")
         spec = ConvSpec(module.in_channels, module.out_channels, module.groups, tuple(module.kernel_size),
-                        tuple(module.stride), resolve_padding(tuple(module.padding), (1, 1), (1, 1), (1, 1), (1, 1)),
+                        tuple(module.stride), resolve_padding(module.padding, (1, 1), (1, 1), (1, 1), (1, 1)),
                         tuple(module.dilation), module.bias is not None, DTYPE_NAMES[module.weight.dtype], layout,
                         getattr(module, "channel_policy", "strict"))
         device = device or module.weight.device

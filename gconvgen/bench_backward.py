@@ -19,9 +19,7 @@ import triton.testing
 from .api import conv2d
 from .ir import ConvSpec, check
 from .runtime.fallback import aten_conv2d
-from .runtime.ops import DTYPE_NAMES
-
-TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+from .runtime.kernels import TORCH_DTYPES
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
     except (ValueError, TypeError) as error:
         raise click.UsageError(str(error)) from None
     click.echo(conv_plan.explain())
-    click.echo(f"kernel: {codegen.kernel_uri(conv_plan, interpret=interpret)}")
+    click.echo(f"kernel: {codegen.kernel_uri(conv_plan, interpret=interpret, allow_tf32=False)}")
     if source:
         click.echo("\n" + codegen.render(conv_plan, interpret=interpret, allow_tf32=False))
 

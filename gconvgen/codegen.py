@@ -32,6 +32,7 @@ KINDS = ("forward", "grad_input", "grad_weight")
 
 @functools.cache
 def gconvgen_version() -> str:
+    """The installed package's version, or '0+source' for a checkout that is not installed."""
     try:
         return metadata.version("gconvgen")
     except metadata.PackageNotFoundError:
@@ -60,8 +61,9 @@ def templates_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def kernel_uri(plan: Plan, *, interpret: bool, kind: str = "forward") -> str:
-    """A readable name that is unique for what the rendered source depends on.
+def kernel_uri(plan: Plan, *, interpret: bool, allow_tf32: bool, kind: str = "forward") -> str:
+    """A readable name that is unique for what the rendered source depends on: the spec, the lowered
+    masks, the interpreter variant and, for float32, TF32 (``tf32``) or exact (no suffix) dot products.
 
     e.g. ``igemm_ci4_co4_g32_k3x3_s1x1_d1x1_p1111_nhwc_bfloat16_bias``; a backward kernel starts with its
     kind, e.g. ``grad_weight_depthwise_ci96_...``.
@@ -77,7 +79,8 @@ def kernel_uri(plan: Plan, *, interpret: bool, kind: str = "forward") -> str:
         spec.layout, spec.dtype,
     ]
     parts += [flag for flag, on in (("bias", spec.bias), ("maskin", kernel.get("mask_input_channels")),
-                                    ("maskout", kernel.get("mask_output_channels")), ("interp", interpret)) if on]
+                                    ("maskout", kernel.get("mask_output_channels")),
+                                    ("tf32", _uses_tf32(spec.dtype, allow_tf32)), ("interp", interpret)) if on]
     return "_".join(parts)
 
 
@@ -91,7 +94,7 @@ def render(plan: Plan, *, interpret: bool, allow_tf32: bool, kind: str = "forwar
     return environment().get_template(name).render(
         version=gconvgen_version(),
         spec=spec,
-        kernel_name=kernel_name(plan, interpret=interpret, kind=kind),
+        kernel_name=kernel_name(plan, interpret=interpret, allow_tf32=allow_tf32, kind=kind),
         in_channels=spec.in_channels,
         out_channels=spec.out_channels,
         in_channels_per_group=spec.in_channels_per_group,
@@ -115,12 +118,19 @@ def render(plan: Plan, *, interpret: bool, allow_tf32: bool, kind: str = "forwar
         # bf16 tl.dot is wrong under Triton's interpreter; the GPU path keeps bf16 tensor-core operands
         dot_in_float32=interpret and spec.dtype == "bfloat16",
         # fp32 follows torch's cuDNN setting so results match F.conv2d's precision; fp64 is always exact
-        input_precision="ieee" if spec.dtype == "float64" or (spec.dtype == "float32" and not allow_tf32) else "tf32",
+        input_precision="tf32" if _uses_tf32(spec.dtype, allow_tf32) else "ieee",
     )
 
 
-def kernel_name(plan: Plan, *, interpret: bool, kind: str = "forward") -> str:
-    return "gconvgen_" + kernel_uri(plan, interpret=interpret, kind=kind)
+def kernel_name(plan: Plan, *, interpret: bool, allow_tf32: bool, kind: str = "forward") -> str:
+    """The Triton function's name in the rendered module: ``gconvgen_`` + its uri."""
+    return "gconvgen_" + kernel_uri(plan, interpret=interpret, allow_tf32=allow_tf32, kind=kind)
+
+
+def _uses_tf32(dtype: str, allow_tf32: bool) -> bool:
+    """float32 dot products run on TF32 tensor cores when torch's cuDNN setting allows it (as F.conv2d
+    does); half types are unaffected and float64 is always exact."""
+    return dtype == "float32" and allow_tf32
 
 
 # ---------------------------------------------------------------------------------------------- grad-bias

@@ -46,7 +46,7 @@ from gconvgen.runtime.grad_kernels import GradBiasKernel, default_grad_config
 
 POINTERS = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
 ACCUMULATORS = {"float64": "*fp64"}
-TARGET = GPUTarget("cuda", 90, 128)
+TARGET = GPUTarget("cuda", 90, 32)
 variants, bias_dtypes = json.loads(sys.argv[1])
 
 def compile_kernel(fn, dtype, config):
@@ -69,7 +69,7 @@ for name, (spec_args, allow_tf32) in variants.items():
     spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_args.items()})
     conv_plan = plan(spec)
     for kind in ("grad_input", "grad_weight"):
-        uri = codegen.kernel_uri(conv_plan, interpret=False, kind=kind)
+        uri = codegen.kernel_uri(conv_plan, interpret=False, allow_tf32=allow_tf32, kind=kind)
         render = lambda: codegen.render(conv_plan, interpret=False, allow_tf32=allow_tf32, kind=kind)
         path = cache.ensure_module_file("sm90-compile-test", uri, render)
         fn = getattr(cache.import_module(path), "gconvgen_" + uri)

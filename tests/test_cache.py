@@ -37,7 +37,17 @@ def test_key_carries_version_templates_triton_and_target():
     assert codegen.gconvgen_version() in key and triton.__version__ in key
     assert key != cache.build_key("interpreter") != cache.build_key("NVIDIA H100 sm_90")
     conv_plan = gconvgen.plan(ConvSpec(12, 12, 3, (3, 3), padding=(1, 1, 1, 1), dtype="bfloat16", layout="nhwc"))
-    assert codegen.kernel_uri(conv_plan, interpret=False) == "igemm_ci12_co12_g3_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16"
+    assert (codegen.kernel_uri(conv_plan, interpret=False, allow_tf32=True)
+            == "igemm_ci12_co12_g3_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16")  # TF32 does not touch half types
+
+
+def test_tf32_and_exact_float32_kernels_never_share_a_cache_entry():
+    conv_plan = gconvgen.plan(ConvSpec(12, 12, 3, (3, 3), dtype="float32"))
+    tf32 = codegen.kernel_uri(conv_plan, interpret=False, allow_tf32=True)
+    exact = codegen.kernel_uri(conv_plan, interpret=False, allow_tf32=False)
+    assert tf32 == exact + "_tf32"
+    assert 'input_precision="tf32"' in codegen.render(conv_plan, interpret=False, allow_tf32=True)
+    assert 'input_precision="ieee"' in codegen.render(conv_plan, interpret=False, allow_tf32=False)
 
 
 def test_rendered_module_lands_in_cache_and_warm_call_does_no_work(monkeypatch):

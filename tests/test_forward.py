@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ CASES = [
     P(1, 8, 8, (9, 9), 3, 1, 1, 1, 4, "strict", "nchw", id="batch-1"),
     P(2, 12, 12, (9, 9), 3, 1, 1, 1, 3, "strict", "view", id="non-contiguous-view"),
     P(2, 8, 8, (9, 9), 3, 1, 1, 1, 8, "strict", "strided", id="strided-depthwise"),
+    P(2, 12, 12, (9, 9), 3, 2, 1, 1, 3, "pad", "strided", id="strided-grouped"),            # neither C nor W packed
     P(2, 12, 12, (9, 9), 3, 1, 1, 1, 3, "strict", "nhwc", id="nhwc-hwio"),
     P(2, 8, 16, (9, 9), 3, 2, "same", 1, 8, "strict", "nhwc", id="nhwc-hwio-depthwise-same"),
 ]
@@ -74,11 +76,13 @@ def grouped_reference(x, weight, bias, stride, padding, dilation, groups):
 
 def make_input(batch, channels, size, dtype, layout):
     height, width = size
-    if layout == "view":  # a slice of a larger tensor: no dimension is packed
+    if layout == "view":  # a slice of a larger tensor: no dimension but W's is packed, and W's rows have gaps
         return torch.randn(batch + 1, channels + 3, height + 2, width + 5, dtype=dtype)[1:, 2:-1, 1:-1, 3:-2]
     if layout == "strided":  # every other column of channels_last storage: neither C nor W has unit stride
         full = torch.randn(batch, channels, height, 2 * width, dtype=dtype).to(memory_format=torch.channels_last)
         return full[..., ::2]
+    if layout == "nhwc":  # NHWC storage, seen through an NCHW-indexed view
+        return torch.randn(batch, height, width, channels, dtype=dtype).permute(0, 3, 1, 2)
     x = torch.randn(batch, channels, height, width, dtype=dtype)
     return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
 
@@ -107,6 +111,20 @@ def test_matches_torch(batch, in_channels, out_channels, size, kernel, stride, p
             assert out.is_contiguous(memory_format=torch.channels_last), "channels_last in, channels_last out"
     assert out.dtype == dtype
     assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("groups", [2, 8], ids=["grouped", "depthwise"])
+def test_bias_view_with_a_stride(groups, nan_filled_outputs):
+    x, weight = torch.randn(2, 8, 6, 6), torch.randn(8, 8 // groups, 3, 3)
+    bias = torch.randn(16)[::2]  # every other element: stride 2
+    out = gconvgen.conv2d(x, weight, bias, 1, 1, 1, groups)
+    assert_close(out, F.conv2d(x.double(), weight.double(), bias.double(), 1, 1, 1, groups), torch.float32)
+
+
+def test_integer_scalars_and_one_element_tuples_like_torch():
+    x, weight = torch.randn(2, 8, 7, 7), torch.randn(8, 4, 3, 3)
+    out = gconvgen.conv2d(x, weight, None, (2,), (1,), np.int64(1), np.int64(2))
+    assert_close(out, F.conv2d(x.double(), weight.double(), None, (2,), (1,), 1, 2), torch.float32)
 
 
 def test_matches_torch_padding_same_stride_1():

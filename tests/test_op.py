@@ -98,6 +98,29 @@ def test_compile_layer_from_spec_and_from_module():
                  torch.float32)
     with pytest.raises(ValueError, match="compiled for"):
         layer(x.half(), weight.half(), bias.half())
+    with pytest.raises(ValueError, match="weight has 2 input channels per group"):
+        layer(x, torch.randn(16, 2, 3, 3), bias)  # a weight of the wrong shape is refused, never read out of bounds
+    with pytest.raises(ValueError, match="bias"):
+        layer(x, weight, torch.randn(15))
+
+
+def test_compile_layer_of_a_grouped_module_with_integer_padding():
+    module = gconvgen.GroupedConv2d(11, 7, 3, padding=1, groups=3, channel_policy="pad")
+    layer = gconvgen.compile_layer(module)
+    x = torch.randn(2, 11, 5, 5)
+    torch.testing.assert_close(layer(x), module(x))
+
+
+@pytest.mark.cpu_only
+def test_compile_layer_on_cpu_without_the_interpreter_falls_back():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+    x = torch.randn(2, 8, 5, 5)
+    with knobs.scoped(INTERPRET=0, FALLBACK="warn"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = gconvgen.compile_layer(conv)
+        assert layer.kernel is None
+        assert_close(layer(x), F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), 1, 1, 1, 4),
+                     torch.float32)
 
 
 def test_converted_module_traces_with_fake_kernels():

@@ -55,11 +55,9 @@ def key_of(problem: Problem, target: str, allow_tf32: bool) -> str:
     """
     spec = problem.spec
     conv_plan = planned(spec, knobs.padding_budget())
-    uri = codegen.kernel_uri(conv_plan, interpret=target == "interpreter")
+    uri = codegen.kernel_uri(conv_plan, interpret=target == "interpreter", allow_tf32=allow_tf32)
     parts = [target, f"triton {triton.__version__}", f"t={_template_hash(conv_plan.family)}", uri,
              f"n{problem.batch}_h{problem.height}_w{problem.width}", spec.channel_policy]
-    if spec.dtype == "float32":
-        parts.append("tf32" if allow_tf32 else "ieee")
     return "|".join(parts)
 
 

@@ -21,7 +21,7 @@ from ..resources import data_dir
 from ..runtime.kernels import KernelConfig, device_target, launch_grid
 
 SPACE_SCHEMA_VERSION = 1
-ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)

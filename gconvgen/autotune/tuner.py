@@ -22,13 +22,12 @@ import torch
 from .. import knobs
 from ..ir import check
 from ..runtime.fallback import aten_conv2d
-from ..runtime.kernels import KernelConfig, compiled_for, default_config, planned
+from ..runtime.kernels import TORCH_DTYPES, KernelConfig, compiled_for, default_config, planned
 from .database import ATEN, kernel_record, key_of
 from .space import DeviceFacts, Problem, config_name, device_facts, load_space
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Allowed error, relative to |reference| + rms(reference): output rounding plus accumulation order.
-TOLERANCE = {"float32": 1e-4, "tf32": 5e-3, "float16": 5e-3, "bfloat16": 2e-2}
+TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "tf32": 5e-3, "float16": 5e-3, "bfloat16": 2e-2}
 CPU_TIMER_LABEL = "cpu-interpreter timer (perf_counter median; says nothing about GPU speed)"
 GPU_TIMER_LABEL = "triton.testing.do_bench median"
 

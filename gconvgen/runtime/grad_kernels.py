@@ -18,14 +18,10 @@ from .. import codegen, knobs
 from ..ir import ConvSpec, check
 from ..plan import Plan
 from . import cache
-from .kernels import KernelConfig, device_target, planned
+from .kernels import KernelConfig, device_target, on_device, planned, pow2_between
 
 # a reduction is split only while every split keeps at least this many blocks of pixels to sum
 MIN_BLOCKS_PER_SPLIT = 4
-
-
-def _pow2_between(value: int, low: int, high: int) -> int:
-    return max(low, min(high, triton.next_power_of_2(value)))
 
 
 def default_grad_config(kind: str, spec: ConvSpec, family: str, *, interpret: bool) -> KernelConfig:
@@ -40,19 +36,19 @@ def default_grad_config(kind: str, spec: ConvSpec, family: str, *, interpret: bo
     stages = 1 if interpret else 3
     if kind == "grad_input" and family == "igemm":
         return KernelConfig(block_m=256 if interpret else 128,
-                            block_n=_pow2_between(spec.in_channels_per_group, 16, 128),
-                            block_k=_pow2_between(spec.out_channels_per_group * taps, 16, 64 if interpret else 32),
+                            block_n=pow2_between(spec.in_channels_per_group, 16, 128),
+                            block_k=pow2_between(spec.out_channels_per_group * taps, 16, 64 if interpret else 32),
                             num_stages=stages)
     if kind == "grad_weight" and family == "igemm":
-        return KernelConfig(block_m=_pow2_between(spec.out_channels_per_group, 16, 64),
-                            block_n=_pow2_between(spec.in_channels_per_group * taps, 16, 64),
+        return KernelConfig(block_m=pow2_between(spec.out_channels_per_group, 16, 64),
+                            block_n=pow2_between(spec.in_channels_per_group * taps, 16, 64),
                             block_k=256 if interpret else 64, num_stages=stages)
     channels = spec.in_channels if kind == "grad_input" else spec.out_channels
     if interpret:
-        return KernelConfig(block_m=256, block_n=_pow2_between(channels, 1, 64), block_k=0, num_stages=1)
+        return KernelConfig(block_m=256, block_n=pow2_between(channels, 1, 64), block_k=0, num_stages=1)
     if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
-        return KernelConfig(block_m=32, block_n=_pow2_between(channels, 8, 64), block_k=0)
-    return KernelConfig(block_m=128, block_n=_pow2_between(channels, 1, 8), block_k=0)
+        return KernelConfig(block_m=32, block_n=pow2_between(channels, 8, 64), block_k=0)
+    return KernelConfig(block_m=128, block_n=pow2_between(channels, 1, 8), block_k=0)
 
 
 @functools.cache
@@ -114,7 +110,7 @@ class _PlannedGradKernel(_LoadedKernel):
     def __init__(self, conv_plan: Plan, target: str, *, allow_tf32: bool):
         interpret = target == "interpreter"
         self.spec, self.family = conv_plan.spec, conv_plan.family
-        super().__init__(target, codegen.kernel_uri(conv_plan, interpret=interpret, kind=self.kind),
+        super().__init__(target, codegen.kernel_uri(conv_plan, interpret=interpret, allow_tf32=allow_tf32, kind=self.kind),
                          lambda: codegen.render(conv_plan, interpret=interpret, allow_tf32=allow_tf32, kind=self.kind),
                          default_grad_config(self.kind, conv_plan.spec, conv_plan.family, interpret=interpret))
 
@@ -138,13 +134,14 @@ class GradInputKernel(_PlannedGradKernel):
                     triton.cdiv(self.spec.in_channels_per_group, config.block_n), self.spec.groups)
         else:
             grid = (triton.cdiv(pixels, config.block_m), triton.cdiv(self.spec.in_channels, config.block_n))
-        self.kernel[grid](
-            grad_output, weight, grad_input,
-            batch, grad_output.shape[2], grad_output.shape[3], *grad_output.stride(),
-            *weight.stride(),
-            height, width, *grad_input.stride(),
-            **config.meta(self.family),
-        )
+        with on_device(grad_output.device):
+            self.kernel[grid](
+                grad_output, weight, grad_input,
+                batch, grad_output.shape[2], grad_output.shape[3], *grad_output.stride(),
+                *weight.stride(),
+                height, width, *grad_input.stride(),
+                **config.meta(self.family),
+            )
         return grad_input
 
 
@@ -176,13 +173,14 @@ class GradWeightKernel(_PlannedGradKernel):
         splits, pixels_per_split = split_pixels(pixels, block_pixels, tile_grid[0] * tile_grid[1],
                                                 target_programs(x.device), splits)
         partials = _partials_for(grad_weight, splits)
-        self.kernel[(*tile_grid, splits)](
-            x, grad_output, partials,
-            batch, height, width, *x.stride(),
-            out_height, out_width, *grad_output.stride(),
-            *partials.stride(), pixels_per_split,
-            **config.meta(self.family),
-        )
+        with on_device(grad_output.device):
+            self.kernel[(*tile_grid, splits)](
+                x, grad_output, partials,
+                batch, height, width, *x.stride(),
+                out_height, out_width, *grad_output.stride(),
+                *partials.stride(), pixels_per_split,
+                **config.meta(self.family),
+            )
         return _add_splits(partials, grad_weight)
 
 
@@ -210,12 +208,13 @@ class GradBiasKernel(_LoadedKernel):
         splits, pixels_per_split = split_pixels(pixels, config.block_m, channel_tiles,
                                                 target_programs(grad_output.device), splits)
         partials = _partials_for(grad_bias, splits)
-        self.kernel[(channel_tiles, splits)](
-            grad_output, partials,
-            batch, channels, out_height, out_width, *grad_output.stride(),
-            *partials.stride(), pixels_per_split,
-            **config.meta("depthwise"),  # like the depthwise kernels: pixel and channel blocks, no BLOCK_K
-        )
+        with on_device(grad_output.device):
+            self.kernel[(channel_tiles, splits)](
+                grad_output, partials,
+                batch, channels, out_height, out_width, *grad_output.stride(),
+                *partials.stride(), pixels_per_split,
+                **config.meta("depthwise"),  # like the depthwise kernels: pixel and channel blocks, no BLOCK_K
+            )
         return _add_splits(partials, grad_bias)
 
 

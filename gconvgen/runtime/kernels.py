@@ -1,6 +1,7 @@
 """Compiled kernels: configs, the in-process memo, and the launch (check -> allocate -> launch)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -11,6 +12,9 @@ from .. import codegen, knobs
 from ..ir import ConvSpec, check
 from ..plan import Plan, plan
 from . import cache
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,8 @@ class KernelConfig:
         return {**blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-def _pow2_between(value: int, low: int, high: int) -> int:
+def pow2_between(value: int, low: int, high: int) -> int:
+    """The power of two nearest above ``value``, clamped to [low, high]: a tile side."""
     return max(low, min(high, triton.next_power_of_2(value)))
 
 
@@ -45,16 +50,16 @@ def default_config(spec: ConvSpec, family: str, *, interpret: bool) -> KernelCon
         reduction = spec.in_channels_per_group * spec.kernel_size[0] * spec.kernel_size[1]
         return KernelConfig(
             block_m=256 if interpret else 128,
-            block_n=_pow2_between(spec.out_channels_per_group, 16, 128),
-            block_k=_pow2_between(reduction, 16, 64 if interpret else 32),
+            block_n=pow2_between(spec.out_channels_per_group, 16, 128),
+            block_k=pow2_between(reduction, 16, 64 if interpret else 32),
             num_warps=4,
             num_stages=1 if interpret else 3,
         )
     if interpret:
-        return KernelConfig(block_m=256, block_n=_pow2_between(spec.out_channels, 1, 64), block_k=0, num_stages=1)
+        return KernelConfig(block_m=256, block_n=pow2_between(spec.out_channels, 1, 64), block_k=0, num_stages=1)
     if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
-        return KernelConfig(block_m=32, block_n=_pow2_between(spec.out_channels, 8, 64), block_k=0)
-    return KernelConfig(block_m=128, block_n=_pow2_between(spec.out_channels, 1, 8), block_k=0)
+        return KernelConfig(block_m=32, block_n=pow2_between(spec.out_channels, 8, 64), block_k=0)
+    return KernelConfig(block_m=128, block_n=pow2_between(spec.out_channels, 1, 8), block_k=0)
 
 
 def launch_grid(spec: ConvSpec, family: str, config: KernelConfig, pixels: int) -> tuple[int, ...]:
@@ -71,6 +76,9 @@ def device_target(device: torch.device) -> str:
     """What a compiled kernel is specific to: 'interpreter', or the GPU's name and capability."""
     if device.type == "cpu":
         import triton.language as tl
+        check(knobs.interpret(), "gconvgen runs its kernels on CPU tensors only through Triton's interpreter: set "
+                                 "TRITON_INTERPRET=1 before importing gconvgen (without it, gconvgen.conv2d runs "
+                                 "the aten fallback)", RuntimeError)
         check(not isinstance(tl.zeros, triton.JITFunction),
               "TRITON_INTERPRET=1 was set after Triton was imported, so Triton's own functions cannot run in its "
               "interpreter; set TRITON_INTERPRET=1 before importing gconvgen or triton", RuntimeError)
@@ -87,11 +95,11 @@ class CompiledConv:
         self.spec = conv_plan.spec
         self.family = conv_plan.family
         self.interpret = target == "interpreter"
-        self.uri = codegen.kernel_uri(conv_plan, interpret=self.interpret)
+        self.uri = codegen.kernel_uri(conv_plan, interpret=self.interpret, allow_tf32=allow_tf32)
         path = cache.ensure_module_file(
             target, self.uri, lambda: codegen.render(conv_plan, interpret=self.interpret, allow_tf32=allow_tf32))
         self.source_path = path
-        self.kernel = getattr(cache.import_module(path), codegen.kernel_name(conv_plan, interpret=self.interpret))
+        self.kernel = getattr(cache.import_module(path), codegen.kernel_name(conv_plan, interpret=self.interpret, allow_tf32=allow_tf32))
         self.config = config or default_config(self.spec, self.family, interpret=self.interpret)
 
     def launch(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
@@ -104,14 +112,21 @@ class CompiledConv:
         pixels = batch * out_height * out_width
         if pixels == 0:
             return out
-        self.kernel[launch_grid(self.spec, self.family, config, pixels)](
-            x, weight, bias if bias is not None else weight, out,
-            batch, height, width, *x.stride(),
-            *weight.stride(),
-            out_height, out_width, *out.stride(),
-            **config.meta(self.family),
-        )
+        with on_device(x.device):
+            self.kernel[launch_grid(self.spec, self.family, config, pixels)](
+                x, weight, bias if bias is not None else weight, out,
+                batch, height, width, *x.stride(),
+                *weight.stride(),
+                out_height, out_width, *out.stride(),
+                bias.stride(0) if bias is not None else 0,
+                **config.meta(self.family),
+            )
         return out
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (a no-op on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=1024)

@@ -16,9 +16,8 @@ from .. import knobs
 from ..autotune.choice import launch_chosen
 from ..ir import ConvSpec, conv_output_size
 from .fallback import aten_conv2d
-from .kernels import planned
+from .kernels import DTYPE_NAMES, TORCH_DTYPES, planned  # noqa: F401 (re-exported)
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
 def activation_layout(x: torch.Tensor) -> str:

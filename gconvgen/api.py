@@ -38,6 +38,8 @@ def _is_int(value: object) -> bool:
 def _ints(name: str, value: object, length: int, minimum: int, lengths: tuple[int, ...] = ()) -> tuple[int, ...]:
     """An int, or a sequence of one int (used for every dimension, as torch does) or of ``length`` (or one of
     ``lengths``) ints, each >= minimum, as a tuple of Python ints."""
+    if type(value) is int and value >= minimum:  # the common case, checked first: this runs on every call
+        return (value,) * length
     items = (value,) * length if _is_int(value) else value
     check(isinstance(items, (tuple, list)), f"{name}={value!r} must be an int or a tuple of {length} ints", TypeError)
     items = tuple(items) * length if len(items) == 1 else tuple(items)

@@ -16,6 +16,7 @@ with ``knobs.scoped(FALLBACK="error")`` instead of touching ``os.environ``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,14 @@ class _Knob:
     doc: str
 
     def get(self) -> object:
-        raw = os.environ.get(self.env)
-        return self.parse(self.default if raw is None or raw == "" else raw)
+        raw = os.environ.get(self.env) or self.default
+        return _parse(self, raw) if raw else self.parse(raw)  # an empty value may depend on other variables
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(knob: _Knob, raw: str) -> object:
+    """Parsed once per distinct value: knobs are read on every call, so reading one costs a dict lookup."""
+    return knob.parse(raw)
 
 
 def _flag(raw: str) -> bool:
@@ -55,14 +62,20 @@ def _fraction(raw: str) -> float:
     return value
 
 
-def _default_cache_dir() -> str:
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return str(base / "gconvgen")
+def _cache_dir(raw: str) -> Path:
+    """GCONVGEN_CACHE_DIR, else $XDG_CACHE_HOME/gconvgen, else ~/.cache/gconvgen."""
+    return _cache_dir_from(raw, os.environ.get("XDG_CACHE_HOME", ""), os.environ.get("HOME", ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_dir_from(raw: str, xdg: str, home: str) -> Path:
+    if raw:
+        return Path(raw).expanduser()
+    return (Path(xdg) if xdg else Path(home or Path.home()) / ".cache") / "gconvgen"
 
 
 _KNOBS = {
-    "CACHE_DIR": _Knob("GCONVGEN_CACHE_DIR", "", lambda raw: Path(raw or _default_cache_dir()).expanduser(),
+    "CACHE_DIR": _Knob("GCONVGEN_CACHE_DIR", "", _cache_dir,
                        "cache directory for rendered kernels and tuning results"),
     "FALLBACK": _Knob("GCONVGEN_FALLBACK", "warn", _fallback_mode, "'warn' or 'error' on an aten fallback"),
     "PADDING_BUDGET": _Knob("GCONVGEN_PADDING_BUDGET", "0.5", _fraction, "max extra work from channel padding"),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up .venv for gconvgen on any machine, idempotently.
 # - A machine that already has torch (e.g. a CUDA build) keeps it: the venv sees system site-packages.
-# - A machine with no torch gets the CPU build torch==2.13.0 (on the CPU machines it lies on disk, so
-#   nothing is downloaded); GPU users are never pinned, since pyproject.toml only asks for torch>=2.4.
+# - A machine with no torch gets the CPU build torch==2.13.0: from /opt/wheels where it lies on disk,
+#   else from PyTorch's CPU index, never the CUDA packages. GPU users are never pinned: pyproject.toml only
+#   asks for torch>=2.4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -10,7 +11,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY=.venv/bin/python
 if ! "$PY" -c "import torch" 2>/dev/null; then
-    "$PY" -m pip install -q "torch==2.13.0"
+    if ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --find-links /opt/wheels "torch==2.13.0"   # the CPU build on disk
+    else
+        "$PY" -m pip install -q --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
+    fi
 fi
 "$PY" -m pip install -q -e ".[test]"
 "$PY" -c "import torch, triton, gconvgen; print(f'gconvgen {gconvgen.__version__}: torch {torch.__version__}, triton {triton.__version__}')"

@@ -196,6 +196,7 @@ class GroupedConv2d(nn.Conv2d):
         return module
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """gconvgen.conv2d with this module's weight, bias and hyperparameters."""
         return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                       channel_policy=self.channel_policy)
 

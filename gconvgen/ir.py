@@ -23,6 +23,7 @@ def check(condition: object, message: str, error: type[Exception] = ValueError) 
 
 
 def fail(message: str, error: type[Exception] = ValueError) -> NoReturn:
+    """Raise ``error(message)``: check() for a branch that has already decided."""
     raise error(message)
 
 

@@ -86,26 +86,32 @@ _KNOBS = {
 
 
 def cache_dir() -> Path:
+    """Where rendered kernels and tuning results live (GCONVGEN_CACHE_DIR, XDG_CACHE_HOME, ~/.cache)."""
     return _KNOBS["CACHE_DIR"].get()
 
 
 def fallback_mode() -> str:
+    """'warn' or 'error': what an aten fallback does (GCONVGEN_FALLBACK)."""
     return _KNOBS["FALLBACK"].get()
 
 
 def padding_budget() -> float:
+    """Extra work channel padding may cost, as a fraction (GCONVGEN_PADDING_BUDGET)."""
     return _KNOBS["PADDING_BUDGET"].get()
 
 
 def debug_plan() -> bool:
+    """Whether the planner verifies its graph after every pass (GCONVGEN_DEBUG_PLAN)."""
     return _KNOBS["DEBUG_PLAN"].get()
 
 
 def autotune_on_first_call() -> bool:
+    """Whether an untuned layer is tuned on its first call (GCONVGEN_AUTOTUNE)."""
     return _KNOBS["AUTOTUNE"].get()
 
 
 def interpret() -> bool:
+    """Whether CPU tensors run the kernels through Triton's interpreter (TRITON_INTERPRET)."""
     return _KNOBS["INTERPRET"].get()
 
 

@@ -31,10 +31,10 @@ def _real_channels(total: int, per_group: int, group: int) -> int:
 
 def padding_overhead(spec: ConvSpec) -> float:
     """Extra multiply-adds that channel padding costs, as a fraction of the useful ones (0.0 when divisible)."""
-    ci, co = spec.in_channels_per_group, spec.out_channels_per_group
-    useful = sum(_real_channels(spec.in_channels, ci, g) * _real_channels(spec.out_channels, co, g)
+    in_per_group, out_per_group = spec.in_channels_per_group, spec.out_channels_per_group
+    useful = sum(_real_channels(spec.in_channels, in_per_group, g) * _real_channels(spec.out_channels, out_per_group, g)
                  for g in range(spec.groups))
-    return spec.groups * ci * co / useful - 1.0 if useful else float("inf")
+    return spec.groups * in_per_group * out_per_group / useful - 1.0 if useful else float("inf")
 
 
 # ---------------------------------------------------------------------------------------------- the passes
@@ -43,17 +43,17 @@ def padding_overhead(spec: ConvSpec) -> float:
 
 def check_divisibility(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
     """Strict: refuse channel counts the groups do not divide, saying which groups would and how to pad."""
-    uneven = [f"{name}={count}" for name, count in (("in_channels", spec.in_channels), ("out_channels", spec.out_channels))
-              if count % spec.groups]
+    counts = (("in_channels", spec.in_channels), ("out_channels", spec.out_channels))
+    uneven = [f"{name}={count}" for name, count in counts if count % spec.groups]
     if not uneven or spec.channel_policy == "pad":
         return
     near = ", ".join(map(str, suggest_groups(spec.in_channels, spec.out_channels, spec.groups)[:4]))
-    ci, co = spec.in_channels_per_group, spec.out_channels_per_group
+    in_per_group, out_per_group = spec.in_channels_per_group, spec.out_channels_per_group
     resize = []
     if spec.in_channels % spec.groups:
-        resize.append(f"{spec.in_channels} -> {ci * spec.groups} input channels")
+        resize.append(f"{spec.in_channels} -> {in_per_group * spec.groups} input channels")
     if spec.out_channels % spec.groups:
-        resize.append(f"{spec.out_channels} -> {co * spec.groups} output channels")
+        resize.append(f"{spec.out_channels} -> {out_per_group * spec.groups} output channels")
     verb = "is" if len(uneven) == 1 else "are"
     fail(f"{' and '.join(uneven)} {verb} not divisible by groups={spec.groups}; groups that divide both "
          f"{spec.in_channels} and {spec.out_channels}: {near}; pass channel_policy='pad' to pad "
@@ -62,22 +62,23 @@ def check_divisibility(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None
 
 def insert_channel_padding(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
     """Pad policy: surround the conv with PadInputChannels / SliceOutputChannels where channels are uneven."""
-    ci, co = spec.in_channels_per_group, spec.out_channels_per_group
+    in_per_group, out_per_group = spec.in_channels_per_group, spec.out_channels_per_group
+    near = suggest_groups(spec.in_channels, spec.out_channels, spec.groups)[:4]
     for group in range(spec.groups):
-        check(_real_channels(spec.in_channels, ci, group) > 0,
-              f"in_channels={spec.in_channels} with groups={spec.groups} pads each group to {ci} channels and "
-              f"leaves group {group} with no input channels; use groups <= {-(-spec.in_channels // ci)} or one of "
-              f"{suggest_groups(spec.in_channels, spec.out_channels, spec.groups)[:4]}")
-        check(_real_channels(spec.out_channels, co, group) > 0,
-              f"out_channels={spec.out_channels} with groups={spec.groups} gives each group {co} outputs and "
-              f"leaves group {group} with none; use groups <= {-(-spec.out_channels // co)} or one of "
-              f"{suggest_groups(spec.in_channels, spec.out_channels, spec.groups)[:4]}")
+        check(_real_channels(spec.in_channels, in_per_group, group) > 0,
+              f"in_channels={spec.in_channels} with groups={spec.groups} pads each group to {in_per_group} "
+              f"channels and leaves group {group} with no input channels; use groups <= "
+              f"{-(-spec.in_channels // in_per_group)} or one of {near}")
+        check(_real_channels(spec.out_channels, out_per_group, group) > 0,
+              f"out_channels={spec.out_channels} with groups={spec.groups} gives each group {out_per_group} "
+              f"outputs and leaves group {group} with none; use groups <= "
+              f"{-(-spec.out_channels // out_per_group)} or one of {near}")
     if spec.in_channels % spec.groups:
         _insert_before(graph, CONV, "pad_input_channels", op="PadInputChannels",
-                       channels=f"{spec.in_channels} -> {ci * spec.groups}")
+                       channels=f"{spec.in_channels} -> {in_per_group * spec.groups}")
     if spec.out_channels % spec.groups:
         _insert_after(graph, CONV, "slice_output_channels", op="SliceOutputChannels",
-                      channels=f"{co * spec.groups} -> {spec.out_channels}")
+                      channels=f"{out_per_group * spec.groups} -> {spec.out_channels}")
 
 
 def check_padding_budget(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
@@ -135,10 +136,12 @@ class Plan:
 
     @property
     def family(self) -> str:
+        """The kernel family the planner chose: 'igemm' or 'depthwise'."""
         return self.lowered.nodes[CONV]["family"]
 
     @property
     def padding_overhead(self) -> float:
+        """Extra multiply-adds of channel padding, as a fraction of the useful ones."""
         return self.lowered.nodes[CONV]["padding_overhead"]
 
     def explain(self) -> str:

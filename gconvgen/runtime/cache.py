@@ -37,6 +37,7 @@ def kernels_root() -> Path:
 
 
 def kernel_dir(target: str) -> Path:
+    """The folder of one build key's rendered modules."""
     return kernels_root() / build_key(target)
 
 

@@ -29,6 +29,7 @@ class KernelConfig:
     num_stages: int = 2
 
     def meta(self, family: str) -> dict:
+        """The launch keywords of a ``family`` kernel: its BLOCK_* constexprs, num_warps and num_stages."""
         blocks = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
         if family == "igemm":
             blocks["BLOCK_K"] = self.block_k

@@ -39,12 +39,14 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
 def spec_of(in_channels: int, out_channels: int, groups: int, kernel_size: tuple[int, int],
             stride: tuple[int, int], padding: tuple[int, int, int, int], dilation: tuple[int, int],
             bias: bool, dtype: str, layout: str, channel_policy: str) -> ConvSpec:
+    """ConvSpec construction memoised on its fields: built on every call, validated once."""
     return ConvSpec(in_channels, out_channels, groups, kernel_size, stride, padding, dilation, bias, dtype,
                     layout, channel_policy)
 
 
 def spec_for_call(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
                   padding: Sequence[int], dilation: Sequence[int], groups: int, channel_policy: str) -> ConvSpec:
+    """The spec of a call on NCHW-indexed x and OIHW weight: channels, kernel, dtype and x's memory layout."""
     return spec_of(x.shape[1], weight.shape[0], groups, (weight.shape[2], weight.shape[3]), tuple(stride),
                    tuple(padding), tuple(dilation), bias is not None, DTYPE_NAMES[x.dtype], activation_layout(x),
                    channel_policy)

@@ -35,49 +35,27 @@ GRAD_BIAS_DTYPES = ("bfloat16", "float64")
 
 SCRIPT = r'''
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from gconvgen import codegen
 from gconvgen.ir import ConvSpec
-from gconvgen.plan import plan
-from gconvgen.runtime import cache
-from gconvgen.runtime.grad_kernels import GradBiasKernel, default_grad_config
+from gconvgen.runtime.aot import compile_kernel_for_gpu
+from gconvgen.runtime.grad_kernels import GradBiasKernel, grad_kernel
 
-POINTERS = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
-ACCUMULATORS = {"float64": "*fp64"}
-TARGET = GPUTarget("cuda", 90, 32)
 variants, bias_dtypes = json.loads(sys.argv[1])
 
-def compile_kernel(fn, dtype, config):
-    signature, constexprs = {}, {}
-    for name in fn.arg_names:
-        if name.startswith("BLOCK_"):
-            signature[name], constexprs[name] = "constexpr", getattr(config, "block_" + name[-1].lower())
-        elif name == "partials_ptr":
-            signature[name] = ACCUMULATORS.get(dtype, "*fp32")
-        elif name.endswith("_ptr"):
-            signature[name] = POINTERS[dtype]
-        else:
-            signature[name] = "i32"
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=TARGET,
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+def compile_kernel(fn, dtype, config, family):
+    # partial sums are kept in the accumulator's dtype: float64 for float64, else float32
+    partials = {"partials_ptr": "float64" if dtype == "float64" else "float32"}
+    compiled = compile_kernel_for_gpu(fn, config.meta(family), dtype, pointer_dtypes=partials, capability=90)
     return len(compiled.asm["cubin"])
 
 results = {}
 for name, (spec_args, allow_tf32) in variants.items():
     spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_args.items()})
-    conv_plan = plan(spec)
     for kind in ("grad_input", "grad_weight"):
-        uri = codegen.kernel_uri(conv_plan, interpret=False, allow_tf32=allow_tf32, kind=kind)
-        render = lambda: codegen.render(conv_plan, interpret=False, allow_tf32=allow_tf32, kind=kind)
-        path = cache.ensure_module_file("sm90-compile-test", uri, render)
-        fn = getattr(cache.import_module(path), "gconvgen_" + uri)
-        config = default_grad_config(kind, spec, conv_plan.family, interpret=False)
-        results[f"{name}:{kind}"] = compile_kernel(fn, spec.dtype, config)
+        kernel = grad_kernel(kind, spec, "sm90-compile-test", allow_tf32, 0.5)
+        results[f"{name}:{kind}"] = compile_kernel(kernel.kernel, spec.dtype, kernel.config, kernel.family)
 for dtype in bias_dtypes:
     kernel = GradBiasKernel(dtype, "sm90-compile-test")
-    results[f"grad_bias:{dtype}"] = compile_kernel(kernel.kernel, dtype, kernel.config)
+    results[f"grad_bias:{dtype}"] = compile_kernel(kernel.kernel, dtype, kernel.config, "depthwise")
 print(json.dumps(results))
 '''
 

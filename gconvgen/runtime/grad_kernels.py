@@ -227,6 +227,7 @@ def grad_kernel(kind: str, spec: ConvSpec, target: str, allow_tf32: bool, paddin
 
 @functools.lru_cache(maxsize=64)
 def grad_bias_kernel(dtype: str, target: str) -> GradBiasKernel:
+    """The in-process memo of bias-gradient kernels: one per dtype and target."""
     return GradBiasKernel(dtype, target)
 
 

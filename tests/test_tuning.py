@@ -59,12 +59,15 @@ def test_tuner_rejects_wrong_candidates_and_drops_failing_ones():
 
 
 def test_every_kernel_candidate_is_a_power_of_two_tile_within_the_layer():
+    """Pruning keeps power-of-two tiles no wider than the layer needs."""
     problem = _problem(16, 16, 2, 3, 2, 1, 2, 9, dtype="float16")  # stride 2, odd size, 8 channels per group
     result = tuner.tune(problem, CPU)
     kernels = [trial for trial in result.trials if trial.config is not None]
     assert kernels and all(trial.status == "ok" for trial in result.trials), result.trials
     for trial in kernels[1:]:  # the default config comes first and is never pruned
-        assert trial.config.block_n <= 16 and trial.config.block_k <= 128 and trial.config.block_m <= 64
+        blocks = (trial.config.block_m, trial.config.block_n, trial.config.block_k)
+        assert all(block & (block - 1) == 0 for block in blocks), trial.config  # powers of two
+        assert trial.config.block_n <= 16 and trial.config.block_k <= 64 and trial.config.block_m <= 64
 
 
 def test_gpu_space_prunes_by_channels_shared_memory_and_occupancy():

@@ -94,7 +94,7 @@ def check_padding_budget(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> No
 
 def select_kernel_family(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
     """One input channel per group is a depthwise direct conv; anything wider is an implicit GEMM on tensor cores."""
-    graph.nodes[CONV]["family"] = "depthwise" if spec.in_channels_per_group == 1 else "igemm"
+    graph.nodes[CONV]["family"] = "depthwise" if spec.is_depthwise else "igemm"
 
 
 def lower_padding_to_masks(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:

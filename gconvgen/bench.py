@@ -22,7 +22,7 @@ import triton
 from . import codegen
 from .api import conv2d
 from .autotune.choice import choice_for
-from .autotune.database import ATEN, choice_of, database, key_of
+from .autotune.database import ATEN, DEFAULT, Choice, choice_of, database, key_of
 from .autotune.space import ELEMENT_BYTES, Problem, config_name, device_facts
 from .autotune.suites import Layer
 from .autotune.tuner import Timer, Workload, allows_tf32, cudnn_benchmark
@@ -97,15 +97,15 @@ class BenchRow:
     error: str
 
 
-def _describe_choice(key: str, choice_kind: str, config) -> tuple[str, object]:
-    """A readable choice and the kernel config to time as 'the generated kernel' (aten keeps its best kernel)."""
-    record = database().lookup(key) or {}
-    if choice_kind == ATEN:
+def _describe_choice(key: str, choice: Choice) -> tuple[str, Choice]:
+    """A readable choice and the kernel to time as 'the generated kernel' (where aten won, its best kernel)."""
+    record = database().lookup_nearest(key) or {}
+    if choice.kind == ATEN:
         best = record.get("best_kernel")
-        return "aten (tuned)", choice_of(best).config if best else None
-    if choice_kind == "default":
-        return "default (untuned)", None
-    return f"kernel {config_name(config)}", config
+        return "aten (tuned)", choice_of(best) if best else DEFAULT
+    if choice.kind == "default":
+        return "default (untuned)", choice
+    return "kernel (tuned)", choice
 
 
 def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Timer, ceilings: Ceilings) -> BenchRow:
@@ -114,10 +114,9 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
     facts = device_facts(device)
     workload = Workload.create(problem, device, facts, allows_tf32(device))
     key = key_of(problem, facts.target, allows_tf32(device))
-    choice = choice_for(spec, device, problem.batch, problem.height, problem.width)
-    label, kernel_config = _describe_choice(key, choice.kind, choice.config)
-    compiled = compiled_for(spec, device)
-    kernel_config = kernel_config or compiled.config
+    label, timed_choice = _describe_choice(key, choice_for(spec, device, problem.batch, problem.height, problem.width))
+    compiled = compiled_for(spec, device, timed_choice.family)
+    kernel_config = timed_choice.config or compiled.config
 
     def gconvgen(x, weight, bias, out):  # what a user's call costs: checks, the op's dispatch, the launch
         return conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups,
@@ -129,9 +128,7 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
     def aten(x, weight, bias, out):
         return aten_conv2d(spec, x, weight, bias)
 
-    x, out = workload.copies[0]
-    error = workload.error_of(gconvgen(x, workload.weight, workload.bias, out.fill_(float("nan"))))
-    error = error or workload.error_of(kernel(x, workload.weight, workload.bias, out.fill_(float("nan"))))
+    error = workload.check(gconvgen) or workload.check(kernel)
     with cudnn_benchmark():  # for F.conv2d, and for gconvgen where aten won
         aten_ms = timer.measure(workload.timed(aten))
         gconvgen_ms = timer.measure(workload.timed(gconvgen))
@@ -142,7 +139,8 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
     floor_ms = max(memory_ms, compute_ms)
     return BenchRow(
         layer=layer.id, model=layer.model, layout=spec.layout, dtype=spec.dtype, choice=label,
-        gconvgen_ms=gconvgen_ms, kernel_ms=kernel_ms, kernel_config=config_name(kernel_config), aten_ms=aten_ms,
+        gconvgen_ms=gconvgen_ms, kernel_ms=kernel_ms, kernel_config=config_name(kernel_config, compiled.family),
+        aten_ms=aten_ms,
         speedup=aten_ms / gconvgen_ms, kernel_speedup=aten_ms / kernel_ms, floor_ms=floor_ms,
         pct_of_floor=100 * floor_ms / gconvgen_ms, kernel_pct_of_floor=100 * floor_ms / kernel_ms,
         aten_pct_of_floor=100 * floor_ms / aten_ms, bound="memory" if memory_ms >= compute_ms else "compute",
@@ -212,7 +210,8 @@ def report(suite: str, rows: list[BenchRow], ceilings: Ceilings, timer: Timer, d
 def _columns(ms_unit: Callable[[float], str]) -> list[tuple[str, Callable[[BenchRow], str]]]:
     return [
         ("layer", lambda r: r.layer), ("layout", lambda r: r.layout), ("choice", lambda r: r.choice),
-        ("gconvgen ms", lambda r: ms_unit(r.gconvgen_ms)), ("kernel ms", lambda r: ms_unit(r.kernel_ms)),
+        ("gconvgen ms", lambda r: ms_unit(r.gconvgen_ms)), ("kernel", lambda r: r.kernel_config),
+        ("kernel ms", lambda r: ms_unit(r.kernel_ms)),
         ("F.conv2d ms", lambda r: ms_unit(r.aten_ms)), ("speedup", lambda r: f"{r.speedup:.2f}x"),
         ("floor ms", lambda r: ms_unit(r.floor_ms)), ("% floor", lambda r: f"{r.pct_of_floor:.3g}%"),
         ("aten % floor", lambda r: f"{r.aten_pct_of_floor:.3g}%"), ("bound", lambda r: r.bound),
@@ -226,7 +225,7 @@ def format_table(data: dict, *, markdown: bool = False) -> str:
     columns = _columns(lambda ms: f"{ms:.4g}")
     cells = [[cell(row) for _, cell in columns] for row in rows]
     for name, means in data["geomean"].items():
-        cells.append([f"geomean ({name})", "", "", "", "", "", f"{means['speedup']:.2f}x", "",
+        cells.append([f"geomean ({name})", "", "", "", "", "", "", f"{means['speedup']:.2f}x", "",
                       f"{means['pct_of_floor']:.3g}%", "", "", f"min {means['min_speedup']:.2f}x"])
     headers = [name for name, _ in columns]
     env, ceil = data["environment"], data["ceilings"]

@@ -175,7 +175,8 @@ def _tune_all(problems: list[tuple[str, suites.Layer, Problem]], device: torch.d
 
 
 def _winner_text(record: dict) -> str:
-    won = "aten" if record["choice"] == "aten" else "kernel " + config_name(choice_of(record).config)
+    choice = choice_of(record)
+    won = "aten" if choice.config is None else f"kernel {config_name(choice.config, choice.family)}"
     return (f"{won} {record['time_ms']:.4f} ms (aten {record['aten_ms']:.4f} ms); {record['trials']} trials, "
             f"{record['rejected']} wrong, {record['failed']} failed")
 
@@ -199,18 +200,32 @@ def _with_suite_options(command):
     return command
 
 
+def _with_backward(problems: list[tuple[str, suites.Layer, Problem]]) -> list[tuple[str, suites.Layer, Problem]]:
+    """Each layer's forward problem followed by its grad-input and grad-weight problems."""
+    return [entry for label, layer, problem in problems
+            for entry in [(label, layer, problem)] + [(f"{label} {kind}", layer, problem.backward(kind))
+                                                     for kind in ("grad_input", "grad_weight")]]
+
+
+_backward_tuning_option = click.option(
+    "--backward", is_flag=True,
+    help="Also tune the backward kernels (grad-input, grad-weight) against aten's convolution_backward.")
+
+
 @main.command()
 @_with_suite_options
-def tune(suite, layer_ids, dtype, layout, device, force) -> None:
+@_backward_tuning_option
+def tune(suite, layer_ids, dtype, layout, device, force, backward) -> None:
     """Tune a suite's layers and write the winners to the tuning database.
 
-    Every candidate is checked against a float64 reference before its time counts; PyTorch's own conv is
-    always a candidate, so a tuned layer is never slower than F.conv2d. Ctrl-C keeps what was tuned.
+    Every candidate is checked against a float64 reference before its time counts; PyTorch's own conv (or
+    its convolution_backward) is always a candidate, so a tuned kernel is never slower than aten's.
+    Ctrl-C keeps what was tuned.
     """
     device = _device(device)
     _on(device)
     _, problems = _problems(suite, layer_ids, dtype, layout, device)
-    _tune_all(problems, device, force)
+    _tune_all(_with_backward(problems) if backward else problems, device, force)
     click.echo(f"tuning database: {database().path}")
 
 
@@ -222,7 +237,8 @@ def tune(suite, layer_ids, dtype, layout, device, force) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Plot speedup and % of floor per layer (needs the 'plot' extra: matplotlib).")
 @click.option("--backward", is_flag=True,
-              help="Also time forward + backward (grads of input, weight, bias) against PyTorch eager.")
+              help="Also time forward + backward (grads of input, weight, bias) against PyTorch eager "
+                   "(with --tune, the backward kernels are tuned too).")
 def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path, markdown_path, plot_path,
           backward) -> None:
     """Time gconvgen against F.conv2d (cudnn.benchmark on, same layout and dtype) and the roofline floor.
@@ -234,7 +250,7 @@ def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path,
     _on(device)
     suite_info, problems = _problems(suite, layer_ids, dtype, layout, device)
     if tune_first or force:
-        _tune_all(problems, device, force)
+        _tune_all(_with_backward(problems) if backward else problems, device, force)
     timer = tuner.timer_for(device, warmup_ms=25, rep_ms=100)
     click.echo("measuring the copy bandwidth and matmul rate ...", err=True)
     ceilings = benchmark.measure_ceilings(device, timer)

@@ -18,8 +18,9 @@ from .plan import Plan
 from .resources import data_dir
 
 TEMPLATE_SCHEMA_VERSION = 1
-TEMPLATES = {"igemm": "grouped_igemm.py.jinja", "depthwise": "depthwise_direct.py.jinja"}
-# backward kernels: (kind, the plan's family) -> template
+TEMPLATES = {"igemm": "grouped_igemm.py.jinja", "depthwise": "depthwise_direct.py.jinja",
+             "depthwise_gemm": "depthwise_gemm.py.jinja"}
+# backward kernels: (kind, the plan's backward family) -> template
 GRAD_TEMPLATES = {
     ("grad_input", "igemm"): "grouped_igemm_grad_input.py.jinja",
     ("grad_input", "depthwise"): "depthwise_grad_input.py.jinja",
@@ -70,9 +71,8 @@ def kernel_uri(plan: Plan, *, interpret: bool, allow_tf32: bool, kind: str = "fo
     """
     check(kind in KINDS, f"kind={kind!r} is not a kernel kind; use one of {KINDS}")
     spec, kernel = plan.spec, plan.kernel
-    parts = [] if kind == "forward" else [kind]
+    parts = [kernel["family"]] if kind == "forward" else [kind, kernel["backward_family"]]
     parts += [
-        kernel["family"],
         f"ci{spec.in_channels}", f"co{spec.out_channels}", f"g{spec.groups}",
         "k{}x{}".format(*spec.kernel_size), "s{}x{}".format(*spec.stride),
         "d{}x{}".format(*spec.dilation), "p" + "_".join(map(str, spec.padding)),
@@ -89,7 +89,7 @@ def render(plan: Plan, *, interpret: bool, allow_tf32: bool, kind: str = "forwar
     ('grad_input' or 'grad_weight'). ``interpret`` selects the interpreter-safe variant."""
     spec, kernel = plan.spec, plan.kernel
     check(kind in KINDS, f"kind={kind!r} is not a kernel kind; use one of {KINDS}")
-    name = TEMPLATES[kernel["family"]] if kind == "forward" else GRAD_TEMPLATES[kind, kernel["family"]]
+    name = TEMPLATES[kernel["family"]] if kind == "forward" else GRAD_TEMPLATES[kind, kernel["backward_family"]]
     kernel_taps = spec.kernel_size[0] * spec.kernel_size[1]
     return environment().get_template(name).render(
         version=gconvgen_version(),

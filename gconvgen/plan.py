@@ -15,6 +15,7 @@ from . import knobs
 from .ir import ConvSpec, check, fail
 
 CONV = "conv"
+WIDE_DEPTHWISE_TAPS = 49  # kh * kw from which depthwise runs on tensor cores by default (see select_kernel_family)
 
 
 def suggest_groups(in_channels: int, out_channels: int, near: int) -> list[int]:
@@ -93,8 +94,21 @@ def check_padding_budget(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> No
 
 
 def select_kernel_family(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
-    """One input channel per group is a depthwise direct conv; anything wider is an implicit GEMM on tensor cores."""
-    graph.nodes[CONV]["family"] = "depthwise" if spec.is_depthwise else "igemm"
+    """Choose the forward kernels worth timing and the one to run untuned; backward kernels follow the spec.
+
+    Wider than one input channel per group: an implicit GEMM on tensor cores. Depthwise: a direct kernel of
+    fp32 FMAs, or a banded matrix product on tensor cores that wastes the band's zeros but outruns the FMAs
+    once the window is wide. Direct costs 2*kh*kw flop per output element against about 4 bytes moved (bf16
+    in and out), so from kh*kw = 49 (k7) it is bound by CUDA cores (about 67 TFLOP/s against 4.3 TB/s on an
+    H200) and the banded form becomes the default. The tuner times every candidate family.
+    """
+    conv = graph.nodes[CONV]
+    if not spec.is_depthwise:
+        conv.update(family="igemm", families=("igemm",), backward_family="igemm")
+        return
+    wide = spec.kernel_size[0] * spec.kernel_size[1] >= WIDE_DEPTHWISE_TAPS
+    families = ("depthwise_gemm", "depthwise") if wide else ("depthwise", "depthwise_gemm")
+    conv.update(family=families[0], families=families, backward_family="depthwise")
 
 
 def lower_padding_to_masks(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
@@ -111,7 +125,7 @@ LOGICAL_PIPELINE: list[tuple[str, Callable]] = [
     ("check_divisibility", check_divisibility),          # strict policy refuses uneven channels here
     ("insert_channel_padding", insert_channel_padding),  # pad policy: make every group the same size
     ("check_padding_budget", check_padding_budget),      # padding may not waste more than the budget
-    ("select_kernel_family", select_kernel_family),      # depthwise direct vs grouped implicit GEMM
+    ("select_kernel_family", select_kernel_family),      # implicit GEMM; depthwise direct or banded GEMM
 ]
 LOWERING_PIPELINE: list[tuple[str, Callable]] = [
     ("lower_padding_to_masks", lower_padding_to_masks),  # padding becomes masks, never a padded copy
@@ -136,8 +150,18 @@ class Plan:
 
     @property
     def family(self) -> str:
-        """The kernel family the planner chose: 'igemm' or 'depthwise'."""
+        """The forward kernel family this plan renders: 'igemm', 'depthwise' or 'depthwise_gemm'."""
         return self.lowered.nodes[CONV]["family"]
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Every forward kernel family that computes this conv, the planner's default first: what the tuner times."""
+        return self.lowered.nodes[CONV]["families"]
+
+    @property
+    def backward_family(self) -> str:
+        """The family of the backward kernels: 'igemm' or 'depthwise'."""
+        return self.lowered.nodes[CONV]["backward_family"]
 
     @property
     def padding_overhead(self) -> float:
@@ -153,11 +177,13 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(spec: ConvSpec, *, padding_budget: float | None = None) -> Plan:
+def plan(spec: ConvSpec, *, padding_budget: float | None = None, family: str | None = None) -> Plan:
     """Plan ``spec``: run the logical pipeline, then lower it. Raises ValueError for a conv it refuses.
 
     ``padding_budget`` is the extra work (a fraction, default 0.5 or GCONVGEN_PADDING_BUDGET) that channel
-    padding may add before the plan is refused.
+    padding may add before the plan is refused. ``family`` picks one of the forward kernel families the
+    planner found (as a tuning result does) instead of its default; a family that cannot compute the conv
+    raises ValueError.
     """
     check(isinstance(spec, ConvSpec), f"spec={spec!r} must be a gconvgen.ConvSpec", TypeError)
     budget = knobs.padding_budget() if padding_budget is None else padding_budget
@@ -169,6 +195,10 @@ def plan(spec: ConvSpec, *, padding_budget: float | None = None) -> Plan:
     graph.nodes[CONV].update(op="GroupedConv2d", groups=spec.groups)
     graph.nodes["output"]["op"] = "Output"
     _run(LOGICAL_PIPELINE, graph, spec, budget)
+    if family is not None:
+        families = graph.nodes[CONV]["families"]
+        check(family in families, f"family={family!r} cannot compute {spec}; use one of {families}")
+        graph.nodes[CONV]["family"] = family
     lowered = graph.copy()
     _run(LOWERING_PIPELINE, lowered, spec, budget)
     return Plan(spec=spec, logical=graph, lowered=lowered)

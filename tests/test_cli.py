@@ -42,6 +42,13 @@ def test_tune_records_the_smoke_layer_and_skips_it_next_time():
     assert "already tuned" in _run("tune", "--suite", "smoke", "--layer", "smoke-dw3", "--layout", "nhwc").output
 
 
+def test_tune_backward_records_both_gradient_kernels():
+    before = database().describe()["records"]
+    output = _run("tune", "--suite", "smoke", "--layer", "smoke-grouped-s2", "--layout", "nchw", "--backward").output
+    assert all(f"smoke-grouped-s2 nchw{kind}:" in output for kind in ("", " grad_input", " grad_weight")), output
+    assert database().describe()["records"] == before + 3
+
+
 def test_bench_writes_a_table_and_json_with_every_field(tmp_path):
     report = tmp_path / "bench.json"
     output = _run("bench", "--suite", "smoke", "--layer", "smoke-grouped", "--layer", "smoke-dw3",

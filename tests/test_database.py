@@ -45,6 +45,8 @@ KEY_VARIANTS = [
     (_spec(out_channels=32), "interpreter", False),            # channel multiplier 2
     (_spec(channel_policy="pad"), "interpreter", False),       # policy, channels divisible
     (_spec(in_channels=14, channel_policy="pad"), "interpreter", False),  # policy with input-channel masks
+    (Problem(BASE.spec, 2, 8, 8, "grad_input"), "interpreter", False),    # the grad-input kernel
+    (Problem(BASE.spec, 2, 8, 8, "grad_weight"), "interpreter", False),   # the grad-weight kernel
 ]
 
 
@@ -54,6 +56,19 @@ def test_key_of_changes_with_everything_that_invalidates_a_result():
     assert len(set(keys)) == len(keys), [k for k in keys if keys.count(k) > 1]
     assert key_of(BASE, "interpreter", False) == key_of(_spec(), "interpreter", False)  # equal problems, equal keys
     assert "triton" in keys[0] and "n2_h8_w8" in keys[0]
+
+
+def test_an_untuned_batch_size_runs_the_nearest_tuned_one(tmp_path):
+    db = TuningDatabase(tmp_path / "db.json", shipped=[])
+    at = {batch: key_of(Problem(BASE.spec, batch, 8, 8), "interpreter", False) for batch in (1, 2, 3, 8, 32, 64)}
+    other_layer = key_of(Problem(BASE.spec, 4, 9, 8), "interpreter", False)  # another height: never borrowed
+    db.record({at[2]: kernel_record(CONFIG), at[64]: {"choice": ATEN}, other_layer: kernel_record(CONFIG),
+               "not|a|key": {"choice": ATEN}})
+    assert db.choice(at[1]).config == CONFIG and db.choice(at[3]).config == CONFIG  # 2 is nearest
+    assert db.choice(at[8]).config == CONFIG  # 4x from 2, 8x from 64: nearness is by ratio
+    assert db.choice(at[32]).kind == ATEN     # 2x from 64
+    assert db.lookup(at[3]) is None  # `tune` still sees batch 3 as untuned
+    assert db.choice(key_of(_spec(bias=True), "interpreter", False)) is DEFAULT  # no layer like it
 
 
 def test_records_round_trip_through_versioned_json(tmp_path):

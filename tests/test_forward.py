@@ -2,6 +2,7 @@
 generated Triton kernels under the interpreter (fallbacks are errors, unwritten outputs stay NaN)."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -10,6 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import gconvgen
+from gconvgen import knobs
+from gconvgen.autotune import choice
+from gconvgen.ir import ConvSpec
+from gconvgen.runtime import kernels
 from conftest import assert_close
 
 P = pytest.param
@@ -41,6 +46,8 @@ CASES = [
     P(2, 12, 12, (9, 9), 3, 2, 1, 1, 3, "pad", "strided", id="strided-grouped"),            # neither C nor W packed
     P(2, 12, 12, (9, 9), 3, 1, 1, 1, 3, "strict", "nhwc", id="nhwc-hwio"),
     P(2, 8, 16, (9, 9), 3, 2, "same", 1, 8, "strict", "nhwc", id="nhwc-hwio-depthwise-same"),
+    P(2, 6, 6, (9, 11), 7, 1, 3, 1, 6, "strict", "channels_last", id="depthwise-7x7"),          # banded tensor-core form
+    P(2, 4, 8, (8, 20), (7, 9), 1, "same", (1, 2), 4, "strict", "nchw", id="depthwise-7x9-dilated-multiplier-2"),
 ]
 
 
@@ -113,6 +120,36 @@ def test_matches_torch(batch, in_channels, out_channels, size, kernel, stride, p
     assert_close(out, expected, dtype)
 
 
+DEPTHWISE_CASES = [case for case in CASES if case.values[8] == case.values[1]]  # groups == in_channels
+
+
+@pytest.fixture(params=["depthwise", "depthwise_gemm"])
+def depthwise_family(request, monkeypatch):
+    """Make ``request.param`` the planner's default for every depthwise conv (then clear the memos)."""
+    plan_module = importlib.import_module("gconvgen.plan")
+    wide_from = 1 if request.param == "depthwise_gemm" else 10**9
+    memos = (kernels.planned, kernels.compiled, choice._key)
+    for memo in memos:
+        memo.cache_clear()
+    monkeypatch.setattr(plan_module, "WIDE_DEPTHWISE_TAPS", wide_from)
+    yield request.param
+    for memo in memos:
+        memo.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy, layout",
+                         DEPTHWISE_CASES)
+def test_both_depthwise_families_match_torch(batch, in_channels, out_channels, size, kernel, stride, padding, dilation,
+                                             groups, policy, layout, dtype, depthwise_family, nan_filled_outputs):
+    """Every depthwise case through the direct kernel and through the banded tensor-core kernel."""
+    test_matches_torch(batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy,
+                       layout, True, dtype, nan_filled_outputs)
+    kernel = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    spec = ConvSpec(in_channels, out_channels, groups, kernel, channel_policy=policy)
+    assert kernels.planned(spec, knobs.padding_budget()).family == depthwise_family  # the fixture took effect
+
+
 @pytest.mark.parametrize("groups", [2, 8], ids=["grouped", "depthwise"])
 def test_bias_view_with_a_stride(groups, nan_filled_outputs):
     x, weight = torch.randn(2, 8, 6, 6), torch.randn(8, 8 // groups, 3, 3)
@@ -148,26 +185,33 @@ def test_empty_batch_returns_empty_output():
 def test_random_specs_fuzz(nan_filled_outputs):
     """Random grouped convs (fresh each run: see the seed in the header), both policies, all layouts."""
     generator = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
-    for _ in range(8):
-        pick = lambda low, high: int(torch.randint(low, high + 1, (), generator=generator))  # noqa: E731
-        groups = pick(1, 4)
-        policy = "pad" if pick(0, 1) else "strict"
-        per_group_in = pick(1, 5)
-        in_channels = groups * per_group_in - (pick(0, per_group_in - 1) if policy == "pad" else 0)
-        out_channels = groups * pick(1, 4) - (pick(0, 1) if policy == "pad" else 0)
-        if policy == "pad" and (in_channels <= (groups - 1) * math.ceil(in_channels / groups)
-                                or out_channels <= (groups - 1) * math.ceil(out_channels / groups)):
-            continue  # a group would be empty: the planner refuses that (tested elsewhere)
-        kernel, stride, dilation = (pick(1, 3), pick(1, 3)), (pick(1, 2), pick(1, 2)), (pick(1, 2), pick(1, 2))
-        padding = tuple(pick(0, 2) for _ in range(4))
-        size = (pick(4, 8), pick(4, 8))
-        if any(n + padding[2 * i] + padding[2 * i + 1] < d * (k - 1) + 1
-               for i, (n, k, d) in enumerate(zip(size, kernel, dilation))):
-            continue
-        layout = ["nchw", "channels_last", "view"][pick(0, 2)]
-        x = make_input(2, in_channels, size, torch.float32, layout)
-        weight = torch.randn(out_channels, math.ceil(in_channels / groups), *kernel)
-        bias = torch.randn(out_channels) if pick(0, 1) else None
-        out = gconvgen.conv2d(x, weight, bias, stride, padding, dilation, groups, channel_policy=policy)
-        expected = grouped_reference(x, weight, bias, stride, padding, dilation, groups)
-        assert_close(out, expected, torch.float32)
+    with knobs.scoped(PADDING_BUDGET=4.0):  # every uneven split runs; the budget's refusal is tested elsewhere
+        for _ in range(8):
+            _one_random_spec(generator)
+
+
+def _one_random_spec(generator):
+    """One random grouped conv of test_random_specs_fuzz against the per-group reference (or nothing, when
+    it drew a conv that is refused or does not fit)."""
+    pick = lambda low, high: int(torch.randint(low, high + 1, (), generator=generator))  # noqa: E731
+    groups = pick(1, 4)
+    policy = "pad" if pick(0, 1) else "strict"
+    per_group_in = pick(1, 5)
+    in_channels = groups * per_group_in - (pick(0, per_group_in - 1) if policy == "pad" else 0)
+    out_channels = groups * pick(1, 4) - (pick(0, 1) if policy == "pad" else 0)
+    if policy == "pad" and (in_channels <= (groups - 1) * math.ceil(in_channels / groups)
+                            or out_channels <= (groups - 1) * math.ceil(out_channels / groups)):
+        return  # a group would be empty: the planner refuses that (tested elsewhere)
+    kernel, stride, dilation = (pick(1, 3), pick(1, 3)), (pick(1, 2), pick(1, 2)), (pick(1, 2), pick(1, 2))
+    padding = tuple(pick(0, 2) for _ in range(4))
+    size = (pick(4, 8), pick(4, 8))
+    if any(n + padding[2 * i] + padding[2 * i + 1] < d * (k - 1) + 1
+           for i, (n, k, d) in enumerate(zip(size, kernel, dilation))):
+        return  # the window is larger than the padded input
+    layout = ["nchw", "channels_last", "view"][pick(0, 2)]
+    x = make_input(2, in_channels, size, torch.float32, layout)
+    weight = torch.randn(out_channels, math.ceil(in_channels / groups), *kernel)
+    bias = torch.randn(out_channels) if pick(0, 1) else None
+    out = gconvgen.conv2d(x, weight, bias, stride, padding, dilation, groups, channel_policy=policy)
+    expected = grouped_reference(x, weight, bias, stride, padding, dilation, groups)
+    assert_close(out, expected, torch.float32)

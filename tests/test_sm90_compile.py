@@ -17,6 +17,8 @@ VARIANTS = [
     (64, 64, 64, (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), True, "strict"),   # depthwise k7 with bias
     (32, 64, 32, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False, "strict"),  # depthwise multiplier 2, stride 2
     (7, 13, 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False, "pad"),       # depthwise, uneven outputs
+    (128, 128, 128, (31, 31), (1, 1), (15, 15, 15, 15), (1, 1), False, "strict"),  # RepLKNet depthwise k31
+    (16, 16, 16, (5, 5), (2, 1), (2, 2, 2, 2), (1, 2), True, "strict"),   # depthwise, stride 2 x dilation 2
 ]
 
 SCRIPT = textwrap.dedent("""
@@ -34,12 +36,12 @@ SCRIPT = textwrap.dedent("""
         in_c, out_c, groups, kernel, stride, padding, dilation, bias, policy = args
         spec = ConvSpec(in_c, out_c, groups, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), bias,
                         dtype, layout, policy)
-        conv_plan = plan(spec)
-        try:
-            compiled = compile_for_gpu(conv_plan, capability=90)
-            results.append([str(spec), conv_plan.family, "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0, ""])
-        except Exception as error:  # report every failure, not only the first
-            results.append([str(spec), conv_plan.family, False, f"{type(error).__name__}: {error}"[:2000]])
+        for family in plan(spec).families:  # every forward family the tuner may pick
+            try:
+                compiled = compile_for_gpu(plan(spec, family=family), capability=90)
+                results.append([str(spec), family, "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0, ""])
+            except Exception as error:  # report every failure, not only the first
+                results.append([str(spec), family, False, f"{type(error).__name__}: {error}"[:2000]])
     # negative control: an fp16 tl.dot with K under 16 must be rejected, or this test could not fail
     from gconvgen.runtime.kernels import KernelConfig
     try:
@@ -61,7 +63,8 @@ def test_every_template_variant_compiles_for_sm90(tmp_path):
     report = json.loads(run.stdout.split("RESULTS", 1)[1])
     assert report["control"].startswith("rejected"), f"an fp16 tl.dot with K = 8 was {report['control']}"
     results = report["variants"]
-    assert len(results) == len(VARIANTS) * 4
-    assert {family for _, family, _, _ in results} == {"igemm", "depthwise"}
+    depthwise = sum(groups == in_channels for in_channels, _, groups, *_ in VARIANTS)
+    assert len(results) == (len(VARIANTS) + depthwise) * 4  # depthwise variants compile in two families
+    assert {family for _, family, _, _ in results} == {"igemm", "depthwise", "depthwise_gemm"}
     failures = [(spec, error) for spec, _, ok, error in results if not ok]
     assert not failures, "\n\n".join(f"{spec}\n  {error}" for spec, error in failures)

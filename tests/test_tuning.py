@@ -12,6 +12,8 @@ from gconvgen.autotune import choice, suites, tuner
 from gconvgen.autotune.database import ATEN, database, kernel_record, key_of
 from gconvgen.autotune.space import DeviceFacts, Problem, load_space
 from gconvgen.ir import ConvSpec
+from gconvgen.runtime import backward
+from gconvgen.runtime.grad_kernels import GradInputKernel
 from gconvgen.runtime.kernels import CompiledConv, KernelConfig, compiled_for
 from gconvgen.runtime.ops import activation_layout
 from conftest import assert_close, reference_conv2d
@@ -47,7 +49,7 @@ def test_tuner_rejects_wrong_candidates_and_drops_failing_ones():
     status = {trial.name: trial for trial in result.trials}
     assert status["zeros"].status == "wrong" and status["zeros"].time_ms is None
     assert status["one-element-off"].status == "wrong", status["one-element-off"]
-    assert status["m48 n16 k16 w4 s2"].status == "failed", status["m48 n16 k16 w4 s2"]
+    assert status["igemm m48 n16 k16 w4 s2"].status == "failed", status["igemm m48 n16 k16 w4 s2"]
     assert status[ATEN].status == "ok" and status["default"].status == "ok"
     correct = [trial for trial in result.trials if trial.status == "ok"]
     assert len(correct) >= 3 and all(trial.time_ms > 0 for trial in correct)
@@ -95,6 +97,53 @@ def test_depthwise_gpu_space_fits_tiles_to_the_layout():
     assert all(c.block_m >= 64 for c in nchw) and any(c.block_n <= 4 for c in nchw)  # long pixel tiles
     assert all(c.block_n >= 8 for c in nhwc) and any(c.block_n >= 64 for c in nhwc)   # wide channel tiles
     assert all(1024 <= c.block_m * c.block_n <= 4096 for c in nchw + nhwc)
+
+
+def test_depthwise_tuning_times_both_families_and_records_the_winners():
+    problem = _problem(8, 8, 8, 5, 1, 2, 2, 6, layout="nhwc", bias=True)  # depthwise 5x5, channels_last
+    result = tuner.tune(problem, CPU)
+    families = {trial.family for trial in result.trials if trial.config is not None}
+    assert families == {"depthwise", "depthwise_gemm"}
+    assert all(trial.status == "ok" for trial in result.trials), [t for t in result.trials if t.status != "ok"]
+    assert {"default", "depthwise_gemm default"} <= {trial.name for trial in result.trials}
+    record = result.record()
+    winner = result.winner
+    assert record["choice"] == (ATEN if winner.config is None else "kernel")
+    assert record["best_kernel"]["family"] in families
+    if winner.config is not None:
+        assert record["family"] == winner.family
+
+
+@pytest.mark.parametrize("kind", ["grad_input", "grad_weight"])
+def test_backward_tuning_checks_every_candidate_against_aten_backward(kind):
+    forward = _problem(12, 12, 3, 3, 2, 1, 2, 7, bias=True, layout="nhwc")  # grouped, stride 2, bias
+    problem = forward.backward(kind)
+    assert not problem.spec.bias and problem.kind == kind
+
+    def zeros(*arguments):  # the fastest candidate of all, and wrong
+        return arguments[-1].zero_()
+
+    result = tuner.tune(problem, CPU, extra_runners=[("zeros", zeros)])
+    status = {trial.name: trial for trial in result.trials}
+    assert status["zeros"].status == "wrong"
+    assert status[ATEN].status == "ok" and status["default"].status == "ok", result.trials
+    assert {trial.family for trial in result.trials if trial.config is not None} == {"igemm"}
+    assert result.key.split("|")[3].startswith(f"{kind}_igemm_")
+    assert result.key != key_of(forward.backward("grad_input" if kind == "grad_weight" else "grad_weight"),
+                                "interpreter", False)
+    with pytest.raises(ValueError, match="has bias=False .*use Problem.backward"):
+        Problem(forward.spec, 2, 7, 7, kind)
+
+
+def test_banded_gpu_space_for_a_31x31_depthwise_layer():
+    layer = suites.load_suite("headline").select(("replknet-dw31",)).layers[0]
+    space = load_space("depthwise_gemm", "gpu")
+    nhwc = space.stage_one(layer.problem("bfloat16", "nhwc"), H200)
+    nchw = space.stage_one(layer.problem("bfloat16", "nchw"), H200)
+    assert nhwc and nchw
+    assert all(c.block_n >= 8 for c in nhwc)                           # 16-byte channel vectors
+    assert all(1024 <= c.block_m * c.block_n * c.block_k <= 16384 for c in nhwc + nchw)
+    assert {c.block_k for c in nchw} >= {16, 32}                       # narrow and wide strips compete
 
 
 # ---------------------------------------------------------------------------------------------- the runtime
@@ -149,6 +198,49 @@ def test_op_runs_the_recorded_config_then_aten_where_aten_won(monkeypatch):
     database().record({key: {"choice": ATEN, "time_ms": 1.0}})
     out = _run_op(problem, x, weight, bias)
     assert aten_calls == [1] and len(launches) == 2 and activation_layout(out) == "nchw"
+
+
+def test_op_runs_the_recorded_kernel_family(monkeypatch):
+    problem = _problem(8, 8, 8, 3, 1, 1, 2, 6)  # depthwise 3x3: the direct kernel is the planner's default
+    x, weight, bias = _inputs(problem)
+    families = []
+    launch = CompiledConv.launch
+    monkeypatch.setattr(CompiledConv, "launch", lambda self, *args: families.append(self.family) or launch(self, *args))
+    _run_op(problem, x, weight, bias)
+    banded = KernelConfig(block_m=16, block_n=8, block_k=16, num_warps=4, num_stages=1)
+    database().record({key_of(problem, "interpreter", allow_tf32=False):
+                       {**kernel_record(banded, "depthwise_gemm"), "time_ms": 1.0}})
+    _run_op(problem, x, weight, bias)
+    assert families == ["depthwise", "depthwise_gemm"]
+
+
+def test_backward_ops_run_the_recorded_choice(monkeypatch):
+    problem = _problem(8, 8, 8, 3, 1, 1, 2, 6, layout="nhwc")  # depthwise, channels_last
+    x, weight, _ = _inputs(problem)
+    x.requires_grad_()
+    weight.requires_grad_()
+    grad_input_configs, grad_weight_calls = [], []
+    real_launch = GradInputKernel.launch
+    monkeypatch.setattr(GradInputKernel, "launch", lambda self, *args: grad_input_configs.append(args[-1])
+                        or real_launch(self, *args))
+    real_aten = backward.aten_conv2d_backward
+    monkeypatch.setattr(backward, "aten_conv2d_backward", lambda *args: grad_weight_calls.append(args[-1])
+                        or real_aten(*args))
+    tuned = KernelConfig(block_m=64, block_n=8, block_k=0, num_warps=4, num_stages=1)
+    database().record({
+        key_of(problem.backward("grad_input"), "interpreter", allow_tf32=False): {**kernel_record(tuned), "time_ms": 1.0},
+        key_of(problem.backward("grad_weight"), "interpreter", allow_tf32=False): {"choice": ATEN, "time_ms": 1.0},
+    })
+    spec = problem.spec
+    out = gconvgen.conv2d(x, weight, None, spec.stride, spec.padding, spec.dilation, spec.groups)
+    grad_output = torch.randn_like(out)
+    grad_x, grad_weight = torch.autograd.grad(out, (x, weight), grad_output)
+    assert grad_input_configs == [tuned] and grad_weight_calls == [(False, True)]
+    x64, weight64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    expected = torch.autograd.grad(reference_conv2d(x64, weight64, None, spec.stride, spec.padding, spec.dilation,
+                                                    spec.groups), (x64, weight64), grad_output.double())
+    assert_close(grad_x, expected[0], torch.float32)
+    assert_close(grad_weight, expected[1], torch.float32)
 
 
 def test_untuned_call_never_tunes_unless_asked(monkeypatch):

@@ -25,21 +25,23 @@ _failed_keys: set[str] = set()  # keys whose first-call tuning failed: not retri
 
 
 @functools.lru_cache(maxsize=4096)
-def _key(spec: ConvSpec, target: str, allow_tf32: bool, batch: int, height: int, width: int) -> str:
-    return key_of(Problem(spec, batch, height, width), target, allow_tf32)
+def _key(spec: ConvSpec, target: str, allow_tf32: bool, batch: int, height: int, width: int, kind: str) -> str:
+    return key_of(Problem(spec, batch, height, width, kind), target, allow_tf32)
 
 
-def choice_for(spec: ConvSpec, device: torch.device, batch: int, height: int, width: int) -> Choice:
-    """The database's choice for ``spec`` at this input size on ``device``: a tuned config, aten, or DEFAULT.
+def choice_for(spec: ConvSpec, device: torch.device, batch: int, height: int, width: int,
+               kind: str = "forward") -> Choice:
+    """The database's choice for kernel ``kind`` of ``spec`` (the forward, or 'grad_input' / 'grad_weight'
+    with a bias-free spec) at this input size on ``device``: a tuned config, aten, or DEFAULT.
 
     A warm call is two memo lookups, no file I/O. With GCONVGEN_AUTOTUNE=1 an untuned key is tuned now;
     if tuning fails the default is used and a warning says why.
     """
-    key = _key(spec, device_target(device), allows_tf32(device), batch, height, width)
+    key = _key(spec, device_target(device), allows_tf32(device), batch, height, width, kind)
     db = database()
     choice = db.choice(key)
     if choice is DEFAULT and knobs.autotune_on_first_call() and key not in _failed_keys:
-        problem = Problem(spec, batch, height, width)
+        problem = Problem(spec, batch, height, width, kind)
         _log.info("gconvgen: GCONVGEN_AUTOTUNE=1, tuning %s on its first call", problem.describe())
         try:
             db.record({key: tune(problem, device).record()})
@@ -54,7 +56,7 @@ def choice_for(spec: ConvSpec, device: torch.device, batch: int, height: int, wi
 def launch_chosen(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   out: torch.Tensor) -> torch.Tensor:
     """Run ``spec`` on NCHW-indexed x [N, C_in, H, W] and weight [C_out, ci, kh, kw] as the database says:
-    the generated kernel with the tuned (or default) config into ``out``, or aten where aten won.
+    the tuned (or the planner's default) kernel family and config into ``out``, or aten where aten won.
     Returns the output, in ``out``'s memory format."""
     if out.numel() == 0:  # an empty batch: nothing to choose or compute
         return out
@@ -62,4 +64,4 @@ def launch_chosen(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: O
     if choice.kind == ATEN:
         result = aten_conv2d(spec, x, weight, bias)
         return result if result.stride() == out.stride() else out.copy_(result)
-    return compiled_for(spec, x.device).launch(x, weight, bias, out, choice.config)
+    return compiled_for(spec, x.device, choice.family).launch(x, weight, bias, out, choice.config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -33,10 +34,12 @@ KERNEL = "kernel"  # the record's choice when a generated kernel won
 
 
 @functools.cache
-def _template_hash(family: str) -> str:
-    """Hash of the one template a family renders from (other templates changing does not matter)."""
-    source = (data_dir("templates") / codegen.TEMPLATES[family]).read_bytes()
-    return hashlib.sha256(str(codegen.TEMPLATE_SCHEMA_VERSION).encode() + source).hexdigest()[:12]
+def _template_hash(templates: tuple[str, ...]) -> str:
+    """Hash of the templates a key's tuning compared (other templates changing does not matter)."""
+    digest = hashlib.sha256(str(codegen.TEMPLATE_SCHEMA_VERSION).encode())
+    for name in templates:
+        digest.update((data_dir("templates") / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -44,7 +47,9 @@ def key_of(problem: Problem, target: str, allow_tf32: bool) -> str:
     """The one key a tuning result is stored under. A result is invalid when any of these changes:
 
     - the device: ``target`` is the GPU's name and compute capability (or 'interpreter');
-    - the Triton version, and the kernel family's template source (they decide the generated code);
+    - which kernel: the forward conv, or the backward kernel grad_input / grad_weight (the uri's first word);
+    - the Triton version, and the template sources of every family tuning compared (every forward family the
+      planner offers, or the one backward template): they decide the generated code, and which family wins;
     - the dtype, and for float32 whether TF32 is allowed (a different tl.dot);
     - the activation layout (nchw / nhwc / strided);
     - the shape: in/out channels, batch, input height and width, kernel size;
@@ -52,21 +57,39 @@ def key_of(problem: Problem, target: str, allow_tf32: bool) -> str:
     - the channel policy and the channel masks the planner lowered it to.
 
     It reads like ``NVIDIA H200 sm_90|triton 3.6.0|t=...|igemm_ci128_..._nhwc_bfloat16|n64_h56_w56|strict``.
+    The batch size alone is soft: an untuned key runs the record of the same layer at the nearest tuned
+    batch size (TuningDatabase.lookup_nearest).
     """
     spec = problem.spec
     conv_plan = planned(spec, knobs.padding_budget())
-    uri = codegen.kernel_uri(conv_plan, interpret=target == "interpreter", allow_tf32=allow_tf32)
-    parts = [target, f"triton {triton.__version__}", f"t={_template_hash(conv_plan.family)}", uri,
+    uri = codegen.kernel_uri(conv_plan, interpret=target == "interpreter", allow_tf32=allow_tf32, kind=problem.kind)
+    if problem.kind == "forward":
+        templates = tuple(codegen.TEMPLATES[family] for family in conv_plan.families)
+    else:
+        templates = (codegen.GRAD_TEMPLATES[problem.kind, conv_plan.backward_family],)
+    parts = [target, f"triton {triton.__version__}", f"t={_template_hash(templates)}", uri,
              f"n{problem.batch}_h{problem.height}_w{problem.width}", spec.channel_policy]
     return "|".join(parts)
 
 
+def _without_batch(key: str) -> tuple[str, int]:
+    """(the key with its batch size left out, the batch size): keys of one layer at other batch sizes share
+    the first. A key not of key_of's form gives (key, 0)."""
+    parts = key.split("|")
+    batch, _, sizes = parts[4].partition("_") if len(parts) == 6 else ("", "", "")
+    if not (batch.startswith("n") and batch[1:].isdigit() and int(batch[1:]) > 0):
+        return key, 0
+    return "|".join([*parts[:4], sizes, *parts[5:]]), int(batch[1:])
+
+
 @dataclass(frozen=True)
 class Choice:
-    """What the runtime runs for a key: a tuned kernel config, aten, or (untuned) the heuristic default."""
+    """What the runtime runs for a key: a tuned kernel config of a forward family, aten, or (untuned) the
+    planner's default family with its heuristic default config."""
 
     kind: str                       # KERNEL, ATEN or "default"
     config: Optional[KernelConfig] = None
+    family: Optional[str] = None    # None: the planner's default family
 
 
 DEFAULT = Choice("default")
@@ -77,16 +100,20 @@ def choice_of(record: dict) -> Choice:
     if record.get("choice") == ATEN:
         return Choice(ATEN)
     if record.get("choice") == KERNEL:
+        family = record.get("family")
+        if family is not None and family not in codegen.TEMPLATES:
+            raise ValueError(f"record's family={family!r} is not a kernel family; known: {sorted(codegen.TEMPLATES)}")
         try:
-            return Choice(KERNEL, KernelConfig(**record["config"]))
+            return Choice(KERNEL, KernelConfig(**record["config"]), family)
         except (KeyError, TypeError) as error:
             raise ValueError(f"record's config {record.get('config')!r} is not a KernelConfig: {error}") from None
     raise ValueError(f"record's choice={record.get('choice')!r}; expected {KERNEL!r} or {ATEN!r}")
 
 
-def kernel_record(config: KernelConfig) -> dict:
-    """The choice part of a record for a winning kernel config."""
-    return {"choice": KERNEL, "config": asdict(config)}
+def kernel_record(config: KernelConfig, family: Optional[str] = None) -> dict:
+    """The choice part of a record for a winning kernel config of ``family`` (None: the planner's default)."""
+    record = {"choice": KERNEL, "config": asdict(config)}
+    return record if family is None else {**record, "family": family}
 
 
 def user_database_path() -> Path:
@@ -186,12 +213,23 @@ class TuningDatabase:
         """The record stored under ``key``, or None when it is untuned."""
         return self.entries().get(key)
 
+    def lookup_nearest(self, key: str) -> Optional[dict]:
+        """The record of ``key``, else of the same layer tuned at the nearest batch size (a config is correct
+        at any batch size, and the best one rarely changes with it), else None."""
+        record = self.lookup(key)
+        if record is not None:
+            return record
+        layer, batch = _without_batch(key)
+        tuned = [(abs(math.log(other / batch)), -other, other_key) for other_key in self.entries()
+                 for other_layer, other in [_without_batch(other_key)] if batch and other and other_layer == layer]
+        return self.entries()[min(tuned)[2]] if tuned else None
+
     def choice(self, key: str) -> Choice:
-        """What to run for ``key``, memoised: a warm lookup is one dict access, no file I/O."""
+        """What to run for ``key`` (see lookup_nearest), memoised: a warm lookup is one dict access, no file I/O."""
         found = self._choices.get(key)
         if found is not None:
             return found
-        record = self.lookup(key)
+        record = self.lookup_nearest(key)
         try:
             found = DEFAULT if record is None else choice_of(record)
         except ValueError as error:
@@ -212,8 +250,7 @@ class TuningDatabase:
         with self._mutex:
             if self._entries is not None:
                 self._entries.update(new_entries)
-            for key in new_entries:
-                self._choices.pop(key, None)
+            self._choices = {}  # a new record may be the nearest batch size of other keys
 
     def export(self, path: Path) -> int:
         """Write the user's records to ``path`` as a database gconvgen can ship in tuning/databases/;

@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import triton
 
+from ..codegen import KINDS
 from ..ir import ConvSpec, check
 from ..resources import data_dir
 from ..runtime.kernels import KernelConfig, device_target, launch_grid
@@ -26,15 +28,21 @@ ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 @dataclass(frozen=True)
 class Problem:
-    """One layer at one input size: what a tuning result is for. ``spec`` fixes the kernel, the batch
-    and spatial size fix the grid and the timings."""
+    """One layer at one input size, and which of its kernels: what a tuning result is for. ``spec`` fixes
+    the kernel, the batch and the (forward input's) spatial size fix the grid and the timings. A backward
+    kernel's spec has no bias (the bias gradient has a kernel of its own): make one with ``backward``."""
 
     spec: ConvSpec
     batch: int
     height: int
     width: int
+    kind: str = "forward"  # or the backward kernel: 'grad_input', 'grad_weight'
 
     def __post_init__(self) -> None:
+        check(self.kind in KINDS, f"kind={self.kind!r} is not a kernel kind; use one of {KINDS}")
+        check(self.kind == "forward" or not self.spec.bias,
+              f"a {self.kind} problem's spec has bias=False (the bias gradient has a kernel of its own); "
+              f"use Problem.backward({self.kind!r})")
         for name in ("batch", "height", "width"):
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -43,6 +51,11 @@ class Problem:
         check(out_height >= 1 and out_width >= 1,
               f"a {self.height}x{self.width} input is smaller than the {self.spec.kernel_size} kernel with padding "
               f"{self.spec.padding}; use a larger height/width")
+
+    def backward(self, kind: str) -> "Problem":
+        """The same layer's backward kernel ``kind`` ('grad_input' or 'grad_weight'), as the backward ops run it."""
+        check(kind in ("grad_input", "grad_weight"), f"kind={kind!r} must be 'grad_input' or 'grad_weight'")
+        return Problem(replace(self.spec, bias=False), self.batch, self.height, self.width, kind)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -56,9 +69,11 @@ class Problem:
         return self.batch * out_height * out_width
 
     def describe(self) -> str:
-        """A short readable description, e.g. 'N=64 128->128 @56x56 g32 k3x3 s1 bfloat16 nhwc'."""
+        """A short readable description, e.g. 'N=64 128->128 @56x56 g32 k3x3 s1 bfloat16 nhwc'
+        ('grad_weight N=64 ...' for a backward kernel)."""
         spec = self.spec
-        return (f"N={self.batch} {spec.in_channels}->{spec.out_channels} @{self.height}x{self.width} g{spec.groups} "
+        kind = "" if self.kind == "forward" else f"{self.kind} "
+        return (f"{kind}N={self.batch} {spec.in_channels}->{spec.out_channels} @{self.height}x{self.width} g{spec.groups} "
                 f"k{spec.kernel_size[0]}x{spec.kernel_size[1]} s{spec.stride[0]} {spec.dtype} {spec.layout}")
 
 
@@ -88,16 +103,32 @@ def device_facts(device: torch.device) -> DeviceFacts:
                        getattr(props, "shared_memory_per_block_optin", 0), getattr(props, "L2_cache_size", 0))
 
 
-def config_name(config: KernelConfig) -> str:
-    """A short readable name, e.g. 'm128 n16 k32 w4 s3'."""
-    return (f"m{config.block_m} n{config.block_n} k{config.block_k} "
-            f"w{config.num_warps} s{config.num_stages}")
+def config_name(config: KernelConfig, family: str | None) -> str:
+    """A short readable name, e.g. 'igemm m128 n16 k32 w4 s3' (no family: 'm128 n16 k32 w4 s3')."""
+    name = f"m{config.block_m} n{config.block_n} k{config.block_k} w{config.num_warps} s{config.num_stages}"
+    return name if family is None else f"{family} {name}"
 
 
 # ---------------------------------------------------------------------------------------------- pruning rules
 # Each rule takes (configs, problem, facts, family, params) and returns the configs it keeps.
 
 Rule = Callable[[list[KernelConfig], Problem, DeviceFacts, str, dict], list[KernelConfig]]
+
+# The sizes a tile side can be held to (the `extent` of a tile_within rule), read off a problem.
+EXTENTS: dict[str, Callable[[Problem], int]] = {
+    "in_channels": lambda p: p.spec.in_channels,
+    "out_channels": lambda p: p.spec.out_channels,
+    "in_channels_per_group": lambda p: p.spec.in_channels_per_group,
+    "out_channels_per_group": lambda p: p.spec.out_channels_per_group,
+    "input_pixels": lambda p: p.batch * p.height * p.width,
+    "output_pixels": lambda p: p.output_pixels,
+    "output_rows": lambda p: p.batch * p.output_size[0],
+    "output_width": lambda p: p.output_size[1],
+    # in_channels_per_group x taps: the forward's reduction, and the columns of a grad-weight tile
+    "weight_columns": lambda p: p.spec.in_channels_per_group * p.spec.kernel_size[0] * p.spec.kernel_size[1],
+    # out_channels_per_group x taps: the reduction of grad-input
+    "transposed_reduction": lambda p: p.spec.out_channels_per_group * p.spec.kernel_size[0] * p.spec.kernel_size[1],
+}
 
 
 def _within(configs: list[KernelConfig], axis: str, extent: int, minimum: int) -> list[KernelConfig]:
@@ -107,28 +138,16 @@ def _within(configs: list[KernelConfig], axis: str, extent: int, minimum: int) -
     return [c for c in configs if getattr(c, axis) <= limit]
 
 
-def block_n_within_channels(configs, problem, facts, family, params):
-    """Drop channel tiles wider than the output channels (per group for igemm)."""
-    channels = problem.spec.out_channels_per_group if family == "igemm" else problem.spec.out_channels
-    return _within(configs, "block_n", channels, params.get("min", 1))
-
-
-def block_k_within_reduction(configs, problem, facts, family, params):
-    """Drop reduction steps longer than in_channels_per_group * kh * kw."""
-    spec = problem.spec
-    reduction = spec.in_channels_per_group * spec.kernel_size[0] * spec.kernel_size[1]
-    return _within(configs, "block_k", reduction, params.get("min", 1))
-
-
-def block_m_within_pixels(configs, problem, facts, family, params):
-    """Drop pixel tiles larger than all output pixels of the batch."""
-    return _within(configs, "block_m", problem.output_pixels, params.get("min", 1))
+def tile_within(configs, problem, facts, family, params):
+    """Drop ``axis`` tiles longer than the problem's ``extent`` (one of EXTENTS) needs."""
+    return _within(configs, params["axis"], EXTENTS[params["extent"]](problem), params.get("min", 1))
 
 
 def tile_elements(configs, problem, facts, family, params):
-    """Keep tiles of min <= BLOCK_M * BLOCK_N <= max outputs."""
+    """Keep tiles of min <= outputs <= max: BLOCK_M * BLOCK_N, times BLOCK_K columns for depthwise_gemm."""
     low, high = params.get("min", 0), params.get("max", float("inf"))
-    return [c for c in configs if low <= c.block_m * c.block_n <= high]
+    return [c for c in configs
+            if low <= c.block_m * c.block_n * (c.block_k if family == "depthwise_gemm" else 1) <= high]
 
 
 def tile_fits_layout(configs, problem, facts, family, params):
@@ -153,7 +172,7 @@ def shared_memory_fits(configs, problem, facts, family, params):
 def fills_the_gpu(configs, problem, facts, family, params):
     """Keep grids of at least waves x multiprocessors programs; when none is, the grids with the most."""
     def programs(config: KernelConfig) -> int:
-        return functools.reduce(lambda a, b: a * b, launch_grid(problem.spec, family, config, problem.output_pixels))
+        return math.prod(launch_grid(problem.spec, family, config, problem.batch, *problem.output_size))
 
     wanted = (facts.multiprocessors or params["default_multiprocessors"]) * params.get("waves", 1)
     full = [c for c in configs if programs(c) >= wanted]
@@ -164,8 +183,7 @@ def fills_the_gpu(configs, problem, facts, family, params):
 
 
 RULES: dict[str, Rule] = {rule.__name__: rule for rule in (
-    block_n_within_channels, block_k_within_reduction, block_m_within_pixels, tile_elements, tile_fits_layout,
-    shared_memory_fits, fills_the_gpu,
+    tile_within, tile_elements, tile_fits_layout, shared_memory_fits, fills_the_gpu,
 )}
 
 
@@ -218,7 +236,7 @@ def _frozen_axes(axes: dict, where: str) -> tuple[tuple[str, tuple[int, ...]], .
 
 @functools.cache
 def load_space(family: str, kind: str) -> SearchSpace:
-    """The search space of ``family`` ('igemm' or 'depthwise') for ``kind`` ('gpu' or 'interpreter').
+    """The search space of ``family`` ('igemm', 'depthwise' or 'depthwise_gemm') for ``kind`` ('gpu' or 'interpreter').
 
     Raises FileNotFoundError when the file is missing, ValueError when it is malformed (naming the field).
     """
@@ -232,6 +250,10 @@ def load_space(family: str, kind: str) -> SearchSpace:
     rules = []
     for rule in data.get("pruning", []):
         check(rule.get("rule") in RULES, f"{path}: unknown pruning rule {rule.get('rule')!r}; known: {sorted(RULES)}")
+        check(rule["rule"] != "tile_within" or (rule.get("extent") in EXTENTS
+                                                and rule.get("axis") in ("block_m", "block_n", "block_k")),
+              f"{path}: tile_within needs axis (block_m, block_n or block_k) and extent (one of {sorted(EXTENTS)}); "
+              f"got {rule}")
         if kind in rule.get("targets", ("gpu", "interpreter")):
             params = tuple((k, v) for k, v in rule.items() if k not in ("rule", "targets", "why"))
             rules.append((rule["rule"], params))

@@ -1,7 +1,8 @@
 """The tuner: time every candidate of a problem's search space, keep only the correct ones, pick the fastest.
 
-Candidates are PyTorch's own conv (the baseline, so a tuned layer is never slower than aten), the heuristic
-default config, stage one of the search space (tiles) and stage two (launch settings of the fastest tiles).
+Candidates are PyTorch's own conv (the baseline, so a tuned layer is never slower than aten) and, for every
+forward kernel family the planner offers, its heuristic default config, stage one of its search space
+(tiles) and stage two (launch settings of its fastest tiles).
 Every candidate's output is checked against a float64 reference before its time counts; a candidate that
 fails to compile or run is dropped with the reason. On a GPU the timer is ``triton.testing.do_bench``
 (median, after warm-up, rotating input copies when they fit in L2); under Triton's interpreter on CPU it is
@@ -10,28 +11,30 @@ a ``time.perf_counter`` median, labelled as such: those timings say nothing abou
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from .. import knobs
-from ..ir import check
-from ..runtime.fallback import aten_conv2d
+from ..ir import ConvSpec, check
+from ..runtime.fallback import aten_conv2d, aten_conv2d_backward
+from ..runtime.grad_kernels import default_grad_config, grad_kernel_for
 from ..runtime.kernels import TORCH_DTYPES, KernelConfig, compiled_for, default_config, planned
 from .database import ATEN, kernel_record, key_of
-from .space import DeviceFacts, Problem, config_name, device_facts, load_space
+from .space import DeviceFacts, Problem, SearchSpace, config_name, device_facts, load_space
 
 # Allowed error, relative to |reference| + rms(reference): output rounding plus accumulation order.
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "tf32": 5e-3, "float16": 5e-3, "bfloat16": 2e-2}
 CPU_TIMER_LABEL = "cpu-interpreter timer (perf_counter median; says nothing about GPU speed)"
 GPU_TIMER_LABEL = "triton.testing.do_bench median"
 
-Runner = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
+Runner = Callable[..., torch.Tensor]  # runner(*arguments, out) -> the result (see Workload)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -101,12 +104,16 @@ def random_activation(problem: Problem, device: torch.device, generator: torch.G
     return x[..., ::2] if spec.layout == "strided" else x
 
 
+def _memory_format(spec: ConvSpec) -> torch.memory_format:
+    """Where the op writes outputs and gradients of activations in ``spec``'s layout."""
+    return torch.channels_last if spec.layout == "nhwc" else torch.contiguous_format
+
+
 def allocate_output(problem: Problem, like: torch.Tensor) -> torch.Tensor:
     """An output buffer [N, C_out, OH, OW] in the activation's memory format, filled with NaN."""
     spec = problem.spec
-    fmt = torch.channels_last if spec.layout == "nhwc" else torch.contiguous_format
     out = torch.empty(problem.batch, spec.out_channels, *problem.output_size, dtype=like.dtype, device=like.device,
-                      memory_format=fmt)
+                      memory_format=_memory_format(spec))
     return out.fill_(float("nan"))
 
 
@@ -118,16 +125,16 @@ def _same_strides(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Workload:
-    """The tensors every candidate of one problem runs on, and the float64 reference they must match.
+    """The arguments every candidate of one problem runs on, and the float64 reference they must match.
 
-    ``copies`` holds (x, out) pairs with the same values; timing rotates through them so that a working
-    set that fits in L2 is not served from L2 by the previous run.
+    A candidate is called as ``runner(*arguments, out)``: forward (x, weight, bias, out), grad_input
+    (grad_output, weight, grad_x) and grad_weight (x, grad_output, grad_weight). ``copies`` holds such
+    argument tuples with the same values; timing rotates through them so that a working set that fits in L2
+    is not served from L2 by the previous run (the weight, read by every program, is shared).
     """
 
     problem: Problem
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    copies: list[tuple[torch.Tensor, torch.Tensor]]
+    copies: list[tuple[Optional[torch.Tensor], ...]]
     reference: torch.Tensor
     tolerance: float
 
@@ -147,16 +154,32 @@ class Workload:
         weight = torch.randn(spec.weight_shape, generator=generator, device=device).to(dtype)
         if spec.layout == "nhwc":
             weight = weight.contiguous(memory_format=torch.channels_last)  # as model.to(channels_last) does
-        bias = torch.randn(spec.out_channels, generator=generator, device=device).to(dtype) if spec.bias else None
-        reference = aten_conv2d(spec, x.double(), weight.double(), None if bias is None else bias.double())
-        out = allocate_output(problem, x)
-        working_set = (x.numel() + out.numel()) * x.element_size()
+        if problem.kind == "forward":
+            bias = torch.randn(spec.out_channels, generator=generator, device=device).to(dtype) if spec.bias else None
+            arguments, varying = (x, weight, bias), (0,)
+            reference = aten_conv2d(spec, x.double(), weight.double(), None if bias is None else bias.double())
+            out = allocate_output(problem, x)
+        else:
+            grad_output = allocate_output(problem, x).copy_(
+                torch.randn(problem.batch, spec.out_channels, *problem.output_size, generator=generator, device=device))
+            needs = (problem.kind == "grad_input", problem.kind == "grad_weight")
+            grads = aten_conv2d_backward(spec, grad_output.double(), x.double(), weight.double(), needs)
+            if problem.kind == "grad_input":
+                arguments, varying, reference = (grad_output, weight), (0,), grads[0]
+                out = torch.full_like(x, float("nan"), memory_format=_memory_format(spec))
+            else:
+                arguments, varying, reference = (x, grad_output), (0, 1), grads[1]
+                out = torch.full(spec.weight_shape, float("nan"), dtype=dtype, device=device)
+        working_set = sum(arguments[i].numel() * arguments[i].element_size() for i in varying)
+        working_set += out.numel() * out.element_size()
         count = 1  # enough copies that one pass over them overflows L2 twice
         if 0 < working_set < facts.l2_bytes:
             count = min(256, math.ceil(2 * facts.l2_bytes / working_set))
-        copies = [(x, out)] + [(_same_strides(x), torch.empty_like(out)) for _ in range(count - 1)]
+        copies = [(*arguments, out)] + [
+            (*(_same_strides(a) if i in varying else a for i, a in enumerate(arguments)), torch.empty_like(out))
+            for _ in range(count - 1)]
         tf32 = spec.dtype == "float32" and allow_tf32
-        return cls(problem, weight, bias, copies, reference, TOLERANCE["tf32" if tf32 else spec.dtype])
+        return cls(problem, copies, reference, TOLERANCE["tf32" if tf32 else spec.dtype])
 
     def error_of(self, result: torch.Tensor) -> Optional[str]:
         """None when ``result`` matches the reference, else why it does not."""
@@ -172,15 +195,16 @@ class Workload:
             return f"wrong result: max error {error.max().item():.3g}, allowed {allowed.flatten()[worst].item():.3g}"
         return None
 
+    def check(self, runner: Runner) -> Optional[str]:
+        """Run ``runner`` once on the first copy, its output NaN-filled first: None when correct, else why not."""
+        *arguments, out = self.copies[0]
+        out.fill_(float("nan"))
+        return self.error_of(runner(*arguments, out))
+
     def timed(self, runner: Runner) -> Callable[[], object]:
-        """A no-argument call of ``runner`` that rotates through the input copies."""
+        """A no-argument call of ``runner`` that rotates through the argument copies."""
         rotation = itertools.cycle(self.copies)
-
-        def run() -> object:
-            x, out = next(rotation)
-            return runner(x, self.weight, self.bias, out)
-
-        return run
+        return lambda: runner(*next(rotation))
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -195,6 +219,7 @@ class Trial:
     status: str
     time_ms: Optional[float] = None
     detail: str = ""
+    family: Optional[str] = None  # the forward kernel family of a kernel config
 
 
 @dataclass(frozen=True)
@@ -220,10 +245,10 @@ class TuningResult:
     def record(self) -> dict:
         """The database record: the choice plus what it was measured against."""
         winner = self.winner
-        choice = {"choice": ATEN} if winner.config is None else kernel_record(winner.config)
+        choice = {"choice": ATEN} if winner.config is None else kernel_record(winner.config, winner.family)
         kernels = sorted((t for t in self.trials if t.status == "ok" and t.config is not None), key=lambda t: t.time_ms)
         if kernels:  # kept when aten wins too: the bench reports how far the best kernel is
-            choice["best_kernel"] = {**kernel_record(kernels[0].config), "time_ms": kernels[0].time_ms}
+            choice["best_kernel"] = {**kernel_record(kernels[0].config, kernels[0].family), "time_ms": kernels[0].time_ms}
         return {
             **choice,
             "time_ms": winner.time_ms,
@@ -246,21 +271,62 @@ def allows_tf32(device: torch.device) -> bool:
     return device.type == "cuda" and torch.backends.cudnn.allow_tf32
 
 
+def aten_runner(problem: Problem) -> Runner:
+    """PyTorch's own computation of ``problem``'s kernel: the baseline every tuning result must beat."""
+    spec = problem.spec
+    if problem.kind == "forward":
+        return lambda x, weight, bias, out: aten_conv2d(spec, x, weight, bias)
+    if problem.kind == "grad_input":
+        return lambda grad_output, weight, out: aten_conv2d_backward(spec, grad_output, out, weight, (True, False))[0]
+    return lambda x, grad_output, out: aten_conv2d_backward(spec, grad_output, x, out, (False, True))[1]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kernel family a problem can run: its compiled kernel, search space and heuristic default config."""
+
+    name: str
+    kernel: object  # CompiledConv, GradInputKernel or GradWeightKernel: .launch(*arguments, out, config)
+    space: SearchSpace
+    default: KernelConfig
+
+
+def families_of(problem: Problem, device: torch.device, facts: DeviceFacts) -> list[Family]:
+    """The kernel families tuning ``problem`` searches, the planner's default first: every forward family the
+    planner offers, or the one backward family (space ``<kind>_<family>``)."""
+    spec, interpret = problem.spec, facts.kind == "interpreter"
+    conv_plan = planned(spec, knobs.padding_budget())
+    if problem.kind == "forward":
+        return [Family(name, compiled_for(spec, device, name), load_space(name, facts.kind),
+                       default_config(spec, name, interpret=interpret)) for name in conv_plan.families]
+    family = conv_plan.backward_family
+    return [Family(family, grad_kernel_for(problem.kind, spec, device), load_space(f"{problem.kind}_{family}", facts.kind),
+                   default_grad_config(problem.kind, spec, family, interpret=interpret))]
+
+
 def planned_trials(problem: Problem, facts: DeviceFacts) -> int:
     """About how many trials tuning ``problem`` takes (for a progress bar's ETA)."""
-    space = load_space(planned(problem.spec, knobs.padding_budget()).family, facts.kind)
-    first = space.stage_one(problem, facts)
-    return 2 + len(first) + len(space.stage_two(first[: space.finalists], problem, facts))
+    conv_plan = planned(problem.spec, knobs.padding_budget())
+    names = conv_plan.families if problem.kind == "forward" else (f"{problem.kind}_{conv_plan.backward_family}",)
+    trials = 1  # aten
+    for name in names:
+        space = load_space(name, facts.kind)
+        first = space.stage_one(problem, facts)
+        trials += 1 + len(first) + len(space.stage_two(first[: space.finalists], problem, facts))
+    return trials
 
 
 def tune(problem: Problem, device: torch.device | str, *, extra_configs: Sequence[KernelConfig] = (),
          extra_runners: Sequence[tuple[str, Runner]] = (), on_trial: Optional[Callable[[Trial], None]] = None,
          timer: Optional[Timer] = None) -> TuningResult:
-    """Tune ``problem`` on ``device`` (CPU runs Triton's interpreter, which must be on).
+    """Tune ``problem`` (its forward kernel, or the backward kernel ``problem.kind``) on ``device`` (CPU runs
+    Triton's interpreter, which must be on).
 
-    ``extra_configs`` and ``extra_runners`` (name, runner(x, weight, bias, out) -> out) join stage one and are
-    checked and timed like the rest; only kernel configs and aten can win. ``on_trial`` sees each trial as
-    it finishes. Raises RuntimeError when not even aten runs correctly.
+    Every kernel family of the problem is searched: its default config, then its search space in two
+    stages. ``extra_configs`` (of the default family) and ``extra_runners`` (name, runner(*arguments, out)
+    -> out; see Workload) join stage one and are checked and timed like the rest; only kernel configs and
+    aten can win. ``on_trial`` sees each trial as it finishes. Raises RuntimeError when not even aten runs
+    correctly.
     """
     device = torch.device(device)
     check(device.type == "cuda" or knobs.interpret(),
@@ -268,52 +334,47 @@ def tune(problem: Problem, device: torch.device | str, *, extra_configs: Sequenc
     facts = device_facts(device)
     allow_tf32 = allows_tf32(device)
     timer = timer or timer_for(device)
-    compiled = compiled_for(problem.spec, device)
-    space = load_space(compiled.family, facts.kind)
     workload = Workload.create(problem, device, facts, allow_tf32)
     trials: list[Trial] = []
 
-    def attempt(name: str, config: Optional[KernelConfig], runner: Runner) -> Trial:
-        trial = _try(workload, timer, name, config, runner)
+    def attempt(name: str, runner: Runner, config: Optional[KernelConfig] = None, family: Optional[str] = None):
+        trial = _try(workload, timer, Trial(name, config, "", family=family), runner)
         trials.append(trial)
         if on_trial:
             on_trial(trial)
-        return trial
 
-    def kernel_runner(config: KernelConfig) -> Runner:
-        return lambda x, weight, bias, out: compiled.launch(x, weight, bias, out, config)
-
-    spec = problem.spec
     with cudnn_benchmark():
-        attempt(ATEN, None, lambda x, weight, bias, out: aten_conv2d(spec, x, weight, bias))
-    default = default_config(spec, compiled.family, interpret=facts.kind == "interpreter")
-    attempt("default", default, kernel_runner(default))
+        attempt(ATEN, aten_runner(problem))
     for name, runner in extra_runners:
-        attempt(name, None, runner)
-    tried = {default}
-    for config in [*extra_configs, *space.stage_one(problem, facts)]:
-        if config not in tried:
-            tried.add(config)
-            attempt(config_name(config), config, kernel_runner(config))
-    ranked = sorted((t for t in trials if t.status == "ok" and t.config is not None), key=lambda t: t.time_ms)
-    for config in space.stage_two([t.config for t in ranked[: space.finalists]], problem, facts):
-        if config not in tried:
-            tried.add(config)
-            attempt(config_name(config), config, kernel_runner(config))
+        attempt(name, runner)
+    families = families_of(problem, device, facts)
+    for family in families:
+        def try_configs(configs: Iterable[KernelConfig], tried: set[KernelConfig]) -> None:
+            for config in configs:
+                if config not in tried:
+                    tried.add(config)
+                    attempt(config_name(config, family.name), functools.partial(family.kernel.launch, config=config),
+                            config, family.name)
+
+        # the default family with its default config is what an untuned key runs: named "default"
+        attempt("default" if family is families[0] else f"{family.name} default",
+                functools.partial(family.kernel.launch, config=family.default), family.default, family.name)
+        tried = {family.default}
+        try_configs([*(extra_configs if family is families[0] else ()), *family.space.stage_one(problem, facts)], tried)
+        ranked = sorted((t for t in trials if t.status == "ok" and t.family == family.name), key=lambda t: t.time_ms)
+        try_configs(family.space.stage_two([t.config for t in ranked[: family.space.finalists]], problem, facts), tried)
     return TuningResult(problem, key_of(problem, facts.target, allow_tf32), timer.label, tuple(trials))
 
 
-def _try(workload: Workload, timer: Timer, name: str, config: Optional[KernelConfig], runner: Runner) -> Trial:
+def _try(workload: Workload, timer: Timer, candidate: Trial, runner: Runner) -> Trial:
     """Check one candidate against the reference, then time it; any exception drops it with the reason."""
-    x, out = workload.copies[0]
     try:
-        out.fill_(float("nan"))
-        error = workload.error_of(runner(x, workload.weight, workload.bias, out))
+        error = workload.check(runner)
         if error:
-            return Trial(name, config, "wrong", detail=error)
-        return Trial(name, config, "ok", timer.measure(workload.timed(runner)))
+            return replace(candidate, status="wrong", detail=error)
+        return replace(candidate, status="ok", time_ms=timer.measure(workload.timed(runner)))
     except KeyboardInterrupt:
         raise
     except Exception as failure:  # a compile error, out of resources, a bad launch: drop the candidate
         first_line = (str(failure).strip().splitlines() or [""])[0][:200]
-        return Trial(name, config, "failed", detail=f"{type(failure).__name__}: {first_line}")
+        return replace(candidate, status="failed", detail=f"{type(failure).__name__}: {first_line}")

@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 
 from .. import knobs
+from ..autotune.choice import choice_for
+from ..autotune.database import ATEN, DEFAULT, Choice
 from ..ir import ConvSpec, check
 from .fallback import aten_conv2d_backward
 from .grad_kernels import grad_bias_kernel, grad_kernel_for
@@ -40,6 +42,12 @@ def _runs_on_aten(device: torch.device) -> bool:
         _fallback("CPU tensors and TRITON_INTERPRET is not set")
         return True
     return False
+
+
+def _choice(kind: str, spec: ConvSpec, device: torch.device, input_size: Sequence[int]) -> Choice:
+    """The tuning database's choice for backward kernel ``kind`` at this input size (an empty batch has none)."""
+    batch, _, height, width = input_size
+    return choice_for(spec, device, batch, height, width, kind) if batch else DEFAULT
 
 
 def _check_grad_output(grad_output: torch.Tensor, reference: torch.Tensor, name: str) -> None:
@@ -71,8 +79,12 @@ def conv2d_grad_input_op(grad_output: torch.Tensor, weight: torch.Tensor, input_
         x_shaped = grad_output.new_zeros(tuple(input_size))
         grad_x, _ = aten_conv2d_backward(spec, grad_output, x_shaped, weight, (True, False))
         return grad_x.contiguous(memory_format=output_memory_format(grad_output))
+    choice = _choice("grad_input", spec, grad_output.device, input_size)
+    if choice.kind == ATEN:  # tuning found aten faster for this key
+        grad_x, _ = aten_conv2d_backward(spec, grad_output, grad_output.new_empty(tuple(input_size)), weight, (True, False))
+        return grad_x.contiguous(memory_format=output_memory_format(grad_output))
     grad_x = _allocate_grad_input(grad_output, input_size)
-    return grad_kernel_for("grad_input", spec, grad_output.device).launch(grad_output, weight, grad_x)
+    return grad_kernel_for("grad_input", spec, grad_output.device).launch(grad_output, weight, grad_x, choice.config)
 
 
 @conv2d_grad_input_op.register_fake
@@ -96,8 +108,12 @@ def conv2d_grad_weight_op(grad_output: torch.Tensor, x: torch.Tensor, weight_siz
         weight_shaped = x.new_zeros(tuple(weight_size))
         _, grad_weight = aten_conv2d_backward(spec, grad_output, x, weight_shaped, (False, True))
         return grad_weight.contiguous()
+    choice = _choice("grad_weight", spec, x.device, x.shape)
+    if choice.kind == ATEN:  # tuning found aten faster for this key
+        _, grad_weight = aten_conv2d_backward(spec, grad_output, x, x.new_empty(tuple(weight_size)), (False, True))
+        return grad_weight.contiguous()
     grad_weight = x.new_empty(tuple(weight_size))
-    return grad_kernel_for("grad_weight", spec, x.device).launch(x, grad_output, grad_weight)
+    return grad_kernel_for("grad_weight", spec, x.device).launch(x, grad_output, grad_weight, choice.config)
 
 
 @conv2d_grad_weight_op.register_fake

@@ -109,10 +109,10 @@ class _PlannedGradKernel(_LoadedKernel):
 
     def __init__(self, conv_plan: Plan, target: str, *, allow_tf32: bool):
         interpret = target == "interpreter"
-        self.spec, self.family = conv_plan.spec, conv_plan.family
+        self.spec, self.family = conv_plan.spec, conv_plan.backward_family
         super().__init__(target, codegen.kernel_uri(conv_plan, interpret=interpret, allow_tf32=allow_tf32, kind=self.kind),
                          lambda: codegen.render(conv_plan, interpret=interpret, allow_tf32=allow_tf32, kind=self.kind),
-                         default_grad_config(self.kind, conv_plan.spec, conv_plan.family, interpret=interpret))
+                         default_grad_config(self.kind, conv_plan.spec, self.family, interpret=interpret))
 
 
 class GradInputKernel(_PlannedGradKernel):

@@ -19,8 +19,10 @@ TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One launch configuration. block_m tiles output pixels, block_n output channels (per group for
-    igemm), block_k the reduction (igemm only; 0 for depthwise)."""
+    """One launch configuration. block_n tiles output channels (per group for igemm). block_m tiles output
+    pixels, except for depthwise_gemm, where it tiles output rows (over batch x out_height). block_k is the
+    reduction step: igemm's slice of in_channels_per_group x kh x kw; depthwise_gemm's slice of the input
+    band, which is also its strip of output columns; 0 (unused) for the direct depthwise kernel."""
 
     block_m: int
     block_n: int
@@ -31,7 +33,7 @@ class KernelConfig:
     def meta(self, family: str) -> dict:
         """The launch keywords of a ``family`` kernel: its BLOCK_* constexprs, num_warps and num_stages."""
         blocks = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
-        if family == "igemm":
+        if family in ("igemm", "depthwise_gemm"):
             blocks["BLOCK_K"] = self.block_k
         return {**blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
@@ -56,6 +58,12 @@ def default_config(spec: ConvSpec, family: str, *, interpret: bool) -> KernelCon
             num_warps=4,
             num_stages=1 if interpret else 3,
         )
+    if family == "depthwise_gemm":  # accumulators: block_n x block_m x block_k
+        if interpret:
+            return KernelConfig(block_m=32, block_n=pow2_between(spec.out_channels, 1, 16), block_k=16, num_stages=1)
+        if spec.layout == "nhwc":  # channels are contiguous: enough of them for 16-byte loads
+            return KernelConfig(block_m=32, block_n=pow2_between(spec.out_channels, 1, 8), block_k=32)
+        return KernelConfig(block_m=64, block_n=pow2_between(spec.out_channels, 1, 2), block_k=32)
     if interpret:
         return KernelConfig(block_m=256, block_n=pow2_between(spec.out_channels, 1, 64), block_k=0, num_stages=1)
     if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
@@ -63,12 +71,17 @@ def default_config(spec: ConvSpec, family: str, *, interpret: bool) -> KernelCon
     return KernelConfig(block_m=128, block_n=pow2_between(spec.out_channels, 1, 8), block_k=0)
 
 
-def launch_grid(spec: ConvSpec, family: str, config: KernelConfig, pixels: int) -> tuple[int, ...]:
-    """The launch grid for ``pixels`` output pixels (batch * out_height * out_width): igemm runs
-    (pixel tiles, channel tiles per group, groups), depthwise (pixel tiles, channel tiles)."""
+def launch_grid(spec: ConvSpec, family: str, config: KernelConfig, batch: int, out_height: int,
+                out_width: int) -> tuple[int, ...]:
+    """The launch grid of a forward kernel: igemm runs (pixel tiles, channel tiles per group, groups),
+    depthwise (pixel tiles, channel tiles), depthwise_gemm (row tiles, column strips, channel tiles)."""
+    pixels = batch * out_height * out_width
     if family == "igemm":
         return (triton.cdiv(pixels, config.block_m), triton.cdiv(spec.out_channels_per_group, config.block_n),
                 spec.groups)
+    if family == "depthwise_gemm":
+        return (triton.cdiv(batch * out_height, config.block_m), triton.cdiv(out_width, config.block_k),
+                triton.cdiv(spec.out_channels, config.block_n))
     return (triton.cdiv(pixels, config.block_m), triton.cdiv(spec.out_channels, config.block_n))
 
 
@@ -110,11 +123,10 @@ class CompiledConv:
         config = config or self.config
         batch, _, height, width = x.shape
         out_height, out_width = out.shape[2], out.shape[3]
-        pixels = batch * out_height * out_width
-        if pixels == 0:
+        if batch * out_height * out_width == 0:
             return out
         with on_device(x.device):
-            self.kernel[launch_grid(self.spec, self.family, config, pixels)](
+            self.kernel[launch_grid(self.spec, self.family, config, batch, out_height, out_width)](
                 x, weight, bias if bias is not None else weight, out,
                 batch, height, width, *x.stride(),
                 *weight.stride(),
@@ -131,18 +143,21 @@ def on_device(device: torch.device):
 
 
 @functools.lru_cache(maxsize=1024)
-def planned(spec: ConvSpec, padding_budget: float) -> Plan:
-    """``plan`` memoised per spec: the API checks every call against it, so it must cost nothing warm."""
-    return plan(spec, padding_budget=padding_budget)
+def planned(spec: ConvSpec, padding_budget: float, family: str | None = None) -> Plan:
+    """``plan`` memoised per spec (and forward family; None is the planner's default): the API checks every
+    call against it, so it must cost nothing warm."""
+    return plan(spec, padding_budget=padding_budget, family=family)
 
 
 @functools.lru_cache(maxsize=1024)
-def compiled(spec: ConvSpec, target: str, allow_tf32: bool, padding_budget: float) -> CompiledConv:
+def compiled(spec: ConvSpec, target: str, allow_tf32: bool, padding_budget: float,
+             family: str | None = None) -> CompiledConv:
     """The in-process memo: a warm call does no planning, rendering, hashing of sources or file I/O."""
-    return CompiledConv(planned(spec, padding_budget), target, allow_tf32=allow_tf32)
+    return CompiledConv(planned(spec, padding_budget, family), target, allow_tf32=allow_tf32)
 
 
-def compiled_for(spec: ConvSpec, device: torch.device) -> CompiledConv:
-    """The compiled kernel for ``spec`` on ``device`` (CPU means Triton's interpreter)."""
+def compiled_for(spec: ConvSpec, device: torch.device, family: str | None = None) -> CompiledConv:
+    """The compiled forward kernel of ``family`` (default: the planner's choice) for ``spec`` on ``device``
+    (CPU means Triton's interpreter)."""
     allow_tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
-    return compiled(spec, device_target(device), allow_tf32, knobs.padding_budget())
+    return compiled(spec, device_target(device), allow_tf32, knobs.padding_budget(), family)

@@ -57,10 +57,12 @@ def main() -> None:
 @click.option("--layout", type=click.Choice(LAYOUTS), default="nhwc", show_default=True)
 @click.option("--channel-policy", type=click.Choice(CHANNEL_POLICIES), default="strict", show_default=True)
 @click.option("--padding-budget", type=float, default=None, help="Max extra work from channel padding (0.5 = 50%).")
+@click.option("--family", default=None,
+              help="Print this forward kernel family's kernel (one the plan offers). Default: the planner's choice.")
 @click.option("--interpret", is_flag=True, help="Print the variant rendered for Triton's interpreter.")
 @click.option("--source/--no-source", default=True, show_default=True, help="Print the generated kernel source.")
 def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, input_size, bias, dtype, layout,
-         channel_policy, padding_budget, interpret, source) -> None:
+         channel_policy, padding_budget, family, interpret, source) -> None:
     """Explain the plan for one layer and print the Triton kernel gconvgen generates for it."""
     try:
         kernel_hw, stride_hw, dilation_hw, size_hw = (_expand(_pair(v)) for v in (kernel, stride, dilation, input_size))
@@ -69,7 +71,7 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
         spec = ConvSpec(in_channels, out_channels, groups, kernel_hw, stride_hw,
                         resolve_padding(pad, size_hw, kernel_hw, stride_hw, dilation_hw), dilation_hw, bias, dtype,
                         layout, channel_policy)
-        conv_plan = plan_spec(spec, padding_budget=padding_budget)
+        conv_plan = plan_spec(spec, padding_budget=padding_budget, family=family)
     except (ValueError, TypeError) as error:
         raise click.UsageError(str(error)) from None
     click.echo(conv_plan.explain())

@@ -35,6 +35,20 @@ def test_every_command_has_help(command):
     assert "Usage:" in _run(*command, "--help").output
 
 
+def test_plan_explains_the_passes_and_prints_the_kernel():
+    layer = ("--in-channels", "11", "--out-channels", "12", "--groups", "3")
+    output = _run("plan", *layer, "--kernel", "3", "--padding", "1", "--channel-policy", "pad").output
+    assert "PadInputChannels" in output and "mask_input_channels=True" in output
+    assert "kernel: igemm_ci11_co12_g3_k3x3" in output and "@triton.jit" in output and "tl.dot" in output
+    depthwise = ("--in-channels", "96", "--out-channels", "96", "--groups", "96")
+    banded = _run("plan", *depthwise, "--kernel", "7", "--padding", "3", "--family", "depthwise").output
+    assert "families=('depthwise_gemm', 'depthwise')" in banded and "kernel: depthwise_ci96" in banded
+    refused = _run("plan", *depthwise, "--family", "igemm", code=2).output
+    assert "family='igemm' cannot compute" in refused
+    strict = _run("plan", *layer, code=2).output
+    assert "in_channels=11 is not divisible by groups=3" in strict and "channel_policy='pad'" in strict
+
+
 def test_tune_records_the_smoke_layer_and_skips_it_next_time():
     output = _run("tune", "--suite", "smoke", "--layer", "smoke-dw3", "--layout", "nhwc").output
     assert "smoke-dw3 nhwc:" in output and "trials" in output and "say nothing about GPU speed" in output

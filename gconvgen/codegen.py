@@ -97,6 +97,7 @@ def render(plan: Plan, *, interpret: bool, allow_tf32: bool, kind: str = "forwar
         kernel_name=kernel_name(plan, interpret=interpret, allow_tf32=allow_tf32, kind=kind),
         in_channels=spec.in_channels,
         out_channels=spec.out_channels,
+        groups=spec.groups,
         in_channels_per_group=spec.in_channels_per_group,
         out_channels_per_group=spec.out_channels_per_group,
         kernel_size=spec.kernel_size,

@@ -21,6 +21,7 @@ P = pytest.param
 # batch, in_channels, out_channels, (height, width), kernel, stride, padding, dilation, groups, policy, layout
 CASES = [
     P(2, 12, 12, (9, 9), 3, 1, 1, 1, 3, "strict", "nchw", id="grouped"),
+    P(2, 10, 20, (7, 7), 3, 1, 1, 1, 5, "strict", "channels_last", id="packed-groups-partial-block"),  # 4+1 groups
     P(2, 8, 8, (9, 9), 3, 1, 1, 1, 8, "strict", "nchw", id="depthwise"),
     P(2, 8, 16, (9, 9), 3, 1, 1, 1, 8, "strict", "channels_last", id="depthwise-multiplier-2"),
     P(2, 6, 8, (7, 7), 3, 1, 1, 1, 1, "strict", "nchw", id="groups-1"),

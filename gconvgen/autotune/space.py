@@ -20,7 +20,7 @@ import triton
 from ..codegen import KINDS
 from ..ir import ConvSpec, check
 from ..resources import data_dir
-from ..runtime.kernels import KernelConfig, device_target, launch_grid
+from ..runtime.kernels import KernelConfig, device_target, groups_per_program, launch_grid
 
 SPACE_SCHEMA_VERSION = 1
 ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
@@ -161,6 +161,14 @@ def tile_fits_layout(configs, problem, facts, family, params):
     return configs
 
 
+def group_packing(configs, problem, facts, family, params):
+    """Drop igemm tiles that pack more than max_groups narrow groups into one program (each packed group
+    multiplies the block-diagonal tile's wasted products), unless tl.dot's 16 channels need more."""
+    spec = problem.spec
+    most = max(params["max_groups"], 16 // spec.out_channels_per_group)
+    return [c for c in configs if groups_per_program(spec, family, c) <= most]
+
+
 def shared_memory_fits(configs, problem, facts, family, params):
     """Drop configs whose pipelined operand tiles exceed the device's shared memory (else default_bytes)."""
     limit = facts.shared_memory_bytes or params["default_bytes"]
@@ -183,7 +191,7 @@ def fills_the_gpu(configs, problem, facts, family, params):
 
 
 RULES: dict[str, Rule] = {rule.__name__: rule for rule in (
-    tile_within, tile_elements, tile_fits_layout, shared_memory_fits, fills_the_gpu,
+    tile_within, group_packing, tile_elements, tile_fits_layout, shared_memory_fits, fills_the_gpu,
 )}
 
 

@@ -19,7 +19,8 @@ TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One launch configuration. block_n tiles output channels (per group for igemm). block_m tiles output
+    """One launch configuration. block_n tiles output channels; for igemm, a group with fewer output channels
+    than block_n shares its program with the next groups (see groups_per_program). block_m tiles output
     pixels, except for depthwise_gemm, where it tiles output rows (over batch x out_height). block_k is the
     reduction step: igemm's slice of in_channels_per_group x kh x kw; depthwise_gemm's slice of the input
     band, which is also its strip of output columns; 0 (unused) for the direct depthwise kernel."""
@@ -71,14 +72,33 @@ def default_config(spec: ConvSpec, family: str, *, interpret: bool) -> KernelCon
     return KernelConfig(block_m=128, block_n=pow2_between(spec.out_channels, 1, 8), block_k=0)
 
 
+def groups_per_program(spec: ConvSpec, family: str, config: KernelConfig) -> int:
+    """How many consecutive groups one igemm program computes (its GROUP_BLOCK): as many as fill its
+    block_n output channels, so that narrow groups (ResNeXt's 4 channels) fill a tensor-core tile and their
+    loads cover whole runs of channels; 1 for a group as wide as block_n, and for the other families."""
+    if family != "igemm":
+        return 1
+    return min(spec.groups, max(1, config.block_n // spec.out_channels_per_group))
+
+
+def forward_meta(spec: ConvSpec, family: str, config: KernelConfig) -> dict:
+    """The launch keywords of a forward kernel: the config's, plus igemm's GROUP_BLOCK."""
+    meta = config.meta(family)
+    if family == "igemm":
+        meta["GROUP_BLOCK"] = groups_per_program(spec, family, config)
+    return meta
+
+
 def launch_grid(spec: ConvSpec, family: str, config: KernelConfig, batch: int, out_height: int,
                 out_width: int) -> tuple[int, ...]:
-    """The launch grid of a forward kernel: igemm runs (pixel tiles, channel tiles per group, groups),
-    depthwise (pixel tiles, channel tiles), depthwise_gemm (row tiles, column strips, channel tiles)."""
+    """The launch grid of a forward kernel: igemm runs (pixel tiles, channel tiles of its packed groups,
+    group blocks), depthwise (pixel tiles, channel tiles), depthwise_gemm (row tiles, column strips,
+    channel tiles)."""
     pixels = batch * out_height * out_width
     if family == "igemm":
-        return (triton.cdiv(pixels, config.block_m), triton.cdiv(spec.out_channels_per_group, config.block_n),
-                spec.groups)
+        packed = groups_per_program(spec, family, config)
+        return (triton.cdiv(pixels, config.block_m),
+                triton.cdiv(packed * spec.out_channels_per_group, config.block_n), triton.cdiv(spec.groups, packed))
     if family == "depthwise_gemm":
         return (triton.cdiv(batch * out_height, config.block_m), triton.cdiv(out_width, config.block_k),
                 triton.cdiv(spec.out_channels, config.block_n))
@@ -132,7 +152,7 @@ class CompiledConv:
                 *weight.stride(),
                 out_height, out_width, *out.stride(),
                 bias.stride(0) if bias is not None else 0,
-                **config.meta(self.family),
+                **forward_meta(self.spec, self.family, config),
             )
         return out
 

@@ -14,7 +14,7 @@ from torch import nn
 from . import knobs
 from .ir import CHANNEL_POLICIES, ConvSpec, check, fail
 from .runtime.kernels import compiled_for, planned
-from .runtime.ops import DTYPE_NAMES, activation_layout, conv2d_op, spec_for_call
+from .runtime.ops import DTYPE_NAMES, conv2d_op, spec_for_call
 
 DATA_FORMATS = ("NCHW", "NHWC")
 IntOrPair = Union[int, Sequence[int]]

@@ -23,11 +23,12 @@ from . import codegen
 from .api import conv2d
 from .autotune.choice import choice_for
 from .autotune.database import ATEN, DEFAULT, Choice, choice_of, database, key_of
-from .autotune.space import ELEMENT_BYTES, Problem, config_name, device_facts
+from .autotune.space import Problem, config_name, device_facts
 from .autotune.suites import Layer
-from .autotune.tuner import Timer, Workload, allows_tf32, cudnn_benchmark
+from .autotune.measure import Timer, Workload, cudnn_benchmark
+from .autotune.tuner import allows_tf32
 from .runtime.fallback import aten_conv2d
-from .runtime.kernels import compiled_for
+from .runtime.kernels import ELEMENT_BYTES, compiled_for
 
 BENCH_SCHEMA_VERSION = 1
 CPU_NOTE = ("CPU run: every kernel ran through Triton's interpreter and F.conv2d on the CPU; these timings say "
@@ -99,13 +100,15 @@ class BenchRow:
 
 def _describe_choice(key: str, choice: Choice) -> tuple[str, Choice]:
     """A readable choice and the kernel to time as 'the generated kernel' (where aten won, its best kernel)."""
-    record = database().lookup_nearest(key) or {}
+    db = database()
+    record = db.lookup_nearest(key) or {}
+    tuned = "tuned" if db.lookup(key) else "tuned at the nearest batch size"
     if choice.kind == ATEN:
         best = record.get("best_kernel")
-        return "aten (tuned)", choice_of(best) if best else DEFAULT
+        return f"aten ({tuned})", choice_of(best) if best else DEFAULT
     if choice.kind == "default":
         return "default (untuned)", choice
-    return "kernel (tuned)", choice
+    return f"kernel ({tuned})", choice
 
 
 def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Timer, ceilings: Ceilings) -> BenchRow:

@@ -24,7 +24,7 @@ from .api import resolve_padding
 from .autotune import suites
 from .autotune.database import choice_of, database, key_of
 from .autotune.space import Problem, config_name, device_facts
-from .autotune import tuner
+from .autotune import measure, tuner
 from .bench import CPU_NOTE
 from .ir import CHANNEL_POLICIES, DTYPES, LAYOUTS, ConvSpec
 from .plan import plan as plan_spec
@@ -253,7 +253,7 @@ def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path,
     suite_info, problems = _problems(suite, layer_ids, dtype, layout, device)
     if tune_first or force:
         _tune_all(_with_backward(problems) if backward else problems, device, force)
-    timer = tuner.timer_for(device, warmup_ms=25, rep_ms=100)
+    timer = measure.timer_for(device, warmup_ms=25, rep_ms=100)
     click.echo("measuring the copy bandwidth and matmul rate ...", err=True)
     ceilings = benchmark.measure_ceilings(device, timer)
     rows, failed = [], []

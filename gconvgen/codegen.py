@@ -107,6 +107,7 @@ def render(plan: Plan, *, interpret: bool, allow_tf32: bool, kind: str = "forwar
         transposed_reduction_size=spec.out_channels_per_group * kernel_taps,
         stride=spec.stride,
         dilation=spec.dilation,
+        window_width=(spec.kernel_size[1] - 1) * spec.dilation[1] + 1,  # input columns one output column reads
         padding_top=spec.padding[0],
         padding_left=spec.padding[2],
         has_bias=spec.bias,

@@ -15,7 +15,7 @@ from . import knobs
 from .ir import ConvSpec, check, fail
 
 CONV = "conv"
-WIDE_DEPTHWISE_TAPS = 49  # kh * kw from which depthwise runs on tensor cores by default (see select_kernel_family)
+WIDE_DEPTHWISE_TAPS = 49  # kh * kw from which half-precision depthwise runs on tensor cores by default
 
 
 def suggest_groups(in_channels: int, out_channels: int, near: int) -> list[int]:
@@ -98,15 +98,16 @@ def select_kernel_family(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> No
 
     Wider than one input channel per group: an implicit GEMM on tensor cores. Depthwise: a direct kernel of
     fp32 FMAs, or a banded matrix product on tensor cores that wastes the band's zeros but outruns the FMAs
-    once the window is wide. Direct costs 2*kh*kw flop per output element against about 4 bytes moved (bf16
-    in and out), so from kh*kw = 49 (k7) it is bound by CUDA cores (about 67 TFLOP/s against 4.3 TB/s on an
-    H200) and the banded form becomes the default. The tuner times every candidate family.
+    once the window is wide. Direct costs 2 * kh * kw flop per output element against about 4 bytes moved
+    in half precision, so from kh * kw = 49 (k7) it is bound by the CUDA cores' FMA rate rather than by
+    memory, and the banded form becomes the default for float16 and bfloat16 (in float32 and float64 a dot
+    is no faster than FMAs, so the band's waste would only cost). The tuner times every candidate family.
     """
     conv = graph.nodes[CONV]
     if not spec.is_depthwise:
         conv.update(family="igemm", families=("igemm",), backward_family="igemm")
         return
-    wide = spec.kernel_size[0] * spec.kernel_size[1] >= WIDE_DEPTHWISE_TAPS
+    wide = spec.kernel_size[0] * spec.kernel_size[1] >= WIDE_DEPTHWISE_TAPS and spec.dtype in ("float16", "bfloat16")
     families = ("depthwise_gemm", "depthwise") if wide else ("depthwise", "depthwise_gemm")
     conv.update(family=families[0], families=families, backward_family="depthwise")
 

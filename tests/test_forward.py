@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import gconvgen
 from gconvgen import knobs
 from gconvgen.autotune import choice
-from gconvgen.ir import ConvSpec
 from gconvgen.runtime import kernels
 from conftest import assert_close
 
@@ -48,7 +47,8 @@ CASES = [
     P(2, 12, 12, (9, 9), 3, 1, 1, 1, 3, "strict", "nhwc", id="nhwc-hwio"),
     P(2, 8, 16, (9, 9), 3, 2, "same", 1, 8, "strict", "nhwc", id="nhwc-hwio-depthwise-same"),
     P(2, 6, 6, (9, 11), 7, 1, 3, 1, 6, "strict", "channels_last", id="depthwise-7x7"),          # banded tensor-core form
-    P(2, 4, 8, (8, 20), (7, 9), 1, "same", (1, 2), 4, "strict", "nchw", id="depthwise-7x9-dilated-multiplier-2"),
+    P(2, 4, 8, (8, 20), (7, 9), 1, "same", (1, 2), 4, "strict", "nchw",
+      id="depthwise-7x9-dilated-multiplier-2"),  # a band with holes: dilation 2 along the width
 ]
 
 
@@ -126,14 +126,26 @@ DEPTHWISE_CASES = [case for case in CASES if case.values[8] == case.values[1]]  
 
 @pytest.fixture(params=["depthwise", "depthwise_gemm"])
 def depthwise_family(request, monkeypatch):
-    """Make ``request.param`` the planner's default for every depthwise conv (then clear the memos)."""
+    """Make ``request.param`` the planner's default for every depthwise conv (clearing the memos around it);
+    yields it and the list of families that launched."""
     plan_module = importlib.import_module("gconvgen.plan")
-    wide_from = 1 if request.param == "depthwise_gemm" else 10**9
+
+    def select_kernel_family(graph, spec, budget):
+        plan_module.select_kernel_family(graph, spec, budget)
+        if request.param in graph.nodes[plan_module.CONV]["families"]:
+            graph.nodes[plan_module.CONV]["family"] = request.param
+
     memos = (kernels.planned, kernels.compiled, choice._key)
     for memo in memos:
         memo.cache_clear()
-    monkeypatch.setattr(plan_module, "WIDE_DEPTHWISE_TAPS", wide_from)
-    yield request.param
+    monkeypatch.setattr(plan_module, "LOGICAL_PIPELINE", [
+        (name, select_kernel_family if name == "select_kernel_family" else run_pass)
+        for name, run_pass in plan_module.LOGICAL_PIPELINE])
+    launched = []
+    launch = kernels.CompiledConv.launch
+    monkeypatch.setattr(kernels.CompiledConv, "launch", lambda self, *args: launched.append(self.family)
+                        or launch(self, *args))
+    yield request.param, launched
     for memo in memos:
         memo.cache_clear()
 
@@ -144,11 +156,10 @@ def depthwise_family(request, monkeypatch):
 def test_both_depthwise_families_match_torch(batch, in_channels, out_channels, size, kernel, stride, padding, dilation,
                                              groups, policy, layout, dtype, depthwise_family, nan_filled_outputs):
     """Every depthwise case through the direct kernel and through the banded tensor-core kernel."""
+    family, launched = depthwise_family
     test_matches_torch(batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy,
                        layout, True, dtype, nan_filled_outputs)
-    kernel = kernel if isinstance(kernel, tuple) else (kernel, kernel)
-    spec = ConvSpec(in_channels, out_channels, groups, kernel, channel_policy=policy)
-    assert kernels.planned(spec, knobs.padding_budget()).family == depthwise_family  # the fixture took effect
+    assert launched == [family]
 
 
 @pytest.mark.parametrize("groups", [2, 8], ids=["grouped", "depthwise"])

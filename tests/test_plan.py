@@ -82,8 +82,9 @@ def test_kernel_family():
 
 
 def test_depthwise_offers_both_forward_families_and_wide_windows_default_to_tensor_cores():
-    narrow = plan(ConvSpec(8, 8, 8, (5, 5)))                    # 25 taps: memory-bound on CUDA cores
-    wide = plan(ConvSpec(8, 8, 8, (7, 7)))                      # 49 taps: CUDA-core bound
+    narrow = plan(ConvSpec(8, 8, 8, (5, 5), dtype="bfloat16"))  # 25 taps: memory-bound on CUDA cores
+    wide = plan(ConvSpec(8, 8, 8, (7, 7), dtype="bfloat16"))    # 49 taps: CUDA-core bound
+    assert plan(ConvSpec(8, 8, 8, (7, 7), dtype="float32")).family == "depthwise"  # no faster dot in fp32
     assert narrow.families == ("depthwise", "depthwise_gemm")
     assert wide.families == ("depthwise_gemm", "depthwise")
     assert narrow.backward_family == wide.backward_family == "depthwise"

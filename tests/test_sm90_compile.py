@@ -1,5 +1,6 @@
 """Every template variant compiles for a Hopper GPU (sm_90) with Triton's real compiler, on this CPU
-machine: the interpreter accepts kernels that the GPU compiler rejects (e.g. tl.dot tiles under 16)."""
+machine, with its default config, into a kernel whose shared memory fits an SM: the interpreter accepts
+kernels that the GPU compiler rejects (e.g. tl.dot tiles under 16)."""
 from __future__ import annotations
 
 import json
@@ -39,7 +40,10 @@ SCRIPT = textwrap.dedent("""
         for family in plan(spec).families:  # every forward family the tuner may pick
             try:
                 compiled = compile_for_gpu(plan(spec, family=family), capability=90)
-                results.append([str(spec), family, "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0, ""])
+                built = "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+                # a launch needs its shared memory to fit the SM's (Hopper: 227 KiB), or it fails OutOfResources
+                fits = compiled.metadata.shared <= 232448
+                results.append([str(spec), family, built and fits, "" if fits else f"shared {compiled.metadata.shared} B"])
             except Exception as error:  # report every failure, not only the first
                 results.append([str(spec), family, False, f"{type(error).__name__}: {error}"[:2000]])
     # negative control: an fp16 tl.dot with K under 16 must be rejected, or this test could not fail

@@ -212,6 +212,11 @@ def test_op_runs_the_recorded_kernel_family(monkeypatch):
                        {**kernel_record(banded, "depthwise_gemm"), "time_ms": 1.0}})
     _run_op(problem, x, weight, bias)
     assert families == ["depthwise", "depthwise_gemm"]
+    database().record({key_of(problem, "interpreter", allow_tf32=False):  # a family that cannot run a depthwise conv
+                       {**kernel_record(banded, "igemm"), "time_ms": 1.0}})
+    with pytest.warns(UserWarning, match="family='igemm' does not compute this conv"):
+        _run_op(problem, x, weight, bias)
+    assert families[-1] == "depthwise"  # the planner's default ran instead
 
 
 def test_backward_ops_run_the_recorded_choice(monkeypatch):

@@ -15,7 +15,7 @@ import torch
 from .. import knobs
 from ..ir import ConvSpec
 from ..runtime.fallback import aten_conv2d
-from ..runtime.kernels import compiled_for, device_target
+from ..runtime.kernels import compiled_for, device_target, planned
 from .database import ATEN, DEFAULT, Choice, database, key_of
 from .space import Problem
 from .tuner import allows_tf32, tune
@@ -34,13 +34,15 @@ def choice_for(spec: ConvSpec, device: torch.device, batch: int, height: int, wi
     """The database's choice for kernel ``kind`` of ``spec`` (the forward, or 'grad_input' / 'grad_weight'
     with a bias-free spec) at this input size on ``device``: a tuned config, aten, or DEFAULT.
 
-    A warm call is two memo lookups, no file I/O. With GCONVGEN_AUTOTUNE=1 an untuned key is tuned now;
-    if tuning fails the default is used and a warning says why.
+    A warm call is a few memo lookups, no file I/O. An untuned batch size runs the record of the nearest
+    tuned one; with GCONVGEN_AUTOTUNE=1 it is tuned now instead (if tuning fails the default is used and a
+    warning says why). A record naming a kernel family the planner does not offer for ``spec`` is ignored
+    with a warning.
     """
     key = _key(spec, device_target(device), allows_tf32(device), batch, height, width, kind)
     db = database()
     choice = db.choice(key)
-    if choice is DEFAULT and knobs.autotune_on_first_call() and key not in _failed_keys:
+    if knobs.autotune_on_first_call() and key not in _failed_keys and db.lookup(key) is None:
         problem = Problem(spec, batch, height, width, kind)
         _log.info("gconvgen: GCONVGEN_AUTOTUNE=1, tuning %s on its first call", problem.describe())
         try:
@@ -50,6 +52,10 @@ def choice_for(spec: ConvSpec, device: torch.device, batch: int, height: int, wi
             warnings.warn(f"gconvgen: GCONVGEN_AUTOTUNE could not tune {key}: {error}; using the default config",
                           stacklevel=3)
         choice = db.choice(key)
+    if choice.family is not None and choice.family not in planned(spec, knobs.padding_budget()).families:
+        warnings.warn(f"gconvgen: ignoring the tuning record for {key!r}: family={choice.family!r} does not "
+                      f"compute this conv; re-tune it (gconvgen tune --force)", stacklevel=3)
+        return DEFAULT
     return choice
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import threading
 import time
 import warnings
@@ -77,9 +78,10 @@ def _without_batch(key: str) -> tuple[str, int]:
     the first. A key not of key_of's form gives (key, 0)."""
     parts = key.split("|")
     batch, _, sizes = parts[4].partition("_") if len(parts) == 6 else ("", "", "")
-    if not (batch.startswith("n") and batch[1:].isdigit() and int(batch[1:]) > 0):
+    found = re.fullmatch(r"n([0-9]+)", batch)
+    if not found or int(found[1]) == 0:
         return key, 0
-    return "|".join([*parts[:4], sizes, *parts[5:]]), int(batch[1:])
+    return "|".join([*parts[:4], sizes, *parts[5:]]), int(found[1])
 
 
 @dataclass(frozen=True)

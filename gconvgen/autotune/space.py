@@ -20,10 +20,10 @@ import triton
 from ..codegen import KINDS
 from ..ir import ConvSpec, check
 from ..resources import data_dir
-from ..runtime.kernels import KernelConfig, device_target, groups_per_program, launch_grid
+from ..runtime.kernels import (ELEMENT_BYTES, KernelConfig, band_operand_bytes, device_target, groups_per_program,
+                               launch_grid)
 
 SPACE_SCHEMA_VERSION = 1
-ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,14 @@ class Problem:
               f"{self.spec.padding}; use a larger height/width")
 
     def backward(self, kind: str) -> "Problem":
-        """The same layer's backward kernel ``kind`` ('grad_input' or 'grad_weight'), as the backward ops run it."""
+        """The same layer's backward kernel ``kind`` ('grad_input' or 'grad_weight') as the backward ops run
+        it: without bias, and reading activations in the layout they arrive in. grad_input reads the output
+        gradient, which the op makes dense (channels_last for nhwc, else NCHW); grad_weight reads x as it is."""
         check(kind in ("grad_input", "grad_weight"), f"kind={kind!r} must be 'grad_input' or 'grad_weight'")
-        return Problem(replace(self.spec, bias=False), self.batch, self.height, self.width, kind)
+        layout = self.spec.layout
+        if kind == "grad_input" and layout != "nhwc":
+            layout = "nchw"
+        return Problem(replace(self.spec, bias=False, layout=layout), self.batch, self.height, self.width, kind)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -170,11 +175,15 @@ def group_packing(configs, problem, facts, family, params):
 
 
 def shared_memory_fits(configs, problem, facts, family, params):
-    """Drop configs whose pipelined operand tiles exceed the device's shared memory (else default_bytes)."""
+    """Drop configs whose pipelined operand tiles exceed the device's shared memory (else default_bytes):
+    num_stages x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_N) elements for an implicit GEMM, num_stages x
+    BLOCK_N channels x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_K) for depthwise_gemm's input tile and band."""
     limit = facts.shared_memory_bytes or params["default_bytes"]
-    element = ELEMENT_BYTES[problem.spec.dtype]
+    dtype = problem.spec.dtype
+    if family == "depthwise_gemm":
+        return [c for c in configs if band_operand_bytes(c, dtype) <= limit]
     return [c for c in configs
-            if c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) * element <= limit]
+            if c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) * ELEMENT_BYTES[dtype] <= limit]
 
 
 def fills_the_gpu(configs, problem, facts, family, params):

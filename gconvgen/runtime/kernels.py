@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -39,6 +39,19 @@ class KernelConfig:
         return {**blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
+# What a default config's staged operands may take of an SM's shared memory (Hopper has 227 KiB): half
+# of it, so two programs fit. Tuned configs are held to the device's own limit by the search space.
+DEFAULT_SHARED_MEMORY_BYTES = 112 * 1024
+ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def band_operand_bytes(config: KernelConfig, dtype: str) -> int:
+    """Shared memory the depthwise_gemm operands of ``config`` take: num_stages x block_n channels x
+    (the [block_m, block_k] input tile + the [block_k, block_k] band)."""
+    tile = config.block_m * config.block_k + config.block_k * config.block_k
+    return config.num_stages * config.block_n * tile * ELEMENT_BYTES[dtype]
+
+
 def pow2_between(value: int, low: int, high: int) -> int:
     """The power of two nearest above ``value``, clamped to [low, high]: a tile side."""
     return max(low, min(high, triton.next_power_of_2(value)))
@@ -62,9 +75,13 @@ def default_config(spec: ConvSpec, family: str, *, interpret: bool) -> KernelCon
     if family == "depthwise_gemm":  # accumulators: block_n x block_m x block_k
         if interpret:
             return KernelConfig(block_m=32, block_n=pow2_between(spec.out_channels, 1, 16), block_k=16, num_stages=1)
-        if spec.layout == "nhwc":  # channels are contiguous: enough of them for 16-byte loads
-            return KernelConfig(block_m=32, block_n=pow2_between(spec.out_channels, 1, 8), block_k=32)
-        return KernelConfig(block_m=64, block_n=pow2_between(spec.out_channels, 1, 2), block_k=32)
+        # channels_last: channels are contiguous, enough of them for 16-byte loads; NCHW: the strip is
+        wanted = 8 if spec.layout == "nhwc" else 2
+        config = KernelConfig(block_m=32 if spec.layout == "nhwc" else 64,
+                              block_n=pow2_between(spec.out_channels, 1, wanted), block_k=32)
+        while config.block_n > 1 and band_operand_bytes(config, spec.dtype) > DEFAULT_SHARED_MEMORY_BYTES:
+            config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
+        return config
     if interpret:
         return KernelConfig(block_m=256, block_n=pow2_between(spec.out_channels, 1, 64), block_k=0, num_stages=1)
     if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles

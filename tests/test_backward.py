@@ -86,6 +86,48 @@ def test_gradcheck_float64_full_jacobian():
 
 
 # batch, in_channels, out_channels, (height, width), kernel, stride, padding, dilation, groups, policy, layout
+DOUBLE_BACKWARD_CASES = [
+    P(1, 4, 4, (4, 4), 2, 1, (1, 0, 0, 1), 1, 2, "strict", "nchw", id="grouped-asymmetric-padding"),
+    P(1, 3, 5, (5, 4), 3, 2, 1, 1, 3, "pad", "nchw", id="depthwise-uneven-out-pad-stride-2"),  # C_out % groups != 0
+    P(1, 4, 4, (5, 5), 2, 1, 1, 2, 2, "strict", "channels_last", id="channels-last-dilation-2"),
+]
+
+
+@pytest.mark.parametrize("batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy, "
+                         "layout", DOUBLE_BACKWARD_CASES)
+def test_gradgradcheck_float64(batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups,
+                               policy, layout):
+    """Gradients of the gradients (x, weight, bias and the output gradient) against finite differences."""
+    x = make_input(batch, in_channels, size, torch.float64, layout).requires_grad_()
+    weight = torch.randn(out_channels, math.ceil(in_channels / groups), *pair(kernel), dtype=torch.float64,
+                         requires_grad=True)
+    bias = torch.randn(out_channels, dtype=torch.float64, requires_grad=True)
+
+    def conv(x, weight, bias):
+        return gconvgen.conv2d(x, weight, bias, stride, padding, dilation, groups, channel_policy=policy)
+
+    assert torch.autograd.gradgradcheck(conv, (x, weight, bias), fast_mode=True)
+
+
+def test_gradient_penalty_matches_torch():
+    """A WGAN-GP style step: the penalty on the input gradient's norm, back to the weight and bias."""
+    x = torch.randn(2, 6, 6, 6)
+    weight, bias = torch.randn(6, 2, 3, 3), torch.randn(6)
+
+    def penalty_gradients(conv, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+        out = conv(*leaves)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+        penalty = (grad_x.flatten(1).norm(dim=1) - 1).square().mean()
+        return torch.autograd.grad(penalty, leaves[1:])
+
+    ours = penalty_gradients(lambda x, w, b: gconvgen.conv2d(x, w, b, 2, 1, 1, 3), torch.float32)
+    theirs = penalty_gradients(lambda x, w, b: F.conv2d(x, w, b, 2, 1, 1, 3), torch.float64)
+    for actual, expected in zip(ours, theirs):
+        assert_close(actual, expected, torch.float32)
+
+
+# batch, in_channels, out_channels, (height, width), kernel, stride, padding, dilation, groups, policy, layout
 GRADIENT_CASES = [
     P(2, 12, 12, (7, 7), 3, 1, 1, 1, 3, "strict", "nchw", id="grouped"),
     P(2, 8, 16, (7, 6), 3, 1, 1, 1, 8, "strict", "channels_last", id="depthwise-multiplier-2"),

@@ -7,6 +7,8 @@ gconvgen ops:
     gconvgen::conv2d_grad_weight  grad_output, x      -> grad of weight (split-K, deterministic)
     gconvgen::conv2d_grad_bias    grad_output         -> grad of bias   (split-K, deterministic)
 
+and each of those has an autograd formula made of the others, so gradients of gradients work too.
+
 ``gconvgen::conv2d``'s backward calls only those whose inputs need a gradient. Like the forward, CUDA
 tensors run the Triton kernels, CPU tensors run them through Triton's interpreter when TRITON_INTERPRET=1
 and the exact aten form otherwise (said once, refused under GCONVGEN_FALLBACK=error).
@@ -168,3 +170,53 @@ def _backward(ctx, grad_output: torch.Tensor):
 
 
 conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- double backward
+# Each gradient op is linear in each of its tensor inputs, so its own gradients are the other two convs:
+#   grad_input(g, W):  d/dg = conv(v, W),           d/dW = grad_weight(g, v)
+#   grad_weight(g, x): d/dg = conv(x, V),           d/dx = grad_input(g, V)
+#   grad_bias(g):      d/dg = v broadcast over batch and space
+# (v, V: the upstream gradient of the op's output). Gradient penalties and Hessian-vector products work.
+
+
+def _setup_grad_input(ctx, inputs, output) -> None:
+    grad_output, weight, input_size, *conv = inputs
+    ctx.save_for_backward(grad_output if ctx.needs_input_grad[1] else None,
+                          weight if ctx.needs_input_grad[0] else None)
+    ctx.weight_size, ctx.conv = tuple(weight.shape), tuple(conv)
+
+
+def _grad_input_backward(ctx, upstream: torch.Tensor):
+    grad_output, weight = ctx.saved_tensors
+    needs_grad_output, needs_weight = ctx.needs_input_grad[:2]
+    d_grad_output = conv2d_op(upstream, weight, None, *ctx.conv) if needs_grad_output else None
+    d_weight = conv2d_grad_weight_op(grad_output, upstream, ctx.weight_size, *ctx.conv) if needs_weight else None
+    return d_grad_output, d_weight, None, None, None, None, None, None
+
+
+def _setup_grad_weight(ctx, inputs, output) -> None:
+    grad_output, x, weight_size, *conv = inputs
+    ctx.save_for_backward(grad_output if ctx.needs_input_grad[1] else None, x if ctx.needs_input_grad[0] else None)
+    ctx.input_size, ctx.conv = tuple(x.shape), tuple(conv)
+
+
+def _grad_weight_backward(ctx, upstream: torch.Tensor):
+    grad_output, x = ctx.saved_tensors
+    needs_grad_output, needs_x = ctx.needs_input_grad[:2]
+    d_grad_output = conv2d_op(x, upstream, None, *ctx.conv) if needs_grad_output else None
+    d_x = conv2d_grad_input_op(grad_output, upstream, ctx.input_size, *ctx.conv) if needs_x else None
+    return d_grad_output, d_x, None, None, None, None, None, None
+
+
+def _setup_grad_bias(ctx, inputs, output) -> None:
+    ctx.grad_output_size = tuple(inputs[0].shape)
+
+
+def _grad_bias_backward(ctx, upstream: torch.Tensor):
+    return upstream[None, :, None, None].expand(ctx.grad_output_size)
+
+
+conv2d_grad_input_op.register_autograd(_grad_input_backward, setup_context=_setup_grad_input)
+conv2d_grad_weight_op.register_autograd(_grad_weight_backward, setup_context=_setup_grad_weight)
+conv2d_grad_bias_op.register_autograd(_grad_bias_backward, setup_context=_setup_grad_bias)

@@ -14,7 +14,8 @@ from torch import nn
 from . import knobs
 from .ir import CHANNEL_POLICIES, ConvSpec, check, fail
 from .runtime.kernels import compiled_for, planned
-from .runtime.ops import DTYPE_NAMES, conv2d_op, spec_for_call
+from .runtime.ops import DTYPE_NAMES, spec_for_call
+from .runtime.ops import conv2d as op_conv2d
 
 DATA_FORMATS = ("NCHW", "NHWC")
 IntOrPair = Union[int, Sequence[int]]
@@ -145,7 +146,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         spec = spec_for_call(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
         planned(spec, knobs.padding_budget())     # the planner's error for a conv it refuses
         spec.output_size(x.shape[2], x.shape[3])  # a kernel that does not fit the padded input
-    out = conv2d_op(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
+    out = op_conv2d(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
     out = out.permute(0, 2, 3, 1).contiguous() if nhwc else out
     return out.squeeze(0) if unbatched else out
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gconvgen
 from gconvgen import ConvSpec, knobs
@@ -130,3 +131,29 @@ def test_converted_module_traces_with_fake_kernels():
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_inference_skips_the_dispatcher_only_where_nothing_can_tell(monkeypatch):
+    """Plain tensors needing no gradient run the op's implementation directly (the dispatcher's Python
+    overhead would outweigh small layers); autograd and dispatch modes still see gconvgen::conv2d."""
+    x, weight = torch.randn(2, 8, 6, 6), torch.randn(8, 2, 3, 3)
+    dispatched = []
+    real_op = ops.conv2d_op
+    monkeypatch.setattr(ops, "conv2d_op", lambda *args: dispatched.append(1) or real_op(*args))
+    expected = F.conv2d(x.double(), weight.double(), None, 1, 1, 1, 4)
+    assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 4), expected, torch.float32)
+    assert dispatched == []
+
+    weight.requires_grad_()
+    gconvgen.conv2d(x, weight, None, 1, 1, 1, 4).sum().backward()  # autograd needs the op
+    assert dispatched == [1] and weight.grad is not None
+
+    class SeenOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    with torch.no_grad(), SeenOps():
+        assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 4), expected, torch.float32)
+    assert torch.ops.gconvgen.conv2d.default in seen and dispatched == [1, 1]

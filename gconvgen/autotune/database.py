@@ -120,7 +120,7 @@ def kernel_record(config: KernelConfig, family: Optional[str] = None) -> dict:
 
 def user_database_path() -> Path:
     """Where this user's tuning results are written (under GCONVGEN_CACHE_DIR)."""
-    return knobs.cache_dir() / "tuning" / f"tuning-db-v{DB_SCHEMA_VERSION}.json"
+    return database().path
 
 
 def shipped_database_paths() -> list[Path]:
@@ -290,10 +290,10 @@ class TuningDatabase:
 
 
 @functools.lru_cache(maxsize=8)
-def _database_at(path: Path) -> TuningDatabase:
-    return TuningDatabase(path)
+def _database_in(cache_dir: Path) -> TuningDatabase:
+    return TuningDatabase(cache_dir / "tuning" / f"tuning-db-v{DB_SCHEMA_VERSION}.json")
 
 
 def database() -> TuningDatabase:
-    """The process's database for the current cache directory (one instance per path)."""
-    return _database_at(user_database_path())
+    """The process's database for the current cache directory (one instance per directory)."""
+    return _database_in(knobs.cache_dir())

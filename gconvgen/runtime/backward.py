@@ -26,7 +26,7 @@ from ..ir import ConvSpec, check
 from .fallback import aten_conv2d_backward
 from .grad_kernels import grad_bias_kernel, grad_kernel_for
 from .kernels import device_target
-from .ops import DTYPE_NAMES, _fallback, activation_layout, conv2d_op, output_memory_format, spec_of
+from .ops import DTYPE_NAMES, _fallback, activation_layout, call, conv2d, conv2d_op, output_memory_format, spec_of
 
 
 def _spec(activation: torch.Tensor, in_channels: int, weight_size: Sequence[int], stride: Sequence[int],
@@ -68,10 +68,8 @@ def _allocate_grad_input(grad_output: torch.Tensor, input_size: Sequence[int]) -
                        memory_format=output_memory_format(grad_output))
 
 
-@torch.library.custom_op("gconvgen::conv2d_grad_input", mutates_args=())
-def conv2d_grad_input_op(grad_output: torch.Tensor, weight: torch.Tensor, input_size: Sequence[int],
-                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                         channel_policy: str) -> torch.Tensor:
+def run_grad_input(grad_output: torch.Tensor, weight: torch.Tensor, input_size: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int], dilation: Sequence[int], groups: int, channel_policy: str) -> torch.Tensor:
     """Gradient of gconvgen::conv2d with respect to x [N, C_in, H, W] = ``input_size``, from grad_output
     [N, C_out, OH, OW] and weight [C_out, ci, kh, kw] (any strides); the other arguments are the forward's."""
     _check_grad_output(grad_output, weight, "weight")
@@ -89,6 +87,9 @@ def conv2d_grad_input_op(grad_output: torch.Tensor, weight: torch.Tensor, input_
     return grad_kernel_for("grad_input", spec, grad_output.device).launch(grad_output, weight, grad_x, choice.config)
 
 
+conv2d_grad_input_op = torch.library.custom_op("gconvgen::conv2d_grad_input", run_grad_input, mutates_args=())
+
+
 @conv2d_grad_input_op.register_fake
 def _(grad_output, weight, input_size, stride, padding, dilation, groups, channel_policy):
     return _allocate_grad_input(grad_output, input_size)
@@ -97,10 +98,8 @@ def _(grad_output, weight, input_size, stride, padding, dilation, groups, channe
 # ---------------------------------------------------------------------------------------------- grad-weight
 
 
-@torch.library.custom_op("gconvgen::conv2d_grad_weight", mutates_args=())
-def conv2d_grad_weight_op(grad_output: torch.Tensor, x: torch.Tensor, weight_size: Sequence[int],
-                          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                          channel_policy: str) -> torch.Tensor:
+def run_grad_weight(grad_output: torch.Tensor, x: torch.Tensor, weight_size: Sequence[int], stride: Sequence[int],
+                    padding: Sequence[int], dilation: Sequence[int], groups: int, channel_policy: str) -> torch.Tensor:
     """Gradient of gconvgen::conv2d with respect to the weight [C_out, ci, kh, kw] = ``weight_size``, from
     grad_output [N, C_out, OH, OW] and x [N, C_in, H, W] (any strides); contiguous. Deterministic."""
     _check_grad_output(grad_output, x, "x")
@@ -118,6 +117,9 @@ def conv2d_grad_weight_op(grad_output: torch.Tensor, x: torch.Tensor, weight_siz
     return grad_kernel_for("grad_weight", spec, x.device).launch(x, grad_output, grad_weight, choice.config)
 
 
+conv2d_grad_weight_op = torch.library.custom_op("gconvgen::conv2d_grad_weight", run_grad_weight, mutates_args=())
+
+
 @conv2d_grad_weight_op.register_fake
 def _(grad_output, x, weight_size, stride, padding, dilation, groups, channel_policy):
     return x.new_empty(tuple(weight_size))
@@ -126,8 +128,7 @@ def _(grad_output, x, weight_size, stride, padding, dilation, groups, channel_po
 # ---------------------------------------------------------------------------------------------- grad-bias
 
 
-@torch.library.custom_op("gconvgen::conv2d_grad_bias", mutates_args=())
-def conv2d_grad_bias_op(grad_output: torch.Tensor) -> torch.Tensor:
+def run_grad_bias(grad_output: torch.Tensor) -> torch.Tensor:
     """Gradient of a conv's bias: grad_output [N, C_out, OH, OW] summed over batch and space. Deterministic."""
     check(grad_output.dim() == 4, f"grad_output has shape {tuple(grad_output.shape)}; expected [N, C_out, OH, OW]")
     check(grad_output.dtype in DTYPE_NAMES, f"grad_output.dtype={grad_output.dtype} is not supported", TypeError)
@@ -138,12 +139,25 @@ def conv2d_grad_bias_op(grad_output: torch.Tensor) -> torch.Tensor:
     return kernel.launch(grad_output, grad_bias)
 
 
+conv2d_grad_bias_op = torch.library.custom_op("gconvgen::conv2d_grad_bias", run_grad_bias, mutates_args=())
+
+
 @conv2d_grad_bias_op.register_fake
 def _(grad_output):
     return grad_output.new_empty(grad_output.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------- autograd
+
+
+def _grad_input(grad_output: torch.Tensor, weight: torch.Tensor, input_size: Sequence[int], conv: tuple):
+    """gconvgen::conv2d_grad_input, through ops.call (the implementation directly where nothing can tell)."""
+    return call(conv2d_grad_input_op, run_grad_input, grad_output, weight, input_size, *conv)
+
+
+def _grad_weight(grad_output: torch.Tensor, x: torch.Tensor, weight_size: Sequence[int], conv: tuple):
+    """gconvgen::conv2d_grad_weight, through ops.call."""
+    return call(conv2d_grad_weight_op, run_grad_weight, grad_output, x, weight_size, *conv)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -163,9 +177,9 @@ def _backward(ctx, grad_output: torch.Tensor):
     needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     # autograd may hand over any strides (an expanded scalar, a transposed view): give the kernels x's layout
     grad_output = grad_output.contiguous(memory_format=ctx.grad_memory_format)
-    grad_x = conv2d_grad_input_op(grad_output, weight, ctx.input_size, *ctx.conv) if needs_x else None
-    grad_weight = conv2d_grad_weight_op(grad_output, x, ctx.weight_size, *ctx.conv) if needs_weight else None
-    grad_bias = conv2d_grad_bias_op(grad_output) if needs_bias else None
+    grad_x = _grad_input(grad_output, weight, ctx.input_size, ctx.conv) if needs_x else None
+    grad_weight = _grad_weight(grad_output, x, ctx.weight_size, ctx.conv) if needs_weight else None
+    grad_bias = call(conv2d_grad_bias_op, run_grad_bias, grad_output) if needs_bias else None
     return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -190,8 +204,8 @@ def _setup_grad_input(ctx, inputs, output) -> None:
 def _grad_input_backward(ctx, upstream: torch.Tensor):
     grad_output, weight = ctx.saved_tensors
     needs_grad_output, needs_weight = ctx.needs_input_grad[:2]
-    d_grad_output = conv2d_op(upstream, weight, None, *ctx.conv) if needs_grad_output else None
-    d_weight = conv2d_grad_weight_op(grad_output, upstream, ctx.weight_size, *ctx.conv) if needs_weight else None
+    d_grad_output = conv2d(upstream, weight, None, *ctx.conv) if needs_grad_output else None
+    d_weight = _grad_weight(grad_output, upstream, ctx.weight_size, ctx.conv) if needs_weight else None
     return d_grad_output, d_weight, None, None, None, None, None, None
 
 
@@ -204,8 +218,8 @@ def _setup_grad_weight(ctx, inputs, output) -> None:
 def _grad_weight_backward(ctx, upstream: torch.Tensor):
     grad_output, x = ctx.saved_tensors
     needs_grad_output, needs_x = ctx.needs_input_grad[:2]
-    d_grad_output = conv2d_op(x, upstream, None, *ctx.conv) if needs_grad_output else None
-    d_x = conv2d_grad_input_op(grad_output, upstream, ctx.input_size, *ctx.conv) if needs_x else None
+    d_grad_output = conv2d(x, upstream, None, *ctx.conv) if needs_grad_output else None
+    d_x = _grad_input(grad_output, upstream, ctx.input_size, ctx.conv) if needs_x else None
     return d_grad_output, d_x, None, None, None, None, None, None
 
 

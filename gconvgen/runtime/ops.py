@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import knobs
 from ..autotune.choice import launch_chosen
@@ -73,11 +74,11 @@ def _allocate_output(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
-@torch.library.custom_op("gconvgen::conv2d", mutates_args=())
-def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
-              padding: Sequence[int], dilation: Sequence[int], groups: int, channel_policy: str) -> torch.Tensor:
+def run_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+               padding: Sequence[int], dilation: Sequence[int], groups: int, channel_policy: str) -> torch.Tensor:
     """Grouped conv2d on NCHW-indexed x [N, C_in, H, W] (any strides) and weight [C_out, ci, kh, kw];
-    padding is four sides (top, bottom, left, right). Inputs are validated by gconvgen.conv2d."""
+    padding is four sides (top, bottom, left, right). Inputs are validated by gconvgen.conv2d. This is the
+    implementation of the custom op gconvgen::conv2d (``conv2d_op``); call ``conv2d``, which picks."""
     spec = spec_for_call(x, weight, bias, stride, padding, dilation, groups, channel_policy)
     if x.device.type == "cpu" and not knobs.interpret():
         conv_plan = planned(spec, knobs.padding_budget())
@@ -85,6 +86,35 @@ def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         return aten_conv2d(conv_plan.spec, x, weight, bias).contiguous(memory_format=output_memory_format(x))
     out = _allocate_output(x, weight, stride, padding, dilation)
     return launch_chosen(spec, x, weight, bias, out)  # the tuning database's choice for this key
+
+
+conv2d_op = torch.library.custom_op("gconvgen::conv2d", run_conv2d, mutates_args=())
+
+
+def call(op: Callable[..., torch.Tensor], implementation: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``op(*args)``, or its ``implementation(*args)`` directly where nothing could tell the two apart: plain
+    tensors (or parameters) that need no gradient, outside torch.compile and any dispatch mode. The
+    dispatcher's Python overhead, tens of microseconds per call, would otherwise outweigh small layers."""
+    if _unobserved([arg for arg in args if isinstance(arg, torch.Tensor)]):
+        return implementation(*args)
+    return op(*args)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+           padding: Sequence[int], dilation: Sequence[int], groups: int, channel_policy: str) -> torch.Tensor:
+    """gconvgen::conv2d (see ``call``): what gconvgen.conv2d runs once its arguments are checked."""
+    return call(conv2d_op, run_conv2d, x, weight, bias, stride, padding, dilation, groups, channel_policy)
+
+
+def _unobserved(tensors: list[torch.Tensor]) -> bool:
+    """Whether calling an op's implementation directly is indistinguishable from calling the op."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad) for t in tensors)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 @conv2d_op.register_fake

@@ -41,10 +41,10 @@ from gconvgen.runtime.grad_kernels import GradBiasKernel, grad_kernel
 
 variants, bias_dtypes = json.loads(sys.argv[1])
 
-def compile_kernel(fn, dtype, config, family):
+def compile_kernel(fn, dtype, meta):
     # partial sums are kept in the accumulator's dtype: float64 for float64, else float32
     partials = {"partials_ptr": "float64" if dtype == "float64" else "float32"}
-    compiled = compile_kernel_for_gpu(fn, config.meta(family), dtype, pointer_dtypes=partials, capability=90)
+    compiled = compile_kernel_for_gpu(fn, meta, dtype, pointer_dtypes=partials, capability=90)
     return len(compiled.asm["cubin"])
 
 results = {}
@@ -52,10 +52,10 @@ for name, (spec_args, allow_tf32) in variants.items():
     spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_args.items()})
     for kind in ("grad_input", "grad_weight"):
         kernel = grad_kernel(kind, spec, "sm90-compile-test", allow_tf32, 0.5)
-        results[f"{name}:{kind}"] = compile_kernel(kernel.kernel, spec.dtype, kernel.config, kernel.family)
+        results[f"{name}:{kind}"] = compile_kernel(kernel.kernel, spec.dtype, kernel.meta(kernel.config))
 for dtype in bias_dtypes:
     kernel = GradBiasKernel(dtype, "sm90-compile-test")
-    results[f"grad_bias:{dtype}"] = compile_kernel(kernel.kernel, dtype, kernel.config, "depthwise")
+    results[f"grad_bias:{dtype}"] = compile_kernel(kernel.kernel, dtype, kernel.config.meta("depthwise"))
 print(json.dumps(results))
 '''
 

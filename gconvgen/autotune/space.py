@@ -170,8 +170,9 @@ def group_packing(configs, problem, facts, family, params):
     """Drop igemm tiles that pack more than max_groups narrow groups into one program (each packed group
     multiplies the block-diagonal tile's wasted products), unless tl.dot's 16 channels need more."""
     spec = problem.spec
-    most = max(params["max_groups"], 16 // spec.out_channels_per_group)
-    return [c for c in configs if groups_per_program(spec, family, c) <= most]
+    channels = spec.in_channels_per_group if problem.kind == "grad_input" else spec.out_channels_per_group
+    most = max(params["max_groups"], 16 // channels)
+    return [c for c in configs if groups_per_program(spec, family, c, problem.kind) <= most]
 
 
 def shared_memory_fits(configs, problem, facts, family, params):

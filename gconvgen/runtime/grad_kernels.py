@@ -18,7 +18,7 @@ from .. import codegen, knobs
 from ..ir import ConvSpec, check
 from ..plan import Plan
 from . import cache
-from .kernels import KernelConfig, device_target, on_device, planned, pow2_between
+from .kernels import KernelConfig, device_target, groups_per_program, on_device, planned, pow2_between
 
 # a reduction is split only while every split keeps at least this many blocks of pixels to sum
 MIN_BLOCKS_PER_SPLIT = 4
@@ -107,6 +107,10 @@ class _PlannedGradKernel(_LoadedKernel):
 
     kind = ""
 
+    def meta(self, config: KernelConfig) -> dict:
+        """The launch keywords of ``config``: its BLOCK_* constexprs, num_warps and num_stages."""
+        return config.meta(self.family)
+
     def __init__(self, conv_plan: Plan, target: str, *, allow_tf32: bool):
         interpret = target == "interpreter"
         self.spec, self.family = conv_plan.spec, conv_plan.backward_family
@@ -120,6 +124,13 @@ class GradInputKernel(_PlannedGradKernel):
 
     kind = "grad_input"
 
+    def meta(self, config: KernelConfig) -> dict:
+        """The launch keywords: the config's, plus igemm's GROUP_BLOCK (groups packed into one program)."""
+        meta = config.meta(self.family)
+        if self.family == "igemm":
+            meta["GROUP_BLOCK"] = groups_per_program(self.spec, self.family, config, self.kind)
+        return meta
+
     def launch(self, grad_output: torch.Tensor, weight: torch.Tensor, grad_input: torch.Tensor,
                config: KernelConfig | None = None) -> torch.Tensor:
         """grad_output [N, C_out, OH, OW] and weight [C_out, ci, kh, kw] (any strides) into the preallocated
@@ -129,9 +140,11 @@ class GradInputKernel(_PlannedGradKernel):
         pixels = batch * height * width
         if pixels == 0:
             return grad_input
-        if self.family == "igemm":
+        if self.family == "igemm":  # narrow groups are packed GROUP_BLOCK to a program, as in the forward
+            packed = groups_per_program(self.spec, self.family, config, self.kind)
             grid = (triton.cdiv(pixels, config.block_m),
-                    triton.cdiv(self.spec.in_channels_per_group, config.block_n), self.spec.groups)
+                    triton.cdiv(packed * self.spec.in_channels_per_group, config.block_n),
+                    triton.cdiv(self.spec.groups, packed))
         else:
             grid = (triton.cdiv(pixels, config.block_m), triton.cdiv(self.spec.in_channels, config.block_n))
         with on_device(grad_output.device):
@@ -140,7 +153,7 @@ class GradInputKernel(_PlannedGradKernel):
                 batch, grad_output.shape[2], grad_output.shape[3], *grad_output.stride(),
                 *weight.stride(),
                 height, width, *grad_input.stride(),
-                **config.meta(self.family),
+                **self.meta(config),
             )
         return grad_input
 
@@ -179,7 +192,7 @@ class GradWeightKernel(_PlannedGradKernel):
                 batch, height, width, *x.stride(),
                 out_height, out_width, *grad_output.stride(),
                 *partials.stride(), pixels_per_split,
-                **config.meta(self.family),
+                **self.meta(config),
             )
         return _add_splits(partials, grad_weight)
 

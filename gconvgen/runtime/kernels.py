@@ -89,13 +89,15 @@ def default_config(spec: ConvSpec, family: str, *, interpret: bool) -> KernelCon
     return KernelConfig(block_m=128, block_n=pow2_between(spec.out_channels, 1, 8), block_k=0)
 
 
-def groups_per_program(spec: ConvSpec, family: str, config: KernelConfig) -> int:
+def groups_per_program(spec: ConvSpec, family: str, config: KernelConfig, kind: str = "forward") -> int:
     """How many consecutive groups one igemm program computes (its GROUP_BLOCK): as many as fill its
-    block_n output channels, so that narrow groups (ResNeXt's 4 channels) fill a tensor-core tile and their
-    loads cover whole runs of channels; 1 for a group as wide as block_n, and for the other families."""
-    if family != "igemm":
+    block_n channels (output channels for the forward, input channels for grad-input), so that narrow
+    groups (ResNeXt's 4 channels) fill a tensor-core tile and their loads cover whole runs of channels;
+    1 for a group as wide as block_n, for grad-weight, and for the other families."""
+    if family != "igemm" or kind == "grad_weight":
         return 1
-    return min(spec.groups, max(1, config.block_n // spec.out_channels_per_group))
+    channels = spec.in_channels_per_group if kind == "grad_input" else spec.out_channels_per_group
+    return min(spec.groups, max(1, config.block_n // channels))
 
 
 def forward_meta(spec: ConvSpec, family: str, config: KernelConfig) -> dict:

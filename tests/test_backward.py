@@ -66,6 +66,13 @@ def test_gradcheck_float64(batch, in_channels, out_channels, size, kernel, strid
                            layout):
     """Every gradient (x, weight, bias) against finite differences, through the generated kernels in float64.
     fast_mode checks a random projection of the Jacobian: two forward calls per input instead of two per element."""
+    conv, leaves = _float64_case(batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups,
+                                 policy, layout)
+    assert torch.autograd.gradcheck(conv, leaves, fast_mode=True)
+
+
+def _float64_case(batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups, policy, layout):
+    """The conv of one labelled case, and random float64 (x, weight, bias) for it that require gradients."""
     x = make_input(batch, in_channels, size, torch.float64, layout).requires_grad_()
     weight = torch.randn(out_channels, math.ceil(in_channels / groups), *pair(kernel), dtype=torch.float64,
                          requires_grad=True)
@@ -74,7 +81,7 @@ def test_gradcheck_float64(batch, in_channels, out_channels, size, kernel, strid
     def conv(x, weight, bias):
         return gconvgen.conv2d(x, weight, bias, stride, padding, dilation, groups, channel_policy=policy)
 
-    assert torch.autograd.gradcheck(conv, (x, weight, bias), fast_mode=True)
+    return conv, (x, weight, bias)
 
 
 def test_gradcheck_float64_full_jacobian():
@@ -98,15 +105,9 @@ DOUBLE_BACKWARD_CASES = [
 def test_gradgradcheck_float64(batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups,
                                policy, layout):
     """Gradients of the gradients (x, weight, bias and the output gradient) against finite differences."""
-    x = make_input(batch, in_channels, size, torch.float64, layout).requires_grad_()
-    weight = torch.randn(out_channels, math.ceil(in_channels / groups), *pair(kernel), dtype=torch.float64,
-                         requires_grad=True)
-    bias = torch.randn(out_channels, dtype=torch.float64, requires_grad=True)
-
-    def conv(x, weight, bias):
-        return gconvgen.conv2d(x, weight, bias, stride, padding, dilation, groups, channel_policy=policy)
-
-    assert torch.autograd.gradgradcheck(conv, (x, weight, bias), fast_mode=True)
+    conv, leaves = _float64_case(batch, in_channels, out_channels, size, kernel, stride, padding, dilation, groups,
+                                 policy, layout)
+    assert torch.autograd.gradgradcheck(conv, leaves, fast_mode=True)
 
 
 def test_gradient_penalty_matches_torch():

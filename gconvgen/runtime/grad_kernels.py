@@ -108,8 +108,12 @@ class _PlannedGradKernel(_LoadedKernel):
     kind = ""
 
     def meta(self, config: KernelConfig) -> dict:
-        """The launch keywords of ``config``: its BLOCK_* constexprs, num_warps and num_stages."""
-        return config.meta(self.family)
+        """The launch keywords of ``config``: its BLOCK_* constexprs, num_warps and num_stages, plus igemm's
+        GROUP_BLOCK (narrow groups packed into one program, as in the forward)."""
+        meta = config.meta(self.family)
+        if self.family == "igemm":
+            meta["GROUP_BLOCK"] = groups_per_program(self.spec, self.family, config, self.kind)
+        return meta
 
     def __init__(self, conv_plan: Plan, target: str, *, allow_tf32: bool):
         interpret = target == "interpreter"
@@ -123,13 +127,6 @@ class GradInputKernel(_PlannedGradKernel):
     """The transposed grouped conv of one plan: grad_output and weight in, the input gradient out."""
 
     kind = "grad_input"
-
-    def meta(self, config: KernelConfig) -> dict:
-        """The launch keywords: the config's, plus igemm's GROUP_BLOCK (groups packed into one program)."""
-        meta = config.meta(self.family)
-        if self.family == "igemm":
-            meta["GROUP_BLOCK"] = groups_per_program(self.spec, self.family, config, self.kind)
-        return meta
 
     def launch(self, grad_output: torch.Tensor, weight: torch.Tensor, grad_input: torch.Tensor,
                config: KernelConfig | None = None) -> torch.Tensor:
@@ -175,10 +172,11 @@ class GradWeightKernel(_PlannedGradKernel):
         if pixels == 0:
             return grad_weight.zero_()
         spec = self.spec
-        if self.family == "igemm":
-            tile_grid = (triton.cdiv(spec.out_channels_per_group, config.block_m)
-                         * triton.cdiv(spec.in_channels_per_group * spec.kernel_size[0] * spec.kernel_size[1],
-                                       config.block_n), spec.groups)
+        if self.family == "igemm":  # narrow groups are packed GROUP_BLOCK to a program
+            packed = groups_per_program(spec, self.family, config, self.kind)
+            columns = packed * spec.in_channels_per_group * spec.kernel_size[0] * spec.kernel_size[1]
+            tile_grid = (triton.cdiv(packed * spec.out_channels_per_group, config.block_m)
+                         * triton.cdiv(columns, config.block_n), triton.cdiv(spec.groups, packed))
             block_pixels = config.block_k
         else:
             tile_grid = (triton.cdiv(spec.out_channels, config.block_n), spec.kernel_size[0] * spec.kernel_size[1])

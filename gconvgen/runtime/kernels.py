@@ -91,13 +91,19 @@ def default_config(spec: ConvSpec, family: str, *, interpret: bool) -> KernelCon
 
 def groups_per_program(spec: ConvSpec, family: str, config: KernelConfig, kind: str = "forward") -> int:
     """How many consecutive groups one igemm program computes (its GROUP_BLOCK): as many as fill its
-    block_n channels (output channels for the forward, input channels for grad-input), so that narrow
-    groups (ResNeXt's 4 channels) fill a tensor-core tile and their loads cover whole runs of channels;
-    1 for a group as wide as block_n, for grad-weight, and for the other families."""
-    if family != "igemm" or kind == "grad_weight":
+    channel tile (block_n output channels for the forward, block_n input channels for grad-input, block_m
+    output channels for grad-weight), so that narrow groups (ResNeXt's 4 channels) fill a tensor-core tile
+    and their loads cover whole runs of channels; 1 for a group as wide as the tile, and for the other
+    families."""
+    if family != "igemm":
         return 1
-    channels = spec.in_channels_per_group if kind == "grad_input" else spec.out_channels_per_group
-    return min(spec.groups, max(1, config.block_n // channels))
+    if kind == "grad_weight":
+        tile, channels = config.block_m, spec.out_channels_per_group
+    elif kind == "grad_input":
+        tile, channels = config.block_n, spec.in_channels_per_group
+    else:
+        tile, channels = config.block_n, spec.out_channels_per_group
+    return min(spec.groups, max(1, tile // channels))
 
 
 def forward_meta(spec: ConvSpec, family: str, config: KernelConfig) -> dict:

@@ -118,11 +118,6 @@ def kernel_record(config: KernelConfig, family: Optional[str] = None) -> dict:
     return record if family is None else {**record, "family": family}
 
 
-def user_database_path() -> Path:
-    """Where this user's tuning results are written (under GCONVGEN_CACHE_DIR)."""
-    return database().path
-
-
 def shipped_database_paths() -> list[Path]:
     """Databases shipped with gconvgen (tuning/databases/*.json), read as defaults."""
     return sorted((data_dir("tuning") / "databases").glob("*.json"))

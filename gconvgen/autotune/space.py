@@ -21,7 +21,7 @@ from ..codegen import KINDS
 from ..ir import ConvSpec, check
 from ..resources import data_dir
 from ..runtime.kernels import (ELEMENT_BYTES, KernelConfig, band_operand_bytes, device_target, groups_per_program,
-                               launch_grid)
+                               launch_grid, packed_channels)
 
 SPACE_SCHEMA_VERSION = 1
 
@@ -170,8 +170,7 @@ def group_packing(configs, problem, facts, family, params):
     """Drop igemm tiles that pack more than max_groups narrow groups into one program (each packed group
     multiplies the block-diagonal tile's wasted products), unless tl.dot's 16 channels need more."""
     spec = problem.spec
-    channels = spec.in_channels_per_group if problem.kind == "grad_input" else spec.out_channels_per_group
-    most = max(params["max_groups"], 16 // channels)
+    most = max(params["max_groups"], 16 // packed_channels(spec, problem.kind))
     return [c for c in configs if groups_per_program(spec, family, c, problem.kind) <= most]
 
 

@@ -117,25 +117,33 @@ class Family:
     default: KernelConfig
 
 
-def families_of(problem: Problem, device: torch.device, facts: DeviceFacts) -> list[Family]:
-    """The kernel families tuning ``problem`` searches, the planner's default first: every forward family the
-    planner offers, or the one backward family (space ``<kind>_<family>``)."""
-    spec, interpret = problem.spec, facts.kind == "interpreter"
-    conv_plan = planned(spec, knobs.padding_budget())
+def _search_spaces(problem: Problem) -> list[tuple[str, str]]:
+    """(family, search space name) of every kernel family tuning ``problem`` searches, the planner's default
+    first: every forward family the planner offers, or the one backward family (space ``<kind>_<family>``)."""
+    conv_plan = planned(problem.spec, knobs.padding_budget())
     if problem.kind == "forward":
-        return [Family(name, compiled_for(spec, device, name), load_space(name, facts.kind),
-                       default_config(spec, name, interpret=interpret)) for name in conv_plan.families]
-    family = conv_plan.backward_family
-    return [Family(family, grad_kernel_for(problem.kind, spec, device), load_space(f"{problem.kind}_{family}", facts.kind),
-                   default_grad_config(problem.kind, spec, family, interpret=interpret))]
+        return [(family, family) for family in conv_plan.families]
+    return [(conv_plan.backward_family, f"{problem.kind}_{conv_plan.backward_family}")]
+
+
+def families_of(problem: Problem, device: torch.device, facts: DeviceFacts) -> list[Family]:
+    """The kernel families tuning ``problem`` searches (see _search_spaces), compiled for ``device``."""
+    spec, interpret = problem.spec, facts.kind == "interpreter"
+    families = []
+    for family, space in _search_spaces(problem):
+        if problem.kind == "forward":
+            kernel, default = compiled_for(spec, device, family), default_config(spec, family, interpret=interpret)
+        else:
+            kernel = grad_kernel_for(problem.kind, spec, device)
+            default = default_grad_config(problem.kind, spec, family, interpret=interpret)
+        families.append(Family(family, kernel, load_space(space, facts.kind), default))
+    return families
 
 
 def planned_trials(problem: Problem, facts: DeviceFacts) -> int:
     """About how many trials tuning ``problem`` takes (for a progress bar's ETA)."""
-    conv_plan = planned(problem.spec, knobs.padding_budget())
-    names = conv_plan.families if problem.kind == "forward" else (f"{problem.kind}_{conv_plan.backward_family}",)
     trials = 1  # aten
-    for name in names:
+    for _, name in _search_spaces(problem):
         space = load_space(name, facts.kind)
         first = space.stage_one(problem, facts)
         trials += 1 + len(first) + len(space.stage_two(first[: space.finalists], problem, facts))

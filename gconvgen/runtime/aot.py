@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..ir import check
 from ..plan import Plan
-from .kernels import CompiledConv, KernelConfig, forward_meta
+from .kernels import CompiledConv, KernelConfig, launch_meta
 
 TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 
@@ -39,5 +39,5 @@ def compile_for_gpu(conv_plan: Plan, config: KernelConfig | None = None, *, capa
     """Render ``conv_plan``'s forward kernel for a GPU and compile it with ``config`` (default: the
     heuristic GPU config); see compile_kernel_for_gpu."""
     compiled = CompiledConv(conv_plan, f"cuda sm_{capability} ahead-of-time", allow_tf32=True, config=config)
-    meta = forward_meta(conv_plan.spec, conv_plan.family, compiled.config)
+    meta = launch_meta(conv_plan.spec, conv_plan.family, compiled.config)
     return compile_kernel_for_gpu(compiled.kernel, meta, conv_plan.spec.dtype, capability=capability)

@@ -18,7 +18,7 @@ from .. import codegen, knobs
 from ..ir import ConvSpec, check
 from ..plan import Plan
 from . import cache
-from .kernels import KernelConfig, device_target, groups_per_program, on_device, planned, pow2_between
+from .kernels import KernelConfig, device_target, groups_per_program, launch_meta, on_device, planned, pow2_between
 
 # a reduction is split only while every split keeps at least this many blocks of pixels to sum
 MIN_BLOCKS_PER_SPLIT = 4
@@ -110,10 +110,7 @@ class _PlannedGradKernel(_LoadedKernel):
     def meta(self, config: KernelConfig) -> dict:
         """The launch keywords of ``config``: its BLOCK_* constexprs, num_warps and num_stages, plus igemm's
         GROUP_BLOCK (narrow groups packed into one program, as in the forward)."""
-        meta = config.meta(self.family)
-        if self.family == "igemm":
-            meta["GROUP_BLOCK"] = groups_per_program(self.spec, self.family, config, self.kind)
-        return meta
+        return launch_meta(self.spec, self.family, config, self.kind)
 
     def __init__(self, conv_plan: Plan, target: str, *, allow_tf32: bool):
         interpret = target == "interpreter"

@@ -89,28 +89,28 @@ def default_config(spec: ConvSpec, family: str, *, interpret: bool) -> KernelCon
     return KernelConfig(block_m=128, block_n=pow2_between(spec.out_channels, 1, 8), block_k=0)
 
 
+def packed_channels(spec: ConvSpec, kind: str = "forward") -> int:
+    """The channels per group that an igemm kernel's channel tile packs: input channels for grad-input,
+    output channels for the forward and grad-weight."""
+    return spec.in_channels_per_group if kind == "grad_input" else spec.out_channels_per_group
+
+
 def groups_per_program(spec: ConvSpec, family: str, config: KernelConfig, kind: str = "forward") -> int:
     """How many consecutive groups one igemm program computes (its GROUP_BLOCK): as many as fill its
-    channel tile (block_n output channels for the forward, block_n input channels for grad-input, block_m
-    output channels for grad-weight), so that narrow groups (ResNeXt's 4 channels) fill a tensor-core tile
-    and their loads cover whole runs of channels; 1 for a group as wide as the tile, and for the other
-    families."""
+    channel tile (block_n for the forward and grad-input, block_m for grad-weight; see packed_channels),
+    so that narrow groups (ResNeXt's 4 channels) fill a tensor-core tile and their loads cover whole runs
+    of channels; 1 for a group as wide as the tile, and for the other families."""
     if family != "igemm":
         return 1
-    if kind == "grad_weight":
-        tile, channels = config.block_m, spec.out_channels_per_group
-    elif kind == "grad_input":
-        tile, channels = config.block_n, spec.in_channels_per_group
-    else:
-        tile, channels = config.block_n, spec.out_channels_per_group
-    return min(spec.groups, max(1, tile // channels))
+    tile = config.block_m if kind == "grad_weight" else config.block_n
+    return min(spec.groups, max(1, tile // packed_channels(spec, kind)))
 
 
-def forward_meta(spec: ConvSpec, family: str, config: KernelConfig) -> dict:
-    """The launch keywords of a forward kernel: the config's, plus igemm's GROUP_BLOCK."""
+def launch_meta(spec: ConvSpec, family: str, config: KernelConfig, kind: str = "forward") -> dict:
+    """The launch keywords of kernel ``kind``: the config's, plus igemm's GROUP_BLOCK."""
     meta = config.meta(family)
     if family == "igemm":
-        meta["GROUP_BLOCK"] = groups_per_program(spec, family, config)
+        meta["GROUP_BLOCK"] = groups_per_program(spec, family, config, kind)
     return meta
 
 
@@ -177,7 +177,7 @@ class CompiledConv:
                 *weight.stride(),
                 out_height, out_width, *out.stride(),
                 bias.stride(0) if bias is not None else 0,
-                **forward_meta(self.spec, self.family, config),
+                **launch_meta(self.spec, self.family, config),
             )
         return out
 

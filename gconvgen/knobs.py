@@ -4,7 +4,10 @@ Each knob is read when asked for (not at import), typed, and documented here. Te
 with ``knobs.scoped(FALLBACK="error")`` instead of touching ``os.environ``.
 
     GCONVGEN_CACHE_DIR       where rendered kernels and tuning results live
-                             (else $XDG_CACHE_HOME/gconvgen, else ~/.cache/gconvgen)
+                             (else $XDG_CACHE_HOME/gconvgen, else ~/.cache/gconvgen); folders gconvgen
+                             creates there are 0700. Kernel files are a readable copy, never trusted: what
+                             runs is always rendered again. A folder that cannot be written (read-only, or a
+                             file) is warned about once and kernels run from a private temporary folder
     GCONVGEN_FALLBACK        "warn" (default): CPU tensors without TRITON_INTERPRET run an exact aten
                              fallback and say so once; "error": every fallback raises instead
     GCONVGEN_PADDING_BUDGET  extra work channel padding may add before a plan is refused (default 0.5)

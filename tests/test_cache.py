@@ -1,5 +1,5 @@
-"""The disk cache: where it lives, what its key carries, atomic and locked writes, corrupt entries, and a
-warm call that touches neither the disk nor the planner nor the templates."""
+"""The disk cache: where it lives, what its key carries, atomic writes, corrupt entries, and a warm call that
+touches neither the disk nor the planner nor the templates. Attacks on the cache: test_cache_security.py."""
 from __future__ import annotations
 
 import builtins
@@ -61,7 +61,7 @@ def test_rendered_module_lands_in_cache_and_warm_call_does_no_work(monkeypatch):
 
     monkeypatch.setattr(kernels_module, "plan", forbidden)
     monkeypatch.setattr(codegen, "render", forbidden)
-    monkeypatch.setattr(cache, "ensure_module_file", forbidden)
+    monkeypatch.setattr(cache, "load_module", forbidden)
     monkeypatch.setattr(builtins, "open", forbidden)
     monkeypatch.setattr(os, "replace", forbidden)
     monkeypatch.setattr(Path, "read_text", forbidden)
@@ -72,33 +72,33 @@ def test_rendered_module_lands_in_cache_and_warm_call_does_no_work(monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate", "garble", "empty"])
 def test_corrupt_entry_is_rebuilt_not_trusted(damage):
     spec = ConvSpec(6, 6, 3, (3, 3), padding=(1, 1, 1, 1))
-    path = kernels.compiled_for(spec, torch.device("cpu")).source_path
+    path = cache.kernel_dir("interpreter") / f"{kernels.compiled_for(spec, torch.device('cpu')).uri}.py"
     text = path.read_text()
     path.write_text({"truncate": text[: len(text) // 2], "garble": text.replace("tl.dot", "tl.dotx"),
                      "empty": ""}[damage])
     kernels.compiled.cache_clear()
-    rebuilt = kernels.compiled_for(spec, torch.device("cpu"))
-    assert rebuilt.source_path.read_text() == text
+    kernels.compiled_for(spec, torch.device("cpu"))
+    assert path.read_text() == text
     x, weight = torch.randn(2, 6, 5, 5), torch.randn(6, 2, 3, 3)
     torch.testing.assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 3),
                                torch.nn.functional.conv2d(x, weight, None, 1, 1, 1, 3), atol=1e-4, rtol=1e-4)
 
 
-def test_concurrent_builders_render_once(tmp_path):
-    """Two processes asking for the same missing kernel: one renders under the lock, the other re-checks."""
-    log = tmp_path / "renders.log"
-    script = textwrap.dedent(f"""
-        import time
+def test_concurrent_loaders_leave_one_complete_file(tmp_path):
+    """Two processes loading the same missing kernel at once: each runs its own rendering, both write the
+    same bytes atomically, and one complete file is left, with no temporary file beside it."""
+    script = textwrap.dedent("""
+        import warnings
         from gconvgen.runtime import cache
+        warnings.simplefilter("error", cache.KernelCacheWarning)  # neither process may fall back to a private copy
         def render():
-            with open({str(log)!r}, "a") as out:
-                out.write("rendered\\n")
-            time.sleep(1.0)
-            return "VALUE = 42\\n"
-        path = cache.ensure_module_file("test-target", "shared_uri", render)
-        assert cache.import_module(path).VALUE == 42
+            return "VALUE = 42\\n" + "# padding to make the write take a while\\n" * 100000
+        assert cache.load_module("test-target", "shared_uri", render).VALUE == 42
     """)
     env = {**os.environ, "GCONVGEN_CACHE_DIR": str(tmp_path / "cache")}
     workers = [subprocess.Popen([sys.executable, "-c", script], env=env) for _ in range(2)]
     assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
-    assert log.read_text().count("rendered") == 1
+    folder = tmp_path / "cache" / "kernels"
+    [path] = folder.glob("*/shared_uri.py")
+    assert path.read_text().startswith("VALUE = 42\n") and len(path.read_text().splitlines()) == 100001
+    assert sorted(entry.name for entry in path.parent.iterdir()) == ["shared_uri.py"]

@@ -161,7 +161,7 @@ class TuningDatabase:
         does not parse is read again under the lock (it may just have been replaced) and then set aside."""
         try:
             return _parse(self.path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no file, or GCONVGEN_CACHE_DIR is a file: no records
             return {}
         except (OSError, UnicodeDecodeError, ValueError) as error:
             if not locked:

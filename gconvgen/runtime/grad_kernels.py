@@ -97,8 +97,7 @@ class _LoadedKernel:
     def __init__(self, target: str, uri: str, render: Callable[[], str], config: KernelConfig):
         self.uri = uri
         self.interpret = target == "interpreter"
-        self.source_path = cache.ensure_module_file(target, uri, render)
-        self.kernel = getattr(cache.import_module(self.source_path), "gconvgen_" + uri)
+        self.kernel = getattr(cache.load_module(target, uri, render), "gconvgen_" + uri)
         self.config = config
 
 

@@ -155,10 +155,9 @@ class CompiledConv:
         self.family = conv_plan.family
         self.interpret = target == "interpreter"
         self.uri = codegen.kernel_uri(conv_plan, interpret=self.interpret, allow_tf32=allow_tf32)
-        path = cache.ensure_module_file(
+        module = cache.load_module(
             target, self.uri, lambda: codegen.render(conv_plan, interpret=self.interpret, allow_tf32=allow_tf32))
-        self.source_path = path
-        self.kernel = getattr(cache.import_module(path), codegen.kernel_name(conv_plan, interpret=self.interpret, allow_tf32=allow_tf32))
+        self.kernel = getattr(module, codegen.kernel_name(conv_plan, interpret=self.interpret, allow_tf32=allow_tf32))
         self.config = config or default_config(self.spec, self.family, interpret=self.interpret)
 
     def launch(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,

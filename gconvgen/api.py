@@ -12,8 +12,12 @@ import torch
 from torch import nn
 
 from . import knobs
+from .autotune import choice as _installs_the_tuning_choice  # noqa: F401  (the runtime's choice provider)
 from .ir import CHANNEL_POLICIES, ConvSpec, check, fail
-from .runtime.kernels import compiled_for, planned
+from .lowering import DEFAULT, lowered_for
+from .plan import planned
+from .runtime.device import allows_tf32, device_target
+from .runtime.launch import kernel_of
 from .runtime.ops import DTYPE_NAMES, spec_for_call
 from .runtime.ops import conv2d as op_conv2d
 
@@ -221,7 +225,12 @@ class CompiledLayer:
         # CPU tensors run generated kernels only through Triton's interpreter; otherwise calls take the op's
         # aten fallback (said once, or refused under GCONVGEN_FALLBACK=error)
         runs_kernel = device.type != "cpu" or knobs.interpret()
-        self.kernel = compiled_for(spec, device) if runs_kernel else None
+        self.kernel = None
+        if runs_kernel:
+            target = device_target(device)
+            self.desc = lowered_for(spec, "forward", spec.dtype, DEFAULT, target == "interpreter", allows_tf32(device),
+                                    False)
+            self.kernel = kernel_of(self.desc, target)
 
     def __call__(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -231,7 +240,8 @@ class CompiledLayer:
             check(self.module is not None, "weight is required: this layer was compiled from a spec, not a module")
             weight, bias = self.module.weight, self.module.bias
         check(isinstance(x, torch.Tensor) and x.dim() == 4, "x must be a 4-D [N, C, H, W] tensor", TypeError)
-        check(x.device == self.device, f"x is on {x.device} but the layer was compiled for {self.device}")
+        check(_same_device(x.device, self.device),
+              f"x is on {x.device} but the layer was compiled for {self.device}; move it with .to('{self.device}')")
         if isinstance(weight, torch.Tensor) and x.dtype in DTYPE_NAMES and weight.dim() == 4:
             actual = spec_for_call(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation,
                                    self.spec.groups, self.spec.channel_policy)
@@ -239,6 +249,17 @@ class CompiledLayer:
                                        f"call gconvgen.compile_layer again for them")
         return conv2d(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation, self.spec.groups,
                       channel_policy=self.spec.channel_policy)
+
+
+def _same_device(actual: torch.device, wanted: torch.device) -> bool:
+    """``cuda`` means the current CUDA device: compare ``cuda`` and ``cuda:0`` by their index."""
+    if actual.type != wanted.type:
+        return False
+    if actual.type != "cuda" or actual.index == wanted.index:
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (actual.index if actual.index is not None else current) == (wanted.index if wanted.index is not None
+                                                                         else current)
 
 
 def compile_layer(spec_or_conv: Union[ConvSpec, nn.Conv2d], *, device: Union[str, torch.device, None] = None,

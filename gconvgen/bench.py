@@ -21,14 +21,16 @@ import triton
 
 from . import codegen
 from .api import conv2d
+from . import knobs
 from .autotune.choice import choice_for
-from .autotune.database import ATEN, DEFAULT, Choice, choice_of, database, key_of
+from .autotune.database import choice_of, database, key_of
 from .autotune.space import Problem, config_name, device_facts
 from .autotune.suites import Layer
 from .autotune.measure import Timer, Workload, cudnn_benchmark
-from .autotune.tuner import allows_tf32
+from .lowering import ATEN, DEFAULT, ELEMENT_BYTES, Choice, lowered
+from .runtime import launch
+from .runtime.device import allows_tf32
 from .runtime.fallback import aten_conv2d
-from .runtime.kernels import ELEMENT_BYTES, compiled_for
 
 BENCH_SCHEMA_VERSION = 1
 CPU_NOTE = ("CPU run: every kernel ran through Triton's interpreter and F.conv2d on the CPU; these timings say "
@@ -117,16 +119,17 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
     facts = device_facts(device)
     workload = Workload.create(problem, device, facts, allows_tf32(device))
     key = key_of(problem, facts.target, allows_tf32(device))
-    label, timed_choice = _describe_choice(key, choice_for(spec, device, problem.batch, problem.height, problem.width))
-    compiled = compiled_for(spec, device, timed_choice.family)
-    kernel_config = timed_choice.config or compiled.config
+    label, timed_choice = _describe_choice(key, choice_for(spec, "forward", device, problem.batch, problem.height,
+                                                           problem.width))
+    desc = lowered(spec, "forward", spec.dtype, timed_choice, facts.kind == "interpreter", allows_tf32(device), False,
+                   knobs.padding_budget())
 
     def gconvgen(x, weight, bias, out):  # what a user's call costs: checks, the op's dispatch, the launch
         return conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups,
                       channel_policy=spec.channel_policy)
 
     def kernel(x, weight, bias, out):
-        return compiled.launch(x, weight, bias, out, kernel_config)
+        return launch.forward(spec, x, weight, bias, out, timed_choice)
 
     def aten(x, weight, bias, out):
         return aten_conv2d(spec, x, weight, bias)
@@ -142,7 +145,7 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
     floor_ms = max(memory_ms, compute_ms)
     return BenchRow(
         layer=layer.id, model=layer.model, layout=spec.layout, dtype=spec.dtype, choice=label,
-        gconvgen_ms=gconvgen_ms, kernel_ms=kernel_ms, kernel_config=config_name(kernel_config, compiled.family),
+        gconvgen_ms=gconvgen_ms, kernel_ms=kernel_ms, kernel_config=config_name(desc.config, desc.family),
         aten_ms=aten_ms,
         speedup=aten_ms / gconvgen_ms, kernel_speedup=aten_ms / kernel_ms, floor_ms=floor_ms,
         pct_of_floor=100 * floor_ms / gconvgen_ms, kernel_pct_of_floor=100 * floor_ms / kernel_ms,

@@ -19,7 +19,7 @@ import triton.testing
 from .api import conv2d
 from .ir import ConvSpec, check
 from .runtime.fallback import aten_conv2d
-from .runtime.kernels import TORCH_DTYPES
+from .runtime.ops import TORCH_DTYPES
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
+import networkx as nx
 import torch
 import tqdm
 
@@ -28,8 +30,10 @@ from .autotune import measure, tuner
 from .bench import CPU_NOTE
 from .ir import CHANNEL_POLICIES, DTYPES, LAYOUTS, ConvSpec
 from .plan import plan as plan_spec
+from .plan import planned
 from .runtime import cache as kernel_cache
-from .runtime.kernels import planned
+from .lowering import Choice, lower
+from .runtime.device import allows_tf32
 
 
 def _pair(text: str) -> tuple[int, ...]:
@@ -60,10 +64,15 @@ def main() -> None:
 @click.option("--family", default=None,
               help="Print this forward kernel family's kernel (one the plan offers). Default: the planner's choice.")
 @click.option("--interpret", is_flag=True, help="Print the variant rendered for Triton's interpreter.")
+@click.option("--kind", type=click.Choice(("forward", "grad_input", "grad_weight", "grad_bias")), default="forward",
+              show_default=True, help="Which kernel's source to print.")
+@click.option("--graph", "graph_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the pass graphs to this file: Graphviz DOT (.dot) or networkx node-link JSON (.json).")
 @click.option("--source/--no-source", default=True, show_default=True, help="Print the generated kernel source.")
 def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, input_size, bias, dtype, layout,
-         channel_policy, padding_budget, family, interpret, source) -> None:
-    """Explain the plan for one layer and print the Triton kernel gconvgen generates for it."""
+         channel_policy, padding_budget, family, interpret, kind, graph_path, source) -> None:
+    """Explain the plan for one layer: its pass graphs, the lowered description of each kernel (forward,
+    grad-input, grad-weight, grad-bias), and the Triton source of one of them."""
     try:
         kernel_hw, stride_hw, dilation_hw, size_hw = (_expand(_pair(v)) for v in (kernel, stride, dilation, input_size))
         pad = padding if padding in ("same", "valid") else _pair(padding)
@@ -75,9 +84,22 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
     except (ValueError, TypeError) as error:
         raise click.UsageError(str(error)) from None
     click.echo(conv_plan.explain())
-    click.echo(f"kernel: {codegen.kernel_uri(conv_plan, interpret=interpret, allow_tf32=False)}")
+    descs = {}
+    for each in ("forward", "grad_input", "grad_weight", "grad_bias"):
+        backward_spec = conv_plan if each == "forward" else plan_spec(replace(spec, bias=False),
+                                                                      padding_budget=padding_budget)
+        descs[each] = lower(None if each == "grad_bias" else backward_spec, each, dtype=dtype,
+                            choice=Choice("default", None, family), interpret=interpret, allow_tf32=False)
+        click.echo(descs[each].explain())
+    if graph_path:
+        text = (conv_plan.to_dot() if not graph_path.endswith(".json")
+                else json.dumps({name: nx.node_link_data(graph, edges="edges") for name, graph
+                                 in (("logical", conv_plan.logical), ("lowered", conv_plan.lowered))}, indent=1))
+        Path(graph_path).write_text(text)
+        click.echo(f"pass graphs written to {graph_path}")
+    click.echo(f"kernel: {descs[kind].uri}")
     if source:
-        click.echo("\n" + codegen.render(conv_plan, interpret=interpret, allow_tf32=False))
+        click.echo("\n" + codegen.render(descs[kind]))
 
 
 def _expand(values: tuple[int, ...]) -> tuple[int, int]:
@@ -148,7 +170,7 @@ def _tune_all(problems: list[tuple[str, suites.Layer, Problem]], device: torch.d
     facts = device_facts(device)
     db = database()
     todo = [(label, problem) for label, _, problem in problems
-            if force or db.lookup(key_of(problem, facts.target, tuner.allows_tf32(device))) is None]
+            if force or db.lookup(key_of(problem, facts.target, allows_tf32(device))) is None]
     for label, _, _ in problems:
         if all(label != done for done, _ in todo):
             click.echo(f"{label}: already tuned (use --force to tune again)", err=True)

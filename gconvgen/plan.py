@@ -6,6 +6,7 @@ conv kernel as channel masks, so no padded tensor is ever materialised.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -145,9 +146,10 @@ class Plan:
     lowered: nx.DiGraph
 
     @property
-    def kernel(self) -> dict:
-        """The lowered conv node's attributes: family, masks, padding overhead."""
-        return dict(self.lowered.nodes[CONV])
+    def channel_masks(self) -> tuple[bool, bool]:
+        """(mask input channels, mask output channels): the padding passes lowered to masks."""
+        conv = self.lowered.nodes[CONV]
+        return conv["mask_input_channels"], conv["mask_output_channels"]
 
     @property
     def family(self) -> str:
@@ -177,6 +179,16 @@ class Plan:
         lines += _describe(self.lowered)
         return "\n".join(lines)
 
+    def to_dot(self) -> str:
+        """Both pass graphs in Graphviz DOT (through networkx and pydot), as two clusters."""
+        combined = nx.DiGraph(name="gconvgen_plan")
+        for prefix, graph in (("logical", self.logical), ("lowered", self.lowered)):
+            for node, attrs in graph.nodes(data=True):
+                label = "\\n".join([f"{node}: {attrs['op']}"] + [f"{k}={v}" for k, v in attrs.items() if k != "op"])
+                combined.add_node(f"{prefix}_{node}", label=f'"{label}"', shape="box")
+            combined.add_edges_from((f"{prefix}_{a}", f"{prefix}_{b}") for a, b in graph.edges)
+        return nx.nx_pydot.to_pydot(combined).to_string()
+
 
 def plan(spec: ConvSpec, *, padding_budget: float | None = None, family: str | None = None) -> Plan:
     """Plan ``spec``: run the logical pipeline, then lower it. Raises ValueError for a conv it refuses.
@@ -203,6 +215,13 @@ def plan(spec: ConvSpec, *, padding_budget: float | None = None, family: str | N
     lowered = graph.copy()
     _run(LOWERING_PIPELINE, lowered, spec, budget)
     return Plan(spec=spec, logical=graph, lowered=lowered)
+
+
+@functools.lru_cache(maxsize=1024)
+def planned(spec: ConvSpec, padding_budget: float, family: str | None = None) -> Plan:
+    """``plan`` memoised per spec (and forward family; None is the planner's default): the API checks every
+    call against it, so it must cost nothing warm."""
+    return plan(spec, padding_budget=padding_budget, family=family)
 
 
 def _run(pipeline: list[tuple[str, Callable]], graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:

@@ -1,24 +1,26 @@
-"""What one call runs: the tuning database's choice for its key, looked up once per process.
+"""The tuning database's choice for each call, installed as the runtime's choice provider.
 
 An untuned key runs the heuristic default config at once. Only with GCONVGEN_AUTOTUNE=1 is an untuned key
 tuned on its first call (and recorded); never silently on the hot path. A key where aten won calls aten.
+Importing this module installs ``choice_for`` into gconvgen.runtime.choices (``import gconvgen`` does).
 """
 from __future__ import annotations
 
 import functools
 import logging
 import warnings
-from typing import Optional
 
 import torch
 
 from .. import knobs
 from ..ir import ConvSpec
-from ..runtime.fallback import aten_conv2d
-from ..runtime.kernels import compiled_for, device_target, planned
-from .database import ATEN, DEFAULT, Choice, database, key_of
+from ..lowering import DEFAULT, Choice, check_config
+from ..plan import planned
+from ..runtime import choices
+from ..runtime.device import allows_tf32, device_target
+from .database import database, key_of
 from .space import Problem
-from .tuner import allows_tf32, tune
+from .tuner import tune
 
 _log = logging.getLogger("gconvgen")
 _failed_keys: set[str] = set()  # keys whose first-call tuning failed: not retried in this process
@@ -29,8 +31,7 @@ def _key(spec: ConvSpec, target: str, allow_tf32: bool, batch: int, height: int,
     return key_of(Problem(spec, batch, height, width, kind), target, allow_tf32)
 
 
-def choice_for(spec: ConvSpec, device: torch.device, batch: int, height: int, width: int,
-               kind: str = "forward") -> Choice:
+def choice_for(spec: ConvSpec, kind: str, device: torch.device, batch: int, height: int, width: int) -> Choice:
     """The database's choice for kernel ``kind`` of ``spec`` (the forward, or 'grad_input' / 'grad_weight'
     with a bias-free spec) at this input size on ``device``: a tuned config, aten, or DEFAULT.
 
@@ -52,22 +53,25 @@ def choice_for(spec: ConvSpec, device: torch.device, batch: int, height: int, wi
             warnings.warn(f"gconvgen: GCONVGEN_AUTOTUNE could not tune {key}: {error}; using the default config",
                           stacklevel=3)
         choice = db.choice(key)
-    if choice.family is not None and choice.family not in planned(spec, knobs.padding_budget()).families:
-        warnings.warn(f"gconvgen: ignoring the tuning record for {key!r}: family={choice.family!r} does not "
-                      f"compute this conv; re-tune it (gconvgen tune --force)", stacklevel=3)
+    return _usable(key, choice, spec, kind, knobs.padding_budget()) if choice.config is not None else choice
+
+
+@functools.lru_cache(maxsize=4096)
+def _usable(key: str, choice: Choice, spec: ConvSpec, kind: str, padding_budget: float) -> Choice:
+    """``choice`` when its family computes ``spec``'s kernel ``kind`` and its config is legal for that family;
+    else DEFAULT, with a warning (once per key) naming what is wrong with the record."""
+    conv_plan = planned(spec, padding_budget)
+    offered = conv_plan.families if kind == "forward" else (conv_plan.backward_family,)
+    family = choice.family or offered[0]
+    try:
+        if family not in offered:
+            raise ValueError(f"family={family!r} does not compute this conv (it can run {list(offered)})")
+        check_config(choice.config, family)
+    except (TypeError, ValueError) as error:
+        warnings.warn(f"gconvgen: ignoring the tuning record for {key!r}: {error}; re-tune it "
+                      f"(gconvgen tune --force)", stacklevel=4)
         return DEFAULT
     return choice
 
 
-def launch_chosen(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  out: torch.Tensor) -> torch.Tensor:
-    """Run ``spec`` on NCHW-indexed x [N, C_in, H, W] and weight [C_out, ci, kh, kw] as the database says:
-    the tuned (or the planner's default) kernel family and config into ``out``, or aten where aten won.
-    Returns the output, in ``out``'s memory format."""
-    if out.numel() == 0:  # an empty batch: nothing to choose or compute
-        return out
-    choice = choice_for(spec, x.device, x.shape[0], x.shape[2], x.shape[3])
-    if choice.kind == ATEN:
-        result = aten_conv2d(spec, x, weight, bias)
-        return result if result.stride() == out.stride() else out.copy_(result)
-    return compiled_for(spec, x.device, choice.family).launch(x, weight, bias, out, choice.config)
+choices.set_provider(choice_for)

@@ -24,23 +24,14 @@ import filelock
 import triton
 
 from .. import codegen, knobs
+from ..lowering import ATEN, DEFAULT, FAMILIES, KERNEL, TEMPLATES, Choice, KernelConfig, check_config, lower
+from ..plan import planned
 from ..resources import data_dir
 from ..runtime.cache import write_atomic
-from ..runtime.kernels import KernelConfig, planned
 from .space import Problem
 
-DB_SCHEMA_VERSION = 1
-ATEN = "aten"      # the record's choice when PyTorch's own conv won
-KERNEL = "kernel"  # the record's choice when a generated kernel won
-
-
-@functools.cache
-def _template_hash(templates: tuple[str, ...]) -> str:
-    """Hash of the templates a key's tuning compared (other templates changing does not matter)."""
-    digest = hashlib.sha256(str(codegen.TEMPLATE_SCHEMA_VERSION).encode())
-    for name in templates:
-        digest.update((data_dir("templates") / name).read_bytes())
-    return digest.hexdigest()[:12]
+DB_SCHEMA_VERSION = 2
+MAX_DATABASE_BYTES = 64 * 1024 * 1024  # a larger file is not a tuning database: it is not read
 
 
 @functools.lru_cache(maxsize=4096)
@@ -48,7 +39,7 @@ def key_of(problem: Problem, target: str, allow_tf32: bool) -> str:
     """The one key a tuning result is stored under. A result is invalid when any of these changes:
 
     - the device: ``target`` is the GPU's name and compute capability (or 'interpreter');
-    - which kernel: the forward conv, or the backward kernel grad_input / grad_weight (the uri's first word);
+    - which kernel: the forward conv, or the backward kernel grad_input / grad_weight;
     - the Triton version, and the template sources of every family tuning compared (every forward family the
       planner offers, or the one backward template): they decide the generated code, and which family wins;
     - the dtype, and for float32 whether TF32 is allowed (a different tl.dot);
@@ -57,18 +48,18 @@ def key_of(problem: Problem, target: str, allow_tf32: bool) -> str:
     - stride, four-sided padding, dilation, groups, bias;
     - the channel policy and the channel masks the planner lowered it to.
 
-    It reads like ``NVIDIA H200 sm_90|triton 3.6.0|t=...|igemm_ci128_..._nhwc_bfloat16|n64_h56_w56|strict``.
+    It reads like ``NVIDIA H200 sm_90|triton 3.6.0|t=...|forward_ci128_..._nhwc_bfloat16|n64_h56_w56|strict``
+    (the layer part is the kernel's uri without its family, since tuning compares families).
     The batch size alone is soft: an untuned key runs the record of the same layer at the nearest tuned
     batch size (TuningDatabase.lookup_nearest).
     """
     spec = problem.spec
     conv_plan = planned(spec, knobs.padding_budget())
-    uri = codegen.kernel_uri(conv_plan, interpret=target == "interpreter", allow_tf32=allow_tf32, kind=problem.kind)
-    if problem.kind == "forward":
-        templates = tuple(codegen.TEMPLATES[family] for family in conv_plan.families)
-    else:
-        templates = (codegen.GRAD_TEMPLATES[problem.kind, conv_plan.backward_family],)
-    parts = [target, f"triton {triton.__version__}", f"t={_template_hash(templates)}", uri,
+    desc = lower(conv_plan, problem.kind, interpret=target == "interpreter", allow_tf32=allow_tf32)
+    families = conv_plan.families if problem.kind == "forward" else (desc.family,)
+    templates = tuple(TEMPLATES[problem.kind, family] for family in families)
+    layer = problem.kind + desc.uri.removeprefix(problem.kind).removeprefix("_").removeprefix(desc.family)
+    parts = [target, f"triton {triton.__version__}", f"t={codegen.templates_hash(templates)[:12]}", layer,
              f"n{problem.batch}_h{problem.height}_w{problem.width}", spec.channel_policy]
     return "|".join(parts)
 
@@ -84,32 +75,29 @@ def _without_batch(key: str) -> tuple[str, int]:
     return "|".join([*parts[:4], sizes, *parts[5:]]), int(found[1])
 
 
-@dataclass(frozen=True)
-class Choice:
-    """What the runtime runs for a key: a tuned kernel config of a forward family, aten, or (untuned) the
-    planner's default family with its heuristic default config."""
-
-    kind: str                       # KERNEL, ATEN or "default"
-    config: Optional[KernelConfig] = None
-    family: Optional[str] = None    # None: the planner's default family
-
-
-DEFAULT = Choice("default")
-
-
-def choice_of(record: dict) -> Choice:
-    """The Choice a database record asks for; raises ValueError for a malformed record."""
+def choice_of(record: dict, family: Optional[str] = None) -> Choice:
+    """The Choice a database record asks for; raises ValueError for a malformed record, or one whose config
+    is not legal for its kernel family (``family``: the family the record is for when it names none, e.g.
+    a backward kernel's; the record is checked against it)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"record {record!r} is not an object")
     if record.get("choice") == ATEN:
         return Choice(ATEN)
-    if record.get("choice") == KERNEL:
-        family = record.get("family")
-        if family is not None and family not in codegen.TEMPLATES:
-            raise ValueError(f"record's family={family!r} is not a kernel family; known: {sorted(codegen.TEMPLATES)}")
-        try:
-            return Choice(KERNEL, KernelConfig(**record["config"]), family)
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"record's config {record.get('config')!r} is not a KernelConfig: {error}") from None
-    raise ValueError(f"record's choice={record.get('choice')!r}; expected {KERNEL!r} or {ATEN!r}")
+    if record.get("choice") != KERNEL:
+        raise ValueError(f"record's choice={record.get('choice')!r}; expected {KERNEL!r} or {ATEN!r}")
+    named = record.get("family")
+    if named is not None and named not in FAMILIES:
+        raise ValueError(f"record's family={named!r} is not a kernel family; known: {list(FAMILIES)}")
+    config = record.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"record's config {config!r} is not an object")
+    try:
+        config = KernelConfig(**config)
+    except TypeError as error:
+        raise ValueError(f"record's config {record.get('config')!r} is not a KernelConfig: {error}") from None
+    if named or family:
+        check_config(config, named or family)
+    return Choice(KERNEL, config, named)
 
 
 def kernel_record(config: KernelConfig, family: Optional[str] = None) -> dict:
@@ -125,10 +113,14 @@ def shipped_database_paths() -> list[Path]:
 
 def _parse(text: str) -> dict:
     """The entries of a database file's text; raises ValueError saying what is wrong with it."""
+    if len(text) > MAX_DATABASE_BYTES:
+        raise ValueError(f"{len(text)} bytes, over the {MAX_DATABASE_BYTES} a tuning database may have")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON ({error})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply to be a tuning database") from None
     if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
         raise ValueError("not a gconvgen tuning database (no 'entries' object)")
     if data.get("schema_version") != DB_SCHEMA_VERSION:
@@ -163,6 +155,10 @@ class TuningDatabase:
             return _parse(self.path.read_text())
         except (FileNotFoundError, NotADirectoryError):  # no file, or GCONVGEN_CACHE_DIR is a file: no records
             return {}
+        except PermissionError as error:  # another user's file: not ours to move; skip it
+            warnings.warn(f"gconvgen: the tuning database {self.path} cannot be read ({error}); running without "
+                          f"it (point GCONVGEN_CACHE_DIR at a folder of your own)", stacklevel=4)
+            return {}
         except (OSError, UnicodeDecodeError, ValueError) as error:
             if not locked:
                 with self._lock():
@@ -191,7 +187,7 @@ class TuningDatabase:
         for path in self.shipped:
             try:
                 entries.update(_parse(path.read_text()))
-            except (OSError, ValueError) as error:  # package data: report, never rename
+            except (OSError, UnicodeDecodeError, ValueError) as error:  # package data: report, never rename
                 warnings.warn(f"gconvgen: ignoring the shipped tuning database {path}: {error}", stacklevel=3)
         return entries
 

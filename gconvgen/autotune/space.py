@@ -17,11 +17,14 @@ from typing import Callable
 import torch
 import triton
 
-from ..codegen import KINDS
+from .. import knobs
 from ..ir import ConvSpec, check
+from ..lowering import (ELEMENT_BYTES, KERNEL, Choice, KernelConfig, band_operand_bytes, groups_per_program, lowered,
+                        packed_channels)
 from ..resources import data_dir
-from ..runtime.kernels import (ELEMENT_BYTES, KernelConfig, band_operand_bytes, device_target, groups_per_program,
-                               launch_grid, packed_channels)
+from ..runtime.device import device_target
+
+KINDS = ("forward", "grad_input", "grad_weight")  # the kernels that are tuned (grad_bias is a plain reduction)
 
 SPACE_SCHEMA_VERSION = 1
 
@@ -189,7 +192,9 @@ def shared_memory_fits(configs, problem, facts, family, params):
 def fills_the_gpu(configs, problem, facts, family, params):
     """Keep grids of at least waves x multiprocessors programs; when none is, the grids with the most."""
     def programs(config: KernelConfig) -> int:
-        return math.prod(launch_grid(problem.spec, family, config, problem.batch, *problem.output_size))
+        desc = lowered(problem.spec, problem.kind, problem.spec.dtype, Choice(KERNEL, config, family), False, False,
+                       False, knobs.padding_budget())
+        return math.prod(desc.grid(problem.batch, problem.height, problem.width, *problem.output_size))
 
     wanted = (facts.multiprocessors or params["default_multiprocessors"]) * params.get("waves", 1)
     full = [c for c in configs if programs(c) >= wanted]

@@ -9,19 +9,20 @@ workload are in measure.py.
 """
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from .. import knobs
 from ..ir import check
+from ..lowering import ATEN, KERNEL, Choice, KernelConfig, default_config
+from ..plan import planned
+from ..runtime import launch
+from ..runtime.device import allows_tf32
 from ..runtime.fallback import aten_conv2d, aten_conv2d_backward
-from ..runtime.grad_kernels import default_grad_config, grad_kernel_for
-from ..runtime.kernels import KernelConfig, compiled_for, default_config, planned
-from .database import ATEN, kernel_record, key_of
+from .database import kernel_record, key_of
 from .measure import Runner, Timer, Workload, cudnn_benchmark, timer_for
 from .space import DeviceFacts, Problem, SearchSpace, config_name, device_facts, load_space
 
@@ -85,11 +86,6 @@ class TuningResult:
 # ---------------------------------------------------------------------------------------------- the tuner
 
 
-def allows_tf32(device: torch.device) -> bool:
-    """Whether float32 kernels on ``device`` may use TF32: torch's cuDNN setting, as compiled_for reads it."""
-    return device.type == "cuda" and torch.backends.cudnn.allow_tf32
-
-
 def aten_runner(problem: Problem) -> Runner:
     """PyTorch's own computation of ``problem``'s kernel: the baseline every tuning result must beat."""
     spec = problem.spec
@@ -100,19 +96,21 @@ def aten_runner(problem: Problem) -> Runner:
     return lambda x, grad_output, out: aten_conv2d_backward(spec, grad_output, x, out, (False, True))[1]
 
 
-class Launcher(Protocol):
-    """A compiled kernel (CompiledConv, GradInputKernel, GradWeightKernel): launch(*arguments, out, config)."""
-
-    def launch(self, *arguments: Optional[torch.Tensor], config: Optional[KernelConfig] = None) -> torch.Tensor:
-        ...
+def kernel_runner(problem: Problem, family: str, config: KernelConfig) -> Runner:
+    """``problem``'s kernel of ``family`` with ``config``, called as the Workload calls every candidate."""
+    choice, spec = Choice(KERNEL, config, family), problem.spec
+    if problem.kind == "forward":
+        return lambda x, weight, bias, out: launch.forward(spec, x, weight, bias, out, choice)
+    if problem.kind == "grad_input":
+        return lambda grad_output, weight, out: launch.grad_input(spec, grad_output, weight, out, choice)
+    return lambda x, grad_output, out: launch.grad_weight(spec, x, grad_output, out, choice)
 
 
 @dataclass(frozen=True)
 class Family:
-    """One kernel family a problem can run: its compiled kernel, search space and heuristic default config."""
+    """One kernel family a problem can run: its search space and heuristic default config."""
 
     name: str
-    kernel: Launcher
     space: SearchSpace
     default: KernelConfig
 
@@ -126,18 +124,12 @@ def _search_spaces(problem: Problem) -> list[tuple[str, str]]:
     return [(conv_plan.backward_family, f"{problem.kind}_{conv_plan.backward_family}")]
 
 
-def families_of(problem: Problem, device: torch.device, facts: DeviceFacts) -> list[Family]:
-    """The kernel families tuning ``problem`` searches (see _search_spaces), compiled for ``device``."""
-    spec, interpret = problem.spec, facts.kind == "interpreter"
-    families = []
-    for family, space in _search_spaces(problem):
-        if problem.kind == "forward":
-            kernel, default = compiled_for(spec, device, family), default_config(spec, family, interpret=interpret)
-        else:
-            kernel = grad_kernel_for(problem.kind, spec, device)
-            default = default_grad_config(problem.kind, spec, family, interpret=interpret)
-        families.append(Family(family, kernel, load_space(space, facts.kind), default))
-    return families
+def families_of(problem: Problem, facts: DeviceFacts) -> list[Family]:
+    """The kernel families tuning ``problem`` searches (see _search_spaces) on a device of ``facts``."""
+    interpret = facts.kind == "interpreter"
+    return [Family(family, load_space(space, facts.kind),
+                   default_config(problem.spec, family, problem.kind, interpret=interpret))
+            for family, space in _search_spaces(problem)]
 
 
 def planned_trials(problem: Problem, facts: DeviceFacts) -> int:
@@ -178,14 +170,14 @@ def tune(problem: Problem, device: torch.device | str, *, extra_configs: Sequenc
             on_trial(trial)
 
     def attempt_config(family: Family, config: KernelConfig, name: Optional[str] = None) -> None:
-        attempt(name or config_name(config, family.name), functools.partial(family.kernel.launch, config=config),
-                config, family.name)
+        attempt(name or config_name(config, family.name), kernel_runner(problem, family.name, config), config,
+                family.name)
 
     with cudnn_benchmark():
         attempt(ATEN, aten_runner(problem))
     for name, runner in extra_runners:
         attempt(name, runner)
-    families = families_of(problem, device, facts)
+    families = families_of(problem, facts)
     for family in families:
         # the default family with its default config is what an untuned key runs: named "default"
         attempt_config(family, family.default, "default" if family is families[0] else f"{family.name} default")

@@ -20,12 +20,11 @@ from typing import Sequence
 import torch
 
 from .. import knobs
-from ..autotune.choice import choice_for
-from ..autotune.database import ATEN, DEFAULT, Choice
 from ..ir import ConvSpec, check
+from ..lowering import ATEN, Choice
+from . import launch
+from .choices import choice_for
 from .fallback import aten_conv2d_backward
-from .grad_kernels import grad_bias_kernel, grad_kernel_for
-from .kernels import device_target
 from .ops import DTYPE_NAMES, _fallback, activation_layout, call, conv2d, conv2d_op, output_memory_format, spec_of
 
 
@@ -49,7 +48,7 @@ def _runs_on_aten(device: torch.device) -> bool:
 def _choice(kind: str, spec: ConvSpec, device: torch.device, input_size: Sequence[int]) -> Choice:
     """The tuning database's choice for backward kernel ``kind`` at this input size (an empty batch has none)."""
     batch, _, height, width = input_size
-    return choice_for(spec, device, batch, height, width, kind) if batch else DEFAULT
+    return choice_for(spec, kind, device, batch, height, width)
 
 
 def _check_grad_output(grad_output: torch.Tensor, reference: torch.Tensor, name: str) -> None:
@@ -84,7 +83,7 @@ def run_grad_input(grad_output: torch.Tensor, weight: torch.Tensor, input_size: 
         grad_x, _ = aten_conv2d_backward(spec, grad_output, grad_output.new_empty(tuple(input_size)), weight, (True, False))
         return grad_x.contiguous(memory_format=output_memory_format(grad_output))
     grad_x = _allocate_grad_input(grad_output, input_size)
-    return grad_kernel_for("grad_input", spec, grad_output.device).launch(grad_output, weight, grad_x, choice.config)
+    return launch.grad_input(spec, grad_output, weight, grad_x, choice)
 
 
 conv2d_grad_input_op = torch.library.custom_op("gconvgen::conv2d_grad_input", run_grad_input, mutates_args=())
@@ -114,7 +113,7 @@ def run_grad_weight(grad_output: torch.Tensor, x: torch.Tensor, weight_size: Seq
         _, grad_weight = aten_conv2d_backward(spec, grad_output, x, x.new_empty(tuple(weight_size)), (False, True))
         return grad_weight.contiguous()
     grad_weight = x.new_empty(tuple(weight_size))
-    return grad_kernel_for("grad_weight", spec, x.device).launch(x, grad_output, grad_weight, choice.config)
+    return launch.grad_weight(spec, x, grad_output, grad_weight, choice)
 
 
 conv2d_grad_weight_op = torch.library.custom_op("gconvgen::conv2d_grad_weight", run_grad_weight, mutates_args=())
@@ -134,9 +133,7 @@ def run_grad_bias(grad_output: torch.Tensor) -> torch.Tensor:
     check(grad_output.dtype in DTYPE_NAMES, f"grad_output.dtype={grad_output.dtype} is not supported", TypeError)
     if _runs_on_aten(grad_output.device):
         return grad_output.sum(dim=(0, 2, 3))
-    grad_bias = grad_output.new_empty(grad_output.shape[1])
-    kernel = grad_bias_kernel(DTYPE_NAMES[grad_output.dtype], device_target(grad_output.device))
-    return kernel.launch(grad_output, grad_bias)
+    return launch.grad_bias(grad_output, grad_output.new_empty(grad_output.shape[1]))
 
 
 conv2d_grad_bias_op = torch.library.custom_op("gconvgen::conv2d_grad_bias", run_grad_bias, mutates_args=())

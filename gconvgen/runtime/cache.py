@@ -215,3 +215,4 @@ def _execute(text: str, filename: str, name: str) -> ModuleType:
         sys.modules.pop(name, None)
         raise
     return module
+

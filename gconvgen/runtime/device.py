@@ -1,0 +1,63 @@
+"""What the runtime needs to know about a device: which compiled target it is, whether float32 convs may
+use TF32 there, how many programs fill it, and how to launch on it."""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from .. import knobs
+from ..ir import check
+
+
+@functools.cache
+def device_target(device: torch.device) -> str:
+    """What a compiled kernel is specific to: 'interpreter', or the GPU's name and capability."""
+    if device.type == "cpu":
+        import triton
+        import triton.language as tl
+        check(knobs.interpret(), "gconvgen runs its kernels on CPU tensors only through Triton's interpreter: set "
+                                 "TRITON_INTERPRET=1 before importing gconvgen (without it, gconvgen.conv2d runs "
+                                 "the aten fallback)", RuntimeError)
+        check(not isinstance(tl.zeros, triton.JITFunction),
+              "TRITON_INTERPRET=1 was set after Triton was imported, so Triton's own functions cannot run in its "
+              "interpreter; set TRITON_INTERPRET=1 before importing gconvgen or triton", RuntimeError)
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+
+
+def allows_tf32(device: torch.device) -> bool:
+    """Whether float32 convs on ``device`` may use TF32, as torch decides it for its own (cuDNN) convs.
+
+    torch >= 2.9 says it with ``fp32_precision`` ('tf32', 'ieee' or 'none' = ask the next level):
+    ``torch.backends.cudnn.conv``, then ``torch.backends.cudnn``, then ``torch.backends``. Older torch has
+    only ``torch.backends.cudnn.allow_tf32``, whose getter newer torch refuses once the new settings are
+    used. Never TF32 off CUDA.
+    """
+    if device.type != "cuda":
+        return False
+    cudnn = torch.backends.cudnn
+    for owner in (getattr(cudnn, "conv", None), cudnn, torch.backends):
+        precision = getattr(owner, "fp32_precision", None)
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    try:
+        return bool(cudnn.allow_tf32)
+    except RuntimeError:  # the new settings are mixed in a way the old getter refuses: exact is the safe side
+        return False
+
+
+@functools.cache
+def target_programs(device: torch.device) -> int:
+    """Programs a split reduction aims for: a few waves of the GPU's SMs; one under the interpreter, where
+    every program costs milliseconds."""
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (a no-op on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -1,0 +1,179 @@
+"""The one loader and the launches (check -> allocate -> launch) of every kernel kind.
+
+A kernel is found by its lowered description: ``kernel_of(desc, target)`` renders, caches and imports it
+once per process (uri -> render -> disk cache -> import -> memo). A launch builds the argument list from
+the kind's argument table, so no launch site lists arguments by hand. The reductions (grad-weight,
+grad-bias) sum pixel ranges into slices of a partials buffer that are added in a fixed order afterwards:
+nothing is accumulated with atomics, so every run gives the same bits.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from .. import codegen
+from ..arguments import ArgumentTable
+from ..ir import ConvSpec, check
+from ..lowering import DEFAULT, Choice, KernelDesc, lowered_for, needs_wide_index
+from . import cache
+from .device import allows_tf32, device_target, on_device, target_programs
+
+# a reduction is split only while every split keeps at least this many blocks of pixels to sum
+MIN_BLOCKS_PER_SPLIT = 4
+_KERNELS: dict[tuple[str, str], object] = {}  # (uri, target) -> the loaded @triton.jit function
+
+
+def kernel_of(desc: KernelDesc, target: str):
+    """The loaded Triton function of ``desc`` for ``target``: rendered, cached and imported on first use;
+    a dict lookup afterwards (no rendering, hashing or file I/O on a warm call)."""
+    key = (desc.uri, target)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        module = cache.load_module(target, desc.uri, lambda: codegen.render(desc))
+        kernel = _KERNELS[key] = getattr(module, desc.kernel_name)
+    return kernel
+
+
+def clear_memo() -> None:
+    """Forget every loaded kernel (tests; a new cache directory)."""
+    _KERNELS.clear()
+
+
+def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.Tensor], ...], choice: Choice,
+             dtype: Optional[str] = None, flat_pixels: int = 0) -> KernelDesc:
+    """The lowered description of kernel ``kind`` for a launch on ``tensors``: the target and TF32 setting of
+    their device, and 64-bit offsets when some offset or the ``flat_pixels`` index needs them."""
+    device = tensors[0].device
+    largest = 0
+    for tensor in tensors:
+        if tensor is not None:
+            largest = max(largest, sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride())))
+    return lowered_for(spec, kind, dtype or spec.dtype, choice, device_target(device) == "interpreter",
+                       allows_tf32(device), needs_wide_index(largest, flat_pixels))
+
+
+def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = ()) -> list:
+    """The kernel's argument list in its table's order; a missing optional operand passes a placeholder."""
+    placeholder = next(tensor for tensor in tensors.values() if tensor is not None)
+    values: list = [placeholder if tensors[op.name] is None else tensors[op.name] for op in table.operands]
+    for op in table.operands:
+        tensor = tensors[op.name]
+        if tensor is None:
+            values += [0] * (len(op.sizes) + len(op.dims))
+        else:
+            shape = tensor.shape
+            values += [shape[dim] for _, dim in op.sizes]
+            values += tensor.stride()
+    return values + list(scalars)
+
+
+def _launch(desc: KernelDesc, grid: tuple[int, ...], tensors: dict, scalars: tuple[int, ...] = ()) -> None:
+    device = next(tensor for tensor in tensors.values() if tensor is not None).device
+    kernel = kernel_of(desc, device_target(device))
+    with on_device(device):
+        kernel[grid](*_arguments(desc.arguments, tensors, scalars), **desc.meta)
+
+
+# ---------------------------------------------------------------------------------------------- the four kinds
+
+
+def forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+            choice: Choice = DEFAULT) -> torch.Tensor:
+    """The conv of NCHW-indexed views (any strides): x [N, C_in, H, W], weight [C_out, ci, kh, kw] into the
+    preallocated out [N, C_out, OH, OW], with ``choice``'s family and config. Returns ``out``."""
+    batch, _, height, width = x.shape
+    out_height, out_width = out.shape[2], out.shape[3]
+    if batch * out_height * out_width == 0:
+        return out
+    desc = describe(spec, "forward", (x, weight, out), choice, flat_pixels=batch * out_height * out_width)
+    _launch(desc, desc.grid(batch, height, width, out_height, out_width),
+            {"x": x, "weight": weight, "bias": bias, "out": out})
+    return out
+
+
+def grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor,
+               choice: Choice = DEFAULT) -> torch.Tensor:
+    """grad_output [N, C_out, OH, OW] and weight [C_out, ci, kh, kw] (any strides) into the preallocated
+    grad_x [N, C_in, H, W]; every element of it is written. Returns ``grad_x``."""
+    batch, _, height, width = grad_x.shape
+    if batch * height * width == 0:
+        return grad_x
+    desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, flat_pixels=batch * height * width)
+    _launch(desc, desc.grid(batch, height, width, grad_output.shape[2], grad_output.shape[3]),
+            {"grad_output": grad_output, "weight": weight, "grad_input": grad_x})
+    return grad_x
+
+
+def grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tensor, grad_w: torch.Tensor,
+                choice: Choice = DEFAULT, splits: Optional[int] = None) -> torch.Tensor:
+    """x [N, C_in, H, W] and grad_output [N, C_out, OH, OW] (any strides) into the preallocated grad_w
+    [C_out, ci, kh, kw]; every element written. ``splits`` overrides how many pixel ranges the reduction is
+    split into (default: enough to fill the device). Returns ``grad_w``."""
+    batch, _, height, width = x.shape
+    out_height, out_width = grad_output.shape[2], grad_output.shape[3]
+    pixels = batch * out_height * out_width
+    if pixels == 0:
+        return grad_w.zero_()
+    desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, flat_pixels=pixels)
+    tiles = desc.grid(batch, height, width, out_height, out_width)[:-1]
+    splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, tiles[0] * tiles[1],
+                                            target_programs(x.device), splits)
+    partials = _partials_for(grad_w, splits)
+    _launch(desc, (*tiles, splits), {"x": x, "grad_output": grad_output, "partials": partials},
+            (pixels, pixels_per_split))
+    return _add_splits(partials, grad_w)
+
+
+def grad_bias(grad_output: torch.Tensor, grad_b: torch.Tensor, choice: Choice = DEFAULT,
+              splits: Optional[int] = None) -> torch.Tensor:
+    """grad_output [N, C_out, OH, OW] (any strides) summed over batch and space into the preallocated grad_b
+    [C_out]; every element written. ``splits`` as for grad_weight. Returns ``grad_b``."""
+    batch, channels, out_height, out_width = grad_output.shape
+    pixels = batch * out_height * out_width
+    if pixels == 0:
+        return grad_b.zero_()
+    desc = describe(None, "grad_bias", (grad_output, grad_b), choice, dtype=_dtype_name(grad_output), flat_pixels=pixels)
+    channel_tiles = desc.grid(batch, 0, 0, out_height, out_width, channels=channels)[0]
+    splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, channel_tiles,
+                                            target_programs(grad_output.device), splits)
+    partials = _partials_for(grad_b, splits)
+    _launch(desc, (channel_tiles, splits), {"grad_output": grad_output, "partials": partials},
+            (pixels, pixels_per_split))
+    return _add_splits(partials, grad_b)
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def split_pixels(pixels: int, block_pixels: int, tiles: int, programs: int,
+                 splits: Optional[int] = None) -> tuple[int, int]:
+    """(splits, pixels_per_split) for a reduction over ``pixels`` done by ``tiles`` programs per split.
+
+    Without ``splits``: as many as fill ``programs`` programs, while each split keeps at least
+    MIN_BLOCKS_PER_SPLIT blocks. pixels_per_split is a multiple of block_pixels, and no split is empty.
+    """
+    blocks = triton.cdiv(pixels, block_pixels)
+    if splits is None:
+        splits = min(triton.cdiv(programs, tiles), max(1, blocks // MIN_BLOCKS_PER_SPLIT))
+    check(isinstance(splits, int) and splits >= 1, f"splits={splits!r} must be an int >= 1")
+    pixels_per_split = triton.cdiv(blocks, min(splits, blocks)) * block_pixels
+    return triton.cdiv(pixels, pixels_per_split), pixels_per_split
+
+
+def _partials_for(out: torch.Tensor, splits: int) -> torch.Tensor:
+    """Where the splits write: ``out`` itself for one split, else a [splits, *out.shape] buffer in the
+    accumulator's precision (float64 for float64, else float32)."""
+    if splits == 1:
+        return out.unsqueeze(0)
+    dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    return torch.empty((splits, *out.shape), dtype=dtype, device=out.device)
+
+
+def _add_splits(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Add the split slices into ``out`` in a fixed order (torch's sum over a dimension uses no atomics)."""
+    if partials.shape[0] > 1:
+        out.copy_(partials.sum(dim=0))
+    return out

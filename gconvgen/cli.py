@@ -368,3 +368,56 @@ def clear(kernels, tuning) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+@main.command()
+@click.option("--suite", "suite_name", default="headline", show_default=True,
+              help="A shipped suite (headline, secondary, smoke) or a suite JSON file.")
+@click.option("--layer", "layer_ids", multiple=True, help="Only these layer ids (repeatable). Default: every layer.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
+@click.option("--layout", type=click.Choice(("nhwc", "nchw", "both")), default="both", show_default=True)
+@click.option("--kind", "kinds", type=click.Choice(("forward", "grad_input", "grad_weight")), multiple=True,
+              help="Kernel kinds to compile (repeatable). Default: all three.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+def inspect(suite_name, layer_ids, dtype, layout, kinds, json_path) -> None:
+    """Compile each layer's kernels for sm_90 on this machine, as the runtime would launch them on an H200
+    (tuned or default config, run-time specialisation), and print what the compiler emitted: registers,
+    spills, shared memory, tensor-core instruction, global-load widths, async copies, instructions per
+    inner-loop iteration, programs and waves on 132 SMs, and the tiling's requested/ideal bytes and
+    issued/useful tensor-core FLOPs. Static figures, not timings. Needs TRITON_INTERPRET unset."""
+    from .inspection import inspect_problem
+
+    if knobs.interpret():
+        raise click.UsageError("gconvgen inspect compiles for sm_90: run it with TRITON_INTERPRET unset")
+    try:
+        suite = suites.load_suite(suite_name).select(layer_ids)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        raise click.UsageError(str(error)) from None
+    layouts = ("nhwc", "nchw") if layout == "both" else (layout,)
+    rows = []
+    header = (f"{'layer':<22} {'kind':<11} {'family':<14} {'config':<20} {'regs':>4} {'spill':>5} {'smem':>6} "
+              f"{'tc':<8} {'loads (bits:n)':<22} {'async':>5} {'loop':>5} {'waves':>6} {'bytes':>6} {'flops':>6}")
+    click.echo(header)
+    for layer in suite.runnable:
+        for lay in layouts:
+            forward = layer.problem(dtype, lay)
+            for kind in kinds or ("forward", "grad_input", "grad_weight"):
+                problem = forward if kind == "forward" else forward.backward(kind)
+                row = inspect_problem(problem)
+                rows.append({"layer": layer.id, "layout": lay, **row.as_dict()})
+                f = row.figures
+                loads = " ".join(f"{bits}:{count}" for bits, count in sorted(f.global_load_widths.items()))
+                ratio = lambda value: "-" if value is None else f"{value:.1f}x"  # noqa: E731
+                click.echo(f"{layer.id + ' ' + lay:<22} {kind:<11} {row.family:<14} {row.config:<20} "
+                           f"{f.registers:>4} {f.spill_bytes:>5} {f.shared_memory_bytes:>6} {f.tensor_core:<8} "
+                           f"{loads:<22} {sum(f.async_copies.values()):>5} {f.inner_loop_instructions:>5} "
+                           f"{row.waves:>6.1f} {ratio(row.requested_over_ideal_bytes):>6} "
+                           f"{ratio(row.issued_over_useful_flops):>6}")
+    click.echo("static figures of the sm_90 compiler's output (Triton " + __import__("triton").__version__ +
+               "), not timings; bytes = requested/ideal, flops = tensor-core issued/useful")
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+        click.echo(f"wrote {json_path}")

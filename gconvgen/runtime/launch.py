@@ -8,6 +8,7 @@ nothing is accumulated with atomics, so every run gives the same bits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -42,16 +43,52 @@ def clear_memo() -> None:
 
 
 def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.Tensor], ...], choice: Choice,
-             dtype: Optional[str] = None, flat_pixels: int = 0) -> KernelDesc:
-    """The lowered description of kernel ``kind`` for a launch on ``tensors``: the target and TF32 setting of
-    their device, and 64-bit offsets when some offset or the ``flat_pixels`` index needs them."""
+             dtype: Optional[str] = None, flat_pixels: int = 0, target: Optional[str] = None) -> KernelDesc:
+    """The lowered description of kernel ``kind`` for a launch on ``tensors``: the target (``target``, else
+    their device's) and its TF32 setting, and 64-bit offsets when some offset or the ``flat_pixels`` index
+    needs them."""
     device = tensors[0].device
     largest = 0
     for tensor in tensors:
         if tensor is not None:
             largest = max(largest, sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride())))
-    return lowered_for(spec, kind, dtype or spec.dtype, choice, device_target(device) == "interpreter",
-                       allows_tf32(device), needs_wide_index(largest, flat_pixels))
+    target = target or device_target(device)
+    return lowered_for(spec, kind, dtype or spec.dtype, choice, target == "interpreter",
+                       allows_tf32(device) if device.type == "cuda" else False,
+                       needs_wide_index(largest, flat_pixels))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One prepared launch: the kernel's description, its grid and its argument values in table order
+    (tensors and ints), and the partials a split reduction sums afterwards into ``result``."""
+
+    desc: KernelDesc
+    grid: tuple[int, ...]
+    values: tuple
+    result: torch.Tensor
+    partials: Optional[torch.Tensor] = None
+
+    def arguments(self) -> dict[str, object]:
+        """The argument values by kernel argument name (what ``gconvgen inspect`` compiles with)."""
+        return dict(zip(self.desc.arguments.names, self.values))
+
+
+def _prepared(desc: KernelDesc, grid: tuple[int, ...], tensors: dict, result: torch.Tensor,
+              scalars: tuple[int, ...] = (), partials: Optional[torch.Tensor] = None) -> Launch:
+    return Launch(desc, grid, tuple(_arguments(desc.arguments, tensors, scalars)), result, partials)
+
+
+def run(prepared: Optional[Launch]) -> None:
+    """Launch a prepared kernel on its tensors' device (None: nothing to compute)."""
+    if prepared is None:
+        return
+    device = prepared.result.device
+    kernel = kernel_of(prepared.desc, device_target(device))
+    with on_device(device):
+        kernel[prepared.grid](*prepared.values, **prepared.desc.meta)
+    if prepared.partials is not None:
+        _add_splits(prepared.partials, prepared.result)
 
 
 def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = ()) -> list:
@@ -69,27 +106,77 @@ def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = (
     return values + list(scalars)
 
 
-def _launch(desc: KernelDesc, grid: tuple[int, ...], tensors: dict, scalars: tuple[int, ...] = ()) -> None:
-    device = next(tensor for tensor in tensors.values() if tensor is not None).device
-    kernel = kernel_of(desc, device_target(device))
-    with on_device(device):
-        kernel[grid](*_arguments(desc.arguments, tensors, scalars), **desc.meta)
-
-
 # ---------------------------------------------------------------------------------------------- the four kinds
+# prepare_<kind> checks and lowers a launch (``target`` overrides the tensors' device, e.g. for meta tensors
+# compiled ahead of time); <kind> prepares and runs it.
+
+
+def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    out: torch.Tensor, choice: Choice = DEFAULT, target: Optional[str] = None) -> Optional[Launch]:
+    """The forward launch on x [N, C_in, H, W] and weight [C_out, ci, kh, kw] into out [N, C_out, OH, OW]
+    (NCHW-indexed views, any strides); None for an empty output."""
+    batch, _, height, width = x.shape
+    out_height, out_width = out.shape[2], out.shape[3]
+    if batch * out_height * out_width == 0:
+        return None
+    desc = describe(spec, "forward", (x, weight, out), choice, flat_pixels=batch * out_height * out_width,
+                    target=target)
+    return _prepared(desc, desc.grid(batch, height, width, out_height, out_width),
+                     {"x": x, "weight": weight, "bias": bias, "out": out}, out)
+
+
+def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor,
+                       choice: Choice = DEFAULT, target: Optional[str] = None) -> Optional[Launch]:
+    """The grad-input launch from grad_output [N, C_out, OH, OW] and weight into grad_x [N, C_in, H, W]."""
+    batch, _, height, width = grad_x.shape
+    if batch * height * width == 0:
+        return None
+    desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, flat_pixels=batch * height * width,
+                    target=target)
+    return _prepared(desc, desc.grid(batch, height, width, grad_output.shape[2], grad_output.shape[3]),
+                     {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x)
+
+
+def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tensor, grad_w: torch.Tensor,
+                        choice: Choice = DEFAULT, splits: Optional[int] = None,
+                        target: Optional[str] = None) -> Optional[Launch]:
+    """The grad-weight launch from x and grad_output into grad_w [C_out, ci, kh, kw], split over pixels."""
+    batch, _, height, width = x.shape
+    out_height, out_width = grad_output.shape[2], grad_output.shape[3]
+    pixels = batch * out_height * out_width
+    if pixels == 0:
+        return None
+    desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, flat_pixels=pixels, target=target)
+    tiles = desc.grid(batch, height, width, out_height, out_width)[:-1]
+    splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, tiles[0] * tiles[1],
+                                            target_programs(x.device), splits)
+    partials = _partials_for(grad_w, splits)
+    return _prepared(desc, (*tiles, splits), {"x": x, "grad_output": grad_output, "partials": partials}, grad_w,
+                     (pixels, pixels_per_split), partials if splits > 1 else None)
+
+
+def prepare_grad_bias(grad_output: torch.Tensor, grad_b: torch.Tensor, choice: Choice = DEFAULT,
+                      splits: Optional[int] = None, target: Optional[str] = None) -> Optional[Launch]:
+    """The grad-bias launch: grad_output [N, C_out, OH, OW] summed over batch and space into grad_b [C_out]."""
+    batch, channels, out_height, out_width = grad_output.shape
+    pixels = batch * out_height * out_width
+    if pixels == 0:
+        return None
+    desc = describe(None, "grad_bias", (grad_output, grad_b), choice, dtype=_dtype_name(grad_output),
+                    flat_pixels=pixels, target=target)
+    channel_tiles = desc.grid(batch, 0, 0, out_height, out_width, channels=channels)[0]
+    splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, channel_tiles,
+                                            target_programs(grad_output.device), splits)
+    partials = _partials_for(grad_b, splits)
+    return _prepared(desc, (channel_tiles, splits), {"grad_output": grad_output, "partials": partials}, grad_b,
+                     (pixels, pixels_per_split), partials if splits > 1 else None)
 
 
 def forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
             choice: Choice = DEFAULT) -> torch.Tensor:
     """The conv of NCHW-indexed views (any strides): x [N, C_in, H, W], weight [C_out, ci, kh, kw] into the
     preallocated out [N, C_out, OH, OW], with ``choice``'s family and config. Returns ``out``."""
-    batch, _, height, width = x.shape
-    out_height, out_width = out.shape[2], out.shape[3]
-    if batch * out_height * out_width == 0:
-        return out
-    desc = describe(spec, "forward", (x, weight, out), choice, flat_pixels=batch * out_height * out_width)
-    _launch(desc, desc.grid(batch, height, width, out_height, out_width),
-            {"x": x, "weight": weight, "bias": bias, "out": out})
+    run(prepare_forward(spec, x, weight, bias, out, choice))
     return out
 
 
@@ -97,12 +184,7 @@ def grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.Tensor, 
                choice: Choice = DEFAULT) -> torch.Tensor:
     """grad_output [N, C_out, OH, OW] and weight [C_out, ci, kh, kw] (any strides) into the preallocated
     grad_x [N, C_in, H, W]; every element of it is written. Returns ``grad_x``."""
-    batch, _, height, width = grad_x.shape
-    if batch * height * width == 0:
-        return grad_x
-    desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, flat_pixels=batch * height * width)
-    _launch(desc, desc.grid(batch, height, width, grad_output.shape[2], grad_output.shape[3]),
-            {"grad_output": grad_output, "weight": weight, "grad_input": grad_x})
+    run(prepare_grad_input(spec, grad_output, weight, grad_x, choice))
     return grad_x
 
 
@@ -111,37 +193,22 @@ def grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tensor, grad
     """x [N, C_in, H, W] and grad_output [N, C_out, OH, OW] (any strides) into the preallocated grad_w
     [C_out, ci, kh, kw]; every element written. ``splits`` overrides how many pixel ranges the reduction is
     split into (default: enough to fill the device). Returns ``grad_w``."""
-    batch, _, height, width = x.shape
-    out_height, out_width = grad_output.shape[2], grad_output.shape[3]
-    pixels = batch * out_height * out_width
-    if pixels == 0:
+    prepared = prepare_grad_weight(spec, x, grad_output, grad_w, choice, splits)
+    if prepared is None:
         return grad_w.zero_()
-    desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, flat_pixels=pixels)
-    tiles = desc.grid(batch, height, width, out_height, out_width)[:-1]
-    splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, tiles[0] * tiles[1],
-                                            target_programs(x.device), splits)
-    partials = _partials_for(grad_w, splits)
-    _launch(desc, (*tiles, splits), {"x": x, "grad_output": grad_output, "partials": partials},
-            (pixels, pixels_per_split))
-    return _add_splits(partials, grad_w)
+    run(prepared)
+    return grad_w
 
 
 def grad_bias(grad_output: torch.Tensor, grad_b: torch.Tensor, choice: Choice = DEFAULT,
               splits: Optional[int] = None) -> torch.Tensor:
     """grad_output [N, C_out, OH, OW] (any strides) summed over batch and space into the preallocated grad_b
     [C_out]; every element written. ``splits`` as for grad_weight. Returns ``grad_b``."""
-    batch, channels, out_height, out_width = grad_output.shape
-    pixels = batch * out_height * out_width
-    if pixels == 0:
+    prepared = prepare_grad_bias(grad_output, grad_b, choice, splits)
+    if prepared is None:
         return grad_b.zero_()
-    desc = describe(None, "grad_bias", (grad_output, grad_b), choice, dtype=_dtype_name(grad_output), flat_pixels=pixels)
-    channel_tiles = desc.grid(batch, 0, 0, out_height, out_width, channels=channels)[0]
-    splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, channel_tiles,
-                                            target_programs(grad_output.device), splits)
-    partials = _partials_for(grad_b, splits)
-    _launch(desc, (channel_tiles, splits), {"grad_output": grad_output, "partials": partials},
-            (pixels, pixels_per_split))
-    return _add_splits(partials, grad_b)
+    run(prepared)
+    return grad_b
 
 
 def _dtype_name(tensor: torch.Tensor) -> str:

@@ -4,17 +4,70 @@ One conv travels api -> ir (ConvSpec) -> plan (networkx pass graph) -> codegen (
 -> runtime (disk cache, launch, torch custom op, and its backward ops for training).
 ``gconvgen.convert(model)`` switches a model's grouped convs over; ``import gconvgen.compile`` registers
 the torch.compile backend "gconvgen" where the package's entry point is not installed.
+
+``import gconvgen`` in a process without torch imports neither torch nor Triton, so ``gconvgen --help``
+answers at once: the IR and the planner load now, and the names that need torch (``conv2d``,
+``GroupedConv2d``, ``convert``, ...) load on first use (PEP 562), together with ``gconvgen.runtime.backward``,
+which registers the autograd formulas of the ``gconvgen::`` ops. Where torch is imported already (a
+training script, torch.compile loading the "gconvgen" backend) they load at once, as they cost little
+then: every path to the op, ``gconvgen.api`` and ``gconvgen.compile`` included, finds it differentiable.
 """
-from .api import CompiledLayer, GroupedConv2d, compile_layer, conv2d, resolve_padding
-from .codegen import gconvgen_version
-from .conversion import ConversionReport, convert
+from __future__ import annotations
+
+import importlib
+import sys
+
+# torch-free and cheap; imported now so that ``gconvgen.plan`` is the function, never the submodule
 from .ir import ConvSpec
 from .plan import Plan, padding_overhead, plan, suggest_groups
-from .runtime import backward as _backward  # noqa: F401  (registers gconvgen::conv2d's autograd formula)
 
-__version__ = gconvgen_version()
+# the names that need torch, and the module each lives in
+_TORCH_NAMES = {
+    "CompiledLayer": "api", "GroupedConv2d": "api", "compile_layer": "api", "conv2d": "api", "resolve_padding": "api",
+    "ConversionReport": "conversion", "convert": "conversion",
+}
 
 __all__ = [
     "CompiledLayer", "ConversionReport", "ConvSpec", "GroupedConv2d", "Plan", "compile_layer", "conv2d", "convert",
     "padding_overhead", "plan", "resolve_padding", "suggest_groups",
 ]
+
+
+def _load_torch_names() -> None:
+    """Import the torch-side API into this module, and the backward ops that give gconvgen::conv2d its
+    autograd formula (a first call of conv2d can then be differentiated)."""
+    importlib.import_module(".runtime.backward", __name__)
+    for name, module in _TORCH_NAMES.items():
+        globals()[name] = getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __getattr__(name: str) -> object:
+    """The torch-side names and ``__version__`` on first use; any other name is looked up as a submodule
+    (``gconvgen.knobs``), so attribute access behaves as it did when everything was imported eagerly.
+
+    Raises AttributeError for a name that is neither.
+    """
+    if name in _TORCH_NAMES:
+        _load_torch_names()
+        return globals()[name]
+    if name == "__version__":
+        from .codegen import gconvgen_version
+
+        globals()["__version__"] = gconvgen_version()
+        return globals()["__version__"]
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as error:
+        if error.name != f"{__name__}.{name}":
+            raise  # the submodule exists but something it imports does not
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, "__version__"})
+
+
+if "torch" in sys.modules:
+    _load_torch_names()

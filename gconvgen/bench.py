@@ -4,7 +4,8 @@ For each layer and layout it times a user's call of gconvgen.conv2d (its checks,
 tuning database's choice), the generated kernel alone, and F.conv2d (cudnn.benchmark on, same layout and dtype), after checking gconvgen's output
 against a float64 reference. The floor is max(bytes / copy bandwidth, flops / matmul rate) with both
 ceilings measured in the same run (shared BENCHMARK_LAYERS.md). On CPU everything runs through Triton's
-interpreter: those timings say nothing about GPU speed, and the report says so.
+interpreter: those timings say nothing about GPU speed, and the report says so. A time the CPU clock could
+not resolve (see measure.Timer.time) is marked unresolved and gets no ratio, never a made-up one.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import math
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -26,24 +27,25 @@ from .autotune.choice import choice_for
 from .autotune.database import choice_of, database, key_of
 from .autotune.space import Problem, config_name, device_facts
 from .autotune.suites import Layer
-from .autotune.measure import Timer, Workload, cudnn_benchmark
+from .autotune.measure import Measurement, Timer, Workload, cudnn_benchmark
 from .lowering import ATEN, DEFAULT, ELEMENT_BYTES, Choice, lowered
 from .runtime import launch
 from .runtime.device import allows_tf32
 from .runtime.fallback import aten_conv2d
 
-BENCH_SCHEMA_VERSION = 1
+BENCH_SCHEMA_VERSION = 2  # 2: ratios are null where a time is unresolved; rows say which
 CPU_NOTE = ("CPU run: every kernel ran through Triton's interpreter and F.conv2d on the CPU; these timings say "
             "nothing about GPU speed. Run on a GPU for real numbers.")
 
 
 @dataclass(frozen=True)
 class Ceilings:
-    """The machine's two roofline ceilings, measured in this run."""
+    """The machine's two roofline ceilings, measured in this run (None where the clock could not resolve
+    the copy or the matmul: then no layer has a floor)."""
 
-    copy_bytes_per_s: float   # device-to-device copy, read + write bytes
-    matmul_flops_per_s: float
-    matmul: str               # what was multiplied, e.g. 'bfloat16 8192^3'
+    copy_bytes_per_s: Optional[float]   # device-to-device copy, read + write bytes
+    matmul_flops_per_s: Optional[float]
+    matmul: str                         # what was multiplied, e.g. 'bfloat16 8192^3'
 
 
 def measure_ceilings(device: torch.device, timer: Timer) -> Ceilings:
@@ -52,12 +54,16 @@ def measure_ceilings(device: torch.device, timer: Timer) -> Ceilings:
     copy_elements = (1 << 29) if on_gpu else (1 << 23)  # 1 GiB of bf16 / 32 MiB of fp32
     source = torch.ones(copy_elements, dtype=torch.bfloat16 if on_gpu else torch.float32, device=device)
     target = torch.empty_like(source)
-    copy_ms = timer.measure(lambda: target.copy_(source))
+    copy_time = timer.time(lambda: target.copy_(source))
     size, dtype = (8192, torch.bfloat16) if on_gpu else (512, torch.float32)
     left = torch.randn(size, size, device=device).to(dtype)
     right = torch.randn(size, size, device=device).to(dtype)
-    matmul_ms = timer.measure(lambda: left @ right)
-    return Ceilings(2 * source.numel() * source.element_size() / (copy_ms * 1e-3), 2 * size ** 3 / (matmul_ms * 1e-3),
+    matmul_time = timer.time(lambda: left @ right)
+
+    def rate(amount: float, measured: Measurement) -> Optional[float]:
+        return amount / (measured.ms * 1e-3) if measured.resolved else None
+
+    return Ceilings(rate(2 * source.numel() * source.element_size(), copy_time), rate(2 * size ** 3, matmul_time),
                     f"{str(dtype).removeprefix('torch.')} {size}^3")
 
 
@@ -76,7 +82,11 @@ def roofline(problem: Problem) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class BenchRow:
-    """One layer in one layout. Times in ms; speedup = F.conv2d time / gconvgen time; % of floor = floor / time."""
+    """One layer in one layout. Times in ms; speedup = F.conv2d time / gconvgen time; % of floor = floor / time.
+
+    A ratio is None where a time it needs is unresolved; ``unresolved`` maps each such time ('gconvgen',
+    'kernel', 'F.conv2d') to why the clock could not resolve it (empty when every time was resolved).
+    """
 
     layer: str
     model: str
@@ -87,17 +97,18 @@ class BenchRow:
     kernel_ms: float
     kernel_config: str
     aten_ms: float
-    speedup: float
-    kernel_speedup: float
-    floor_ms: float
-    pct_of_floor: float
-    kernel_pct_of_floor: float
-    aten_pct_of_floor: float
+    speedup: Optional[float]
+    kernel_speedup: Optional[float]
+    floor_ms: Optional[float]
+    pct_of_floor: Optional[float]
+    kernel_pct_of_floor: Optional[float]
+    aten_pct_of_floor: Optional[float]
     bound: str
     bytes: int
     flops: int
     correct: bool
     error: str
+    unresolved: dict[str, str] = field(default_factory=dict)
 
 
 def _describe_choice(key: str, choice: Choice) -> tuple[str, Choice]:
@@ -136,22 +147,38 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
 
     error = workload.check(gconvgen) or workload.check(kernel)
     with cudnn_benchmark():  # for F.conv2d, and for gconvgen where aten won
-        aten_ms = timer.measure(workload.timed(aten))
-        gconvgen_ms = timer.measure(workload.timed(gconvgen))
-    kernel_ms = timer.measure(workload.timed(kernel))  # the generated kernel alone (the best one where aten won)
+        aten_time = timer.time(workload.timed(aten))
+        gconvgen_time = timer.time(workload.timed(gconvgen))
+    kernel_time = timer.time(workload.timed(kernel))  # the generated kernel alone (the best one where aten won)
     bytes_moved, flops = roofline(problem)
-    memory_ms = bytes_moved / ceilings.copy_bytes_per_s * 1e3
-    compute_ms = flops / ceilings.matmul_flops_per_s * 1e3
-    floor_ms = max(memory_ms, compute_ms)
+    floor_ms, bound = None, "unknown"  # unless both ceilings were resolved
+    if ceilings.copy_bytes_per_s and ceilings.matmul_flops_per_s:
+        memory_ms = bytes_moved / ceilings.copy_bytes_per_s * 1e3
+        compute_ms = flops / ceilings.matmul_flops_per_s * 1e3
+        floor_ms, bound = max(memory_ms, compute_ms), "memory" if memory_ms >= compute_ms else "compute"
+    unresolved = {name: measured.why for name, measured in (("gconvgen", gconvgen_time), ("kernel", kernel_time),
+                                                            ("F.conv2d", aten_time)) if not measured.resolved}
     return BenchRow(
         layer=layer.id, model=layer.model, layout=spec.layout, dtype=spec.dtype, choice=label,
-        gconvgen_ms=gconvgen_ms, kernel_ms=kernel_ms, kernel_config=config_name(desc.config, desc.family),
-        aten_ms=aten_ms,
-        speedup=aten_ms / gconvgen_ms, kernel_speedup=aten_ms / kernel_ms, floor_ms=floor_ms,
-        pct_of_floor=100 * floor_ms / gconvgen_ms, kernel_pct_of_floor=100 * floor_ms / kernel_ms,
-        aten_pct_of_floor=100 * floor_ms / aten_ms, bound="memory" if memory_ms >= compute_ms else "compute",
-        bytes=bytes_moved, flops=flops, correct=error is None, error=error or "",
+        gconvgen_ms=gconvgen_time.ms, kernel_ms=kernel_time.ms,
+        kernel_config=config_name(desc.config, desc.family), aten_ms=aten_time.ms,
+        speedup=_ratio(aten_time, gconvgen_time), kernel_speedup=_ratio(aten_time, kernel_time), floor_ms=floor_ms,
+        pct_of_floor=_percent_of_floor(floor_ms, gconvgen_time),
+        kernel_pct_of_floor=_percent_of_floor(floor_ms, kernel_time),
+        aten_pct_of_floor=_percent_of_floor(floor_ms, aten_time),
+        bound=bound,
+        bytes=bytes_moved, flops=flops, correct=error is None, error=error or "", unresolved=unresolved,
     )
+
+
+def _ratio(numerator: Measurement, denominator: Measurement) -> Optional[float]:
+    """numerator / denominator in time, or None unless the clock resolved both."""
+    return numerator.ms / denominator.ms if numerator.resolved and denominator.resolved else None
+
+
+def _percent_of_floor(floor_ms: Optional[float], measured: Measurement) -> Optional[float]:
+    """The floor as a percentage of a measured time, or None when the time or the floor is unresolved."""
+    return 100 * floor_ms / measured.ms if measured.resolved and floor_ms is not None else None
 
 
 def geomean(values: list[float]) -> float:
@@ -160,14 +187,21 @@ def geomean(values: list[float]) -> float:
 
 
 def summary(rows: list[BenchRow]) -> dict:
-    """Geometric means of speedup and % of floor per layout and over all rows; the worst speedup."""
+    """Geometric means of speedup and % of floor per layout and over all rows, and the worst speedup, over
+    the rows whose times were resolved (None where there are none); ``layers`` counts all rows,
+    ``resolved`` those with a speedup."""
     groups = {layout: [r for r in rows if r.layout == layout] for layout in dict.fromkeys(r.layout for r in rows)}
     groups["all"] = rows
-    return {name: {"speedup": geomean([r.speedup for r in group]),
-                   "kernel_speedup": geomean([r.kernel_speedup for r in group]),
-                   "pct_of_floor": geomean([r.pct_of_floor for r in group]),
-                   "min_speedup": min((r.speedup for r in group), default=float("nan")),
-                   "layers": len(group)}
+
+    def mean(values: list[Optional[float]]) -> Optional[float]:
+        known = [value for value in values if value is not None]
+        return geomean(known) if known else None
+
+    return {name: {"speedup": mean([r.speedup for r in group]),
+                   "kernel_speedup": mean([r.kernel_speedup for r in group]),
+                   "pct_of_floor": mean([r.pct_of_floor for r in group]),
+                   "min_speedup": min((r.speedup for r in group if r.speedup is not None), default=None),
+                   "layers": len(group), "resolved": sum(r.speedup is not None for r in group)}
             for name, group in groups.items()}
 
 
@@ -203,8 +237,8 @@ def report(suite: str, rows: list[BenchRow], ceilings: Ceilings, timer: Timer, d
         "suite": suite,
         "environment": environment(device),
         "timer": timer.label,
-        "ceilings": {"copy_GB_per_s": ceilings.copy_bytes_per_s / 1e9,
-                     "matmul_TFLOP_per_s": ceilings.matmul_flops_per_s / 1e12, "matmul": ceilings.matmul},
+        "ceilings": {"copy_GB_per_s": _scaled(ceilings.copy_bytes_per_s, 1e9),
+                     "matmul_TFLOP_per_s": _scaled(ceilings.matmul_flops_per_s, 1e12), "matmul": ceilings.matmul},
         "rows": [asdict(row) for row in rows],
         "geomean": summary(rows),
         "deferred": deferred,
@@ -213,37 +247,64 @@ def report(suite: str, rows: list[BenchRow], ceilings: Ceilings, timer: Timer, d
     }
 
 
-def _columns(ms_unit: Callable[[float], str]) -> list[tuple[str, Callable[[BenchRow], str]]]:
+UNRESOLVED = "unresolved"  # printed instead of a time the clock could not resolve, and of ratios made from it
+
+
+def ratio_text(value: Optional[float], suffix: str = "x") -> str:
+    """A speedup (or percentage) to three significant digits, so 0.0026x does not read 0.00x; 'n/a' for None."""
+    return "n/a" if value is None else f"{value:.3g}{suffix}"
+
+
+def _ms_text(ms: float, name: str, row: BenchRow) -> str:
+    """A time, or UNRESOLVED where the row says the clock could not resolve it."""
+    return UNRESOLVED if name in row.unresolved else f"{ms:.4g}"
+
+
+def _scaled(value: Optional[float], unit: float) -> Optional[float]:
+    """``value`` in ``unit``s, None staying None (an unresolved ceiling)."""
+    return None if value is None else value / unit
+
+
+def _columns() -> list[tuple[str, Callable[[BenchRow], str]]]:
     return [
         ("layer", lambda r: r.layer), ("layout", lambda r: r.layout), ("choice", lambda r: r.choice),
-        ("gconvgen ms", lambda r: ms_unit(r.gconvgen_ms)), ("kernel", lambda r: r.kernel_config),
-        ("kernel ms", lambda r: ms_unit(r.kernel_ms)),
-        ("F.conv2d ms", lambda r: ms_unit(r.aten_ms)), ("speedup", lambda r: f"{r.speedup:.2f}x"),
-        ("floor ms", lambda r: ms_unit(r.floor_ms)), ("% floor", lambda r: f"{r.pct_of_floor:.3g}%"),
-        ("aten % floor", lambda r: f"{r.aten_pct_of_floor:.3g}%"), ("bound", lambda r: r.bound),
+        ("gconvgen ms", lambda r: _ms_text(r.gconvgen_ms, "gconvgen", r)), ("kernel", lambda r: r.kernel_config),
+        ("kernel ms", lambda r: _ms_text(r.kernel_ms, "kernel", r)),
+        ("F.conv2d ms", lambda r: _ms_text(r.aten_ms, "F.conv2d", r)), ("speedup", lambda r: ratio_text(r.speedup)),
+        ("floor ms", lambda r: UNRESOLVED if r.floor_ms is None else f"{r.floor_ms:.4g}"),
+        ("% floor", lambda r: ratio_text(r.pct_of_floor, "%")),
+        ("aten % floor", lambda r: ratio_text(r.aten_pct_of_floor, "%")), ("bound", lambda r: r.bound),
         ("check", lambda r: "ok" if r.correct else "WRONG"),
     ]
 
 
+def _rate_text(value: Optional[float], unit: str) -> str:
+    """A ceiling's rate for the table's header, or why there is no floor."""
+    return f"{UNRESOLVED} (no floor)" if value is None else f"{value:.3g} {unit}"
+
+
 def format_table(data: dict, *, markdown: bool = False) -> str:
-    """The report as a text (or markdown) table: one row per layer and layout, then the geometric means."""
+    """The report as a text (or markdown) table: one row per layer and layout, then the geometric means,
+    then why each unresolved time is unresolved."""
     rows = [BenchRow(**row) for row in data["rows"]]
-    columns = _columns(lambda ms: f"{ms:.4g}")
+    columns = _columns()
     cells = [[cell(row) for _, cell in columns] for row in rows]
     for name, means in data["geomean"].items():
-        cells.append([f"geomean ({name})", "", "", "", "", "", "", f"{means['speedup']:.2f}x", "",
-                      f"{means['pct_of_floor']:.3g}%", "", "", f"min {means['min_speedup']:.2f}x"])
+        cells.append([f"geomean ({name})", "", "", "", "", "", "", ratio_text(means["speedup"]), "",
+                      ratio_text(means["pct_of_floor"], "%"), "", "", f"min {ratio_text(means['min_speedup'])}"])
     headers = [name for name, _ in columns]
     env, ceil = data["environment"], data["ceilings"]
     lines = [f"suite {data['suite']} on {env['device']} | torch {env['torch']} | triton {env['triton']}"
              f" | cudnn {env['cudnn']} | driver {env['driver']} | {env['date']}",
              f"timer: {data['timer']}",
-             f"ceilings measured in this run: copy {ceil['copy_GB_per_s']:.1f} GB/s, "
-             f"{ceil['matmul']} matmul {ceil['matmul_TFLOP_per_s']:.2f} TFLOP/s"]
+             f"ceilings measured in this run: copy {_rate_text(ceil['copy_GB_per_s'], 'GB/s')}, "
+             f"{ceil['matmul']} matmul {_rate_text(ceil['matmul_TFLOP_per_s'], 'TFLOP/s')}"]
     if data["note"]:
         lines.insert(0, f"NOTE: {data['note']}")
     lines += [f"kept for later: {d['id']} ({d['why']})" for d in data["deferred"]]
     lines += [f"FAILED: {d['id']} ({d['why']})" for d in data["failed"]]
+    lines += [f"{UNRESOLVED}: {row.layer} {row.layout} {name} time ({why}); no ratio is given for it"
+              for row in rows for name, why in row.unresolved.items()]
     if markdown:
         table = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         table += ["| " + " | ".join(row) + " |" for row in cells]
@@ -272,12 +333,13 @@ def plot(data: dict, path: str) -> None:
     layouts = list(dict.fromkeys(row["layout"] for row in rows))
     figure, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(layers)), 8), sharex=True)
     width = 0.8 / max(1, len(layouts))
-    for panel, (field, line, title) in zip(axes, (("speedup", 1.0, "speedup over F.conv2d"),
-                                                  ("pct_of_floor", 70.0, "% of roofline floor"))):
+    for panel, (key, line, title) in zip(axes, (("speedup", 1.0, "speedup over F.conv2d"),
+                                                ("pct_of_floor", 70.0, "% of roofline floor"))):
         for index, layout in enumerate(layouts):
-            values = {row["layer"]: row[field] for row in rows if row["layout"] == layout}
+            values = {row["layer"]: row[key] for row in rows if row["layout"] == layout}
             positions = [i + index * width for i in range(len(layers))]
-            panel.bar(positions, [values.get(layer, 0.0) for layer in layers], width, label=layout)
+            heights = [values.get(layer) for layer in layers]  # no bar where a time was unresolved
+            panel.bar(positions, [math.nan if h is None else h for h in heights], width, label=layout)
         panel.axhline(line, color="black", linewidth=0.8, linestyle="--")
         panel.set_ylabel(title)
         panel.legend()

@@ -4,44 +4,51 @@
     gconvgen tune   tune a suite's layers and write the tuning database
     gconvgen bench  time gconvgen against F.conv2d and the roofline floor, layer by layer
     gconvgen cache  show or clear the kernel cache and the tuning database
+
+Help and usage errors import neither torch nor Triton: each command imports what it runs when it runs, so
+``gconvgen --help`` answers at once.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import click
-import networkx as nx
-import torch
 import tqdm
 
-from . import bench as benchmark
-from . import bench_backward
-from . import codegen, knobs
-from .api import resolve_padding
-from .autotune import suites
-from .autotune.database import choice_of, database, key_of
-from .autotune.space import Problem, config_name, device_facts
-from .autotune import measure, tuner
-from .bench import CPU_NOTE
-from .ir import CHANNEL_POLICIES, DTYPES, LAYOUTS, ConvSpec
-from .plan import plan as plan_spec
-from .plan import planned
-from .runtime import cache as kernel_cache
-from .lowering import Choice, lower
-from .runtime.device import allows_tf32
+from . import knobs
+from .cli_help import PLAN_FLAGS, SUITE_FLAGS, HelpGroup, with_flags
+from .ir import CHANNEL_POLICIES, DTYPES, LAYOUTS
+
+if TYPE_CHECKING:
+    import torch
+
+    from .autotune import suites
+    from .autotune.space import Problem
 
 
 def _pair(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.replace("x", ",").split(","))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(codegen.gconvgen_version(), prog_name="gconvgen")
+def _print_version(context: click.Context, _: click.Parameter, value: bool) -> None:
+    """--version, without importing the package's torch side (click's version_option would resolve it now)."""
+    if value and not context.resilient_parsing:
+        from .codegen import gconvgen_version
+
+        click.echo(f"gconvgen, version {gconvgen_version()}")
+        context.exit()
+
+
+@click.group(cls=HelpGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
 def main() -> None:
     """gconvgen: a code-generating compiler for grouped and depthwise convolutions."""
 
@@ -73,6 +80,16 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
          channel_policy, padding_budget, family, interpret, kind, graph_path, source) -> None:
     """Explain the plan for one layer: its pass graphs, the lowered description of each kernel (forward,
     grad-input, grad-weight, grad-bias), and the Triton source of one of them."""
+    from dataclasses import replace
+
+    import networkx as nx
+
+    from . import codegen
+    from .api import resolve_padding
+    from .ir import ConvSpec
+    from .lowering import Choice, lower
+    from .plan import plan as plan_spec
+
     try:
         kernel_hw, stride_hw, dilation_hw, size_hw = (_expand(_pair(v)) for v in (kernel, stride, dilation, input_size))
         pad = padding if padding in ("same", "valid") else _pair(padding)
@@ -82,7 +99,7 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
                         layout, channel_policy)
         conv_plan = plan_spec(spec, padding_budget=padding_budget, family=family)
     except (ValueError, TypeError) as error:
-        raise click.UsageError(str(error)) from None
+        raise click.UsageError(with_flags(str(error), PLAN_FLAGS)) from None
     click.echo(conv_plan.explain())
     descs = {}
     for each in ("forward", "grad_input", "grad_weight", "grad_bias"):
@@ -111,6 +128,8 @@ def _expand(values: tuple[int, ...]) -> tuple[int, int]:
 
 def _device(name: str | None) -> torch.device:
     """--device, defaulting to CUDA when present; a CUDA request without a GPU is a usage error."""
+    import torch
+
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -125,6 +144,9 @@ def _device(name: str | None) -> torch.device:
 def _problems(suite_name: str | None, layer_ids: tuple[str, ...], dtype: str | None, layout: str,
               device: torch.device) -> tuple[suites.Suite, list[tuple[str, suites.Layer, Problem]]]:
     """The suite's (label, layer, problem) list; on CPU a shipped GPU suite is replaced by the smoke suite."""
+    from .autotune import suites
+    from .plan import planned
+
     if device.type == "cpu" and suite_name not in (None, "smoke") and suite_name in suites.suite_names():
         click.echo(f"no GPU: suite {suite_name!r} would take hours in Triton's interpreter; running the "
                    f"'smoke' suite instead (use a CUDA machine for {suite_name!r})", err=True)
@@ -138,28 +160,42 @@ def _problems(suite_name: str | None, layer_ids: tuple[str, ...], dtype: str | N
         for _, _, problem in problems:
             planned(problem.spec, knobs.padding_budget())  # a layer gconvgen refuses is named now, not mid-run
     except (FileNotFoundError, ValueError, TypeError) as error:
-        raise click.UsageError(str(error)) from None
+        raise click.UsageError(with_flags(str(error), SUITE_FLAGS)) from None
     for layer in suite.deferred:
         click.echo(f"kept for later: {layer.id} ({layer.later})", err=True)
     return suite, problems
 
 
-def _on(device: torch.device) -> None:
-    """CPU runs Triton's interpreter; say plainly what CPU timings are worth.
+@contextlib.contextmanager
+def _on(device: torch.device) -> Iterator[None]:
+    """Run the command's body on ``device``: on CPU through Triton's interpreter, saying plainly what CPU
+    timings are worth.
 
-    Triton decides when triton.language is imported whether its library functions run in the interpreter,
-    and gconvgen has imported Triton by now, so without TRITON_INTERPRET=1 this command restarts itself
-    once with it set.
+    Triton decides when triton.language is imported whether its library functions run in the interpreter.
+    Where Triton is not imported yet (the CLI imports it only now), TRITON_INTERPRET=1 is set for the body;
+    where something imported it already, the command restarts itself once with it set.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or knobs.interpret():
+        _cpu_note(device)
+        yield
         return
-    if not knobs.interpret():
+    if "triton" in sys.modules:
         click.echo("CPU: restarting with TRITON_INTERPRET=1 (Triton reads it at import)", err=True)
         sys.stdout.flush()
         sys.stderr.flush()
         with knobs.scoped(INTERPRET=1):
             os.execv(sys.executable, [sys.executable, "-m", "gconvgen.cli", *sys.argv[1:]])
-    click.echo(f"NOTE: {CPU_NOTE}", err=True)
+    with knobs.scoped(INTERPRET=1):
+        _cpu_note(device)
+        yield
+
+
+def _cpu_note(device: torch.device) -> None:
+    """On CPU, say what the timings are worth (bench.py imports Triton: call it with the interpreter on)."""
+    if device.type == "cpu":
+        from .bench import CPU_NOTE
+
+        click.echo(f"NOTE: {CPU_NOTE}", err=True)
 
 
 def _tune_all(problems: list[tuple[str, suites.Layer, Problem]], device: torch.device, force: bool) -> list[dict]:
@@ -167,6 +203,11 @@ def _tune_all(problems: list[tuple[str, suites.Layer, Problem]], device: torch.d
 
     Ctrl-C stops after recording what finished; the CLI then exits with status 130.
     """
+    from .autotune import tuner
+    from .autotune.database import database, key_of
+    from .autotune.space import device_facts
+    from .runtime.device import allows_tf32
+
     facts = device_facts(device)
     db = database()
     todo = [(label, problem) for label, _, problem in problems
@@ -199,6 +240,9 @@ def _tune_all(problems: list[tuple[str, suites.Layer, Problem]], device: torch.d
 
 
 def _winner_text(record: dict) -> str:
+    from .autotune.database import choice_of
+    from .autotune.space import config_name
+
     choice = choice_of(record)
     won = "aten" if choice.config is None else f"kernel {config_name(choice.config, choice.family)}"
     return (f"{won} {record['time_ms']:.4f} ms (aten {record['aten_ms']:.4f} ms); {record['trials']} trials, "
@@ -247,10 +291,12 @@ def tune(suite, layer_ids, dtype, layout, device, force, backward) -> None:
     Ctrl-C keeps what was tuned.
     """
     device = _device(device)
-    _on(device)
-    _, problems = _problems(suite, layer_ids, dtype, layout, device)
-    _tune_all(_with_backward(problems) if backward else problems, device, force)
-    click.echo(f"tuning database: {database().path}")
+    with _on(device):
+        _, problems = _problems(suite, layer_ids, dtype, layout, device)
+        _tune_all(_with_backward(problems) if backward else problems, device, force)
+        from .autotune.database import database  # imports Triton: only inside _on
+
+        click.echo(f"tuning database: {database().path}")
 
 
 @main.command()
@@ -270,11 +316,40 @@ def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path,
     The floor is max(bytes / copy bandwidth, flops / matmul rate), both ceilings measured in this run.
     On CPU it runs the smoke suite through Triton's interpreter: those timings say nothing about GPU speed.
     """
+    _check_plotting(plot_path)  # before the run, not after it
     device = _device(device)
-    _on(device)
-    suite_info, problems = _problems(suite, layer_ids, dtype, layout, device)
-    if tune_first or force:
-        _tune_all(_with_backward(problems) if backward else problems, device, force)
+    with _on(device):
+        suite_info, problems = _problems(suite, layer_ids, dtype, layout, device)
+        if tune_first or force:
+            _tune_all(_with_backward(problems) if backward else problems, device, force)
+        data, all_correct = _bench_all(suite_info, problems, device)
+        if backward:
+            from . import bench_backward
+
+            timings = _time_backward(problems, device)
+            click.echo("\nforward + backward, gconvgen against PyTorch eager:\n" + bench_backward.format_table(timings))
+            data["backward"] = [{"id": label, "gconvgen_ms": t.gconvgen_ms, "torch_ms": t.torch_ms,
+                                 "speedup": t.speedup, "resolved": t.resolved}
+                                for (label, _, _), t in zip(problems, timings)]
+    _write_reports(data, json_path, markdown_path, plot_path)
+    if not all_correct:
+        raise click.ClickException("some layers failed or gave wrong results (check column): see above")
+
+
+def _check_plotting(plot_path: str | None) -> None:
+    """--plot needs matplotlib: say so at once rather than after the whole benchmark."""
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        raise click.UsageError(f"--plot {plot_path} needs matplotlib, which is not installed; run "
+                               f"pip install 'gconvgen[plot]' (or pip install matplotlib), or drop --plot")
+
+
+def _bench_all(suite_info: suites.Suite, problems: list[tuple[str, suites.Layer, Problem]],
+               device: torch.device) -> tuple[dict, bool]:
+    """Measure the ceilings, then check and time every problem; print the table. Returns the report and
+    whether every layer ran and was correct."""
+    from . import bench as benchmark
+    from .autotune import measure
+
     timer = measure.timer_for(device, warmup_ms=25, rep_ms=100)
     click.echo("measuring the copy bandwidth and matmul rate ...", err=True)
     ceilings = benchmark.measure_ceilings(device, timer)
@@ -290,11 +365,13 @@ def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path,
     skipped = [{"id": layer.id, "why": layer.later} for layer in suite_info.deferred]
     data = benchmark.report(suite_info.name, rows, ceilings, timer, device, skipped, failed)
     click.echo(benchmark.format_table(data))
-    if backward:
-        timings = _time_backward(problems, device)
-        click.echo("\nforward + backward, gconvgen against PyTorch eager:\n" + bench_backward.format_table(timings))
-        data["backward"] = [{"id": label, "gconvgen_ms": t.gconvgen_ms, "torch_ms": t.torch_ms, "speedup": t.speedup}
-                            for (label, _, _), t in zip(problems, timings)]
+    return data, not failed and all(row.correct for row in rows)
+
+
+def _write_reports(data: dict, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
+    """Write the JSON, markdown and plot asked for."""
+    from . import bench as benchmark
+
     if json_path:
         Path(json_path).write_text(json.dumps(data, indent=1) + "\n")
         click.echo(f"wrote {json_path}")
@@ -307,12 +384,12 @@ def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path,
         except RuntimeError as error:
             raise click.ClickException(str(error)) from None
         click.echo(f"wrote {plot_path}")
-    if failed or any(not row.correct for row in rows):
-        raise click.ClickException("some layers failed or gave wrong results (check column): see above")
 
 
 def _time_backward(problems, device: torch.device) -> list:
     """Forward + backward of each problem; on the CPU a few interpreter runs, on a GPU do_bench for 100 ms."""
+    from . import bench_backward
+
     repeats = 100 if device.type == "cuda" else 2
     return [bench_backward.time_forward_backward(problem.spec, problem.batch, problem.height, problem.width,
                                                  device=device, repeats=repeats)
@@ -327,13 +404,32 @@ def cache() -> None:
     """Show or clear gconvgen's cache: rendered kernels and the tuning database."""
 
 
+def _cache_dir_origin() -> str:
+    """Where knobs.cache_dir() came from: GCONVGEN_CACHE_DIR, or the default it falls back to.
+
+    The knob is read once more with GCONVGEN_CACHE_DIR scoped empty (the knobs module is the one place
+    that reads the environment); a different answer means the variable chose the directory.
+    """
+    chosen = knobs.cache_dir()
+    with knobs.scoped(CACHE_DIR=""):
+        fallback = knobs.cache_dir()
+    if chosen != fallback:
+        return "from GCONVGEN_CACHE_DIR"
+    if fallback == Path.home() / ".cache" / "gconvgen":
+        return "the default, ~/.cache/gconvgen; set GCONVGEN_CACHE_DIR to move it"
+    return "the default under $XDG_CACHE_HOME; set GCONVGEN_CACHE_DIR to move it"
+
+
 @cache.command()
 def info() -> None:
     """Where the cache is, how many kernels and tuning records it holds, and the shipped databases."""
+    from .autotune.database import database
+    from .runtime import cache as kernel_cache
+
     root = kernel_cache.kernels_root()
     modules = list(root.glob("*/*.py")) if root.is_dir() else []
     described = database().describe()
-    click.echo(f"cache directory: {knobs.cache_dir()}  (GCONVGEN_CACHE_DIR)")
+    click.echo(f"cache directory: {knobs.cache_dir()}  ({_cache_dir_origin()})")
     click.echo(f"kernels: {len(modules)} rendered modules in {len({m.parent for m in modules})} build(s), "
                f"{sum(m.stat().st_size for m in modules) / 1024:.1f} KiB under {root}")
     click.echo(f"tuning database: {described['path']}: {described['records']} records "
@@ -348,6 +444,8 @@ def info() -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 def export(path) -> None:
     """Write this user's tuning results to PATH, e.g. to ship them in tuning/databases/<gpu>.json."""
+    from .autotune.database import database
+
     count = database().export(Path(path))
     click.echo(f"wrote {count} tuning records to {path}")
 
@@ -358,6 +456,9 @@ def export(path) -> None:
               help="Remove this user's tuning results (shipped databases stay).")
 def clear(kernels, tuning) -> None:
     """Delete the rendered kernels and/or this user's tuning results. Do not run it while gconvgen runs."""
+    from .autotune.database import database
+    from .runtime import cache as kernel_cache
+
     if kernels:
         shutil.rmtree(kernel_cache.kernels_root(), ignore_errors=True)
         click.echo(f"removed {kernel_cache.kernels_root()}")
@@ -388,6 +489,7 @@ def inspect(suite_name, layer_ids, dtype, layout, kinds, json_path) -> None:
     spills, shared memory, tensor-core instruction, global-load widths, async copies, instructions per
     inner-loop iteration, programs and waves on 132 SMs, and the tiling's requested/ideal bytes and
     issued/useful tensor-core FLOPs. Static figures, not timings. Needs TRITON_INTERPRET unset."""
+    from .autotune import suites
     from .inspection import inspect_problem
 
     if knobs.interpret():

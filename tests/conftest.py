@@ -75,13 +75,22 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def pytest_report_header(config):
+def _seed_line(config) -> str:
     return f"gconvgen random inputs: --seed {config.getoption('--seed')} (pass it to reproduce)"
+
+
+def pytest_report_header(config):
+    return _seed_line(config)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The seed again at the end, where ``-q`` (which hides the header) shows it too."""
+    terminalreporter.write_line(_seed_line(config))
 
 
 @pytest.fixture(autouse=True)
 def seed(request):
-    """Fresh random inputs each run; the seed is in the report header to reproduce a failure."""
+    """Fresh random inputs each run; the seed is in the report header and the summary to reproduce a failure."""
     torch.manual_seed(request.config.getoption("--seed"))
     yield
 

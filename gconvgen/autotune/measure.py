@@ -1,6 +1,7 @@
-"""What tuning and benchmarking measure with: the timer (do_bench on a GPU, a labelled perf_counter median
-under Triton's interpreter) and the workload (fresh random arguments of one problem, copies to rotate
-through so L2 does not serve them, and the float64 reference every candidate must match)."""
+"""What tuning and benchmarking measure with: the timer (do_bench on a GPU; under Triton's interpreter a
+median of perf_counter_ns samples, each long enough for the clock, marked unresolved when it is not) and
+the workload (fresh random arguments of one problem, copies to rotate through so L2 does not serve them,
+and the float64 reference every candidate must match)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,8 @@ from .space import DeviceFacts, Problem
 
 # Allowed error, relative to |reference| + rms(reference): output rounding plus accumulation order.
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "tf32": 5e-3, "float16": 5e-3, "bfloat16": 2e-2}
-CPU_TIMER_LABEL = "cpu-interpreter timer (perf_counter median; says nothing about GPU speed)"
+CPU_TIMER_LABEL = ("cpu-interpreter timer (one torch thread, perf_counter_ns median of samples of >= 1 ms each; "
+                   "says nothing about GPU speed)")
 GPU_TIMER_LABEL = "triton.testing.do_bench median"
 
 Runner = Callable[..., torch.Tensor]  # runner(*arguments, out) -> the result (see Workload)
@@ -28,37 +30,134 @@ Runner = Callable[..., torch.Tensor]  # runner(*arguments, out) -> the result (s
 
 # ---------------------------------------------------------------------------------------------- timing
 
+# A CPU sample repeats the call until it lasts at least this long and at least CLOCK_STEPS_PER_SAMPLE steps
+# of the clock: one F.conv2d call of a smoke layer takes ~0.05 ms, far below what a preempted process or a
+# coarse clock can tell apart, so timing single calls gave medians of 0.05 ms or 8 ms at random.
+MIN_SAMPLE_NS = 1_000_000
+CLOCK_STEPS_PER_SAMPLE = 100
+# The median means something only when most samples agree with it: unless more than half of them lie
+# within this factor of it (a machine busy with something else, a clock that jumps), a time is unresolved.
+MAX_SPREAD = 2.0
+# torch threads while timing on CPU. With two, a conv waits at every parallel region for its second thread,
+# and on a machine whose other core is busy that thread runs only at the scheduler's next tick: a 0.1 ms
+# F.conv2d read 8, 16 or 32 ms. The interpreter runs the kernels on one thread anyway.
+CPU_TIMING_THREADS = 1
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timing: the median milliseconds per call and whether the clock resolved it.
+
+    ``resolved`` is False when a sample could not be made long enough for the clock within the time budget,
+    or when the samples disagree (no more than half within MAX_SPREAD of the median); ``why`` says which.
+    An unresolved time is not a measurement: the bench prints no ratio for it.
+    """
+
+    ms: float
+    resolved: bool = True
+    calls_per_sample: int = 1
+    samples: int = 1
+    why: str = ""
+
 
 @dataclass(frozen=True)
 class Timer:
-    """Times a no-argument function in milliseconds: do_bench on a GPU, perf_counter under the interpreter."""
+    """Times a no-argument function in milliseconds: do_bench on a GPU, batched perf_counter_ns samples on CPU."""
 
     label: str
     on_gpu: bool
     warmup_ms: int = 25
     rep_ms: int = 100
     cpu_repeats: int = 3
+    clock: Callable[[], int] = time.perf_counter_ns  # nanoseconds; tests pass a coarse one
 
     def measure(self, run: Callable[[], object]) -> float:
-        """The median time of ``run()`` in milliseconds, after warm-up."""
+        """The median time of ``run()`` in milliseconds, after warm-up (see ``time`` for whether it is resolved)."""
+        return self.time(run).ms
+
+    def time(self, run: Callable[[], object]) -> Measurement:
+        """The median time of ``run()`` in milliseconds after warm-up, and whether the clock resolved it.
+
+        On a GPU: triton.testing.do_bench (always resolved). On CPU, on CPU_TIMING_THREADS torch threads and
+        as do_bench does: warm up for
+        ``warmup_ms`` (a CPU conv's first calls, oneDNN's set-up, are 100x slower than the rest), then take
+        samples for ``rep_ms`` (at least ``cpu_repeats``), each of as many back-to-back calls as make it last
+        MIN_SAMPLE_NS and CLOCK_STEPS_PER_SAMPLE clock steps; the count is estimated from the fastest call
+        seen and raised until the median sample is that long, or found not to fit in ``rep_ms``.
+        """
         if self.on_gpu:
             import triton.testing  # imports CUDA helpers; only needed on a GPU
 
-            return float(triton.testing.do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
-        # as do_bench does: warm up for warmup_ms, then time for rep_ms (at least cpu_repeats runs);
-        # a CPU conv's first calls (oneDNN set-up) are 100x slower than the rest
-        self._cpu_times(run, self.warmup_ms, 1)
-        times = self._cpu_times(run, self.rep_ms, self.cpu_repeats)
-        return statistics.median(times)
+            return Measurement(float(triton.testing.do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms,
+                                                             return_mode="median")))
+        with _torch_threads(CPU_TIMING_THREADS):
+            return self._cpu_time(run)
 
-    @staticmethod
-    def _cpu_times(run: Callable[[], object], budget_ms: float, at_least: int) -> list[float]:
-        times: list[float] = []
-        while len(times) < at_least or sum(times) < budget_ms:
-            start = time.perf_counter()
+    def _cpu_time(self, run: Callable[[], object]) -> Measurement:
+        step_ns = clock_step_ns(self.clock)
+        if not math.isfinite(step_ns):
             run()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
+            return Measurement(math.inf, False, 1, 0, "the clock did not move in 100 ms")
+        sample_ns = max(MIN_SAMPLE_NS, CLOCK_STEPS_PER_SAMPLE * step_ns)
+        budget_ns = max(self.rep_ms * 1e6, self.cpu_repeats * MIN_SAMPLE_NS)  # for all samples
+        samples = self._samples(run, 1, self.warmup_ms * 1e6, 1)
+        number, why = 1, ""
+        for _ in range(4):  # the estimate only grows: one or two rounds unless the clock is too coarse
+            # the fastest call seen (noise only adds time); a batch that read 0 was shorter than one step
+            fastest = min(samples) / number or step_ns / number
+            number = max(number, math.ceil(sample_ns / fastest))
+            if number > 1 and sample_ns > budget_ns:
+                why = (f"a call takes about {fastest / 1e6:.3g} ms, under the {sample_ns / 1e6:.3g} ms a sample "
+                       f"needs with a clock step of {step_ns / 1e6:.3g} ms, and {number} calls per sample would not "
+                       f"fit in {budget_ns / 1e6:.3g} ms")
+                number = max(1, int(budget_ns // fastest) // max(1, self.cpu_repeats))
+            samples = self._samples(run, number, self.rep_ms * 1e6, self.cpu_repeats)
+            if why or statistics.median(samples) >= sample_ns:
+                break
+        per_call_ms = [ns / number / 1e6 for ns in samples]
+        median = statistics.median(per_call_ms)
+        agreeing = sum(median / MAX_SPREAD <= ms <= median * MAX_SPREAD for ms in per_call_ms)
+        if not why and statistics.median(samples) < sample_ns:
+            why = (f"samples of {number} calls last {statistics.median(samples) / 1e6:.3g} ms, under the "
+                   f"{sample_ns / 1e6:.3g} ms the clock needs")
+        if not why and not agreeing > len(samples) / 2:
+            why = (f"samples disagree: {agreeing} of {len(samples)} lie within {MAX_SPREAD:g}x of the median "
+                   f"{median:.3g} ms per call ({min(per_call_ms):.3g} to {max(per_call_ms):.3g} ms)")
+        return Measurement(median, not why, number, len(samples), why)
+
+    def _samples(self, run: Callable[[], object], number: int, budget_ns: float, at_least: int) -> list[int]:
+        """Nanoseconds of ``number`` back-to-back calls, sample after sample, until ``budget_ns`` is spent
+        and there are ``at_least`` samples."""
+        samples: list[int] = []
+        while len(samples) < at_least or sum(samples) < budget_ns:
+            start = self.clock()
+            for _ in range(number):
+                run()
+            samples.append(self.clock() - start)
+        return samples
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def clock_step_ns(clock: Callable[[], int] = time.perf_counter_ns, steps: int = 5) -> float:
+    """The smallest step ``clock`` (nanoseconds) is seen to take over ``steps`` changes; inf when it does
+    not change for 100 ms of real time. perf_counter_ns steps by tens of ns; a clock that steps by
+    milliseconds cannot time a call that takes microseconds."""
+    deadline = time.monotonic_ns() + 100_000_000
+    smallest, previous, seen = math.inf, clock(), 0
+    while seen < steps and time.monotonic_ns() < deadline:
+        now = clock()
+        if now != previous:
+            smallest, previous, seen = min(smallest, now - previous), now, seen + 1
+    return smallest
 
 
 @contextlib.contextmanager

@@ -130,3 +130,6 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 @conv2d_op.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, channel_policy):
     return _allocate_output(x, weight, stride, padding, dilation)
+
+
+from . import backward as _backward  # noqa: E402,F401  (gconvgen::conv2d's autograd formula, wherever the op is reached)

@@ -1,6 +1,8 @@
-"""Every template variant compiles for a Hopper GPU (sm_90) with Triton's real compiler, on this CPU
-machine, with its default config, into a kernel whose shared memory fits an SM: the interpreter accepts
-kernels that the GPU compiler rejects (e.g. tl.dot tiles under 16)."""
+"""Every kernel variant compiles for a Hopper GPU (sm_90) with Triton's real compiler, on this CPU machine,
+exactly as a launch would specialise it (gconvgen.inspection: the launch's own argument values from meta
+tensors; ints equal to 1 become constants, multiples of 16 get divisibility hints), into a kernel whose
+shared memory fits an SM. The interpreter accepts kernels that the GPU compiler rejects (e.g. tl.dot tiles
+under 16), so this is the check that a rendered kernel builds for the GPU."""
 from __future__ import annotations
 
 import json
@@ -9,66 +11,106 @@ import subprocess
 import sys
 import textwrap
 
-# family-shaping spec arguments: in, out, groups, kernel, stride, padding, dilation, bias, policy
+# in, out, groups, kernel, stride, padding, dilation, bias, policy, (batch, size)
 VARIANTS = [
-    (12, 12, 3, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), True, "strict"),    # grouped igemm, ci = 4
-    (12, 11, 3, (3, 3), (2, 2), (0, 1, 0, 1), (1, 1), False, "pad"),      # uneven outputs -> output mask
-    (11, 12, 3, (5, 5), (1, 1), (2, 2, 2, 2), (2, 2), True, "pad"),       # uneven inputs -> input mask, dilation
-    (128, 128, 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False, "strict"),  # ResNeXt layer1
-    (64, 64, 64, (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), True, "strict"),   # depthwise k7 with bias
-    (32, 64, 32, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False, "strict"),  # depthwise multiplier 2, stride 2
-    (7, 13, 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False, "pad"),       # depthwise, uneven outputs
-    (128, 128, 128, (31, 31), (1, 1), (15, 15, 15, 15), (1, 1), False, "strict"),  # RepLKNet depthwise k31
-    (16, 16, 16, (5, 5), (2, 1), (2, 2, 2, 2), (1, 2), True, "strict"),   # depthwise, stride 2 x dilation 2
+    (12, 12, 3, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), True, "strict", (2, 9)),       # grouped igemm, ci = 4
+    (12, 11, 3, (3, 3), (2, 2), (0, 1, 0, 1), (1, 1), False, "pad", (3, 8)),         # uneven outputs -> output mask
+    (11, 12, 3, (5, 5), (1, 1), (2, 2, 2, 2), (2, 2), True, "pad", (1, 12)),         # uneven inputs, dilation, batch 1
+    (128, 128, 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False, "strict", (64, 56)),  # ResNeXt layer1
+    (64, 64, 64, (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), True, "strict", (8, 28)),     # depthwise k7 with bias
+    (32, 64, 32, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False, "strict", (4, 17)),    # depthwise multiplier 2, stride 2
+    (7, 13, 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False, "pad", (2, 10)),         # depthwise, uneven outputs
+    (128, 128, 128, (31, 31), (1, 1), (15, 15, 15, 15), (1, 1), False, "strict", (2, 56)),  # RepLKNet k31
+    (16, 16, 16, (5, 5), (2, 1), (2, 2, 2, 2), (1, 2), True, "strict", (2, 16)),     # depthwise, stride 2 x dilation 2
 ]
+SHARED_MEMORY_BYTES = 227 * 1024  # an sm_90 SM's opt-in limit
 
 SCRIPT = textwrap.dedent("""
-    import itertools
-    import json
-    import sys
-    from gconvgen import ConvSpec, plan
-    from gconvgen.runtime.aot import compile_for_gpu
+    import itertools, json, sys
+    from gconvgen.autotune.space import Problem
+    from gconvgen.inspection import prepared_launch
+    from gconvgen.ir import ConvSpec
+    from gconvgen.lowering import Choice
+    from gconvgen.plan import plan
+    from gconvgen.runtime import launch, sass
+    from gconvgen import inspection
     results = []
     layouts = ["nchw", "nhwc", "strided"]
-    # every variant in every dtype; the layouts rotate so each (variant, layout) and (dtype, layout) pair appears
-    for (index, args), (turn, dtype) in itertools.product(enumerate(json.loads(sys.argv[1])),
-                                                          enumerate(["float32", "float16", "bfloat16", "float64"])):
+    dtypes = ["float32", "float16", "bfloat16", "float64"]
+
+    def compile_problem(problem, family=None):
+        prepared = prepared_launch(problem)
+        if family is not None and prepared.desc.family != family:
+            t = inspection._meta_tensors(problem)
+            choice = Choice("default", None, family)
+            prepared = launch.prepare_forward(problem.spec, t["x"], t["weight"], t["bias"], t["out"], choice,
+                                              inspection.INSPECT_TARGET)
+        desc = prepared.desc
+        kernel = launch.kernel_of(desc, inspection.INSPECT_TARGET)
+        arguments = {name: sass.Pointer(str(value.dtype).removeprefix("torch.")) if hasattr(value, "dtype")
+                     else value for name, value in prepared.arguments().items()}
+        meta = desc.meta
+        compiled = sass.compile_like_launch(kernel, arguments, {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                            "GROUP_BLOCK")}, num_warps=meta["num_warps"], num_stages=meta["num_stages"])
+        return {"uri": desc.uri, "shared": compiled.metadata.shared, "cubin": len(compiled.asm["cubin"])}
+
+    for (index, args), (turn, dtype) in itertools.product(enumerate(json.loads(sys.argv[1])), enumerate(dtypes)):
+        if turn not in (index % 4, (index + 2) % 4):  # two dtypes a variant, every dtype across the variants
+            continue
+        in_c, out_c, groups, kernel, stride, padding, dilation, bias, policy, (batch, size) = args
         layout = layouts[(index + turn) % 3]
-        in_c, out_c, groups, kernel, stride, padding, dilation, bias, policy = args
         spec = ConvSpec(in_c, out_c, groups, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), bias,
                         dtype, layout, policy)
+        forward = Problem(spec, batch, size, size)
         for family in plan(spec).families:  # every forward family the tuner may pick
-            try:
-                compiled = compile_for_gpu(plan(spec, family=family), capability=90)
-                built = "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
-                # a launch needs its shared memory to fit the SM's (Hopper: 227 KiB), or it fails OutOfResources
-                fits = compiled.metadata.shared <= 232448
-                results.append([str(spec), family, built and fits, "" if fits else f"shared {compiled.metadata.shared} B"])
-            except Exception as error:  # report every failure, not only the first
-                results.append([str(spec), family, False, f"{type(error).__name__}: {error}"[:2000]])
-    # negative control: an fp16 tl.dot with K under 16 must be rejected, or this test could not fail
-    from gconvgen.runtime.kernels import KernelConfig
-    try:
-        compile_for_gpu(plan(ConvSpec(12, 12, 3, (3, 3), dtype="float16")), KernelConfig(64, 16, 8), capability=90)
-        control = "compiled"
-    except Exception as error:
-        control = f"rejected: {type(error).__name__}"
-    print("RESULTS" + json.dumps({"variants": results, "control": control}))
+            results.append(compile_problem(forward, family))
+        if turn == index % 4:  # each variant's backward kernels in one dtype, the dtypes rotating
+            for kind in ("grad_input", "grad_weight"):
+                results.append(compile_problem(forward.backward(kind)))
+    print(json.dumps(results))
 """)
 
 
-def test_every_template_variant_compiles_for_sm90(tmp_path):
+def test_every_variant_compiles_for_sm90_as_launched():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, not the interpreter
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(VARIANTS)], capture_output=True, text=True,
+                          env=env, timeout=1500)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) >= len(VARIANTS) * 2 + 2 * len(VARIANTS)
+    for result in results:
+        assert result["cubin"] > 0, result["uri"]
+        assert result["shared"] <= SHARED_MEMORY_BYTES, result
+    uris = {result["uri"] for result in results}
+    assert any(uri.startswith("depthwise_gemm") for uri in uris) and any(uri.startswith("grad_weight") for uri in uris)
+
+
+NEGATIVE = textwrap.dedent("""
+    import sys
+    from gconvgen.autotune.space import Problem
+    from gconvgen.inspection import INSPECT_TARGET, _meta_tensors
+    from gconvgen.ir import ConvSpec
+    from gconvgen.lowering import KERNEL, Choice, KernelConfig
+    from gconvgen.runtime import launch
+    problem = Problem(ConvSpec(12, 12, 3, (3, 3), dtype="float16"), 2, 8, 8)
+    t = _meta_tensors(problem)
+    # tl.dot needs K >= 16: the lowering refuses the config before the compiler sees it
+    try:
+        launch.prepare_forward(problem.spec, t["x"], t["weight"], None, t["out"],
+                               Choice(KERNEL, KernelConfig(64, 16, 8), "igemm"), INSPECT_TARGET)
+    except ValueError as error:
+        print("refused:", error)
+        sys.exit(0)
+    sys.exit(1)
+""")
+
+
+def test_an_illegal_tile_is_refused_before_compiling():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["GCONVGEN_CACHE_DIR"] = str(tmp_path / "gconvgen")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")  # compile for real, not from Triton's cache
-    run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(VARIANTS)], env=env, capture_output=True,
-                         text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    report = json.loads(run.stdout.split("RESULTS", 1)[1])
-    assert report["control"].startswith("rejected"), f"an fp16 tl.dot with K = 8 was {report['control']}"
-    results = report["variants"]
-    depthwise = sum(groups == in_channels for in_channels, _, groups, *_ in VARIANTS)
-    assert len(results) == (len(VARIANTS) + depthwise) * 4  # depthwise variants compile in two families
-    assert {family for _, family, _, _ in results} == {"igemm", "depthwise", "depthwise_gemm"}
-    failures = [(spec, error) for spec, _, ok, error in results if not ok]
-    assert not failures, "\n\n".join(f"{spec}\n  {error}" for spec, error in failures)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", NEGATIVE], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "block_k=8 is not legal for the igemm family" in done.stdout

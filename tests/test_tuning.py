@@ -271,12 +271,11 @@ def test_untuned_call_never_tunes_unless_asked(monkeypatch):
 
 def test_suites_hold_the_benchmark_layers():
     headline = suites.load_suite("headline")
-    assert len(headline.runnable) == 10 and {layer.id for layer in headline.deferred} == {"wav2vec2-posconv",
-                                                                                            "mamba-causal"}
+    assert len(headline.runnable) == 12 and not headline.deferred  # the 1-D layers run as height-1 problems
     assert headline.dtype == "bfloat16" and headline.layouts == ("nchw", "nhwc")
     assert len(suites.load_suite("secondary").runnable) == 5
     smoke = suites.load_suite("smoke")
-    assert all(layer.batch * layer.size ** 2 <= 256 for layer in smoke.runnable)
+    assert all(layer.batch * layer.size ** layer.dims <= 256 for layer in smoke.runnable)
     with pytest.raises(ValueError, match="layer='nope' is not in suite 'smoke'; its layers: smoke-grouped"):
         smoke.select(("nope",))
     with pytest.raises(FileNotFoundError, match="neither a shipped suite"):

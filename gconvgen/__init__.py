@@ -2,6 +2,8 @@
 
 One conv travels api -> ir (ConvSpec) -> plan (networkx pass graph) -> codegen (Jinja -> Triton)
 -> runtime (disk cache, launch, torch custom op, and its backward ops for training).
+``gconvgen.conv1d`` runs a 1-D conv as the 2-D one with height 1 (api1d.py), and
+``causal_conv1d_update`` is its one-step decoding form (decoding.py).
 ``gconvgen.convert(model)`` switches a model's grouped convs over; ``import gconvgen.compile`` registers
 the torch.compile backend "gconvgen" where the package's entry point is not installed.
 
@@ -25,11 +27,13 @@ from .plan import Plan, padding_overhead, plan, suggest_groups
 _TORCH_NAMES = {
     "CompiledLayer": "api", "GroupedConv2d": "api", "compile_layer": "api", "conv2d": "api", "resolve_padding": "api",
     "ConversionReport": "conversion", "convert": "conversion",
+    "GroupedConv1d": "api1d", "conv1d": "api1d", "causal_conv1d_update": "decoding",
 }
 
 __all__ = [
     "CompiledLayer", "ConversionReport", "ConvSpec", "GroupedConv2d", "Plan", "compile_layer", "conv2d", "convert",
     "padding_overhead", "plan", "resolve_padding", "suggest_groups",
+    "GroupedConv1d", "causal_conv1d_update", "conv1d",
 ]
 
 

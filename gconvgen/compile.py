@@ -1,5 +1,5 @@
-"""The torch.compile backend ``gconvgen``: grouped convs in the captured graph become gconvgen ops, and the
-rest of the graph goes to Inductor.
+"""The torch.compile backend ``gconvgen``: grouped convs (2-D and 1-D) in the captured graph become gconvgen
+ops, and the rest of the graph goes to Inductor.
 
     torch.compile(model, backend="gconvgen", fullgraph=True)
 
@@ -19,6 +19,7 @@ import torch._dynamo
 from torch import fx, nn
 
 from .api import conv2d
+from .api1d import conv1d
 from .ir import check
 from .runtime.ops import DTYPE_NAMES
 
@@ -55,28 +56,57 @@ def _conv_call(graph_module: fx.GraphModule, node: fx.Node) -> Optional[dict]:
     return None
 
 
-def _why_not(call: dict) -> Optional[str]:
-    """Why a conv call stays as it is, or None when gconvgen runs it."""
+_CONV1D_TARGETS = (torch.conv1d, torch.ops.aten.conv1d.default, torch.ops.aten.conv1d.padding)
+
+
+def _conv1d_call(graph_module: fx.GraphModule, node: fx.Node) -> Optional[dict]:
+    """The arguments of a 1-D conv call (F.conv1d, aten.conv1d, a 1-D aten.convolution or an nn.Conv1d
+    module), keyed by _CONV2D_ARGS (gconvgen.conv1d takes the same names), or None when ``node`` is not one."""
+    if node.op == "call_module":
+        module = graph_module.get_submodule(node.target)
+        if type(module) is not nn.Conv1d or module.padding_mode != "zeros" or len(node.args) != 1:
+            return None
+        return {"input": node.args[0], "weight": f"{node.target}.weight",
+                "bias": None if module.bias is None else f"{node.target}.bias", "stride": module.stride,
+                "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
+    if node.op != "call_function":
+        return None
+    if node.target in _CONV1D_TARGETS:
+        return {**_CONV2D_DEFAULTS, **dict(zip(_CONV2D_ARGS, node.args)), **node.kwargs}
+    if node.target is torch.ops.aten.convolution.default:
+        call = dict(zip(_CONVOLUTION_ARGS, node.args))
+        if call["transposed"] or any(call["output_padding"]) or len(call["stride"]) != 1:
+            return None
+        return {name: call[name] for name in _CONV2D_ARGS}
+    return None
+
+
+def _why_not(call: dict, ranks: tuple[int, int] = (3, 4)) -> Optional[str]:
+    """Why a conv call stays as it is, or None when gconvgen runs it; ``ranks`` are the input ranks it takes
+    (unbatched and batched: (2, 3) for a 1-D conv)."""
     groups = call["groups"]
     if not isinstance(groups, int) or groups <= 1:
         return f"groups={groups!r}"
     example = call["input"].meta.get("example_value", call["input"].meta.get("val"))
     if not isinstance(example, torch.Tensor):
         return "no example input in the graph"
-    if example.dtype not in DTYPE_NAMES or example.dim() not in (3, 4):
+    if example.dtype not in DTYPE_NAMES or example.dim() not in ranks:
         return f"input {example.dtype} with {example.dim()} dims"
     return None
 
 
 def rewrite_grouped_convs(graph_module: fx.GraphModule) -> int:
-    """Replace every grouped 2-D conv call of ``graph_module`` by ``gconvgen.conv2d``, in place. Returns how
-    many were replaced; why the others were not is logged at debug level."""
+    """Replace every grouped 2-D conv call of ``graph_module`` by ``gconvgen.conv2d`` and every grouped 1-D
+    one by ``gconvgen.conv1d``, in place. Returns how many were replaced; why the others were not is logged
+    at debug level."""
     replaced = 0
     for node in list(graph_module.graph.nodes):
-        call = _conv_call(graph_module, node)
+        call, function, ranks = _conv_call(graph_module, node), conv2d, (3, 4)
+        if call is None:
+            call, function, ranks = _conv1d_call(graph_module, node), conv1d, (2, 3)
         if call is None:
             continue
-        reason = _why_not(call)
+        reason = _why_not(call, ranks)
         if reason:
             log.debug("gconvgen backend: %s stays with torch: %s", node.name, reason)
             continue
@@ -84,7 +114,7 @@ def rewrite_grouped_convs(graph_module: fx.GraphModule) -> int:
             for name in ("weight", "bias"):
                 if isinstance(call[name], str):  # a module's parameter
                     call[name] = graph_module.graph.get_attr(call[name])
-            gconvgen_call = graph_module.graph.call_function(conv2d, tuple(call[name] for name in _CONV2D_ARGS))
+            gconvgen_call = graph_module.graph.call_function(function, tuple(call[name] for name in _CONV2D_ARGS))
         gconvgen_call.meta = dict(node.meta)
         node.replace_all_uses_with(gconvgen_call)
         graph_module.graph.erase_node(node)

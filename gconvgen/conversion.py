@@ -1,5 +1,6 @@
 """Model conversion: ``gconvgen.convert(model)`` swaps grouped ``nn.Conv2d`` modules for ``GroupedConv2d``
-in place, sharing their parameters, and says what it replaced and what it skipped and why."""
+(and ``nn.Conv1d`` for ``GroupedConv1d``) in place, sharing their parameters, and says what it replaced and
+what it skipped and why."""
 from __future__ import annotations
 
 import logging
@@ -9,12 +10,15 @@ from typing import Callable, Optional
 from torch import nn
 
 from .api import GroupedConv2d
+from .api1d import GroupedConv1d
 from .ir import CHANNEL_POLICIES, check
 from .runtime.ops import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
 FilterFn = Callable[[nn.Module, str], bool]
+# the torch conv -> the gconvgen module that replaces it
+REPLACEMENTS = {nn.Conv2d: GroupedConv2d, nn.Conv1d: GroupedConv1d}
 
 
 @dataclass
@@ -32,7 +36,8 @@ class ConversionReport:
 
 
 def convert(model: nn.Module, *, filter_fn: Optional[FilterFn] = None, channel_policy: str = "strict") -> nn.Module:
-    """Replace ``nn.Conv2d`` modules of ``model`` by ``GroupedConv2d``, in place, and return ``model``.
+    """Replace ``nn.Conv2d`` modules of ``model`` by ``GroupedConv2d`` and ``nn.Conv1d`` by ``GroupedConv1d``,
+    in place, and return ``model``.
 
     Selected are the convs with ``groups > 1``, or those for which ``filter_fn(module, name)`` is true.
     A replacement shares the conv's Parameter objects (so device, dtype, optimizer state and state-dict
@@ -50,9 +55,9 @@ def convert(model: nn.Module, *, filter_fn: Optional[FilterFn] = None, channel_p
     check(channel_policy in CHANNEL_POLICIES,
           f"channel_policy={channel_policy!r} is not a policy; use 'strict' or 'pad'")
     report = ConversionReport()
-    replacements: dict[int, GroupedConv2d] = {}
+    replacements: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not isinstance(module, nn.Conv2d) or isinstance(module, GroupedConv2d):
+        if not isinstance(module, tuple(REPLACEMENTS)) or isinstance(module, tuple(REPLACEMENTS.values())):
             continue
         if not (filter_fn(module, name) if filter_fn is not None else module.groups > 1):
             continue
@@ -72,18 +77,21 @@ def convert(model: nn.Module, *, filter_fn: Optional[FilterFn] = None, channel_p
     return model
 
 
-def _replacement(conv: nn.Conv2d, name: str, channel_policy: str) -> GroupedConv2d:
-    """A GroupedConv2d sharing ``conv``'s parameters and buffers; raises ValueError / TypeError saying why
-    ``conv`` cannot be replaced."""
-    check(name != "", "the model itself is the conv and convert works in place; use GroupedConv2d.from_conv(model)")
-    check(type(conv).forward is nn.Conv2d.forward,
-          f"{type(conv).__name__} overrides nn.Conv2d.forward, which gconvgen cannot reproduce")
+def _replacement(conv: nn.Conv2d | nn.Conv1d, name: str, channel_policy: str) -> GroupedConv2d | GroupedConv1d:
+    """A GroupedConv2d (GroupedConv1d for an nn.Conv1d) sharing ``conv``'s parameters and buffers; raises
+    ValueError / TypeError saying why ``conv`` cannot be replaced."""
+    base = nn.Conv1d if isinstance(conv, nn.Conv1d) else nn.Conv2d
+    grouped = REPLACEMENTS[base]
+    check(name != "",
+          f"the model itself is the conv and convert works in place; use {grouped.__name__}.from_conv(model)")
+    check(type(conv).forward is base.forward,
+          f"{type(conv).__name__} overrides nn.{base.__name__}.forward, which gconvgen cannot reproduce")
     check(not (conv._forward_pre_hooks or conv._forward_hooks or conv._backward_pre_hooks or conv._backward_hooks),
           "it has hooks registered on it, which a replacement would lose")
     check(conv.padding_mode == "zeros", f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
     check(conv.weight.dtype in DTYPE_NAMES,
           f"dtype {conv.weight.dtype} is not supported; use float32, float16, bfloat16 or float64", TypeError)
-    module = GroupedConv2d.from_conv(conv, channel_policy=channel_policy)
+    module = grouped.from_conv(conv, channel_policy=channel_policy)
     for buffer_name, buffer in conv._buffers.items():
         module.register_buffer(buffer_name, buffer, persistent=buffer_name not in conv._non_persistent_buffers_set)
     for parameter_name, parameter in conv._parameters.items():
@@ -92,6 +100,6 @@ def _replacement(conv: nn.Conv2d, name: str, channel_policy: str) -> GroupedConv
     return module
 
 
-def _describe(conv: nn.Conv2d) -> str:
+def _describe(conv: nn.Conv2d | nn.Conv1d) -> str:
     return (f"{conv.in_channels}->{conv.out_channels} k{'x'.join(map(str, conv.kernel_size))} "
             f"s{'x'.join(map(str, conv.stride))} groups={conv.groups}")

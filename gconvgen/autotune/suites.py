@@ -1,8 +1,9 @@
 """Layer suites: real model layers to tune and benchmark, read from tuning/suites/<name>.json or any file.
 
 A suite names its layers (id, model, source, channels, groups, kernel, stride, padding, batch, size), its
-dtype and its layouts. 1-D layers are kept in the files with a ``later`` note and skipped until gconvgen
-supports them.
+dtype and its layouts. A layer may carry a ``later`` note saying why it is kept but not run yet. 1-D layers
+(``"dims": 1``) run as 2-D problems of height 1, as gconvgen.conv1d runs them: kernel (1, k), input
+(1, size), padding (0, 0, left, right); ``"causal": true`` pads (kernel - 1) * dilation on the left only.
 """
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ from .space import Problem
 SUITE_SCHEMA_VERSION = 1
 _REQUIRED = ("id", "in_channels", "out_channels", "groups", "kernel", "batch", "size")
 _OPTIONAL = {"model": "", "source": "", "layer": "", "stride": 1, "padding": 0, "dilation": 1, "bias": False,
-             "dims": 2, "later": ""}
+             "dims": 2, "causal": False, "later": ""}
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One real layer: square kernel, stride, symmetric padding and input size, as model sources give them."""
+    """One real layer: square kernel, stride, symmetric padding and input size, as model sources give them.
+
+    A 1-D layer (dims=1) has a kernel, stride, padding and length (``size``) along its one dimension. A
+    causal one (``causal``, 1-D only) keeps the model's nn.Conv1d padding of (kernel - 1) * dilation on the
+    left and none on the right: the first ``size`` outputs of the model's conv, exactly (what Mamba keeps)."""
 
     id: str
     in_channels: int
@@ -39,19 +44,23 @@ class Layer:
     dilation: int = 1
     bias: bool = False
     dims: int = 2
-    later: str = ""   # why this layer is kept for later (1-D convs); empty when it runs now
+    causal: bool = False  # 1-D: all padding on the left, the output as long as the input (at stride 1)
+    later: str = ""   # why this layer is kept for later; empty when it runs now
 
     def spec(self, dtype: str, layout: str) -> ConvSpec:
-        """The layer's ConvSpec in ``dtype`` and activation ``layout``."""
-        check(self.dims == 2, f"layer {self.id!r} is {self.dims}-D: {self.later or 'only 2-D layers run'}")
+        """The layer's ConvSpec in ``dtype`` and activation ``layout`` (a 1-D layer's is the height-1 2-D one)."""
         pad = self.padding
+        if self.dims == 1:
+            left, right = (pad, 0) if self.causal else (pad, pad)
+            return ConvSpec(self.in_channels, self.out_channels, self.groups, (1, self.kernel), (1, self.stride),
+                            (0, 0, left, right), (1, self.dilation), self.bias, dtype, layout)
         return ConvSpec(self.in_channels, self.out_channels, self.groups, (self.kernel, self.kernel),
                         (self.stride, self.stride), (pad, pad, pad, pad), (self.dilation, self.dilation), self.bias,
                         dtype, layout)
 
     def problem(self, dtype: str, layout: str) -> Problem:
-        """The layer at its batch and input size."""
-        return Problem(self.spec(dtype, layout), self.batch, self.size, self.size)
+        """The layer at its batch and input size (1 x size for a 1-D layer)."""
+        return Problem(self.spec(dtype, layout), self.batch, 1 if self.dims == 1 else self.size, self.size)
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ class Suite:
 
     @property
     def runnable(self) -> tuple[Layer, ...]:
-        """The layers gconvgen runs now (2-D)."""
+        """The layers gconvgen runs now (those without a ``later`` note)."""
         return tuple(layer for layer in self.layers if not layer.later)
 
     @property
@@ -115,8 +124,14 @@ def _layer(raw: object, where: str) -> Layer:
               f"{where}: {name}={values[name]!r} must be an int >= 1")
     check(isinstance(values["padding"], int) and values["padding"] >= 0,
           f"{where}: padding={values['padding']!r} must be an int >= 0")
-    check(values["dims"] == 2 or values["later"],
-          f"{where}: dims={values['dims']} layers need a 'later' note saying why they do not run yet")
+    check(values["dims"] in (1, 2), f"{where}: dims={values['dims']!r} must be 1 or 2")
+    check(isinstance(values["causal"], bool), f"{where}: causal={values['causal']!r} must be true or false")
+    if values["causal"]:
+        check(values["dims"] == 1, f"{where}: causal=true needs dims=1 (a causal conv is 1-D)")
+        left = (values["kernel"] - 1) * values["dilation"]
+        check(values["padding"] == left,
+              f"{where}: a causal layer's padding={values['padding']} must be (kernel - 1) * dilation = {left}, "
+              f"the model's nn.Conv1d padding, all of it on the left")
     return Layer(**values)
 
 

@@ -1,0 +1,183 @@
+"""The 1-D API: functional ``conv1d`` and the ``GroupedConv1d`` module.
+
+A 1-D conv is the 2-D one with height 1, so it travels the same rooms (ConvSpec, plan, lowered kernel,
+custom op, autograd) with no code of its own past this file: the input [N, C, L] is viewed as
+[N, C, 1, L], the weight [C_out, ci, k] as [C_out, ci, 1, k] (a (1, k) window, so every kernel loops over
+the length), and padding (left, right) becomes (0, 0, left, right). Only views are made, never copies;
+gradients come from gconvgen::conv2d's autograd formula.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import knobs
+from .api import _check_same, _check_tensor, _ints, _is_int, conv2d
+from .ir import CHANNEL_POLICIES, ConvSpec, check
+from .plan import planned
+
+# every accepted spelling -> the layout it means: Keras/TF "channels_first"/"channels_last", TF's NCW/NWC
+DATA_FORMATS_1D = {"NCL": "NCL", "NLC": "NLC", "channels_first": "NCL", "channels_last": "NLC",
+                   "NCW": "NCL", "NWC": "NLC"}
+PADDING_MODES_1D = ("valid", "same", "causal")
+IntOrSingle = Union[int, Sequence[int]]
+Padding1d = Union[str, int, Sequence[int]]
+
+
+def resolve_padding_1d(padding: Padding1d, length: int, kernel_size: int, stride: int,
+                       dilation: int) -> tuple[int, int]:
+    """Padding of a 1-D conv as (left, right).
+
+    'valid' is none; 'same' follows TensorFlow at any stride (output length ceil(L / stride), the odd sample
+    of padding on the right); 'causal' is Keras's: (kernel_size - 1) * dilation on the left only, so output
+    t sees inputs up to t * stride and the output length is ceil(L / stride). Words are case-insensitive
+    ('SAME', 'VALID'). An int (or a 1-tuple) pads both sides; a pair is (left, right).
+    Raises ValueError / TypeError naming ``padding``.
+    """
+    if isinstance(padding, str):
+        mode = padding.lower()
+        check(mode in PADDING_MODES_1D, f"padding={padding!r} is not a padding mode; use 'same', 'valid', "
+                                        f"'causal', an int or (left, right)")
+        if mode == "valid":
+            return (0, 0)
+        if mode == "causal":
+            return ((kernel_size - 1) * dilation, 0)
+        out_length = -(-length // stride)  # ceil(L / stride), in integers so symbolic lengths stay exact
+        total = max((out_length - 1) * stride + dilation * (kernel_size - 1) + 1 - length, 0)
+        return (total // 2, total - total // 2)
+    left, right = _ints("padding", padding, 2, 0)
+    return (left, right)
+
+
+def _data_format(data_format: object) -> str:
+    check(isinstance(data_format, str) and data_format in DATA_FORMATS_1D,
+          f"data_format={data_format!r} is not a 1-D data format; use 'NCL' (also 'channels_first', 'NCW') or "
+          f"'NLC' (also 'channels_last', 'NWC')")
+    return DATA_FORMATS_1D[data_format]
+
+
+# ---------------------------------------------------------------------------------------------- functional
+
+
+def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: IntOrSingle = 1,
+           padding: Padding1d = 0, dilation: IntOrSingle = 1, groups: int = 1, *, channel_policy: str = "strict",
+           data_format: str = "NCL") -> torch.Tensor:
+    """Grouped 1-D convolution; the same results as ``torch.nn.functional.conv1d`` for all it accepts.
+
+    Beyond it: ``padding='causal'`` (Keras's: (k - 1) * dilation on the left, output length ceil(L / stride)),
+    ``padding='same'`` at any stride (TensorFlow's rule), two-sided padding ``(left, right)``,
+    ``channel_policy='pad'`` for channel counts the groups do not divide (as gconvgen.conv2d), and
+    ``data_format='NLC'`` (or 'channels_last') with a Keras weight [k, in_channels/groups, out_channels],
+    returning [N, L_out, C_out], without copies. Unbatched input [C, L] ([L, C] for NLC) gives unbatched output.
+
+    It runs as gconvgen.conv2d on height-1 views (see the module docstring), so training, torch.compile
+    and tuning are the 2-D ones. Returns [N, C_out, L_out] (or [N, L_out, C_out] for NLC). Raises TypeError /
+    ValueError naming the argument for anything it cannot compute.
+    """
+    layout = _data_format(data_format)
+    check(channel_policy in CHANNEL_POLICIES,
+          f"channel_policy={channel_policy!r} is not a policy; use 'strict' or 'pad'")
+    nlc = layout == "NLC"
+    _check_tensor("input", input, (2, 3), "[N, L, C] or [L, C]" if nlc else "[N, C, L] or [C, L]")
+    weight_layout = ("[k, in_channels/groups, out_channels] (Keras)" if nlc
+                     else "[out_channels, in_channels/groups, k]")
+    _check_tensor("weight", weight, (3,), weight_layout)
+    _check_same("weight", weight, input)
+    check(_is_int(groups), f"groups={groups!r} must be an int", TypeError)
+    groups = operator.index(groups)
+    check(groups >= 1, f"groups={groups} must be >= 1")
+    unbatched = input.dim() == 2
+    length, in_channels = (input.shape[-2], input.shape[-1]) if nlc else (input.shape[-1], input.shape[-2])
+    kernel_size, weight_in = (weight.shape[0], weight.shape[1]) if nlc else (weight.shape[2], weight.shape[1])
+    per_group = math.ceil(in_channels / groups) if channel_policy == "pad" else in_channels / groups
+    check(groups <= in_channels,
+          f"groups={groups} exceeds the input's {in_channels} channels; use groups <= {in_channels}")
+    check(weight_in == per_group or (channel_policy == "strict" and in_channels % groups),
+          f"weight has {weight_in} input channels per group but in_channels={in_channels} with groups={groups} "
+          f"and channel_policy={channel_policy!r} needs {per_group:g}; the weight must be {weight_layout}")
+    (stride_l,) = _ints("stride", stride, 1, 1)
+    (dilation_l,) = _ints("dilation", dilation, 1, 1)
+    left, right = resolve_padding_1d(padding, length, kernel_size, stride_l, dilation_l)
+    span = dilation_l * (kernel_size - 1) + 1
+    check(length + left + right >= span,
+          f"weight's kernel_size={kernel_size} with dilation={dilation_l} spans {span} samples but the padded "
+          f"input length is {length + left + right} ({length} + padding {left}+{right}); use a smaller kernel or "
+          f"more padding")
+
+    x = input.unsqueeze(0) if unbatched else input
+    if nlc:  # NHWC with height 1: [N, 1, L, C] and the HWIO weight [1, k, ci, C_out]
+        out = conv2d(x.unsqueeze(1), weight.unsqueeze(0), bias, (1, stride_l), (0, 0, left, right), (1, dilation_l),
+                     groups, channel_policy=channel_policy, data_format="NHWC").squeeze(1)
+    else:  # NCHW with height 1: [N, C, 1, L] and the OIHW weight [C_out, ci, 1, k]
+        out = conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, (1, stride_l), (0, 0, left, right), (1, dilation_l),
+                     groups, channel_policy=channel_policy).squeeze(2)
+    return out.squeeze(0) if unbatched else out
+
+
+# ---------------------------------------------------------------------------------------------- the module
+
+
+def _module_padding(padding: Padding1d) -> Union[str, tuple[int, ...]]:
+    """Padding as the module keeps it: a lower-case word, (p,) as nn.Conv1d keeps an int, or (left, right)."""
+    if isinstance(padding, str):
+        resolve_padding_1d(padding, 1, 1, 1, 1)  # refuses an unknown word now, not at the first call
+        return padding.lower()
+    left, right = _ints("padding", padding, 2, 0)
+    return (left,) if left == right else (left, right)
+
+
+class GroupedConv1d(nn.Conv1d):
+    """``nn.Conv1d`` run by gconvgen, with the same constructor plus ``channel_policy``.
+
+    Its state dict has nn.Conv1d's keys and shapes (under ``channel_policy='pad'`` the weight is
+    [out_channels, ceil(in_channels/groups), k]). Padding may also be 'causal', 'same' at any stride or
+    (left, right). Only ``padding_mode='zeros'`` is supported.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrSingle, stride: IntOrSingle = 1,
+                 padding: Padding1d = 0, dilation: IntOrSingle = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device=None, dtype=None, *, channel_policy: str = "strict"):
+        check(padding_mode == "zeros",
+              f"padding_mode={padding_mode!r} is not supported by gconvgen; use 'zeros' or keep nn.Conv1d")
+        (kernel,) = _ints("kernel_size", kernel_size, 1, 1)
+        (stride_l,) = _ints("stride", stride, 1, 1)
+        (dilation_l,) = _ints("dilation", dilation, 1, 1)
+        spec = ConvSpec(in_channels, out_channels, groups, (1, kernel), (1, stride_l), dilation=(1, dilation_l),
+                        channel_policy=channel_policy)
+        planned(spec, knobs.padding_budget())  # refuses uneven channels under 'strict', with the fix
+        padding = _module_padding(padding)
+        # nn.Conv1d refuses uneven channels, 'causal' and 'same' at stride > 1: build it on even sizes and no
+        # padding, then set the real ones
+        padded_in = spec.in_channels_per_group * groups
+        padded_out = spec.out_channels_per_group * groups
+        super().__init__(padded_in, padded_out, kernel, stride_l, 0, dilation_l, groups, bias, padding_mode, device,
+                         dtype)
+        self.in_channels, self.out_channels, self.padding = in_channels, out_channels, padding
+        self.channel_policy = channel_policy
+        if padded_out != out_channels:
+            self.weight = nn.Parameter(self.weight.detach()[:out_channels].clone())
+            self.bias = None if self.bias is None else nn.Parameter(self.bias.detach()[:out_channels].clone())
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv1d, *, channel_policy: str = "strict") -> "GroupedConv1d":
+        """A GroupedConv1d sharing ``conv``'s parameters (same tensors, device and dtype)."""
+        check(isinstance(conv, nn.Conv1d), f"conv must be an nn.Conv1d, got {type(conv).__name__}", TypeError)
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+                     dtype=conv.weight.dtype, channel_policy=channel_policy)
+        module.weight = conv.weight
+        module.bias = conv.bias
+        module.train(conv.training)
+        return module
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """gconvgen.conv1d with this module's weight, bias and hyperparameters."""
+        return conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                      channel_policy=self.channel_policy)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", channel_policy={self.channel_policy!r}"

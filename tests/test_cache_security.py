@@ -27,15 +27,15 @@ import torch.nn.functional as F
 
 import gconvgen
 from gconvgen import ConvSpec, knobs
-from gconvgen.runtime import cache, grad_kernels, kernels
+from gconvgen.lowering import DEFAULT, lowered_for
+from gconvgen.runtime import cache, launch
 
 OLD_CHECKSUM_PREFIX = "# gconvgen-checksum: "  # the line a forger recomputes; it used to be all the check
 
 
 def clear_memos() -> None:
     """Forget the loaded kernels, so the next call goes to the cache again."""
-    for memo in (kernels.compiled, grad_kernels.grad_kernel, grad_kernels.grad_bias_kernel):
-        memo.cache_clear()
+    launch.clear_memo()
 
 
 @pytest.fixture
@@ -178,13 +178,14 @@ def test_file_changed_after_loading_is_never_read(cache_dir):
     """Triton's interpreter reads a kernel's source again on its first launch, after loading. A file changed
     in between must not reach it: what runs is the text verified when the module was loaded."""
     x, weight = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3)
-    loaded = kernels.compiled_for(ConvSpec(4, 4, 2, (3, 3)), torch.device("cpu"))  # loaded, not launched yet
+    spec = ConvSpec(4, 4, 2, (3, 3))
+    launch.kernel_of(lowered_for(spec, "forward", "float32", DEFAULT, True, False, False), "interpreter")  # loaded
     [path] = (cache_dir / "kernels").glob("*/*.py")
     rendered = path.read_text()
     store = "acc.to(out_ptr.dtype.element_ty)"
     assert rendered.count(store) == 1
     path.write_text(rendered.replace(store, "(acc * 1.5).to(out_ptr.dtype.element_ty)"))  # same lines, scaled
-    out = loaded.launch(x, weight, None, torch.empty(1, 4, 3, 3))
+    out = launch.forward(spec, x, weight, None, torch.empty(1, 4, 3, 3))
     torch.testing.assert_close(out.double(), F.conv2d(x.double(), weight.double(), groups=2), atol=1e-4, rtol=1e-4)
 
 
@@ -229,7 +230,7 @@ def test_unusable_cache_folder_warns_once_and_runs(cache_dir, read_only, problem
         torch.testing.assert_close(gconvgen.conv2d(x, weight, groups=3).double(),
                                    F.conv2d(x.double(), weight.double(), groups=3), atol=1e-4, rtol=1e-4)
     assert len(caught) == 1 and str(cache_dir) in str(caught[0].message)
-    assert kernels.compiled.cache_info().currsize == 2
+    assert len(launch._KERNELS) == 2
     if problem == "cache path is a file":
         assert cache_dir.read_text() == "not a folder"
     else:
@@ -260,27 +261,36 @@ GPU_COMPILE_SCRIPT = textwrap.dedent("""
     import importlib.util
     import json
     import sys
-    from gconvgen import ConvSpec, plan
-    from gconvgen.runtime import cache
-    from gconvgen.runtime.aot import compile_kernel_for_gpu
-    from gconvgen.runtime.kernels import CompiledConv, launch_meta
-    target = "cuda sm_90 ahead-of-time"
-    conv_plan = plan(ConvSpec(12, 12, 3, (3, 3), padding=(1, 1, 1, 1), dtype="float16"))
-    loaded = CompiledConv(conv_plan, target, allow_tf32=True)
-    meta = launch_meta(conv_plan.spec, conv_plan.family, loaded.config)
-    path = cache.kernel_dir(target) / f"{loaded.uri}.py"
+    from gconvgen import ConvSpec
+    from gconvgen.autotune.space import Problem
+    from gconvgen.inspection import INSPECT_TARGET, prepared_launch
+    from gconvgen.runtime import cache, launch, sass
+    target = INSPECT_TARGET
+    prepared = prepared_launch(Problem(ConvSpec(12, 12, 3, (3, 3), padding=(1, 1, 1, 1), dtype="float16"), 2, 8, 8))
+    desc = prepared.desc
+    kernel = launch.kernel_of(desc, target)
+    meta = desc.meta
+    arguments = {name: sass.Pointer("float16") if hasattr(value, "dtype") else value
+                 for name, value in prepared.arguments().items()}
+    constexprs = {name: meta[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_BLOCK")}
+
+    def compile_kernel_for_gpu(fn):
+        return sass.compile_like_launch(fn, arguments, constexprs, num_warps=meta["num_warps"],
+                                        num_stages=meta["num_stages"])
+
+    path = cache.kernel_dir(target) / f"{desc.uri}.py"
     rendered = path.read_text()
     store = "acc.to(out_ptr.dtype.element_ty)"
     assert rendered.count(store) == 1
     forged = rendered.replace(store, "(acc * 1.5).to(out_ptr.dtype.element_ty)")
     path.write_text(forged)  # after loading, before compiling: same lines, output scaled
-    loaded_ttir = compile_kernel_for_gpu(loaded.kernel, meta, "float16").asm["ttir"]
+    loaded_ttir = compile_kernel_for_gpu(kernel).asm["ttir"]
     control = path.with_name("control.py")  # the forged text imported as a file: the scale must show
     control.write_text(forged)
     spec = importlib.util.spec_from_file_location("control", control)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    control_ttir = compile_kernel_for_gpu(getattr(module, "gconvgen_" + loaded.uri), meta, "float16").asm["ttir"]
+    control_ttir = compile_kernel_for_gpu(getattr(module, desc.kernel_name)).asm["ttir"]
     print("RESULTS" + json.dumps({"loaded": loaded_ttir, "control": control_ttir}))
 """)
 

@@ -14,10 +14,11 @@ import gconvgen
 from conftest import TOLERANCES, assert_close, reference_conv2d
 from gconvgen import codegen, knobs
 from gconvgen.bench_backward import format_table, time_forward_backward
+from gconvgen.lowering import KERNEL, Choice, KernelConfig, lower
 from gconvgen.plan import plan
+from gconvgen.runtime import launch
 from gconvgen.runtime.backward import conv2d_grad_bias_op, conv2d_grad_input_op, conv2d_grad_weight_op
-from gconvgen.runtime.grad_kernels import grad_bias_kernel, grad_kernel_for, split_pixels
-from gconvgen.runtime.kernels import KernelConfig, device_target
+from gconvgen.runtime.launch import split_pixels
 from gconvgen.runtime.ops import conv2d_op, spec_for_call
 
 P = pytest.param
@@ -260,29 +261,46 @@ SPLIT_CASES = [
 
 @pytest.mark.parametrize("family, in_channels, out_channels, groups, layout", SPLIT_CASES)
 def test_grad_weight_split_k_is_exact_and_deterministic(family, in_channels, out_channels, groups, layout,
-                                                        nan_filled_outputs):
+                                                        monkeypatch, nan_filled_outputs):
     """Every split count gives the reference, and the same split count gives the same bits on every run."""
     x = make_input(2, in_channels, (6, 6), torch.float32, layout)
     weight = torch.randn(out_channels, math.ceil(in_channels / groups), 3, 3)
     grad_output = torch.randn(2, out_channels, 6, 6)
     spec = spec_for_call(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), groups, "pad")
-    kernel = grad_kernel_for("grad_weight", spec, x.device)
-    assert kernel.family == family
+    assert plan(spec).backward_family == family
     config = KernelConfig(block_m=16, block_n=16, block_k=16) if family == "igemm" else KernelConfig(16, 8, 0)
+    choice = Choice(KERNEL, config, family)
+    ran = _spy_on_kernels(monkeypatch)
     (expected,) = reference_gradients(x, weight, None, grad_output, (1, 1), (1, 1, 1, 1), (1, 1), groups, "pad")[1:]
     for splits in (1, 2, 5):
-        first = kernel.launch(x, grad_output, torch.empty_like(weight), config=config, splits=splits)
-        again = kernel.launch(x, grad_output, torch.empty_like(weight), config=config, splits=splits)
+        first = launch.grad_weight(spec, x, grad_output, torch.empty_like(weight), choice, splits=splits)
+        again = launch.grad_weight(spec, x, grad_output, torch.empty_like(weight), choice, splits=splits)
         assert_close(first, expected, torch.float32)
         assert torch.equal(first, again), f"splits={splits} is not deterministic"
+    assert ran == [("grad_weight", family, config)] * 6
 
 
-def test_grad_bias_split_k(nan_filled_outputs):
+def _spy_on_kernels(monkeypatch):
+    """The (kind, family, config) of every kernel launched from now on."""
+    ran = []
+    kernel_of = launch.kernel_of
+
+    def spy(desc, target):
+        ran.append((desc.kind, desc.family, desc.config))
+        return kernel_of(desc, target)
+
+    monkeypatch.setattr(launch, "kernel_of", spy)
+    return ran
+
+
+def test_grad_bias_split_k(monkeypatch, nan_filled_outputs):
     grad_output = torch.randn(3, 70, 5, 4).to(memory_format=torch.channels_last)
-    kernel = grad_bias_kernel("float32", device_target(grad_output.device))
+    config = KernelConfig(16, 64, 0)
+    ran = _spy_on_kernels(monkeypatch)
     for splits in (1, 3):
-        got = kernel.launch(grad_output, torch.empty(70), config=KernelConfig(16, 64, 0), splits=splits)
+        got = launch.grad_bias(grad_output, torch.empty(70), Choice(KERNEL, config), splits=splits)
         assert_close(got, grad_output.double().sum(dim=(0, 2, 3)), torch.float32)
+    assert ran == [("grad_bias", "reduce", config)] * 2
 
 
 @pytest.mark.parametrize("pixels, block, tiles, programs, splits, expected", [
@@ -360,13 +378,19 @@ def test_bad_backward_arguments_are_named():
 
 def test_backward_kernels_are_named_by_kind():
     conv_plan = plan(gconvgen.ConvSpec(8, 8, 2, (3, 3), padding=(1, 1, 1, 1), layout="nhwc", dtype="bfloat16"))
-    uris = {kind: codegen.kernel_uri(conv_plan, interpret=False, allow_tf32=False, kind=kind)
-            for kind in ("forward", "grad_input", "grad_weight")}
+    descs = {kind: lower(conv_plan, kind, interpret=False, allow_tf32=False)
+             for kind in ("forward", "grad_input", "grad_weight")}
+    uris = {kind: desc.uri for kind, desc in descs.items()}
     assert uris["grad_input"] == "grad_input_" + uris["forward"]
     assert uris["grad_weight"] == "grad_weight_" + uris["forward"]
-    assert codegen.grad_bias_uri("bfloat16", interpret=True) == "grad_bias_bfloat16_interp"
-    with pytest.raises(ValueError, match="kind='grad_bias' is not a kernel kind"):
-        codegen.render(conv_plan, interpret=False, allow_tf32=False, kind="grad_bias")
+    for kind, desc in descs.items():
+        assert f"def {desc.kernel_name}(" in codegen.render(desc), kind
+    grad_bias = lower(None, "grad_bias", dtype="bfloat16", interpret=True, allow_tf32=False)
+    assert grad_bias.uri == "grad_bias_bfloat16_interp" and f"def {grad_bias.kernel_name}(" in codegen.render(grad_bias)
+    with pytest.raises(ValueError, match="kind='grad_output' is not a kernel kind"):
+        lower(conv_plan, "grad_output", interpret=False, allow_tf32=False)
+    with pytest.raises(ValueError, match="kind='grad_input' needs a plan"):
+        lower(None, "grad_input", dtype="bfloat16", interpret=False, allow_tf32=False)
 
 
 @pytest.mark.cpu_only

@@ -1,5 +1,6 @@
-"""The disk cache: where it lives, what its key carries, atomic writes, corrupt entries, and a warm call that
-touches neither the disk nor the planner nor the templates. Attacks on the cache: test_cache_security.py."""
+"""The disk cache: where it lives, what its key carries (TF32 included, and torch's TF32 settings as read for it),
+atomic writes, corrupt entries, and a warm call that touches neither the disk nor the planner, the lowering or the
+templates. Attacks on the cache: test_cache_security.py."""
 from __future__ import annotations
 
 import builtins
@@ -9,16 +10,19 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import triton
 
 import gconvgen
-from gconvgen import ConvSpec, codegen, knobs
-from gconvgen.runtime import cache, kernels
+from gconvgen import ConvSpec, codegen, knobs, lowering
+from gconvgen.lowering import lower
+from gconvgen.runtime import cache, device, launch
 
-kernels_module = importlib.import_module("gconvgen.runtime.kernels")
+plan_module = importlib.import_module("gconvgen.plan")  # the module; gconvgen.plan is the function
+P = pytest.param
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):
@@ -37,17 +41,129 @@ def test_key_carries_version_templates_triton_and_target():
     assert codegen.gconvgen_version() in key and triton.__version__ in key
     assert key != cache.build_key("interpreter") != cache.build_key("NVIDIA H100 sm_90")
     conv_plan = gconvgen.plan(ConvSpec(12, 12, 3, (3, 3), padding=(1, 1, 1, 1), dtype="bfloat16", layout="nhwc"))
-    assert (codegen.kernel_uri(conv_plan, interpret=False, allow_tf32=True)
+    assert (lower(conv_plan, "forward", interpret=False, allow_tf32=True).uri
             == "igemm_ci12_co12_g3_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16")  # TF32 does not touch half types
 
 
 def test_tf32_and_exact_float32_kernels_never_share_a_cache_entry():
     conv_plan = gconvgen.plan(ConvSpec(12, 12, 3, (3, 3), dtype="float32"))
-    tf32 = codegen.kernel_uri(conv_plan, interpret=False, allow_tf32=True)
-    exact = codegen.kernel_uri(conv_plan, interpret=False, allow_tf32=False)
-    assert tf32 == exact + "_tf32"
-    assert 'input_precision="tf32"' in codegen.render(conv_plan, interpret=False, allow_tf32=True)
-    assert 'input_precision="ieee"' in codegen.render(conv_plan, interpret=False, allow_tf32=False)
+    tf32 = lower(conv_plan, "forward", interpret=False, allow_tf32=True)
+    exact = lower(conv_plan, "forward", interpret=False, allow_tf32=False)
+    assert tf32.uri == exact.uri + "_tf32"
+    assert 'input_precision="tf32"' in codegen.render(tf32) and 'input_precision="tf32"' not in codegen.render(exact)
+    assert 'input_precision="ieee"' in codegen.render(exact)
+
+
+# ---------------------------------------------------------------------------------------------- TF32
+# allows_tf32 only reads torch's flags for a CUDA device, so every setting is checked on the CPU.
+
+_FP32_PRECISION_OWNERS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.conv",
+                          "mkldnn.matmul", "mkldnn.rnn")  # parents first: setting a parent rewrites its children
+
+
+def _backend(path):
+    owner = torch.backends
+    for name in filter(None, path.split(".")):
+        owner = getattr(owner, name)
+    return owner
+
+
+def _legacy_flag(owner):
+    try:
+        return owner.allow_tf32
+    except RuntimeError:  # newer torch refuses the old getter under some mixes of the new settings
+        return None
+
+
+def _tf32_settings():
+    precisions = {path: _backend(path).fp32_precision for path in _FP32_PRECISION_OWNERS
+                  if hasattr(_backend(path), "fp32_precision")}
+    return precisions, _legacy_flag(torch.backends.cudnn), _legacy_flag(torch.backends.cuda.matmul)
+
+
+@pytest.fixture
+def restored_tf32_settings():
+    """Every TF32 setting of torch (the fp32_precision tree and the legacy allow_tf32 flags) as it was, after
+    the test, checked. The legacy flags go back first: on torch 2.9+ they write the new settings too."""
+    saved = _tf32_settings()
+    yield
+    precisions, cudnn_flag, matmul_flag = saved
+    if cudnn_flag is not None:
+        torch.backends.cudnn.allow_tf32 = cudnn_flag
+    if matmul_flag is not None:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_flag
+    for path, precision in precisions.items():
+        _backend(path).fp32_precision = precision
+    assert _tf32_settings() == saved, "the TF32 settings were not restored"
+
+
+CUDA = torch.device("cuda")
+needs_fp32_precision = pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"),
+                                          reason="torch < 2.9 has no fp32_precision settings")
+
+# settings applied in order (owner path, value; "allow_tf32" is the legacy flag), then whether a CUDA
+# float32 conv may use TF32
+TF32_CASES = [
+    P((("cudnn.conv", "ieee"),), False, id="conv-ieee"),
+    P((("cudnn.conv", "tf32"),), True, id="conv-tf32"),
+    P((("cudnn", "tf32"), ("cudnn.conv", "none")), True, id="conv-none-then-cudnn-tf32"),
+    P((("cudnn", "ieee"), ("cudnn.conv", "none")), False, id="conv-none-then-cudnn-ieee"),
+    P((("", "tf32"), ("cudnn", "none"), ("cudnn.conv", "none")), True, id="conv-cudnn-none-then-global-tf32"),
+    P((("", "ieee"), ("cudnn", "none"), ("cudnn.conv", "none")), False, id="conv-cudnn-none-then-global-ieee"),
+    P((("", "none"), ("cudnn", "none"), ("cudnn.conv", "none")), False, id="all-none-exact"),  # the safe side
+    P((("cudnn.allow_tf32", True),), True, id="legacy-allow-tf32"),
+    P((("cudnn.allow_tf32", False),), False, id="legacy-no-tf32"),
+]
+
+
+@needs_fp32_precision
+@pytest.mark.parametrize("settings, expected", TF32_CASES)
+def test_tf32_follows_torchs_conv_precision(settings, expected, restored_tf32_settings):
+    for path, value in settings:
+        if path.endswith("allow_tf32"):
+            _backend(path.removesuffix("allow_tf32")).allow_tf32 = value
+        else:
+            _backend(path).fp32_precision = value
+    assert device.allows_tf32(CUDA) is expected
+    assert device.allows_tf32(torch.device("cpu")) is False  # never TF32 off CUDA
+
+
+def _torch_with_backends(cudnn_conv=None, cudnn=None, generic=None, allow_tf32=True):
+    """A stand-in for torch whose settings are exactly these: fp32_precision per level (None: the level has no
+    such setting, as before torch 2.9) and the legacy cudnn.allow_tf32."""
+    def level(precision, **children):
+        return SimpleNamespace(**children, **({} if precision is None else {"fp32_precision": precision}))
+
+    conv = None if cudnn_conv is None else level(cudnn_conv)
+    cudnn_level = level(cudnn, allow_tf32=allow_tf32, **({} if conv is None else {"conv": conv}))
+    return SimpleNamespace(backends=level(generic, cudnn=cudnn_level))
+
+
+@pytest.mark.parametrize("backends, expected", [
+    P(dict(cudnn_conv="none", cudnn="none", generic="tf32", allow_tf32=False), True, id="none-falls-to-global-tf32"),
+    P(dict(cudnn_conv="none", cudnn="ieee", generic="tf32", allow_tf32=True), False, id="none-falls-to-cudnn-ieee"),
+    P(dict(cudnn_conv="ieee", cudnn="tf32", generic="tf32", allow_tf32=True), False, id="conv-decides-first"),
+    P(dict(cudnn_conv="none", cudnn="none", generic="none", allow_tf32=True), True, id="all-none-legacy-tf32"),
+    P(dict(cudnn_conv="none", cudnn="none", generic="none", allow_tf32=False), False, id="all-none-legacy-exact"),
+    P(dict(allow_tf32=True), True, id="old-torch-legacy-tf32"),     # no fp32_precision anywhere
+    P(dict(allow_tf32=False), False, id="old-torch-legacy-exact"),
+])
+def test_tf32_fallback_chain_as_written(monkeypatch, backends, expected):
+    """The chain itself, on torch stand-ins: torch 2.13's getters already resolve 'none' to the parent's
+    setting, which the real-torch cases above cannot tell from allows_tf32 walking the levels."""
+    monkeypatch.setattr(device, "torch", _torch_with_backends(**backends))
+    assert device.allows_tf32(CUDA) is expected
+
+
+def test_legacy_getter_refusing_means_exact(monkeypatch):
+    def refuse(self):
+        raise RuntimeError("PyTorch is checking whether allow_tf32 is enabled for cuDNN without a specific operator")
+
+    # every level says 'none' and the legacy getter refuses the mix, as torch 2.9+ may
+    cudnn = type("RefusingCudnn", (SimpleNamespace,), {"allow_tf32": property(refuse)})(
+        fp32_precision="none", conv=SimpleNamespace(fp32_precision="none"))
+    monkeypatch.setattr(device, "torch", SimpleNamespace(backends=SimpleNamespace(fp32_precision="none", cudnn=cudnn)))
+    assert device.allows_tf32(CUDA) is False
 
 
 def test_rendered_module_lands_in_cache_and_warm_call_does_no_work(monkeypatch):
@@ -57,9 +173,10 @@ def test_rendered_module_lands_in_cache_and_warm_call_does_no_work(monkeypatch):
     assert len(files) == 1 and files[0].read_text().startswith("# Generated by gconvgen")
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("a warm call planned, rendered or touched the disk")
+        raise AssertionError("a warm call planned, lowered, rendered or touched the disk")
 
-    monkeypatch.setattr(kernels_module, "plan", forbidden)
+    monkeypatch.setattr(plan_module, "plan", forbidden)
+    monkeypatch.setattr(lowering, "lower", forbidden)
     monkeypatch.setattr(codegen, "render", forbidden)
     monkeypatch.setattr(cache, "load_module", forbidden)
     monkeypatch.setattr(builtins, "open", forbidden)
@@ -72,16 +189,17 @@ def test_rendered_module_lands_in_cache_and_warm_call_does_no_work(monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate", "garble", "empty"])
 def test_corrupt_entry_is_rebuilt_not_trusted(damage):
     spec = ConvSpec(6, 6, 3, (3, 3), padding=(1, 1, 1, 1))
-    path = cache.kernel_dir("interpreter") / f"{kernels.compiled_for(spec, torch.device('cpu')).uri}.py"
+    desc = lower(gconvgen.plan(spec), "forward", interpret=True, allow_tf32=False)  # what conv2d runs on the CPU
+    launch.kernel_of(desc, "interpreter")
+    path = cache.kernel_dir("interpreter") / f"{desc.uri}.py"
     text = path.read_text()
     path.write_text({"truncate": text[: len(text) // 2], "garble": text.replace("tl.dot", "tl.dotx"),
                      "empty": ""}[damage])
-    kernels.compiled.cache_clear()
-    kernels.compiled_for(spec, torch.device("cpu"))
-    assert path.read_text() == text
+    launch.clear_memo()
     x, weight = torch.randn(2, 6, 5, 5), torch.randn(6, 2, 3, 3)
     torch.testing.assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 3),
                                torch.nn.functional.conv2d(x, weight, None, 1, 1, 1, 3), atol=1e-4, rtol=1e-4)
+    assert path.read_text() == text  # the call's own load rewrote the damaged copy
 
 
 def test_concurrent_loaders_leave_one_complete_file(tmp_path):

@@ -14,10 +14,11 @@ from gconvgen.autotune.database import (ATEN, DB_SCHEMA_VERSION, DEFAULT, Tuning
                                         key_of)
 from gconvgen.autotune.space import Problem
 from gconvgen.ir import ConvSpec
-from gconvgen.runtime.kernels import KernelConfig
+from gconvgen.lowering import FAMILIES, KernelConfig
 
 BASE = Problem(ConvSpec(16, 16, 4, (3, 3), (1, 1), (1, 1, 1, 1), dtype="float32"), 2, 8, 8)
 CONFIG = KernelConfig(block_m=64, block_n=16, block_k=16, num_warps=4, num_stages=1)
+P = pytest.param
 
 
 def _spec(**changes):
@@ -56,6 +57,8 @@ def test_key_of_changes_with_everything_that_invalidates_a_result():
     assert len(set(keys)) == len(keys), [k for k in keys if keys.count(k) > 1]
     assert key_of(BASE, "interpreter", False) == key_of(_spec(), "interpreter", False)  # equal problems, equal keys
     assert "triton" in keys[0] and "n2_h8_w8" in keys[0]
+    # tuning compares kernel families, so the key names none: the record says which family won
+    assert not [key for key in keys for family in FAMILIES if family in key]
 
 
 def test_an_untuned_batch_size_runs_the_nearest_tuned_one(tmp_path):
@@ -86,7 +89,7 @@ def test_records_round_trip_through_versioned_json(tmp_path):
     lambda text: text[: len(text) // 2],                                  # truncated mid-write by a crash
     lambda text: "",                                                      # empty file
     lambda text: text.replace(f'"schema_version": {DB_SCHEMA_VERSION}', '"schema_version": 99'),  # other schema
-    lambda text: '{"schema_version": 1, "entries": {"a": 3}}',            # a record that is not an object
+    lambda text: f'{{"schema_version": {DB_SCHEMA_VERSION}, "entries": {{"a": 3}}}}',  # a record, not an object
 ])
 def test_a_corrupt_file_is_reported_and_set_aside(tmp_path, damage):
     path = tmp_path / "db.json"
@@ -100,9 +103,51 @@ def test_a_corrupt_file_is_reported_and_set_aside(tmp_path, damage):
     assert TuningDatabase(path, shipped=[]).choice("b").kind == ATEN
 
 
+@pytest.mark.parametrize("text", [
+    P("[" * 100_000, id="deep-array"),
+    P('{"entries": ' * 100_000, id="deep-object"),
+])
+def test_a_deeply_nested_file_is_set_aside_not_a_recursion_error(tmp_path, text):
+    path = tmp_path / "db.json"
+    path.write_text(text)
+    db = TuningDatabase(path, shipped=[])
+    with pytest.warns(UserWarning, match=r"\(nested too deeply to be a tuning database\); it was set aside"):
+        assert db.choice("a") is DEFAULT
+    assert not path.exists() and db.set_aside[0].read_text() == text
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(text)
+    with pytest.warns(UserWarning, match="ignoring the shipped tuning database .*nested too deeply"):
+        assert TuningDatabase(tmp_path / "user.json", shipped=[shipped]).choice("a") is DEFAULT
+    assert shipped.read_text() == text  # package data is never renamed
+
+
+def test_an_unreadable_user_file_is_skipped_not_renamed(tmp_path, monkeypatch):
+    """Another user's database (the tests run as root, so the permission error is simulated): not ours to
+    move; it is skipped with a warning and left where it is."""
+    path = tmp_path / "db.json"
+    TuningDatabase(path, shipped=[]).record({"a": kernel_record(CONFIG)})
+    text = path.read_text()
+    read_text = Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    db = TuningDatabase(path, shipped=[])
+    with pytest.warns(UserWarning, match=r"tuning database .*db\.json cannot be read \(.*Permission denied.*\); "
+                                         r"running without it"):
+        assert db.choice("a") is DEFAULT
+    assert db.set_aside == [] and not list(tmp_path.glob("db.json.corrupt-*"))
+    monkeypatch.undo()
+    assert path.read_text() == text  # still there, untouched
+
+
 def test_a_malformed_record_falls_back_to_the_default(tmp_path):
     path = tmp_path / "db.json"
-    path.write_text(json.dumps({"schema_version": 1, "entries": {"a": {"choice": "kernel", "config": {"x": 1}}}}))
+    path.write_text(json.dumps({"schema_version": DB_SCHEMA_VERSION,
+                                "entries": {"a": {"choice": "kernel", "config": {"x": 1}}}}))
     with pytest.warns(UserWarning, match="ignoring the tuning record for 'a'"):
         assert TuningDatabase(path, shipped=[]).choice("a") is DEFAULT
     with pytest.raises(ValueError, match="expected 'kernel' or 'aten'"):
@@ -111,7 +156,8 @@ def test_a_malformed_record_falls_back_to_the_default(tmp_path):
 
 def test_shipped_databases_are_defaults_under_the_users(tmp_path):
     shipped = tmp_path / "NVIDIA_H200.json"
-    shipped.write_text(json.dumps({"schema_version": 1, "entries": {"a": {"choice": ATEN}, "b": {"choice": ATEN}}}))
+    shipped.write_text(json.dumps({"schema_version": DB_SCHEMA_VERSION,
+                                   "entries": {"a": {"choice": ATEN}, "b": {"choice": ATEN}}}))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     db = TuningDatabase(tmp_path / "user.json", shipped=[shipped, broken])
@@ -130,7 +176,7 @@ WRITER = """
 import sys
 from pathlib import Path
 from gconvgen.autotune.database import TuningDatabase, kernel_record
-from gconvgen.runtime.kernels import KernelConfig
+from gconvgen.lowering import KernelConfig
 path, name, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 db = TuningDatabase(path, shipped=[])
 for index in range(count):  # one write per key: as many chances to interleave as possible

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import gconvgen
-from gconvgen import knobs
+from gconvgen import knobs, lowering
 from gconvgen.autotune import choice
-from gconvgen.runtime import kernels
+from gconvgen.runtime import launch
 from conftest import assert_close
 
 P = pytest.param
@@ -135,16 +135,21 @@ def depthwise_family(request, monkeypatch):
         if request.param in graph.nodes[plan_module.CONV]["families"]:
             graph.nodes[plan_module.CONV]["family"] = request.param
 
-    memos = (kernels.planned, kernels.compiled, choice._key)
+    memos = (plan_module.planned, lowering.lowered, choice._key)
     for memo in memos:
         memo.cache_clear()
     monkeypatch.setattr(plan_module, "LOGICAL_PIPELINE", [
         (name, select_kernel_family if name == "select_kernel_family" else run_pass)
         for name, run_pass in plan_module.LOGICAL_PIPELINE])
     launched = []
-    launch = kernels.CompiledConv.launch
-    monkeypatch.setattr(kernels.CompiledConv, "launch", lambda self, *args: launched.append(self.family)
-                        or launch(self, *args))
+    kernel_of = launch.kernel_of
+
+    def spy(desc, target):
+        if desc.kind == "forward":
+            launched.append(desc.family)
+        return kernel_of(desc, target)
+
+    monkeypatch.setattr(launch, "kernel_of", spy)
     yield request.param, launched
     for memo in memos:
         memo.cache_clear()

@@ -1,15 +1,24 @@
-"""The planner: divisibility errors with their fix, channel-padding passes, lowering to masks, budget."""
+"""The planner: divisibility errors with their fix, channel-padding passes, lowering to masks, budget; and
+lowering: every KernelDesc field written by a named pass, the uri, the index width, `gconvgen plan --graph`."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import re
 
 import networkx as nx
 import pytest
+import torch
+from click.testing import CliRunner
 
 import gconvgen
-from gconvgen import ConvSpec, knobs, plan, suggest_groups
+from gconvgen import ConvSpec, codegen, knobs, lowering, plan, suggest_groups
+from gconvgen.cli import main
+from gconvgen.lowering import DEFAULT, INT32_MAX, KernelConfig, KernelDesc, lower, needs_wide_index
+from gconvgen.runtime import launch
 
 plan_module = importlib.import_module("gconvgen.plan")  # the module; gconvgen.plan is the function
+P = pytest.param
 
 
 def spec(in_channels, out_channels, groups, policy="pad", **kwargs):
@@ -40,7 +49,7 @@ def test_pad_inserts_passes_and_lowering_turns_them_into_masks():
     logical = list(nx.topological_sort(conv_plan.logical))
     assert logical == ["input", "pad_input_channels", "conv", "slice_output_channels", "output"]
     assert list(nx.topological_sort(conv_plan.lowered)) == ["input", "conv", "output"]
-    assert conv_plan.kernel["mask_input_channels"] and conv_plan.kernel["mask_output_channels"]
+    assert conv_plan.channel_masks == (True, True)
     explained = conv_plan.explain()
     for fragment in ("logical graph:", "lowered graph:", "PadInputChannels", "11 -> 12", "SliceOutputChannels",
                      "15 -> 13", "mask_input_channels=True", "padding overhead: +"):
@@ -50,7 +59,7 @@ def test_pad_inserts_passes_and_lowering_turns_them_into_masks():
 def test_divisible_pad_plan_equals_strict_plan():
     padded, strict = plan(spec(12, 24, 3)), plan(spec(12, 24, 3, policy="strict"))
     assert list(padded.lowered.nodes) == list(strict.lowered.nodes)
-    assert not padded.kernel["mask_input_channels"] and not padded.kernel["mask_output_channels"]
+    assert padded.channel_masks == strict.channel_masks == (False, False)
     assert padded.padding_overhead == 0.0
 
 
@@ -102,3 +111,176 @@ def test_debug_verifier_catches_a_broken_pass(monkeypatch):
     plan(spec(12, 12, 3))  # without the knob nothing checks
     with knobs.scoped(DEBUG_PLAN=1), pytest.raises(RuntimeError, match="cycle after pass 'add_cycle'"):
         plan(spec(12, 12, 3))
+
+
+# ---------------------------------------------------------------------------------------------- lowering
+
+# what the lowering tests lower: (spec or None for grad_bias, kind, dtype)
+LOWER_CASES = [
+    P(ConvSpec(11, 13, 3, (3, 3), padding=(1, 1, 1, 1), channel_policy="pad"), "forward", None,
+      id="igemm-pad-masks"),                                                  # C_in, C_out % groups != 0
+    P(ConvSpec(8, 16, 8, (3, 3), layout="nhwc", dtype="bfloat16"), "grad_weight", None,
+      id="depthwise-multiplier-2-grad-weight"),
+    P(None, "grad_bias", "float64", id="grad-bias"),                          # no spec: the dtype only
+]
+
+
+def _lower(spec_or_none, kind, dtype, **options):
+    conv_plan = None if spec_or_none is None else plan(spec_or_none)
+    return lower(conv_plan, kind, dtype=dtype, interpret=True, allow_tf32=False, **options)
+
+
+def _fields_written_by_each_pass(monkeypatch, spec_or_none, kind, dtype):
+    """{pass name: the KernelDesc fields it writes}, seen by wrapping every pass of LOWERING_PIPELINE."""
+    written = {}
+
+    def recording(name, run_pass):
+        def run(fields, ctx):
+            before = set(fields)
+            run_pass(fields, ctx)
+            written[name] = set(fields) - before
+        return run
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lowering, "LOWERING_PIPELINE",
+                      [(name, recording(name, run_pass)) for name, run_pass in lowering.LOWERING_PIPELINE])
+        _lower(spec_or_none, kind, dtype)
+    return written
+
+
+@pytest.mark.parametrize("spec_or_none, kind, dtype", LOWER_CASES)
+def test_every_desc_field_is_written_by_a_named_pass(monkeypatch, spec_or_none, kind, dtype):
+    """No field has a default: each one (but the kind lower() starts from) comes from exactly one pass."""
+    assert all(field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+               for field in dataclasses.fields(KernelDesc)), "a KernelDesc field has a default"
+    written = _fields_written_by_each_pass(monkeypatch, spec_or_none, kind, dtype)
+    assert list(written) == [name for name, _ in lowering.LOWERING_PIPELINE]
+    assert all(written.values()), {name: fields for name, fields in written.items() if not fields}
+    every = [field for fields in written.values() for field in fields]
+    assert sorted(every) == sorted({field.name for field in dataclasses.fields(KernelDesc)} - {"kind"})
+
+
+@pytest.mark.parametrize("removed", [name for name, _ in lowering.LOWERING_PIPELINE])
+def test_lowering_without_any_one_pass_is_an_error(monkeypatch, removed):
+    """A missing field is an error, never a default: the dataclass refuses the description (TypeError), or a
+    later pass that reads the missing field stops at it (KeyError); either names a field the pass writes."""
+    for case in LOWER_CASES:
+        spec_or_none, kind, dtype = case.values
+        written = _fields_written_by_each_pass(monkeypatch, spec_or_none, kind, dtype)[removed]
+        with monkeypatch.context() as patch:
+            patch.setattr(lowering, "LOWERING_PIPELINE",
+                          [(name, run_pass) for name, run_pass in lowering.LOWERING_PIPELINE if name != removed])
+            with pytest.raises((TypeError, KeyError)) as raised:
+                _lower(spec_or_none, kind, dtype)
+        assert any(f"'{field}'" in str(raised.value) for field in written), (case.id, written, raised.value)
+    _lower(*LOWER_CASES[0].values)  # and the whole pipeline is back
+
+
+def _source_body(desc):
+    """The rendered source with the kernel's name (which carries the uri) taken out."""
+    return codegen.render(desc).replace(desc.kernel_name, "KERNEL")
+
+
+def test_uri_changes_with_every_source_decision_and_with_no_launch_setting():
+    conv_plan = plan(ConvSpec(12, 12, 3, (3, 3), padding=(1, 1, 1, 1), dtype="float32"))
+    base = lower(conv_plan, "forward", interpret=False, allow_tf32=False)
+    variants = {  # flag in the uri: a description differing from base in that decision only
+        "tf32": lower(conv_plan, "forward", interpret=False, allow_tf32=True),
+        "i64": lower(conv_plan, "forward", interpret=False, allow_tf32=False, wide_index=True),
+        "interp": lower(conv_plan, "forward", interpret=True, allow_tf32=False),
+        "maskin": dataclasses.replace(base, mask_input_channels=True),
+        "maskout": dataclasses.replace(base, mask_output_channels=True),
+    }
+    for flag, desc in variants.items():
+        assert desc.uri == f"{base.uri}_{flag}" and desc.kernel_name == f"gconvgen_{desc.uri}"
+        if flag != "interp":  # float32's interpreter variant differs in its name (its cache entry) only
+            assert _source_body(desc) != _source_body(base), f"{flag} does not change the source"
+    masked = lower(plan(ConvSpec(11, 13, 3, (3, 3), channel_policy="pad")), "forward", interpret=False,
+                   allow_tf32=False)
+    assert masked.uri.endswith("_maskin_maskout")  # the planner's masks reach the uri
+    # the tile config and group packing are launch constexprs: one module serves every config
+    relaunched = dataclasses.replace(base, config=KernelConfig(16, 16, 16, num_warps=8, num_stages=4),
+                                     groups_per_program=2)
+    assert relaunched.uri == base.uri and codegen.render(relaunched) == codegen.render(base)
+    assert relaunched.meta == {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_BLOCK": 2, "num_warps": 8,
+                               "num_stages": 4}
+
+
+def test_cli_plan_writes_both_graphs_as_dot(tmp_path):
+    path = tmp_path / "x.dot"
+    result = CliRunner().invoke(main, ["plan", "--in-channels", "11", "--out-channels", "13", "--groups", "3",
+                                       "--padding", "1", "--channel-policy", "pad", "--no-source", "--graph",
+                                       str(path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert f"pass graphs written to {path}" in result.output
+    dot = path.read_text()
+    assert dot.startswith("strict digraph") and dot.rstrip().endswith("}")
+    nodes = dict(re.findall(r'^(\w+) \[label="([^"]*)"', dot, re.MULTILINE))
+    edges = set(re.findall(r"^(\w+) -> (\w+);", dot, re.MULTILINE))
+    logical = ["logical_input", "logical_pad_input_channels", "logical_conv", "logical_slice_output_channels",
+               "logical_output"]
+    lowered = ["lowered_input", "lowered_conv", "lowered_output"]
+    assert set(logical + lowered) <= set(nodes), sorted(nodes)
+    assert not {"lowered_pad_input_channels", "lowered_slice_output_channels"} & set(nodes)  # folded into masks
+    assert set(zip(logical, logical[1:])) | set(zip(lowered, lowered[1:])) == edges
+    pad = nodes["logical_pad_input_channels"]
+    assert "PadInputChannels" in pad and "11 -> 12" in pad
+    assert "mask_input_channels=True" in nodes["lowered_conv"] and "mask_output_channels=True" in nodes["lowered_conv"]
+
+
+# ---------------------------------------------------------------------------------------------- index width
+# Meta tensors: shapes and strides without storage. describe() only lowers; nothing is run.
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+# kind, spec (None: grad_bias), tensors as describe() takes them, flat pixels the launch indexes, 64-bit?
+INDEX_CASES = [
+    P("forward", ConvSpec(256, 256, 256, (3, 3), padding=(1, 1, 1, 1), dtype="bfloat16", layout="nchw"),
+      lambda: (_meta(1, 256, 4096, 4096), _meta(256, 1, 3, 3), _meta(1, 256, 4096, 4096)), 4096 * 4096, True,
+      id="input-of-2^32-elements"),                    # offsets past 2^31, flat pixels far below
+    P("forward", ConvSpec(1, 1, 1, (1, 1), dtype="bfloat16", layout="nchw"),
+      lambda: (_meta(128, 1, 4096, 4096), _meta(1, 1, 1, 1), _meta(128, 1, 4096, 4096)), 128 * 4096 * 4096, True,
+      id="batch-x-pixels-2^31"),                       # largest offset 2^31 - 1 fits; the flat pixel index does not
+    P("forward", ConvSpec(1, 1, 1, (1, 1), dtype="bfloat16", layout="nchw"),
+      lambda: (_meta(128, 1, 4096, 4096), _meta(1, 1, 1, 1), _meta(128, 1, 4096, 4096)), 128 * 4096 * 4096 - 1,
+      False, id="flat-pixels-just-fit"),               # the same tensors one pixel short of 2^31
+    P("forward", ConvSpec(4, 4, 2, (3, 3), padding=(1, 1, 1, 1), dtype="bfloat16", layout="nchw"),
+      lambda: (torch.empty_strided((1, 4, 8, 8), (4 * 2**30, 2**30, 8, 1), dtype=torch.bfloat16, device="meta"),
+               _meta(4, 2, 3, 3), _meta(1, 4, 8, 8)), 64, True,
+      id="view-with-2^30-channel-stride"),             # 256 elements, offsets past 2^31
+    P("grad_bias", None, lambda: (_meta(2, 8, 3 * 2**15, 2**15), _meta(8)), 3 * 2**31, True,
+      id="grad-bias-of-a-huge-output"),
+    P("forward", ConvSpec(8, 8, 2, (3, 3), padding=(1, 1, 1, 1), dtype="bfloat16", layout="nchw"),
+      lambda: (_meta(2, 8, 16, 16), _meta(8, 4, 3, 3), _meta(2, 8, 16, 16)), 2 * 16 * 16, False,
+      id="common-shape"),
+]
+
+
+@pytest.fixture
+def meta_device(monkeypatch):
+    """describe() asks the tensors' device for its target and TF32 setting: meta tensors stand for the
+    interpreter's CPU tensors here."""
+    monkeypatch.setattr(launch, "device_target", lambda device: "interpreter")
+    monkeypatch.setattr(launch, "allows_tf32", lambda device: False)
+
+
+@pytest.mark.parametrize("kind, conv_spec, tensors, flat_pixels, wide", INDEX_CASES)
+def test_index_width_follows_the_launch(kind, conv_spec, tensors, flat_pixels, wide, meta_device):
+    dtype = "bfloat16" if conv_spec is None else None
+    desc = launch.describe(conv_spec, kind, tensors(), DEFAULT, dtype=dtype, flat_pixels=flat_pixels)
+    assert desc.wide_index is wide and desc.uri.endswith("_i64_interp" if wide else "_interp")
+    source = codegen.render(desc)
+    program_ids = re.findall(r"tl\.program_id\(\d\)(?:\.to\(tl\.int64\))?", source)
+    assert program_ids, "the kernel reads no program id"
+    if wide:
+        assert all(found.endswith(".to(tl.int64)") for found in program_ids), program_ids
+    else:
+        assert ".to(tl.int64)" not in source
+
+
+def test_wide_index_threshold_is_int32():
+    assert not needs_wide_index(INT32_MAX, INT32_MAX)
+    assert needs_wide_index(INT32_MAX + 1, 0) and needs_wide_index(0, INT32_MAX + 1)

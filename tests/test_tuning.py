@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 
 import pytest
 import torch
@@ -9,14 +11,15 @@ import torch
 import gconvgen
 from gconvgen import knobs
 from gconvgen.autotune import choice, suites, tuner
-from gconvgen.autotune.database import ATEN, database, kernel_record, key_of
+from gconvgen.autotune.database import ATEN, DB_SCHEMA_VERSION, database, kernel_record, key_of
 from gconvgen.autotune.space import DeviceFacts, Problem, load_space
 from gconvgen.ir import ConvSpec
-from gconvgen.runtime import backward
-from gconvgen.runtime.grad_kernels import GradInputKernel
-from gconvgen.runtime.kernels import CompiledConv, KernelConfig, compiled_for
+from gconvgen.lowering import KernelConfig, default_config
+from gconvgen.runtime import backward, launch, ops
 from gconvgen.runtime.ops import activation_layout
 from conftest import assert_close, reference_conv2d
+
+P = pytest.param
 
 CPU = torch.device("cpu")
 H200 = DeviceFacts("NVIDIA H200 sm_90", multiprocessors=132, shared_memory_bytes=232448, l2_bytes=60 << 20)
@@ -34,13 +37,12 @@ def _problem(in_channels, out_channels, groups, kernel, stride, padding, batch, 
 
 def test_tuner_rejects_wrong_candidates_and_drops_failing_ones():
     problem = _problem(16, 16, 4, 3, 1, 1, 2, 8, layout="nhwc")  # grouped, 4 channels per group, channels_last
-    kernel = compiled_for(problem.spec, CPU)
 
     def zeros(x, weight, bias, out):  # the fastest candidate of all, and wrong
         return out.zero_()
 
     def one_element_off(x, weight, bias, out):  # the real kernel with one output nudged by 0.05
-        kernel.launch(x, weight, bias, out)
+        launch.forward(problem.spec, x, weight, bias, out)
         out[1, 5, 2, 3] += 0.05
         return out
 
@@ -128,7 +130,9 @@ def test_backward_tuning_checks_every_candidate_against_aten_backward(kind):
     assert status["zeros"].status == "wrong"
     assert status[ATEN].status == "ok" and status["default"].status == "ok", result.trials
     assert {trial.family for trial in result.trials if trial.config is not None} == {"igemm"}
-    assert result.key.split("|")[3].startswith(f"{kind}_igemm_")
+    layer = result.key.split("|")[3]
+    assert layer.startswith(f"{kind}_ci12_co12_g3_k3x3_s2x2_") and "igemm" not in layer  # the record names the family
+    assert result.record()["choice"] == ATEN or result.record()["family"] == "igemm"
     assert result.key != key_of(forward.backward("grad_input" if kind == "grad_weight" else "grad_weight"),
                                 "interpreter", False)
     with pytest.raises(ValueError, match="has bias=False .*use Problem.backward"):
@@ -167,16 +171,32 @@ def _run_op(problem, x, weight, bias):
     return out
 
 
-def _spy_on_launch(monkeypatch):
+def _spy_on_launch(monkeypatch, kind="forward"):
+    """The config of the tuning choice of every ``kind`` launch from now on (None: the default config)."""
     configs = []
-    launch = CompiledConv.launch
+    real = getattr(launch, kind)
 
-    def spy(self, x, weight, bias, out, config=None):
-        configs.append(config)
-        return launch(self, x, weight, bias, out, config)
+    def spy(*args, **kwargs):
+        call = inspect.signature(real).bind(*args, **kwargs)
+        call.apply_defaults()
+        configs.append(call.arguments["choice"].config)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(CompiledConv, "launch", spy)
+    monkeypatch.setattr(launch, kind, spy)
     return configs
+
+
+def _spy_on_kernels(monkeypatch):
+    """The (kind, family, config) of every kernel loaded for a launch from now on."""
+    ran = []
+    kernel_of = launch.kernel_of
+
+    def spy(desc, target):
+        ran.append((desc.kind, desc.family, desc.config))
+        return kernel_of(desc, target)
+
+    monkeypatch.setattr(launch, "kernel_of", spy)
+    return ran
 
 
 def test_op_runs_the_recorded_config_then_aten_where_aten_won(monkeypatch):
@@ -194,7 +214,7 @@ def test_op_runs_the_recorded_config_then_aten_where_aten_won(monkeypatch):
     assert launches[-1] == tuned
 
     aten_calls = []
-    monkeypatch.setattr(choice, "aten_conv2d", lambda *args: aten_calls.append(1) or tuner.aten_conv2d(*args))
+    monkeypatch.setattr(ops, "aten_conv2d", lambda *args: aten_calls.append(1) or tuner.aten_conv2d(*args))
     database().record({key: {"choice": ATEN, "time_ms": 1.0}})
     out = _run_op(problem, x, weight, bias)
     assert aten_calls == [1] and len(launches) == 2 and activation_layout(out) == "nchw"
@@ -203,20 +223,22 @@ def test_op_runs_the_recorded_config_then_aten_where_aten_won(monkeypatch):
 def test_op_runs_the_recorded_kernel_family(monkeypatch):
     problem = _problem(8, 8, 8, 3, 1, 1, 2, 6)  # depthwise 3x3: the direct kernel is the planner's default
     x, weight, bias = _inputs(problem)
-    families = []
-    launch = CompiledConv.launch
-    monkeypatch.setattr(CompiledConv, "launch", lambda self, *args: families.append(self.family) or launch(self, *args))
+    ran = _spy_on_kernels(monkeypatch)
+    families = lambda: [family for kind, family, _ in ran if kind == "forward"]  # noqa: E731
     _run_op(problem, x, weight, bias)
     banded = KernelConfig(block_m=16, block_n=8, block_k=16, num_warps=4, num_stages=1)
     database().record({key_of(problem, "interpreter", allow_tf32=False):
                        {**kernel_record(banded, "depthwise_gemm"), "time_ms": 1.0}})
     _run_op(problem, x, weight, bias)
-    assert families == ["depthwise", "depthwise_gemm"]
+    assert families() == ["depthwise", "depthwise_gemm"]
+    assert ran[-1][2] == banded  # with the recorded config
+    igemm = KernelConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)  # legal for igemm
     database().record({key_of(problem, "interpreter", allow_tf32=False):  # a family that cannot run a depthwise conv
-                       {**kernel_record(banded, "igemm"), "time_ms": 1.0}})
+                       {**kernel_record(igemm, "igemm"), "time_ms": 1.0}})
     with pytest.warns(UserWarning, match="family='igemm' does not compute this conv"):
         _run_op(problem, x, weight, bias)
-    assert families[-1] == "depthwise"  # the planner's default ran instead
+    assert families()[-1] == "depthwise" and ran[-1][2] == default_config(problem.spec, "depthwise", "forward",
+                                                                          interpret=True)  # the planner's default
 
 
 def test_backward_ops_run_the_recorded_choice(monkeypatch):
@@ -224,10 +246,9 @@ def test_backward_ops_run_the_recorded_choice(monkeypatch):
     x, weight, _ = _inputs(problem)
     x.requires_grad_()
     weight.requires_grad_()
-    grad_input_configs, grad_weight_calls = [], []
-    real_launch = GradInputKernel.launch
-    monkeypatch.setattr(GradInputKernel, "launch", lambda self, *args: grad_input_configs.append(args[-1])
-                        or real_launch(self, *args))
+    grad_weight_calls = []
+    grad_input_configs = _spy_on_launch(monkeypatch, "grad_input")
+    grad_weight_configs = _spy_on_launch(monkeypatch, "grad_weight")
     real_aten = backward.aten_conv2d_backward
     monkeypatch.setattr(backward, "aten_conv2d_backward", lambda *args: grad_weight_calls.append(args[-1])
                         or real_aten(*args))
@@ -240,12 +261,49 @@ def test_backward_ops_run_the_recorded_choice(monkeypatch):
     out = gconvgen.conv2d(x, weight, None, spec.stride, spec.padding, spec.dilation, spec.groups)
     grad_output = torch.randn_like(out)
     grad_x, grad_weight = torch.autograd.grad(out, (x, weight), grad_output)
-    assert grad_input_configs == [tuned] and grad_weight_calls == [(False, True)]
+    assert grad_input_configs == [tuned] and grad_weight_calls == [(False, True)] and grad_weight_configs == []
     x64, weight64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     expected = torch.autograd.grad(reference_conv2d(x64, weight64, None, spec.stride, spec.padding, spec.dilation,
                                                     spec.groups), (x64, weight64), grad_output.double())
     assert_close(grad_x, expected[0], torch.float32)
     assert_close(grad_weight, expected[1], torch.float32)
+
+
+# a tuning record's config with one field changed to what no kernel of the grouped conv below can run
+UNUSABLE_CONFIGS = [
+    P({"block_n": 0}, "block_n=0 is not legal for the igemm family", id="block-n-0"),
+    P({"block_m": 0}, "block_m=0 is not legal for the igemm family", id="block-m-0"),
+    P({"block_k": 0}, "block_k=0 is not legal for the igemm family", id="block-k-0-igemm"),  # a tl.dot needs 16
+    P({"block_n": 3}, "block_n=3 is not legal for the igemm family", id="block-n-3"),        # not a power of two
+    P({"block_m": "64"}, "block_m='64' must be an int", id="block-m-string"),
+    P({"num_warps": 3}, "num_warps=3 must be one of", id="num-warps-3"),
+    P({"num_stages": 0}, r"num_stages=0 must be in \[1, 8\]", id="num-stages-0"),
+]
+
+
+@pytest.mark.parametrize("change, why", UNUSABLE_CONFIGS)
+def test_an_unusable_record_is_ignored_with_a_warning_and_the_default_runs(change, why, tmp_path, monkeypatch,
+                                                                            nan_filled_outputs):
+    """A hand-edited or damaged database (record() refuses to write such records, so the file is written
+    directly): the call warns, runs the default config and is correct, at the record's batch size and at
+    another one that borrows the record (the nearest tuned batch size)."""
+    problem = _problem(8, 16, 2, 3, 1, 1, 2, 5, bias=True)  # grouped igemm, 4 inputs and 8 outputs per group
+    config = {**dataclasses.asdict(KernelConfig(64, 16, 16, num_warps=4, num_stages=1)), **change}
+    default = default_config(problem.spec, "igemm", "forward", interpret=True)
+    ran = _spy_on_kernels(monkeypatch)
+    with knobs.scoped(CACHE_DIR=tmp_path):  # a database of its own
+        path = database().path
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"schema_version": DB_SCHEMA_VERSION, "entries": {
+            key_of(problem, "interpreter", allow_tf32=False): {"choice": "kernel", "config": config, "time_ms": 1.0}}}))
+        for batch in (2, 3):  # 3: untuned, runs the record of batch 2
+            key = key_of(dataclasses.replace(problem, batch=batch), "interpreter", allow_tf32=False)
+            assert database().lookup_nearest(key)["config"] == config
+            assert (database().lookup(key) is None) == (batch == 3)
+            x, weight, bias = _inputs(dataclasses.replace(problem, batch=batch))
+            with pytest.warns(UserWarning, match=f"ignoring the tuning record for '.*n{batch}_h5_w5.*'.*{why}"):
+                _run_op(problem, x, weight, bias)
+            assert ran[-1] == ("forward", "igemm", default)
 
 
 def test_untuned_call_never_tunes_unless_asked(monkeypatch):
@@ -271,12 +329,11 @@ def test_untuned_call_never_tunes_unless_asked(monkeypatch):
 
 def test_suites_hold_the_benchmark_layers():
     headline = suites.load_suite("headline")
-    assert len(headline.runnable) == 10 and {layer.id for layer in headline.deferred} == {"wav2vec2-posconv",
-                                                                                            "mamba-causal"}
+    assert len(headline.runnable) == 12 and not headline.deferred  # the 1-D layers run as height-1 problems
     assert headline.dtype == "bfloat16" and headline.layouts == ("nchw", "nhwc")
     assert len(suites.load_suite("secondary").runnable) == 5
     smoke = suites.load_suite("smoke")
-    assert all(layer.batch * layer.size ** 2 <= 256 for layer in smoke.runnable)
+    assert all(layer.batch * layer.size ** layer.dims <= 256 for layer in smoke.runnable)
     with pytest.raises(ValueError, match="layer='nope' is not in suite 'smoke'; its layers: smoke-grouped"):
         smoke.select(("nope",))
     with pytest.raises(FileNotFoundError, match="neither a shipped suite"):

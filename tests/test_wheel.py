@@ -25,13 +25,16 @@ CHECK = textwrap.dedent("""
     from pathlib import Path
     import gconvgen
     from gconvgen import ConvSpec, codegen, plan
+    from gconvgen.lowering import lower
     from gconvgen.resources import data_dir
     package = Path(gconvgen.__file__).parent
     assert sys.prefix in str(package), f"gconvgen imported from {package}, not the venv"
     assert data_dir("templates") == package / "templates", data_dir("templates")
     assert (data_dir("tuning")).is_dir()
-    source = codegen.render(plan(ConvSpec(12, 11, 3, (3, 3), channel_policy="pad")), interpret=False, allow_tf32=False)
-    assert "@triton.jit" in source and "lowered SliceOutputChannels" in source
+    desc = lower(plan(ConvSpec(12, 11, 3, (3, 3), channel_policy="pad")), "forward", interpret=False, allow_tf32=False)
+    source = codegen.render(desc)
+    assert "@triton.jit" in source and desc.mask_output_channels
+    assert "(out_channel < 11)  # lowered channel padding" in source
     print("rendered from", data_dir("templates"))
 
     import torch  # the caller's torch; the kernel runs through Triton's interpreter (TRITON_INTERPRET=1)

@@ -22,6 +22,8 @@ from .runtime.ops import DTYPE_NAMES, spec_for_call
 from .runtime.ops import conv2d as op_conv2d
 
 DATA_FORMATS = ("NCHW", "NHWC")
+# the same two, as TensorFlow and Keras spell them
+_DATA_FORMAT_NAMES = {"NCHW": "NCHW", "NHWC": "NHWC", "channels_first": "NCHW", "channels_last": "NHWC"}
 IntOrPair = Union[int, Sequence[int]]
 Padding = Union[str, int, Sequence[int]]
 
@@ -66,10 +68,9 @@ def resolve_padding(padding: Padding, size: tuple[int, int], kernel_size: tuple[
     are (top, bottom, left, right).
     """
     if isinstance(padding, str):
-        if padding == "valid":
+        mode = _padding_mode(padding)
+        if mode == "valid":
             return (0, 0, 0, 0)
-        check(padding == "same", f"padding={padding!r} is not a padding mode; use 'same', 'valid', an int, "
-                                 f"(pad_h, pad_w) or (top, bottom, left, right)")
         sides = []
         for length, k, s, d in zip(size, kernel_size, stride, dilation):
             total = max((math.ceil(length / s) - 1) * s + d * (k - 1) + 1 - length, 0)
@@ -77,6 +78,22 @@ def resolve_padding(padding: Padding, size: tuple[int, int], kernel_size: tuple[
         return tuple(sides)
     values = _ints("padding", padding, 2, 0, lengths=(2, 4))
     return (values[0], values[0], values[1], values[1]) if len(values) == 2 else values
+
+
+def _padding_mode(padding: str) -> str:
+    """'same' or 'valid', in any case ('SAME' and 'VALID' are TensorFlow's spelling)."""
+    mode = padding.lower()
+    check(mode in ("same", "valid"), f"padding={padding!r} is not a padding mode; use 'same', 'valid', an int, "
+                                     f"(pad_h, pad_w) or (top, bottom, left, right)")
+    return mode
+
+
+def _data_format(data_format: object) -> str:
+    """'NCHW' or 'NHWC' for a data format in gconvgen's or Keras's spelling."""
+    name = _DATA_FORMAT_NAMES.get(data_format) if isinstance(data_format, str) else None
+    check(name is not None, f"data_format={data_format!r} is not a data format; use 'NCHW' (Keras: 'channels_first') "
+                            f"or 'NHWC' (Keras: 'channels_last')")
+    return name
 
 
 def _check_tensor(name: str, value: object, ranks: tuple[int, ...], layout_hint: str) -> None:
@@ -87,12 +104,52 @@ def _check_tensor(name: str, value: object, ranks: tuple[int, ...], layout_hint:
           f"torch.float64", TypeError)
 
 
+def _autocast(tensors: tuple) -> tuple:
+    """``tensors`` as F.conv2d receives them under torch.autocast: conv2d is on autocast's lower-precision
+    list, so float16/bfloat16/float32 tensors on the autocast device are cast to the autocast dtype
+    (float64 and other devices stay). A cast is differentiable: float32 parameters get float32 gradients."""
+    device_type = tensors[0].device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(tensor.to(dtype) if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                 and tensor.dtype is not torch.float64 and tensor.device.type == device_type else tensor
+                 for tensor in tensors)
+
+
 def _check_same(name: str, tensor: torch.Tensor, reference: torch.Tensor) -> None:
     check(tensor.dtype == reference.dtype,
           f"{name}.dtype={tensor.dtype} does not match input.dtype={reference.dtype}; cast it with .to({reference.dtype})",
           TypeError)
     check(tensor.device == reference.device,
           f"{name} is on {tensor.device} but input is on {reference.device}; move it with .to('{reference.device}')")
+
+
+def _channels_fit(in_channels: int, weight_in_per_group: int, out_channels: int, groups: int,
+                  channel_policy: str) -> bool:
+    """Whether a weight of ``weight_in_per_group`` inputs and ``out_channels`` outputs fits ``in_channels``."""
+    if not 1 <= groups <= min(in_channels, out_channels):
+        return False
+    if channel_policy == "pad":
+        return weight_in_per_group == math.ceil(in_channels / groups)
+    return in_channels % groups == 0 and out_channels % groups == 0 and weight_in_per_group == in_channels // groups
+
+
+def _other_data_format_hint(input: object, weight: object, groups: object, channel_policy: str, nhwc: bool) -> str:
+    """A sentence suggesting the other data_format when the tensors fit it (and so were likely meant that
+    way), else ''. Only computed for a call already refused."""
+    if not (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor) and input.dim() in (3, 4)
+            and weight.dim() == 4 and _is_int(groups)):
+        return ""
+    shapes = f"input {tuple(input.shape)} and weight {tuple(weight.shape)}"
+    if nhwc:
+        if _channels_fit(input.shape[-3], weight.shape[1], weight.shape[0], operator.index(groups), channel_policy):
+            return (f"{shapes} fit an NCHW input [N, C, H, W] with an OIHW weight [out_channels, "
+                    f"in_channels/groups, kh, kw]: pass data_format='NCHW' (the default)")
+    elif _channels_fit(input.shape[-1], weight.shape[2], weight.shape[3], operator.index(groups), channel_policy):
+        return (f"{shapes} fit an NHWC input [N, H, W, C] with a Keras HWIO weight [kh, kw, in_channels/groups, "
+                f"out_channels]: pass data_format='NHWC'")
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------- functional
@@ -109,16 +166,23 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     [g*co, (g+1)*co) clipped to out_channels, ci = ceil(C_in/groups), co = ceil(C_out/groups)), and
     ``data_format='NHWC'`` with a Keras HWIO weight [kh, kw, ci, C_out], returning NHWC, without copies.
 
+    Under torch.autocast the tensors are cast to the autocast dtype first, as F.conv2d's are. Meta tensors
+    give a meta output of the right shape; torch.vmap and torch.func's gradient transforms work.
+    ``padding='SAME'/'VALID'`` and ``data_format='channels_first'/'channels_last'`` (TensorFlow's and
+    Keras's spellings) are accepted.
+
     Returns the output [N, C_out, OH, OW] (channels_last in gives channels_last out), or [N, OH, OW, C_out]
     for NHWC. Raises TypeError / ValueError naming the argument for anything it cannot compute.
     """
-    check(data_format in DATA_FORMATS, f"data_format={data_format!r} is not a data format; use 'NCHW' or 'NHWC'")
+    data_format = _data_format(data_format)
     check(channel_policy in CHANNEL_POLICIES,
           f"channel_policy={channel_policy!r} is not a policy; use 'strict' or 'pad'")
     nhwc = data_format == "NHWC"
     _check_tensor("input", input, (3, 4), "[N, H, W, C] or [H, W, C]" if nhwc else "[N, C, H, W] or [C, H, W]")
     _check_tensor("weight", weight, (4,), "[kh, kw, in_channels/groups, out_channels] (HWIO)" if nhwc
                   else "[out_channels, in_channels/groups, kh, kw]")
+    if torch._C._is_any_autocast_enabled():  # one cheap call when autocast is off
+        input, weight, bias = _autocast((input, weight, bias))
     _check_same("weight", weight, input)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
@@ -126,8 +190,29 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     w = weight.permute(3, 2, 0, 1) if nhwc else weight  # OIHW-indexed view, no copy
     check(_is_int(groups), f"groups={groups!r} must be an int", TypeError)
     groups = operator.index(groups)
+    try:
+        stride_hw, padding_4, dilation_hw = _checked_geometry(x, w, bias, stride, padding, dilation, groups,
+                                                              channel_policy, nhwc)
+    except ValueError as error:  # tensors in the other data format break some check: say so
+        hint = _other_data_format_hint(input, weight, groups, channel_policy, nhwc)
+        if hint:
+            raise ValueError(f"{hint} (read as {data_format}: {error})") from error
+        raise
+    out = op_conv2d(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
+    out = out.permute(0, 2, 3, 1).contiguous() if nhwc else out
+    return out.squeeze(0) if unbatched else out
+
+
+def _checked_geometry(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], stride: IntOrPair,
+                      padding: Padding, dilation: IntOrPair, groups: int, channel_policy: str,
+                      nhwc: bool) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
+    """conv2d's checks of channels, bias and geometry on NCHW-indexed x and OIHW-indexed w: (stride,
+    four-sided padding, dilation) as ints, or ValueError / TypeError naming what does not fit."""
     check(groups >= 1, f"groups={groups} must be >= 1")
     in_channels, out_channels = x.shape[1], w.shape[0]
+    check(in_channels > 0, f"input has 0 channels (shape {tuple(x.permute(0, 2, 3, 1).shape if nhwc else x.shape)}"
+                           f"), so its groups have nothing to read. A conv over no channels outputs its bias alone "
+                           f"(zeros without one): skip it for such inputs")
     per_group = math.ceil(in_channels / groups) if channel_policy == "pad" else in_channels / groups
     check(groups <= in_channels, f"groups={groups} exceeds the input's {in_channels} channels; use groups <= {in_channels}")
     check(w.shape[1] == per_group or (channel_policy == "strict" and in_channels % groups),
@@ -138,45 +223,49 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         check(isinstance(bias, torch.Tensor), f"bias must be a torch.Tensor or None, got {type(bias).__name__}", TypeError)
         check(bias.dim() == 1 and bias.shape[0] == out_channels,
               f"bias has shape {tuple(bias.shape)}; expected [{out_channels}] (one value per output channel)")
-        _check_same("bias", bias, input)
+        _check_same("bias", bias, x)
     kernel_size = (w.shape[2], w.shape[3])
     stride_hw = _ints("stride", stride, 2, 1)
     dilation_hw = _ints("dilation", dilation, 2, 1)
     padding_4 = resolve_padding(padding, (x.shape[2], x.shape[3]), kernel_size, stride_hw, dilation_hw)
-
     if not torch.compiler.is_compiling():
         # Refusals surface here, with the caller on the stack. Under torch.compile the op raises the
         # same errors when it first runs, and tracing stays free of Python-side caches.
         spec = spec_for_call(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
         planned(spec, knobs.padding_budget())     # the planner's error for a conv it refuses
         spec.output_size(x.shape[2], x.shape[3])  # a kernel that does not fit the padded input
-    out = op_conv2d(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
-    out = out.permute(0, 2, 3, 1).contiguous() if nhwc else out
-    return out.squeeze(0) if unbatched else out
+    return stride_hw, padding_4, dilation_hw
 
 
 # ---------------------------------------------------------------------------------------------- the module
 
 
 class GroupedConv2d(nn.Conv2d):
-    """``nn.Conv2d`` run by gconvgen, with the same constructor plus ``channel_policy``.
+    """``nn.Conv2d`` run by gconvgen, with the same constructor plus ``channel_policy`` and ``data_format``.
 
     Its state dict has nn.Conv2d's keys and shapes. Under ``channel_policy='pad'`` the weight is
-    [out_channels, ceil(in_channels/groups), kh, kw]. Padding may also be 'same' at any stride or four sides.
-    Only ``padding_mode='zeros'`` is supported.
+    [out_channels, ceil(in_channels/groups), kh, kw]. Padding may also be 'same' at any stride (or
+    TensorFlow's 'SAME' / 'VALID') or four sides. ``data_format='NHWC'`` (or 'channels_last') takes and
+    returns [N, H, W, C] tensors; the weight stays [out_channels, in_channels/groups, kh, kw] as
+    nn.Conv2d's, so state dicts still load. Only ``padding_mode='zeros'`` is supported.
     """
+
+    data_format = "NCHW"  # what modules saved before data_format existed read
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
                  padding: Padding = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros", device=None, dtype=None, *, channel_policy: str = "strict"):
+                 padding_mode: str = "zeros", device=None, dtype=None, *, channel_policy: str = "strict",
+                 data_format: str = "NCHW"):
         check(padding_mode == "zeros",
               f"padding_mode={padding_mode!r} is not supported by gconvgen; use 'zeros' or keep nn.Conv2d")
+        data_format = _data_format(data_format)
         kernel_hw = _ints("kernel_size", kernel_size, 2, 1)
         spec = ConvSpec(in_channels, out_channels, groups, kernel_hw, _ints("stride", stride, 2, 1),
                         dilation=_ints("dilation", dilation, 2, 1), channel_policy=channel_policy)
         planned(spec, knobs.padding_budget())  # refuses uneven channels under 'strict', with the fix
-        if not isinstance(padding, str):
-            _ints("padding", padding, 2, 0, lengths=(2, 4))
+        # stored as nn.Conv2d stores it (a tuple, or a lower-case word), which its extra_repr expects
+        padding = _padding_mode(padding) if isinstance(padding, str) else _ints("padding", padding, 2, 0,
+                                                                                  lengths=(2, 4))
         # nn.Conv2d refuses uneven channels and 'same' at stride > 1: build it on even sizes, then set the real ones
         padded_in = spec.in_channels_per_group * groups
         padded_out = spec.out_channels_per_group * groups
@@ -184,6 +273,7 @@ class GroupedConv2d(nn.Conv2d):
                          padding_mode, device, dtype)
         self.in_channels, self.out_channels, self.padding = in_channels, out_channels, padding
         self.channel_policy = channel_policy
+        self.data_format = data_format
         if padded_out != out_channels:
             self.weight = nn.Parameter(self.weight.detach()[:out_channels].clone())
             self.bias = None if self.bias is None else nn.Parameter(self.bias.detach()[:out_channels].clone())
@@ -201,12 +291,21 @@ class GroupedConv2d(nn.Conv2d):
         return module
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """gconvgen.conv2d with this module's weight, bias and hyperparameters."""
-        return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                      channel_policy=self.channel_policy)
+        """gconvgen.conv2d with this module's weight, bias and hyperparameters; an NHWC module runs it on
+        [N, C, H, W] views of its [N, H, W, C] input and returns the [N, H, W, C] view of the output."""
+        if self.data_format == "NCHW":
+            return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                          channel_policy=self.channel_policy)
+        _check_tensor("input", input, (3, 4), "[N, H, W, C] or [H, W, C] (this module's data_format is 'NHWC')")
+        channels_first = (2, 0, 1) if input.dim() == 3 else (0, 3, 1, 2)
+        channels_last = (1, 2, 0) if input.dim() == 3 else (0, 2, 3, 1)
+        out = conv2d(input.permute(channels_first), self.weight, self.bias, self.stride, self.padding,
+                     self.dilation, self.groups, channel_policy=self.channel_policy)
+        return out.permute(channels_last)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", channel_policy={self.channel_policy!r}"
+        data_format = f", data_format={self.data_format!r}" if self.data_format != "NCHW" else ""
+        return super().extra_repr() + f", channel_policy={self.channel_policy!r}" + data_format
 
 
 # ---------------------------------------------------------------------------------------------- compile_layer
@@ -234,12 +333,16 @@ class CompiledLayer:
 
     def __call__(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The conv of ``x`` [N, C, H, W] with ``weight``/``bias`` (or the module's); every argument is
-        checked as gconvgen.conv2d checks it, and tensors that make another spec are refused."""
+        """The conv of ``x`` [N, C, H, W] ([N, H, W, C] for a module with data_format='NHWC') with
+        ``weight``/``bias`` (or the module's); every argument is checked as gconvgen.conv2d checks it, and
+        tensors that make another spec are refused."""
         if weight is None:
             check(self.module is not None, "weight is required: this layer was compiled from a spec, not a module")
             weight, bias = self.module.weight, self.module.bias
-        check(isinstance(x, torch.Tensor) and x.dim() == 4, "x must be a 4-D [N, C, H, W] tensor", TypeError)
+        nhwc = getattr(self.module, "data_format", "NCHW") == "NHWC"
+        check(isinstance(x, torch.Tensor) and x.dim() == 4,
+              f"x must be a 4-D {'[N, H, W, C]' if nhwc else '[N, C, H, W]'} tensor", TypeError)
+        x = x.permute(0, 3, 1, 2) if nhwc else x  # NCHW-indexed view, as the module's forward takes it
         check(_same_device(x.device, self.device),
               f"x is on {x.device} but the layer was compiled for {self.device}; move it with .to('{self.device}')")
         if isinstance(weight, torch.Tensor) and x.dtype in DTYPE_NAMES and weight.dim() == 4:
@@ -247,8 +350,9 @@ class CompiledLayer:
                                    self.spec.groups, self.spec.channel_policy)
             check(actual == self.spec, f"these tensors make {actual}, but the layer was compiled for {self.spec}; "
                                        f"call gconvgen.compile_layer again for them")
-        return conv2d(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation, self.spec.groups,
-                      channel_policy=self.spec.channel_policy)
+        out = conv2d(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation, self.spec.groups,
+                     channel_policy=self.spec.channel_policy)
+        return out.permute(0, 2, 3, 1) if nhwc else out
 
 
 def _same_device(actual: torch.device, wanted: torch.device) -> bool:
@@ -263,11 +367,13 @@ def _same_device(actual: torch.device, wanted: torch.device) -> bool:
 
 
 def compile_layer(spec_or_conv: Union[ConvSpec, nn.Conv2d], *, device: Union[str, torch.device, None] = None,
-                  layout: str = "nchw") -> CompiledLayer:
+                  layout: Optional[str] = None) -> CompiledLayer:
     """Plan, render and load the kernel for a ConvSpec or an nn.Conv2d now, and return it as a callable.
 
     ``device`` defaults to the module's device, else CUDA when present, else the CPU (Triton's interpreter).
-    Padding given as a word ('same') is resolved per input size and cannot be compiled ahead; use ints.
+    ``layout`` is a module's activation memory order, "nhwc" for a GroupedConv2d with data_format='NHWC'
+    and "nchw" otherwise unless given. Padding given as a word ('same') is resolved per input size and
+    cannot be compiled ahead; use ints.
     """
     module = None
     if isinstance(spec_or_conv, nn.Conv2d):
@@ -275,6 +381,7 @@ def compile_layer(spec_or_conv: Union[ConvSpec, nn.Conv2d], *, device: Union[str
         check(not isinstance(module.padding, str),
               f"padding={module.padding!r} depends on the input size; give the module integer padding")
         check(module.padding_mode == "zeros", f"padding_mode={module.padding_mode!r} is not supported; use 'zeros'")
+        layout = layout or ("nhwc" if getattr(module, "data_format", "NCHW") == "NHWC" else "nchw")
         spec = ConvSpec(module.in_channels, module.out_channels, module.groups, tuple(module.kernel_size),
                         tuple(module.stride), resolve_padding(module.padding, (1, 1), (1, 1), (1, 1), (1, 1)),
                         tuple(module.dilation), module.bias is not None, DTYPE_NAMES[module.weight.dtype], layout,

@@ -8,6 +8,7 @@ gconvgen ops:
     gconvgen::conv2d_grad_bias    grad_output         -> grad of bias   (split-K, deterministic)
 
 and each of those has an autograd formula made of the others, so gradients of gradients work too.
+Each has a batching rule as well, so torch.vmap over a gradient (per-sample gradients, jacrev) works.
 
 ``gconvgen::conv2d``'s backward calls only those whose inputs need a gradient. Like the forward, CUDA
 tensors run the Triton kernels, CPU tensors run them through Triton's interpreter when TRITON_INTERPRET=1
@@ -25,7 +26,8 @@ from ..lowering import ATEN, Choice
 from . import launch
 from .choices import choice_for
 from .fallback import aten_conv2d_backward
-from .ops import DTYPE_NAMES, _fallback, activation_layout, call, conv2d, conv2d_op, output_memory_format, spec_of
+from .ops import (DTYPE_NAMES, _fallback, activation_layout, batch_first, call, channels_side_by_side, conv2d,
+                  conv2d_op, folds_into_groups, output_memory_format, register_autograd, spec_of, vmap_by_loop)
 
 
 def _spec(activation: torch.Tensor, in_channels: int, weight_size: Sequence[int], stride: Sequence[int],
@@ -74,6 +76,8 @@ def run_grad_input(grad_output: torch.Tensor, weight: torch.Tensor, input_size: 
     _check_grad_output(grad_output, weight, "weight")
     check(len(input_size) == 4, f"input_size={list(input_size)} must be [N, C_in, H, W]")
     spec = _spec(grad_output, input_size[1], weight.shape, stride, padding, dilation, groups, channel_policy)
+    if grad_output.is_meta:  # shapes only
+        return _allocate_grad_input(grad_output, input_size)
     if _runs_on_aten(grad_output.device):
         x_shaped = grad_output.new_zeros(tuple(input_size))
         grad_x, _ = aten_conv2d_backward(spec, grad_output, x_shaped, weight, (True, False))
@@ -104,6 +108,8 @@ def run_grad_weight(grad_output: torch.Tensor, x: torch.Tensor, weight_size: Seq
     _check_grad_output(grad_output, x, "x")
     check(len(weight_size) == 4, f"weight_size={list(weight_size)} must be [C_out, C_in/groups, kh, kw]")
     spec = _spec(x, x.shape[1], weight_size, stride, padding, dilation, groups, channel_policy)
+    if x.is_meta:  # shapes only
+        return x.new_empty(tuple(weight_size))
     if _runs_on_aten(x.device):
         weight_shaped = x.new_zeros(tuple(weight_size))
         _, grad_weight = aten_conv2d_backward(spec, grad_output, x, weight_shaped, (False, True))
@@ -131,6 +137,8 @@ def run_grad_bias(grad_output: torch.Tensor) -> torch.Tensor:
     """Gradient of a conv's bias: grad_output [N, C_out, OH, OW] summed over batch and space. Deterministic."""
     check(grad_output.dim() == 4, f"grad_output has shape {tuple(grad_output.shape)}; expected [N, C_out, OH, OW]")
     check(grad_output.dtype in DTYPE_NAMES, f"grad_output.dtype={grad_output.dtype} is not supported", TypeError)
+    if grad_output.is_meta:  # shapes only
+        return grad_output.new_empty(grad_output.shape[1])
     if _runs_on_aten(grad_output.device):
         return grad_output.sum(dim=(0, 2, 3))
     return launch.grad_bias(grad_output, grad_output.new_empty(grad_output.shape[1]))
@@ -180,7 +188,7 @@ def _backward(ctx, grad_output: torch.Tensor):
     return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
-conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(conv2d_op, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------------- double backward
@@ -228,6 +236,56 @@ def _grad_bias_backward(ctx, upstream: torch.Tensor):
     return upstream[None, :, None, None].expand(ctx.grad_output_size)
 
 
-conv2d_grad_input_op.register_autograd(_grad_input_backward, setup_context=_setup_grad_input)
-conv2d_grad_weight_op.register_autograd(_grad_weight_backward, setup_context=_setup_grad_weight)
-conv2d_grad_bias_op.register_autograd(_grad_bias_backward, setup_context=_setup_grad_bias)
+register_autograd(conv2d_grad_input_op, _grad_input_backward, _setup_grad_input)
+register_autograd(conv2d_grad_weight_op, _grad_weight_backward, _setup_grad_weight)
+register_autograd(conv2d_grad_bias_op, _grad_bias_backward, _setup_grad_bias)
+
+
+# ---------------------------------------------------------------------------------------------- torch.vmap
+# As for the forward (ops._conv2d_vmap): a mapped dimension that only multiplies the batch joins it, one
+# that multiplies the weight joins the groups, and channel_policy='pad' over uneven channels loops.
+
+
+@conv2d_grad_input_op.register_vmap
+def _grad_input_vmap(info, in_dims, grad_output, weight, input_size, stride, padding, dilation, groups,
+                     channel_policy):
+    grad_output_dim, weight_dim = in_dims[:2]
+    conv = (stride, padding, dilation, groups, channel_policy)
+    batch_size = info.batch_size
+    grad_output, weight = batch_first(grad_output, grad_output_dim), batch_first(weight, weight_dim)
+    if weight_dim is None:
+        batched_size = (batch_size * input_size[0], *input_size[1:])
+        grad_x = _grad_input(grad_output.flatten(0, 1), weight, batched_size, conv)
+        return grad_x.unflatten(0, (batch_size, input_size[0])), 0
+    if not folds_into_groups(input_size[1], weight.shape[1], groups, channel_policy):
+        dims = (None if grad_output_dim is None else 0, 0)
+        return vmap_by_loop(lambda g, w: _grad_input(g, w, input_size, conv), info, dims, grad_output, weight)
+    batched_size = (input_size[0], batch_size * input_size[1], *input_size[2:])
+    grad_x = _grad_input(channels_side_by_side(grad_output, grad_output_dim is not None, batch_size),
+                         channels_side_by_side(weight, True, batch_size, channel_dim=0), batched_size,
+                         (stride, padding, dilation, groups * batch_size, channel_policy))
+    return grad_x.unflatten(1, (batch_size, input_size[1])), 1
+
+
+@conv2d_grad_weight_op.register_vmap
+def _grad_weight_vmap(info, in_dims, grad_output, x, weight_size, stride, padding, dilation, groups,
+                      channel_policy):
+    grad_output_dim, x_dim = in_dims[:2]
+    conv = (stride, padding, dilation, groups, channel_policy)
+    batch_size = info.batch_size
+    grad_output, x = batch_first(grad_output, grad_output_dim), batch_first(x, x_dim)
+    if not folds_into_groups(x.shape[-3], weight_size[0], groups, channel_policy):
+        dims = tuple(None if dim is None else 0 for dim in in_dims[:2])
+        return vmap_by_loop(lambda g, v: _grad_weight(g, v, weight_size, conv), info, dims, grad_output, x)
+    batched_size = (batch_size * weight_size[0], *weight_size[1:])
+    grad_weight = _grad_weight(channels_side_by_side(grad_output, grad_output_dim is not None, batch_size),
+                               channels_side_by_side(x, x_dim is not None, batch_size), batched_size,
+                               (stride, padding, dilation, groups * batch_size, channel_policy))
+    return grad_weight.unflatten(0, (batch_size, weight_size[0])), 0
+
+
+@conv2d_grad_bias_op.register_vmap
+def _grad_bias_vmap(info, in_dims, grad_output):
+    grad_output = batch_first(grad_output, in_dims[0])  # mapped: the rule runs only for a mapped argument
+    grad_bias = call(conv2d_grad_bias_op, run_grad_bias, channels_side_by_side(grad_output, True, info.batch_size))
+    return grad_bias.unflatten(0, (info.batch_size, grad_output.shape[2])), 0

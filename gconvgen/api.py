@@ -215,10 +215,10 @@ def _checked_geometry(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
                            f"(zeros without one): skip it for such inputs")
     per_group = math.ceil(in_channels / groups) if channel_policy == "pad" else in_channels / groups
     check(groups <= in_channels, f"groups={groups} exceeds the input's {in_channels} channels; use groups <= {in_channels}")
-    check(w.shape[1] == per_group or (channel_policy == "strict" and in_channels % groups),
-          f"weight has {w.shape[1]} input channels per group but in_channels={in_channels} with groups={groups} "
-          f"and channel_policy={channel_policy!r} needs {per_group:g}; the weight must be "
-          + ("[kh, kw, in_channels/groups, out_channels]" if nhwc else "[out_channels, in_channels/groups, kh, kw]"))
+    if not (w.shape[1] == per_group or (channel_policy == "strict" and in_channels % groups)):
+        fail(f"weight has {w.shape[1]} input channels per group but in_channels={in_channels} with groups={groups} "
+             f"and channel_policy={channel_policy!r} needs {float(per_group):g}; the weight must be "
+             + ("[kh, kw, in_channels/groups, out_channels]" if nhwc else "[out_channels, in_channels/groups, kh, kw]"))
     if bias is not None:
         check(isinstance(bias, torch.Tensor), f"bias must be a torch.Tensor or None, got {type(bias).__name__}", TypeError)
         check(bias.dim() == 1 and bias.shape[0] == out_channels,

@@ -140,6 +140,8 @@ def test_an_unreadable_user_file_is_skipped_not_renamed(tmp_path, monkeypatch):
                                          r"running without it"):
         assert db.choice("a") is DEFAULT
     assert db.set_aside == [] and not list(tmp_path.glob("db.json.corrupt-*"))
+    with pytest.raises(PermissionError, match="not rewritten; point GCONVGEN_CACHE_DIR"):
+        db.record({"b": kernel_record(CONFIG)})  # writing would replace records it could not read
     monkeypatch.undo()
     assert path.read_text() == text  # still there, untouched
 

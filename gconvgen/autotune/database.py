@@ -27,7 +27,7 @@ from .. import codegen, knobs
 from ..lowering import ATEN, DEFAULT, FAMILIES, KERNEL, TEMPLATES, Choice, KernelConfig, check_config, lower
 from ..plan import planned
 from ..resources import data_dir
-from ..runtime.cache import write_atomic
+from ..runtime.cache import make_private_dirs, write_atomic
 from .space import Problem
 
 DB_SCHEMA_VERSION = 2
@@ -148,14 +148,19 @@ class TuningDatabase:
         self.set_aside: list[Path] = []        # corrupt files this instance renamed
 
     # ------------------------------------------------------------------------------------------ reading
-    def _read_user(self, *, locked: bool) -> dict:
+    def _read_user(self, *, locked: bool, to_write: bool = False) -> dict:
         """The user file's entries. Writers replace the file atomically, so reading needs no lock; a file that
-        does not parse is read again under the lock (it may just have been replaced) and then set aside."""
+        does not parse is read again under the lock (it may just have been replaced) and then set aside.
+        A file this user may not read is skipped with a warning; ``to_write`` refuses it instead (PermissionError),
+        so that a write never replaces records it could not read."""
         try:
             return _parse(self.path.read_text())
         except (FileNotFoundError, NotADirectoryError):  # no file, or GCONVGEN_CACHE_DIR is a file: no records
             return {}
         except PermissionError as error:  # another user's file: not ours to move; skip it
+            if to_write:
+                raise PermissionError(f"gconvgen: the tuning database {self.path} cannot be read ({error}), so it is "
+                                      f"not rewritten; point GCONVGEN_CACHE_DIR at a folder of your own") from None
             warnings.warn(f"gconvgen: the tuning database {self.path} cannot be read ({error}); running without "
                           f"it (point GCONVGEN_CACHE_DIR at a folder of your own)", stacklevel=4)
             return {}
@@ -192,7 +197,7 @@ class TuningDatabase:
         return entries
 
     def _lock(self) -> filelock.FileLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.path.parent)
         return filelock.FileLock(str(self.path) + ".lock")
 
     def entries(self) -> dict:
@@ -237,7 +242,7 @@ class TuningDatabase:
         for key, record in new_entries.items():
             choice_of(record)  # refuse to write a record the runtime could not read back
         with self._lock():
-            user = self._read_user(locked=True)
+            user = self._read_user(locked=True, to_write=True)
             user.update(new_entries)
             write_atomic(self.path, _serialise(user))
         with self._mutex:
@@ -255,7 +260,7 @@ class TuningDatabase:
     def clear(self) -> int:
         """Delete the user's results (shipped defaults stay); returns how many records were removed."""
         with self._lock():
-            removed = len(self._read_user(locked=True))
+            removed = len(self._read_user(locked=True, to_write=True))
             self.path.unlink(missing_ok=True)
         with self._mutex:
             self._entries, self._choices = None, {}

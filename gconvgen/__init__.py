@@ -25,7 +25,7 @@ from .plan import Plan, padding_overhead, plan, suggest_groups
 
 # the names that need torch, and the module each lives in
 _TORCH_NAMES = {
-    "CompiledLayer": "api", "GroupedConv2d": "api", "compile_layer": "api", "conv2d": "api", "resolve_padding": "api",
+    "CompiledLayer": "layer", "GroupedConv2d": "api", "compile_layer": "layer", "conv2d": "api", "resolve_padding": "api",
     "ConversionReport": "conversion", "convert": "conversion",
     "GroupedConv1d": "api1d", "conv1d": "api1d", "causal_conv1d_update": "decoding",
 }

@@ -13,11 +13,10 @@ from torch import nn
 
 from . import knobs
 from .autotune import choice as _installs_the_tuning_choice  # noqa: F401  (the runtime's choice provider)
-from .ir import CHANNEL_POLICIES, ConvSpec, check, fail
-from .lowering import DEFAULT, lowered_for
+from .ir import CHANNEL_POLICIES, ConvSpec, check, conv_output_size, fail
+from .lowering import Epilogue
 from .plan import planned
-from .runtime.device import allows_tf32, device_target
-from .runtime.launch import kernel_of
+from .runtime.fused import conv2d_act
 from .runtime.ops import DTYPE_NAMES, spec_for_call
 from .runtime.ops import conv2d as op_conv2d
 
@@ -157,8 +156,14 @@ def _other_data_format_hint(input: object, weight: object, groups: object, chann
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: IntOrPair = 1,
            padding: Padding = 0, dilation: IntOrPair = 1, groups: int = 1, *, channel_policy: str = "strict",
-           data_format: str = "NCHW") -> torch.Tensor:
+           data_format: str = "NCHW", activation: Optional[str] = None,
+           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped 2-D convolution; the same results as ``torch.nn.functional.conv2d`` for all it accepts.
+
+    Fused into the same kernel (one store, computed in fp32): ``activation(conv + bias + residual)``, the
+    order of cuDNN's fused conv-bias-add-activation, with ``activation`` one of "relu", "relu6", "silu",
+    "gelu", "gelu_tanh", "hardswish" (None: none) and ``residual`` a tensor of the output's shape (in the
+    output's data format), differentiable like the rest.
 
     Beyond it: ``padding='same'`` at any stride (TensorFlow's rule), four-sided padding
     ``(top, bottom, left, right)``, ``channel_policy='pad'`` for channel counts the groups do not divide
@@ -198,9 +203,35 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         if hint:
             raise ValueError(f"{hint} (read as {data_format}: {error})") from error
         raise
-    out = op_conv2d(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
+    if activation is None and residual is None:
+        out = op_conv2d(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
+    else:
+        residual = _checked_residual(residual, x, w, stride_hw, padding_4, dilation_hw, unbatched, nhwc)
+        out = conv2d_act(x, w, bias, residual, stride_hw, padding_4, dilation_hw, groups, channel_policy,
+                         Epilogue(activation or "none").activation)
     out = out.permute(0, 2, 3, 1).contiguous() if nhwc else out
     return out.squeeze(0) if unbatched else out
+
+
+def _checked_residual(residual: Optional[torch.Tensor], x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int],
+                      padding: tuple[int, int, int, int], dilation: tuple[int, int], unbatched: bool,
+                      nhwc: bool) -> Optional[torch.Tensor]:
+    """The residual as an NCHW-indexed view [N, C_out, OH, OW] (None stays None); raises naming it."""
+    if residual is None:
+        return None
+    check(isinstance(residual, torch.Tensor), f"residual must be a torch.Tensor or None, got {type(residual).__name__}",
+          TypeError)
+    _check_same("residual", residual, x)
+    out_size = (conv_output_size(x.shape[2], w.shape[2], stride[0], dilation[0], padding[0], padding[1]),
+                conv_output_size(x.shape[3], w.shape[3], stride[1], dilation[1], padding[2], padding[3]))
+    view = residual.unsqueeze(0) if unbatched else residual
+    view = view.permute(0, 3, 1, 2) if nhwc and view.dim() == 4 else view
+    expected = (x.shape[0], w.shape[0], *out_size)
+    if tuple(view.shape) != expected:
+        shown = (expected[0], *out_size, expected[1]) if nhwc else expected
+        fail(f"residual has shape {tuple(residual.shape)}; expected the output's "
+             f"{list(shown[1:] if unbatched else shown)}")
+    return view
 
 
 def _checked_geometry(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], stride: IntOrPair,
@@ -247,18 +278,22 @@ class GroupedConv2d(nn.Conv2d):
     [out_channels, ceil(in_channels/groups), kh, kw]. Padding may also be 'same' at any stride (or
     TensorFlow's 'SAME' / 'VALID') or four sides. ``data_format='NHWC'`` (or 'channels_last') takes and
     returns [N, H, W, C] tensors; the weight stays [out_channels, in_channels/groups, kh, kw] as
-    nn.Conv2d's, so state dicts still load. Only ``padding_mode='zeros'`` is supported.
+    nn.Conv2d's, so state dicts still load. Only ``padding_mode='zeros'`` is supported. ``activation``
+    (e.g. "relu", "silu") is fused into the kernel, and ``forward(input, residual)`` adds a residual
+    tensor before it: ``activation(conv + bias + residual)``.
     """
 
     data_format = "NCHW"  # what modules saved before data_format existed read
+    activation = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
                  padding: Padding = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", device=None, dtype=None, *, channel_policy: str = "strict",
-                 data_format: str = "NCHW"):
+                 data_format: str = "NCHW", activation: Optional[str] = None):
         check(padding_mode == "zeros",
               f"padding_mode={padding_mode!r} is not supported by gconvgen; use 'zeros' or keep nn.Conv2d")
         data_format = _data_format(data_format)
+        Epilogue(activation or "none")  # refuses an unknown activation now
         kernel_hw = _ints("kernel_size", kernel_size, 2, 1)
         spec = ConvSpec(in_channels, out_channels, groups, kernel_hw, _ints("stride", stride, 2, 1),
                         dilation=_ints("dilation", dilation, 2, 1), channel_policy=channel_policy)
@@ -274,123 +309,42 @@ class GroupedConv2d(nn.Conv2d):
         self.in_channels, self.out_channels, self.padding = in_channels, out_channels, padding
         self.channel_policy = channel_policy
         self.data_format = data_format
+        self.activation = activation
         if padded_out != out_channels:
             self.weight = nn.Parameter(self.weight.detach()[:out_channels].clone())
             self.bias = None if self.bias is None else nn.Parameter(self.bias.detach()[:out_channels].clone())
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, channel_policy: str = "strict") -> "GroupedConv2d":
-        """A GroupedConv2d sharing ``conv``'s parameters (same tensors, device and dtype)."""
+    def from_conv(cls, conv: nn.Conv2d, *, channel_policy: str = "strict",
+                  activation: Optional[str] = None) -> "GroupedConv2d":
+        """A GroupedConv2d sharing ``conv``'s parameters (same tensors, device and dtype), with ``activation``
+        fused after it."""
         check(isinstance(conv, nn.Conv2d), f"conv must be an nn.Conv2d, got {type(conv).__name__}", TypeError)
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-                     dtype=conv.weight.dtype, channel_policy=channel_policy)
+                     dtype=conv.weight.dtype, channel_policy=channel_policy, activation=activation)
         module.weight = conv.weight
         module.bias = conv.bias
         module.train(conv.training)
         return module
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """gconvgen.conv2d with this module's weight, bias and hyperparameters; an NHWC module runs it on
-        [N, C, H, W] views of its [N, H, W, C] input and returns the [N, H, W, C] view of the output."""
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """gconvgen.conv2d with this module's weight, bias, hyperparameters and activation (plus ``residual``,
+        of the output's shape); an NHWC module runs it on [N, C, H, W] views of its [N, H, W, C] input and
+        returns the [N, H, W, C] view of the output."""
         if self.data_format == "NCHW":
             return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                          channel_policy=self.channel_policy)
+                          channel_policy=self.channel_policy, activation=self.activation, residual=residual)
         _check_tensor("input", input, (3, 4), "[N, H, W, C] or [H, W, C] (this module's data_format is 'NHWC')")
         channels_first = (2, 0, 1) if input.dim() == 3 else (0, 3, 1, 2)
         channels_last = (1, 2, 0) if input.dim() == 3 else (0, 2, 3, 1)
+        residual = None if residual is None else residual.permute(channels_first)
         out = conv2d(input.permute(channels_first), self.weight, self.bias, self.stride, self.padding,
-                     self.dilation, self.groups, channel_policy=self.channel_policy)
+                     self.dilation, self.groups, channel_policy=self.channel_policy, activation=self.activation,
+                     residual=residual)
         return out.permute(channels_last)
 
     def extra_repr(self) -> str:
         data_format = f", data_format={self.data_format!r}" if self.data_format != "NCHW" else ""
-        return super().extra_repr() + f", channel_policy={self.channel_policy!r}" + data_format
-
-
-# ---------------------------------------------------------------------------------------------- compile_layer
-
-
-class CompiledLayer:
-    """A callable that holds the planned and compiled kernel of one spec on one device.
-
-    Call it as ``layer(x, weight, bias=None)``, or ``layer(x)`` when it was compiled from a module.
-    """
-
-    def __init__(self, spec: ConvSpec, device: torch.device, module: Optional[nn.Conv2d] = None):
-        self.spec = spec
-        self.device = device
-        self.module = module
-        # CPU tensors run generated kernels only through Triton's interpreter; otherwise calls take the op's
-        # aten fallback (said once, or refused under GCONVGEN_FALLBACK=error)
-        runs_kernel = device.type != "cpu" or knobs.interpret()
-        self.kernel = None
-        if runs_kernel:
-            target = device_target(device)
-            self.desc = lowered_for(spec, "forward", spec.dtype, DEFAULT, target == "interpreter", allows_tf32(device),
-                                    False)
-            self.kernel = kernel_of(self.desc, target)
-
-    def __call__(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The conv of ``x`` [N, C, H, W] ([N, H, W, C] for a module with data_format='NHWC') with
-        ``weight``/``bias`` (or the module's); every argument is checked as gconvgen.conv2d checks it, and
-        tensors that make another spec are refused."""
-        if weight is None:
-            check(self.module is not None, "weight is required: this layer was compiled from a spec, not a module")
-            weight, bias = self.module.weight, self.module.bias
-        nhwc = getattr(self.module, "data_format", "NCHW") == "NHWC"
-        check(isinstance(x, torch.Tensor) and x.dim() == 4,
-              f"x must be a 4-D {'[N, H, W, C]' if nhwc else '[N, C, H, W]'} tensor", TypeError)
-        x = x.permute(0, 3, 1, 2) if nhwc else x  # NCHW-indexed view, as the module's forward takes it
-        check(_same_device(x.device, self.device),
-              f"x is on {x.device} but the layer was compiled for {self.device}; move it with .to('{self.device}')")
-        if isinstance(weight, torch.Tensor) and x.dtype in DTYPE_NAMES and weight.dim() == 4:
-            actual = spec_for_call(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation,
-                                   self.spec.groups, self.spec.channel_policy)
-            check(actual == self.spec, f"these tensors make {actual}, but the layer was compiled for {self.spec}; "
-                                       f"call gconvgen.compile_layer again for them")
-        out = conv2d(x, weight, bias, self.spec.stride, self.spec.padding, self.spec.dilation, self.spec.groups,
-                     channel_policy=self.spec.channel_policy)
-        return out.permute(0, 2, 3, 1) if nhwc else out
-
-
-def _same_device(actual: torch.device, wanted: torch.device) -> bool:
-    """``cuda`` means the current CUDA device: compare ``cuda`` and ``cuda:0`` by their index."""
-    if actual.type != wanted.type:
-        return False
-    if actual.type != "cuda" or actual.index == wanted.index:
-        return True
-    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
-    return (actual.index if actual.index is not None else current) == (wanted.index if wanted.index is not None
-                                                                         else current)
-
-
-def compile_layer(spec_or_conv: Union[ConvSpec, nn.Conv2d], *, device: Union[str, torch.device, None] = None,
-                  layout: Optional[str] = None) -> CompiledLayer:
-    """Plan, render and load the kernel for a ConvSpec or an nn.Conv2d now, and return it as a callable.
-
-    ``device`` defaults to the module's device, else CUDA when present, else the CPU (Triton's interpreter).
-    ``layout`` is a module's activation memory order, "nhwc" for a GroupedConv2d with data_format='NHWC'
-    and "nchw" otherwise unless given. Padding given as a word ('same') is resolved per input size and
-    cannot be compiled ahead; use ints.
-    """
-    module = None
-    if isinstance(spec_or_conv, nn.Conv2d):
-        module = spec_or_conv
-        check(not isinstance(module.padding, str),
-              f"padding={module.padding!r} depends on the input size; give the module integer padding")
-        check(module.padding_mode == "zeros", f"padding_mode={module.padding_mode!r} is not supported; use 'zeros'")
-        layout = layout or ("nhwc" if getattr(module, "data_format", "NCHW") == "NHWC" else "nchw")
-        spec = ConvSpec(module.in_channels, module.out_channels, module.groups, tuple(module.kernel_size),
-                        tuple(module.stride), resolve_padding(module.padding, (1, 1), (1, 1), (1, 1), (1, 1)),
-                        tuple(module.dilation), module.bias is not None, DTYPE_NAMES[module.weight.dtype], layout,
-                        getattr(module, "channel_policy", "strict"))
-        device = device or module.weight.device
-    elif isinstance(spec_or_conv, ConvSpec):
-        spec = spec_or_conv
-    else:
-        fail(f"spec_or_conv must be a gconvgen.ConvSpec or an nn.Conv2d, got {type(spec_or_conv).__name__}", TypeError)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    planned(spec, knobs.padding_budget())
-    return CompiledLayer(spec, device, module)
+        activation = f", activation={self.activation!r}" if self.activation else ""
+        return super().extra_repr() + f", channel_policy={self.channel_policy!r}" + data_format + activation

@@ -69,6 +69,8 @@ TABLES = {
         _X,
         _WEIGHT,
         Operand("bias", "bias_ptr", "bias [out_channels] (unused without bias)", (), "b", "o", "optional"),
+        Operand("residual", "residual_ptr", "residual [batch, out_channels, out_height, out_width] added before the "
+                "activation (unused without one)", (), "r", "nchw", "optional"),
         Operand("out", "out_ptr", "output [batch, out_channels, out_height, out_width], every element written",
                 _OUT_HW, "o", "nchw", "output"),
     )),

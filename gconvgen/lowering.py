@@ -76,6 +76,26 @@ def check_config(config: KernelConfig, family: str) -> None:
     check(1 <= config.num_stages <= MAX_STAGES, f"num_stages={config.num_stages} must be in [1, {MAX_STAGES}]")
 
 
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish")
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What a forward kernel does to its fp32 accumulator before the one store, in cuDNN's order:
+    ``activation(conv + bias + residual)``; ``residual`` says whether a residual tensor is added."""
+
+    activation: str = "none"
+    residual: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.activation in ACTIVATIONS,
+              f"activation={self.activation!r} is not supported; use None or one of {ACTIVATIONS[1:]}")
+        check(isinstance(self.residual, bool), f"residual={self.residual!r} must be True or False", TypeError)
+
+
+NO_EPILOGUE = Epilogue()
+
+
 @dataclass(frozen=True)
 class Choice:
     """What to run for one kernel of one layer: a tuned config of a family, aten, or (untuned) the planner's
@@ -177,6 +197,8 @@ class KernelDesc:
     width_contiguous: bool      # ... unit width stride (NCHW)
     reduction_order: str        # igemm: "tap_channel" (channels innermost) or "channel_tap"; else "none"
     wide_index: bool            # 64-bit offsets: some offset or flattened index of this launch needs them
+    activation: str             # the forward epilogue's activation ("none" for the other kinds)
+    residual: bool              # the forward epilogue adds a residual tensor
     interpret: bool             # rendered for Triton's interpreter
     dot_in_float32: bool        # bf16 tl.dot is wrong under the interpreter: the operands are cast for it
     input_precision: str        # tl.dot's: "tf32" or "ieee"
@@ -194,7 +216,8 @@ class KernelDesc:
         """A readable name unique to the rendered source, e.g.
         ``igemm_ci4_co4_g32_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16_bias`` or ``grad_weight_depthwise_...``;
         ``grad_bias_bfloat16`` for the bias gradient. Flags: maskin/maskout (channel masks), tf32, i64, interp."""
-        flags = [flag for flag, on in (("tf32", self.input_precision == "tf32"), ("i64", self.wide_index),
+        flags = [f"act{self.activation.replace('_', '')}"] if self.activation != "none" else []
+        flags += [flag for flag, on in (("res", self.residual), ("tf32", self.input_precision == "tf32"), ("i64", self.wide_index),
                                        ("interp", self.interpret)) if on]
         if self.kind == "grad_bias":
             return "_".join(["grad_bias", self.dtype, *flags])
@@ -277,6 +300,7 @@ class Context:
     interpret: bool
     allow_tf32: bool
     wide_index: bool
+    epilogue: Epilogue
 
 
 def choose_family(fields: dict, ctx: Context) -> None:
@@ -317,6 +341,13 @@ def choose_index_width(fields: dict, ctx: Context) -> None:
     fields["wide_index"] = ctx.wide_index
 
 
+def choose_epilogue(fields: dict, ctx: Context) -> None:
+    """The forward kernel applies the epilogue before its store; gradient kernels have none (the fused op's
+    backward turns the output gradient into the pre-activation gradient first)."""
+    check(ctx.kind == "forward" or ctx.epilogue == NO_EPILOGUE, f"kind={ctx.kind!r} has no epilogue")
+    fields.update(activation=ctx.epilogue.activation, residual=ctx.epilogue.residual)
+
+
 def choose_precision(fields: dict, ctx: Context) -> None:
     """float32 dots run on TF32 when torch allows it for convs (as F.conv2d does); float64 accumulates in
     float64; under the interpreter bf16 dot operands are cast to float32 (its bf16 dot is wrong)."""
@@ -348,6 +379,7 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_layout_constants", choose_layout_constants),  # literal unit strides for vector loads
     ("choose_reduction_order", choose_reduction_order),    # igemm's flattened reduction: contiguous first
     ("choose_index_width", choose_index_width),            # 64-bit offsets only where a launch needs them
+    ("choose_epilogue", choose_epilogue),                  # activation and residual fused before the store
     ("choose_precision", choose_precision),                # TF32, accumulator, interpreter casts
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
     ("pack_groups", pack_groups),                          # narrow groups share an igemm program
@@ -365,18 +397,19 @@ TEMPLATES = {
 
 
 def lower(conv_plan: Optional[Plan], kind: str, *, dtype: Optional[str] = None, choice: Choice = DEFAULT,
-          interpret: bool, allow_tf32: bool, wide_index: bool = False) -> KernelDesc:
+          interpret: bool, allow_tf32: bool, wide_index: bool = False, epilogue: Epilogue = NO_EPILOGUE) -> KernelDesc:
     """The description of kernel ``kind`` of ``conv_plan`` (None for grad_bias, which takes ``dtype``).
 
     ``choice`` is a tuning record's (its family and config; DEFAULT for the planner's); ``interpret``
     renders for Triton's interpreter; ``allow_tf32`` lets float32 dots use TF32; ``wide_index`` asks for
-    64-bit offsets (needs_wide_index). Raises ValueError for a family or config that cannot run it.
+    64-bit offsets (needs_wide_index); ``epilogue`` is a forward kernel's fused activation and residual.
+    Raises ValueError for a family or config that cannot run it.
     """
     check(kind in KINDS, f"kind={kind!r} is not a kernel kind; use one of {KINDS}")
     check(conv_plan is not None or kind == "grad_bias", f"kind={kind!r} needs a plan")
     dtype = dtype or conv_plan.spec.dtype
     check(dtype in DTYPES, f"dtype={dtype!r} is not supported; use one of {DTYPES}")
-    ctx = Context(conv_plan, kind, dtype, choice, interpret, allow_tf32, wide_index)
+    ctx = Context(conv_plan, kind, dtype, choice, interpret, allow_tf32, wide_index, epilogue)
     fields: dict = {"kind": kind}
     for name, run_pass in LOWERING_PIPELINE:
         run_pass(fields, ctx)
@@ -385,17 +418,17 @@ def lower(conv_plan: Optional[Plan], kind: str, *, dtype: Optional[str] = None, 
 
 @functools.lru_cache(maxsize=4096)
 def lowered(spec: Optional[ConvSpec], kind: str, dtype: str, choice: Choice, interpret: bool, allow_tf32: bool,
-            wide_index: bool, padding_budget: float) -> KernelDesc:
+            wide_index: bool, padding_budget: float, epilogue: Epilogue = NO_EPILOGUE) -> KernelDesc:
     """``lower`` memoised on its inputs: a warm call builds no description."""
     conv_plan = None if spec is None else planned(spec, padding_budget)
     return lower(conv_plan, kind, dtype=dtype, choice=choice, interpret=interpret, allow_tf32=allow_tf32,
-                 wide_index=wide_index)
+                 wide_index=wide_index, epilogue=epilogue)
 
 
 def lowered_for(spec: Optional[ConvSpec], kind: str, dtype: str, choice: Choice, interpret: bool, allow_tf32: bool,
-                wide_index: bool) -> KernelDesc:
+                wide_index: bool, epilogue: Epilogue = NO_EPILOGUE) -> KernelDesc:
     """``lowered`` under the current padding budget (GCONVGEN_PADDING_BUDGET)."""
-    return lowered(spec, kind, dtype, choice, interpret, allow_tf32, wide_index, knobs.padding_budget())
+    return lowered(spec, kind, dtype, choice, interpret, allow_tf32, wide_index, knobs.padding_budget(), epilogue)
 
 
 def needs_wide_index(largest_offset: int, largest_flat_index: int) -> bool:

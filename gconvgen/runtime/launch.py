@@ -17,7 +17,7 @@ import triton
 from .. import codegen
 from ..arguments import ArgumentTable
 from ..ir import ConvSpec, check
-from ..lowering import DEFAULT, Choice, KernelDesc, lowered_for, needs_wide_index
+from ..lowering import DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, lowered_for, needs_wide_index
 from . import cache
 from .device import allows_tf32, device_target, on_device, target_programs
 
@@ -43,7 +43,8 @@ def clear_memo() -> None:
 
 
 def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.Tensor], ...], choice: Choice,
-             dtype: Optional[str] = None, flat_pixels: int = 0, target: Optional[str] = None) -> KernelDesc:
+             dtype: Optional[str] = None, flat_pixels: int = 0, target: Optional[str] = None,
+             epilogue: Epilogue = NO_EPILOGUE) -> KernelDesc:
     """The lowered description of kernel ``kind`` for a launch on ``tensors``: the target (``target``, else
     their device's) and its TF32 setting, and 64-bit offsets when some offset or the ``flat_pixels`` index
     needs them."""
@@ -55,7 +56,7 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
     target = target or device_target(device)
     return lowered_for(spec, kind, dtype or spec.dtype, choice, target == "interpreter",
                        allows_tf32(device) if device.type == "cuda" else False,
-                       needs_wide_index(largest, flat_pixels))
+                       needs_wide_index(largest, flat_pixels), epilogue)
 
 
 @dataclass(frozen=True)
@@ -112,17 +113,20 @@ def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = (
 
 
 def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    out: torch.Tensor, choice: Choice = DEFAULT, target: Optional[str] = None) -> Optional[Launch]:
+                    out: torch.Tensor, choice: Choice = DEFAULT, target: Optional[str] = None,
+                    activation: str = "none", residual: Optional[torch.Tensor] = None) -> Optional[Launch]:
     """The forward launch on x [N, C_in, H, W] and weight [C_out, ci, kh, kw] into out [N, C_out, OH, OW]
-    (NCHW-indexed views, any strides); None for an empty output."""
+    (NCHW-indexed views, any strides), with the epilogue activation(conv + bias + residual) (residual
+    [N, C_out, OH, OW], any strides); None for an empty output."""
     batch, _, height, width = x.shape
     out_height, out_width = out.shape[2], out.shape[3]
     if batch * out_height * out_width == 0:
         return None
-    desc = describe(spec, "forward", (x, weight, out), choice, flat_pixels=batch * out_height * out_width,
-                    target=target)
+    epilogue = Epilogue(activation, residual is not None)
+    desc = describe(spec, "forward", (x, weight, out, residual), choice, flat_pixels=batch * out_height * out_width,
+                    target=target, epilogue=epilogue)
     return _prepared(desc, desc.grid(batch, height, width, out_height, out_width),
-                     {"x": x, "weight": weight, "bias": bias, "out": out}, out)
+                     {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}, out)
 
 
 def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor,
@@ -173,10 +177,11 @@ def prepare_grad_bias(grad_output: torch.Tensor, grad_b: torch.Tensor, choice: C
 
 
 def forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-            choice: Choice = DEFAULT) -> torch.Tensor:
+            choice: Choice = DEFAULT, activation: str = "none", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The conv of NCHW-indexed views (any strides): x [N, C_in, H, W], weight [C_out, ci, kh, kw] into the
-    preallocated out [N, C_out, OH, OW], with ``choice``'s family and config. Returns ``out``."""
-    run(prepare_forward(spec, x, weight, bias, out, choice))
+    preallocated out [N, C_out, OH, OW], with ``choice``'s family and config and the fused epilogue
+    ``activation(conv + bias + residual)``. Returns ``out``."""
+    run(prepare_forward(spec, x, weight, bias, out, choice, activation=activation, residual=residual))
     return out
 
 

@@ -1,0 +1,137 @@
+"""The fused op ``gconvgen::conv2d_act``: ``activation(conv2d(x, w) + bias + residual)`` in one kernel.
+
+The forward kernel applies the epilogue to its fp32 accumulator before its one store, so the output is
+written once and read never (a separate activation kernel would read and write it again). Its autograd
+formula turns the output gradient into the gradient of the pre-activation sum, then reuses the conv's
+gradient ops (which have double-backward formulas of their own):
+
+    relu, relu6      the gradient's mask is read off the saved output: nothing else is kept
+    silu, gelu, ...  the pre-activation is recomputed by one unfused forward (no extra tensor is kept
+                     between forward and backward; the recompute costs one conv)
+    residual         its gradient is the pre-activation gradient itself
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import knobs
+from ..lowering import ATEN
+from . import launch
+from .choices import choice_for
+from .fallback import aten_conv2d
+from .ops import _allocate_output, _fallback, call, conv2d, output_memory_format, register_autograd, spec_for_call
+
+# activations whose derivative is a function of their output alone
+FROM_OUTPUT = ("relu", "relu6")
+
+
+def apply_activation(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """torch's own ``activation`` of ``pre``: the reference of the kernels' epilogues."""
+    if activation == "none":
+        return pre
+    if activation == "gelu_tanh":
+        return F.gelu(pre, approximate="tanh")
+    return {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu, "hardswish": F.hardswish}[activation](pre)
+
+
+def activation_gradient(grad: torch.Tensor, activation: str, *, pre: Optional[torch.Tensor] = None,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The gradient of the pre-activation from ``grad`` of the output: from the output for relu/relu6,
+    else from ``pre``. Written with differentiable torch ops, so double backward works through it."""
+    if activation == "none":
+        return grad
+    if activation == "relu":
+        return grad * (out > 0)
+    if activation == "relu6":
+        return grad * ((out > 0) & (out < 6))
+    if activation == "silu":
+        sigmoid = torch.sigmoid(pre)
+        return grad * sigmoid * (1 + pre * (1 - sigmoid))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(pre * (1 / math.sqrt(2))))
+        return grad * (cdf + pre * torch.exp(-0.5 * pre * pre) / math.sqrt(2 * math.pi))
+    if activation == "gelu_tanh":
+        inner = math.sqrt(2 / math.pi) * (pre + 0.044715 * pre ** 3)
+        tanh = torch.tanh(inner)
+        return grad * (0.5 * (1 + tanh) + 0.5 * pre * (1 - tanh * tanh) * math.sqrt(2 / math.pi)
+                       * (1 + 3 * 0.044715 * pre * pre))
+    if activation == "hardswish":
+        return grad * torch.where(pre < -3, 0.0, torch.where(pre > 3, 1.0, (2 * pre + 3) / 6)).to(grad.dtype)
+    raise ValueError(f"activation={activation!r} has no gradient here")
+
+
+def run_conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int], groups: int, channel_policy: str, activation: str) -> torch.Tensor:
+    """``activation(conv2d(x, weight) + bias + residual)`` on NCHW-indexed views; residual [N, C_out, OH, OW]
+    (any strides) or None. Inputs are validated by gconvgen.conv2d."""
+    spec = spec_for_call(x, weight, bias, stride, padding, dilation, groups, channel_policy)
+    out = _allocate_output(x, weight, stride, padding, dilation)
+    if out.is_meta:
+        return out
+    if x.device.type == "cpu" and not knobs.interpret():
+        _fallback("CPU tensors and TRITON_INTERPRET is not set")
+        return _aten(spec, x, weight, bias, residual, activation).contiguous(memory_format=output_memory_format(x))
+    if out.numel() == 0:
+        return out
+    choice = choice_for(spec, "forward", x.device, x.shape[0], x.shape[2], x.shape[3])
+    if choice.kind == ATEN:
+        return out.copy_(_aten(spec, x, weight, bias, residual, activation))
+    return launch.forward(spec, x, weight, bias, out, choice, activation=activation, residual=residual)
+
+
+def _aten(spec, x, weight, bias, residual, activation) -> torch.Tensor:
+    pre = aten_conv2d(spec, x, weight, bias)
+    return apply_activation(pre if residual is None else pre + residual, activation)
+
+
+conv2d_act_op = torch.library.custom_op("gconvgen::conv2d_act", run_conv2d_act, mutates_args=())
+
+
+@conv2d_act_op.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, groups, channel_policy, activation):
+    return _allocate_output(x, weight, stride, padding, dilation)
+
+
+def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+               channel_policy: str, activation: str) -> torch.Tensor:
+    """gconvgen::conv2d_act (through ops.call: the implementation directly where nothing could tell)."""
+    return call(conv2d_act_op, run_conv2d_act, x, weight, bias, residual, stride, padding, dilation, groups,
+                channel_policy, activation)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, residual, stride, padding, dilation, groups, channel_policy, activation = inputs
+    recompute = activation not in FROM_OUTPUT + ("none",)
+    ctx.save_for_backward(x, weight, bias if recompute else None, residual if recompute else None,
+                          output if activation in FROM_OUTPUT else None)
+    ctx.conv = (stride, padding, dilation, groups, channel_policy)
+    ctx.activation = activation
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """(grad x, grad weight, grad bias, grad residual, None for each non-tensor argument)."""
+    x, weight, bias, residual, out = ctx.saved_tensors
+    pre = None
+    if ctx.activation not in FROM_OUTPUT + ("none",):  # recompute the pre-activation: one unfused conv
+        pre = conv2d(x, weight, bias, *ctx.conv)
+        pre = pre if residual is None else pre + residual
+    grad_pre = activation_gradient(grad, ctx.activation, pre=pre, out=out)
+    grad_pre = grad_pre.contiguous(memory_format=output_memory_format(x))
+    needs_x, needs_weight, needs_bias, needs_residual = ctx.needs_input_grad[:4]
+    from .backward import _grad_input, _grad_weight, conv2d_grad_bias_op, run_grad_bias
+
+    grad_x = _grad_input(grad_pre, weight, tuple(x.shape), ctx.conv) if needs_x else None
+    grad_weight = _grad_weight(grad_pre, x, tuple(weight.shape), ctx.conv) if needs_weight else None
+    grad_bias = call(conv2d_grad_bias_op, run_grad_bias, grad_pre) if needs_bias and ctx.has_bias else None
+    grad_residual = grad_pre if needs_residual and ctx.has_residual else None
+    return grad_x, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None
+
+
+register_autograd(conv2d_act_op, _backward, _setup_context)

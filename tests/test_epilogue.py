@@ -1,0 +1,114 @@
+"""Fused epilogues: activation(conv + bias + residual) in the kernel, against torch in float64, forward and
+gradients, in every forward family and both layouts (run through the interpreter; unwritten outputs stay NaN)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gconvgen
+from gconvgen.ir import ConvSpec
+from gconvgen.lowering import ACTIVATIONS, KERNEL, Choice, default_config
+from gconvgen.runtime import launch
+from gconvgen.runtime.fused import apply_activation
+from conftest import assert_close
+
+P = pytest.param
+ALL = ACTIVATIONS[1:]  # relu, relu6, silu, gelu, gelu_tanh, hardswish
+
+
+def reference(x, weight, bias, residual, padding, groups, activation):
+    """torch in float64: activation(F.conv2d + bias + residual)."""
+    out = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=padding,
+                   groups=groups)
+    return apply_activation(out if residual is None else out + residual.double(), activation)
+
+
+# in_channels, out_channels, groups, kernel, family (None: the planner's), layout
+FAMILIES = [
+    P(8, 8, 2, 3, "igemm", "nchw", id="igemm-nchw"),
+    P(12, 12, 3, 3, "igemm", "channels_last", id="igemm-packed-nhwc"),
+    P(6, 12, 6, 3, "depthwise", "nchw", id="depthwise-multiplier-2"),
+    P(8, 8, 8, 3, "depthwise", "channels_last", id="depthwise-nhwc"),
+    P(8, 8, 8, 5, "depthwise_gemm", "nchw", id="banded-nchw"),
+    P(8, 8, 8, 5, "depthwise_gemm", "channels_last", id="banded-nhwc"),
+]
+
+
+@pytest.mark.parametrize("in_channels, out_channels, groups, kernel, family, layout", FAMILIES)
+@pytest.mark.parametrize("activation", ALL)
+def test_every_family_applies_the_epilogue(in_channels, out_channels, groups, kernel, family, layout, activation,
+                                           nan_filled_outputs):
+    residual_on = activation in ("relu", "silu", "hardswish")  # half the cases add a residual
+    x = torch.randn(2, in_channels, 6, 7)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out_channels, in_channels // groups, kernel, kernel)
+    bias = torch.randn(out_channels)
+    pad = kernel // 2
+    residual = torch.randn(2, out_channels, 6, 7) if residual_on else None
+    spec = ConvSpec(in_channels, out_channels, groups, (kernel, kernel), padding=(pad,) * 4, bias=True,
+                    layout="nhwc" if layout == "channels_last" else "nchw")
+    config = default_config(spec, family, "forward", interpret=True)
+    out = torch.empty(2, out_channels, 6, 7)
+    launch.forward(spec, x, weight, bias, out, Choice(KERNEL, config, family), activation=activation,
+                   residual=residual)
+    assert_close(out, reference(x, weight, bias, residual, pad, groups, activation), torch.float32)
+
+
+@pytest.mark.parametrize("activation", ALL)
+@pytest.mark.parametrize("groups, data_format", [P(2, "NCHW", id="grouped"), P(6, "NHWC", id="depthwise-nhwc")])
+def test_gradients_match_torch(activation, groups, data_format):
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 6 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(2, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    nhwc = data_format == "NHWC"
+    to_layout = (lambda t: t.permute(0, 2, 3, 1)) if nhwc else (lambda t: t)
+    out = gconvgen.conv2d(to_layout(x), weight.permute(2, 3, 1, 0) if nhwc else weight, bias, padding=1,
+                          groups=groups, data_format=data_format, activation=activation, residual=to_layout(residual))
+    out = out.permute(0, 3, 1, 2) if nhwc else out
+    expected = reference(x, weight, bias, residual, 1, groups, activation)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (x, weight, bias, residual), upstream)
+    want = torch.autograd.grad(expected, (x, weight, bias, residual), upstream)
+    for name, actual, wanted in zip(("x", "weight", "bias", "residual"), got, want):
+        torch.testing.assert_close(actual, wanted, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("activation", ["relu6", "gelu"])
+def test_double_backward(activation):
+    """A gradient penalty through the fused op: relu6 reads its mask off the output, gelu recomputes."""
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def penalty(conv):
+        out = conv(x, weight)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), weight)[0]
+
+    got = penalty(lambda a, b: gconvgen.conv2d(a, b, padding=1, groups=2, activation=activation))
+    want = penalty(lambda a, b: apply_activation(F.conv2d(a, b, padding=1, groups=2), activation))
+    torch.testing.assert_close(got, want)
+
+
+def test_grouped_conv2d_module_with_activation_and_residual():
+    module = gconvgen.GroupedConv2d(6, 6, 3, padding=1, groups=3, activation="silu")
+    x, residual = torch.randn(2, 6, 5, 5), torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        expected = F.silu(F.conv2d(x, module.weight, module.bias, padding=1, groups=3) + residual)
+        assert_close(module(x, residual), expected.double(), torch.float32)
+    assert "activation='silu'" in repr(module)
+
+
+@pytest.mark.parametrize("activation, residual_shape, error, match", [
+    P("tanh", None, ValueError, "activation='tanh' is not supported; use None or one of", id="unknown-activation"),
+    P(None, (2, 6, 4, 4), ValueError, r"residual has shape \(2, 6, 4, 4\); expected the output's \[2, 6, 5, 5\]",
+      id="residual-shape"),
+])
+def test_bad_epilogue_arguments(activation, residual_shape, error, match):
+    residual = None if residual_shape is None else torch.randn(residual_shape)
+    with pytest.raises(error, match=match):
+        gconvgen.conv2d(torch.randn(2, 6, 5, 5), torch.randn(6, 2, 3, 3), padding=1, groups=3,
+                        activation=activation, residual=residual)

@@ -309,8 +309,14 @@ def tune(suite, layer_ids, dtype, layout, device, force, backward) -> None:
 @click.option("--backward", is_flag=True,
               help="Also time forward + backward (grads of input, weight, bias) against PyTorch eager "
                    "(with --tune, the backward kernels are tuned too).")
+@click.option("--block", type=click.Choice(("conv", "bn-act")), default="conv", show_default=True,
+              help="bn-act: time each layer's conv -> BatchNorm (eval) -> activation block fused by gconvgen "
+                   "against PyTorch eager and torch.compile of the same block, with bytes moved.")
+@click.option("--activation", type=click.Choice(("relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish")),
+              default="relu", show_default=True, help="The block's activation (with --block bn-act).")
+@click.option("--no-compile", "skip_compile", is_flag=True, help="With --block bn-act: skip torch.compile.")
 def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path, markdown_path, plot_path,
-          backward) -> None:
+          backward, block, activation, skip_compile) -> None:
     """Time gconvgen against F.conv2d (cudnn.benchmark on, same layout and dtype) and the roofline floor.
 
     The floor is max(bytes / copy bandwidth, flops / matmul rate), both ceilings measured in this run.
@@ -320,6 +326,9 @@ def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path,
     device = _device(device)
     with _on(device):
         suite_info, problems = _problems(suite, layer_ids, dtype, layout, device)
+        if block == "bn-act":
+            _bench_blocks(problems, activation, device, not skip_compile, json_path)
+            return
         if tune_first or force:
             _tune_all(_with_backward(problems) if backward else problems, device, force)
         data, all_correct = _bench_all(suite_info, problems, device)
@@ -334,6 +343,25 @@ def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path,
     _write_reports(data, json_path, markdown_path, plot_path)
     if not all_correct:
         raise click.ClickException("some layers failed or gave wrong results (check column): see above")
+
+
+def _bench_blocks(problems, activation: str, device: torch.device, compile_block: bool,
+                  json_path: str | None) -> None:
+    """--block bn-act: every layer's conv -> BN -> activation block, fused against eager and torch.compile."""
+    from dataclasses import asdict
+
+    from .autotune import measure
+    from .bench_block import bench_block, format_block_table
+
+    timer = measure.timer_for(device, warmup_ms=25, rep_ms=100)
+    rows = [bench_block(label.split()[0], problem, activation, device, timer, compile_block)
+            for label, _, problem in tqdm.tqdm(problems, desc="conv-bn-act blocks", unit="layer", dynamic_ncols=True)]
+    click.echo(format_block_table(rows, device.type == "cpu"))
+    if json_path:
+        Path(json_path).write_text(json.dumps([asdict(row) for row in rows], indent=1) + "\n")
+        click.echo(f"wrote {json_path}")
+    if not all(row.correct for row in rows):
+        raise click.ClickException("some fused blocks gave wrong results (ok column): see above")
 
 
 def _check_plotting(plot_path: str | None) -> None:

@@ -265,3 +265,13 @@ def test_cache_info_export_and_clear(tmp_path):
     output = _run("cache", "clear").output
     assert "removed" in output and database().lookup("some-key") is None
     assert "0 records" in _run("cache", "info").output
+
+
+def test_bench_block_bn_act_checks_and_times_the_fused_block(tmp_path):
+    """The conv -> BN -> activation block, fused, against eager torch: checked correct, bytes reported."""
+    out = tmp_path / "block.json"
+    result = _run("bench", "--suite", "smoke", "--layer", "smoke-dw3", "--layout", "nhwc", "--block", "bn-act",
+                 "--activation", "hardswish", "--no-compile", "--json", str(out))
+    assert "smoke-dw3 nhwc" in result.output and "hardswish" in result.output
+    [row] = json.loads(out.read_text())
+    assert row["correct"] and row["activation"] == "hardswish" and row["fused_bytes"] < row["eager_bytes"]

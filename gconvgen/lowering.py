@@ -211,7 +211,7 @@ class KernelDesc:
         """The kernel's declared arguments (arguments.py): what the signature, launch and compile read."""
         return table_for(self.kind)
 
-    @property
+    @functools.cached_property
     def uri(self) -> str:
         """A readable name unique to the rendered source, e.g.
         ``igemm_ci4_co4_g32_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16_bias`` or ``grad_weight_depthwise_...``;

@@ -13,7 +13,7 @@ from torch import nn
 
 import gconvgen
 from conftest import assert_close
-from gconvgen.api import _same_device
+from gconvgen.layer import _same_device
 from gconvgen.runtime import ops
 from gconvgen.runtime.ops import vmap_by_loop
 

@@ -43,7 +43,7 @@ def choice_for(spec: ConvSpec, kind: str, device: torch.device, batch: int, heig
     key = _key(spec, device_target(device), allows_tf32(device), batch, height, width, kind)
     db = database()
     choice = db.choice(key)
-    if knobs.autotune_on_first_call() and key not in _failed_keys and db.lookup(key) is None:
+    if key not in _failed_keys and db.lookup(key) is None and knobs.autotune_on_first_call():
         problem = Problem(spec, batch, height, width, kind)
         _log.info("gconvgen: GCONVGEN_AUTOTUNE=1, tuning %s on its first call", problem.describe())
         try:

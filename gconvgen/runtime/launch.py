@@ -49,10 +49,9 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
     their device's) and its TF32 setting, and 64-bit offsets when some offset or the ``flat_pixels`` index
     needs them."""
     device = tensors[0].device
-    largest = 0
-    for tensor in tensors:
-        if tensor is not None:
-            largest = max(largest, sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride())))
+    # an element's offset from its tensor's start is below its storage's size: a cheap, safe bound
+    largest = max(tensor.untyped_storage().nbytes() // tensor.element_size() - 1 for tensor in tensors
+                  if tensor is not None)
     target = target or device_target(device)
     return lowered_for(spec, kind, dtype or spec.dtype, choice, target == "interpreter",
                        allows_tf32(device) if device.type == "cuda" else False,
@@ -122,7 +121,7 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
     out_height, out_width = out.shape[2], out.shape[3]
     if batch * out_height * out_width == 0:
         return None
-    epilogue = Epilogue(activation, residual is not None)
+    epilogue = NO_EPILOGUE if activation == "none" and residual is None else Epilogue(activation, residual is not None)
     desc = describe(spec, "forward", (x, weight, out, residual), choice, flat_pixels=batch * out_height * out_width,
                     target=target, epilogue=epilogue)
     return _prepared(desc, desc.grid(batch, height, width, out_height, out_width),

@@ -85,14 +85,20 @@ def _conv1d_call(graph_module: fx.GraphModule, node: fx.Node) -> Optional[dict]:
     return None
 
 
+def _example_input(call: dict) -> Optional[torch.Tensor]:
+    """The fake tensor Dynamo (or FakeTensorProp) recorded for the conv's input, or None."""
+    example = call["input"].meta.get("example_value", call["input"].meta.get("val"))
+    return example if isinstance(example, torch.Tensor) else None
+
+
 def _why_not(call: dict, ranks: tuple[int, int] = (3, 4)) -> Optional[str]:
     """Why a conv call stays as it is, or None when gconvgen runs it; ``ranks`` are the input ranks it takes
     (unbatched and batched: (2, 3) for a 1-D conv)."""
     groups = call["groups"]
     if not isinstance(groups, int) or groups <= 1:
         return f"groups={groups!r}"
-    example = call["input"].meta.get("example_value", call["input"].meta.get("val"))
-    if not isinstance(example, torch.Tensor):
+    example = _example_input(call)
+    if example is None:
         return "no example input in the graph"
     if example.dtype not in DTYPE_NAMES or example.dim() not in ranks:
         return f"input {example.dtype} with {example.dim()} dims"
@@ -116,7 +122,8 @@ def rewrite_grouped_convs(graph_module: fx.GraphModule) -> int:
         if reason:
             log.debug("gconvgen backend: %s stays with torch: %s", node.name, reason)
             continue
-        epilogue = match_epilogue(graph_module, node)
+        batched = _example_input(call).dim() == ranks[1]
+        epilogue = match_epilogue(graph_module, node, batched=batched)
         with graph.inserting_before(epilogue.last):
             for name in ("weight", "bias"):
                 if isinstance(call[name], str):  # a module's parameter

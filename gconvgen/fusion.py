@@ -66,8 +66,9 @@ class _Chain:
     conv: str
     bn: Optional[str] = None
     act: Optional[str] = None
-    why_not_bn: Optional[str] = None   # a BatchNorm follows but cannot be folded
-    why_not_act: Optional[str] = None  # an activation follows but cannot be absorbed
+    # (child name, reason) when a BatchNorm / activation follows but cannot be fused
+    why_not_bn: Optional[tuple[str, str]] = None
+    why_not_act: Optional[tuple[str, str]] = None
 
 
 def fuse(model: nn.Module) -> nn.Module:
@@ -80,7 +81,8 @@ def fuse(model: nn.Module) -> nn.Module:
     and so does the activation after it. An activation module (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU,
     nn.Hardswish; inplace or not) right after the conv (or the folded BatchNorm) becomes the kernel's
     epilogue. The conv becomes a GroupedConv2d/1d (sharing its Parameters where no BatchNorm was folded)
-    and the absorbed modules become nn.Identity, so state-dict keys of absorbed BatchNorms disappear.
+    and the absorbed modules become nn.Identity, so state-dict keys of absorbed BatchNorms disappear. A model
+    fused in eval mode is for inference: its folded BatchNorms are gone if it is put back in training mode.
 
     Skipped, with the reason: modules with hooks, modules reachable under several names, a padding_mode other
     than 'zeros', a BatchNorm whose channels differ from the conv's outputs or without running statistics in
@@ -116,8 +118,9 @@ def _base_conv(module: nn.Module) -> Optional[type]:
     return None
 
 
-def _is_batch_norm(module: nn.Module) -> bool:
-    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d)
+def _is_batch_norm_of(module: nn.Module, conv: nn.Module) -> bool:
+    """Whether ``module`` is the BatchNorm of ``conv``'s dimension (BatchNorm2d after a 2-D conv)."""
+    return type(module) is BATCH_NORMS[_base_conv(conv)]
 
 
 def _chains_of(parent: nn.Module) -> tuple[list[_Chain], Optional[str]]:
@@ -144,7 +147,7 @@ def _sequential_chains(children: list[tuple[str, nn.Module]]) -> list[_Chain]:
         chain = _Chain(name)
         following = iter(children[index + 1:])
         after = next(following, None)
-        if after and _is_batch_norm(after[1]):
+        if after and _is_batch_norm_of(after[1], child):
             chain.bn, after = after[0], next(following, None)
         if after and activation_of(after[1]):
             chain.act = after[0]
@@ -186,18 +189,18 @@ def _traced_chains(graph: torch.fx.Graph, children: dict[str, nn.Module]) -> lis
         chain, after = _Chain(node.target), only_user(node)
         if why_not_alone(node.target):
             continue  # a conv run twice (or read) stays; convert covers it
-        if after is not None and _is_batch_norm(children[after.target]):
+        if after is not None and _is_batch_norm_of(children[after.target], children[node.target]):
             if len(node.args) != 1 or node.kwargs:
-                chain.why_not_bn = "the conv is called with a residual, which the BatchNorm would scale"
+                chain.why_not_bn = (after.target, "the conv is called with a residual, which the BatchNorm would scale")
                 after = None
             elif why_not_alone(after.target):
-                chain.why_not_bn, after = f"BatchNorm {after.target!r}: {why_not_alone(after.target)}", None
+                chain.why_not_bn, after = (after.target, why_not_alone(after.target)), None
             else:
                 chain.bn, after = after.target, only_user(after)
         if after is not None and activation_of(children[after.target]):
             reason = why_not_alone(after.target)
             if reason:
-                chain.why_not_act = f"activation {after.target!r}: {reason}"
+                chain.why_not_act = (after.target, reason)
             else:
                 chain.act = after.target
         chains.append(chain)
@@ -239,9 +242,9 @@ def _fuse_chain(parent: nn.Module, chain: _Chain, prefix: str, uses: Counter, re
     conv = getattr(parent, chain.conv)
     name = prefix + chain.conv
     if chain.why_not_bn:
-        report.skipped.append((prefix + chain.conv, f"BatchNorm not folded: {chain.why_not_bn}"))
+        report.skipped.append((prefix + chain.why_not_bn[0], f"BatchNorm not folded: {chain.why_not_bn[1]}"))
     if chain.why_not_act:
-        report.skipped.append((prefix + chain.conv, f"activation not absorbed: {chain.why_not_act}"))
+        report.skipped.append((prefix + chain.why_not_act[0], f"activation not absorbed: {chain.why_not_act[1]}"))
     if chain.bn is None and chain.act is None:
         return
     reason = _why_not_module(conv, uses)

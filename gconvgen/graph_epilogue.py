@@ -46,12 +46,13 @@ class Epilogue:
         return self.nodes[-1]
 
 
-def match_epilogue(graph_module: fx.GraphModule, conv: fx.Node) -> Epilogue:
+def match_epilogue(graph_module: fx.GraphModule, conv: fx.Node, *, batched: bool = True) -> Epilogue:
     """The longest conv -> [batch_norm] -> [add] -> [activation] chain starting at ``conv`` whose
-    intermediate values have no other users (just ``conv`` when nothing follows it that way)."""
+    intermediate values have no other users (just ``conv`` when nothing follows it that way). An unbatched
+    conv's batch_norm is not folded: it would normalize another dimension than the conv's channels."""
     epilogue = Epilogue([conv])
     user = _only_user(conv)
-    batch_norm = _batch_norm_of(graph_module, user, conv) if user is not None else None
+    batch_norm = _batch_norm_of(graph_module, user, conv) if user is not None and batched else None
     if batch_norm is not None:
         epilogue.batch_norm = batch_norm
         epilogue.nodes.append(user)

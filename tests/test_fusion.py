@@ -10,6 +10,8 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import gconvgen
 import gconvgen.compile
@@ -192,6 +194,8 @@ def test_fuse_in_eval_mode_folds_batch_norms_and_matches(make_model, shape, expe
             assert type(model.get_submodule(bn)) is nn.Identity
             assert conv.weight is not original.get_submodule(name).weight, "a folded conv has new Parameters"
     assert "fused" in str(report)
+    if make_model is ResNeXtBottleneck:  # the traced forward calls self.relu three times
+        assert report.skipped == [("relu", "activation not absorbed: it is called 3 times in the parent's forward")]
     eval_close(model, original, torch.randn(shape))
 
 
@@ -326,6 +330,20 @@ def test_backend_fuses_batch_norm_residual_and_activation(make_model, shapes, fu
     assert ("residual" in kwargs) == ("residual" in expected)
     remaining = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
     assert not remaining & {F.batch_norm, F.silu, F.relu, F.hardtanh}, remaining
+
+
+def test_rewrite_fuses_module_calls_of_a_traced_graph():
+    """A symbolically traced Sequential keeps conv, BatchNorm and ReLU as module calls: the BatchNorm's tensors
+    become get_attr nodes and the chain one fused call."""
+    model = with_statistics(conv_norm_activation(4, 4, 3, groups=2, activation=nn.ReLU)).eval()
+    x = torch.randn(2, 4, 5, 5)
+    traced = torch.fx.symbolic_trace(model)
+    FakeTensorProp(traced, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x)
+    assert gconvgen.compile.rewrite_grouped_convs(traced) == 1
+    assert [kwargs for _, kwargs in fused_calls(traced)] == [{"activation": "relu"}]
+    assert not [node for node in traced.graph.nodes if node.op == "call_module"]
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-4)
 
 
 def test_backend_leaves_epilogues_with_other_users_and_trains():

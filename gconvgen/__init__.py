@@ -4,7 +4,8 @@ One conv travels api -> ir (ConvSpec) -> plan (networkx pass graph) -> codegen (
 -> runtime (disk cache, launch, torch custom op, and its backward ops for training).
 ``gconvgen.conv1d`` runs a 1-D conv as the 2-D one with height 1 (api1d.py), and
 ``causal_conv1d_update`` is its one-step decoding form (decoding.py).
-``gconvgen.convert(model)`` switches a model's grouped convs over; ``import gconvgen.compile`` registers
+``gconvgen.convert(model)`` switches a model's grouped convs over, and ``gconvgen.fuse(model)`` also folds
+their BatchNorms and absorbs their activations; ``import gconvgen.compile`` registers
 the torch.compile backend "gconvgen" where the package's entry point is not installed.
 
 ``import gconvgen`` in a process without torch imports neither torch nor Triton, so ``gconvgen --help``
@@ -26,12 +27,13 @@ from .plan import Plan, padding_overhead, plan, suggest_groups
 # the names that need torch, and the module each lives in
 _TORCH_NAMES = {
     "CompiledLayer": "layer", "GroupedConv2d": "api", "compile_layer": "layer", "conv2d": "api", "resolve_padding": "api",
-    "ConversionReport": "conversion", "convert": "conversion",
+    "ConversionReport": "conversion", "convert": "conversion", "FusionReport": "fusion", "fuse": "fusion",
     "GroupedConv1d": "api1d", "conv1d": "api1d", "causal_conv1d_update": "decoding",
 }
 
 __all__ = [
-    "CompiledLayer", "ConversionReport", "ConvSpec", "GroupedConv2d", "Plan", "compile_layer", "conv2d", "convert",
+    "CompiledLayer", "ConversionReport", "ConvSpec", "FusionReport", "GroupedConv2d", "Plan", "compile_layer",
+    "conv2d", "convert", "fuse",
     "padding_overhead", "plan", "resolve_padding", "suggest_groups",
     "GroupedConv1d", "causal_conv1d_update", "conv1d",
 ]

@@ -18,6 +18,7 @@ from torch import nn
 from . import knobs
 from .api import _check_same, _check_tensor, _ints, _is_int, conv2d
 from .ir import CHANNEL_POLICIES, ConvSpec, check
+from .lowering import Epilogue
 from .plan import planned
 
 # every accepted spelling -> the layout it means: Keras/TF "channels_first"/"channels_last", TF's NCW/NWC
@@ -65,8 +66,14 @@ def _data_format(data_format: object) -> str:
 
 def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: IntOrSingle = 1,
            padding: Padding1d = 0, dilation: IntOrSingle = 1, groups: int = 1, *, channel_policy: str = "strict",
-           data_format: str = "NCL") -> torch.Tensor:
+           data_format: str = "NCL", activation: Optional[str] = None,
+           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped 1-D convolution; the same results as ``torch.nn.functional.conv1d`` for all it accepts.
+
+    Fused into the same kernel, as gconvgen.conv2d fuses them: ``activation(conv + bias + residual)`` with
+    ``activation`` one of "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish" (None: none) and
+    ``residual`` a tensor of the output's shape in the input's data format ([N, C_out, L_out], or
+    [N, L_out, C_out] for NLC; unbatched without N).
 
     Beyond it: ``padding='causal'`` (Keras's: (k - 1) * dilation on the left, output length ceil(L / stride)),
     ``padding='same'`` at any stride (TensorFlow's rule), two-sided padding ``(left, right)``,
@@ -109,12 +116,21 @@ def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
           f"more padding")
 
     x = input.unsqueeze(0) if unbatched else input
+    height = 1 if nlc else 2  # where the height-1 dimension goes in the 2-D views
+    if residual is not None:
+        check(isinstance(residual, torch.Tensor),
+              f"residual must be a torch.Tensor or None, got {type(residual).__name__}", TypeError)
+        check(residual.dim() == input.dim(),
+              f"residual has shape {tuple(residual.shape)}; expected the output's "
+              f"{'[N, L_out, C_out]' if nlc else '[N, C_out, L_out]'}{' without N' if unbatched else ''}")
+        residual = (residual.unsqueeze(0) if unbatched else residual).unsqueeze(height)
     if nlc:  # NHWC with height 1: [N, 1, L, C] and the HWIO weight [1, k, ci, C_out]
         out = conv2d(x.unsqueeze(1), weight.unsqueeze(0), bias, (1, stride_l), (0, 0, left, right), (1, dilation_l),
-                     groups, channel_policy=channel_policy, data_format="NHWC").squeeze(1)
+                     groups, channel_policy=channel_policy, data_format="NHWC", activation=activation,
+                     residual=residual).squeeze(1)
     else:  # NCHW with height 1: [N, C, 1, L] and the OIHW weight [C_out, ci, 1, k]
         out = conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, (1, stride_l), (0, 0, left, right), (1, dilation_l),
-                     groups, channel_policy=channel_policy).squeeze(2)
+                     groups, channel_policy=channel_policy, activation=activation, residual=residual).squeeze(2)
     return out.squeeze(0) if unbatched else out
 
 
@@ -131,18 +147,24 @@ def _module_padding(padding: Padding1d) -> Union[str, tuple[int, ...]]:
 
 
 class GroupedConv1d(nn.Conv1d):
-    """``nn.Conv1d`` run by gconvgen, with the same constructor plus ``channel_policy``.
+    """``nn.Conv1d`` run by gconvgen, with the same constructor plus ``channel_policy`` and ``activation``.
 
     Its state dict has nn.Conv1d's keys and shapes (under ``channel_policy='pad'`` the weight is
     [out_channels, ceil(in_channels/groups), k]). Padding may also be 'causal', 'same' at any stride or
-    (left, right). Only ``padding_mode='zeros'`` is supported.
+    (left, right). Only ``padding_mode='zeros'`` is supported. ``activation`` (e.g. "relu", "silu") is fused
+    into the kernel, and ``forward(input, residual)`` adds a residual [N, C_out, L_out] before it:
+    ``activation(conv + bias + residual)``.
     """
+
+    activation = None  # what modules saved before activation existed read
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrSingle, stride: IntOrSingle = 1,
                  padding: Padding1d = 0, dilation: IntOrSingle = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros", device=None, dtype=None, *, channel_policy: str = "strict"):
+                 padding_mode: str = "zeros", device=None, dtype=None, *, channel_policy: str = "strict",
+                 activation: Optional[str] = None):
         check(padding_mode == "zeros",
               f"padding_mode={padding_mode!r} is not supported by gconvgen; use 'zeros' or keep nn.Conv1d")
+        Epilogue(activation or "none")  # refuses an unknown activation now
         (kernel,) = _ints("kernel_size", kernel_size, 1, 1)
         (stride_l,) = _ints("stride", stride, 1, 1)
         (dilation_l,) = _ints("dilation", dilation, 1, 1)
@@ -158,26 +180,31 @@ class GroupedConv1d(nn.Conv1d):
                          dtype)
         self.in_channels, self.out_channels, self.padding = in_channels, out_channels, padding
         self.channel_policy = channel_policy
+        self.activation = activation
         if padded_out != out_channels:
             self.weight = nn.Parameter(self.weight.detach()[:out_channels].clone())
             self.bias = None if self.bias is None else nn.Parameter(self.bias.detach()[:out_channels].clone())
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv1d, *, channel_policy: str = "strict") -> "GroupedConv1d":
-        """A GroupedConv1d sharing ``conv``'s parameters (same tensors, device and dtype)."""
+    def from_conv(cls, conv: nn.Conv1d, *, channel_policy: str = "strict",
+                  activation: Optional[str] = None) -> "GroupedConv1d":
+        """A GroupedConv1d sharing ``conv``'s parameters (same tensors, device and dtype), with ``activation``
+        fused after it."""
         check(isinstance(conv, nn.Conv1d), f"conv must be an nn.Conv1d, got {type(conv).__name__}", TypeError)
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-                     dtype=conv.weight.dtype, channel_policy=channel_policy)
+                     dtype=conv.weight.dtype, channel_policy=channel_policy, activation=activation)
         module.weight = conv.weight
         module.bias = conv.bias
         module.train(conv.training)
         return module
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """gconvgen.conv1d with this module's weight, bias and hyperparameters."""
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """gconvgen.conv1d with this module's weight, bias, hyperparameters and activation (plus ``residual``,
+        of the output's shape)."""
         return conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                      channel_policy=self.channel_policy)
+                      channel_policy=self.channel_policy, activation=self.activation, residual=residual)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", channel_policy={self.channel_policy!r}"
+        activation = f", activation={self.activation!r}" if self.activation else ""
+        return super().extra_repr() + f", channel_policy={self.channel_policy!r}" + activation

@@ -7,10 +7,13 @@ The rewrite happens on Dynamo's torch-level graph, before AOTAutograd, so traini
 through gconvgen's autograd formula into its grad ops. Registered under the ``torch_dynamo_backends``
 entry point (pyproject.toml) and, for a checkout that is not installed, when this module is imported.
 ``make_backend(inner)`` hands the rest to another backend (e.g. "aot_eager") instead of Inductor.
+A grouped conv's epilogue in the graph (eval batch_norm, residual add, activation; graph_epilogue.py) is
+fused into its gconvgen call.
 """
 from __future__ import annotations
 
 import logging
+import operator
 from importlib import metadata
 from typing import Callable, Optional
 
@@ -20,6 +23,7 @@ from torch import fx, nn
 
 from .api import conv2d
 from .api1d import conv1d
+from .graph_epilogue import fold_batch_norm, match_epilogue
 from .ir import check
 from .runtime.ops import DTYPE_NAMES
 
@@ -81,14 +85,20 @@ def _conv1d_call(graph_module: fx.GraphModule, node: fx.Node) -> Optional[dict]:
     return None
 
 
+def _example_input(call: dict) -> Optional[torch.Tensor]:
+    """The fake tensor Dynamo (or FakeTensorProp) recorded for the conv's input, or None."""
+    example = call["input"].meta.get("example_value", call["input"].meta.get("val"))
+    return example if isinstance(example, torch.Tensor) else None
+
+
 def _why_not(call: dict, ranks: tuple[int, int] = (3, 4)) -> Optional[str]:
     """Why a conv call stays as it is, or None when gconvgen runs it; ``ranks`` are the input ranks it takes
     (unbatched and batched: (2, 3) for a 1-D conv)."""
     groups = call["groups"]
     if not isinstance(groups, int) or groups <= 1:
         return f"groups={groups!r}"
-    example = call["input"].meta.get("example_value", call["input"].meta.get("val"))
-    if not isinstance(example, torch.Tensor):
+    example = _example_input(call)
+    if example is None:
         return "no example input in the graph"
     if example.dtype not in DTYPE_NAMES or example.dim() not in ranks:
         return f"input {example.dtype} with {example.dim()} dims"
@@ -97,10 +107,12 @@ def _why_not(call: dict, ranks: tuple[int, int] = (3, 4)) -> Optional[str]:
 
 def rewrite_grouped_convs(graph_module: fx.GraphModule) -> int:
     """Replace every grouped 2-D conv call of ``graph_module`` by ``gconvgen.conv2d`` and every grouped 1-D
-    one by ``gconvgen.conv1d``, in place. Returns how many were replaced; why the others were not is logged
-    at debug level."""
-    replaced = 0
-    for node in list(graph_module.graph.nodes):
+    one by ``gconvgen.conv1d``, in place, together with the epilogue after it (see ``match_epilogue``): an
+    eval-mode batch_norm folded into the weight and bias, a residual add and an activation. Returns how many
+    convs were replaced; why the others were not is logged at debug level."""
+    replaced = fused = 0
+    graph = graph_module.graph
+    for node in list(graph.nodes):
         call, function, ranks = _conv_call(graph_module, node), conv2d, (3, 4)
         if call is None:
             call, function, ranks = _conv1d_call(graph_module, node), conv1d, (2, 3)
@@ -110,17 +122,30 @@ def rewrite_grouped_convs(graph_module: fx.GraphModule) -> int:
         if reason:
             log.debug("gconvgen backend: %s stays with torch: %s", node.name, reason)
             continue
-        with graph_module.graph.inserting_before(node):
+        batched = _example_input(call).dim() == ranks[1]
+        epilogue = match_epilogue(graph_module, node, batched=batched)
+        with graph.inserting_before(epilogue.last):
             for name in ("weight", "bias"):
                 if isinstance(call[name], str):  # a module's parameter
-                    call[name] = graph_module.graph.get_attr(call[name])
-            gconvgen_call = graph_module.graph.call_function(function, tuple(call[name] for name in _CONV2D_ARGS))
-        gconvgen_call.meta = dict(node.meta)
-        node.replace_all_uses_with(gconvgen_call)
-        graph_module.graph.erase_node(node)
+                    call[name] = graph.get_attr(call[name])
+            if epilogue.batch_norm is not None:
+                folded = graph.call_function(fold_batch_norm, (call["weight"], call["bias"], *epilogue.batch_norm))
+                call["weight"] = graph.call_function(operator.getitem, (folded, 0))
+                call["bias"] = graph.call_function(operator.getitem, (folded, 1))
+            kwargs = {}
+            if epilogue.activation:
+                kwargs["activation"] = epilogue.activation
+            if epilogue.residual is not None:
+                kwargs["residual"] = epilogue.residual
+            gconvgen_call = graph.call_function(function, tuple(call[name] for name in _CONV2D_ARGS), kwargs)
+        gconvgen_call.meta = dict(epilogue.last.meta)
+        epilogue.last.replace_all_uses_with(gconvgen_call)
+        for fused_node in reversed(epilogue.nodes):
+            graph.erase_node(fused_node)
         replaced += 1
+        fused += len(epilogue.nodes) > 1
     graph_module.recompile()
-    log.info("gconvgen backend: %d grouped conv(s) now run by gconvgen", replaced)
+    log.info("gconvgen backend: %d grouped conv(s) now run by gconvgen, %d with a fused epilogue", replaced, fused)
     return replaced
 
 

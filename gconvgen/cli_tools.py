@@ -1,0 +1,218 @@
+"""The gconvgen command line, second half: ``gconvgen plan`` (a layer's passes, descriptions and source), ``gconvgen cache`` (show, export or clear the kernel cache and the
+tuning database) and ``gconvgen inspect`` (static sm_90 figures). Registered on cli.main when cli is imported;
+like cli.py it imports nothing heavy until a command runs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+
+from . import knobs
+from .cli import main
+from .cli_help import PLAN_FLAGS, with_flags
+from .ir import CHANNEL_POLICIES, DTYPES, LAYOUTS
+
+
+def _pair(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.replace("x", ",").split(","))
+
+
+@main.command()
+@click.option("--in-channels", type=int, required=True, help="Input channels C_in.")
+@click.option("--out-channels", type=int, required=True, help="Output channels C_out.")
+@click.option("--groups", type=int, required=True, help="Groups.")
+@click.option("--kernel", "kernel", default="3", show_default=True, help="Kernel size: 3 or 3x5.")
+@click.option("--stride", default="1", show_default=True, help="Stride: 2 or 2x1.")
+@click.option("--padding", default="0", show_default=True,
+              help="Padding: 1, 1x2 (h x w), top,bottom,left,right, 'same' or 'valid'.")
+@click.option("--dilation", default="1", show_default=True, help="Dilation: 2 or 2x1.")
+@click.option("--input-size", default="56", show_default=True, help="Input H x W ('same' padding depends on it).")
+@click.option("--bias/--no-bias", default=False, show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
+@click.option("--layout", type=click.Choice(LAYOUTS), default="nhwc", show_default=True)
+@click.option("--channel-policy", type=click.Choice(CHANNEL_POLICIES), default="strict", show_default=True)
+@click.option("--padding-budget", type=float, default=None, help="Max extra work from channel padding (0.5 = 50%).")
+@click.option("--family", default=None,
+              help="Print this forward kernel family's kernel (one the plan offers). Default: the planner's choice.")
+@click.option("--interpret", is_flag=True, help="Print the variant rendered for Triton's interpreter.")
+@click.option("--kind", type=click.Choice(("forward", "grad_input", "grad_weight", "grad_bias")), default="forward",
+              show_default=True, help="Which kernel's source to print.")
+@click.option("--graph", "graph_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the pass graphs to this file: Graphviz DOT (.dot) or networkx node-link JSON (.json).")
+@click.option("--source/--no-source", default=True, show_default=True, help="Print the generated kernel source.")
+def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, input_size, bias, dtype, layout,
+         channel_policy, padding_budget, family, interpret, kind, graph_path, source) -> None:
+    """Explain the plan for one layer: its pass graphs, the lowered description of each kernel (forward,
+    grad-input, grad-weight, grad-bias), and the Triton source of one of them."""
+    from dataclasses import replace
+
+    import networkx as nx
+
+    from . import codegen
+    from .api import resolve_padding
+    from .ir import ConvSpec
+    from .lowering import Choice, lower
+    from .plan import plan as plan_spec
+
+    try:
+        kernel_hw, stride_hw, dilation_hw, size_hw = (_expand(_pair(v)) for v in (kernel, stride, dilation, input_size))
+        pad = padding if padding in ("same", "valid") else _pair(padding)
+        pad = pad[0] if isinstance(pad, tuple) and len(pad) == 1 else pad
+        spec = ConvSpec(in_channels, out_channels, groups, kernel_hw, stride_hw,
+                        resolve_padding(pad, size_hw, kernel_hw, stride_hw, dilation_hw), dilation_hw, bias, dtype,
+                        layout, channel_policy)
+        conv_plan = plan_spec(spec, padding_budget=padding_budget, family=family)
+    except (ValueError, TypeError) as error:
+        raise click.UsageError(with_flags(str(error), PLAN_FLAGS)) from None
+    click.echo(conv_plan.explain())
+    descs = {}
+    for each in ("forward", "grad_input", "grad_weight", "grad_bias"):
+        backward_spec = conv_plan if each == "forward" else plan_spec(replace(spec, bias=False),
+                                                                      padding_budget=padding_budget)
+        descs[each] = lower(None if each == "grad_bias" else backward_spec, each, dtype=dtype,
+                            choice=Choice("default", None, family), interpret=interpret, allow_tf32=False)
+        click.echo(descs[each].explain())
+    if graph_path:
+        text = (conv_plan.to_dot() if not graph_path.endswith(".json")
+                else json.dumps({name: nx.node_link_data(graph, edges="edges") for name, graph
+                                 in (("logical", conv_plan.logical), ("lowered", conv_plan.lowered))}, indent=1))
+        Path(graph_path).write_text(text)
+        click.echo(f"pass graphs written to {graph_path}")
+    click.echo(f"kernel: {descs[kind].uri}")
+    if source:
+        click.echo("\n" + codegen.render(descs[kind]))
+
+
+def _expand(values: tuple[int, ...]) -> tuple[int, int]:
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+@main.group()
+def cache() -> None:
+    """Show or clear gconvgen's cache: rendered kernels and the tuning database."""
+
+
+def _cache_dir_origin() -> str:
+    """Where knobs.cache_dir() came from: GCONVGEN_CACHE_DIR, or the default it falls back to.
+
+    The knob is read once more with GCONVGEN_CACHE_DIR scoped empty (the knobs module is the one place
+    that reads the environment); a different answer means the variable chose the directory.
+    """
+    chosen = knobs.cache_dir()
+    with knobs.scoped(CACHE_DIR=""):
+        fallback = knobs.cache_dir()
+    if chosen != fallback:
+        return "from GCONVGEN_CACHE_DIR"
+    if fallback == Path.home() / ".cache" / "gconvgen":
+        return "the default, ~/.cache/gconvgen; set GCONVGEN_CACHE_DIR to move it"
+    return "the default under $XDG_CACHE_HOME; set GCONVGEN_CACHE_DIR to move it"
+
+
+@cache.command()
+def info() -> None:
+    """Where the cache is, how many kernels and tuning records it holds, and the shipped databases."""
+    from .autotune.database import database
+    from .runtime import cache as kernel_cache
+
+    root = kernel_cache.kernels_root()
+    modules = list(root.glob("*/*.py")) if root.is_dir() else []
+    described = database().describe()
+    click.echo(f"cache directory: {knobs.cache_dir()}  ({_cache_dir_origin()})")
+    click.echo(f"kernels: {len(modules)} rendered modules in {len({m.parent for m in modules})} build(s), "
+               f"{sum(m.stat().st_size for m in modules) / 1024:.1f} KiB under {root}")
+    click.echo(f"tuning database: {described['path']}: {described['records']} records "
+               f"({described['aten_records']} where aten won), {described['bytes'] / 1024:.1f} KiB")
+    for path, count in described["shipped"].items():
+        click.echo(f"shipped database: {path}: {count} records")
+    if not described["shipped"]:
+        click.echo("shipped databases: none for any device yet (tuning/databases/)")
+
+
+@cache.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+def export(path) -> None:
+    """Write this user's tuning results to PATH, e.g. to ship them in tuning/databases/<gpu>.json."""
+    from .autotune.database import database
+
+    count = database().export(Path(path))
+    click.echo(f"wrote {count} tuning records to {path}")
+
+
+@cache.command()
+@click.option("--kernels/--no-kernels", default=True, show_default=True, help="Remove the rendered kernels.")
+@click.option("--tuning/--no-tuning", default=True, show_default=True,
+              help="Remove this user's tuning results (shipped databases stay).")
+def clear(kernels, tuning) -> None:
+    """Delete the rendered kernels and/or this user's tuning results. Do not run it while gconvgen runs."""
+    from .autotune.database import database
+    from .runtime import cache as kernel_cache
+
+    if kernels:
+        shutil.rmtree(kernel_cache.kernels_root(), ignore_errors=True)
+        click.echo(f"removed {kernel_cache.kernels_root()}")
+    if tuning:
+        removed = database().clear()
+        click.echo(f"removed {removed} tuning records from {database().path}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+@main.command()
+@click.option("--suite", "suite_name", default="headline", show_default=True,
+              help="A shipped suite (headline, secondary, smoke) or a suite JSON file.")
+@click.option("--layer", "layer_ids", multiple=True, help="Only these layer ids (repeatable). Default: every layer.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
+@click.option("--layout", type=click.Choice(("nhwc", "nchw", "both")), default="both", show_default=True)
+@click.option("--kind", "kinds", type=click.Choice(("forward", "grad_input", "grad_weight")), multiple=True,
+              help="Kernel kinds to compile (repeatable). Default: all three.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+def inspect(suite_name, layer_ids, dtype, layout, kinds, json_path) -> None:
+    """Compile each layer's kernels for sm_90 on this machine, as the runtime would launch them on an H200
+    (tuned or default config, run-time specialisation), and print what the compiler emitted: registers,
+    spills, shared memory, tensor-core instruction, global-load widths, async copies, instructions per
+    inner-loop iteration, programs and waves on 132 SMs, and the tiling's requested/ideal bytes and
+    issued/useful tensor-core FLOPs. Static figures, not timings. Needs TRITON_INTERPRET unset."""
+    from .autotune import suites
+    from .inspection import inspect_problem
+
+    if knobs.interpret():
+        raise click.UsageError("gconvgen inspect compiles for sm_90: run it with TRITON_INTERPRET unset")
+    try:
+        suite = suites.load_suite(suite_name).select(layer_ids)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        raise click.UsageError(str(error)) from None
+    layouts = ("nhwc", "nchw") if layout == "both" else (layout,)
+    rows = []
+    header = (f"{'layer':<22} {'kind':<11} {'family':<14} {'config':<20} {'regs':>4} {'spill':>5} {'smem':>6} "
+              f"{'tc':<8} {'loads (bits:n)':<22} {'async':>5} {'loop':>5} {'waves':>6} {'bytes':>6} {'flops':>6}")
+    click.echo(header)
+    for layer in suite.runnable:
+        for lay in layouts:
+            forward = layer.problem(dtype, lay)
+            for kind in kinds or ("forward", "grad_input", "grad_weight"):
+                problem = forward if kind == "forward" else forward.backward(kind)
+                row = inspect_problem(problem)
+                rows.append({"layer": layer.id, "layout": lay, **row.as_dict()})
+                f = row.figures
+                loads = " ".join(f"{bits}:{count}" for bits, count in sorted(f.global_load_widths.items()))
+                ratio = lambda value: "-" if value is None else f"{value:.1f}x"  # noqa: E731
+                click.echo(f"{layer.id + ' ' + lay:<22} {kind:<11} {row.family:<14} {row.config:<20} "
+                           f"{f.registers:>4} {f.spill_bytes:>5} {f.shared_memory_bytes:>6} {f.tensor_core:<8} "
+                           f"{loads:<22} {sum(f.async_copies.values()):>5} {f.inner_loop_instructions:>5} "
+                           f"{row.waves:>6.1f} {ratio(row.requested_over_ideal_bytes):>6} "
+                           f"{ratio(row.issued_over_useful_flops):>6}")
+    click.echo("static figures of the sm_90 compiler's output (Triton " + __import__("triton").__version__ +
+               "), not timings; bytes = requested/ideal, flops = tensor-core issued/useful")
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+        click.echo(f"wrote {json_path}")

@@ -160,10 +160,6 @@ def clear(kernels, tuning) -> None:
         click.echo(f"removed {removed} tuning records from {database().path}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------------------------------------- inspect
 
 

@@ -41,7 +41,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>
 date -u '+%Y-%m-%dT%H:%M:%SZ' >> "$out/versions.txt"
 
 # 5. (in the background) static sm_90 figures: a compiler's work on the CPU cores, with the interpreter off
-(env -u TRITON_INTERPRET timeout 420 "$python" -m gconvgen.cli inspect --suite "$suite" --kind forward \
+(env -u TRITON_INTERPRET timeout 420 "$python" -m gconvgen inspect --suite "$suite" --kind forward \
     --kind grad_input --kind grad_weight > "$out/inspect.txt" 2>&1) &
 inspecting=$!
 
@@ -53,18 +53,18 @@ tail -n 3 "$out/gpu-tests.log" | tee -a "$out/versions.txt"
 
 # 3. a short tune, channels_last
 say "tune (at most ${tune_limit}s)"
-timeout "$tune_limit" "$python" -m gconvgen.cli tune --suite "$suite" --layout nhwc --device "$device" \
+timeout "$tune_limit" "$python" -m gconvgen tune --suite "$suite" --layout nhwc --device "$device" \
     > "$out/tune.log" 2>&1
 say "tune exit $? (124: its time limit; records made before it are kept)"
 
 # 4. forward in both layouts, then forward + backward in channels_last
 say "bench forward"
-timeout "$bench_limit" "$python" -m gconvgen.cli bench --suite "$suite" --layout both --device "$device" \
+timeout "$bench_limit" "$python" -m gconvgen bench --suite "$suite" --layout both --device "$device" \
     --json "$out/bench-forward.json" --markdown "$out/bench-forward.md" > "$out/bench.log" 2>&1 || status=1
 say "bench forward + backward, channels_last"
-timeout "$backward_limit" "$python" -m gconvgen.cli bench --suite "$suite" --layout nhwc --device "$device" \
+timeout "$backward_limit" "$python" -m gconvgen bench --suite "$suite" --layout nhwc --device "$device" \
     --backward >> "$out/bench.log" 2>&1 || status=1
-"$python" -m gconvgen.cli cache export "$out/tuning-db.json" >> "$out/bench.log" 2>&1 || true
+"$python" -m gconvgen cache export "$out/tuning-db.json" >> "$out/bench.log" 2>&1 || true
 
 say "waiting for inspect"
 wait "$inspecting" || say "inspect did not finish (exit $?)"

@@ -109,7 +109,7 @@ def _on(device: torch.device) -> Iterator[None]:
         sys.stdout.flush()
         sys.stderr.flush()
         with knobs.scoped(INTERPRET=1):
-            os.execv(sys.executable, [sys.executable, "-m", "gconvgen.cli", *sys.argv[1:]])
+            os.execv(sys.executable, [sys.executable, "-m", "gconvgen", *sys.argv[1:]])
     with knobs.scoped(INTERPRET=1):
         _cpu_note(device)
         yield

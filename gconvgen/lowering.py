@@ -54,7 +54,7 @@ _BLOCK_LIMITS = {
     "igemm": {"block_m": _DOT_SIDES, "block_n": _DOT_SIDES, "block_k": _DOT_SIDES},
     "depthwise_gemm": {"block_m": _DOT_SIDES, "block_n": (1, 64), "block_k": _DOT_SIDES},
     "depthwise": {"block_m": (1, 1024), "block_n": (1, 1024), "block_k": (0, 0)},
-    "depthwise1d": {"block_m": (8, 1024), "block_n": (1, 1024), "block_k": (0, 0)},
+    "depthwise1d": {"block_m": (8, 1024), "block_n": (8, 1024), "block_k": (0, 0)},
     "reduce": {"block_m": (1, 1024), "block_n": (1, 1024), "block_k": (0, 0)},
 }
 NUM_WARPS = (1, 2, 4, 8, 16)
@@ -135,7 +135,7 @@ def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpre
     channels = spec.in_channels if kind == "grad_input" else spec.out_channels
     if family == "depthwise1d":  # (output positions of one row, channels)
         if interpret:
-            return KernelConfig(256, pow2_between(channels, 1, 64), 0, num_stages=1)
+            return KernelConfig(256, pow2_between(channels, 8, 64), 0, num_warps=1, num_stages=1)
         # sm_90 makes each tap's tl.gather warp-local: 8 lanes across channels, warps side by side along
         # them, so a channel tile under 8 x num_warps would repeat work; 16 outputs a thread, no spills
         block_n = pow2_between(channels, 8, 128 if spec.layout == "nhwc" else 64)
@@ -191,6 +191,7 @@ class KernelDesc:
     input_precision: str        # tl.dot's: "tf32" or "ieee"
     accumulator: str            # tl.float32, or tl.float64 for float64
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
+    halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4); else 0
     config: KernelConfig
     groups_per_program: int
 
@@ -339,19 +340,33 @@ def choose_precision(fields: dict, ctx: Context) -> None:
 
 
 def window_halo(spec: ConvSpec) -> tuple[int, int]:
-    """The halo of a depthwise1d program: positions read (front) before its main input tile of
+    """The halo of a depthwise1d program: positions it reads (front) before its main input tile of
     BLOCK_M * stride positions, which starts at its first output position x stride, and (back) after it.
     Output j, tap t reads main-tile offset j * stride + t * dilation - left padding: as far back as the left
-    padding and (k - 1) * dilation - left padding - stride + 1 past the tile, whatever BLOCK_M is. Powers of
-    two (tl.arange's sides), 0 where nothing is read."""
+    padding and (k - 1) * dilation - left padding - stride + 1 past the tile, whatever BLOCK_M is."""
     left, stride = spec.padding[2], spec.stride[1]
-    reach = (spec.kernel_size[1] - 1) * spec.dilation[1] - left - stride + 1
-    return (pow2_between(left, 1, 1 << 30) if left else 0, pow2_between(reach, 1, 1 << 30) if reach > 0 else 0)
+    return (left, max(0, (spec.kernel_size[1] - 1) * spec.dilation[1] - left - stride + 1))
+
+
+# A halo tile's least side. Triton gives each tl.gather a warp-local layout with min(side, 32) lanes along the
+# positions and the rest across channels; from 4 positions a warp spans at most 8 channels, so with
+# block_n >= 8 x num_warps every warp has channels of its own (Triton 3.6 asserts otherwise; 3.9 repeats work).
+LEAST_HALO_TILE = 4
+GATHER_CHANNELS_PER_WARP = 8
 
 
 def choose_halo(fields: dict, ctx: Context) -> None:
-    """depthwise1d reads each program's input window once: its main tile and these halos (window_halo)."""
-    fields["halo"] = window_halo(fields["spec"]) if fields["family"] == "depthwise1d" else (0, 0)
+    """depthwise1d reads each program's input window once: its main tile and the halo positions (window_halo),
+    loaded as tiles of halo_tile positions masked to the ones read; its channel tile gives each warp 8
+    channels (GATHER_CHANNELS_PER_WARP)."""
+    if fields["family"] != "depthwise1d":
+        fields.update(halo=(0, 0), halo_tile=0)
+        return
+    halo, config = window_halo(fields["spec"]), fields["config"]
+    fields.update(halo=halo, halo_tile=pow2_between(max(halo), LEAST_HALO_TILE, 1 << 30) if max(halo) else 0)
+    check(config.block_n >= GATHER_CHANNELS_PER_WARP * config.num_warps,
+          f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: its "
+          f"gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
 
 
 def choose_tile_config(fields: dict, ctx: Context) -> None:
@@ -377,8 +392,8 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_reduction_order", choose_reduction_order),    # igemm's flattened reduction: contiguous first
     ("choose_index_width", choose_index_width),            # 64-bit offsets only where a launch needs them
     ("choose_precision", choose_precision),                # TF32, accumulator, interpreter casts
-    ("choose_halo", choose_halo),                          # depthwise1d's input window around its tile
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
+    ("choose_halo", choose_halo),                          # depthwise1d's input window around its tile
     ("pack_groups", pack_groups),                          # narrow groups share an igemm program
 ]
 

@@ -11,7 +11,7 @@ import torch
 
 import gconvgen
 from gconvgen.ir import ConvSpec
-from gconvgen.lowering import DEFAULT, KERNEL, Choice, KernelConfig, default_config, window_halo
+from gconvgen.lowering import DEFAULT, KERNEL, Choice, KernelConfig, default_config, lower, window_halo
 from gconvgen.plan import plan
 from gconvgen.runtime import choices, launch
 from conftest import assert_close
@@ -34,7 +34,7 @@ CASES = [
     P(3, 9, 1, 19, 8, 1, (7, 0), 1, "NCL", id="k8-uneven-channels"),          # the longest window offered
     P(2, 8, 1, 12, 1, 1, 0, 1, "NCL", id="k1"),                               # no halo, one tap
 ]
-SMALL = KernelConfig(8, 4, 0, num_warps=1, num_stages=1)  # several position and channel tiles in every case
+SMALL = KernelConfig(8, 8, 0, num_warps=1, num_stages=1)  # several position tiles in every case
 
 
 @pytest.fixture
@@ -119,11 +119,12 @@ def test_the_planner_offers_it_first_for_short_height_1_windows(spec, offered):
 
 
 @pytest.mark.parametrize("padding, kernel, stride, dilation, halo", [
-    P((3, 0), 4, 1, 1, (4, 0), id="causal-k4"),       # three positions before, none after
+    P((3, 0), 4, 1, 1, (3, 0), id="causal-k4"),       # three positions before, none after
     P((1, 1), 3, 1, 1, (1, 1), id="same-k3"),
     P((0, 0), 3, 1, 1, (0, 2), id="valid-k3"),
     P((1, 1), 3, 2, 1, (1, 0), id="stride-2"),        # the main tile of 2 x BLOCK_M reaches the last tap
     P((4, 0), 3, 1, 2, (4, 0), id="causal-dilation-2"),
+    P((3, 4), 8, 1, 1, (3, 4), id="k8-asymmetric"),
 ])
 def test_window_halo(padding, kernel, stride, dilation, halo):
     spec = ConvSpec(8, 8, 8, (1, kernel), (1, stride), (0, 0, *padding), (1, dilation))
@@ -131,7 +132,17 @@ def test_window_halo(padding, kernel, stride, dilation, halo):
     # the halo covers every tap of every output of a tile, whatever BLOCK_M is
     for block_m in (8, 64):
         offsets = [j * stride + t * dilation - padding[0] for j in range(block_m) for t in range(kernel)]
-        assert min(offsets) >= -halo[0] and max(offsets) < block_m * stride + halo[1]
+        assert min(offsets) == -halo[0] and max(offsets) == block_m * stride + halo[1] - 1
+
+
+def test_a_channel_tile_narrower_than_8_a_warp_is_refused():
+    spec = ConvSpec(64, 64, 64, (1, 4), padding=(0, 0, 3, 0))
+    with pytest.raises(ValueError, match=r"block_n=16 with num_warps=4 is not legal for the depthwise1d family"):
+        lower(plan(spec), "forward", choice=Choice(KERNEL, KernelConfig(64, 16, 0, num_warps=4), "depthwise1d"),
+              interpret=False, allow_tf32=False)
+    with pytest.raises(ValueError, match="block_n=4 is not legal for the depthwise1d family"):
+        lower(plan(spec), "forward", choice=Choice(KERNEL, KernelConfig(64, 4, 0, num_warps=1), "depthwise1d"),
+              interpret=False, allow_tf32=False)
 
 
 def test_default_gpu_tiles_keep_gathers_free_of_repeated_work():

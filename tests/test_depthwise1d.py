@@ -12,6 +12,8 @@ import torch
 import gconvgen
 from gconvgen.ir import ConvSpec
 from gconvgen.lowering import DEFAULT, KERNEL, Choice, KernelConfig, default_config, lower, window_halo
+from gconvgen.autotune import suites
+from gconvgen.autotune.space import DeviceFacts, load_space
 from gconvgen.plan import plan
 from gconvgen.runtime import choices, launch
 from conftest import assert_close
@@ -152,3 +154,19 @@ def test_default_gpu_tiles_keep_gathers_free_of_repeated_work():
             config = default_config(spec, "depthwise1d", "forward", interpret=False)
             assert config.block_n >= 8 * config.num_warps and config.block_m * config.block_n <= 16 * 32 * config.num_warps
             assert math.log2(config.block_m).is_integer()
+
+
+def test_gpu_space_offers_only_tiles_the_lowering_accepts():
+    """Every candidate of the Mamba layer, both layouts, both stages: gathers with 8 channels a warp, tiles that
+    fit one output row, and a description that lowers."""
+    h200 = DeviceFacts("NVIDIA H200 sm_90", multiprocessors=132, shared_memory_bytes=232448, l2_bytes=60 << 20)
+    layer = suites.load_suite("headline").select(("mamba-causal",)).layers[0]
+    space = load_space("depthwise1d", "gpu")
+    for layout in ("nchw", "nhwc"):
+        problem = layer.problem("bfloat16", layout)
+        first = space.stage_one(problem, h200)
+        candidates = first + space.stage_two(first[:space.finalists], problem, h200)
+        assert first and all(c.block_n >= 8 * c.num_warps and 512 <= c.block_m * c.block_n <= 4096 for c in candidates)
+        for config in candidates:
+            lower(plan(problem.spec), "forward", choice=Choice(KERNEL, config, "depthwise1d"), interpret=False,
+                  allow_tf32=False)

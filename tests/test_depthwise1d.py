@@ -170,3 +170,11 @@ def test_gpu_space_offers_only_tiles_the_lowering_accepts():
         for config in candidates:
             lower(plan(problem.spec), "forward", choice=Choice(KERNEL, config, "depthwise1d"), interpret=False,
                   allow_tf32=False)
+
+
+@pytest.mark.parametrize("case", [P(CASES[0].values, id="causal-k4"), P(CASES[6].values, id="symmetric-k5")])
+def test_64_bit_offsets(case, monkeypatch, small_tiles, nan_filled_outputs):
+    """The i64 variant (a launch whose offsets pass int32) computes the same."""
+    monkeypatch.setattr(launch, "needs_wide_index", lambda *_: True)
+    out, expected = run_conv1d(*case, torch.float32)
+    assert_close(out, expected, torch.float32)

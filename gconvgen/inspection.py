@@ -147,6 +147,10 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
         steps = programs * spec.kernel_size[0] * band_steps
         requested = steps * n * (m * k + k * k) * element
         return (requested + writes) / ideal_bytes, steps * n * 2 * m * k * k / useful_flops
+    if desc.family == "depthwise1d":  # its input window once (main tile and the halo positions read), k weight rows
+        window = m * spec.stride[1] + sum(desc.halo)
+        requested = programs * (window * n + taps * n) * element
+        return (requested + writes) / ideal_bytes, None
     if desc.family == "depthwise" and desc.kind == "forward":
         requested = programs * taps * (m * n + n) * element
         return (requested + writes) / ideal_bytes, None

@@ -18,7 +18,7 @@ from .ir import DTYPES, ConvSpec, check
 from .plan import Plan, planned
 
 KINDS = ("forward", "grad_input", "grad_weight", "grad_bias")
-FAMILIES = ("igemm", "depthwise", "depthwise_gemm", "reduce")
+FAMILIES = ("igemm", "depthwise", "depthwise_gemm", "depthwise1d", "reduce")
 ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 INT32_MAX = 2**31 - 1
 # What a default config's staged operands may take of an SM's shared memory (Hopper has 227 KiB): half
@@ -54,6 +54,7 @@ _BLOCK_LIMITS = {
     "igemm": {"block_m": _DOT_SIDES, "block_n": _DOT_SIDES, "block_k": _DOT_SIDES},
     "depthwise_gemm": {"block_m": _DOT_SIDES, "block_n": (1, 64), "block_k": _DOT_SIDES},
     "depthwise": {"block_m": (1, 1024), "block_n": (1, 1024), "block_k": (0, 0)},
+    "depthwise1d": {"block_m": (8, 1024), "block_n": (8, 1024), "block_k": (0, 0)},
     "reduce": {"block_m": (1, 1024), "block_n": (1, 1024), "block_k": (0, 0)},
 }
 NUM_WARPS = (1, 2, 4, 8, 16)
@@ -126,8 +127,8 @@ def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpre
 
     Forward igemm tiles (pixels, output channels, reduction); grad-input igemm (input pixels, input
     channels, reduction); grad-weight igemm (output channels, weight columns, pixels); depthwise_gemm
-    (output rows, channels, column strip); the direct depthwise kernels and the bias reduction (pixels,
-    channels). Under the interpreter each program costs milliseconds, so blocks are large and grids small.
+    (output rows, channels, column strip); depthwise1d (output positions of one row, channels); the direct
+    depthwise kernels and the bias reduction (pixels, channels). Under the interpreter each program costs milliseconds, so blocks are large and grids small.
     """
     stages = 1 if interpret else 3
     if family == "reduce":  # the bias gradient
@@ -152,6 +153,14 @@ def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpre
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
         return config
     channels = spec.in_channels if kind == "grad_input" else spec.out_channels
+    if family == "depthwise1d":  # (output positions of one row, channels)
+        if interpret:
+            return KernelConfig(256, pow2_between(channels, 8, 64), 0, num_warps=1, num_stages=1)
+        # sm_90 makes each tap's tl.gather warp-local: 8 lanes across channels, warps side by side along
+        # them, so a channel tile under 8 x num_warps would repeat work; 16 outputs a thread, no spills
+        block_n = pow2_between(channels, 8, 128 if spec.layout == "nhwc" else 64)
+        warps = max(1, min(4, block_n // 8))
+        return KernelConfig(max(8, 512 * warps // block_n), block_n, 0, num_warps=warps, num_stages=1)
     if interpret:
         return KernelConfig(256, pow2_between(channels, 1, 64), 0, num_stages=1)
     if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
@@ -187,7 +196,7 @@ class KernelDesc:
     """
 
     kind: str                   # forward, grad_input, grad_weight or grad_bias
-    family: str                 # igemm, depthwise, depthwise_gemm, or reduce (grad_bias)
+    family: str                 # igemm, depthwise, depthwise_gemm, depthwise1d, or reduce (grad_bias)
     spec: Optional[ConvSpec]    # the conv as this kernel sees it (None for grad_bias, which needs the dtype only)
     dtype: str
     template: str
@@ -203,6 +212,8 @@ class KernelDesc:
     dot_in_float32: bool        # bf16 tl.dot is wrong under the interpreter: the operands are cast for it
     input_precision: str        # tl.dot's: "tf32" or "ieee"
     accumulator: str            # tl.float32, or tl.float64 for float64
+    halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
+    halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4); else 0
     config: KernelConfig
     groups_per_program: int
 
@@ -261,6 +272,8 @@ class KernelDesc:
         if self.family == "depthwise_gemm":
             return (_cdiv(batch * out_height, config.block_m), _cdiv(out_width, config.block_k),
                     _cdiv(spec.out_channels, config.block_n))
+        if self.family == "depthwise1d":  # (row x position tile, channel tile): a program never spans two rows
+            return (batch * out_height * _cdiv(out_width, config.block_m), _cdiv(spec.out_channels, config.block_n))
         if self.kind == "grad_weight":
             return (_cdiv(spec.out_channels, config.block_n), spec.kernel_size[0] * spec.kernel_size[1], splits)
         if self.kind == "grad_input":
@@ -357,6 +370,36 @@ def choose_precision(fields: dict, ctx: Context) -> None:
                   dot_in_float32=ctx.interpret and ctx.dtype == "bfloat16")
 
 
+def window_halo(spec: ConvSpec) -> tuple[int, int]:
+    """The halo of a depthwise1d program: positions it reads (front) before its main input tile of
+    BLOCK_M * stride positions, which starts at its first output position x stride, and (back) after it.
+    Output j, tap t reads main-tile offset j * stride + t * dilation - left padding: as far back as the left
+    padding and (k - 1) * dilation - left padding - stride + 1 past the tile, whatever BLOCK_M is."""
+    left, stride = spec.padding[2], spec.stride[1]
+    return (left, max(0, (spec.kernel_size[1] - 1) * spec.dilation[1] - left - stride + 1))
+
+
+# A halo tile's least side. Triton gives each tl.gather a warp-local layout with min(side, 32) lanes along the
+# positions and the rest across channels; from 4 positions a warp spans at most 8 channels, so with
+# block_n >= 8 x num_warps every warp has channels of its own (Triton 3.6 asserts otherwise; 3.9 repeats work).
+LEAST_HALO_TILE = 4
+GATHER_CHANNELS_PER_WARP = 8
+
+
+def choose_halo(fields: dict, ctx: Context) -> None:
+    """depthwise1d reads each program's input window once: its main tile and the halo positions (window_halo),
+    loaded as tiles of halo_tile positions masked to the ones read; its channel tile gives each warp 8
+    channels (GATHER_CHANNELS_PER_WARP)."""
+    if fields["family"] != "depthwise1d":
+        fields.update(halo=(0, 0), halo_tile=0)
+        return
+    halo, config = window_halo(fields["spec"]), fields["config"]
+    fields.update(halo=halo, halo_tile=pow2_between(max(halo), LEAST_HALO_TILE, 1 << 30) if max(halo) else 0)
+    check(config.block_n >= GATHER_CHANNELS_PER_WARP * config.num_warps,
+          f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: its "
+          f"gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
+
+
 def choose_tile_config(fields: dict, ctx: Context) -> None:
     """The tuned config when there is one, else the family's default (default_config)."""
     config = ctx.choice.config
@@ -382,6 +425,7 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_epilogue", choose_epilogue),                  # activation and residual fused before the store
     ("choose_precision", choose_precision),                # TF32, accumulator, interpreter casts
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
+    ("choose_halo", choose_halo),                          # depthwise1d's input window around its tile
     ("pack_groups", pack_groups),                          # narrow groups share an igemm program
 ]
 
@@ -389,6 +433,7 @@ TEMPLATES = {
     ("forward", "igemm"): "grouped_igemm.py.jinja",
     ("forward", "depthwise"): "depthwise_direct.py.jinja",
     ("forward", "depthwise_gemm"): "depthwise_gemm.py.jinja",
+    ("forward", "depthwise1d"): "depthwise1d.py.jinja",
     ("grad_input", "igemm"): "grouped_igemm_grad_input.py.jinja",
     ("grad_input", "depthwise"): "depthwise_grad_input.py.jinja",
     ("grad_weight", "igemm"): "grouped_igemm_grad_weight.py.jinja",

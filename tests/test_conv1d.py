@@ -146,24 +146,26 @@ def test_runs_the_2d_op_on_height_one_views(monkeypatch):
     assert args_nlc[2] == (0, 0, 1, 1) and kwargs_nlc["data_format"] == "NHWC"  # "same", stride 2, L 12, k 4
 
 
-@pytest.mark.parametrize("in_channels, groups, kernel, family", [P(16, 16, 4, "depthwise", id="mamba-depthwise-k4"),
+@pytest.mark.parametrize("in_channels, groups, kernel, family", [P(16, 16, 4, "depthwise1d", id="mamba-depthwise-k4"),
                                                                  P(16, 2, 16, "igemm", id="wav2vec2-grouped-k16")])
 def test_height_one_kernel_loops_only_over_the_length(in_channels, groups, kernel, family):
     """The rendered kernel of a 1-D conv is the 2-D one with a (1, k) window: one pass over the height taps,
-    a reduction of ci * k (not ci * k * k), and a grid that tiles batch * L_out pixels and nothing else."""
+    a reduction of ci * k (not ci * k * k), and a grid that tiles batch * L_out pixels and nothing else
+    (depthwise1d: rows of L_out positions, its window read once with k gathers of it)."""
     batch, length = 2, 64
     x, weight = torch.randn(batch, in_channels, 1, length), torch.randn(in_channels, in_channels // groups, 1, kernel)
     spec = spec_for_call(x, weight, None, (1, 1), (0, 0, kernel - 1, 0), (1, 1), groups, "strict")
     desc = lowered_for(spec, "forward", "float32", DEFAULT, False, False, False)
     source = codegen.render(desc)
     assert desc.family == family and f"_k1x{kernel}_" in desc.uri and "_p0_0_" in desc.uri
-    if family == "depthwise":
-        assert "for tap_h in range(1):" in source and f"for tap_w in tl.static_range({kernel}):" in source
+    if family == "depthwise1d":
+        assert "tap_h" not in source and source.count("tl.gather(main,") == kernel - 1  # the last tap is the tile
     else:
         reduction = (in_channels // groups) * kernel
         assert f"range(0, GROUP_BLOCK * {reduction}, BLOCK_K)" in source and "tap_h = tap // " in source
     grid = desc.grid(batch, 1, length, 1, length)
-    assert grid[0] == math.ceil(batch * length / desc.config.block_m), "pixels flatten (batch, length) only"
+    rows = batch if family == "depthwise1d" else 1  # depthwise1d's programs never span two rows
+    assert grid[0] == rows * math.ceil(batch * length / rows / desc.config.block_m), "pixels flatten (batch, length) only"
 
 
 # ---------------------------------------------------------------------------------------------- gradients

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 
-# in, out, groups, kernel, stride, padding, dilation, bias, policy, (batch, size)
+# in, out, groups, kernel, stride, padding, dilation, bias, policy, (batch, size) or (batch, height, width)
 VARIANTS = [
     (12, 12, 3, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), True, "strict", (2, 9)),       # grouped igemm, ci = 4
     (12, 11, 3, (3, 3), (2, 2), (0, 1, 0, 1), (1, 1), False, "pad", (3, 8)),         # uneven outputs -> output mask
@@ -22,6 +22,9 @@ VARIANTS = [
     (7, 13, 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False, "pad", (2, 10)),         # depthwise, uneven outputs
     (128, 128, 128, (31, 31), (1, 1), (15, 15, 15, 15), (1, 1), False, "strict", (2, 56)),  # RepLKNet k31
     (16, 16, 16, (5, 5), (2, 1), (2, 2, 2, 2), (1, 2), True, "strict", (2, 16)),     # depthwise, stride 2 x dilation 2
+    (64, 64, 64, (1, 4), (1, 1), (0, 0, 3, 0), (1, 1), True, "strict", (2, 1, 2048)),  # Mamba causal k4: depthwise1d
+    (16, 32, 16, (1, 3), (1, 2), (0, 0, 1, 1), (1, 1), False, "strict", (2, 1, 33)),  # depthwise1d multiplier 2, stride 2
+    (768, 768, 16, (1, 128), (1, 1), (0, 0, 64, 64), (1, 1), True, "strict", (2, 1, 781)),  # wav2vec2: height-1 igemm
 ]
 SHARED_MEMORY_BYTES = 227 * 1024  # an sm_90 SM's opt-in limit
 
@@ -57,11 +60,12 @@ SCRIPT = textwrap.dedent("""
     for (index, args), (turn, dtype) in itertools.product(enumerate(json.loads(sys.argv[1])), enumerate(dtypes)):
         if turn not in (index % 4, (index + 2) % 4):  # two dtypes a variant, every dtype across the variants
             continue
-        in_c, out_c, groups, kernel, stride, padding, dilation, bias, policy, (batch, size) = args
+        in_c, out_c, groups, kernel, stride, padding, dilation, bias, policy, (batch, *sides) = args
+        height, width = sides * 2 if len(sides) == 1 else sides  # (batch, size) is a square input
         layout = layouts[(index + turn) % 3]
         spec = ConvSpec(in_c, out_c, groups, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), bias,
                         dtype, layout, policy)
-        forward = Problem(spec, batch, size, size)
+        forward = Problem(spec, batch, height, width)
         for family in plan(spec).families:  # every forward family the tuner may pick
             results.append(compile_problem(forward, family))
         if turn == index % 4:  # each variant's backward kernels in one dtype, the dtypes rotating
@@ -85,6 +89,7 @@ def test_every_variant_compiles_for_sm90_as_launched():
         assert result["shared"] <= SHARED_MEMORY_BYTES, result
     uris = {result["uri"] for result in results}
     assert any(uri.startswith("depthwise_gemm") for uri in uris) and any(uri.startswith("grad_weight") for uri in uris)
+    assert any(uri.startswith("depthwise1d") for uri in uris) and any(uri.startswith("igemm_ci768") for uri in uris)
 
 
 NEGATIVE = textwrap.dedent("""

@@ -189,6 +189,11 @@ def shared_memory_fits(configs, problem, facts, family, params):
             if c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) * ELEMENT_BYTES[dtype] <= limit]
 
 
+def channels_per_warp(configs, problem, facts, family, params):
+    """Keep tiles whose channel tile gives every warp at least ``min`` channels (block_n >= min x num_warps)."""
+    return [c for c in configs if c.block_n >= params["min"] * c.num_warps]
+
+
 def fills_the_gpu(configs, problem, facts, family, params):
     """Keep grids of at least waves x multiprocessors programs; when none is, the grids with the most."""
     def programs(config: KernelConfig) -> int:
@@ -205,7 +210,7 @@ def fills_the_gpu(configs, problem, facts, family, params):
 
 
 RULES: dict[str, Rule] = {rule.__name__: rule for rule in (
-    tile_within, group_packing, tile_elements, tile_fits_layout, shared_memory_fits, fills_the_gpu,
+    tile_within, group_packing, tile_elements, tile_fits_layout, shared_memory_fits, fills_the_gpu, channels_per_warp,
 )}
 
 

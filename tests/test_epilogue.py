@@ -123,11 +123,12 @@ from gconvgen.lowering import ACTIVATIONS, Choice
 from gconvgen.runtime import launch, sass
 specs = [ConvSpec(128, 128, 32, (3, 3), padding=(1, 1, 1, 1), bias=True, dtype="bfloat16", layout="nhwc"),
          ConvSpec(64, 64, 64, (3, 3), padding=(1, 1, 1, 1), bias=True, dtype="bfloat16", layout="nchw"),
-         ConvSpec(64, 64, 64, (7, 7), padding=(3, 3, 3, 3), bias=True, dtype="float16", layout="nhwc")]
+         ConvSpec(64, 64, 64, (7, 7), padding=(3, 3, 3, 3), bias=True, dtype="float16", layout="nhwc"),
+         ConvSpec(64, 64, 64, (1, 4), padding=(0, 0, 3, 0), bias=True, dtype="bfloat16", layout="nchw")]
 results = []
 for index, activation in enumerate(ACTIVATIONS[1:]):  # each activation once, the families rotating
-    spec = specs[index % 3]
-    problem = Problem(spec, 4, 14, 14)
+    spec = specs[index % 4]
+    problem = Problem(spec, 4, 1, 64) if spec.kernel_size[0] == 1 else Problem(spec, 4, 14, 14)
     t = _meta_tensors(problem)
     residual = t["out"] if index % 2 else None
     prepared = launch.prepare_forward(spec, t["x"], t["weight"], t["bias"], t["out"], Choice("default"),
@@ -161,3 +162,19 @@ def test_epilogue_variants_compile_for_sm90():
     assert len(results) == len(ALL) and all(result["cubin"] > 0 for result in results)
     assert {result["uri"].split("_act")[1].split("_")[0] for result in results} == {a.replace("_", "") for a in ALL}
     assert any(result["residual"] for result in results) and not all(result["residual"] for result in results)
+    assert {result["uri"].split("_ci")[0] for result in results} == {"igemm", "depthwise", "depthwise_gemm",
+                                                                      "depthwise1d"}
+
+
+@pytest.mark.parametrize("activation", ALL)
+def test_depthwise1d_applies_the_epilogue(activation, monkeypatch, nan_filled_outputs):
+    """The 1-D family (Mamba's causal conv -> SiLU), NCL, with a residual: every activation."""
+    families = []
+    kernel_of = launch.kernel_of
+    monkeypatch.setattr(launch, "kernel_of", lambda desc, target: families.append(desc.family) or kernel_of(desc, target))
+    x, weight, bias, residual = torch.randn(2, 8, 19), torch.randn(8, 1, 4), torch.randn(8), torch.randn(2, 8, 19)
+    out = gconvgen.conv1d(x, weight, bias, padding="causal", groups=8, activation=activation, residual=residual)
+    expected = apply_activation(F.conv1d(F.pad(x.double(), (3, 0)), weight.double(), bias.double(), groups=8)
+                                + residual.double(), activation)
+    assert_close(out, expected, torch.float32)
+    assert families == ["depthwise1d"]

@@ -132,11 +132,38 @@ def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpre
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
         return config
     channels = spec.in_channels if kind == "grad_input" else spec.out_channels
+    if kind == "grad_weight":
+        return depthwise_grad_weight_config(spec, interpret=interpret)
     if interpret:
         return KernelConfig(256, pow2_between(channels, 1, 64), 0, num_stages=1)
     if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
         return KernelConfig(32, pow2_between(channels, 8, 64), 0)
     return KernelConfig(128, pow2_between(channels, 1, 8), 0)
+
+
+def tap_tile(spec: ConvSpec) -> int:
+    """The taps of the window padded to a power of two: the depthwise grad-weight accumulator's rows."""
+    return 1 << (spec.kernel_size[0] * spec.kernel_size[1] - 1).bit_length()
+
+
+# Elements of the [pixels, taps, channels] x window a depthwise grad-weight step gathers, per warp: 32 values
+# a thread, converted to the accumulator's type, beside the [taps, channels] accumulator.
+_WINDOW_ELEMENTS_PER_WARP = 1024
+
+
+def depthwise_grad_weight_config(spec: ConvSpec, *, interpret: bool) -> KernelConfig:
+    """Depthwise grad-weight tiles (pixels per step, channels): the [taps, channels] accumulator holds every
+    tap, so the channel tile narrows as the window grows (at most 32 accumulators a thread at 4 warps, 8
+    warps past that), and the pixels per step fill the window's budget (one pixel a step at 31x31)."""
+    taps = tap_tile(spec)
+    if interpret:  # few, large steps
+        block_n = pow2_between(spec.out_channels, 1, 64)
+        return KernelConfig(max(1, min(256, (1 << 18) // (taps * block_n))), block_n, 0, num_stages=1)
+    least = 8 if spec.layout == "nhwc" else 1  # channels_last: 16-byte channel rows
+    block_n = pow2_between(spec.out_channels, least, max(least, min(32, 8192 // taps)))
+    num_warps = 4 if taps * block_n <= 4096 else 8
+    block_m = max(1, _WINDOW_ELEMENTS_PER_WARP * num_warps // (taps * block_n))
+    return KernelConfig(block_m, block_n, 0, num_warps=num_warps, num_stages=2)
 
 
 def packed_channels(spec: ConvSpec, kind: str) -> int:
@@ -181,6 +208,7 @@ class KernelDesc:
     dot_in_float32: bool        # bf16 tl.dot is wrong under the interpreter: the operands are cast for it
     input_precision: str        # tl.dot's: "tf32" or "ieee"
     accumulator: str            # tl.float32, or tl.float64 for float64
+    tap_tile: int               # depthwise grad-weight: the window's taps padded to a power of two; else 0
     config: KernelConfig
     groups_per_program: int
 
@@ -238,8 +266,8 @@ class KernelDesc:
         if self.family == "depthwise_gemm":
             return (_cdiv(batch * out_height, config.block_m), _cdiv(out_width, config.block_k),
                     _cdiv(spec.out_channels, config.block_n))
-        if self.kind == "grad_weight":
-            return (_cdiv(spec.out_channels, config.block_n), spec.kernel_size[0] * spec.kernel_size[1], splits)
+        if self.kind == "grad_weight":  # every tap in one program
+            return (_cdiv(spec.out_channels, config.block_n), splits)
         if self.kind == "grad_input":
             return (_cdiv(batch * height * width, config.block_m), _cdiv(spec.in_channels, config.block_n))
         return (_cdiv(batch * out_height * out_width, config.block_m), _cdiv(spec.out_channels, config.block_n))
@@ -326,6 +354,13 @@ def choose_precision(fields: dict, ctx: Context) -> None:
                   dot_in_float32=ctx.interpret and ctx.dtype == "bfloat16")
 
 
+def choose_tap_tile(fields: dict, ctx: Context) -> None:
+    """Depthwise grad-weight accumulates every tap in one program (grad_out is loaded once, not once per
+    tap): its [taps, channels] accumulator has tap_tile rows."""
+    depthwise_grad_weight = ctx.kind == "grad_weight" and fields["family"] == "depthwise"
+    fields["tap_tile"] = tap_tile(fields["spec"]) if depthwise_grad_weight else 0
+
+
 def choose_tile_config(fields: dict, ctx: Context) -> None:
     """The tuned config when there is one, else the family's default (default_config)."""
     config = ctx.choice.config
@@ -349,6 +384,7 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_reduction_order", choose_reduction_order),    # igemm's flattened reduction: contiguous first
     ("choose_index_width", choose_index_width),            # 64-bit offsets only where a launch needs them
     ("choose_precision", choose_precision),                # TF32, accumulator, interpreter casts
+    ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight holds every tap
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
     ("pack_groups", pack_groups),                          # narrow groups share an igemm program
 ]

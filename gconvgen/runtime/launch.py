@@ -8,6 +8,7 @@ nothing is accumulated with atomics, so every run gives the same bits.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -148,7 +149,7 @@ def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tens
         return None
     desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, flat_pixels=pixels, target=target)
     tiles = desc.grid(batch, height, width, out_height, out_width)[:-1]
-    splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, tiles[0] * tiles[1],
+    splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, math.prod(tiles),
                                             target_programs(x.device), splits)
     partials = _partials_for(grad_w, splits)
     return _prepared(desc, (*tiles, splits), {"x": x, "grad_output": grad_output, "partials": partials}, grad_w,

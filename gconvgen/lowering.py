@@ -208,6 +208,7 @@ class KernelDesc:
     dot_in_float32: bool        # bf16 tl.dot is wrong under the interpreter: the operands are cast for it
     input_precision: str        # tl.dot's: "tf32" or "ieee"
     accumulator: str            # tl.float32, or tl.float64 for float64
+    weight_tap_major: bool      # direct depthwise forward / grad-input: the weight is read tap-major (literal strides)
     tap_tile: int               # depthwise grad-weight: the window's taps padded to a power of two; else 0
     config: KernelConfig
     groups_per_program: int
@@ -354,6 +355,13 @@ def choose_precision(fields: dict, ctx: Context) -> None:
                   dot_in_float32=ctx.interpret and ctx.dtype == "bfloat16")
 
 
+def choose_weight_layout(fields: dict, ctx: Context) -> None:
+    """The direct depthwise kernels read a weight row of channels per tap: the runtime hands them the weight
+    tap-major (runtime/weights.py), so the row is one vector load at literal strides."""
+    direct = fields["family"] == "depthwise" and ctx.kind in ("forward", "grad_input")
+    fields["weight_tap_major"] = direct
+
+
 def choose_tap_tile(fields: dict, ctx: Context) -> None:
     """Depthwise grad-weight accumulates every tap in one program (grad_out is loaded once, not once per
     tap): its [taps, channels] accumulator has tap_tile rows."""
@@ -384,6 +392,7 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_reduction_order", choose_reduction_order),    # igemm's flattened reduction: contiguous first
     ("choose_index_width", choose_index_width),            # 64-bit offsets only where a launch needs them
     ("choose_precision", choose_precision),                # TF32, accumulator, interpreter casts
+    ("choose_weight_layout", choose_weight_layout),        # direct depthwise: tap-major weight rows
     ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight holds every tap
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
     ("pack_groups", pack_groups),                          # narrow groups share an igemm program

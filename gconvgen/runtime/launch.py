@@ -19,7 +19,7 @@ from .. import codegen
 from ..arguments import ArgumentTable
 from ..ir import ConvSpec, check
 from ..lowering import DEFAULT, Choice, KernelDesc, lowered_for, needs_wide_index
-from . import cache
+from . import cache, weights
 from .device import allows_tf32, device_target, on_device, target_programs
 
 # a reduction is split only while every split keeps at least this many blocks of pixels to sum
@@ -122,6 +122,8 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
         return None
     desc = describe(spec, "forward", (x, weight, out), choice, flat_pixels=batch * out_height * out_width,
                     target=target)
+    if desc.weight_tap_major:
+        weight = weights.tap_major(weight)
     return _prepared(desc, desc.grid(batch, height, width, out_height, out_width),
                      {"x": x, "weight": weight, "bias": bias, "out": out}, out)
 
@@ -134,6 +136,8 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
         return None
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, flat_pixels=batch * height * width,
                     target=target)
+    if desc.weight_tap_major:
+        weight = weights.tap_major(weight)
     return _prepared(desc, desc.grid(batch, height, width, grad_output.shape[2], grad_output.shape[3]),
                      {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x)
 

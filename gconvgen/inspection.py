@@ -139,7 +139,9 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
         reduction = {"forward": packed * spec.in_channels_per_group * taps,
                      "grad_input": packed * spec.out_channels_per_group * taps,
                      "grad_weight": arguments.get("pixels_per_split", 0)}[desc.kind]
-        steps = math.ceil(reduction / k)
+        # forward and grad-input reduce tap by tap: each tap's channels take whole steps
+        steps = (taps * math.ceil(reduction / taps / k) if desc.reduction_order == "tap_major"
+                 else math.ceil(reduction / k))
         requested = programs * steps * (m * k + k * n) * element
         return (requested + writes) / ideal_bytes, programs * steps * 2 * m * n * k / useful_flops
     if desc.family == "depthwise_gemm":

@@ -117,11 +117,14 @@ def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpre
         return KernelConfig(pow2_between(spec.out_channels_per_group, 16, 64),
                             pow2_between(spec.in_channels_per_group * taps, 16, 64), 256 if interpret else 64,
                             num_stages=stages)
-    if family == "igemm":
+    if family == "igemm":  # the reduction runs tap by tap: a step is block_k channels of the packed groups
         channels, reduced = ((spec.in_channels_per_group, spec.out_channels_per_group) if kind == "grad_input"
                              else (spec.out_channels_per_group, spec.in_channels_per_group))
-        return KernelConfig(256 if interpret else 128, pow2_between(channels, 16, 128),
-                            pow2_between(reduced * taps, 16, 64 if interpret else 32), num_stages=stages)
+        tile = KernelConfig(256 if interpret else 128, pow2_between(channels, 16, 128), 16, num_stages=stages)
+        packed = groups_per_program(spec, family, tile, kind)
+        # NCHW: the activation tile is a gather with an address per element; 8 warps share it without spilling
+        warps = 8 if spec.layout != "nhwc" and not interpret else 4
+        return replace(tile, block_k=pow2_between(packed * reduced, 16, 64 if interpret else 32), num_warps=warps)
     if family == "depthwise_gemm":  # accumulators: block_n x block_m x block_k
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 16), 16, num_stages=1)
@@ -202,7 +205,7 @@ class KernelDesc:
     mask_output_channels: bool  # lowered SliceOutputChannels
     channels_contiguous: bool   # the activation the kernel reads has unit channel stride (channels_last)
     width_contiguous: bool      # ... unit width stride (NCHW)
-    reduction_order: str        # igemm: "tap_channel" (channels innermost) or "channel_tap"; else "none"
+    reduction_order: str        # igemm: "tap_major" (forward, grad-input); grad-weight "tap_channel" or "channel_tap"
     wide_index: bool            # 64-bit offsets: some offset or flattened index of this launch needs them
     interpret: bool             # rendered for Triton's interpreter
     dot_in_float32: bool        # bf16 tl.dot is wrong under the interpreter: the operands are cast for it
@@ -333,10 +336,13 @@ def choose_layout_constants(fields: dict, ctx: Context) -> None:
 
 
 def choose_reduction_order(fields: dict, ctx: Context) -> None:
-    """igemm flattens (channel, tap): channels innermost for channels_last, so consecutive k are
-    consecutive addresses; taps innermost for NCHW, where the window's columns are."""
+    """igemm forward and grad-input reduce tap by tap ("tap_major": a step is a run of channels at one tap, the
+    tap decoded once per step). igemm grad-weight flattens its weight columns (channel, tap): channels
+    innermost for channels_last, so consecutive columns are consecutive addresses; taps innermost for NCHW."""
     if fields["family"] != "igemm":
         fields["reduction_order"] = "none"
+    elif ctx.kind in ("forward", "grad_input"):
+        fields["reduction_order"] = "tap_major"
     else:
         fields["reduction_order"] = "tap_channel" if fields["channels_contiguous"] else "channel_tap"
 

@@ -160,8 +160,9 @@ def test_height_one_kernel_loops_only_over_the_length(in_channels, groups, kerne
     if family == "depthwise":
         assert "for tap_h in range(1):" in source and f"for tap_w in tl.static_range({kernel}):" in source
     else:
-        reduction = (in_channels // groups) * kernel
-        assert f"range(0, GROUP_BLOCK * {reduction}, BLOCK_K)" in source and "tap_h = tap // " in source
+        # tap by tap: k taps (not k * k), each of GROUP_BLOCK * ci channels
+        assert f"GROUP_BLOCK * {in_channels // groups} + BLOCK_K - 1" in source
+        assert f"range(0, {kernel} * channel_steps)" in source and "tap_h = tap // " in source
     grid = desc.grid(batch, 1, length, 1, length)
     assert grid[0] == math.ceil(batch * length / desc.config.block_m), "pixels flatten (batch, length) only"
 

@@ -80,16 +80,18 @@ def _prepared(desc: KernelDesc, grid: tuple[int, ...], tensors: dict, result: to
     return Launch(desc, grid, tuple(_arguments(desc.arguments, tensors, scalars)), result, partials)
 
 
-def run(prepared: Optional[Launch]) -> None:
-    """Launch a prepared kernel on its tensors' device (None: nothing to compute)."""
+def run(prepared: Optional[Launch]):
+    """Launch a prepared kernel on its tensors' device (None: nothing to compute). Returns what Triton's
+    launch returns: the CompiledKernel on a GPU (the tuner reads its ``n_spills``), None in the interpreter."""
     if prepared is None:
-        return
+        return None
     device = prepared.result.device
     kernel = kernel_of(prepared.desc, device_target(device))
     with on_device(device):
-        kernel[prepared.grid](*prepared.values, **prepared.desc.meta)
+        compiled = kernel[prepared.grid](*prepared.values, **prepared.desc.meta)
     if prepared.partials is not None:
         _add_splits(prepared.partials, prepared.result)
+    return compiled
 
 
 def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = ()) -> list:

@@ -139,9 +139,11 @@ def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpre
         return depthwise_grad_weight_config(spec, interpret=interpret)
     if interpret:
         return KernelConfig(256, pow2_between(channels, 1, 64), 0, num_stages=1)
+    # the window's columns are unrolled: past 16 of them, 8 warps share the loads in flight (no spills at 31)
+    warps = 8 if spec.kernel_size[1] > 16 else 4
     if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
-        return KernelConfig(32, pow2_between(channels, 8, 64), 0)
-    return KernelConfig(128, pow2_between(channels, 1, 8), 0)
+        return KernelConfig(32, pow2_between(channels, 8, 64), 0, num_warps=warps)
+    return KernelConfig(128, pow2_between(channels, 1, 8), 0, num_warps=warps)
 
 
 def tap_tile(spec: ConvSpec) -> int:

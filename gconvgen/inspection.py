@@ -123,7 +123,7 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
                    arguments: dict) -> tuple[Optional[float], Optional[float]]:
     """(global bytes the programs request / ideal bytes, tensor-core FLOPs issued / useful FLOPs) of the
     tiling, counting every operand tile each program loads (L2 may serve repeats: this bounds traffic
-    from above). None where the family's model is not written (the direct depthwise backward kernels)."""
+    from above). None where the family's model is not written (the direct depthwise grad-input kernel)."""
     spec, config = problem.spec, desc.config
     ideal_bytes, useful_flops = ideal_bytes_and_flops(problem)
     element = ELEMENT_BYTES[spec.dtype]
@@ -139,7 +139,9 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
         reduction = {"forward": packed * spec.in_channels_per_group * taps,
                      "grad_input": packed * spec.out_channels_per_group * taps,
                      "grad_weight": arguments.get("pixels_per_split", 0)}[desc.kind]
-        steps = math.ceil(reduction / k)
+        # forward and grad-input reduce tap by tap: each tap's channels take whole steps
+        steps = (taps * math.ceil(reduction / taps / k) if desc.reduction_order == "tap_major"
+                 else math.ceil(reduction / k))
         requested = programs * steps * (m * k + k * n) * element
         return (requested + writes) / ideal_bytes, programs * steps * 2 * m * n * k / useful_flops
     if desc.family == "depthwise_gemm":
@@ -153,5 +155,9 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
         return (requested + writes) / ideal_bytes, None
     if desc.family == "depthwise" and desc.kind == "forward":
         requested = programs * taps * (m * n + n) * element
+        return (requested + writes) / ideal_bytes, None
+    if desc.family == "depthwise" and desc.kind == "grad_weight":  # a grad_out tile and an x window a step
+        steps = math.ceil(arguments.get("pixels_per_split", 0) / m)
+        requested = programs * steps * m * n * (1 + taps) * element
         return (requested + writes) / ideal_bytes, None
     return None, None

@@ -9,74 +9,23 @@ A field no pass wrote is an error when the description is built, never a default
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import knobs
 from .arguments import ArgumentTable, table_for
 from .ir import DTYPES, ConvSpec, check
 from .plan import Plan, planned
+# the tiles' names are re-exported: a config is part of the lowered description
+from .tiles import (DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, MAX_STAGES, NUM_WARPS,  # noqa: F401
+                    KernelConfig, band_operand_bytes, check_config, default_config,  # noqa: F401
+                    depthwise_grad_weight_config, groups_per_program, packed_channels, pow2_between, tap_tile)  # noqa: F401
 
 KINDS = ("forward", "grad_input", "grad_weight", "grad_bias")
 FAMILIES = ("igemm", "depthwise", "depthwise_gemm", "depthwise1d", "reduce")
-ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 INT32_MAX = 2**31 - 1
-# What a default config's staged operands may take of an SM's shared memory (Hopper has 227 KiB): half
-# of it, so two programs fit. Tuned configs are held to the device's own limit by the search space.
-DEFAULT_SHARED_MEMORY_BYTES = 112 * 1024
 ATEN = "aten"      # a tuning record's choice when PyTorch's own conv won
 KERNEL = "kernel"  # a tuning record's choice when a generated kernel won
-
-
-# ---------------------------------------------------------------------------------------------- configs
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """One launch configuration. block_m / block_n / block_k are the tile sides (what each tiles depends on
-    the family and kind: see default_config); num_warps and num_stages are Triton's launch settings."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
-            value = getattr(self, name)
-            check(type(value) is int, f"KernelConfig {name}={value!r} must be an int", TypeError)
-
-
-# Tile limits per family: (least side of a tl.dot operand, largest side). tl.dot needs 16.
-_DOT_SIDES = (16, 512)
-_BLOCK_LIMITS = {
-    "igemm": {"block_m": _DOT_SIDES, "block_n": _DOT_SIDES, "block_k": _DOT_SIDES},
-    "depthwise_gemm": {"block_m": _DOT_SIDES, "block_n": (1, 64), "block_k": _DOT_SIDES},
-    "depthwise": {"block_m": (1, 1024), "block_n": (1, 1024), "block_k": (0, 0)},
-    "depthwise1d": {"block_m": (8, 1024), "block_n": (8, 1024), "block_k": (0, 0)},
-    "reduce": {"block_m": (1, 1024), "block_n": (1, 1024), "block_k": (0, 0)},
-}
-NUM_WARPS = (1, 2, 4, 8, 16)
-MAX_STAGES = 8
-
-
-def check_config(config: KernelConfig, family: str) -> None:
-    """Raise ValueError unless ``config`` is legal for ``family``: every tile side a power of two within the
-    family's limits (block_k 0 where the family has no reduction tile), num_warps one of NUM_WARPS and
-    1 <= num_stages <= MAX_STAGES. A tuning record is checked with this before it is used."""
-    check(isinstance(config, KernelConfig), f"config={config!r} must be a KernelConfig", TypeError)
-    check(family in _BLOCK_LIMITS, f"family={family!r} is not a kernel family; use one of {sorted(_BLOCK_LIMITS)}")
-    for name, (low, high) in _BLOCK_LIMITS[family].items():
-        value = getattr(config, name)
-        power_of_two = value > 0 and value & (value - 1) == 0
-        check(low <= value <= high and (power_of_two or value == low == 0),
-              f"{name}={value} is not legal for the {family} family; use a power of two in [{low}, {high}]"
-              if high else f"{name}={value} is not legal for the {family} family; it has no such tile, use 0")
-    check(config.num_warps in NUM_WARPS, f"num_warps={config.num_warps} must be one of {NUM_WARPS}")
-    check(1 <= config.num_stages <= MAX_STAGES, f"num_stages={config.num_stages} must be in [1, {MAX_STAGES}]")
-
-
 ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish")
 
 
@@ -110,79 +59,6 @@ class Choice:
 DEFAULT = Choice("default")
 
 
-def pow2_between(value: int, low: int, high: int) -> int:
-    """The power of two nearest above ``value``, clamped to [low, high]: a tile side."""
-    return max(low, min(high, 1 << max(0, value - 1).bit_length()))
-
-
-def band_operand_bytes(config: KernelConfig, dtype: str) -> int:
-    """Shared memory the depthwise_gemm operands of ``config`` take: num_stages x block_n channels x
-    (the [block_m, block_k] input tile + the [block_k, block_k] band)."""
-    tile = config.block_m * config.block_k + config.block_k * config.block_k
-    return config.num_stages * config.block_n * tile * ELEMENT_BYTES[dtype]
-
-
-def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpret: bool) -> KernelConfig:
-    """A sound config chosen at once from the spec; tuning finds better ones.
-
-    Forward igemm tiles (pixels, output channels, reduction); grad-input igemm (input pixels, input
-    channels, reduction); grad-weight igemm (output channels, weight columns, pixels); depthwise_gemm
-    (output rows, channels, column strip); depthwise1d (output positions of one row, channels); the direct
-    depthwise kernels and the bias reduction (pixels, channels). Under the interpreter each program costs milliseconds, so blocks are large and grids small.
-    """
-    stages = 1 if interpret else 3
-    if family == "reduce":  # the bias gradient
-        return KernelConfig(256 if interpret else 64, 64 if interpret else 32, 0, num_stages=1 if interpret else 2)
-    taps = spec.kernel_size[0] * spec.kernel_size[1]
-    if family == "igemm" and kind == "grad_weight":
-        return KernelConfig(pow2_between(spec.out_channels_per_group, 16, 64),
-                            pow2_between(spec.in_channels_per_group * taps, 16, 64), 256 if interpret else 64,
-                            num_stages=stages)
-    if family == "igemm":
-        channels, reduced = ((spec.in_channels_per_group, spec.out_channels_per_group) if kind == "grad_input"
-                             else (spec.out_channels_per_group, spec.in_channels_per_group))
-        return KernelConfig(256 if interpret else 128, pow2_between(channels, 16, 128),
-                            pow2_between(reduced * taps, 16, 64 if interpret else 32), num_stages=stages)
-    if family == "depthwise_gemm":  # accumulators: block_n x block_m x block_k
-        if interpret:
-            return KernelConfig(32, pow2_between(spec.out_channels, 1, 16), 16, num_stages=1)
-        # channels_last: channels are contiguous, enough of them for 16-byte loads; NCHW: the strip is
-        wanted = 8 if spec.layout == "nhwc" else 2
-        config = KernelConfig(32 if spec.layout == "nhwc" else 64, pow2_between(spec.out_channels, 1, wanted), 32)
-        while config.block_n > 1 and band_operand_bytes(config, spec.dtype) > DEFAULT_SHARED_MEMORY_BYTES:
-            config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
-        return config
-    channels = spec.in_channels if kind == "grad_input" else spec.out_channels
-    if family == "depthwise1d":  # (output positions of one row, channels)
-        if interpret:
-            return KernelConfig(256, pow2_between(channels, 8, 64), 0, num_warps=1, num_stages=1)
-        # sm_90 makes each tap's tl.gather warp-local: 8 lanes across channels, warps side by side along
-        # them, so a channel tile under 8 x num_warps would repeat work; 16 outputs a thread, no spills
-        block_n = pow2_between(channels, 8, 128 if spec.layout == "nhwc" else 64)
-        warps = max(1, min(4, block_n // 8))
-        return KernelConfig(max(8, 512 * warps // block_n), block_n, 0, num_warps=warps, num_stages=1)
-    if interpret:
-        return KernelConfig(256, pow2_between(channels, 1, 64), 0, num_stages=1)
-    if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
-        return KernelConfig(32, pow2_between(channels, 8, 64), 0)
-    return KernelConfig(128, pow2_between(channels, 1, 8), 0)
-
-
-def packed_channels(spec: ConvSpec, kind: str) -> int:
-    """The channels per group that an igemm kernel's channel tile packs: input channels for grad-input,
-    output channels for the forward and grad-weight."""
-    return spec.in_channels_per_group if kind == "grad_input" else spec.out_channels_per_group
-
-
-def groups_per_program(spec: ConvSpec, family: str, config: KernelConfig, kind: str) -> int:
-    """How many consecutive groups one igemm program computes: as many as fill its channel tile (block_n
-    for the forward and grad-input, block_m for grad-weight), so that narrow groups (ResNeXt's 4 channels)
-    fill a tensor-core tile and their loads cover whole runs of channels; 1 for other families."""
-    if family != "igemm":
-        return 1
-    tile = config.block_m if kind == "grad_weight" else config.block_n
-    return min(spec.groups, max(1, tile // packed_channels(spec, kind)))
-
 
 # ---------------------------------------------------------------------------------------------- the description
 
@@ -204,7 +80,7 @@ class KernelDesc:
     mask_output_channels: bool  # lowered SliceOutputChannels
     channels_contiguous: bool   # the activation the kernel reads has unit channel stride (channels_last)
     width_contiguous: bool      # ... unit width stride (NCHW)
-    reduction_order: str        # igemm: "tap_channel" (channels innermost) or "channel_tap"; else "none"
+    reduction_order: str        # igemm: "tap_major" (forward, grad-input); grad-weight "tap_channel" or "channel_tap"
     wide_index: bool            # 64-bit offsets: some offset or flattened index of this launch needs them
     activation: str             # the forward epilogue's activation ("none" for the other kinds)
     residual: bool              # the forward epilogue adds a residual tensor
@@ -214,6 +90,8 @@ class KernelDesc:
     accumulator: str            # tl.float32, or tl.float64 for float64
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
     halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4); else 0
+    weight_tap_major: bool      # direct depthwise forward / grad-input: the weight is read tap-major (literal strides)
+    tap_tile: int               # depthwise grad-weight: the window's taps padded to a power of two; else 0
     config: KernelConfig
     groups_per_program: int
 
@@ -274,8 +152,8 @@ class KernelDesc:
                     _cdiv(spec.out_channels, config.block_n))
         if self.family == "depthwise1d":  # (row x position tile, channel tile): a program never spans two rows
             return (batch * out_height * _cdiv(out_width, config.block_m), _cdiv(spec.out_channels, config.block_n))
-        if self.kind == "grad_weight":
-            return (_cdiv(spec.out_channels, config.block_n), spec.kernel_size[0] * spec.kernel_size[1], splits)
+        if self.kind == "grad_weight":  # every tap in one program
+            return (_cdiv(spec.out_channels, config.block_n), splits)
         if self.kind == "grad_input":
             return (_cdiv(batch * height * width, config.block_m), _cdiv(spec.in_channels, config.block_n))
         return (_cdiv(batch * out_height * out_width, config.block_m), _cdiv(spec.out_channels, config.block_n))
@@ -341,10 +219,13 @@ def choose_layout_constants(fields: dict, ctx: Context) -> None:
 
 
 def choose_reduction_order(fields: dict, ctx: Context) -> None:
-    """igemm flattens (channel, tap): channels innermost for channels_last, so consecutive k are
-    consecutive addresses; taps innermost for NCHW, where the window's columns are."""
+    """igemm forward and grad-input reduce tap by tap ("tap_major": a step is a run of channels at one tap, the
+    tap decoded once per step). igemm grad-weight flattens its weight columns (channel, tap): channels
+    innermost for channels_last, so consecutive columns are consecutive addresses; taps innermost for NCHW."""
     if fields["family"] != "igemm":
         fields["reduction_order"] = "none"
+    elif ctx.kind in ("forward", "grad_input"):
+        fields["reduction_order"] = "tap_major"
     else:
         fields["reduction_order"] = "tap_channel" if fields["channels_contiguous"] else "channel_tap"
 
@@ -398,6 +279,18 @@ def choose_halo(fields: dict, ctx: Context) -> None:
     check(config.block_n >= GATHER_CHANNELS_PER_WARP * config.num_warps,
           f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: its "
           f"gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
+def choose_weight_layout(fields: dict, ctx: Context) -> None:
+    """The direct depthwise kernels read a weight row of channels per tap: the runtime hands them the weight
+    tap-major (runtime/weights.py), so the row is one vector load at literal strides."""
+    direct = fields["family"] == "depthwise" and ctx.kind in ("forward", "grad_input")
+    fields["weight_tap_major"] = direct
+
+
+def choose_tap_tile(fields: dict, ctx: Context) -> None:
+    """Depthwise grad-weight accumulates every tap in one program (grad_out is loaded once, not once per
+    tap): its [taps, channels] accumulator has tap_tile rows."""
+    depthwise_grad_weight = ctx.kind == "grad_weight" and fields["family"] == "depthwise"
+    fields["tap_tile"] = tap_tile(fields["spec"]) if depthwise_grad_weight else 0
 
 
 def choose_tile_config(fields: dict, ctx: Context) -> None:
@@ -424,6 +317,8 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_index_width", choose_index_width),            # 64-bit offsets only where a launch needs them
     ("choose_epilogue", choose_epilogue),                  # activation and residual fused before the store
     ("choose_precision", choose_precision),                # TF32, accumulator, interpreter casts
+    ("choose_weight_layout", choose_weight_layout),        # direct depthwise: tap-major weight rows
+    ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight holds every tap
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
     ("choose_halo", choose_halo),                          # depthwise1d's input window around its tile
     ("pack_groups", pack_groups),                          # narrow groups share an igemm program

@@ -161,8 +161,9 @@ def test_height_one_kernel_loops_only_over_the_length(in_channels, groups, kerne
     if family == "depthwise1d":
         assert "tap_h" not in source and source.count("tl.gather(main,") == kernel - 1  # the last tap is the tile
     else:
-        reduction = (in_channels // groups) * kernel
-        assert f"range(0, GROUP_BLOCK * {reduction}, BLOCK_K)" in source and "tap_h = tap // " in source
+        # tap by tap: k taps (not k * k), each of GROUP_BLOCK * ci channels
+        assert f"GROUP_BLOCK * {in_channels // groups} + BLOCK_K - 1" in source
+        assert f"range(0, {kernel} * channel_steps)" in source and "tap_h = tap // " in source
     grid = desc.grid(batch, 1, length, 1, length)
     rows = batch if family == "depthwise1d" else 1  # depthwise1d's programs never span two rows
     assert grid[0] == rows * math.ceil(batch * length / rows / desc.config.block_m), "pixels flatten (batch, length) only"

@@ -232,3 +232,21 @@ def _one_random_spec(generator):
     out = gconvgen.conv2d(x, weight, bias, stride, padding, dilation, groups, channel_policy=policy)
     expected = grouped_reference(x, weight, bias, stride, padding, dilation, groups)
     assert_close(out, expected, torch.float32)
+
+
+def test_depthwise_weight_read_tap_major_whatever_its_strides(nan_filled_outputs):
+    """The direct depthwise kernel reads the weight tap-major (runtime/weights.py): a TF/Keras HWIO view is
+    read as it is, a contiguous or strided weight through a copy; an in-place write is seen by the next call."""
+    from gconvgen.runtime import weights
+    x = torch.randn(2, 8, 6, 6)
+    expect = lambda w: F.conv2d(x.double(), w.detach().double(), None, 1, 1, 1, 8)  # noqa: E731
+    hwio = torch.randn(3, 3, 1, 8)
+    oihw = hwio.permute(3, 2, 0, 1)
+    assert weights.tap_major(oihw) is oihw
+    strided = torch.randn(8, 1, 6, 3)[:, :, ::2]  # rows 2 apart
+    weight = torch.nn.Parameter(torch.randn(8, 1, 3, 3))
+    with torch.no_grad():
+        for w in (oihw, strided, weight):
+            assert_close(gconvgen.conv2d(x, w, None, 1, 1, 1, 8), expect(w), torch.float32)
+        weight.data.mul_(-2.0)  # a write the version counter does not see
+        assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 8), expect(weight), torch.float32)

@@ -62,6 +62,21 @@ def test_tuner_rejects_wrong_candidates_and_drops_failing_ones():
     assert "best_kernel" in record  # kept even when aten wins, for the bench
 
 
+def test_tuner_drops_a_correct_candidate_that_spills():
+    """On a GPU a kernel candidate's compiled kernel says whether it spills (Triton's n_spills, read after its
+    check launch); a spilling one is dropped as failed, with the reason, before it is timed."""
+    from types import SimpleNamespace
+    from gconvgen.autotune.measure import Workload, timer_for
+    problem = _problem(16, 16, 4, 3, 1, 1, 2, 8)
+    workload = Workload.create(problem, CPU, DeviceFacts("interpreter"), False, seed=0)
+    runner = tuner.kernel_runner(problem, "igemm", default_config(problem.spec, "igemm", "forward", interpret=True))
+    kept = tuner._try(workload, timer_for(CPU), tuner.Trial("kept", runner.config, ""), runner)
+    assert kept.status == "ok" and runner.compiled is None  # the interpreter compiles nothing
+    runner.compiled = SimpleNamespace(n_spills=38)  # what a GPU launch of a spilling config leaves
+    dropped = tuner._try(workload, timer_for(CPU), tuner.Trial("spilling", runner.config, ""), runner)
+    assert dropped.status == "failed" and dropped.time_ms is None and "38 words" in dropped.detail, dropped
+
+
 def test_every_kernel_candidate_is_a_power_of_two_tile_within_the_layer():
     """Pruning keeps power-of-two tiles no wider than the layer needs."""
     problem = _problem(16, 16, 2, 3, 2, 1, 2, 9, dtype="float16")  # stride 2, odd size, 8 channels per group

@@ -20,7 +20,7 @@ import triton
 from .. import knobs
 from ..ir import ConvSpec, check
 from ..lowering import (ELEMENT_BYTES, KERNEL, Choice, KernelConfig, band_operand_bytes, groups_per_program, lowered,
-                        packed_channels)
+                        packed_channels, tap_tile)
 from ..resources import data_dir
 from ..runtime.device import device_target
 
@@ -152,10 +152,12 @@ def tile_within(configs, problem, facts, family, params):
 
 
 def tile_elements(configs, problem, facts, family, params):
-    """Keep tiles of min <= outputs <= max: BLOCK_M * BLOCK_N, times BLOCK_K columns for depthwise_gemm."""
+    """Keep tiles of min <= outputs <= max: BLOCK_M * BLOCK_N, times BLOCK_K columns for depthwise_gemm, times
+    the padded taps for depthwise grad-weight (its step gathers a [BLOCK_M, taps, BLOCK_N] window)."""
     low, high = params.get("min", 0), params.get("max", float("inf"))
-    return [c for c in configs
-            if low <= c.block_m * c.block_n * (c.block_k if family == "depthwise_gemm" else 1) <= high]
+    depth = {"depthwise_gemm": lambda c: c.block_k,
+             "grad_weight_depthwise": lambda c: tap_tile(problem.spec)}.get(family, lambda c: 1)
+    return [c for c in configs if low <= c.block_m * c.block_n * depth(c) <= high]
 
 
 def tile_fits_layout(configs, problem, facts, family, params):

@@ -96,14 +96,38 @@ def aten_runner(problem: Problem) -> Runner:
     return lambda x, grad_output, out: aten_conv2d_backward(spec, grad_output, x, out, (False, True))[1]
 
 
-def kernel_runner(problem: Problem, family: str, config: KernelConfig) -> Runner:
+@dataclass
+class KernelRunner:
+    """``problem``'s kernel of ``family`` with ``config``, called as the Workload calls every candidate
+    (a Runner); ``compiled`` is the CompiledKernel of its last GPU launch (None in the interpreter)."""
+
+    problem: Problem
+    family: str
+    config: KernelConfig
+    compiled: object = None
+
+    def __call__(self, *arguments: Optional[torch.Tensor]) -> torch.Tensor:
+        choice, spec, kind = Choice(KERNEL, self.config, self.family), self.problem.spec, self.problem.kind
+        if kind == "forward":
+            prepared = launch.prepare_forward(spec, *arguments, choice)
+        elif kind == "grad_input":
+            prepared = launch.prepare_grad_input(spec, *arguments, choice)
+        else:
+            prepared = launch.prepare_grad_weight(spec, *arguments, choice)
+        self.compiled = launch.run(prepared) or self.compiled
+        return arguments[-1]
+
+
+def kernel_runner(problem: Problem, family: str, config: KernelConfig) -> KernelRunner:
     """``problem``'s kernel of ``family`` with ``config``, called as the Workload calls every candidate."""
-    choice, spec = Choice(KERNEL, config, family), problem.spec
-    if problem.kind == "forward":
-        return lambda x, weight, bias, out: launch.forward(spec, x, weight, bias, out, choice)
-    if problem.kind == "grad_input":
-        return lambda grad_output, weight, out: launch.grad_input(spec, grad_output, weight, out, choice)
-    return lambda x, grad_output, out: launch.grad_weight(spec, x, grad_output, out, choice)
+    return KernelRunner(problem, family, config)
+
+
+def spilled_words(runner: Runner) -> int:
+    """The 4-byte words of local memory a thread of ``runner``'s compiled kernel spills registers to
+    (Triton's ``n_spills``: the loaded binary's local size / 4); 0 for aten, the interpreter, and a kernel
+    not yet launched."""
+    return getattr(getattr(runner, "compiled", None), "n_spills", 0) or 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +230,10 @@ def _try(workload: Workload, timer: Timer, candidate: Trial, runner: Runner) -> 
         error = workload.check(runner)
         if error:
             return replace(candidate, status="wrong", detail=error)
+        spilled = spilled_words(runner)
+        if spilled:  # the compiler's output decides: a spilling config is dropped before it is timed
+            return replace(candidate, status="failed",
+                           detail=f"spills registers: {spilled} words of local memory a thread (n_spills)")
         return replace(candidate, status="ok", time_ms=timer.measure(workload.timed(runner)))
     except KeyboardInterrupt:
         raise

@@ -8,6 +8,7 @@ nothing is accumulated with atomics, so every run gives the same bits.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +19,7 @@ from .. import codegen
 from ..arguments import ArgumentTable
 from ..ir import ConvSpec, check
 from ..lowering import DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, lowered_for, needs_wide_index
-from . import cache
+from . import cache, weights
 from .device import allows_tf32, device_target, on_device, target_programs
 
 # a reduction is split only while every split keeps at least this many blocks of pixels to sum
@@ -79,16 +80,18 @@ def _prepared(desc: KernelDesc, grid: tuple[int, ...], tensors: dict, result: to
     return Launch(desc, grid, tuple(_arguments(desc.arguments, tensors, scalars)), result, partials)
 
 
-def run(prepared: Optional[Launch]) -> None:
-    """Launch a prepared kernel on its tensors' device (None: nothing to compute)."""
+def run(prepared: Optional[Launch]):
+    """Launch a prepared kernel on its tensors' device (None: nothing to compute). Returns what Triton's
+    launch returns: the CompiledKernel on a GPU (the tuner reads its ``n_spills``), None in the interpreter."""
     if prepared is None:
-        return
+        return None
     device = prepared.result.device
     kernel = kernel_of(prepared.desc, device_target(device))
     with on_device(device):
-        kernel[prepared.grid](*prepared.values, **prepared.desc.meta)
+        compiled = kernel[prepared.grid](*prepared.values, **prepared.desc.meta)
     if prepared.partials is not None:
         _add_splits(prepared.partials, prepared.result)
+    return compiled
 
 
 def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = ()) -> list:
@@ -124,6 +127,8 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
     epilogue = NO_EPILOGUE if activation == "none" and residual is None else Epilogue(activation, residual is not None)
     desc = describe(spec, "forward", (x, weight, out, residual), choice, flat_pixels=batch * out_height * out_width,
                     target=target, epilogue=epilogue)
+    if desc.weight_tap_major:
+        weight = weights.tap_major(weight)
     return _prepared(desc, desc.grid(batch, height, width, out_height, out_width),
                      {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}, out)
 
@@ -136,6 +141,8 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
         return None
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, flat_pixels=batch * height * width,
                     target=target)
+    if desc.weight_tap_major:
+        weight = weights.tap_major(weight)
     return _prepared(desc, desc.grid(batch, height, width, grad_output.shape[2], grad_output.shape[3]),
                      {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x)
 
@@ -151,7 +158,7 @@ def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tens
         return None
     desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, flat_pixels=pixels, target=target)
     tiles = desc.grid(batch, height, width, out_height, out_width)[:-1]
-    splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, tiles[0] * tiles[1],
+    splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, math.prod(tiles),
                                             target_programs(x.device), splits)
     partials = _partials_for(grad_w, splits)
     return _prepared(desc, (*tiles, splits), {"x": x, "grad_output": grad_output, "partials": partials}, grad_w,

@@ -1,0 +1,165 @@
+"""Tiles: the launch configuration of a kernel (KernelConfig), the legal tiles of each family, and the
+default config the planner picks for a conv at once (tuning finds better ones)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from .ir import ConvSpec, check
+
+ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+# What a default config's staged operands may take of an SM's shared memory (Hopper has 227 KiB): half
+# of it, so two programs fit. Tuned configs are held to the device's own limit by the search space.
+DEFAULT_SHARED_MEMORY_BYTES = 112 * 1024
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration. block_m / block_n / block_k are the tile sides (what each tiles depends on
+    the family and kind: see default_config); num_warps and num_stages are Triton's launch settings."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            check(type(value) is int, f"KernelConfig {name}={value!r} must be an int", TypeError)
+
+
+# Tile limits per family: (least side of a tl.dot operand, largest side). tl.dot needs 16.
+_DOT_SIDES = (16, 512)
+_BLOCK_LIMITS = {
+    "igemm": {"block_m": _DOT_SIDES, "block_n": _DOT_SIDES, "block_k": _DOT_SIDES},
+    "depthwise_gemm": {"block_m": _DOT_SIDES, "block_n": (1, 64), "block_k": _DOT_SIDES},
+    "depthwise": {"block_m": (1, 1024), "block_n": (1, 1024), "block_k": (0, 0)},
+    "depthwise1d": {"block_m": (8, 1024), "block_n": (8, 1024), "block_k": (0, 0)},
+    "reduce": {"block_m": (1, 1024), "block_n": (1, 1024), "block_k": (0, 0)},
+}
+NUM_WARPS = (1, 2, 4, 8, 16)
+MAX_STAGES = 8
+
+
+def check_config(config: KernelConfig, family: str) -> None:
+    """Raise ValueError unless ``config`` is legal for ``family``: every tile side a power of two within the
+    family's limits (block_k 0 where the family has no reduction tile), num_warps one of NUM_WARPS and
+    1 <= num_stages <= MAX_STAGES. A tuning record is checked with this before it is used."""
+    check(isinstance(config, KernelConfig), f"config={config!r} must be a KernelConfig", TypeError)
+    check(family in _BLOCK_LIMITS, f"family={family!r} is not a kernel family; use one of {sorted(_BLOCK_LIMITS)}")
+    for name, (low, high) in _BLOCK_LIMITS[family].items():
+        value = getattr(config, name)
+        power_of_two = value > 0 and value & (value - 1) == 0
+        check(low <= value <= high and (power_of_two or value == low == 0),
+              f"{name}={value} is not legal for the {family} family; use a power of two in [{low}, {high}]"
+              if high else f"{name}={value} is not legal for the {family} family; it has no such tile, use 0")
+    check(config.num_warps in NUM_WARPS, f"num_warps={config.num_warps} must be one of {NUM_WARPS}")
+    check(1 <= config.num_stages <= MAX_STAGES, f"num_stages={config.num_stages} must be in [1, {MAX_STAGES}]")
+
+
+def pow2_between(value: int, low: int, high: int) -> int:
+    """The power of two nearest above ``value``, clamped to [low, high]: a tile side."""
+    return max(low, min(high, 1 << max(0, value - 1).bit_length()))
+
+
+def band_operand_bytes(config: KernelConfig, dtype: str) -> int:
+    """Shared memory the depthwise_gemm operands of ``config`` take: num_stages x block_n channels x
+    (the [block_m, block_k] input tile + the [block_k, block_k] band)."""
+    tile = config.block_m * config.block_k + config.block_k * config.block_k
+    return config.num_stages * config.block_n * tile * ELEMENT_BYTES[dtype]
+
+
+def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpret: bool) -> KernelConfig:
+    """A sound config chosen at once from the spec; tuning finds better ones.
+
+    Forward igemm tiles (pixels, output channels, reduction); grad-input igemm (input pixels, input
+    channels, reduction); grad-weight igemm (output channels, weight columns, pixels); depthwise_gemm
+    (output rows, channels, column strip); depthwise1d (output positions of one row, channels); the direct
+    depthwise kernels and the bias reduction (pixels, channels). Under the interpreter each program costs milliseconds, so blocks are large and grids small.
+    """
+    stages = 1 if interpret else 3
+    if family == "reduce":  # the bias gradient
+        return KernelConfig(256 if interpret else 64, 64 if interpret else 32, 0, num_stages=1 if interpret else 2)
+    taps = spec.kernel_size[0] * spec.kernel_size[1]
+    if family == "igemm" and kind == "grad_weight":  # NCHW: 8 warps share the per-element gathers (no spills)
+        return KernelConfig(pow2_between(spec.out_channels_per_group, 16, 64),
+                            pow2_between(spec.in_channels_per_group * taps, 16, 64), 256 if interpret else 64,
+                            num_warps=8 if spec.layout != "nhwc" and not interpret else 4, num_stages=stages)
+    if family == "igemm":  # the reduction runs tap by tap: a step is block_k channels of the packed groups
+        channels, reduced = ((spec.in_channels_per_group, spec.out_channels_per_group) if kind == "grad_input"
+                             else (spec.out_channels_per_group, spec.in_channels_per_group))
+        tile = KernelConfig(256 if interpret else 128, pow2_between(channels, 16, 128), 16, num_stages=stages)
+        packed = groups_per_program(spec, family, tile, kind)
+        # NCHW: the activation tile is a gather with an address per element; 8 warps share it without spilling
+        warps = 8 if spec.layout != "nhwc" and not interpret else 4
+        return replace(tile, block_k=pow2_between(packed * reduced, 16, 64 if interpret else 32), num_warps=warps)
+    if family == "depthwise_gemm":  # accumulators: block_n x block_m x block_k
+        if interpret:
+            return KernelConfig(32, pow2_between(spec.out_channels, 1, 16), 16, num_stages=1)
+        # channels_last: channels are contiguous, enough of them for 16-byte loads; NCHW: the strip is
+        wanted = 8 if spec.layout == "nhwc" else 2
+        config = KernelConfig(32 if spec.layout == "nhwc" else 64, pow2_between(spec.out_channels, 1, wanted), 32)
+        while config.block_n > 1 and band_operand_bytes(config, spec.dtype) > DEFAULT_SHARED_MEMORY_BYTES:
+            config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
+        return config
+    channels = spec.in_channels if kind == "grad_input" else spec.out_channels
+    if family == "depthwise1d":  # (output positions of one row, channels)
+        if interpret:
+            return KernelConfig(256, pow2_between(channels, 8, 64), 0, num_warps=1, num_stages=1)
+        # sm_90 makes each tap's tl.gather warp-local: 8 lanes across channels, warps side by side along
+        # them, so a channel tile under 8 x num_warps would repeat work; 16 outputs a thread, no spills
+        block_n = pow2_between(channels, 8, 128 if spec.layout == "nhwc" else 64)
+        warps = max(1, min(4, block_n // 8))
+        return KernelConfig(max(8, 512 * warps // block_n), block_n, 0, num_warps=warps, num_stages=1)
+    if kind == "grad_weight":
+        return depthwise_grad_weight_config(spec, interpret=interpret)
+    if interpret:
+        return KernelConfig(256, pow2_between(channels, 1, 64), 0, num_stages=1)
+    # the window's columns are unrolled: past 16 of them, 8 warps share the loads in flight (no spills at 31)
+    warps = 8 if spec.kernel_size[1] > 16 else 4
+    if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
+        return KernelConfig(32, pow2_between(channels, 8, 64), 0, num_warps=warps)
+    return KernelConfig(128, pow2_between(channels, 1, 8), 0, num_warps=warps)
+
+
+def tap_tile(spec: ConvSpec) -> int:
+    """The taps of the window padded to a power of two: the depthwise grad-weight accumulator's rows."""
+    return 1 << (spec.kernel_size[0] * spec.kernel_size[1] - 1).bit_length()
+
+
+# Elements of the [pixels, taps, channels] x window a depthwise grad-weight step gathers, per warp: 32 values
+# a thread, converted to the accumulator's type, beside the [taps, channels] accumulator.
+_WINDOW_ELEMENTS_PER_WARP = 1024
+
+
+def depthwise_grad_weight_config(spec: ConvSpec, *, interpret: bool) -> KernelConfig:
+    """Depthwise grad-weight tiles (pixels per step, channels): the [taps, channels] accumulator holds every
+    tap, so the channel tile narrows as the window grows (at most 32 accumulators a thread at 4 warps, 8
+    warps past that), and the pixels per step fill the window's budget (one pixel a step at 31x31)."""
+    taps = tap_tile(spec)
+    if interpret:  # few, large steps
+        block_n = pow2_between(spec.out_channels, 1, 64)
+        return KernelConfig(max(1, min(256, (1 << 18) // (taps * block_n))), block_n, 0, num_stages=1)
+    least = 8 if spec.layout == "nhwc" else 1  # channels_last: 16-byte channel rows
+    block_n = pow2_between(spec.out_channels, least, max(least, min(32, 8192 // taps)))
+    num_warps = 4 if taps * block_n <= 4096 else 8
+    block_m = max(1, _WINDOW_ELEMENTS_PER_WARP * num_warps // (taps * block_n))
+    return KernelConfig(block_m, block_n, 0, num_warps=num_warps, num_stages=2)
+
+
+def packed_channels(spec: ConvSpec, kind: str) -> int:
+    """The channels per group that an igemm kernel's channel tile packs: input channels for grad-input,
+    output channels for the forward and grad-weight."""
+    return spec.in_channels_per_group if kind == "grad_input" else spec.out_channels_per_group
+
+
+def groups_per_program(spec: ConvSpec, family: str, config: KernelConfig, kind: str) -> int:
+    """How many consecutive groups one igemm program computes: as many as fill its channel tile (block_n
+    for the forward and grad-input, block_m for grad-weight), so that narrow groups (ResNeXt's 4 channels)
+    fill a tensor-core tile and their loads cover whole runs of channels; 1 for other families."""
+    if family != "igemm":
+        return 1
+    tile = config.block_m if kind == "grad_weight" else config.block_n
+    return min(spec.groups, max(1, tile // packed_channels(spec, kind)))

@@ -100,7 +100,9 @@ def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpre
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 16), 16, num_stages=1)
         # channels_last: channels are contiguous, enough of them for 16-byte loads; NCHW: the strip is
         wanted = 8 if spec.layout == "nhwc" else 2
-        config = KernelConfig(32 if spec.layout == "nhwc" else 64, pow2_between(spec.out_channels, 1, wanted), 32)
+        # 8 warps: the batched dot's operands and accumulators fit 255 registers without spilling at k7 and k31
+        config = KernelConfig(32 if spec.layout == "nhwc" else 64, pow2_between(spec.out_channels, 1, wanted), 32,
+                              num_warps=8)
         while config.block_n > 1 and band_operand_bytes(config, spec.dtype) > DEFAULT_SHARED_MEMORY_BYTES:
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
         return config

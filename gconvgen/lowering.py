@@ -280,10 +280,11 @@ def choose_halo(fields: dict, ctx: Context) -> None:
           f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: its "
           f"gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
 def choose_weight_layout(fields: dict, ctx: Context) -> None:
-    """The direct depthwise kernels read a weight row of channels per tap: the runtime hands them the weight
-    tap-major (runtime/weights.py), so the row is one vector load at literal strides."""
+    """The direct depthwise kernels (forward, grad-input) and the igemm forward read rows of output channels
+    of the weight, one tap at a time: the runtime hands them the weight tap-major (runtime/weights.py, HWIO
+    memory), so a row is one vector load at literal strides."""
     direct = fields["family"] == "depthwise" and ctx.kind in ("forward", "grad_input")
-    fields["weight_tap_major"] = direct
+    fields["weight_tap_major"] = direct or (fields["family"] == "igemm" and ctx.kind == "forward")
 
 
 def choose_tap_tile(fields: dict, ctx: Context) -> None:

@@ -250,3 +250,20 @@ def test_depthwise_weight_read_tap_major_whatever_its_strides(nan_filled_outputs
             assert_close(gconvgen.conv2d(x, w, None, 1, 1, 1, 8), expect(w), torch.float32)
         weight.data.mul_(-2.0)  # a write the version counter does not see
         assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 8), expect(weight), torch.float32)
+
+
+def test_grouped_weight_read_tap_major_whatever_its_strides(nan_filled_outputs):
+    """The igemm forward reads the weight tap-major too (HWIO memory): a Keras HWIO view as it is, packed
+    narrow groups included; a contiguous weight through a copy that sees in-place writes."""
+    from gconvgen.runtime import weights
+    x = torch.randn(2, 12, 6, 6).contiguous(memory_format=torch.channels_last)
+    expect = lambda w: F.conv2d(x.double(), w.detach().double(), None, 1, 1, 1, 3)  # noqa: E731
+    hwio = torch.randn(3, 3, 4, 12)
+    oihw = hwio.permute(3, 2, 0, 1)
+    assert weights.tap_major(oihw) is oihw and weights.is_tap_major(weights.tap_major(oihw.contiguous()))
+    weight = torch.nn.Parameter(torch.randn(12, 4, 3, 3))
+    with torch.no_grad():
+        for w in (oihw, weight):
+            assert_close(gconvgen.conv2d(x, w, None, 1, 1, 1, 3), expect(w), torch.float32)
+        weight.data.mul_(-2.0)  # a write the version counter does not see
+        assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 3), expect(weight), torch.float32)

@@ -1,9 +1,9 @@
 """Weights in the layout a kernel reads.
 
-The direct depthwise kernels read one weight per output channel and tap: in a contiguous OIHW weight the
-channels of one tap lie kh x kw elements apart, so every tap costs a scalar load per channel. A tap-major
-weight ([kh, kw, C_out] memory, seen through an OIHW view whose output-channel stride is 1) makes each
-tap's row of channels one vector load. A weight that is already tap-major (a TF/Keras HWIO weight) is read
+The direct depthwise kernels and the igemm forward read rows of output channels per tap (and input channel
+of the group): in a contiguous OIHW weight those channels lie ci x kh x kw elements apart, so every row
+costs a scalar load per channel. A tap-major weight ([kh, kw, ci, C_out] memory, HWIO, seen through an
+OIHW view whose output-channel stride is 1) makes each row one vector load. A weight that is already tap-major (a TF/Keras HWIO weight) is read
 as it is; any other is copied, once per launch (C_out x kh x kw elements).
 
 Why not once per weight version: a copy cached against the version counter goes stale when a weight is
@@ -16,17 +16,16 @@ import torch
 
 
 def tap_major(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [C_out, 1, kh, kw] (any strides) as an OIHW-indexed view of [kh, kw, C_out] memory: itself
-    when it already is one, else a tap-major copy."""
+    """``weight`` [C_out, ci, kh, kw] (any strides) as an OIHW-indexed view of [kh, kw, ci, C_out] (HWIO)
+    memory: itself when it already is one, else a tap-major copy."""
     if is_tap_major(weight):
         return weight
-    return weight.detach().permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    return weight.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 def is_tap_major(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` [C_out, 1, kh, kw] has the strides of [kh, kw, C_out] memory (dimensions of size 1
-    may have any stride): what the kernels reading a tap-major weight write as literals."""
-    out_channels, _, _, kernel_w = weight.shape
-    wanted = (1, None, kernel_w * out_channels, out_channels)
-    return all(size == 1 or want is None or stride == want
-               for size, stride, want in zip(weight.shape, weight.stride(), wanted))
+    """Whether ``weight`` [C_out, ci, kh, kw] has the strides of [kh, kw, ci, C_out] memory (dimensions of
+    size 1 may have any stride): what the kernels reading a tap-major weight write as literals."""
+    out_channels, per_group, _, kernel_w = weight.shape
+    wanted = (1, out_channels, kernel_w * per_group * out_channels, per_group * out_channels)
+    return all(size == 1 or stride == want for size, stride, want in zip(weight.shape, weight.stride(), wanted))

@@ -271,6 +271,27 @@ def _checked_geometry(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
 # ---------------------------------------------------------------------------------------------- the module
 
 
+def clip_output_channels(module: nn.Module, out_channels: int) -> None:
+    """A grouped module built on padded channel counts (nn.Conv* refuses uneven ones) keeps the weight and
+    bias rows of its real ``out_channels`` only."""
+    if module.weight.shape[0] != out_channels:
+        module.weight = nn.Parameter(module.weight.detach()[:out_channels].clone())
+        module.bias = None if module.bias is None else nn.Parameter(module.bias.detach()[:out_channels].clone())
+
+
+def sharing_parameters(cls: type, base: type, conv: nn.Module, channel_policy: str, activation: Optional[str]):
+    """A ``cls`` (GroupedConv2d / GroupedConv1d) with the hyperparameters of ``conv`` (a ``base``) and sharing
+    its Parameter objects (same tensors, device and dtype) and training flag."""
+    check(isinstance(conv, base), f"conv must be an nn.{base.__name__}, got {type(conv).__name__}", TypeError)
+    module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+                 dtype=conv.weight.dtype, channel_policy=channel_policy, activation=activation)
+    module.weight = conv.weight
+    module.bias = conv.bias
+    module.train(conv.training)
+    return module
+
+
 class GroupedConv2d(nn.Conv2d):
     """``nn.Conv2d`` run by gconvgen, with the same constructor plus ``channel_policy`` and ``data_format``.
 
@@ -310,23 +331,14 @@ class GroupedConv2d(nn.Conv2d):
         self.channel_policy = channel_policy
         self.data_format = data_format
         self.activation = activation
-        if padded_out != out_channels:
-            self.weight = nn.Parameter(self.weight.detach()[:out_channels].clone())
-            self.bias = None if self.bias is None else nn.Parameter(self.bias.detach()[:out_channels].clone())
+        clip_output_channels(self, out_channels)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, channel_policy: str = "strict",
                   activation: Optional[str] = None) -> "GroupedConv2d":
         """A GroupedConv2d sharing ``conv``'s parameters (same tensors, device and dtype), with ``activation``
         fused after it."""
-        check(isinstance(conv, nn.Conv2d), f"conv must be an nn.Conv2d, got {type(conv).__name__}", TypeError)
-        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-                     dtype=conv.weight.dtype, channel_policy=channel_policy, activation=activation)
-        module.weight = conv.weight
-        module.bias = conv.bias
-        module.train(conv.training)
-        return module
+        return sharing_parameters(cls, nn.Conv2d, conv, channel_policy, activation)
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """gconvgen.conv2d with this module's weight, bias, hyperparameters and activation (plus ``residual``,

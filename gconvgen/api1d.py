@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import knobs
-from .api import _check_same, _check_tensor, _ints, _is_int, conv2d
+from .api import _check_same, _check_tensor, _ints, _is_int, clip_output_channels, conv2d, sharing_parameters
 from .ir import CHANNEL_POLICIES, ConvSpec, check
 from .lowering import Epilogue
 from .plan import planned
@@ -181,23 +181,14 @@ class GroupedConv1d(nn.Conv1d):
         self.in_channels, self.out_channels, self.padding = in_channels, out_channels, padding
         self.channel_policy = channel_policy
         self.activation = activation
-        if padded_out != out_channels:
-            self.weight = nn.Parameter(self.weight.detach()[:out_channels].clone())
-            self.bias = None if self.bias is None else nn.Parameter(self.bias.detach()[:out_channels].clone())
+        clip_output_channels(self, out_channels)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv1d, *, channel_policy: str = "strict",
                   activation: Optional[str] = None) -> "GroupedConv1d":
         """A GroupedConv1d sharing ``conv``'s parameters (same tensors, device and dtype), with ``activation``
         fused after it."""
-        check(isinstance(conv, nn.Conv1d), f"conv must be an nn.Conv1d, got {type(conv).__name__}", TypeError)
-        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-                     dtype=conv.weight.dtype, channel_policy=channel_policy, activation=activation)
-        module.weight = conv.weight
-        module.bias = conv.bias
-        module.train(conv.training)
-        return module
+        return sharing_parameters(cls, nn.Conv1d, conv, channel_policy, activation)
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """gconvgen.conv1d with this module's weight, bias, hyperparameters and activation (plus ``residual``,

@@ -19,6 +19,7 @@ from .api import conv2d
 from .autotune.measure import Measurement, Timer, cudnn_benchmark, random_activation
 from .autotune.space import Problem
 from .bench import roofline
+from .fusion import fold_batch_norm
 from .lowering import ELEMENT_BYTES
 from .runtime.fused import apply_activation
 from .runtime.ops import TORCH_DTYPES
@@ -46,16 +47,6 @@ class BlockRow:
     @property
     def speedup_over_compiled(self) -> Optional[float]:
         return self.compiled_ms / self.gconvgen_ms if self.compiled_ms and self.gconvgen_ms else None
-
-
-def fold_batch_norm(weight: torch.Tensor, bias: Optional[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
-                    gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight and bias of conv -> BatchNorm (running statistics) as one conv: w * g / sqrt(v + eps)."""
-    scale = torch.rsqrt(var + eps) * (gamma if gamma is not None else 1)
-    shift = (beta if beta is not None else 0) - mean * scale
-    folded_bias = shift if bias is None else bias * scale + shift
-    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), folded_bias
 
 
 def _ms(measured: Measurement) -> Optional[float]:

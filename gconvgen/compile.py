@@ -23,7 +23,8 @@ from torch import fx, nn
 
 from .api import conv2d
 from .api1d import conv1d
-from .graph_epilogue import fold_batch_norm, match_epilogue
+from .fusion import fold_batch_norm
+from .graph_epilogue import match_epilogue
 from .ir import check
 from .runtime.ops import DTYPE_NAMES
 
@@ -37,49 +38,33 @@ _CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation",
                      "groups")
 
 
-def _conv_call(graph_module: fx.GraphModule, node: fx.Node) -> Optional[dict]:
-    """The arguments of a 2-D conv call (F.conv2d, aten.conv2d, aten.convolution or an nn.Conv2d module),
-    keyed by _CONV2D_ARGS, or None when ``node`` is not one. A module's weight and bias are given as their
-    attribute paths (str); ``rewrite_grouped_convs`` turns them into get_attr nodes."""
+# per conv dimension: the module class, the functional targets, and what gconvgen runs instead (its input ranks)
+_CONVS = {
+    2: (nn.Conv2d, (torch.conv2d, torch.ops.aten.conv2d.default, torch.ops.aten.conv2d.padding), conv2d, (3, 4)),
+    1: (nn.Conv1d, (torch.conv1d, torch.ops.aten.conv1d.default, torch.ops.aten.conv1d.padding), conv1d, (2, 3)),
+}
+
+
+def _conv_call(graph_module: fx.GraphModule, node: fx.Node, dims: int) -> Optional[dict]:
+    """The arguments of a ``dims``-D conv call (F.conv2d / F.conv1d, their aten ops, aten.convolution or an
+    nn.Conv2d / nn.Conv1d module), keyed by _CONV2D_ARGS (gconvgen.conv1d takes the same names), or None
+    when ``node`` is not one. A module's weight and bias are given as their attribute paths (str);
+    ``rewrite_grouped_convs`` turns them into get_attr nodes."""
+    module_class, targets = _CONVS[dims][:2]
     if node.op == "call_module":
         module = graph_module.get_submodule(node.target)
-        if type(module) is not nn.Conv2d or module.padding_mode != "zeros" or len(node.args) != 1:
+        if type(module) is not module_class or module.padding_mode != "zeros" or len(node.args) != 1:
             return None
         return {"input": node.args[0], "weight": f"{node.target}.weight",
                 "bias": None if module.bias is None else f"{node.target}.bias", "stride": module.stride,
                 "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
     if node.op != "call_function":
         return None
-    if node.target in (torch.conv2d, torch.ops.aten.conv2d.default, torch.ops.aten.conv2d.padding):
+    if node.target in targets:
         return {**_CONV2D_DEFAULTS, **dict(zip(_CONV2D_ARGS, node.args)), **node.kwargs}
     if node.target is torch.ops.aten.convolution.default:
         call = dict(zip(_CONVOLUTION_ARGS, node.args))
-        if call["transposed"] or any(call["output_padding"]) or len(call["stride"]) != 2:
-            return None
-        return {name: call[name] for name in _CONV2D_ARGS}
-    return None
-
-
-_CONV1D_TARGETS = (torch.conv1d, torch.ops.aten.conv1d.default, torch.ops.aten.conv1d.padding)
-
-
-def _conv1d_call(graph_module: fx.GraphModule, node: fx.Node) -> Optional[dict]:
-    """The arguments of a 1-D conv call (F.conv1d, aten.conv1d, a 1-D aten.convolution or an nn.Conv1d
-    module), keyed by _CONV2D_ARGS (gconvgen.conv1d takes the same names), or None when ``node`` is not one."""
-    if node.op == "call_module":
-        module = graph_module.get_submodule(node.target)
-        if type(module) is not nn.Conv1d or module.padding_mode != "zeros" or len(node.args) != 1:
-            return None
-        return {"input": node.args[0], "weight": f"{node.target}.weight",
-                "bias": None if module.bias is None else f"{node.target}.bias", "stride": module.stride,
-                "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
-    if node.op != "call_function":
-        return None
-    if node.target in _CONV1D_TARGETS:
-        return {**_CONV2D_DEFAULTS, **dict(zip(_CONV2D_ARGS, node.args)), **node.kwargs}
-    if node.target is torch.ops.aten.convolution.default:
-        call = dict(zip(_CONVOLUTION_ARGS, node.args))
-        if call["transposed"] or any(call["output_padding"]) or len(call["stride"]) != 1:
+        if call["transposed"] or any(call["output_padding"]) or len(call["stride"]) != dims:
             return None
         return {name: call[name] for name in _CONV2D_ARGS}
     return None
@@ -113,11 +98,11 @@ def rewrite_grouped_convs(graph_module: fx.GraphModule) -> int:
     replaced = fused = 0
     graph = graph_module.graph
     for node in list(graph.nodes):
-        call, function, ranks = _conv_call(graph_module, node), conv2d, (3, 4)
-        if call is None:
-            call, function, ranks = _conv1d_call(graph_module, node), conv1d, (2, 3)
+        dims, call = next(((dims, call) for dims in _CONVS
+                           for call in [_conv_call(graph_module, node, dims)] if call is not None), (None, None))
         if call is None:
             continue
+        function, ranks = _CONVS[dims][2:]
         reason = _why_not(call, ranks)
         if reason:
             log.debug("gconvgen backend: %s stays with torch: %s", node.name, reason)

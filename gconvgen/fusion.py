@@ -307,21 +307,34 @@ def _fused_conv(conv: nn.Module, bn: Optional[nn.Module], activation: Optional[s
     return module
 
 
+def fold_batch_norm(weight: torch.Tensor, bias: Optional[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
+                    gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of a conv followed by an eval-mode batch norm, as one conv: weight * scale and
+    (bias - mean) * scale + beta, scale = gamma / sqrt(var + eps). Differentiable torch ops, run in the
+    graph on every call, so gradients reach the conv's and the batch norm's parameters."""
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = scale * gamma
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    if beta is not None:
+        shift = shift + beta
+    folded = weight * scale.to(weight.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
+    return folded, shift.to(weight.dtype)
+
+
 @torch.no_grad()
 def folded_batch_norm(weight: torch.Tensor, bias: Optional[torch.Tensor],
                       bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight and bias of conv-then-``bn`` (eval mode) as one conv: weight * scale and
-    (bias - mean) * scale + beta per output channel, scale = gamma / sqrt(var + eps) (gamma 1, beta 0
-    without affine), computed in float64 and returned in ``weight``'s dtype."""
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bias is not None:
-        shift = shift + bias.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    folded = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    """fold_batch_norm of conv-then-``bn`` (eval mode; gamma 1, beta 0 without affine), computed in float64
+    and returned in ``weight``'s dtype."""
+    def double(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if tensor is None else tensor.double()
+
+    folded, shift = fold_batch_norm(weight.double(), double(bias), bn.running_mean.double(),
+                                    bn.running_var.double(), double(bn.weight), double(bn.bias), bn.eps)
     return folded.to(weight.dtype), shift.to(weight.dtype)
 
 

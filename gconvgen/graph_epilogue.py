@@ -69,24 +69,6 @@ def match_epilogue(graph_module: fx.GraphModule, conv: fx.Node, *, batched: bool
     return epilogue
 
 
-def fold_batch_norm(weight: torch.Tensor, bias: Optional[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
-                    gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight and bias of a conv followed by an eval-mode batch norm, as one conv: weight * scale and
-    (bias - mean) * scale + beta, scale = gamma / sqrt(var + eps). Differentiable torch ops, run in the
-    graph on every call, so gradients reach the conv's and the batch norm's parameters."""
-    scale = torch.rsqrt(var + eps)
-    if gamma is not None:
-        scale = scale * gamma
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias * scale
-    if beta is not None:
-        shift = shift + beta
-    folded = weight * scale.to(weight.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
-    return folded, shift.to(weight.dtype)
-
-
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return next(iter(node.users)) if len(node.users) == 1 else None
 

@@ -16,6 +16,7 @@ from .autotune import choice as _installs_the_tuning_choice  # noqa: F401  (the 
 from .ir import CHANNEL_POLICIES, ConvSpec, check, conv_output_size, fail
 from .lowering import Epilogue
 from .plan import planned
+from .runtime import replay
 from .runtime.fused import conv2d_act
 from .runtime.ops import DTYPE_NAMES, spec_for_call
 from .runtime.ops import conv2d as op_conv2d
@@ -179,6 +180,11 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Returns the output [N, C_out, OH, OW] (channels_last in gives channels_last out), or [N, OH, OW, C_out]
     for NHWC. Raises TypeError / ValueError naming the argument for anything it cannot compute.
     """
+    key = replay.key_of(input, weight, bias, residual, stride, padding, dilation, groups, channel_policy,
+                        data_format, activation)
+    warm = replay.lookup(key)
+    if warm is not None:  # this signature ran before: its checks passed and its launch is recorded
+        return warm(input, weight, bias, residual)
     data_format = _data_format(data_format)
     check(channel_policy in CHANNEL_POLICIES,
           f"channel_policy={channel_policy!r} is not a policy; use 'strict' or 'pad'")
@@ -203,14 +209,17 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         if hint:
             raise ValueError(f"{hint} (read as {data_format}: {error})") from error
         raise
-    if activation is None and residual is None:
+    activation = Epilogue(activation or "none").activation
+    if activation == "none" and residual is None:
         out = op_conv2d(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
     else:
         residual = _checked_residual(residual, x, w, stride_hw, padding_4, dilation_hw, unbatched, nhwc)
-        out = conv2d_act(x, w, bias, residual, stride_hw, padding_4, dilation_hw, groups, channel_policy,
-                         Epilogue(activation or "none").activation)
-    out = out.permute(0, 2, 3, 1).contiguous() if nhwc else out
-    return out.squeeze(0) if unbatched else out
+        out = conv2d_act(x, w, bias, residual, stride_hw, padding_4, dilation_hw, groups, channel_policy, activation)
+    result = out.permute(0, 2, 3, 1).contiguous() if nhwc else out
+    result = result.squeeze(0) if unbatched else result
+    replay.remember(key, result, x, w, bias, residual, out, (3, 2, 0, 1) if nhwc else (0, 1, 2, 3), stride_hw,
+                    padding_4, dilation_hw, groups, channel_policy, activation)
+    return result
 
 
 def _checked_residual(residual: Optional[torch.Tensor], x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int],

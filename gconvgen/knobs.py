@@ -88,6 +88,21 @@ _KNOBS = {
 }
 
 
+# what a warm call's memo depends on: every knob, and what the cache directory falls back to
+_FINGERPRINTED = tuple(knob.env for knob in _KNOBS.values()) + ("XDG_CACHE_HOME", "HOME")
+_ENCODED = tuple(map(os.environ.encodekey, _FINGERPRINTED))
+
+
+def fingerprint() -> tuple:
+    """The raw values of every knob (and of what the cache directory falls back to), for memo keys: equal
+    fingerprints mean equal knobs. It reads the environment's own mapping (``os.environ._data``, which
+    ``os.environ``'s writes update) because ``os.environ.get`` costs a microsecond a variable."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:  # an os.environ replaced by a plain mapping
+        return tuple(map(os.environ.get, _FINGERPRINTED))
+    return tuple(map(data.get, _ENCODED))
+
+
 def cache_dir() -> Path:
     """Where rendered kernels and tuning results live (GCONVGEN_CACHE_DIR, XDG_CACHE_HOME, ~/.cache)."""
     return _KNOBS["CACHE_DIR"].get()

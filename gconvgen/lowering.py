@@ -90,7 +90,7 @@ class KernelDesc:
     accumulator: str            # tl.float32, or tl.float64 for float64
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
     halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4); else 0
-    weight_tap_major: bool      # direct depthwise forward / grad-input: the weight is read tap-major (literal strides)
+    weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi or strided
     tap_tile: int               # depthwise grad-weight: the window's taps padded to a power of two; else 0
     config: KernelConfig
     groups_per_program: int
@@ -104,10 +104,11 @@ class KernelDesc:
     def uri(self) -> str:
         """A readable name unique to the rendered source, e.g.
         ``igemm_ci4_co4_g32_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16_bias`` or ``grad_weight_depthwise_...``;
-        ``grad_bias_bfloat16`` for the bias gradient. Flags: maskin/maskout (channel masks), tf32, i64, interp."""
+        ``grad_bias_bfloat16`` for the bias gradient. Flags: maskin/maskout (channel masks), tf32, i64, wohwi (a
+        channels_last weight read as it is), interp."""
         flags = [f"act{self.activation.replace('_', '')}"] if self.activation != "none" else []
         flags += [flag for flag, on in (("res", self.residual), ("tf32", self.input_precision == "tf32"), ("i64", self.wide_index),
-                                       ("interp", self.interpret)) if on]
+                                       ("wohwi", self.weight_layout == "ohwi"), ("interp", self.interpret)) if on]
         if self.kind == "grad_bias":
             return "_".join(["grad_bias", self.dtype, *flags])
         spec = self.spec
@@ -192,6 +193,7 @@ class Context:
     allow_tf32: bool
     wide_index: bool
     epilogue: Epilogue
+    weight_memory: str  # the layout of the weight the launch was given (runtime/weights.py: layout_of)
 
 
 def choose_family(fields: dict, ctx: Context) -> None:
@@ -280,11 +282,16 @@ def choose_halo(fields: dict, ctx: Context) -> None:
           f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: its "
           f"gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
 def choose_weight_layout(fields: dict, ctx: Context) -> None:
-    """The direct depthwise kernels (forward, grad-input) and the igemm forward read rows of output channels
-    of the weight, one tap at a time: the runtime hands them the weight tap-major (runtime/weights.py, HWIO
-    memory), so a row is one vector load at literal strides."""
-    direct = fields["family"] == "depthwise" and ctx.kind in ("forward", "grad_input")
-    fields["weight_tap_major"] = direct or (fields["family"] == "igemm" and ctx.kind == "forward")
+    """The direct depthwise kernels (forward, grad-input) read a row of output channels per tap: hwio memory
+    makes it one vector load. The igemm forward and grad-input read an (input channel, output channel) tile
+    per tap: a channels_last (ohwi) weight is read as it is, input channels contiguous; any other is handed
+    over hwio, output channels contiguous (runtime/weights.py)."""
+    if fields["family"] == "depthwise" and ctx.kind in ("forward", "grad_input"):
+        fields["weight_layout"] = "hwio"
+    elif fields["family"] == "igemm" and ctx.kind in ("forward", "grad_input"):
+        fields["weight_layout"] = "ohwi" if ctx.weight_memory == "ohwi" else "hwio"
+    else:
+        fields["weight_layout"] = "strided"
 
 
 def choose_tap_tile(fields: dict, ctx: Context) -> None:
@@ -318,7 +325,7 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_index_width", choose_index_width),            # 64-bit offsets only where a launch needs them
     ("choose_epilogue", choose_epilogue),                  # activation and residual fused before the store
     ("choose_precision", choose_precision),                # TF32, accumulator, interpreter casts
-    ("choose_weight_layout", choose_weight_layout),        # direct depthwise: tap-major weight rows
+    ("choose_weight_layout", choose_weight_layout),        # weight tiles as vector loads at literal strides
     ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight holds every tap
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
     ("choose_halo", choose_halo),                          # depthwise1d's input window around its tile
@@ -338,19 +345,21 @@ TEMPLATES = {
 
 
 def lower(conv_plan: Optional[Plan], kind: str, *, dtype: Optional[str] = None, choice: Choice = DEFAULT,
-          interpret: bool, allow_tf32: bool, wide_index: bool = False, epilogue: Epilogue = NO_EPILOGUE) -> KernelDesc:
+          interpret: bool, allow_tf32: bool, wide_index: bool = False, epilogue: Epilogue = NO_EPILOGUE,
+          weight_memory: str = "strided") -> KernelDesc:
     """The description of kernel ``kind`` of ``conv_plan`` (None for grad_bias, which takes ``dtype``).
 
     ``choice`` is a tuning record's (its family and config; DEFAULT for the planner's); ``interpret``
     renders for Triton's interpreter; ``allow_tf32`` lets float32 dots use TF32; ``wide_index`` asks for
-    64-bit offsets (needs_wide_index); ``epilogue`` is a forward kernel's fused activation and residual.
+    64-bit offsets (needs_wide_index); ``epilogue`` is a forward kernel's fused activation and residual;
+    ``weight_memory`` is the layout of the weight the launch is given (runtime/weights.py ``layout_of``).
     Raises ValueError for a family or config that cannot run it.
     """
     check(kind in KINDS, f"kind={kind!r} is not a kernel kind; use one of {KINDS}")
     check(conv_plan is not None or kind == "grad_bias", f"kind={kind!r} needs a plan")
     dtype = dtype or conv_plan.spec.dtype
     check(dtype in DTYPES, f"dtype={dtype!r} is not supported; use one of {DTYPES}")
-    ctx = Context(conv_plan, kind, dtype, choice, interpret, allow_tf32, wide_index, epilogue)
+    ctx = Context(conv_plan, kind, dtype, choice, interpret, allow_tf32, wide_index, epilogue, weight_memory)
     fields: dict = {"kind": kind}
     for name, run_pass in LOWERING_PIPELINE:
         run_pass(fields, ctx)
@@ -359,17 +368,19 @@ def lower(conv_plan: Optional[Plan], kind: str, *, dtype: Optional[str] = None, 
 
 @functools.lru_cache(maxsize=4096)
 def lowered(spec: Optional[ConvSpec], kind: str, dtype: str, choice: Choice, interpret: bool, allow_tf32: bool,
-            wide_index: bool, padding_budget: float, epilogue: Epilogue = NO_EPILOGUE) -> KernelDesc:
+            wide_index: bool, padding_budget: float, epilogue: Epilogue = NO_EPILOGUE,
+            weight_memory: str = "strided") -> KernelDesc:
     """``lower`` memoised on its inputs: a warm call builds no description."""
     conv_plan = None if spec is None else planned(spec, padding_budget)
     return lower(conv_plan, kind, dtype=dtype, choice=choice, interpret=interpret, allow_tf32=allow_tf32,
-                 wide_index=wide_index, epilogue=epilogue)
+                 wide_index=wide_index, epilogue=epilogue, weight_memory=weight_memory)
 
 
 def lowered_for(spec: Optional[ConvSpec], kind: str, dtype: str, choice: Choice, interpret: bool, allow_tf32: bool,
-                wide_index: bool, epilogue: Epilogue = NO_EPILOGUE) -> KernelDesc:
+                wide_index: bool, epilogue: Epilogue = NO_EPILOGUE, weight_memory: str = "strided") -> KernelDesc:
     """``lowered`` under the current padding budget (GCONVGEN_PADDING_BUDGET)."""
-    return lowered(spec, kind, dtype, choice, interpret, allow_tf32, wide_index, knobs.padding_budget(), epilogue)
+    return lowered(spec, kind, dtype, choice, interpret, allow_tf32, wide_index, knobs.padding_budget(), epilogue,
+                   weight_memory)
 
 
 def needs_wide_index(largest_offset: int, largest_flat_index: int) -> bool:

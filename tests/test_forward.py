@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import gconvgen
 from gconvgen import knobs, lowering
 from gconvgen.autotune import choice
-from gconvgen.runtime import launch
+from gconvgen.runtime import launch, replay
 from conftest import assert_close
 
 P = pytest.param
@@ -138,6 +138,7 @@ def depthwise_family(request, monkeypatch):
     memos = (plan_module.planned, lowering.lowered, choice._key)
     for memo in memos:
         memo.cache_clear()
+    replay.clear()  # launches recorded under the unpatched planner
     monkeypatch.setattr(plan_module, "LOGICAL_PIPELINE", [
         (name, select_kernel_family if name == "select_kernel_family" else run_pass)
         for name, run_pass in plan_module.LOGICAL_PIPELINE])
@@ -153,6 +154,7 @@ def depthwise_family(request, monkeypatch):
     yield request.param, launched
     for memo in memos:
         memo.cache_clear()
+    replay.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -242,7 +244,7 @@ def test_depthwise_weight_read_tap_major_whatever_its_strides(nan_filled_outputs
     expect = lambda w: F.conv2d(x.double(), w.detach().double(), None, 1, 1, 1, 8)  # noqa: E731
     hwio = torch.randn(3, 3, 1, 8)
     oihw = hwio.permute(3, 2, 0, 1)
-    assert weights.tap_major(oihw) is oihw
+    assert weights.layout_of(oihw) == "hwio" and weights.in_layout(oihw, "hwio") is oihw
     strided = torch.randn(8, 1, 6, 3)[:, :, ::2]  # rows 2 apart
     weight = torch.nn.Parameter(torch.randn(8, 1, 3, 3))
     with torch.no_grad():
@@ -253,17 +255,20 @@ def test_depthwise_weight_read_tap_major_whatever_its_strides(nan_filled_outputs
 
 
 def test_grouped_weight_read_tap_major_whatever_its_strides(nan_filled_outputs):
-    """The igemm forward reads the weight tap-major too (HWIO memory): a Keras HWIO view as it is, packed
-    narrow groups included; a contiguous weight through a copy that sees in-place writes."""
+    """The igemm forward reads the weight at literal strides: a Keras HWIO view and a channels_last (OHWI)
+    weight as they are, packed narrow groups included; a contiguous weight through an HWIO copy that sees
+    in-place writes."""
     from gconvgen.runtime import weights
     x = torch.randn(2, 12, 6, 6).contiguous(memory_format=torch.channels_last)
     expect = lambda w: F.conv2d(x.double(), w.detach().double(), None, 1, 1, 1, 3)  # noqa: E731
     hwio = torch.randn(3, 3, 4, 12)
     oihw = hwio.permute(3, 2, 0, 1)
-    assert weights.tap_major(oihw) is oihw and weights.is_tap_major(weights.tap_major(oihw.contiguous()))
+    ohwi = torch.randn(12, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert weights.layout_of(oihw) == "hwio" and weights.layout_of(ohwi) == "ohwi"
+    assert weights.layout_of(weights.in_layout(oihw.contiguous(), "hwio")) == "hwio"
     weight = torch.nn.Parameter(torch.randn(12, 4, 3, 3))
     with torch.no_grad():
-        for w in (oihw, weight):
+        for w in (oihw, ohwi, weight):
             assert_close(gconvgen.conv2d(x, w, None, 1, 1, 1, 3), expect(w), torch.float32)
         weight.data.mul_(-2.0)  # a write the version counter does not see
         assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 3), expect(weight), torch.float32)

@@ -17,13 +17,26 @@ from ..lowering import DEFAULT, Choice
 # provider(spec, kind, device, batch, height, width) -> Choice; kind is forward, grad_input or grad_weight
 Provider = Callable[[ConvSpec, str, torch.device, int, int, int], Choice]
 _provider: Optional[Provider] = None
+_generation = 0  # advances whenever a choice may change: memos of past choices compare it
 
 
 def set_provider(provider: Optional[Provider]) -> Optional[Provider]:
     """Install ``provider`` (None: defaults only); returns the one it replaces."""
     global _provider
     previous, _provider = _provider, provider
+    changed()
     return previous
+
+
+def changed() -> None:
+    """Say that the provider's answers may have changed (a tuning record written or removed)."""
+    global _generation
+    _generation += 1
+
+
+def generation() -> int:
+    """A number that differs whenever a choice given before may differ now."""
+    return _generation
 
 
 def choice_for(spec: ConvSpec, kind: str, device: torch.device, batch: int, height: int, width: int) -> Choice:

@@ -59,5 +59,8 @@ def target_programs(device: torch.device) -> int:
 
 
 def on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' one (a no-op on the CPU)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensors' one (a no-op on the CPU, and when it
+    already is)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

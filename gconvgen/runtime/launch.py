@@ -39,16 +39,19 @@ def kernel_of(desc: KernelDesc, target: str):
 
 
 def clear_memo() -> None:
-    """Forget every loaded kernel (tests; a new cache directory)."""
+    """Forget every loaded kernel and every recorded launch that holds one (tests; a new cache directory)."""
+    from . import replay  # replay records launches prepared here
+
     _KERNELS.clear()
+    replay.clear()
 
 
 def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.Tensor], ...], choice: Choice,
              dtype: Optional[str] = None, flat_pixels: int = 0, target: Optional[str] = None,
-             epilogue: Epilogue = NO_EPILOGUE) -> KernelDesc:
+             epilogue: Epilogue = NO_EPILOGUE, weight_memory: str = "strided") -> KernelDesc:
     """The lowered description of kernel ``kind`` for a launch on ``tensors``: the target (``target``, else
-    their device's) and its TF32 setting, and 64-bit offsets when some offset or the ``flat_pixels`` index
-    needs them."""
+    their device's) and its TF32 setting, 64-bit offsets when some offset or the ``flat_pixels`` index
+    needs them, and the layout of the weight it is given (``weight_memory``, see weights.layout_of)."""
     device = tensors[0].device
     # an element's offset from its tensor's start is below its storage's size: a cheap, safe bound
     largest = max(tensor.untyped_storage().nbytes() // tensor.element_size() - 1 for tensor in tensors
@@ -56,7 +59,7 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
     target = target or device_target(device)
     return lowered_for(spec, kind, dtype or spec.dtype, choice, target == "interpreter",
                        allows_tf32(device) if device.type == "cuda" else False,
-                       needs_wide_index(largest, flat_pixels), epilogue)
+                       needs_wide_index(largest, flat_pixels), epilogue, weight_memory)
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,8 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
         return None
     epilogue = NO_EPILOGUE if activation == "none" and residual is None else Epilogue(activation, residual is not None)
     desc = describe(spec, "forward", (x, weight, out, residual), choice, flat_pixels=batch * out_height * out_width,
-                    target=target, epilogue=epilogue)
-    if desc.weight_tap_major:
-        weight = weights.tap_major(weight)
+                    target=target, epilogue=epilogue, weight_memory=weights.layout_of(weight))
+    weight = weights.in_layout(weight, desc.weight_layout)
     return _prepared(desc, desc.grid(batch, height, width, out_height, out_width),
                      {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}, out)
 
@@ -140,9 +142,8 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
     if batch * height * width == 0:
         return None
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, flat_pixels=batch * height * width,
-                    target=target)
-    if desc.weight_tap_major:
-        weight = weights.tap_major(weight)
+                    target=target, weight_memory=weights.layout_of(weight))
+    weight = weights.in_layout(weight, desc.weight_layout)
     return _prepared(desc, desc.grid(batch, height, width, grad_output.shape[2], grad_output.shape[3]),
                      {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x)
 

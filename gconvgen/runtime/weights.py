@@ -1,31 +1,55 @@
 """Weights in the layout a kernel reads.
 
-The direct depthwise kernels and the igemm forward read rows of output channels per tap (and input channel
-of the group): in a contiguous OIHW weight those channels lie ci x kh x kw elements apart, so every row
-costs a scalar load per channel. A tap-major weight ([kh, kw, ci, C_out] memory, HWIO, seen through an
-OIHW view whose output-channel stride is 1) makes each row one vector load. A weight that is already tap-major (a TF/Keras HWIO weight) is read
-as it is; any other is copied, once per launch (C_out x kh x kw elements).
+The direct depthwise kernels and the igemm forward read, per tap, a tile of (input channel, output channel)
+weights. In a contiguous OIHW weight neither axis is contiguous (they lie ci x kh x kw and kh x kw elements
+apart), so every element costs a scalar load. Two memory orders make the tile vector loads at literal
+strides, and the lowering names the one a kernel reads (``KernelDesc.weight_layout``):
+
+- ``hwio``, [kh, kw, ci, C_out] memory (a TF/Keras weight): output channels contiguous;
+- ``ohwi``, [C_out, kh, kw, ci] memory (``weight.contiguous(memory_format=torch.channels_last)``, what
+  ``model.to(memory_format=torch.channels_last)`` gives): input channels contiguous. The igemm forward reads
+  it as it is.
+
+A weight in neither order is copied to hwio once per launch (C_out x ci x kh x kw elements), as torch copies
+a weight to channels_last per call for its channels_last convs.
 
 Why not once per weight version: a copy cached against the version counter goes stale when a weight is
-written through ``weight.data`` (gradcheck's finite differences, optimizers written as ``p.data.add_``),
-which does not advance the counter; a stale weight would be a silently wrong conv.
+written through ``weight.data`` (gradcheck's finite differences, optimizers and EMA updates written as
+``p.data.mul_``), which does not advance the counter; a stale weight would be a silently wrong conv.
 """
 from __future__ import annotations
 
 import torch
 
+LAYOUTS = ("hwio", "ohwi", "strided")  # strided: any other strides, passed to the kernel as they are
 
-def tap_major(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [C_out, ci, kh, kw] (any strides) as an OIHW-indexed view of [kh, kw, ci, C_out] (HWIO)
-    memory: itself when it already is one, else a tap-major copy."""
-    if is_tap_major(weight):
+
+def layout_of(weight: torch.Tensor) -> str:
+    """The memory order of ``weight`` [C_out, ci, kh, kw]: 'hwio', 'ohwi' or 'strided'."""
+    out_channels, per_group, kernel_h, kernel_w = weight.shape
+    if _has_strides(weight, (1, out_channels, kernel_w * per_group * out_channels, per_group * out_channels)):
+        return "hwio"
+    if _has_strides(weight, (kernel_h * kernel_w * per_group, 1, kernel_w * per_group, per_group)):
+        return "ohwi"
+    return "strided"
+
+
+def in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """``weight`` [C_out, ci, kh, kw] as a kernel reading ``layout`` takes it: itself when it is in that
+    layout already (or the kernel reads any strides), else an OIHW-indexed view of an hwio copy."""
+    if layout == "strided" or layout_of(weight) == layout:
         return weight
+    if layout == "hwio":
+        return hwio_copy(weight)
+    raise ValueError(f"a kernel reading a {layout!r} weight must be lowered for a weight in that layout")
+
+
+def hwio_copy(weight: torch.Tensor) -> torch.Tensor:
+    """An OIHW-indexed view of an hwio copy of ``weight`` [C_out, ci, kh, kw]."""
     return weight.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-def is_tap_major(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` [C_out, ci, kh, kw] has the strides of [kh, kw, ci, C_out] memory (dimensions of
-    size 1 may have any stride): what the kernels reading a tap-major weight write as literals."""
-    out_channels, per_group, _, kernel_w = weight.shape
-    wanted = (1, out_channels, kernel_w * per_group * out_channels, per_group * out_channels)
+def _has_strides(weight: torch.Tensor, wanted: tuple[int, ...]) -> bool:
+    """Whether ``weight`` has the strides ``wanted`` (dimensions of size 1 may have any stride): what a kernel
+    reading that layout writes as literals."""
     return all(size == 1 or stride == want for size, stride, want in zip(weight.shape, weight.stride(), wanted))

@@ -1,0 +1,113 @@
+"""Warm calls replay a recorded launch (runtime/replay.py): the same results, and nothing the whole path would
+refuse or decide differently is replayed."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gconvgen
+from gconvgen import knobs
+from gconvgen.autotune.database import database, kernel_record, key_of
+from gconvgen.autotune.space import Problem
+from gconvgen.lowering import KernelConfig
+from gconvgen.runtime import launch, replay
+from gconvgen.runtime.ops import spec_for_call
+from conftest import assert_close
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The (family, config) of every forward kernel launched from now on, replays included."""
+    replay.clear()
+    ran = []
+    kernel_of = launch.kernel_of
+
+    def spy(desc, target):
+        if desc.kind == "forward":
+            ran.append((desc.family, desc.config))
+        return kernel_of(desc, target)
+
+    monkeypatch.setattr(launch, "kernel_of", spy)
+    yield ran
+    replay.clear()
+
+
+@pytest.mark.parametrize("data_format, groups, weight_layout", [
+    ("NCHW", 4, "oihw"),           # igemm, weight copied to hwio on every call
+    ("NCHW", 4, "channels_last"),  # igemm, an ohwi weight read as it is
+    ("NCHW", 8, "oihw"),           # depthwise
+    ("NHWC", 4, "hwio"),           # Keras tensors
+])
+def test_warm_calls_match_torch_on_fresh_inputs(data_format, groups, weight_layout, launched, nan_filled_outputs):
+    """Each call gets new tensors (new addresses) of the recorded signature; a weight written in place through
+    ``.data`` between calls is read anew."""
+    weight = torch.randn(8, 8 // groups, 3, 3)
+    if weight_layout == "channels_last":
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    keras = lambda t: t.permute(0, 2, 3, 1) if data_format == "NHWC" else t  # noqa: E731
+    for call in range(3):
+        x = torch.randn(2, 8, 6, 5).contiguous(memory_format=torch.channels_last)
+        bias, residual = torch.randn(8), torch.randn(2, 8, 6, 5)
+        given = weight.permute(2, 3, 1, 0) if data_format == "NHWC" else weight
+        out = gconvgen.conv2d(keras(x), given, bias, padding=1, groups=groups, data_format=data_format,
+                              activation="relu", residual=keras(residual))
+        expected = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 1, 1, 1, groups) + residual.double())
+        assert_close(out, keras(expected), torch.float32)
+        weight.data.mul_(-1.5)  # the version counter does not see this write
+    assert len(launched) == 3 and len(set(launched)) == 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"groups": True}, "groups=True must be an int"),
+    ({"stride": 1.0}, r"stride=1.0 must be an int"),
+    ({"padding": [1, 1]}, None),  # a list: not memoised, still computed
+])
+def test_arguments_equal_to_a_recorded_call_are_checked_anew(bad, match, launched):
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    arguments = {"stride": 1, "padding": 1, "groups": 1}
+    gconvgen.conv2d(x, weight, **arguments)
+    gconvgen.conv2d(x, weight, **arguments)  # replayed
+    if match is None:
+        assert_close(gconvgen.conv2d(x, weight, **{**arguments, **bad}), F.conv2d(x.double(), weight.double(), None, 1, 1),
+                     torch.float32)
+    else:
+        with pytest.raises(TypeError, match=match):
+            gconvgen.conv2d(x, weight, **{**arguments, **bad})
+
+
+def test_a_knob_changed_between_calls_is_obeyed(launched):
+    """7 channels in 2 groups pad to 8 (1/7 extra work): a budget below that refuses the replayed call too."""
+    x, weight = torch.randn(1, 7, 5, 5), torch.randn(4, 4, 3, 3)
+    for _ in range(2):
+        gconvgen.conv2d(x, weight, groups=2, channel_policy="pad")
+    with knobs.scoped(PADDING_BUDGET=0.05), pytest.raises(ValueError, match="GCONVGEN_PADDING_BUDGET"):
+        gconvgen.conv2d(x, weight, groups=2, channel_policy="pad")
+
+
+def test_a_tuning_record_written_between_calls_is_run(launched, tmp_path):
+    x, weight = torch.randn(2, 8, 6, 6), torch.randn(8, 1, 3, 3)
+    with knobs.scoped(CACHE_DIR=tmp_path):  # a private database
+        gconvgen.conv2d(x, weight, padding=1, groups=8)
+        gconvgen.conv2d(x, weight, padding=1, groups=8)
+        spec = spec_for_call(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 8, "strict")
+        banded = KernelConfig(block_m=16, block_n=8, block_k=16, num_warps=4, num_stages=1)
+        database().record({key_of(Problem(spec, 2, 6, 6, "forward"), "interpreter", allow_tf32=False):
+                           {**kernel_record(banded, "depthwise_gemm"), "time_ms": 1.0}})
+        out = gconvgen.conv2d(x, weight, padding=1, groups=8)
+    assert launched[-1] == ("depthwise_gemm", banded) and launched[0][0] == "depthwise"
+    assert_close(out, F.conv2d(x.double(), weight.double(), None, 1, 1, 1, 8), torch.float32)
+
+
+def test_calls_autograd_can_see_take_the_op(launched):
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    weight = torch.randn(4, 2, 3, 3)
+    with torch.no_grad():
+        gconvgen.conv2d(x, weight, groups=2)
+        gconvgen.conv2d(x, weight, groups=2)
+    out = gconvgen.conv2d(x, weight, groups=2)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    expected = torch.autograd.grad(F.conv2d(x64, weight.double(), groups=2).sum(), x64)[0]
+    assert_close(x.grad, expected, torch.float32)

@@ -184,7 +184,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                         data_format, activation)
     warm = replay.lookup(key)
     if warm is not None:  # this signature ran before: its checks passed and its launch is recorded
-        return warm(input, weight, bias, residual)
+        nhwc = _data_format(data_format) == "NHWC"
+        return warm(_nchw_view(input, nhwc), weight.permute(3, 2, 0, 1) if nhwc else weight, bias,
+                    _nchw_view(residual, nhwc))
     data_format = _data_format(data_format)
     check(channel_policy in CHANNEL_POLICIES,
           f"channel_policy={channel_policy!r} is not a policy; use 'strict' or 'pad'")
@@ -196,8 +198,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         input, weight, bias = _autocast((input, weight, bias))
     _check_same("weight", weight, input)
     unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input
-    x = x.permute(0, 3, 1, 2) if nhwc else x          # NCHW-indexed view, no copy
+    x = _nchw_view(input, nhwc)
     w = weight.permute(3, 2, 0, 1) if nhwc else weight  # OIHW-indexed view, no copy
     check(_is_int(groups), f"groups={groups!r} must be an int", TypeError)
     groups = operator.index(groups)
@@ -217,9 +218,17 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         out = conv2d_act(x, w, bias, residual, stride_hw, padding_4, dilation_hw, groups, channel_policy, activation)
     result = out.permute(0, 2, 3, 1).contiguous() if nhwc else out
     result = result.squeeze(0) if unbatched else result
-    replay.remember(key, result, x, w, bias, residual, out, (3, 2, 0, 1) if nhwc else (0, 1, 2, 3), stride_hw,
-                    padding_4, dilation_hw, groups, channel_policy, activation)
+    replay.remember(key, result, x, w, bias, residual, out, stride_hw, padding_4, dilation_hw, groups,
+                    channel_policy, activation)
     return result
+
+
+def _nchw_view(activation: Optional[torch.Tensor], nhwc: bool) -> Optional[torch.Tensor]:
+    """An [N, C, H, W]-indexed view (no copy) of an activation given batched or not, in NCHW or NHWC."""
+    if activation is None:
+        return None
+    view = activation.unsqueeze(0) if activation.dim() == 3 else activation
+    return view.permute(0, 3, 1, 2) if nhwc else view
 
 
 def _checked_residual(residual: Optional[torch.Tensor], x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int],

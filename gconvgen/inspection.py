@@ -123,7 +123,7 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
                    arguments: dict) -> tuple[Optional[float], Optional[float]]:
     """(global bytes the programs request / ideal bytes, tensor-core FLOPs issued / useful FLOPs) of the
     tiling, counting every operand tile each program loads (L2 may serve repeats: this bounds traffic
-    from above). None where the family's model is not written (the direct depthwise grad-input kernel)."""
+    from above) and a staged activation's copy. None where the family's model is not written (the direct depthwise grad-input kernel)."""
     spec, config = problem.spec, desc.config
     ideal_bytes, useful_flops = ideal_bytes_and_flops(problem)
     element = ELEMENT_BYTES[spec.dtype]
@@ -134,6 +134,10 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
                "grad_input": problem.batch * spec.in_channels * problem.height * problem.width,
                "grad_weight": grid[-1] * spec.out_channels * spec.in_channels_per_group * taps}[desc.kind]
     writes = written * element
+    if desc.stage_channels_last:  # the runtime's channels_last copy of the activation read: once in, once out
+        staged = (problem.batch * spec.in_channels * problem.height * problem.width if desc.kind == "forward"
+                  else problem.output_pixels * spec.out_channels)
+        writes += 2 * staged * element
     if desc.family == "igemm":
         packed = desc.groups_per_program
         reduction = {"forward": packed * spec.in_channels_per_group * taps,

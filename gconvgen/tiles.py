@@ -92,9 +92,11 @@ def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpre
                              else (spec.out_channels_per_group, spec.in_channels_per_group))
         tile = KernelConfig(256 if interpret else 128, pow2_between(channels, 16, 128), 16, num_stages=stages)
         packed = groups_per_program(spec, family, tile, kind)
-        # NCHW: the activation tile is a gather with an address per element; 8 warps share it without spilling
-        warps = 8 if spec.layout != "nhwc" and not interpret else 4
-        return replace(tile, block_k=pow2_between(packed * reduced, 16, 64 if interpret else 32), num_warps=warps)
+        # an NCHW activation is staged channels_last (lowering.choose_layout_constants), but an NCHW output is
+        # stored along the width: a 128 x 64 accumulator takes 8 warps to convert for that store without spills
+        wide_store = spec.layout != "nhwc" and tile.block_m * tile.block_n >= 128 * 64 and not interpret
+        return replace(tile, block_k=pow2_between(packed * reduced, 16, 64 if interpret else 32),
+                       num_warps=8 if wide_store else 4)
     if family == "depthwise_gemm":  # accumulators: block_n x block_m x block_k
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 16), 16, num_stages=1)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The one GPU check, for one call of at most 9 minutes on one H200, from a checkout that is not installed:
 #   1. versions (GPU, driver, torch, Triton, cuDNN);
-#   2. the GPU test subset on real Triton (bf16 included): forward, epilogues, backward;
+#   2. the GPU test subset on real Triton (bf16 included): forward, epilogues, backward, warm-call replays;
+#      then the host time per warm call (scripts/host_overhead.py) with real and stubbed launches;
 #   3. a short tune of the headline suite in channels_last (each layer's record is written as it finishes,
 #      so a tune cut short by its time limit keeps what it tuned);
 #   4. the headline suite forward in NCHW and channels_last against F.conv2d, and forward + backward in
 #      channels_last against PyTorch eager;
 #   5. `gconvgen inspect` of the same kernels (static sm_90 figures, run on the CPU cores meanwhile),
 #      so static figures and measured times sit side by side.
-# Writes at most 8 files to OUT_DIR. Every step has its own time limit; a failed step does not stop the rest.
+# Writes at most 9 files to OUT_DIR. Every step has its own time limit; a failed step does not stop the rest.
 #
 #   scripts/gpu_check.sh [OUT_DIR]            (OUT_DIR defaults to $OUT, else ./gconvgen-gpu-check)
 #   GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh /tmp/dry   a dry run of every step on the CPU (smoke suite,
@@ -48,8 +49,14 @@ inspecting=$!
 # 2. tests on the device
 say "tests"
 timeout "$tests_limit" "$python" -m pytest -q -p no:cacheprovider -x "${test_args[@]}" \
-    tests/test_forward.py tests/test_epilogue.py tests/test_backward.py > "$out/gpu-tests.log" 2>&1 || status=1
+    tests/test_forward.py tests/test_epilogue.py tests/test_backward.py tests/test_replay.py \
+    > "$out/gpu-tests.log" 2>&1 || status=1
 tail -n 3 "$out/gpu-tests.log" | tee -a "$out/versions.txt"
+
+# 2b. host time per warm call, real launches and stubbed, beside F.conv2d's
+say "host overhead"
+timeout 60 "$python" scripts/host_overhead.py --device "$device" --calls 1000 > "$out/host-overhead.txt" 2>&1 || status=1
+cat "$out/host-overhead.txt" >&2
 
 # 3. a short tune, channels_last
 say "tune (at most ${tune_limit}s)"

@@ -1,32 +1,41 @@
 """Host time per warm call of gconvgen.conv2d with the kernel launch stubbed out, beside F.conv2d's own
-dispatch time on the same machine (a tiny CPU conv, and a meta-tensor conv that does no arithmetic).
+dispatch time on the same machine.
 
-    TRITON_INTERPRET=1 python scripts/host_overhead.py [--calls N]
+    TRITON_INTERPRET=1 python scripts/host_overhead.py [--calls N]      CPU tensors, Triton's interpreter
+    python scripts/host_overhead.py --device cuda [--calls N]            CUDA tensors, Triton's real launcher
 
 The kernel launch (``kernel[grid](...)``) is replaced by a no-op, so what is timed is gconvgen's Python
-between the call and Triton's launcher: argument checks, the spec, the tuning choice, the launch arguments.
-Runs on CPU; prints microseconds per call (median of repeats).
+between the call and Triton's launcher: on a warm call, the replay of the recorded launch
+(gconvgen/runtime/replay.py), with the output's allocation and any weight or activation copy it needs.
+F.conv2d computes on CPU tensors, so its meta-tensor row (dispatch, no arithmetic) is the fair comparison
+there. On CUDA the script first prints each row with real launches (host time per call, asynchronous: the
+GPU's work overlaps it), then stubbed. Prints microseconds per call (median of 7 repeats).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if "cuda" not in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import gconvgen  # noqa: E402
 
 
-def per_call_us(run, calls: int, repeats: int = 7) -> float:
-    """Median over ``repeats`` of the mean time of ``calls`` calls of ``run()``, in microseconds."""
+def per_call_us(run, calls: int, device: str, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the mean host time of ``calls`` calls of ``run()``, in microseconds."""
     samples = []
     for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(calls):
             run()
@@ -37,34 +46,48 @@ def per_call_us(run, calls: int, repeats: int = 7) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
-    calls = parser.parse_args().calls
-    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(32, 4, 3, 3).contiguous(memory_format=torch.channels_last)  # ohwi: read as it is
-    depthwise_weight = torch.randn(32, 1, 3, 3)  # nn.Conv2d's OIHW: copied to hwio on each call
-    x_nhwc, keras_weight = x.permute(0, 2, 3, 1), torch.randn(3, 3, 4, 32)
-    bias = torch.randn(32)
-    module = gconvgen.GroupedConv2d(32, 32, 3, padding=1, groups=32).to(memory_format=torch.channels_last).eval()
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = parser.parse_args()
+    device, calls = args.device, args.calls
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    x = make(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    weight = make(32, 4, 3, 3).contiguous(memory_format=torch.channels_last)  # ohwi: read as it is
+    depthwise_weight = make(32, 1, 3, 3)  # nn.Conv2d's OIHW: copied to hwio on each call
+    x_nchw, x_nhwc, keras_weight = x.contiguous(), x.permute(0, 2, 3, 1), make(3, 3, 4, 32)
+    bias = make(32)
+    module = gconvgen.GroupedConv2d(32, 32, 3, padding=1, groups=32, device=device, dtype=dtype).eval()
     x_meta, weight_meta = x.to("meta"), weight.to("meta")
-    rows = [
+    ours = [
         ("gconvgen.conv2d, grouped, channels_last weight",
          lambda: gconvgen.conv2d(x, weight, bias, padding=1, groups=8)),
+        ("gconvgen.conv2d, grouped, NCHW input staged",
+         lambda: gconvgen.conv2d(x_nchw, weight, bias, padding=1, groups=8)),
         ("gconvgen.conv2d, depthwise, OIHW weight copied",
          lambda: gconvgen.conv2d(x, depthwise_weight, bias, padding=1, groups=32)),
         ("gconvgen.conv2d, NHWC with a Keras HWIO weight",
          lambda: gconvgen.conv2d(x_nhwc, keras_weight, bias, padding=1, groups=8, data_format="NHWC")),
-        ("GroupedConv2d (depthwise) under no_grad", lambda: module(x)),
-        ("F.conv2d, CPU tensors (computes)", lambda: F.conv2d(x, weight, bias, padding=1, groups=8)),
+        ("GroupedConv2d (depthwise) module call", lambda: module(x)),
+    ]
+    torch_rows = [
+        (f"F.conv2d, {device} tensors (computes)", lambda: F.conv2d(x, weight, bias, padding=1, groups=8)),
         ("F.conv2d, meta tensors (dispatch only)", lambda: F.conv2d(x_meta, weight_meta, None, padding=1, groups=8)),
     ]
+    print(f"host time per warm call, {calls} calls x 7 repeats, median (torch {torch.__version__}, "
+          f"Triton {triton.__version__}, {device}):")
     with torch.no_grad():
-        for _, run in rows[:4]:
+        for _, run in ours:
             run()  # compile and load once, for real
-        InterpretedFunction.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)  # stub the launch
-        print(f"host time per warm call, {calls} calls x 7 repeats, median (torch {torch.__version__}); "
-              f"gconvgen's launches stubbed:")
-        for name, run in rows:
+        if device == "cuda":
+            for name, run in ours + torch_rows:
+                run()
+                print(f"  {name + ', launched':<58} {per_call_us(run, calls, device):8.1f} us")
+            triton.runtime.jit.JITFunction.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
+        else:
+            InterpretedFunction.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
+        for name, run in [(name + ", launch stubbed", run) for name, run in ours] + torch_rows:
             run()
-            print(f"  {name:<48} {per_call_us(run, calls):8.1f} us")
+            print(f"  {name:<64} {per_call_us(run, calls, device):8.1f} us")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from gconvgen.autotune.database import database, kernel_record, key_of
 from gconvgen.autotune.space import Problem
 from gconvgen.lowering import KernelConfig
 from gconvgen.runtime import launch, replay
+from gconvgen.runtime.device import device_target
 from gconvgen.runtime.ops import spec_for_call
 from conftest import assert_close
 
@@ -33,13 +34,15 @@ def launched(monkeypatch):
     replay.clear()
 
 
-@pytest.mark.parametrize("data_format, groups, weight_layout", [
-    ("NCHW", 4, "oihw"),           # igemm, weight copied to hwio on every call
-    ("NCHW", 4, "channels_last"),  # igemm, an ohwi weight read as it is
-    ("NCHW", 8, "oihw"),           # depthwise
-    ("NHWC", 4, "hwio"),           # Keras tensors
+@pytest.mark.parametrize("data_format, groups, weight_layout, x_layout", [
+    ("NCHW", 4, "oihw", torch.channels_last),              # igemm, weight copied to hwio on every call
+    ("NCHW", 4, "channels_last", torch.channels_last),     # igemm, an ohwi weight read as it is
+    ("NCHW", 4, "oihw", torch.contiguous_format),          # igemm, NCHW input staged channels_last on every call
+    ("NCHW", 8, "oihw", torch.channels_last),              # depthwise
+    ("NHWC", 4, "hwio", torch.channels_last),              # Keras tensors
 ])
-def test_warm_calls_match_torch_on_fresh_inputs(data_format, groups, weight_layout, launched, nan_filled_outputs):
+def test_warm_calls_match_torch_on_fresh_inputs(data_format, groups, weight_layout, x_layout, launched,
+                                                nan_filled_outputs):
     """Each call gets new tensors (new addresses) of the recorded signature; a weight written in place through
     ``.data`` between calls is read anew."""
     weight = torch.randn(8, 8 // groups, 3, 3)
@@ -47,7 +50,7 @@ def test_warm_calls_match_torch_on_fresh_inputs(data_format, groups, weight_layo
         weight = weight.contiguous(memory_format=torch.channels_last)
     keras = lambda t: t.permute(0, 2, 3, 1) if data_format == "NHWC" else t  # noqa: E731
     for call in range(3):
-        x = torch.randn(2, 8, 6, 5).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(2, 8, 6, 5).contiguous(memory_format=x_layout)
         bias, residual = torch.randn(8), torch.randn(2, 8, 6, 5)
         given = weight.permute(2, 3, 1, 0) if data_format == "NHWC" else weight
         out = gconvgen.conv2d(keras(x), given, bias, padding=1, groups=groups, data_format=data_format,
@@ -92,7 +95,7 @@ def test_a_tuning_record_written_between_calls_is_run(launched, tmp_path):
         gconvgen.conv2d(x, weight, padding=1, groups=8)
         spec = spec_for_call(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 8, "strict")
         banded = KernelConfig(block_m=16, block_n=8, block_k=16, num_warps=4, num_stages=1)
-        database().record({key_of(Problem(spec, 2, 6, 6, "forward"), "interpreter", allow_tf32=False):
+        database().record({key_of(Problem(spec, 2, 6, 6, "forward"), device_target(x.device), allow_tf32=False):
                            {**kernel_record(banded, "depthwise_gemm"), "time_ms": 1.0}})
         out = gconvgen.conv2d(x, weight, padding=1, groups=8)
     assert launched[-1] == ("depthwise_gemm", banded) and launched[0][0] == "depthwise"

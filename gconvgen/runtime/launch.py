@@ -112,6 +112,12 @@ def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = (
     return values + list(scalars)
 
 
+def staged(activation: torch.Tensor, desc: KernelDesc) -> torch.Tensor:
+    """The activation a kernel reads, as it wants it: a channels_last copy when ``desc.stage_channels_last``
+    (see lowering.choose_layout_constants), else itself."""
+    return activation.contiguous(memory_format=torch.channels_last) if desc.stage_channels_last else activation
+
+
 # ---------------------------------------------------------------------------------------------- the four kinds
 # prepare_<kind> checks and lowers a launch (``target`` overrides the tensors' device, e.g. for meta tensors
 # compiled ahead of time); <kind> prepares and runs it.
@@ -131,6 +137,7 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
     desc = describe(spec, "forward", (x, weight, out, residual), choice, flat_pixels=batch * out_height * out_width,
                     target=target, epilogue=epilogue, weight_memory=weights.layout_of(weight))
     weight = weights.in_layout(weight, desc.weight_layout)
+    x = staged(x, desc)
     return _prepared(desc, desc.grid(batch, height, width, out_height, out_width),
                      {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}, out)
 
@@ -144,6 +151,7 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, flat_pixels=batch * height * width,
                     target=target, weight_memory=weights.layout_of(weight))
     weight = weights.in_layout(weight, desc.weight_layout)
+    grad_output = staged(grad_output, desc)
     return _prepared(desc, desc.grid(batch, height, width, grad_output.shape[2], grad_output.shape[3]),
                      {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x)
 

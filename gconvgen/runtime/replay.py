@@ -29,8 +29,10 @@ _REPLAYS: dict[tuple, "Replay"] = {}
 @dataclass(frozen=True)
 class Replay:
     """One forward launch with its tensors left out: ``template`` is the kernel's argument list with None
-    where ``slots`` (positions into OPERANDS) put a tensor. ``weight_view`` is the permutation that makes
-    the caller's weight OIHW-indexed, when the kernel needs an hwio copy of it (else None)."""
+    where ``slots`` (positions into OPERANDS) put a tensor. It is called on NCHW-indexed views, as the
+    launch was prepared; ``copies_weight`` and ``stages_input`` redo the launch's weight copy
+    (weights.in_layout) and activation copy (launch.staged). The output is allocated as the caller gets
+    it (``out_shape``, ``out_stride``); the kernel writes it through the recorded strides of its view."""
 
     desc: KernelDesc
     target: str
@@ -40,13 +42,16 @@ class Replay:
     slots: tuple[tuple[int, int], ...]
     out_shape: torch.Size
     out_stride: tuple[int, ...]
-    weight_view: Optional[tuple[int, ...]]
+    copies_weight: bool
+    stages_input: bool
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  residual: Optional[torch.Tensor]) -> torch.Tensor:
         out = torch.empty_strided(self.out_shape, self.out_stride, dtype=x.dtype, device=x.device)
-        if self.weight_view is not None:
-            weight = weights.hwio_copy(weight.permute(self.weight_view))
+        if self.copies_weight:
+            weight = weights.hwio_copy(weight)
+        if self.stages_input:
+            x = x.contiguous(memory_format=torch.channels_last)
         operands = (x, weight, bias, residual, out)
         values = list(self.template)
         for position, operand in self.slots:
@@ -86,11 +91,11 @@ def lookup(key: Optional[tuple]) -> Optional[Replay]:
 
 def remember(key: Optional[tuple], result: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
              bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], out: torch.Tensor,
-             weight_view: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int, int, int],
-             dilation: tuple[int, int], groups: int, channel_policy: str, activation: str) -> None:
+             stride: tuple[int, int], padding: tuple[int, int, int, int], dilation: tuple[int, int], groups: int,
+             channel_policy: str, activation: str) -> None:
     """Record the launch a call just made, if it made one: x, weight, residual and out are the NCHW-indexed
-    views it ran on (``weight_view`` permutes the caller's weight into ``weight``), ``result`` what it
-    returned, a view of ``out``'s memory. Calls that ran aten, no kernel, or returned a copy are not kept."""
+    views it ran on, ``result`` what it returned, a view of ``out``'s memory. Calls that ran aten, no
+    kernel, or returned a copy are not kept."""
     if (key is None or out.is_meta or out.numel() == 0 or result.data_ptr() != out.data_ptr()
             or (x.device.type == "cpu" and not knobs.interpret())):
         return
@@ -109,8 +114,8 @@ def remember(key: Optional[tuple], result: torch.Tensor, x: torch.Tensor, weight
     copies_weight = layout != "strided" and weights.layout_of(weight) != layout
     if len(_REPLAYS) >= _MEMO_LIMIT:
         _REPLAYS.clear()
-    _REPLAYS[key] = Replay(prepared.desc, device_target(x.device), prepared.grid, prepared.desc.meta, template, slots, result.shape, result.stride(),
-                           weight_view if copies_weight else None)
+    _REPLAYS[key] = Replay(prepared.desc, device_target(x.device), prepared.grid, prepared.desc.meta, template,
+                           slots, result.shape, result.stride(), copies_weight, prepared.desc.stage_channels_last)
 
 
 def clear() -> None:

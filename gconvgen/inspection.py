@@ -134,10 +134,10 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
                "grad_input": problem.batch * spec.in_channels * problem.height * problem.width,
                "grad_weight": grid[-1] * spec.out_channels * spec.in_channels_per_group * taps}[desc.kind]
     writes = written * element
-    if desc.stage_channels_last:  # the runtime's channels_last copy of the activation read: once in, once out
-        staged = (problem.batch * spec.in_channels * problem.height * problem.width if desc.kind == "forward"
-                  else problem.output_pixels * spec.out_channels)
-        writes += 2 * staged * element
+    if desc.stage_channels_last:  # the runtime's channels_last copies of the activations read: once in, once out
+        x = problem.batch * spec.in_channels * problem.height * problem.width
+        grad_out = problem.output_pixels * spec.out_channels
+        writes += 2 * {"forward": x, "grad_input": grad_out, "grad_weight": x + grad_out}[desc.kind] * element
     if desc.family == "igemm":
         packed = desc.groups_per_program
         reduction = {"forward": packed * spec.in_channels_per_group * taps,

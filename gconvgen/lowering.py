@@ -80,7 +80,7 @@ class KernelDesc:
     mask_output_channels: bool  # lowered SliceOutputChannels
     channels_contiguous: bool   # the activation the kernel reads has unit channel stride (channels_last)
     width_contiguous: bool      # ... unit width stride (NCHW)
-    stage_channels_last: bool   # the runtime hands the kernel a channels_last copy of the activation it reads
+    stage_channels_last: bool   # the runtime hands the kernel channels_last copies of the activations it reads
     reduction_order: str        # igemm: "tap_major" (forward, grad-input); grad-weight "tap_channel" or "channel_tap"
     wide_index: bool            # 64-bit offsets: some offset or flattened index of this launch needs them
     activation: str             # the forward epilogue's activation ("none" for the other kinds)
@@ -218,14 +218,16 @@ def lower_padding_to_masks(fields: dict, ctx: Context) -> None:
 def choose_layout_constants(fields: dict, ctx: Context) -> None:
     """A unit stride the template writes as a literal 1, so Triton can vectorise along it.
 
-    The igemm forward and grad-input read their activation (x; grad_out) as [pixels, channels] tiles, one
-    run of channels per tap. In NCHW memory such a tile is a gather, an address per element (pixels are
-    contiguous only within a row, and a flattened pixel tile crosses rows at any offset), so an NCHW or
-    strided activation is staged: the runtime copies it to channels_last (one read and one write of it, which
+    The igemm kernels read their activations (x; grad_out) as [pixels, channels] tiles, a run of channels
+    per tap. In NCHW memory such a tile is a gather, an address per element (pixels are contiguous only
+    within a row, and a flattened pixel tile crosses rows at any offset), so NCHW or strided activations are
+    staged: the runtime copies them to channels_last (one read and one write of each, which
     ``gconvgen bench`` times as part of the call) and the kernel reads 16-byte runs of channels through its
-    pipelined loop. The output is written through its own strides."""
+    pipelined loop. Outputs are written through their own strides. The direct depthwise kernels are not
+    staged: they are bound by memory traffic, which a copy would double, and their NCHW loads run along
+    the width, consecutive lanes on consecutive addresses."""
     layout = ctx.plan.spec.layout if ctx.plan is not None else "strided"
-    stage = fields["family"] == "igemm" and ctx.kind in ("forward", "grad_input") and layout != "nhwc"
+    stage = fields["family"] == "igemm" and layout != "nhwc"
     fields.update(channels_contiguous=layout == "nhwc" or stage, width_contiguous=layout == "nchw" and not stage,
                   stage_channels_last=stage)
 

@@ -83,10 +83,10 @@ def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpre
     if family == "reduce":  # the bias gradient
         return KernelConfig(256 if interpret else 64, 64 if interpret else 32, 0, num_stages=1 if interpret else 2)
     taps = spec.kernel_size[0] * spec.kernel_size[1]
-    if family == "igemm" and kind == "grad_weight":  # NCHW: 8 warps share the per-element gathers (no spills)
+    if family == "igemm" and kind == "grad_weight":  # NCHW activations are staged channels_last as well
         return KernelConfig(pow2_between(spec.out_channels_per_group, 16, 64),
                             pow2_between(spec.in_channels_per_group * taps, 16, 64), 256 if interpret else 64,
-                            num_warps=8 if spec.layout != "nhwc" and not interpret else 4, num_stages=stages)
+                            num_stages=stages)
     if family == "igemm":  # the reduction runs tap by tap: a step is block_k channels of the packed groups
         channels, reduced = ((spec.in_channels_per_group, spec.out_channels_per_group) if kind == "grad_input"
                              else (spec.out_channels_per_group, spec.in_channels_per_group))

@@ -75,12 +75,17 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_every_variant_compiles_for_sm90_as_launched():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, not the interpreter
+def _compiler_env() -> dict:
+    """This environment with Triton's real compiler (not the interpreter) and this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_every_variant_compiles_for_sm90_as_launched():
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(VARIANTS)], capture_output=True, text=True,
-                          env=env, timeout=1500)
+                          env=_compiler_env(), timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(results) >= len(VARIANTS) * 2 + 2 * len(VARIANTS)
@@ -113,9 +118,23 @@ NEGATIVE = textwrap.dedent("""
 
 
 def test_an_illegal_tile_is_refused_before_compiling():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", NEGATIVE], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", NEGATIVE], capture_output=True, text=True, env=_compiler_env(),
+                          timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "block_k=8 is not legal for the igemm family" in done.stdout
+
+
+def test_nchw_grouped_kernels_read_channels_as_vectors_through_a_pipeline(tmp_path):
+    """NCHW grouped convs are staged channels_last (lowering.choose_layout_constants): every igemm kernel of
+    ResNeXt's layer in NCHW, forward and backward, reads through cp.async with no 2-byte global loads and no
+    spills, as `gconvgen inspect` reports from the sm_90 compiler's output."""
+    report = tmp_path / "inspect.json"
+    done = subprocess.run([sys.executable, "-m", "gconvgen", "inspect", "--layer", "resnext50-l1", "--layout", "nchw",
+                           "--json", str(report)], capture_output=True, text=True, env=_compiler_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(report.read_text())
+    assert sorted(row["kind"] for row in rows) == ["forward", "grad_input", "grad_weight"]
+    for row in rows:
+        figures = row["figures"]
+        assert row["family"] == "igemm" and figures["spill_bytes"] == 0, row
+        assert figures["async_copies"]["cp.async"] > 0 and "16" not in figures["global_load_widths"], row

@@ -166,6 +166,7 @@ def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tens
     if pixels == 0:
         return None
     desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, flat_pixels=pixels, target=target)
+    x, grad_output = staged(x, desc), staged(grad_output, desc)
     tiles = desc.grid(batch, height, width, out_height, out_width)[:-1]
     splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, math.prod(tiles),
                                             target_programs(x.device), splits)

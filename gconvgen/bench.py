@@ -85,7 +85,10 @@ class BenchRow:
     """One layer in one layout. Times in ms; speedup = F.conv2d time / gconvgen time; % of floor = floor / time.
 
     A ratio is None where a time it needs is unresolved; ``unresolved`` maps each such time ('gconvgen',
-    'kernel', 'F.conv2d') to why the clock could not resolve it (empty when every time was resolved).
+    'kernel', 'F.conv2d', 'staging') to why the clock could not resolve it (empty when every time was
+    resolved). ``staging_ms`` is the channels_last copy of the input that an NCHW grouped conv makes
+    (lowering.choose_layout_constants), timed alone; it is part of gconvgen's and the kernel's times; None
+    where the kernel reads its input as it is.
     """
 
     layer: str
@@ -109,6 +112,7 @@ class BenchRow:
     correct: bool
     error: str
     unresolved: dict[str, str] = field(default_factory=dict)
+    staging_ms: Optional[float] = None
 
 
 def _describe_choice(key: str, choice: Choice) -> tuple[str, Choice]:
@@ -150,14 +154,16 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
         aten_time = timer.time(workload.timed(aten))
         gconvgen_time = timer.time(workload.timed(gconvgen))
     kernel_time = timer.time(workload.timed(kernel))  # the generated kernel alone (the best one where aten won)
+    staged = [("staging", timer.time(workload.timed(lambda x, weight, bias, out: launch.staged(x, desc))))
+              ] if desc.stage_channels_last else []
     bytes_moved, flops = roofline(problem)
     floor_ms, bound = None, "unknown"  # unless both ceilings were resolved
     if ceilings.copy_bytes_per_s and ceilings.matmul_flops_per_s:
         memory_ms = bytes_moved / ceilings.copy_bytes_per_s * 1e3
         compute_ms = flops / ceilings.matmul_flops_per_s * 1e3
         floor_ms, bound = max(memory_ms, compute_ms), "memory" if memory_ms >= compute_ms else "compute"
-    unresolved = {name: measured.why for name, measured in (("gconvgen", gconvgen_time), ("kernel", kernel_time),
-                                                            ("F.conv2d", aten_time)) if not measured.resolved}
+    unresolved = {name: measured.why for name, measured in [("gconvgen", gconvgen_time), ("kernel", kernel_time),
+                                                            ("F.conv2d", aten_time), *staged] if not measured.resolved}
     return BenchRow(
         layer=layer.id, model=layer.model, layout=spec.layout, dtype=spec.dtype, choice=label,
         gconvgen_ms=gconvgen_time.ms, kernel_ms=kernel_time.ms,
@@ -168,6 +174,7 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
         aten_pct_of_floor=_percent_of_floor(floor_ms, aten_time),
         bound=bound,
         bytes=bytes_moved, flops=flops, correct=error is None, error=error or "", unresolved=unresolved,
+        staging_ms=staged[0][1].ms if staged else None,
     )
 
 
@@ -270,6 +277,7 @@ def _columns() -> list[tuple[str, Callable[[BenchRow], str]]]:
         ("layer", lambda r: r.layer), ("layout", lambda r: r.layout), ("choice", lambda r: r.choice),
         ("gconvgen ms", lambda r: _ms_text(r.gconvgen_ms, "gconvgen", r)), ("kernel", lambda r: r.kernel_config),
         ("kernel ms", lambda r: _ms_text(r.kernel_ms, "kernel", r)),
+        ("staging ms", lambda r: "-" if r.staging_ms is None else _ms_text(r.staging_ms, "staging", r)),
         ("F.conv2d ms", lambda r: _ms_text(r.aten_ms, "F.conv2d", r)), ("speedup", lambda r: ratio_text(r.speedup)),
         ("floor ms", lambda r: UNRESOLVED if r.floor_ms is None else f"{r.floor_ms:.4g}"),
         ("% floor", lambda r: ratio_text(r.pct_of_floor, "%")),
@@ -290,8 +298,9 @@ def format_table(data: dict, *, markdown: bool = False) -> str:
     columns = _columns()
     cells = [[cell(row) for _, cell in columns] for row in rows]
     for name, means in data["geomean"].items():
-        cells.append([f"geomean ({name})", "", "", "", "", "", "", ratio_text(means["speedup"]), "",
-                      ratio_text(means["pct_of_floor"], "%"), "", "", f"min {ratio_text(means['min_speedup'])}"])
+        summary = {"layer": f"geomean ({name})", "speedup": ratio_text(means["speedup"]),
+                   "% floor": ratio_text(means["pct_of_floor"], "%"), "check": f"min {ratio_text(means['min_speedup'])}"}
+        cells.append([summary.get(header, "") for header, _ in columns])
     headers = [name for name, _ in columns]
     env, ceil = data["environment"], data["ceilings"]
     lines = [f"suite {data['suite']} on {env['device']} | torch {env['torch']} | triton {env['triton']}"

@@ -91,6 +91,7 @@ class KernelDesc:
     accumulator: str            # tl.float32, or tl.float64 for float64
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
     halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4); else 0
+    row_alignment: int          # depthwise1d: every row's and channel's first element is a multiple of it; else 1
     weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi or strided
     tap_tile: int               # depthwise grad-weight: the window's taps padded to a power of two; else 0
     config: KernelConfig
@@ -109,7 +110,8 @@ class KernelDesc:
         channels_last weight read as it is), interp."""
         flags = [f"act{self.activation.replace('_', '')}"] if self.activation != "none" else []
         flags += [flag for flag, on in (("res", self.residual), ("tf32", self.input_precision == "tf32"), ("i64", self.wide_index),
-                                       ("wohwi", self.weight_layout == "ohwi"), ("interp", self.interpret)) if on]
+                                       ("wohwi", self.weight_layout == "ohwi"), (f"a{self.row_alignment}", self.row_alignment > 1),
+                                       ("interp", self.interpret)) if on]
         if self.kind == "grad_bias":
             return "_".join(["grad_bias", self.dtype, *flags])
         spec = self.spec
@@ -195,6 +197,7 @@ class Context:
     wide_index: bool
     epilogue: Epilogue
     weight_memory: str  # the layout of the weight the launch was given (runtime/weights.py: layout_of)
+    row_alignment: int  # what the row and channel strides of the launch's activations are multiples of
 
 
 def choose_family(fields: dict, ctx: Context) -> None:
@@ -286,10 +289,11 @@ def choose_halo(fields: dict, ctx: Context) -> None:
     loaded as tiles of halo_tile positions masked to the ones read; its channel tile gives each warp 8
     channels (GATHER_CHANNELS_PER_WARP)."""
     if fields["family"] != "depthwise1d":
-        fields.update(halo=(0, 0), halo_tile=0)
+        fields.update(halo=(0, 0), halo_tile=0, row_alignment=1)
         return
     halo, config = window_halo(fields["spec"]), fields["config"]
-    fields.update(halo=halo, halo_tile=pow2_between(max(halo), LEAST_HALO_TILE, 1 << 30) if max(halo) else 0)
+    fields.update(halo=halo, halo_tile=pow2_between(max(halo), LEAST_HALO_TILE, 1 << 30) if max(halo) else 0,
+                  row_alignment=ctx.row_alignment)
     check(config.block_n >= GATHER_CHANNELS_PER_WARP * config.num_warps,
           f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: its "
           f"gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
@@ -358,20 +362,22 @@ TEMPLATES = {
 
 def lower(conv_plan: Optional[Plan], kind: str, *, dtype: Optional[str] = None, choice: Choice = DEFAULT,
           interpret: bool, allow_tf32: bool, wide_index: bool = False, epilogue: Epilogue = NO_EPILOGUE,
-          weight_memory: str = "strided") -> KernelDesc:
+          weight_memory: str = "strided", row_alignment: int = 1) -> KernelDesc:
     """The description of kernel ``kind`` of ``conv_plan`` (None for grad_bias, which takes ``dtype``).
 
     ``choice`` is a tuning record's (its family and config; DEFAULT for the planner's); ``interpret``
     renders for Triton's interpreter; ``allow_tf32`` lets float32 dots use TF32; ``wide_index`` asks for
     64-bit offsets (needs_wide_index); ``epilogue`` is a forward kernel's fused activation and residual;
-    ``weight_memory`` is the layout of the weight the launch is given (runtime/weights.py ``layout_of``).
+    ``weight_memory`` is the layout of the weight the launch is given (runtime/weights.py ``layout_of``);
+    ``row_alignment`` what its activations' row and channel strides are multiples of (``row_alignment``).
     Raises ValueError for a family or config that cannot run it.
     """
     check(kind in KINDS, f"kind={kind!r} is not a kernel kind; use one of {KINDS}")
     check(conv_plan is not None or kind == "grad_bias", f"kind={kind!r} needs a plan")
     dtype = dtype or conv_plan.spec.dtype
     check(dtype in DTYPES, f"dtype={dtype!r} is not supported; use one of {DTYPES}")
-    ctx = Context(conv_plan, kind, dtype, choice, interpret, allow_tf32, wide_index, epilogue, weight_memory)
+    ctx = Context(conv_plan, kind, dtype, choice, interpret, allow_tf32, wide_index, epilogue, weight_memory,
+                  row_alignment)
     fields: dict = {"kind": kind}
     for name, run_pass in LOWERING_PIPELINE:
         run_pass(fields, ctx)
@@ -381,18 +387,28 @@ def lower(conv_plan: Optional[Plan], kind: str, *, dtype: Optional[str] = None, 
 @functools.lru_cache(maxsize=4096)
 def lowered(spec: Optional[ConvSpec], kind: str, dtype: str, choice: Choice, interpret: bool, allow_tf32: bool,
             wide_index: bool, padding_budget: float, epilogue: Epilogue = NO_EPILOGUE,
-            weight_memory: str = "strided") -> KernelDesc:
+            weight_memory: str = "strided", row_alignment: int = 1) -> KernelDesc:
     """``lower`` memoised on its inputs: a warm call builds no description."""
     conv_plan = None if spec is None else planned(spec, padding_budget)
     return lower(conv_plan, kind, dtype=dtype, choice=choice, interpret=interpret, allow_tf32=allow_tf32,
-                 wide_index=wide_index, epilogue=epilogue, weight_memory=weight_memory)
+                 wide_index=wide_index, epilogue=epilogue, weight_memory=weight_memory, row_alignment=row_alignment)
 
 
 def lowered_for(spec: Optional[ConvSpec], kind: str, dtype: str, choice: Choice, interpret: bool, allow_tf32: bool,
-                wide_index: bool, epilogue: Epilogue = NO_EPILOGUE, weight_memory: str = "strided") -> KernelDesc:
+                wide_index: bool, epilogue: Epilogue = NO_EPILOGUE, weight_memory: str = "strided",
+                row_alignment: int = 1) -> KernelDesc:
     """``lowered`` under the current padding budget (GCONVGEN_PADDING_BUDGET)."""
     return lowered(spec, kind, dtype, choice, interpret, allow_tf32, wide_index, knobs.padding_budget(), epilogue,
-                   weight_memory)
+                   weight_memory, row_alignment)
+
+
+def row_alignment(dtype: str, strides: tuple[int, ...]) -> int:
+    """The largest power of two, up to 16 bytes' worth of ``dtype`` elements, that divides every stride in
+    ``strides``: with it, a vector of that many elements at an aligned position of any row stays aligned."""
+    alignment = 16 // ELEMENT_BYTES[dtype]
+    while alignment > 1 and any(stride % alignment for stride in strides):
+        alignment //= 2
+    return alignment
 
 
 def needs_wide_index(largest_offset: int, largest_flat_index: int) -> bool:

@@ -100,8 +100,11 @@ def select_kernel_family(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> No
 
     Wider than one input channel per group: an implicit GEMM on tensor cores. Depthwise: a direct kernel of
     fp32 FMAs, or a banded matrix product on tensor cores that wastes the band's zeros but outruns the FMAs
-    once the window is wide; a short height-1 window (conv1d's Mamba k4) runs as depthwise1d, which reads
-    each input element once per program, with the others as tuned alternatives. Direct costs 2 * kh * kw flop per output element against about 4 bytes moved
+    once the window is wide. A short window along the width can run as depthwise1d, which reads each
+    kernel row's input window once per program with vector loads along the width in NCHW: the default for
+    height-1 windows (conv1d's Mamba k4) and for NCHW 2-D windows (where the direct kernel's loads are per
+    element) unless the banded form is; in channels_last 2-D the direct kernel's loads are 16-byte vectors of
+    channels already. Direct costs 2 * kh * kw flop per output element against about 4 bytes moved
     in half precision, so from kh * kw = 49 (k7) it is bound by the CUDA cores' FMA rate rather than by
     memory, and the banded form becomes the default for float16 and bfloat16 (in float32 and float64 a dot
     is no faster than FMAs, so the band's waste would only cost). The tuner times every candidate family.
@@ -112,21 +115,20 @@ def select_kernel_family(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> No
         return
     wide = spec.kernel_size[0] * spec.kernel_size[1] >= WIDE_DEPTHWISE_TAPS and spec.dtype in ("float16", "bfloat16")
     families = ("depthwise_gemm", "depthwise") if wide else ("depthwise", "depthwise_gemm")
-    if is_short_window(spec):
-        families = ("depthwise1d", *families)
+    if is_short_window(spec) and (spec.kernel_size[0] == 1 or spec.layout == "nchw"):
+        families = (*families, "depthwise1d") if wide else ("depthwise1d", *families)
     conv.update(family=families[0], families=families, backward_family="depthwise")
 
 
 def is_short_window(spec: ConvSpec) -> bool:
-    """A depthwise conv that is 1-D along the width (a (1, k) window, nothing along the height) with a short
-    window: at k <= SHORT_WINDOW_TAPS it moves about 4 bytes per 2k flop, so it must run at memory speed,
-    which depthwise1d is built for (each input element read once per program). Its main tile of
-    BLOCK_M * stride positions must be a power of two (a power-of-two stride), and padding past the window's
-    reach would only widen the halo with zeros."""
-    (kernel_h, kernel_w), (stride_h, stride_w) = spec.kernel_size, spec.stride
+    """A depthwise conv whose window is short along the width: at kw <= SHORT_WINDOW_TAPS a kernel row moves
+    about 4 bytes per 2 kw flop, so it must run at memory speed, which depthwise1d is built for (each input
+    row's window read once per program and kernel row). Its main tile of BLOCK_M * stride positions must be a
+    power of two (a power-of-two stride along the width), and padding past the window's reach would only
+    widen the halo with zeros. Any height, stride, padding and dilation along the height."""
+    kernel_w, stride_w = spec.kernel_size[1], spec.stride[1]
     reach = (kernel_w - 1) * spec.dilation[1]
-    return (spec.is_depthwise and kernel_h == 1 and stride_h == 1 and spec.padding[:2] == (0, 0)
-            and kernel_w <= SHORT_WINDOW_TAPS and stride_w & (stride_w - 1) == 0
+    return (spec.is_depthwise and kernel_w <= SHORT_WINDOW_TAPS and stride_w & (stride_w - 1) == 0
             and max(spec.padding[2:]) <= reach)
 
 

@@ -92,6 +92,34 @@ def test_half_precision(case, dtype, small_tiles, nan_filled_outputs):
     assert_close(out, expected, dtype)
 
 
+# channels, multiplier, (height, width), kernel, stride, padding (top, bottom, left, right), dilation, layout
+CASES_2D = [
+    P(8, 1, (7, 9), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "nchw", id="k3"),                  # MobileNetV2
+    P(8, 1, (9, 12), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), "nchw", id="k3-stride-2"),
+    P(7, 1, (8, 11), (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), "nchw", id="k5-uneven-channels"),  # EfficientNet
+    P(8, 1, (10, 9), (3, 3), (1, 1), (2, 0, 1, 1), (2, 1), "nchw", id="dilated-rows-top-padding-only"),
+    P(4, 2, (6, 10), (3, 2), (2, 1), (0, 1, 1, 0), (1, 1), "nchw", id="multiplier-2-even-width"),
+    P(8, 1, (7, 9), (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), "nchw", id="k7"),
+    P(8, 1, (7, 9), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "nhwc", id="k3-nhwc"),
+]
+
+
+@pytest.mark.parametrize("channels, multiplier, size, kernel, stride, padding, dilation, layout", CASES_2D)
+def test_two_dimensional_windows_row_by_row(channels, multiplier, size, kernel, stride, padding, dilation, layout,
+                                            small_tiles, nan_filled_outputs):
+    """A 2-D depthwise conv with a short window along the width runs kernel row by kernel row, each input
+    row's window read once; rows above and below the input are the padding."""
+    x = torch.randn(2, channels, *size)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x
+    weight, bias = torch.randn(channels * multiplier, 1, *kernel), torch.randn(channels * multiplier)
+    out = gconvgen.conv2d(x, weight, bias, stride, padding, dilation, channels)
+    top, bottom, left, right = padding
+    expected = torch.nn.functional.conv2d(torch.nn.functional.pad(x.double(), (left, right, top, bottom)),
+                                          weight.double(), bias.double(), stride, 0, dilation, channels)
+    assert small_tiles == ["depthwise1d"]
+    assert_close(out, expected, torch.float32)
+
+
 def test_default_tiles_and_a_two_dimensional_input(nan_filled_outputs):
     """The planner's default on an input of height 3 (every row its own 1-D conv) and an output row longer than
     one default interpreter tile."""
@@ -106,15 +134,19 @@ def test_default_tiles_and_a_two_dimensional_input(nan_filled_outputs):
     P(ConvSpec(5120, 5120, 5120, (1, 4), padding=(0, 0, 3, 0), bias=True), True, id="mamba-causal"),
     P(ConvSpec(8, 16, 8, (1, 3), (1, 2), (0, 0, 1, 1)), True, id="multiplier-2-stride-2"),
     P(ConvSpec(8, 8, 8, (1, 9), padding=(0, 0, 4, 4)), False, id="k9-too-long"),
-    P(ConvSpec(8, 8, 8, (3, 3), padding=(1, 1, 1, 1)), False, id="two-dimensional-window"),
-    P(ConvSpec(8, 8, 8, (1, 3), (2, 1)), False, id="height-stride"),
+    P(ConvSpec(8, 8, 8, (3, 3), padding=(1, 1, 1, 1)), True, id="2-d-nchw"),
+    P(ConvSpec(8, 8, 8, (3, 3), padding=(1, 1, 1, 1), layout="nhwc"), False, id="2-d-nhwc-direct"),
+    P(ConvSpec(8, 8, 8, (7, 7), padding=(3, 3, 3, 3), dtype="bfloat16"), "after", id="2-d-k7-bf16-banded-first"),
+    P(ConvSpec(8, 8, 8, (1, 3), (2, 1)), True, id="height-stride"),
     P(ConvSpec(8, 8, 8, (1, 3), (1, 3)), False, id="stride-3-not-a-power-of-two"),
     P(ConvSpec(8, 8, 8, (1, 3), padding=(0, 0, 5, 0)), False, id="padding-past-the-window"),
     P(ConvSpec(16, 16, 4, (1, 3)), False, id="grouped-not-depthwise"),
 ])
-def test_the_planner_offers_it_first_for_short_height_1_windows(spec, offered):
+def test_the_planner_offers_it_for_short_windows_first_in_height_1_and_nchw(spec, offered):
     families = plan(spec).families
-    if offered:
+    if offered == "after":
+        assert families[-1] == "depthwise1d" and {"depthwise", "depthwise_gemm"} <= set(families)
+    elif offered:
         assert families[0] == "depthwise1d" and {"depthwise", "depthwise_gemm"} <= set(families)
     else:
         assert "depthwise1d" not in families

@@ -83,23 +83,23 @@ def test_group_without_input_channels_is_refused():
 
 
 def test_kernel_family():
-    assert plan(spec(8, 16, 8, policy="strict")).family == "depthwise"   # multiplier 2
-    assert plan(spec(7, 13, 7)).family == "depthwise"                    # uneven outputs, one input per group
+    assert plan(spec(8, 16, 8, policy="strict")).family == "depthwise1d"  # multiplier 2, NCHW: row by row
+    assert plan(spec(7, 13, 7)).families[1] == "depthwise"                # uneven outputs, one input per group
     assert plan(spec(12, 12, 3, policy="strict")).family == "igemm"
     grouped = plan(spec(12, 12, 3))
     assert grouped.families == ("igemm",) and grouped.backward_family == "igemm"
 
 
 def test_depthwise_offers_both_forward_families_and_wide_windows_default_to_tensor_cores():
-    narrow = plan(ConvSpec(8, 8, 8, (5, 5), dtype="bfloat16"))  # 25 taps: memory-bound on CUDA cores
-    wide = plan(ConvSpec(8, 8, 8, (7, 7), dtype="bfloat16"))    # 49 taps: CUDA-core bound
-    assert plan(ConvSpec(8, 8, 8, (7, 7), dtype="float32")).family == "depthwise"  # no faster dot in fp32
+    narrow = plan(ConvSpec(8, 8, 8, (5, 5), dtype="bfloat16", layout="nhwc"))  # 25 taps: memory-bound on CUDA cores
+    wide = plan(ConvSpec(8, 8, 8, (7, 7), dtype="bfloat16", layout="nhwc"))    # 49 taps: CUDA-core bound
+    assert plan(ConvSpec(8, 8, 8, (7, 7), dtype="float32", layout="nhwc")).family == "depthwise"  # no faster dot
     assert narrow.families == ("depthwise", "depthwise_gemm")
     assert wide.families == ("depthwise_gemm", "depthwise")
     assert narrow.backward_family == wide.backward_family == "depthwise"
     chosen = plan(ConvSpec(8, 8, 8, (5, 5)), family="depthwise_gemm")  # as a tuning result picks it
     assert chosen.family == "depthwise_gemm" and "family=depthwise_gemm" in chosen.explain()
-    with pytest.raises(ValueError, match=r"family='igemm' cannot compute .*; use one of \('depthwise', 'depthwise_gemm'\)"):
+    with pytest.raises(ValueError, match=r"family='igemm' cannot compute .*; use one of \('depthwise1d', 'depthwise', "):
         plan(ConvSpec(8, 8, 8, (5, 5)), family="igemm")
 
 

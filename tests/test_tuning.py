@@ -215,7 +215,7 @@ def _spy_on_kernels(monkeypatch):
 
 
 def test_op_runs_the_recorded_config_then_aten_where_aten_won(monkeypatch):
-    problem = _problem(16, 16, 16, 3, 1, 1, 2, 7, bias=True)  # depthwise with bias, odd size
+    problem = _problem(16, 16, 16, 3, 1, 1, 2, 7, bias=True, layout="nhwc")  # depthwise with bias, odd size
     x, weight, bias = _inputs(problem)
     key = key_of(problem, "interpreter", allow_tf32=False)
     launches = _spy_on_launch(monkeypatch)
@@ -232,11 +232,11 @@ def test_op_runs_the_recorded_config_then_aten_where_aten_won(monkeypatch):
     monkeypatch.setattr(ops, "aten_conv2d", lambda *args: aten_calls.append(1) or tuner.aten_conv2d(*args))
     database().record({key: {"choice": ATEN, "time_ms": 1.0}})
     out = _run_op(problem, x, weight, bias)
-    assert aten_calls == [1] and len(launches) == 2 and activation_layout(out) == "nchw"
+    assert aten_calls == [1] and len(launches) == 2 and activation_layout(out) == "nhwc"
 
 
 def test_op_runs_the_recorded_kernel_family(monkeypatch):
-    problem = _problem(8, 8, 8, 3, 1, 1, 2, 6)  # depthwise 3x3: the direct kernel is the planner's default
+    problem = _problem(8, 8, 8, 3, 1, 1, 2, 6, layout="nhwc")  # depthwise 3x3: the direct kernel is the default
     x, weight, bias = _inputs(problem)
     ran = _spy_on_kernels(monkeypatch)
     families = lambda: [family for kind, family, _ in ran if kind == "forward"]  # noqa: E731

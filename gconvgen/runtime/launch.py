@@ -18,7 +18,8 @@ import triton
 from .. import codegen
 from ..arguments import ArgumentTable
 from ..ir import ConvSpec, check
-from ..lowering import DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, lowered_for, needs_wide_index
+from ..lowering import (DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, lowered_for, needs_wide_index,
+                        row_alignment)
 from . import cache, weights
 from .device import allows_tf32, device_target, on_device, target_programs
 
@@ -48,10 +49,11 @@ def clear_memo() -> None:
 
 def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.Tensor], ...], choice: Choice,
              dtype: Optional[str] = None, flat_pixels: int = 0, target: Optional[str] = None,
-             epilogue: Epilogue = NO_EPILOGUE, weight_memory: str = "strided") -> KernelDesc:
+             epilogue: Epilogue = NO_EPILOGUE, weight_memory: str = "strided", alignment: int = 1) -> KernelDesc:
     """The lowered description of kernel ``kind`` for a launch on ``tensors``: the target (``target``, else
     their device's) and its TF32 setting, 64-bit offsets when some offset or the ``flat_pixels`` index
-    needs them, and the layout of the weight it is given (``weight_memory``, see weights.layout_of)."""
+    needs them, the layout of the weight it is given (``weight_memory``, see weights.layout_of) and what its
+    activations' row and channel strides are multiples of (``alignment``, see lowering.row_alignment)."""
     device = tensors[0].device
     # an element's offset from its tensor's start is below its storage's size: a cheap, safe bound
     largest = max(tensor.untyped_storage().nbytes() // tensor.element_size() - 1 for tensor in tensors
@@ -59,7 +61,7 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
     target = target or device_target(device)
     return lowered_for(spec, kind, dtype or spec.dtype, choice, target == "interpreter",
                        allows_tf32(device) if device.type == "cuda" else False,
-                       needs_wide_index(largest, flat_pixels), epilogue, weight_memory)
+                       needs_wide_index(largest, flat_pixels), epilogue, weight_memory, alignment)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,16 @@ def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = (
     return values + list(scalars)
 
 
+def _row_strides(activation: torch.Tensor) -> tuple[int, ...]:
+    """The strides that place an NCHW-indexed activation's rows: batch, channel and height, where that
+    dimension has more than one element and is not the contiguous one; and where the width is the contiguous
+    dimension, the width itself (a row's last vector is whole only if the width is a multiple of it)."""
+    strides = tuple(stride for size, stride in zip(activation.shape[:3], activation.stride()[:3])
+                    if size > 1 and stride != 1)
+    return strides + ((activation.shape[3],) if activation.stride(3) == 1 and activation.shape[1] > 1
+                      and activation.stride(1) != 1 else ())
+
+
 def staged(activation: torch.Tensor, desc: KernelDesc) -> torch.Tensor:
     """The activation a kernel reads, as it wants it: a channels_last copy when ``desc.stage_channels_last``
     (see lowering.choose_layout_constants), else itself."""
@@ -135,7 +147,8 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
         return None
     epilogue = NO_EPILOGUE if activation == "none" and residual is None else Epilogue(activation, residual is not None)
     desc = describe(spec, "forward", (x, weight, out, residual), choice, flat_pixels=batch * out_height * out_width,
-                    target=target, epilogue=epilogue, weight_memory=weights.layout_of(weight))
+                    target=target, epilogue=epilogue, weight_memory=weights.layout_of(weight),
+                    alignment=row_alignment(spec.dtype, _row_strides(x) + _row_strides(out)))
     weight = weights.in_layout(weight, desc.weight_layout)
     x = staged(x, desc)
     return _prepared(desc, desc.grid(batch, height, width, out_height, out_width),

@@ -137,7 +137,7 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
     label, timed_choice = _describe_choice(key, choice_for(spec, "forward", device, problem.batch, problem.height,
                                                            problem.width))
     desc = lowered(spec, "forward", spec.dtype, timed_choice, facts.kind == "interpreter", allows_tf32(device), False,
-                   knobs.padding_budget())
+                   problem.pixel_space, knobs.padding_budget())
 
     def gconvgen(x, weight, bias, out):  # what a user's call costs: checks, the op's dispatch, the launch
         return conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups,

@@ -18,11 +18,10 @@ from . import knobs
 from .autotune.database import database, key_of
 from .autotune.space import Problem, config_name
 from .ir import check
-from .lowering import DEFAULT, ELEMENT_BYTES, KernelDesc
+from .lowering import DEFAULT, ELEMENT_BYTES, H200_SMS, KernelDesc
 from .runtime import launch, sass
 from .runtime.ops import TORCH_DTYPES
 
-H200_SMS = 132
 INSPECT_TARGET = "cuda sm_90 inspect"
 DEFAULT_TUNED_TARGET = "NVIDIA H200 sm_90"  # whose tuning records decide the config, when there are any
 

@@ -32,8 +32,9 @@ class CompiledLayer:
         self.kernel = None
         if runs_kernel:
             target = device_target(device)
+            # ahead of the first call the input size is not known (pixels None); the module serves every config
             self.desc = lowered_for(spec, "forward", spec.dtype, DEFAULT, target == "interpreter", allows_tf32(device),
-                                    False)
+                                    False, None)
             self.kernel = kernel_of(self.desc, target)
 
     def __call__(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,

@@ -17,9 +17,10 @@ from .arguments import ArgumentTable, table_for
 from .ir import DTYPES, ConvSpec, check
 from .plan import Plan, planned
 # the tiles' names are re-exported: a config is part of the lowered description
-from .tiles import (DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, MAX_STAGES, NUM_WARPS,  # noqa: F401
-                    KernelConfig, band_operand_bytes, check_config, default_config,  # noqa: F401
-                    depthwise_grad_weight_config, groups_per_program, packed_channels, pow2_between, tap_tile)  # noqa: F401
+from .tiles import (DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, H200_SMS, MAX_STAGES, NUM_WARPS,  # noqa: F401
+                    KernelConfig, PixelSpace, band_operand_bytes, check_config, default_config,  # noqa: F401
+                    depthwise_grad_weight_config, grid_of, groups_per_program, packed_channels,  # noqa: F401
+                    pow2_between, tap_tile)  # noqa: F401
 
 KINDS = ("forward", "grad_input", "grad_weight", "grad_bias")
 FAMILIES = ("igemm", "depthwise", "depthwise_gemm", "depthwise1d", "reduce")
@@ -135,32 +136,11 @@ class KernelDesc:
         return {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                 "GROUP_BLOCK": self.groups_per_program, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
-    def grid(self, batch: int, height: int, width: int, out_height: int, out_width: int, *, splits: int = 1,
-             channels: int = 0) -> tuple[int, ...]:
-        """The launch grid for an input of [batch, ., height, width] and an output of out_height x out_width
-        (``splits`` pixel ranges for the reductions, grad_weight and grad_bias; grad_bias, which has no
-        spec, reduces ``channels`` channels)."""
-        config, spec, packed = self.config, self.spec, self.groups_per_program
-        if self.kind == "grad_bias":
-            return (_cdiv(channels, config.block_n), splits)
-        if self.family == "igemm":
-            if self.kind == "grad_weight":
-                columns = packed * spec.in_channels_per_group * spec.kernel_size[0] * spec.kernel_size[1]
-                return (_cdiv(packed * spec.out_channels_per_group, config.block_m) * _cdiv(columns, config.block_n),
-                        _cdiv(spec.groups, packed), splits)
-            pixels = batch * (height * width if self.kind == "grad_input" else out_height * out_width)
-            return (_cdiv(pixels, config.block_m), _cdiv(packed * packed_channels(spec, self.kind), config.block_n),
-                    _cdiv(spec.groups, packed))
-        if self.family == "depthwise_gemm":
-            return (_cdiv(batch * out_height, config.block_m), _cdiv(out_width, config.block_k),
-                    _cdiv(spec.out_channels, config.block_n))
-        if self.family == "depthwise1d":  # (row x position tile, channel tile): a program never spans two rows
-            return (batch * out_height * _cdiv(out_width, config.block_m), _cdiv(spec.out_channels, config.block_n))
-        if self.kind == "grad_weight":  # every tap in one program
-            return (_cdiv(spec.out_channels, config.block_n), splits)
-        if self.kind == "grad_input":
-            return (_cdiv(batch * height * width, config.block_m), _cdiv(spec.in_channels, config.block_n))
-        return (_cdiv(batch * out_height * out_width, config.block_m), _cdiv(spec.out_channels, config.block_n))
+    def grid(self, pixels: PixelSpace, *, splits: int = 1, channels: int = 0) -> tuple[int, ...]:
+        """The launch grid over ``pixels`` (PixelSpace.of a launch's shapes; ``splits`` pixel ranges for the
+        reductions, grad_weight and grad_bias; grad_bias, which has no spec, reduces ``channels`` channels)."""
+        return grid_of(self.kind, self.family, self.spec, self.config, self.groups_per_program, pixels,
+                       splits=splits, channels=channels)
 
     def explain(self) -> str:
         """Every field, one a line: what ``gconvgen plan`` prints for each kernel."""
@@ -174,10 +154,6 @@ class KernelDesc:
     def reduction_block(self) -> int:
         """Pixels a split reduction (grad_weight, grad_bias) sums per step: a split's range is a multiple."""
         return self.config.block_k if self.family == "igemm" else self.config.block_m
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------- lowering passes
@@ -198,6 +174,7 @@ class Context:
     epilogue: Epilogue
     weight_memory: str  # the layout of the weight the launch was given (runtime/weights.py: layout_of)
     row_alignment: int  # what the row and channel strides of the launch's activations are multiples of
+    pixels: Optional[PixelSpace]  # what the launch tiles; None where it is not known (ahead of a call)
 
 
 def choose_family(fields: dict, ctx: Context) -> None:
@@ -318,10 +295,12 @@ def choose_tap_tile(fields: dict, ctx: Context) -> None:
 
 
 def choose_tile_config(fields: dict, ctx: Context) -> None:
-    """The tuned config when there is one, else the family's default (default_config)."""
+    """The tuned config when there is one, else the family's default (default_config), which fills the
+    device with the launch's pixels when they are known."""
     config = ctx.choice.config
     if config is None:
-        config = default_config(fields["spec"], fields["family"], ctx.kind, interpret=ctx.interpret)
+        config = default_config(fields["spec"], fields["family"], ctx.kind, interpret=ctx.interpret,
+                                pixels=ctx.pixels)
     check_config(config, fields["family"])
     fields["config"] = config
 
@@ -362,22 +341,23 @@ TEMPLATES = {
 
 def lower(conv_plan: Optional[Plan], kind: str, *, dtype: Optional[str] = None, choice: Choice = DEFAULT,
           interpret: bool, allow_tf32: bool, wide_index: bool = False, epilogue: Epilogue = NO_EPILOGUE,
-          weight_memory: str = "strided", row_alignment: int = 1) -> KernelDesc:
+          weight_memory: str = "strided", pixels: Optional[PixelSpace] = None, row_alignment: int = 1) -> KernelDesc:
     """The description of kernel ``kind`` of ``conv_plan`` (None for grad_bias, which takes ``dtype``).
 
     ``choice`` is a tuning record's (its family and config; DEFAULT for the planner's); ``interpret``
     renders for Triton's interpreter; ``allow_tf32`` lets float32 dots use TF32; ``wide_index`` asks for
     64-bit offsets (needs_wide_index); ``epilogue`` is a forward kernel's fused activation and residual;
     ``weight_memory`` is the layout of the weight the launch is given (runtime/weights.py ``layout_of``);
-    ``row_alignment`` what its activations' row and channel strides are multiples of (``row_alignment``).
-    Raises ValueError for a family or config that cannot run it.
+    ``row_alignment`` what its activations' row and channel strides are multiples of (``row_alignment``);
+    ``pixels`` is what the launch tiles, for a default config that fills the device (None: not known, the
+    default from the spec alone). Raises ValueError for a family or config that cannot run it.
     """
     check(kind in KINDS, f"kind={kind!r} is not a kernel kind; use one of {KINDS}")
     check(conv_plan is not None or kind == "grad_bias", f"kind={kind!r} needs a plan")
     dtype = dtype or conv_plan.spec.dtype
     check(dtype in DTYPES, f"dtype={dtype!r} is not supported; use one of {DTYPES}")
     ctx = Context(conv_plan, kind, dtype, choice, interpret, allow_tf32, wide_index, epilogue, weight_memory,
-                  row_alignment)
+                  row_alignment, pixels)
     fields: dict = {"kind": kind}
     for name, run_pass in LOWERING_PIPELINE:
         run_pass(fields, ctx)
@@ -386,20 +366,24 @@ def lower(conv_plan: Optional[Plan], kind: str, *, dtype: Optional[str] = None, 
 
 @functools.lru_cache(maxsize=4096)
 def lowered(spec: Optional[ConvSpec], kind: str, dtype: str, choice: Choice, interpret: bool, allow_tf32: bool,
-            wide_index: bool, padding_budget: float, epilogue: Epilogue = NO_EPILOGUE,
+            wide_index: bool, pixels: Optional[PixelSpace], padding_budget: float, epilogue: Epilogue = NO_EPILOGUE,
             weight_memory: str = "strided", row_alignment: int = 1) -> KernelDesc:
-    """``lower`` memoised on its inputs: a warm call builds no description."""
+    """``lower`` memoised on its inputs: a warm call builds no description. ``pixels`` is keyed exactly, not
+    bucketed: the grid is ceiling divisions of the exact extents, so a bucket would either leave a default
+    under two waves or halve a tile that needed no halving; the memo holds one description per launch
+    shape, as the replay memo (runtime/replay.py) does, within maxsize."""
     conv_plan = None if spec is None else planned(spec, padding_budget)
     return lower(conv_plan, kind, dtype=dtype, choice=choice, interpret=interpret, allow_tf32=allow_tf32,
-                 wide_index=wide_index, epilogue=epilogue, weight_memory=weight_memory, row_alignment=row_alignment)
+                 wide_index=wide_index, epilogue=epilogue, weight_memory=weight_memory, pixels=pixels,
+                 row_alignment=row_alignment)
 
 
 def lowered_for(spec: Optional[ConvSpec], kind: str, dtype: str, choice: Choice, interpret: bool, allow_tf32: bool,
-                wide_index: bool, epilogue: Epilogue = NO_EPILOGUE, weight_memory: str = "strided",
-                row_alignment: int = 1) -> KernelDesc:
+                wide_index: bool, pixels: Optional[PixelSpace], epilogue: Epilogue = NO_EPILOGUE,
+                weight_memory: str = "strided", row_alignment: int = 1) -> KernelDesc:
     """``lowered`` under the current padding budget (GCONVGEN_PADDING_BUDGET)."""
-    return lowered(spec, kind, dtype, choice, interpret, allow_tf32, wide_index, knobs.padding_budget(), epilogue,
-                   weight_memory, row_alignment)
+    return lowered(spec, kind, dtype, choice, interpret, allow_tf32, wide_index, pixels, knobs.padding_budget(),
+                   epilogue, weight_memory, row_alignment)
 
 
 def row_alignment(dtype: str, strides: tuple[int, ...]) -> int:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import gconvgen
 from gconvgen import ConvSpec, knobs
-from gconvgen.lowering import DEFAULT, lowered_for
+from gconvgen.lowering import DEFAULT, PixelSpace, lowered_for
 from gconvgen.runtime import cache, launch
 
 OLD_CHECKSUM_PREFIX = "# gconvgen-checksum: "  # the line a forger recomputes; it used to be all the check
@@ -179,7 +179,8 @@ def test_file_changed_after_loading_is_never_read(cache_dir):
     in between must not reach it: what runs is the text verified when the module was loaded."""
     x, weight = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3)
     spec = ConvSpec(4, 4, 2, (3, 3))
-    launch.kernel_of(lowered_for(spec, "forward", "float32", DEFAULT, True, False, False), "interpreter")  # loaded
+    desc = lowered_for(spec, "forward", "float32", DEFAULT, True, False, False, PixelSpace(1 * 3, 3))
+    launch.kernel_of(desc, "interpreter")  # loaded
     [path] = (cache_dir / "kernels").glob("*/*.py")
     rendered = path.read_text()
     store = "acc.to(out_ptr.dtype.element_ty)"

@@ -20,7 +20,7 @@ import gconvgen
 import gconvgen.compile
 from gconvgen import GroupedConv1d, api1d, codegen
 from gconvgen.autotune import suites
-from gconvgen.lowering import DEFAULT, lowered_for
+from gconvgen.lowering import DEFAULT, PixelSpace, lowered_for
 from gconvgen.runtime.ops import spec_for_call
 from conftest import assert_close
 
@@ -155,7 +155,8 @@ def test_height_one_kernel_loops_only_over_the_length(in_channels, groups, kerne
     batch, length = 2, 64
     x, weight = torch.randn(batch, in_channels, 1, length), torch.randn(in_channels, in_channels // groups, 1, kernel)
     spec = spec_for_call(x, weight, None, (1, 1), (0, 0, kernel - 1, 0), (1, 1), groups, "strict")
-    desc = lowered_for(spec, "forward", "float32", DEFAULT, False, False, False)
+    pixels = PixelSpace.of("forward", batch, 1, length, 1, length)
+    desc = lowered_for(spec, "forward", "float32", DEFAULT, False, False, False, pixels)
     source = codegen.render(desc)
     assert desc.family == family and f"_k1x{kernel}_" in desc.uri and "_p0_0_" in desc.uri
     if family == "depthwise1d":
@@ -164,7 +165,7 @@ def test_height_one_kernel_loops_only_over_the_length(in_channels, groups, kerne
         # tap by tap: k taps (not k * k), each of GROUP_BLOCK * ci channels
         assert f"GROUP_BLOCK * {in_channels // groups} + BLOCK_K - 1" in source
         assert f"range(0, {kernel} * channel_steps)" in source and "tap_h = tap // " in source
-    grid = desc.grid(batch, 1, length, 1, length)
+    grid = desc.grid(pixels)
     rows = batch if family == "depthwise1d" else 1  # depthwise1d's programs never span two rows
     assert grid[0] == rows * math.ceil(batch * length / rows / desc.config.block_m), "pixels flatten (batch, length) only"
 

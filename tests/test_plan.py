@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import gconvgen
 from gconvgen import ConvSpec, codegen, knobs, lowering, plan, suggest_groups
 from gconvgen.cli import main
-from gconvgen.lowering import DEFAULT, INT32_MAX, KernelConfig, KernelDesc, lower, needs_wide_index
+from gconvgen.lowering import DEFAULT, INT32_MAX, KernelConfig, KernelDesc, PixelSpace, lower, needs_wide_index
 from gconvgen.runtime import launch
 
 plan_module = importlib.import_module("gconvgen.plan")  # the module; gconvgen.plan is the function
@@ -236,25 +236,25 @@ def _meta(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-# kind, spec (None: grad_bias), tensors as describe() takes them, flat pixels the launch indexes, 64-bit?
+# kind, spec (None: grad_bias), tensors as describe() takes them, the pixels the launch tiles, 64-bit?
 INDEX_CASES = [
     P("forward", ConvSpec(256, 256, 256, (3, 3), padding=(1, 1, 1, 1), dtype="bfloat16", layout="nchw"),
-      lambda: (_meta(1, 256, 4096, 4096), _meta(256, 1, 3, 3), _meta(1, 256, 4096, 4096)), 4096 * 4096, True,
-      id="input-of-2^32-elements"),                    # offsets past 2^31, flat pixels far below
+      lambda: (_meta(1, 256, 4096, 4096), _meta(256, 1, 3, 3), _meta(1, 256, 4096, 4096)), PixelSpace(4096, 4096),
+      True, id="input-of-2^32-elements"),                    # offsets past 2^31, flat pixels far below
     P("forward", ConvSpec(1, 1, 1, (1, 1), dtype="bfloat16", layout="nchw"),
-      lambda: (_meta(128, 1, 4096, 4096), _meta(1, 1, 1, 1), _meta(128, 1, 4096, 4096)), 128 * 4096 * 4096, True,
-      id="batch-x-pixels-2^31"),                       # largest offset 2^31 - 1 fits; the flat pixel index does not
+      lambda: (_meta(128, 1, 4096, 4096), _meta(1, 1, 1, 1), _meta(128, 1, 4096, 4096)),
+      PixelSpace(128 * 4096, 4096), True, id="batch-x-pixels-2^31"),  # offsets fit 2^31 - 1; the flat pixel index not
     P("forward", ConvSpec(1, 1, 1, (1, 1), dtype="bfloat16", layout="nchw"),
-      lambda: (_meta(128, 1, 4096, 4096), _meta(1, 1, 1, 1), _meta(128, 1, 4096, 4096)), 128 * 4096 * 4096 - 1,
-      False, id="flat-pixels-just-fit"),               # the same tensors one pixel short of 2^31
+      lambda: (_meta(128, 1, 4096, 4096), _meta(1, 1, 1, 1), _meta(128, 1, 4096, 4096)),
+      PixelSpace(1, 128 * 4096 * 4096 - 1), False, id="flat-pixels-just-fit"),  # the same tensors, one pixel short
     P("forward", ConvSpec(4, 4, 2, (3, 3), padding=(1, 1, 1, 1), dtype="bfloat16", layout="nchw"),
       lambda: (torch.empty_strided((1, 4, 8, 8), (4 * 2**30, 2**30, 8, 1), dtype=torch.bfloat16, device="meta"),
-               _meta(4, 2, 3, 3), _meta(1, 4, 8, 8)), 64, True,
+               _meta(4, 2, 3, 3), _meta(1, 4, 8, 8)), PixelSpace(8, 8), True,
       id="view-with-2^30-channel-stride"),             # 256 elements, offsets past 2^31
-    P("grad_bias", None, lambda: (_meta(2, 8, 3 * 2**15, 2**15), _meta(8)), 3 * 2**31, True,
+    P("grad_bias", None, lambda: (_meta(2, 8, 3 * 2**15, 2**15), _meta(8)), PixelSpace(2 * 3 * 2**15, 2**15), True,
       id="grad-bias-of-a-huge-output"),
     P("forward", ConvSpec(8, 8, 2, (3, 3), padding=(1, 1, 1, 1), dtype="bfloat16", layout="nchw"),
-      lambda: (_meta(2, 8, 16, 16), _meta(8, 4, 3, 3), _meta(2, 8, 16, 16)), 2 * 16 * 16, False,
+      lambda: (_meta(2, 8, 16, 16), _meta(8, 4, 3, 3), _meta(2, 8, 16, 16)), PixelSpace(2 * 16, 16), False,
       id="common-shape"),
 ]
 
@@ -267,10 +267,10 @@ def meta_device(monkeypatch):
     monkeypatch.setattr(launch, "allows_tf32", lambda device: False)
 
 
-@pytest.mark.parametrize("kind, conv_spec, tensors, flat_pixels, wide", INDEX_CASES)
-def test_index_width_follows_the_launch(kind, conv_spec, tensors, flat_pixels, wide, meta_device):
+@pytest.mark.parametrize("kind, conv_spec, tensors, pixels, wide", INDEX_CASES)
+def test_index_width_follows_the_launch(kind, conv_spec, tensors, pixels, wide, meta_device):
     dtype = "bfloat16" if conv_spec is None else None
-    desc = launch.describe(conv_spec, kind, tensors(), DEFAULT, dtype=dtype, flat_pixels=flat_pixels)
+    desc = launch.describe(conv_spec, kind, tensors(), DEFAULT, pixels, dtype=dtype)
     assert desc.wide_index is wide and desc.uri.endswith("_i64_interp" if wide else "_interp")
     source = codegen.render(desc)
     program_ids = re.findall(r"tl\.program_id\(\d\)(?:\.to\(tl\.int64\))?", source)

@@ -19,8 +19,8 @@ import triton
 
 from .. import knobs
 from ..ir import ConvSpec, check
-from ..lowering import (ELEMENT_BYTES, KERNEL, Choice, KernelConfig, band_operand_bytes, groups_per_program, lowered,
-                        packed_channels, tap_tile)
+from ..lowering import (ELEMENT_BYTES, KERNEL, Choice, KernelConfig, PixelSpace, band_operand_bytes, groups_per_program,
+                        lowered, packed_channels, tap_tile)
 from ..resources import data_dir
 from ..runtime.device import device_target
 
@@ -69,6 +69,11 @@ class Problem:
     def output_size(self) -> tuple[int, int]:
         """(out_height, out_width)."""
         return self.spec.output_size(self.height, self.width)
+
+    @property
+    def pixel_space(self) -> PixelSpace:
+        """The pixels this problem's kernel tiles (PixelSpace.of its kind)."""
+        return PixelSpace.of(self.kind, self.batch, self.height, self.width, *self.output_size)
 
     @property
     def output_pixels(self) -> int:
@@ -200,8 +205,8 @@ def fills_the_gpu(configs, problem, facts, family, params):
     """Keep grids of at least waves x multiprocessors programs; when none is, the grids with the most."""
     def programs(config: KernelConfig) -> int:
         desc = lowered(problem.spec, problem.kind, problem.spec.dtype, Choice(KERNEL, config, family), False, False,
-                       False, knobs.padding_budget())
-        return math.prod(desc.grid(problem.batch, problem.height, problem.width, *problem.output_size))
+                       False, problem.pixel_space, knobs.padding_budget())
+        return math.prod(desc.grid(problem.pixel_space))
 
     wanted = (facts.multiprocessors or params["default_multiprocessors"]) * params.get("waves", 1)
     full = [c for c in configs if programs(c) >= wanted]

@@ -152,7 +152,8 @@ def families_of(problem: Problem, facts: DeviceFacts) -> list[Family]:
     """The kernel families tuning ``problem`` searches (see _search_spaces) on a device of ``facts``."""
     interpret = facts.kind == "interpreter"
     return [Family(family, load_space(space, facts.kind),
-                   default_config(problem.spec, family, problem.kind, interpret=interpret))
+                   default_config(problem.spec, family, problem.kind, interpret=interpret,
+                                  pixels=problem.pixel_space))
             for family, space in _search_spaces(problem)]
 
 

@@ -18,8 +18,8 @@ import triton
 from .. import codegen
 from ..arguments import ArgumentTable
 from ..ir import ConvSpec, check
-from ..lowering import (DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, lowered_for, needs_wide_index,
-                        row_alignment)
+from ..lowering import (DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, PixelSpace, lowered_for,
+                        needs_wide_index, row_alignment)
 from . import cache, weights
 from .device import allows_tf32, device_target, on_device, target_programs
 
@@ -48,12 +48,13 @@ def clear_memo() -> None:
 
 
 def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.Tensor], ...], choice: Choice,
-             dtype: Optional[str] = None, flat_pixels: int = 0, target: Optional[str] = None,
+             pixels: PixelSpace, dtype: Optional[str] = None, target: Optional[str] = None,
              epilogue: Epilogue = NO_EPILOGUE, weight_memory: str = "strided", alignment: int = 1) -> KernelDesc:
-    """The lowered description of kernel ``kind`` for a launch on ``tensors``: the target (``target``, else
-    their device's) and its TF32 setting, 64-bit offsets when some offset or the ``flat_pixels`` index
-    needs them, the layout of the weight it is given (``weight_memory``, see weights.layout_of) and what its
-    activations' row and channel strides are multiples of (``alignment``, see lowering.row_alignment)."""
+    """The lowered description of kernel ``kind`` for a launch on ``tensors`` that tiles ``pixels`` (a
+    default config fills the device with them): the target (``target``, else their device's) and its TF32
+    setting, 64-bit offsets when some offset or the flattened pixel index needs them, the layout of the
+    weight it is given (``weight_memory``, see weights.layout_of) and what its activations' row and channel
+    strides are multiples of (``alignment``, see lowering.row_alignment)."""
     device = tensors[0].device
     # an element's offset from its tensor's start is below its storage's size: a cheap, safe bound
     largest = max(tensor.untyped_storage().nbytes() // tensor.element_size() - 1 for tensor in tensors
@@ -61,7 +62,7 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
     target = target or device_target(device)
     return lowered_for(spec, kind, dtype or spec.dtype, choice, target == "interpreter",
                        allows_tf32(device) if device.type == "cuda" else False,
-                       needs_wide_index(largest, flat_pixels), epilogue, weight_memory, alignment)
+                       needs_wide_index(largest, pixels.pixels), pixels, epilogue, weight_memory, alignment)
 
 
 @dataclass(frozen=True)
@@ -146,12 +147,13 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
     if batch * out_height * out_width == 0:
         return None
     epilogue = NO_EPILOGUE if activation == "none" and residual is None else Epilogue(activation, residual is not None)
-    desc = describe(spec, "forward", (x, weight, out, residual), choice, flat_pixels=batch * out_height * out_width,
-                    target=target, epilogue=epilogue, weight_memory=weights.layout_of(weight),
+    pixels = PixelSpace.of("forward", batch, height, width, out_height, out_width)
+    desc = describe(spec, "forward", (x, weight, out, residual), choice, pixels, target=target, epilogue=epilogue,
+                    weight_memory=weights.layout_of(weight),
                     alignment=row_alignment(spec.dtype, _row_strides(x) + _row_strides(out)))
     weight = weights.in_layout(weight, desc.weight_layout)
     x = staged(x, desc)
-    return _prepared(desc, desc.grid(batch, height, width, out_height, out_width),
+    return _prepared(desc, desc.grid(pixels),
                      {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}, out)
 
 
@@ -161,11 +163,12 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
     batch, _, height, width = grad_x.shape
     if batch * height * width == 0:
         return None
-    desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, flat_pixels=batch * height * width,
-                    target=target, weight_memory=weights.layout_of(weight))
+    pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])
+    desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,
+                    weight_memory=weights.layout_of(weight))
     weight = weights.in_layout(weight, desc.weight_layout)
     grad_output = staged(grad_output, desc)
-    return _prepared(desc, desc.grid(batch, height, width, grad_output.shape[2], grad_output.shape[3]),
+    return _prepared(desc, desc.grid(pixels),
                      {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x)
 
 
@@ -175,12 +178,13 @@ def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tens
     """The grad-weight launch from x and grad_output into grad_w [C_out, ci, kh, kw], split over pixels."""
     batch, _, height, width = x.shape
     out_height, out_width = grad_output.shape[2], grad_output.shape[3]
-    pixels = batch * out_height * out_width
+    space = PixelSpace.of("grad_weight", batch, height, width, out_height, out_width)
+    pixels = space.pixels
     if pixels == 0:
         return None
-    desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, flat_pixels=pixels, target=target)
+    desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, space, target=target)
     x, grad_output = staged(x, desc), staged(grad_output, desc)
-    tiles = desc.grid(batch, height, width, out_height, out_width)[:-1]
+    tiles = desc.grid(space)[:-1]
     splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, math.prod(tiles),
                                             target_programs(x.device), splits)
     partials = _partials_for(grad_w, splits)
@@ -192,12 +196,13 @@ def prepare_grad_bias(grad_output: torch.Tensor, grad_b: torch.Tensor, choice: C
                       splits: Optional[int] = None, target: Optional[str] = None) -> Optional[Launch]:
     """The grad-bias launch: grad_output [N, C_out, OH, OW] summed over batch and space into grad_b [C_out]."""
     batch, channels, out_height, out_width = grad_output.shape
-    pixels = batch * out_height * out_width
+    space = PixelSpace.of("grad_bias", batch, 0, 0, out_height, out_width)
+    pixels = space.pixels
     if pixels == 0:
         return None
-    desc = describe(None, "grad_bias", (grad_output, grad_b), choice, dtype=_dtype_name(grad_output),
-                    flat_pixels=pixels, target=target)
-    channel_tiles = desc.grid(batch, 0, 0, out_height, out_width, channels=channels)[0]
+    desc = describe(None, "grad_bias", (grad_output, grad_b), choice, space, dtype=_dtype_name(grad_output),
+                    target=target)
+    channel_tiles = desc.grid(space, channels=channels)[0]
     splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, channel_tiles,
                                             target_programs(grad_output.device), splits)
     partials = _partials_for(grad_b, splits)

@@ -266,7 +266,9 @@ _WINDOW_ELEMENTS_PER_WARP = 1024
 def depthwise_grad_weight_config(spec: ConvSpec, *, interpret: bool) -> KernelConfig:
     """Depthwise grad-weight tiles (pixels per step, channels): the [taps, channels] accumulator holds every
     tap, so the channel tile narrows as the window grows (at most 32 accumulators a thread at 4 warps, 8
-    warps past that), and the pixels per step fill the window's budget (one pixel a step at 31x31)."""
+    warps past that), and the pixels per step fill the window's budget (one pixel a step at 31x31), counted
+    as if the channel tile were at least 32 wide: a narrower one spreads the window over fewer lanes (a
+    16-channel tile spilled 128 bytes at 16 pixels a step, none at 8)."""
     taps = tap_tile(spec)
     if interpret:  # few, large steps
         block_n = pow2_between(spec.out_channels, 1, 64)
@@ -274,7 +276,7 @@ def depthwise_grad_weight_config(spec: ConvSpec, *, interpret: bool) -> KernelCo
     least = 8 if spec.layout == "nhwc" else 1  # channels_last: 16-byte channel rows
     block_n = pow2_between(spec.out_channels, least, max(least, min(32, 8192 // taps)))
     num_warps = 4 if taps * block_n <= 4096 else 8
-    block_m = max(1, _WINDOW_ELEMENTS_PER_WARP * num_warps // (taps * block_n))
+    block_m = max(1, _WINDOW_ELEMENTS_PER_WARP * num_warps // (taps * max(block_n, 32)))
     return KernelConfig(block_m, block_n, 0, num_warps=num_warps, num_stages=2)
 
 

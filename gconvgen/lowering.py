@@ -18,7 +18,7 @@ from .ir import DTYPES, ConvSpec, check
 from .plan import Plan, planned
 # the tiles' names are re-exported: a config is part of the lowered description
 from .tiles import (DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, H200_SMS, MAX_STAGES, NUM_WARPS,  # noqa: F401
-                    KernelConfig, PixelSpace, band_operand_bytes, check_config, default_config,  # noqa: F401
+                    KernelConfig, PixelSpace, band_dot, band_operand_bytes, check_config, default_config,  # noqa: F401
                     depthwise_grad_weight_config, grid_of, groups_per_program, packed_channels,  # noqa: F401
                     pow2_between, tap_tile)  # noqa: F401
 
@@ -93,7 +93,8 @@ class KernelDesc:
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
     halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4); else 0
     row_alignment: int          # depthwise1d: every row's and channel's first element is a multiple of it; else 1
-    weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi or strided
+    weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi, band or strided
+    band_dot: str               # depthwise_gemm: "rows" (a 2-D dot per channel) or "channels" (batched); else "none"
     tap_tile: int               # depthwise grad-weight: the window's taps padded to a power of two; else 0
     config: KernelConfig
     groups_per_program: int
@@ -278,13 +279,23 @@ def choose_weight_layout(fields: dict, ctx: Context) -> None:
     """The direct depthwise kernels (forward, grad-input) read a row of output channels per tap: hwio memory
     makes it one vector load. The igemm forward and grad-input read an (input channel, output channel) tile
     per tap: a channels_last (ohwi) weight is read as it is, input channels contiguous; any other is handed
-    over hwio, output channels contiguous (runtime/weights.py)."""
+    over hwio, output channels contiguous. The banded kernel reads its band matrices, written out per launch
+    (runtime/weights.py)."""
     if fields["family"] == "depthwise" and ctx.kind in ("forward", "grad_input"):
         fields["weight_layout"] = "hwio"
     elif fields["family"] == "igemm" and ctx.kind in ("forward", "grad_input"):
         fields["weight_layout"] = "ohwi" if ctx.weight_memory == "ohwi" else "hwio"
+    elif fields["family"] == "depthwise_gemm":
+        fields["weight_layout"] = "band"
     else:
         fields["weight_layout"] = "strided"
+
+
+def choose_band_dot(fields: dict, ctx: Context) -> None:
+    """The banded kernel's dot (tiles.band_dot): a 2-D dot a channel where a channel's rows lie along the
+    contiguous width ("rows", wgmma on sm_90), batched over the contiguous channels in channels_last
+    ("channels"); "none" for other families."""
+    fields["band_dot"] = band_dot(fields["spec"]) if fields["family"] == "depthwise_gemm" else "none"
 
 
 def choose_tap_tile(fields: dict, ctx: Context) -> None:
@@ -321,6 +332,7 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_epilogue", choose_epilogue),                  # activation and residual fused before the store
     ("choose_precision", choose_precision),                # TF32, accumulator, interpreter casts
     ("choose_weight_layout", choose_weight_layout),        # weight tiles as vector loads at literal strides
+    ("choose_band_dot", choose_band_dot),                  # banded kernel: 2-D dot by rows, or batched over channels
     ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight holds every tap
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
     ("choose_halo", choose_halo),                          # depthwise1d's input window around its tile

@@ -151,7 +151,7 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
     desc = describe(spec, "forward", (x, weight, out, residual), choice, pixels, target=target, epilogue=epilogue,
                     weight_memory=weights.layout_of(weight),
                     alignment=row_alignment(spec.dtype, _row_strides(x) + _row_strides(out)))
-    weight = weights.in_layout(weight, desc.weight_layout)
+    weight = weights.for_kernel(weight, desc)
     x = staged(x, desc)
     return _prepared(desc, desc.grid(pixels),
                      {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}, out)
@@ -166,7 +166,7 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
     pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,
                     weight_memory=weights.layout_of(weight))
-    weight = weights.in_layout(weight, desc.weight_layout)
+    weight = weights.for_kernel(weight, desc)
     grad_output = staged(grad_output, desc)
     return _prepared(desc, desc.grid(pixels),
                      {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x)

@@ -18,9 +18,9 @@ from .ir import DTYPES, ConvSpec, check
 from .plan import Plan, planned
 # the tiles' names are re-exported: a config is part of the lowered description
 from .tiles import (DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, H200_SMS, MAX_STAGES, NUM_WARPS,  # noqa: F401
-                    KernelConfig, PixelSpace, band_dot, band_operand_bytes, check_config, default_config,  # noqa: F401
-                    depthwise_grad_weight_config, grid_of, groups_per_program, packed_channels,  # noqa: F401
-                    pow2_between, tap_tile)  # noqa: F401
+                    KernelConfig, PixelSpace, band_dot, band_operand_bytes, band_steps, check_config,  # noqa: F401
+                    default_config, depthwise_grad_weight_config, grid_of, groups_per_program,  # noqa: F401
+                    packed_channels, pow2_between, tap_tile)  # noqa: F401
 
 KINDS = ("forward", "grad_input", "grad_weight", "grad_bias")
 FAMILIES = ("igemm", "depthwise", "depthwise_gemm", "depthwise1d", "reduce")
@@ -92,9 +92,10 @@ class KernelDesc:
     accumulator: str            # tl.float32, or tl.float64 for float64
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
     halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4); else 0
-    row_alignment: int          # depthwise1d: every row's and channel's first element is a multiple of it; else 1
+    row_alignment: int          # depthwise1d, banded rows: every row's and channel's first element is a multiple of it; else 1
     weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi, band or strided
     band_dot: str               # depthwise_gemm: "rows" (a 2-D dot per channel) or "channels" (batched); else "none"
+    band_shift: int             # banded rows: input columns a strip's band starts before its window (an aligned column)
     tap_tile: int               # depthwise grad-weight: the window's taps padded to a power of two; else 0
     config: KernelConfig
     groups_per_program: int
@@ -267,11 +268,10 @@ def choose_halo(fields: dict, ctx: Context) -> None:
     loaded as tiles of halo_tile positions masked to the ones read; its channel tile gives each warp 8
     channels (GATHER_CHANNELS_PER_WARP)."""
     if fields["family"] != "depthwise1d":
-        fields.update(halo=(0, 0), halo_tile=0, row_alignment=1)
+        fields.update(halo=(0, 0), halo_tile=0)
         return
     halo, config = window_halo(fields["spec"]), fields["config"]
-    fields.update(halo=halo, halo_tile=pow2_between(max(halo), LEAST_HALO_TILE, 1 << 30) if max(halo) else 0,
-                  row_alignment=ctx.row_alignment)
+    fields.update(halo=halo, halo_tile=pow2_between(max(halo), LEAST_HALO_TILE, 1 << 30) if max(halo) else 0)
     check(config.block_n >= GATHER_CHANNELS_PER_WARP * config.num_warps,
           f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: its "
           f"gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
@@ -296,6 +296,18 @@ def choose_band_dot(fields: dict, ctx: Context) -> None:
     contiguous width ("rows", wgmma on sm_90), batched over the contiguous channels in channels_last
     ("channels"); "none" for other families."""
     fields["band_dot"] = band_dot(fields["spec"]) if fields["family"] == "depthwise_gemm" else "none"
+
+
+def choose_row_alignment(fields: dict, ctx: Context) -> None:
+    """Kernels that read activation rows along the contiguous width as vectors, depthwise1d and the banded
+    kernel's "rows" dot on NCHW, take the launch's row alignment (ctx.row_alignment: what every row's and
+    channel's first element is a multiple of). The banded kernel also starts each strip's input band
+    band_shift columns before its window, on an aligned column (strips are BLOCK_K x stride >= 16 columns
+    apart), so its rows are aligned vector loads (cp.async on sm_90); its band matrices start as many columns
+    later (runtime/weights.py band_copy). Others: 1 and 0."""
+    banded_rows = fields["band_dot"] == "rows" and fields["spec"].layout == "nchw"
+    alignment = ctx.row_alignment if fields["family"] == "depthwise1d" or banded_rows else 1
+    fields.update(row_alignment=alignment, band_shift=-fields["spec"].padding[2] % alignment if banded_rows else 0)
 
 
 def choose_tap_tile(fields: dict, ctx: Context) -> None:
@@ -333,6 +345,7 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_precision", choose_precision),                # TF32, accumulator, interpreter casts
     ("choose_weight_layout", choose_weight_layout),        # weight tiles as vector loads at literal strides
     ("choose_band_dot", choose_band_dot),                  # banded kernel: 2-D dot by rows, or batched over channels
+    ("choose_row_alignment", choose_row_alignment),        # vector loads along aligned rows (depthwise1d, banded)
     ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight holds every tap
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
     ("choose_halo", choose_halo),                          # depthwise1d's input window around its tile

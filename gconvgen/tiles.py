@@ -110,11 +110,12 @@ def band_operand_bytes(config: KernelConfig, spec: ConvSpec) -> int:
     return config.num_stages * channels * tile * ELEMENT_BYTES[spec.dtype]
 
 
-def band_steps(spec: ConvSpec, block_k: int) -> int:
+def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
     """How many [block_k, block_k] band matrices cover the input band of one depthwise_gemm strip of block_k
-    output columns: (block_k - 1) x stride + the window's width columns, in block_k steps."""
+    output columns: band_shift columns read early (KernelDesc.band_shift), then (block_k - 1) x stride + the window's
+    width columns, in block_k steps."""
     window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
-    return -(-((block_k - 1) * spec.stride[1] + window_width) // block_k)
+    return -(-(band_shift + (block_k - 1) * spec.stride[1] + window_width) // block_k)
 
 
 def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpret: bool,

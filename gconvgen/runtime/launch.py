@@ -118,11 +118,12 @@ def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = (
 def _row_strides(activation: torch.Tensor) -> tuple[int, ...]:
     """The strides that place an NCHW-indexed activation's rows: batch, channel and height, where that
     dimension has more than one element and is not the contiguous one; and where the width is the contiguous
-    dimension, the width itself (a row's last vector is whole only if the width is a multiple of it)."""
+    dimension, the width itself (a row's last vector is whole only if the width is a multiple of it; with one
+    channel, whose stride says nothing, the width counts too)."""
     strides = tuple(stride for size, stride in zip(activation.shape[:3], activation.stride()[:3])
                     if size > 1 and stride != 1)
-    return strides + ((activation.shape[3],) if activation.stride(3) == 1 and activation.shape[1] > 1
-                      and activation.stride(1) != 1 else ())
+    return strides + ((activation.shape[3],) if activation.stride(3) == 1
+                      and (activation.shape[1] == 1 or activation.stride(1) != 1) else ())
 
 
 def staged(activation: torch.Tensor, desc: KernelDesc) -> torch.Tensor:

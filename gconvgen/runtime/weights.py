@@ -47,8 +47,8 @@ def for_kernel(weight: torch.Tensor, desc) -> torch.Tensor:
     """``weight`` [C_out, ci, kh, kw] as the kernel of ``desc`` (a lowering.KernelDesc) reads it: the band
     matrices for its column strip (layout ``band``), else ``in_layout``. Built per launch, never cached."""
     if desc.weight_layout == "band":
-        spec, block_k = desc.spec, desc.config.block_k
-        return band_copy(weight, spec.stride[1], spec.dilation[1], block_k, band_steps(spec, block_k))
+        spec, block_k, shift = desc.spec, desc.config.block_k, desc.band_shift
+        return band_copy(weight, spec.stride[1], spec.dilation[1], block_k, band_steps(spec, block_k, shift), shift)
     return in_layout(weight, desc.weight_layout)
 
 
@@ -73,25 +73,27 @@ def _has_strides(weight: torch.Tensor, wanted: tuple[int, ...]) -> bool:
     return all(size == 1 or stride == want for size, stride, want in zip(weight.shape, weight.stride(), wanted))
 
 
-def band_copy(weight: torch.Tensor, stride_w: int, dilation_w: int, block_k: int, steps: int) -> torch.Tensor:
+def band_copy(weight: torch.Tensor, stride_w: int, dilation_w: int, block_k: int, steps: int,
+              shift: int) -> torch.Tensor:
     """The band matrices of a depthwise ``weight`` [C_out, 1, kh, kw] (any strides) for strips of ``block_k``
-    output columns: a contiguous [C_out, kh, steps * block_k, block_k] tensor whose [c, h, s * block_k + j, t]
-    is weight[c, 0, h, (s * block_k + j - t * stride_w) / dilation_w] when that is a tap, else 0 (the kernel
-    reads it at literal strides; tiles.band_steps gives ``steps``). Two kernels a launch: a pad and a gather."""
+    output columns whose input band starts ``shift`` columns before the window: a contiguous
+    [C_out, kh, steps * block_k, block_k] tensor whose [c, h, i, t] is weight[c, 0, h, (i - shift - t * stride_w)
+    / dilation_w] when that is a tap, else 0 (the kernel reads it at literal strides; tiles.band_steps gives
+    ``steps``). Two kernels a launch: a pad and a gather."""
     out_channels, _, kernel_h, kernel_w = weight.shape
-    index = _band_index(kernel_w, stride_w, dilation_w, block_k, steps, weight.device)
+    index = _band_index(kernel_w, stride_w, dilation_w, block_k, steps, shift, weight.device)
     rows = torch.nn.functional.pad(weight.detach()[:, 0], (0, 1))  # [C_out, kh, kw + 1]: column kw is the zero
     return rows[:, :, index]
 
 
 @functools.lru_cache(maxsize=64)
-def _band_index(kernel_w: int, stride_w: int, dilation_w: int, block_k: int, steps: int,
+def _band_index(kernel_w: int, stride_w: int, dilation_w: int, block_k: int, steps: int, shift: int,
                 device: torch.device) -> torch.Tensor:
     """[steps * block_k, block_k] indices into a weight row padded with one zero column (index kernel_w): a
     constant of the geometry, not of the weight's values, so it is kept (per device) and the band is not."""
     row = torch.arange(steps * block_k)[:, None]
     column = torch.arange(block_k)[None, :]
-    offset = row - column * stride_w
+    offset = row - shift - column * stride_w
     tap = torch.div(offset, dilation_w, rounding_mode="floor")
     is_tap = (offset >= 0) & (offset % dilation_w == 0) & (tap < kernel_w)
     return torch.where(is_tap, tap, kernel_w).to(device)

@@ -1,9 +1,10 @@
 """Lowering: a planned conv becomes one frozen, typed description per kernel to run (KernelDesc).
 
 Every decision about a kernel is a named pass below that writes typed fields: the family, the channel
-masks, the layout constants, the reduction order, the index width, the precision, the tile config and
-how many groups share a program. The renderer, the launcher, the ahead-of-time compiler, the tuner and
-``gconvgen inspect`` read the description and the argument table (arguments.py); none decides again.
+masks, the layout constants, the reduction order, the index width, the precision, the weight layout, the
+banded kernel's dot, the row alignment, the tile config and how many groups share a program. The
+renderer, the launcher, the ahead-of-time compiler, the tuner and ``gconvgen inspect`` read the description
+and the argument table (arguments.py); none decides again.
 A field no pass wrote is an error when the description is built, never a default.
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ class KernelDesc:
     accumulator: str            # tl.float32, or tl.float64 for float64
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
     halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4); else 0
-    row_alignment: int          # depthwise1d, banded rows: every row's and channel's first element is a multiple of it; else 1
+    row_alignment: int          # depthwise1d, banded rows: what each row's and channel's first element is a multiple of
     weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi, band or strided
     band_dot: str               # depthwise_gemm: "rows" (a 2-D dot per channel) or "channels" (batched); else "none"
     band_shift: int             # banded rows: input columns a strip's band starts before its window (an aligned column)

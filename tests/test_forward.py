@@ -275,6 +275,23 @@ def test_grouped_weight_read_tap_major_whatever_its_strides(nan_filled_outputs):
         assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 3), expect(weight), torch.float32)
 
 
+@pytest.mark.parametrize("stride, dilation, shift", [(1, 1, 0), (2, 1, 5), (1, 2, 3)])
+def test_band_matrices_hold_the_weight_along_their_diagonals(stride, dilation, shift):
+    """The banded kernel's operand (runtime/weights.py band_copy): [c, h, i, t] is weight[c, 0, h, (i - shift
+    - t * stride) / dilation] where that is a tap, else 0; rows past the last tap are zero."""
+    from gconvgen.runtime import weights
+    weight = torch.randn(3, 1, 2, 5)
+    band = weights.band_copy(weight, stride, dilation, 16, 3, shift)
+    assert band.shape == (3, 2, 48, 16) and band.is_contiguous()
+    expected = torch.zeros(3, 2, 48, 16)
+    for i in range(48):
+        for t in range(16):
+            offset = i - shift - t * stride
+            if offset >= 0 and offset % dilation == 0 and offset // dilation < 5:
+                expected[:, :, i, t] = weight[:, 0, :, offset // dilation]
+    assert torch.equal(band, expected)
+
+
 def test_one_channel_rows_padded_past_the_width_are_not_read_as_vectors(nan_filled_outputs):
     """A one-channel NCHW view whose rows are padded (row stride 64, width 57) has aligned row starts but not an
     aligned width: the banded kernel's vector loads would read the padding (NaN here), so the launch's row

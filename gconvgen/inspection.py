@@ -18,7 +18,7 @@ from . import knobs
 from .autotune.database import database, key_of
 from .autotune.space import Problem, config_name
 from .ir import check
-from .lowering import DEFAULT, ELEMENT_BYTES, H200_SMS, KernelDesc
+from .lowering import DEFAULT, ELEMENT_BYTES, H200_SMS, KernelDesc, band_steps
 from .runtime import launch, sass
 from .runtime.ops import TORCH_DTYPES
 
@@ -148,8 +148,7 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
         requested = programs * steps * (m * k + k * n) * element
         return (requested + writes) / ideal_bytes, programs * steps * 2 * m * n * k / useful_flops
     if desc.family == "depthwise_gemm":
-        band_steps = math.ceil(((k - 1) * spec.stride[1] + (spec.kernel_size[1] - 1) * spec.dilation[1] + 1) / k)
-        steps = programs * spec.kernel_size[0] * band_steps
+        steps = programs * spec.kernel_size[0] * band_steps(spec, k, desc.band_shift)
         requested = steps * n * (m * k + k * k) * element
         return (requested + writes) / ideal_bytes, steps * n * 2 * m * k * k / useful_flops
     if desc.family == "depthwise1d":  # its input window once (main tile and the halo positions read), k weight rows

@@ -1,9 +1,10 @@
 """Lowering: a planned conv becomes one frozen, typed description per kernel to run (KernelDesc).
 
 Every decision about a kernel is a named pass below that writes typed fields: the family, the channel
-masks, the layout constants, the reduction order, the index width, the precision, the tile config and
-how many groups share a program. The renderer, the launcher, the ahead-of-time compiler, the tuner and
-``gconvgen inspect`` read the description and the argument table (arguments.py); none decides again.
+masks, the layout constants, the reduction order, the index width, the precision, the weight layout, the
+banded kernel's dot, the row alignment, the tile config and how many groups share a program. The
+renderer, the launcher, the ahead-of-time compiler, the tuner and ``gconvgen inspect`` read the description
+and the argument table (arguments.py); none decides again.
 A field no pass wrote is an error when the description is built, never a default.
 """
 from __future__ import annotations
@@ -18,9 +19,9 @@ from .ir import DTYPES, ConvSpec, check
 from .plan import Plan, planned
 # the tiles' names are re-exported: a config is part of the lowered description
 from .tiles import (DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, H200_SMS, MAX_STAGES, NUM_WARPS,  # noqa: F401
-                    KernelConfig, PixelSpace, band_operand_bytes, check_config, default_config,  # noqa: F401
-                    depthwise_grad_weight_config, grid_of, groups_per_program, packed_channels,  # noqa: F401
-                    pow2_between, tap_tile)  # noqa: F401
+                    KernelConfig, PixelSpace, band_dot, band_operand_bytes, band_steps, check_config,  # noqa: F401
+                    default_config, depthwise_grad_weight_config, grid_of, groups_per_program,  # noqa: F401
+                    packed_channels, pow2_between, tap_tile)  # noqa: F401
 
 KINDS = ("forward", "grad_input", "grad_weight", "grad_bias")
 FAMILIES = ("igemm", "depthwise", "depthwise_gemm", "depthwise1d", "reduce")
@@ -92,8 +93,10 @@ class KernelDesc:
     accumulator: str            # tl.float32, or tl.float64 for float64
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
     halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4); else 0
-    row_alignment: int          # depthwise1d: every row's and channel's first element is a multiple of it; else 1
-    weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi or strided
+    row_alignment: int          # depthwise1d, banded rows: what each row's and channel's first element is a multiple of
+    weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi, band or strided
+    band_dot: str               # depthwise_gemm: "rows" (a 2-D dot per channel) or "channels" (batched); else "none"
+    band_shift: int             # banded rows: input columns a strip's band starts before its window (an aligned column)
     tap_tile: int               # depthwise grad-weight: the window's taps padded to a power of two; else 0
     config: KernelConfig
     groups_per_program: int
@@ -266,11 +269,10 @@ def choose_halo(fields: dict, ctx: Context) -> None:
     loaded as tiles of halo_tile positions masked to the ones read; its channel tile gives each warp 8
     channels (GATHER_CHANNELS_PER_WARP)."""
     if fields["family"] != "depthwise1d":
-        fields.update(halo=(0, 0), halo_tile=0, row_alignment=1)
+        fields.update(halo=(0, 0), halo_tile=0)
         return
     halo, config = window_halo(fields["spec"]), fields["config"]
-    fields.update(halo=halo, halo_tile=pow2_between(max(halo), LEAST_HALO_TILE, 1 << 30) if max(halo) else 0,
-                  row_alignment=ctx.row_alignment)
+    fields.update(halo=halo, halo_tile=pow2_between(max(halo), LEAST_HALO_TILE, 1 << 30) if max(halo) else 0)
     check(config.block_n >= GATHER_CHANNELS_PER_WARP * config.num_warps,
           f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: its "
           f"gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
@@ -278,13 +280,35 @@ def choose_weight_layout(fields: dict, ctx: Context) -> None:
     """The direct depthwise kernels (forward, grad-input) read a row of output channels per tap: hwio memory
     makes it one vector load. The igemm forward and grad-input read an (input channel, output channel) tile
     per tap: a channels_last (ohwi) weight is read as it is, input channels contiguous; any other is handed
-    over hwio, output channels contiguous (runtime/weights.py)."""
+    over hwio, output channels contiguous. The banded kernel reads its band matrices, written out per launch
+    (runtime/weights.py)."""
     if fields["family"] == "depthwise" and ctx.kind in ("forward", "grad_input"):
         fields["weight_layout"] = "hwio"
     elif fields["family"] == "igemm" and ctx.kind in ("forward", "grad_input"):
         fields["weight_layout"] = "ohwi" if ctx.weight_memory == "ohwi" else "hwio"
+    elif fields["family"] == "depthwise_gemm":
+        fields["weight_layout"] = "band"
     else:
         fields["weight_layout"] = "strided"
+
+
+def choose_band_dot(fields: dict, ctx: Context) -> None:
+    """The banded kernel's dot (tiles.band_dot): a 2-D dot a channel where a channel's rows lie along the
+    contiguous width ("rows", wgmma on sm_90), batched over the contiguous channels in channels_last
+    ("channels"); "none" for other families."""
+    fields["band_dot"] = band_dot(fields["spec"]) if fields["family"] == "depthwise_gemm" else "none"
+
+
+def choose_row_alignment(fields: dict, ctx: Context) -> None:
+    """Kernels that read activation rows along the contiguous width as vectors, depthwise1d and the banded
+    kernel's "rows" dot on NCHW, take the launch's row alignment (ctx.row_alignment: what every row's and
+    channel's first element is a multiple of). The banded kernel also starts each strip's input band
+    band_shift columns before its window, on an aligned column (strips are BLOCK_K x stride >= 16 columns
+    apart), so its rows are aligned vector loads (cp.async on sm_90); its band matrices start as many columns
+    later (runtime/weights.py band_copy). Others: 1 and 0."""
+    banded_rows = fields["band_dot"] == "rows" and fields["spec"].layout == "nchw"
+    alignment = ctx.row_alignment if fields["family"] == "depthwise1d" or banded_rows else 1
+    fields.update(row_alignment=alignment, band_shift=-fields["spec"].padding[2] % alignment if banded_rows else 0)
 
 
 def choose_tap_tile(fields: dict, ctx: Context) -> None:
@@ -321,6 +345,8 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_epilogue", choose_epilogue),                  # activation and residual fused before the store
     ("choose_precision", choose_precision),                # TF32, accumulator, interpreter casts
     ("choose_weight_layout", choose_weight_layout),        # weight tiles as vector loads at literal strides
+    ("choose_band_dot", choose_band_dot),                  # banded kernel: 2-D dot by rows, or batched over channels
+    ("choose_row_alignment", choose_row_alignment),        # vector loads along aligned rows (depthwise1d, banded)
     ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight holds every tap
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
     ("choose_halo", choose_halo),                          # depthwise1d's input window around its tile

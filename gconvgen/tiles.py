@@ -93,11 +93,29 @@ def pow2_between(value: int, low: int, high: int) -> int:
     return max(low, min(high, 1 << max(0, value - 1).bit_length()))
 
 
-def band_operand_bytes(config: KernelConfig, dtype: str) -> int:
-    """Shared memory the depthwise_gemm operands of ``config`` take: num_stages x block_n channels x
-    (the [block_m, block_k] input tile + the [block_k, block_k] band)."""
+def band_dot(spec: ConvSpec) -> str:
+    """The depthwise_gemm dot for ``spec``'s layout. "channels" (channels_last): the input tile holds BLOCK_N
+    channels, the contiguous axis, for 16-byte loads, so the dot is batched over them (3-D: mma.sync on
+    sm_90). "rows" (NCHW, strided): a program takes its channels one at a time, a 2-D [rows, band] x
+    [band, strip] dot each (wgmma on sm_90), its rows lying along the width."""
+    return "channels" if spec.layout == "nhwc" else "rows"
+
+
+def band_operand_bytes(config: KernelConfig, spec: ConvSpec) -> int:
+    """Shared memory the depthwise_gemm operands of ``config`` take: num_stages x the channels in flight
+    (block_n when the dot is batched over channels, else 1) x (the [block_m, block_k] input tile + the
+    [block_k, block_k] band)."""
     tile = config.block_m * config.block_k + config.block_k * config.block_k
-    return config.num_stages * config.block_n * tile * ELEMENT_BYTES[dtype]
+    channels = config.block_n if band_dot(spec) == "channels" else 1
+    return config.num_stages * channels * tile * ELEMENT_BYTES[spec.dtype]
+
+
+def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
+    """How many [block_k, block_k] band matrices cover the input band of one depthwise_gemm strip of block_k
+    output columns: band_shift columns read early (KernelDesc.band_shift), then (block_k - 1) x stride + the window's
+    width columns, in block_k steps."""
+    window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
+    return -(-(band_shift + (block_k - 1) * spec.stride[1] + window_width) // block_k)
 
 
 def default_config(spec: Optional[ConvSpec], family: str, kind: str, *, interpret: bool,
@@ -135,12 +153,14 @@ def _spec_default(spec: Optional[ConvSpec], family: str, kind: str, *, interpret
     if family == "depthwise_gemm":  # accumulators: block_n x block_m x block_k
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 16), 16, num_stages=1)
-        # channels_last: channels are contiguous, enough of them for 16-byte loads; NCHW: the strip is
-        wanted = 8 if spec.layout == "nhwc" else 2
-        # 8 warps: the batched dot's operands and accumulators fit 255 registers without spilling at k7 and k31
-        config = KernelConfig(32 if spec.layout == "nhwc" else 64, pow2_between(spec.out_channels, 1, wanted), 32,
-                              num_warps=8)
-        while config.block_n > 1 and band_operand_bytes(config, spec.dtype) > DEFAULT_SHARED_MEMORY_BYTES:
+        if band_dot(spec) == "rows":  # one channel's 2-D dot: 128 rows on 8 warps (wgmma, no spills at k7 and k31)
+            config = KernelConfig(128, 1, 32, num_warps=8, num_stages=3)
+            while config.num_stages > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
+                config = replace(config, num_stages=config.num_stages - 1)  # float64 tiles are larger
+            return config
+        # channels_last: 8 channels for 16-byte loads; 8 warps hold the batched dot without spilling at k7 and k31
+        config = KernelConfig(32, pow2_between(spec.out_channels, 1, 8), 32, num_warps=8)
+        while config.block_n > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
         return config
     channels = spec.in_channels if kind == "grad_input" else spec.out_channels

@@ -49,6 +49,7 @@ CASES = [
     P(2, 6, 6, (9, 11), 7, 1, 3, 1, 6, "strict", "channels_last", id="depthwise-7x7"),          # banded tensor-core form
     P(2, 4, 8, (8, 20), (7, 9), 1, "same", (1, 2), 4, "strict", "nchw",
       id="depthwise-7x9-dilated-multiplier-2"),  # a band with holes: dilation 2 along the width
+    P(2, 4, 4, (5, 16), 7, 1, 3, 1, 4, "strict", "nchw", id="depthwise-7x7-aligned-rows"),  # rows read as vectors
 ]
 
 
@@ -272,3 +273,31 @@ def test_grouped_weight_read_tap_major_whatever_its_strides(nan_filled_outputs):
             assert_close(gconvgen.conv2d(x, w, None, 1, 1, 1, 3), expect(w), torch.float32)
         weight.data.mul_(-2.0)  # a write the version counter does not see
         assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 3), expect(weight), torch.float32)
+
+
+@pytest.mark.parametrize("stride, dilation, shift", [(1, 1, 0), (2, 1, 5), (1, 2, 3)])
+def test_band_matrices_hold_the_weight_along_their_diagonals(stride, dilation, shift):
+    """The banded kernel's operand (runtime/weights.py band_copy): [c, h, i, t] is weight[c, 0, h, (i - shift
+    - t * stride) / dilation] where that is a tap, else 0; rows past the last tap are zero."""
+    from gconvgen.runtime import weights
+    weight = torch.randn(3, 1, 2, 5)
+    band = weights.band_copy(weight, stride, dilation, 16, 3, shift)
+    assert band.shape == (3, 2, 48, 16) and band.is_contiguous()
+    expected = torch.zeros(3, 2, 48, 16)
+    for i in range(48):
+        for t in range(16):
+            offset = i - shift - t * stride
+            if offset >= 0 and offset % dilation == 0 and offset // dilation < 5:
+                expected[:, :, i, t] = weight[:, 0, :, offset // dilation]
+    assert torch.equal(band, expected)
+
+
+def test_one_channel_rows_padded_past_the_width_are_not_read_as_vectors(nan_filled_outputs):
+    """A one-channel NCHW view whose rows are padded (row stride 64, width 57) has aligned row starts but not an
+    aligned width: the banded kernel's vector loads would read the padding (NaN here), so the launch's row
+    alignment counts the width whatever the channel stride (runtime/launch.py _row_strides)."""
+    base = torch.full((2, 1, 6, 64), float("nan"), dtype=torch.bfloat16)
+    base[..., :57] = torch.randn(2, 1, 6, 57, dtype=torch.bfloat16)
+    x, weight = base[..., :57], torch.randn(1, 1, 7, 7, dtype=torch.bfloat16)
+    out = gconvgen.conv2d(x, weight, None, 1, (3, 3, 3, 10), 1, 1)  # 64 output columns: aligned output rows
+    assert_close(out, F.conv2d(F.pad(x.double(), (3, 10, 3, 3)), weight.double(), None, 1, 0), torch.bfloat16)

@@ -206,6 +206,20 @@ def test_uri_changes_with_every_source_decision_and_with_no_launch_setting():
                                "num_stages": 4}
 
 
+def test_banded_dot_by_layout_and_vector_rows_only_where_rows_are_aligned():
+    """NCHW takes a 2-D dot a channel (wgmma on sm_90), channels_last batches it over channels; vector row
+    loads (and the band shifted to an aligned column) only for a launch whose row starts are aligned."""
+    spec = ConvSpec(8, 8, 8, (7, 7), padding=(3, 3, 3, 3), dtype="bfloat16")
+    by_rows = lower(plan(spec), "forward", interpret=False, allow_tf32=False)
+    aligned = lower(plan(spec), "forward", interpret=False, allow_tf32=False, row_alignment=8)
+    batched = lower(plan(dataclasses.replace(spec, layout="nhwc")), "forward", interpret=False, allow_tf32=False,
+                    row_alignment=8)
+    assert (by_rows.family, by_rows.band_dot, by_rows.row_alignment, by_rows.band_shift) == ("depthwise_gemm", "rows", 1, 0)
+    assert (aligned.row_alignment, aligned.band_shift) == (8, 5)  # 3 columns of padding + 5 = one 16-byte vector
+    assert aligned.uri == f"{by_rows.uri}_a8" and _source_body(aligned) != _source_body(by_rows)
+    assert (batched.band_dot, batched.row_alignment, batched.weight_layout) == ("channels", 1, "band")
+
+
 def test_cli_plan_writes_both_graphs_as_dot(tmp_path):
     path = tmp_path / "x.dot"
     result = CliRunner().invoke(main, ["plan", "--in-channels", "11", "--out-channels", "13", "--groups", "3",

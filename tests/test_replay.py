@@ -61,6 +61,18 @@ def test_warm_calls_match_torch_on_fresh_inputs(data_format, groups, weight_layo
     assert len(launched) == 3 and len(set(launched)) == 1
 
 
+def test_warm_banded_calls_rebuild_the_band_from_the_weight(launched, nan_filled_outputs):
+    """The banded kernel reads band matrices written out from the weight per launch (runtime/weights.py): a
+    replayed call writes them anew, so a write through ``.data`` between calls is seen."""
+    weight = torch.randn(4, 1, 7, 7, dtype=torch.bfloat16)
+    for call in range(3):
+        x = torch.randn(2, 4, 6, 16, dtype=torch.bfloat16)  # 16-element rows: read as 16-byte vectors
+        out = gconvgen.conv2d(x, weight, None, padding=3, groups=4)
+        assert_close(out, F.conv2d(x.double(), weight.double(), None, 1, 3, 1, 4), torch.bfloat16)
+        weight.data.mul_(-1.5)
+    assert [family for family, _ in launched] == ["depthwise_gemm"] * 3
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"groups": True}, "groups=True must be an int"),
     ({"stride": 1.0}, r"stride=1.0 must be an int"),

@@ -187,11 +187,12 @@ def group_packing(configs, problem, facts, family, params):
 def shared_memory_fits(configs, problem, facts, family, params):
     """Drop configs whose pipelined operand tiles exceed the device's shared memory (else default_bytes):
     num_stages x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_N) elements for an implicit GEMM, num_stages x
-    BLOCK_N channels x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_K) for depthwise_gemm's input tile and band."""
+    the channels in flight x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_K) for depthwise_gemm's input tile and band
+    (tiles.band_operand_bytes)."""
     limit = facts.shared_memory_bytes or params["default_bytes"]
     dtype = problem.spec.dtype
     if family == "depthwise_gemm":
-        return [c for c in configs if band_operand_bytes(c, dtype) <= limit]
+        return [c for c in configs if band_operand_bytes(c, problem.spec) <= limit]
     return [c for c in configs
             if c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) * ELEMENT_BYTES[dtype] <= limit]
 

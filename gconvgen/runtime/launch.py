@@ -118,11 +118,12 @@ def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = (
 def _row_strides(activation: torch.Tensor) -> tuple[int, ...]:
     """The strides that place an NCHW-indexed activation's rows: batch, channel and height, where that
     dimension has more than one element and is not the contiguous one; and where the width is the contiguous
-    dimension, the width itself (a row's last vector is whole only if the width is a multiple of it)."""
+    dimension, the width itself (a row's last vector is whole only if the width is a multiple of it; with one
+    channel, whose stride says nothing, the width counts too)."""
     strides = tuple(stride for size, stride in zip(activation.shape[:3], activation.stride()[:3])
                     if size > 1 and stride != 1)
-    return strides + ((activation.shape[3],) if activation.stride(3) == 1 and activation.shape[1] > 1
-                      and activation.stride(1) != 1 else ())
+    return strides + ((activation.shape[3],) if activation.stride(3) == 1
+                      and (activation.shape[1] == 1 or activation.stride(1) != 1) else ())
 
 
 def staged(activation: torch.Tensor, desc: KernelDesc) -> torch.Tensor:
@@ -151,7 +152,7 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
     desc = describe(spec, "forward", (x, weight, out, residual), choice, pixels, target=target, epilogue=epilogue,
                     weight_memory=weights.layout_of(weight),
                     alignment=row_alignment(spec.dtype, _row_strides(x) + _row_strides(out)))
-    weight = weights.in_layout(weight, desc.weight_layout)
+    weight = weights.for_kernel(weight, desc)
     x = staged(x, desc)
     return _prepared(desc, desc.grid(pixels),
                      {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}, out)
@@ -166,7 +167,7 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
     pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,
                     weight_memory=weights.layout_of(weight))
-    weight = weights.in_layout(weight, desc.weight_layout)
+    weight = weights.for_kernel(weight, desc)
     grad_output = staged(grad_output, desc)
     return _prepared(desc, desc.grid(pixels),
                      {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x)

@@ -31,7 +31,7 @@ class Replay:
     """One forward launch with its tensors left out: ``template`` is the kernel's argument list with None
     where ``slots`` (positions into OPERANDS) put a tensor. It is called on NCHW-indexed views, as the
     launch was prepared; ``copies_weight`` and ``stages_input`` redo the launch's weight copy
-    (weights.in_layout) and activation copy (launch.staged). The output is allocated as the caller gets
+    (weights.for_kernel) and activation copy (launch.staged). The output is allocated as the caller gets
     it (``out_shape``, ``out_stride``); the kernel writes it through the recorded strides of its view."""
 
     desc: KernelDesc
@@ -48,8 +48,9 @@ class Replay:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  residual: Optional[torch.Tensor]) -> torch.Tensor:
         out = torch.empty_strided(self.out_shape, self.out_stride, dtype=x.dtype, device=x.device)
-        if self.copies_weight:  # hwio memory; the kernel takes its address, its strides are in the template
-            weight = weight.permute(2, 3, 1, 0).contiguous()
+        if self.copies_weight:  # the kernel takes the copy's address; its strides are in the template
+            weight = (weights.for_kernel(weight, self.desc) if self.desc.weight_layout == "band"
+                      else weight.permute(2, 3, 1, 0).contiguous())  # hwio memory
         if self.stages_input:
             x = x.contiguous(memory_format=torch.channels_last)
         operands = (x, weight, bias, residual, out)
@@ -111,7 +112,7 @@ def remember(key: Optional[tuple], result: torch.Tensor, x: torch.Tensor, weight
                   for position, op in enumerate(operands))
     template = (None,) * len(operands) + prepared.values[len(operands):]
     layout = prepared.desc.weight_layout
-    copies_weight = layout != "strided" and weights.layout_of(weight) != layout
+    copies_weight = layout == "band" or (layout != "strided" and weights.layout_of(weight) != layout)
     if len(_REPLAYS) >= _MEMO_LIMIT:
         _REPLAYS.clear()
     _REPLAYS[key] = Replay(prepared.desc, device_target(x.device), prepared.grid, prepared.desc.meta, template,

@@ -10,6 +10,11 @@ strides, and the lowering names the one a kernel reads (``KernelDesc.weight_layo
   ``model.to(memory_format=torch.channels_last)`` gives): input channels contiguous. The igemm forward reads
   it as it is.
 
+The banded depthwise kernel (family depthwise_gemm) reads neither: it multiplies input rows by a Toeplitz
+band per (channel, kernel row), ``band[j, t] = weight[tap_h, (j - t * stride_w) / dilation_w]`` where that is
+a tap, else 0. ``band_copy`` writes those matrices out (layout ``band``), so the kernel loads them as 16-byte
+vectors, as a GEMM loads its B operand, instead of gathering each element from the weight with a scalar load.
+
 A weight in neither order is copied to hwio once per launch (C_out x ci x kh x kw elements), as torch copies
 a weight to channels_last per call for its channels_last convs.
 
@@ -19,9 +24,13 @@ written through ``weight.data`` (gradcheck's finite differences, optimizers and 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-LAYOUTS = ("hwio", "ohwi", "strided")  # strided: any other strides, passed to the kernel as they are
+from ..tiles import band_steps
+
+LAYOUTS = ("hwio", "ohwi", "band", "strided")  # strided: any other strides, passed to the kernel as they are
 
 
 def layout_of(weight: torch.Tensor) -> str:
@@ -32,6 +41,15 @@ def layout_of(weight: torch.Tensor) -> str:
     if _has_strides(weight, (kernel_h * kernel_w * per_group, 1, kernel_w * per_group, per_group)):
         return "ohwi"
     return "strided"
+
+
+def for_kernel(weight: torch.Tensor, desc) -> torch.Tensor:
+    """``weight`` [C_out, ci, kh, kw] as the kernel of ``desc`` (a lowering.KernelDesc) reads it: the band
+    matrices for its column strip (layout ``band``), else ``in_layout``. Built per launch, never cached."""
+    if desc.weight_layout == "band":
+        spec, block_k, shift = desc.spec, desc.config.block_k, desc.band_shift
+        return band_copy(weight, spec.stride[1], spec.dilation[1], block_k, band_steps(spec, block_k, shift), shift)
+    return in_layout(weight, desc.weight_layout)
 
 
 def in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
@@ -53,3 +71,29 @@ def _has_strides(weight: torch.Tensor, wanted: tuple[int, ...]) -> bool:
     """Whether ``weight`` has the strides ``wanted`` (dimensions of size 1 may have any stride): what a kernel
     reading that layout writes as literals."""
     return all(size == 1 or stride == want for size, stride, want in zip(weight.shape, weight.stride(), wanted))
+
+
+def band_copy(weight: torch.Tensor, stride_w: int, dilation_w: int, block_k: int, steps: int,
+              shift: int) -> torch.Tensor:
+    """The band matrices of a depthwise ``weight`` [C_out, 1, kh, kw] (any strides) for strips of ``block_k``
+    output columns whose input band starts ``shift`` columns before the window: a contiguous
+    [C_out, kh, steps * block_k, block_k] tensor whose [c, h, i, t] is weight[c, 0, h, (i - shift - t * stride_w)
+    / dilation_w] when that is a tap, else 0 (the kernel reads it at literal strides; tiles.band_steps gives
+    ``steps``). Two kernels a launch: a pad and a gather."""
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    index = _band_index(kernel_w, stride_w, dilation_w, block_k, steps, shift, weight.device)
+    rows = torch.nn.functional.pad(weight.detach()[:, 0], (0, 1))  # [C_out, kh, kw + 1]: column kw is the zero
+    return rows[:, :, index]
+
+
+@functools.lru_cache(maxsize=64)
+def _band_index(kernel_w: int, stride_w: int, dilation_w: int, block_k: int, steps: int, shift: int,
+                device: torch.device) -> torch.Tensor:
+    """[steps * block_k, block_k] indices into a weight row padded with one zero column (index kernel_w): a
+    constant of the geometry, not of the weight's values, so it is kept (per device) and the band is not."""
+    row = torch.arange(steps * block_k)[:, None]
+    column = torch.arange(block_k)[None, :]
+    offset = row - shift - column * stride_w
+    tap = torch.div(offset, dilation_w, rounding_mode="floor")
+    is_tap = (offset >= 0) & (offset % dilation_w == 0) & (tap < kernel_w)
+    return torch.where(is_tap, tap, kernel_w).to(device)

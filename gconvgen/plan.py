@@ -6,6 +6,7 @@ conv kernel as channel masks, so no padded tensor is ever materialised.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -241,6 +242,27 @@ def planned(spec: ConvSpec, padding_budget: float, family: str | None = None) ->
     """``plan`` memoised per spec (and forward family; None is the planner's default): the API checks every
     call against it, so it must cost nothing warm."""
     return plan(spec, padding_budget=padding_budget, family=family)
+
+
+@functools.lru_cache(maxsize=1024)
+def grad_input_as_forward(spec: ConvSpec, padding_budget: float) -> ConvSpec | None:
+    """The forward conv whose output is ``spec``'s input gradient, where a forward kernel serves it better
+    than the direct grad-input kernel; else None.
+
+    A depthwise conv with one output per channel at stride 1 is its own transpose: the input gradient is
+    the same depthwise conv run on the output gradient with the window flipped (the runtime flips the
+    weight) and each side's padding replaced by the window's reach minus it. Worth it where that forward's
+    default family is not the direct kernel, which is what the grad-input kernel is: NCHW short windows
+    (depthwise1d: rows read once as vectors) and half-precision wide windows (the banded kernel)."""
+    if not (spec.is_depthwise and spec.out_channels == spec.in_channels and spec.stride == (1, 1)):
+        return None
+    reach_h, reach_w = ((k - 1) * d for k, d in zip(spec.kernel_size, spec.dilation))
+    top, bottom, left, right = spec.padding
+    padding = (reach_h - top, reach_h - bottom, reach_w - left, reach_w - right)
+    if min(padding) < 0:  # padding past the window's reach: the transposed conv would crop, not pad
+        return None
+    transposed = dataclasses.replace(spec, padding=padding, bias=False)
+    return transposed if planned(transposed, padding_budget).family != "depthwise" else None
 
 
 def _run(pipeline: list[tuple[str, Callable]], graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:

@@ -401,3 +401,29 @@ def test_bench_forward_backward_runs_and_formats():
     assert "geometric-mean speedup" in format_table([timing])
     with pytest.raises(ValueError, match="height=0 must be an int >= 1"):
         time_forward_backward(spec, batch=1, height=0, width=5, device="cpu")
+
+
+@pytest.mark.parametrize("kernel, padding, dilation", [
+    pytest.param((3, 3), (1, 1, 1, 1), (1, 1), id="k3"),                                # MobileNetV2
+    pytest.param((5, 3), (2, 0, 1, 1), (1, 2), id="k5x3-top-padding-only-dilated-columns"),
+    pytest.param((3, 3), (0, 0, 0, 0), (1, 1), id="valid"),                             # the gradient pads by the reach
+])
+def test_nchw_depthwise_grad_input_runs_the_transposed_forward(kernel, padding, dilation, monkeypatch,
+                                                                nan_filled_outputs):
+    """A stride-1 depthwise conv is its own transpose: untuned, its NCHW input gradient runs the forward
+    depthwise1d kernel on the output gradient with the window flipped (plan.grad_input_as_forward), and
+    matches F.conv2d's gradient."""
+    loaded = []
+    kernel_of = launch.kernel_of
+    monkeypatch.setattr(launch, "kernel_of", lambda desc, target: loaded.append((desc.kind, desc.family))
+                        or kernel_of(desc, target))
+    x = torch.randn(2, 8, 7, 9, requires_grad=True)
+    weight = torch.randn(8, 1, *kernel)
+    out = gconvgen.conv2d(x, weight, None, 1, padding, dilation, 8)
+    grad = torch.randn_like(out)
+    grad_x, = torch.autograd.grad(out, x, grad)
+    x64, weight64 = x.detach().double().requires_grad_(), weight.detach().double()
+    expected, = torch.autograd.grad(reference_conv2d(x64, weight64, None, 1, padding, dilation, 8), x64,
+                                    grad.double())
+    assert_close(grad_x, expected, torch.float32)
+    assert loaded == [("forward", "depthwise1d"), ("forward", "depthwise1d")]  # the conv, then its gradient

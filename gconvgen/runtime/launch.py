@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 import triton
 
-from .. import codegen
+from .. import codegen, knobs
 from ..arguments import ArgumentTable
 from ..ir import ConvSpec, check
+from ..plan import grad_input_as_forward
 from ..lowering import (DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, PixelSpace, lowered_for,
                         needs_wide_index, row_alignment)
 from . import cache, weights
@@ -160,10 +161,15 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
 
 def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor,
                        choice: Choice = DEFAULT, target: Optional[str] = None) -> Optional[Launch]:
-    """The grad-input launch from grad_output [N, C_out, OH, OW] and weight into grad_x [N, C_in, H, W]."""
+    """The grad-input launch from grad_output [N, C_out, OH, OW] and weight into grad_x [N, C_in, H, W]:
+    untuned, the forward launch of the transposed conv where the planner says it serves better
+    (plan.grad_input_as_forward), else the grad-input kernel."""
     batch, _, height, width = grad_x.shape
     if batch * height * width == 0:
         return None
+    transposed = grad_input_as_forward(spec, knobs.padding_budget()) if choice == DEFAULT else None
+    if transposed is not None:
+        return prepare_forward(transposed, grad_output, weight.detach().flip((2, 3)), None, grad_x, DEFAULT, target)
     pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,
                     weight_memory=weights.layout_of(weight))

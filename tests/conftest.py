@@ -118,3 +118,26 @@ def assert_close(actual, expected, dtype):
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert torch.isfinite(actual).all(), "some output elements were not written (NaN sentinel survived)"
     torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol)
+
+
+def spy_on_kernels(monkeypatch, entry=lambda desc: desc) -> list:
+    """``entry(desc)`` for every kernel loaded for a launch from now on (launch.kernel_of, replays included),
+    where it is not None: what a test asserts ran."""
+    from gconvgen.runtime import launch
+
+    seen: list = []
+    kernel_of = launch.kernel_of
+
+    def spy(desc, target):
+        recorded = entry(desc)
+        if recorded is not None:
+            seen.append(recorded)
+        return kernel_of(desc, target)
+
+    monkeypatch.setattr(launch, "kernel_of", spy)
+    return seen
+
+
+def forward_family(desc):
+    """A forward kernel's family, else None (spy_on_kernels' entry for tests of the forward family)."""
+    return desc.family if desc.kind == "forward" else None

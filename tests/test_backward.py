@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gconvgen
-from conftest import TOLERANCES, assert_close, reference_conv2d
+from conftest import TOLERANCES, assert_close, reference_conv2d, spy_on_kernels
 from gconvgen import codegen, knobs
 from gconvgen.bench_backward import format_table, time_forward_backward
 from gconvgen.lowering import KERNEL, Choice, KernelConfig, lower
@@ -282,15 +282,7 @@ def test_grad_weight_split_k_is_exact_and_deterministic(family, in_channels, out
 
 def _spy_on_kernels(monkeypatch):
     """The (kind, family, config) of every kernel launched from now on."""
-    ran = []
-    kernel_of = launch.kernel_of
-
-    def spy(desc, target):
-        ran.append((desc.kind, desc.family, desc.config))
-        return kernel_of(desc, target)
-
-    monkeypatch.setattr(launch, "kernel_of", spy)
-    return ran
+    return spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family, desc.config))
 
 
 def test_grad_bias_split_k(monkeypatch, nan_filled_outputs):
@@ -413,10 +405,7 @@ def test_nchw_depthwise_grad_input_runs_the_transposed_forward(kernel, padding, 
     """A stride-1 depthwise conv is its own transpose: untuned, its NCHW input gradient runs the forward
     depthwise1d kernel on the output gradient with the window flipped (plan.grad_input_as_forward), and
     matches F.conv2d's gradient."""
-    loaded = []
-    kernel_of = launch.kernel_of
-    monkeypatch.setattr(launch, "kernel_of", lambda desc, target: loaded.append((desc.kind, desc.family))
-                        or kernel_of(desc, target))
+    loaded = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family))
     x = torch.randn(2, 8, 7, 9, requires_grad=True)
     weight = torch.randn(8, 1, *kernel)
     out = gconvgen.conv2d(x, weight, None, 1, padding, dilation, 8)

@@ -16,7 +16,7 @@ from gconvgen.autotune import suites
 from gconvgen.autotune.space import DeviceFacts, load_space
 from gconvgen.plan import plan
 from gconvgen.runtime import choices, launch
-from conftest import assert_close
+from conftest import assert_close, forward_family, spy_on_kernels
 from test_conv1d import reference_conv1d, reference_padding
 
 P = pytest.param
@@ -43,15 +43,7 @@ SMALL = KernelConfig(8, 8, 0, num_warps=1, num_stages=1)  # several position til
 def small_tiles(monkeypatch):
     """Run every forward kernel as depthwise1d with SMALL tiles (the choice a tuning record gives); yields the
     families that launched."""
-    launched = []
-    kernel_of = launch.kernel_of
-
-    def spy(desc, target):
-        if desc.kind == "forward":
-            launched.append(desc.family)
-        return kernel_of(desc, target)
-
-    monkeypatch.setattr(launch, "kernel_of", spy)
+    launched = spy_on_kernels(monkeypatch, forward_family)
     previous = choices.set_provider(
         lambda spec, kind, *_: Choice(KERNEL, SMALL, "depthwise1d") if kind == "forward" else DEFAULT)
     yield launched

@@ -11,7 +11,7 @@ from gconvgen.ir import ConvSpec
 from gconvgen.lowering import ACTIVATIONS, KERNEL, Choice, default_config
 from gconvgen.runtime import launch
 from gconvgen.runtime.fused import apply_activation
-from conftest import assert_close
+from conftest import assert_close, spy_on_kernels
 
 P = pytest.param
 ALL = ACTIVATIONS[1:]  # relu, relu6, silu, gelu, gelu_tanh, hardswish
@@ -169,9 +169,7 @@ def test_epilogue_variants_compile_for_sm90():
 @pytest.mark.parametrize("activation", ALL)
 def test_depthwise1d_applies_the_epilogue(activation, monkeypatch, nan_filled_outputs):
     """The 1-D family (Mamba's causal conv -> SiLU), NCL, with a residual: every activation."""
-    families = []
-    kernel_of = launch.kernel_of
-    monkeypatch.setattr(launch, "kernel_of", lambda desc, target: families.append(desc.family) or kernel_of(desc, target))
+    families = spy_on_kernels(monkeypatch, lambda desc: desc.family)
     x, weight, bias, residual = torch.randn(2, 8, 19), torch.randn(8, 1, 4), torch.randn(8), torch.randn(2, 8, 19)
     out = gconvgen.conv1d(x, weight, bias, padding="causal", groups=8, activation=activation, residual=residual)
     expected = apply_activation(F.conv1d(F.pad(x.double(), (3, 0)), weight.double(), bias.double(), groups=8)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import gconvgen
 from gconvgen import knobs, lowering
 from gconvgen.autotune import choice
-from gconvgen.runtime import launch, replay
-from conftest import assert_close
+from gconvgen.runtime import replay
+from conftest import assert_close, forward_family, spy_on_kernels
 
 P = pytest.param
 # batch, in_channels, out_channels, (height, width), kernel, stride, padding, dilation, groups, policy, layout
@@ -143,15 +143,7 @@ def depthwise_family(request, monkeypatch):
     monkeypatch.setattr(plan_module, "LOGICAL_PIPELINE", [
         (name, select_kernel_family if name == "select_kernel_family" else run_pass)
         for name, run_pass in plan_module.LOGICAL_PIPELINE])
-    launched = []
-    kernel_of = launch.kernel_of
-
-    def spy(desc, target):
-        if desc.kind == "forward":
-            launched.append(desc.family)
-        return kernel_of(desc, target)
-
-    monkeypatch.setattr(launch, "kernel_of", spy)
+    launched = spy_on_kernels(monkeypatch, forward_family)
     yield request.param, launched
     for memo in memos:
         memo.cache_clear()

@@ -11,26 +11,17 @@ from gconvgen import knobs
 from gconvgen.autotune.database import database, kernel_record, key_of
 from gconvgen.autotune.space import Problem
 from gconvgen.lowering import KernelConfig
-from gconvgen.runtime import launch, replay
+from gconvgen.runtime import replay
 from gconvgen.runtime.device import device_target
 from gconvgen.runtime.ops import spec_for_call
-from conftest import assert_close
+from conftest import assert_close, spy_on_kernels
 
 
 @pytest.fixture
 def launched(monkeypatch):
     """The (family, config) of every forward kernel launched from now on, replays included."""
     replay.clear()
-    ran = []
-    kernel_of = launch.kernel_of
-
-    def spy(desc, target):
-        if desc.kind == "forward":
-            ran.append((desc.family, desc.config))
-        return kernel_of(desc, target)
-
-    monkeypatch.setattr(launch, "kernel_of", spy)
-    yield ran
+    yield spy_on_kernels(monkeypatch, lambda desc: (desc.family, desc.config) if desc.kind == "forward" else None)
     replay.clear()
 
 

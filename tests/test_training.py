@@ -17,7 +17,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 import gconvgen
 import gconvgen.compile
 from gconvgen import GroupedConv2d
-from gconvgen.runtime import launch
+from conftest import spy_on_kernels
 
 P = pytest.param
 
@@ -84,15 +84,7 @@ MODELS = [
 @pytest.fixture
 def launched_kinds(monkeypatch):
     """The kinds of the gconvgen kernels launched during the test (forward, grad_input, grad_weight, grad_bias)."""
-    kinds = []
-    kernel_of = launch.kernel_of
-
-    def spy(desc, target):
-        kinds.append(desc.kind)
-        return kernel_of(desc, target)
-
-    monkeypatch.setattr(launch, "kernel_of", spy)
-    return kinds
+    return spy_on_kernels(monkeypatch, lambda desc: desc.kind)
 
 
 def train_step(model, x):

@@ -17,7 +17,7 @@ from gconvgen.ir import ConvSpec
 from gconvgen.lowering import KernelConfig, default_config
 from gconvgen.runtime import backward, launch, ops
 from gconvgen.runtime.ops import activation_layout
-from conftest import assert_close, reference_conv2d
+from conftest import assert_close, reference_conv2d, spy_on_kernels
 
 P = pytest.param
 
@@ -203,15 +203,7 @@ def _spy_on_launch(monkeypatch, kind="forward"):
 
 def _spy_on_kernels(monkeypatch):
     """The (kind, family, config) of every kernel loaded for a launch from now on."""
-    ran = []
-    kernel_of = launch.kernel_of
-
-    def spy(desc, target):
-        ran.append((desc.kind, desc.family, desc.config))
-        return kernel_of(desc, target)
-
-    monkeypatch.setattr(launch, "kernel_of", spy)
-    return ran
+    return spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family, desc.config))
 
 
 def test_op_runs_the_recorded_config_then_aten_where_aten_won(monkeypatch):

@@ -116,7 +116,7 @@ def call(op: Callable[..., torch.Tensor], implementation: Callable[..., torch.Te
     """``op(*args)``, or its ``implementation(*args)`` directly where nothing could tell the two apart: plain
     tensors (or parameters) that need no gradient, outside torch.compile and any dispatch mode. The
     dispatcher's Python overhead, tens of microseconds per call, would otherwise outweigh small layers."""
-    if _unobserved([arg for arg in args if isinstance(arg, torch.Tensor)]):
+    if unobserved([arg for arg in args if isinstance(arg, torch.Tensor)]):
         return implementation(*args)
     return op(*args)
 
@@ -127,7 +127,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     return call(conv2d_op, run_conv2d, x, weight, bias, stride, padding, dilation, groups, channel_policy)
 
 
-def _unobserved(tensors: list[torch.Tensor]) -> bool:
+def unobserved(tensors: list[torch.Tensor]) -> bool:
     """Whether calling an op's implementation directly is indistinguishable from calling the op. Under a
     torch.func transform the tensors look plain (their type is torch.Tensor) but are functorch's wrappers,
     which only the dispatcher can unwrap."""

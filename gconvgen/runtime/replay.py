@@ -19,7 +19,7 @@ from .. import knobs
 from ..lowering import ATEN, KernelDesc
 from . import choices, launch, weights
 from .device import allows_tf32, device_target, on_device
-from .ops import _unobserved, spec_for_call
+from .ops import spec_for_call, unobserved
 
 OPERANDS = ("x", "weight", "bias", "residual", "out")  # the order Replay.__call__ fills slots from
 _MEMO_LIMIT = 4096
@@ -31,7 +31,7 @@ class Replay:
     """One forward launch with its tensors left out: ``template`` is the kernel's argument list with None
     where ``slots`` (positions into OPERANDS) put a tensor. It is called on NCHW-indexed views, as the
     launch was prepared; ``copies_weight`` and ``stages_input`` redo the launch's weight copy
-    (weights.for_kernel) and activation copy (launch.staged). The output is allocated as the caller gets
+    (weights.copied_for_kernel) and activation copy (launch.staged). The output is allocated as the caller gets
     it (``out_shape``, ``out_stride``); the kernel writes it through the recorded strides of its view."""
 
     desc: KernelDesc
@@ -49,8 +49,7 @@ class Replay:
                  residual: Optional[torch.Tensor]) -> torch.Tensor:
         out = torch.empty_strided(self.out_shape, self.out_stride, dtype=x.dtype, device=x.device)
         if self.copies_weight:  # the kernel takes the copy's address; its strides are in the template
-            weight = (weights.for_kernel(weight, self.desc) if self.desc.weight_layout == "band"
-                      else weight.permute(2, 3, 1, 0).contiguous())  # hwio memory
+            weight = weights.copied_for_kernel(weight, self.desc)
         if self.stages_input:
             x = x.contiguous(memory_format=torch.channels_last)
         operands = (x, weight, bias, residual, out)
@@ -68,7 +67,7 @@ def key_of(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     """The memo key of a call on the caller's tensors (as passed) and its other arguments, or None when the
     call must take the whole path: something could observe it, or an argument is not hashable."""
     if (torch._C._is_any_autocast_enabled() or not _plain(hyperparameters)
-            or not _unobserved([t for t in (x, weight, bias, residual) if t is not None])):
+            or not unobserved([t for t in (x, weight, bias, residual) if t is not None])):
         return None
     return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
             _signature(bias), _signature(residual), hyperparameters, knobs.fingerprint(), choices.generation(),
@@ -111,8 +110,7 @@ def remember(key: Optional[tuple], result: torch.Tensor, x: torch.Tensor, weight
     slots = tuple((position, OPERANDS.index(op.name if given[op.name] is not None else "x"))
                   for position, op in enumerate(operands))
     template = (None,) * len(operands) + prepared.values[len(operands):]
-    layout = prepared.desc.weight_layout
-    copies_weight = layout == "band" or (layout != "strided" and weights.layout_of(weight) != layout)
+    copies_weight = weights.needs_copy(weight, prepared.desc)
     if len(_REPLAYS) >= _MEMO_LIMIT:
         _REPLAYS.clear()
     _REPLAYS[key] = Replay(prepared.desc, device_target(x.device), prepared.grid, prepared.desc.meta, template,

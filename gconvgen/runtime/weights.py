@@ -44,12 +44,25 @@ def layout_of(weight: torch.Tensor) -> str:
 
 
 def for_kernel(weight: torch.Tensor, desc) -> torch.Tensor:
-    """``weight`` [C_out, ci, kh, kw] as the kernel of ``desc`` (a lowering.KernelDesc) reads it: the band
-    matrices for its column strip (layout ``band``), else ``in_layout``. Built per launch, never cached."""
+    """``weight`` [C_out, ci, kh, kw] as the kernel of ``desc`` (a lowering.KernelDesc) reads it: its band
+    matrices (layout ``band``), else ``in_layout``. Built per launch, never cached."""
+    return copied_for_kernel(weight, desc) if desc.weight_layout == "band" else in_layout(weight, desc.weight_layout)
+
+
+def needs_copy(weight: torch.Tensor, desc) -> bool:
+    """Whether ``for_kernel`` copies ``weight``: always for band matrices, and where the weight is not in the
+    layout the kernel reads at literal strides. Depends only on the weight's shape and strides."""
+    layout = desc.weight_layout
+    return layout == "band" or (layout != "strided" and layout_of(weight) != layout)
+
+
+def copied_for_kernel(weight: torch.Tensor, desc) -> torch.Tensor:
+    """``for_kernel``'s copy where ``needs_copy`` (a replayed launch knows it does): the band matrices for the
+    kernel's column strip, or an hwio copy."""
     if desc.weight_layout == "band":
         spec, block_k, shift = desc.spec, desc.config.block_k, desc.band_shift
         return band_copy(weight, spec.stride[1], spec.dilation[1], block_k, band_steps(spec, block_k, shift), shift)
-    return in_layout(weight, desc.weight_layout)
+    return hwio_copy(weight)
 
 
 def in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:

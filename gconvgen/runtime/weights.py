@@ -76,8 +76,9 @@ def in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def hwio_copy(weight: torch.Tensor) -> torch.Tensor:
-    """An OIHW-indexed view of an hwio copy of ``weight`` [C_out, ci, kh, kw]."""
-    return weight.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    """An OIHW-indexed view of an hwio copy of ``weight`` [C_out, ci, kh, kw]. Launches run below autograd
+    (inside the custom ops, or where nothing observes them: ops.unobserved), so the copy records no graph."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 def _has_strides(weight: torch.Tensor, wanted: tuple[int, ...]) -> bool:

@@ -21,7 +21,7 @@ from .autotune.space import Problem
 from .bench import roofline
 from .fusion import fold_batch_norm
 from .lowering import ELEMENT_BYTES
-from .runtime.fused import apply_activation
+from .activations import apply as apply_activation
 from .runtime.ops import TORCH_DTYPES
 
 

@@ -23,7 +23,7 @@ import tqdm
 
 from . import knobs
 from .cli_help import SUITE_FLAGS, HelpGroup, with_flags
-from .ir import DTYPES
+from .ir import ACTIVATIONS, DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -237,7 +237,7 @@ def tune(suite, layer_ids, dtype, layout, device, force, backward) -> None:
 @click.option("--block", type=click.Choice(("conv", "bn-act")), default="conv", show_default=True,
               help="bn-act: time each layer's conv -> BatchNorm (eval) -> activation block fused by gconvgen "
                    "against PyTorch eager and torch.compile of the same block, with bytes moved.")
-@click.option("--activation", type=click.Choice(("relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish")),
+@click.option("--activation", type=click.Choice(ACTIVATIONS[1:]),
               default="relu", show_default=True, help="The block's activation (with --block bn-act).")
 @click.option("--no-compile", "skip_compile", is_flag=True, help="With --block bn-act: skip torch.compile.")
 def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path, markdown_path, plot_path,

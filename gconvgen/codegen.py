@@ -12,6 +12,7 @@ from importlib import metadata
 
 import jinja2
 
+from .activations import ACTIVATIONS, triton_expression
 from .arguments import CONSTEXPRS
 from .lowering import KernelDesc
 from .resources import data_dir
@@ -42,12 +43,14 @@ def environment() -> jinja2.Environment:
 
 @functools.cache
 def templates_hash(names: tuple[str, ...] = ()) -> str:
-    """Hash of the template sources ``names`` (default: every template, the shared macros included) and the
-    schema version: part of every cache path and tuning key."""
+    """Hash of the template sources ``names`` (default: every template, the shared macros included), the
+    activations' Triton expressions they are filled with and the schema version: part of every cache path
+    and tuning key."""
     folder = data_dir("templates")
     paths = [folder / name for name in names] if names else sorted(folder.glob("*.jinja"))
     paths += [folder / "_shared.jinja"] if names else []
     digest = hashlib.sha256(str(TEMPLATE_SCHEMA_VERSION).encode())
+    digest.update(repr(sorted((row.name, row.triton) for row in ACTIVATIONS.values())).encode())
     for path in paths:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
@@ -59,7 +62,7 @@ def render(desc: KernelDesc) -> str:
     check_renderable(desc)
     return environment().get_template(desc.template).render(
         version=gconvgen_version(), desc=desc, spec=desc.spec, kernel_name=desc.kernel_name,
-        arguments=desc.arguments, constexprs=CONSTEXPRS,
+        arguments=desc.arguments, constexprs=CONSTEXPRS, activation_expression=triton_expression(desc.activation),
     )
 
 

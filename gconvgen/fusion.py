@@ -24,6 +24,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .activations import of_module as activation_of
 from .api import GroupedConv2d
 from .api1d import GroupedConv1d
 from .ir import check
@@ -34,15 +35,6 @@ log = logging.getLogger(__name__)
 # the torch conv -> the gconvgen module that replaces it, and the BatchNorm that may follow it
 GROUPED = {nn.Conv2d: GroupedConv2d, nn.Conv1d: GroupedConv1d}
 BATCH_NORMS = {nn.Conv2d: nn.BatchNorm2d, nn.Conv1d: nn.BatchNorm1d}
-
-
-def activation_of(module: nn.Module) -> Optional[str]:
-    """The epilogue activation an activation module computes ("relu", "gelu_tanh", ...), or None for any
-    other module (subclasses with their own forward included)."""
-    kind = type(module)
-    if kind is nn.GELU:
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
-    return {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}.get(kind)
 
 
 @dataclass
@@ -136,7 +128,7 @@ def _chains_of(parent: nn.Module) -> tuple[list[_Chain], Optional[str]]:
         return [], (f"{type(parent).__name__}.forward could not be traced to check the order of its children "
                     f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); put conv, bn "
                     f"and activation in an nn.Sequential to fuse them")
-    return _traced_chains(graph, children), None
+    return _traced_chains(graph, parent), None
 
 
 def _sequential_chains(children: list[tuple[str, nn.Module]]) -> list[_Chain]:
@@ -162,9 +154,12 @@ class _LeafTracer(torch.fx.Tracer):
         return True
 
 
-def _traced_chains(graph: torch.fx.Graph, children: dict[str, nn.Module]) -> list[_Chain]:
+def _traced_chains(graph: torch.fx.Graph, parent: nn.Module) -> list[_Chain]:
+    """The chains of ``parent``'s traced forward. A call target may be a nested name (``self.block[0](y)``
+    calls "block.0"): such a module can be fused only if no module above it is run as a whole."""
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     read_as_attribute = {node.target.split(".")[0] for node in graph.nodes if node.op == "get_attr"}
+    module = parent.get_submodule
 
     def only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
         """The one call_module node that uses ``node``'s value as its one argument, else None."""
@@ -178,18 +173,22 @@ def _traced_chains(graph: torch.fx.Graph, children: dict[str, nn.Module]) -> lis
     def why_not_alone(target: str) -> Optional[str]:
         if calls[target] != 1:
             return f"it is called {calls[target]} times in the parent's forward"
-        if target in read_as_attribute:
+        if target.split(".")[0] in read_as_attribute:
             return "the parent's forward reads its attributes"
+        parts = target.split(".")
+        enclosing = next((".".join(parts[:end]) for end in range(1, len(parts)) if ".".join(parts[:end]) in calls), None)
+        if enclosing is not None:
+            return f"the parent's forward also runs it through {enclosing!r}"
         return None
 
     chains = []
     for node in graph.nodes:
-        if node.op != "call_module" or not _base_conv(children[node.target]):
+        if node.op != "call_module" or not _base_conv(module(node.target)):
             continue
         chain, after = _Chain(node.target), only_user(node)
         if why_not_alone(node.target):
             continue  # a conv run twice (or read) stays; convert covers it
-        if after is not None and _is_batch_norm_of(children[after.target], children[node.target]):
+        if after is not None and _is_batch_norm_of(module(after.target), module(node.target)):
             if len(node.args) != 1 or node.kwargs:
                 chain.why_not_bn = (after.target, "the conv is called with a residual, which the BatchNorm would scale")
                 after = None
@@ -197,7 +196,7 @@ def _traced_chains(graph: torch.fx.Graph, children: dict[str, nn.Module]) -> lis
                 chain.why_not_bn, after = (after.target, why_not_alone(after.target)), None
             else:
                 chain.bn, after = after.target, only_user(after)
-        if after is not None and activation_of(children[after.target]):
+        if after is not None and activation_of(module(after.target)):
             reason = why_not_alone(after.target)
             if reason:
                 chain.why_not_act = (after.target, reason)
@@ -239,7 +238,7 @@ def _why_not_fold(conv: nn.Module, bn: nn.Module) -> Optional[str]:
 
 def _fuse_chain(parent: nn.Module, chain: _Chain, prefix: str, uses: Counter, report: FusionReport) -> None:
     """Replace ``chain`` in ``parent`` by one fused conv, or say in ``report`` why (part of) it stays."""
-    conv = getattr(parent, chain.conv)
+    conv = parent.get_submodule(chain.conv)
     name = prefix + chain.conv
     if chain.why_not_bn:
         report.skipped.append((prefix + chain.why_not_bn[0], f"BatchNorm not folded: {chain.why_not_bn[1]}"))
@@ -257,7 +256,7 @@ def _fuse_chain(parent: nn.Module, chain: _Chain, prefix: str, uses: Counter, re
     if reason:
         report.skipped.append((name, reason))
         return
-    bn, act = chain.bn and getattr(parent, chain.bn), chain.act and getattr(parent, chain.act)
+    bn, act = chain.bn and parent.get_submodule(chain.bn), chain.act and parent.get_submodule(chain.act)
     if bn is not None:
         reason = _why_not_module(bn, uses) or _why_not_fold(conv, bn)
         if reason:
@@ -277,15 +276,21 @@ def _fuse_chain(parent: nn.Module, chain: _Chain, prefix: str, uses: Counter, re
     except (TypeError, ValueError) as error:  # the planner refuses the conv
         report.skipped.append((name, str(error)))
         return
-    setattr(parent, chain.conv, fused)
+    _replace(parent, chain.conv, fused)
     what = [_describe(conv)]
     if bn is not None:
-        setattr(parent, chain.bn, nn.Identity())
+        _replace(parent, chain.bn, nn.Identity())
         what.append(f"BatchNorm {prefix + chain.bn!r} folded")
     if act is not None:
-        setattr(parent, chain.act, nn.Identity())
+        _replace(parent, chain.act, nn.Identity())
         what.append(f"{activation} {prefix + chain.act!r} absorbed")
     report.fused.append((name, " + ".join(what)))
+
+
+def _replace(parent: nn.Module, target: str, module: nn.Module) -> None:
+    """Put ``module`` where ``parent``'s submodule ``target`` (a nested name like "block.0" too) is."""
+    owner, _, name = target.rpartition(".")
+    setattr(parent.get_submodule(owner) if owner else parent, name, module)
 
 
 def _fused_conv(conv: nn.Module, bn: Optional[nn.Module], activation: Optional[str]) -> nn.Module:

@@ -18,16 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .fusion import activation_of
+from .activations import of_function
+from .activations import of_module as activation_of
 
 aten = torch.ops.aten
-_RELU = (F.relu, F.relu_, torch.relu, torch.relu_, aten.relu.default, aten.relu_.default)
-_SILU = (F.silu, aten.silu.default, aten.silu_.default)
-_HARDSWISH = (F.hardswish, aten.hardswish.default, aten.hardswish_.default)
-_GELU = (F.gelu, torch._C._nn.gelu, aten.gelu.default)
-_HARDTANH = (F.hardtanh, F.hardtanh_, aten.hardtanh.default, aten.hardtanh_.default)
-_RELU6 = (F.relu6, aten.relu6.default) if hasattr(aten, "relu6") else (F.relu6,)
-_ADD = (operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor)
+_HARDTANH = (F.hardtanh, F.hardtanh_, aten.hardtanh.default, aten.hardtanh_.default)  # relu6 at bounds (0, 6)
+# out-of-place adds only: an add that writes into an operand (``skip += y``, ``skip.add_(y)``) must leave that
+# tensor changed, which a residual fused into the conv's store would not do
+_ADD = (operator.add, torch.add, aten.add.Tensor)
 _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
@@ -108,7 +106,7 @@ def _residual_of(node: fx.Node, value: fx.Node) -> Optional[fx.Node]:
     """The other operand of ``node`` = ``value`` + other (either order), when other has value's shape, dtype
     and device (no broadcasting), else None."""
     is_add = (node.op == "call_function" and node.target in _ADD) or (
-        node.op == "call_method" and node.target in ("add", "add_"))
+        node.op == "call_method" and node.target == "add")
     if not is_add or len(node.args) != 2 or node.kwargs:
         return None
     first, second = node.args
@@ -135,15 +133,13 @@ def _activation_of(graph_module: fx.GraphModule, node: fx.Node, value: fx.Node) 
     if node.op != "call_function":
         return None
     target = node.target
-    if target in _RELU + _SILU + _HARDSWISH + _RELU6:
-        plain = not kwargs and extra in ((), (False,), (True,))  # the positional inplace flag
-        if not plain:
-            return None
-        return ("relu" if target in _RELU else "silu" if target in _SILU else "hardswish" if target in _HARDSWISH
-                else "relu6")
-    if target in _GELU:
+    activation = of_function(target)
+    if activation == "gelu":
         approximate = kwargs.get("approximate", extra[0] if extra else "none")
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate) if len(extra) <= 1 else None
+    if activation is not None:
+        plain = not kwargs and extra in ((), (False,), (True,))  # the positional inplace flag
+        return activation if plain else None
     if target in _HARDTANH:
         bounds = {"min_val": -1.0, "max_val": 1.0, **dict(zip(("min_val", "max_val"), extra)), **kwargs}
         return "relu6" if (bounds["min_val"], bounds["max_val"]) == (0.0, 6.0) and len(extra) <= 3 else None

@@ -14,6 +14,8 @@ from typing import NoReturn
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 LAYOUTS = ("nchw", "nhwc", "strided")
 CHANNEL_POLICIES = ("strict", "pad")
+# the fused epilogue activations (their table is gconvgen/activations.py, which checks it names these)
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish")
 
 
 def check(condition: object, message: str, error: type[Exception] = ValueError) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import knobs
+from .activations import NAMES as ACTIVATIONS
 from .arguments import ArgumentTable, table_for
 from .ir import DTYPES, ConvSpec, check
 from .plan import Plan, planned
@@ -28,7 +29,6 @@ FAMILIES = ("igemm", "depthwise", "depthwise_gemm", "depthwise1d", "reduce")
 INT32_MAX = 2**31 - 1
 ATEN = "aten"      # a tuning record's choice when PyTorch's own conv won
 KERNEL = "kernel"  # a tuning record's choice when a generated kernel won
-ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish")
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,26 @@ def spy_on_kernels(monkeypatch, entry=lambda desc: desc) -> list:
 def forward_family(desc):
     """A forward kernel's family, else None (spy_on_kernels' entry for tests of the forward family)."""
     return desc.family if desc.kind == "forward" else None
+
+
+# ---------------------------------------------------------------------------------------------- hypothesis
+# Profiles of the differential fuzz (tests/test_fuzz.py). "ci", the default, keeps the whole file to about two
+# minutes on two CPU cores; "long" draws 20 times the examples, for a kernel change before it lands:
+#     pytest tests/test_fuzz.py --hypothesis-profile=long
+# No deadline: the interpreter runs a kernel in tens of milliseconds to seconds, first calls also render it.
+# Failing examples are kept in the repository's .hypothesis/ (git-ignored) and replayed first next run.
+# function_scoped_fixture: the fixtures the fuzz uses (nan_filled_outputs) hold no per-example state.
+try:
+    from hypothesis import HealthCheck, settings
+    from hypothesis.database import DirectoryBasedExampleDatabase
+except ImportError:  # hypothesis comes with the test extras; without it only test_fuzz.py cannot run
+    pass
+else:
+    _FUZZ_EXAMPLES = 30
+    settings.register_profile(
+        "ci", max_examples=_FUZZ_EXAMPLES, deadline=None, print_blob=True,
+        database=DirectoryBasedExampleDatabase(
+            os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".hypothesis", "examples")),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    settings.register_profile("long", parent=settings.get_profile("ci"), max_examples=20 * _FUZZ_EXAMPLES)
+    settings.load_profile("ci")

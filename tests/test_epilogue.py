@@ -10,7 +10,7 @@ import gconvgen
 from gconvgen.ir import ConvSpec
 from gconvgen.lowering import ACTIVATIONS, KERNEL, Choice, default_config
 from gconvgen.runtime import launch
-from gconvgen.runtime.fused import apply_activation
+from gconvgen.activations import apply as apply_activation
 from conftest import assert_close, spy_on_kernels
 
 P = pytest.param

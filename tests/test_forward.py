@@ -287,7 +287,7 @@ def test_band_matrices_hold_the_weight_along_their_diagonals(stride, dilation, s
 def test_one_channel_rows_padded_past_the_width_are_not_read_as_vectors(nan_filled_outputs):
     """A one-channel NCHW view whose rows are padded (row stride 64, width 57) has aligned row starts but not an
     aligned width: the banded kernel's vector loads would read the padding (NaN here), so the launch's row
-    alignment counts the width whatever the channel stride (runtime/launch.py _row_strides)."""
+    alignment counts the width whatever the channel stride (runtime/launch.py _aligned_row_values)."""
     base = torch.full((2, 1, 6, 64), float("nan"), dtype=torch.bfloat16)
     base[..., :57] = torch.randn(2, 1, 6, 57, dtype=torch.bfloat16)
     x, weight = base[..., :57], torch.randn(1, 1, 7, 7, dtype=torch.bfloat16)

@@ -16,7 +16,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 import gconvgen
 import gconvgen.compile
 from gconvgen import GroupedConv1d, GroupedConv2d
-from gconvgen.runtime.fused import apply_activation
+from gconvgen.activations import apply as apply_activation
 
 P = pytest.param
 ACTIVATIONS = ["relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish"]

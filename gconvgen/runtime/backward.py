@@ -26,7 +26,7 @@ from ..lowering import ATEN, Choice
 from . import launch
 from .choices import choice_for
 from .fallback import aten_conv2d_backward
-from .ops import (DTYPE_NAMES, _fallback, activation_layout, batch_first, call, channels_side_by_side, conv2d,
+from .ops import (DTYPE_NAMES, _fallback, activation_layout, add_tangents, batch_first, call, channels_side_by_side, conv2d,
                   conv2d_op, folds_into_groups, output_memory_format, register_autograd, spec_of, vmap_by_loop)
 
 
@@ -188,7 +188,16 @@ def _backward(ctx, grad_output: torch.Tensor):
     return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
-register_autograd(conv2d_op, _backward, _setup_context)
+def _jvp(inputs, tangents, output):
+    """The conv is linear in x, in the weight and in the bias: the tangent is the sum of each one's."""
+    x, weight, bias, *conv = inputs
+    x_tangent, weight_tangent, bias_tangent = tangents[:3]
+    return add_tangents(None if x_tangent is None else conv2d(x_tangent, weight, None, *conv),
+                        None if weight_tangent is None else conv2d(x, weight_tangent, None, *conv),
+                        None if bias_tangent is None else bias_tangent[None, :, None, None].expand_as(output))
+
+
+register_autograd(conv2d_op, _backward, _setup_context, _jvp)
 
 
 # ---------------------------------------------------------------------------------------------- double backward
@@ -236,9 +245,32 @@ def _grad_bias_backward(ctx, upstream: torch.Tensor):
     return upstream[None, :, None, None].expand(ctx.grad_output_size)
 
 
-register_autograd(conv2d_grad_input_op, _grad_input_backward, _setup_grad_input)
-register_autograd(conv2d_grad_weight_op, _grad_weight_backward, _setup_grad_weight)
-register_autograd(conv2d_grad_bias_op, _grad_bias_backward, _setup_grad_bias)
+# and, linear in each input, the tangent of each is the sum of the op applied to one input's tangent
+
+
+def _grad_input_jvp(inputs, tangents, output):
+    grad_output, weight, input_size, *conv = inputs
+    grad_output_tangent, weight_tangent = tangents[:2]
+    return add_tangents(
+        None if grad_output_tangent is None else _grad_input(grad_output_tangent, weight, input_size, conv),
+        None if weight_tangent is None else _grad_input(grad_output, weight_tangent, input_size, conv))
+
+
+def _grad_weight_jvp(inputs, tangents, output):
+    grad_output, x, weight_size, *conv = inputs
+    grad_output_tangent, x_tangent = tangents[:2]
+    return add_tangents(
+        None if grad_output_tangent is None else _grad_weight(grad_output_tangent, x, weight_size, conv),
+        None if x_tangent is None else _grad_weight(grad_output, x_tangent, weight_size, conv))
+
+
+def _grad_bias_jvp(inputs, tangents, output):
+    return None if tangents[0] is None else call(conv2d_grad_bias_op, run_grad_bias, tangents[0])
+
+
+register_autograd(conv2d_grad_input_op, _grad_input_backward, _setup_grad_input, _grad_input_jvp)
+register_autograd(conv2d_grad_weight_op, _grad_weight_backward, _setup_grad_weight, _grad_weight_jvp)
+register_autograd(conv2d_grad_bias_op, _grad_bias_backward, _setup_grad_bias, _grad_bias_jvp)
 
 
 # ---------------------------------------------------------------------------------------------- torch.vmap

@@ -5,64 +5,26 @@ written once and read never (a separate activation kernel would read and write i
 formula turns the output gradient into the gradient of the pre-activation sum, then reuses the conv's
 gradient ops (which have double-backward formulas of their own):
 
-    relu, relu6      the gradient's mask is read off the saved output: nothing else is kept
+    relu, relu6      the gradient is read off the saved output: nothing else is kept
     silu, gelu, ...  the pre-activation is recomputed by one unfused forward (no extra tensor is kept
                      between forward and backward; the recompute costs one conv)
+
+Each activation's gradient is torch's own backward op (gconvgen/activations.py), so kinks, NaN and the
+half-precision rounding are eager's.
     residual         its gradient is the pre-activation gradient itself
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .. import knobs
+from .. import activations, knobs
 from ..lowering import ATEN
 from . import launch
 from .choices import choice_for
 from .fallback import aten_conv2d
-from .ops import _allocate_output, _fallback, call, conv2d, output_memory_format, register_autograd, spec_for_call
-
-# activations whose derivative is a function of their output alone
-FROM_OUTPUT = ("relu", "relu6")
-
-
-def apply_activation(pre: torch.Tensor, activation: str) -> torch.Tensor:
-    """torch's own ``activation`` of ``pre``: the reference of the kernels' epilogues."""
-    if activation == "none":
-        return pre
-    if activation == "gelu_tanh":
-        return F.gelu(pre, approximate="tanh")
-    return {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu, "hardswish": F.hardswish}[activation](pre)
-
-
-def activation_gradient(grad: torch.Tensor, activation: str, *, pre: Optional[torch.Tensor] = None,
-                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The gradient of the pre-activation from ``grad`` of the output: from the output for relu/relu6,
-    else from ``pre``. Written with differentiable torch ops, so double backward works through it."""
-    if activation == "none":
-        return grad
-    if activation == "relu":
-        return grad * (out > 0)
-    if activation == "relu6":
-        return grad * ((out > 0) & (out < 6))
-    if activation == "silu":
-        sigmoid = torch.sigmoid(pre)
-        return grad * sigmoid * (1 + pre * (1 - sigmoid))
-    if activation == "gelu":
-        cdf = 0.5 * (1 + torch.erf(pre * (1 / math.sqrt(2))))
-        return grad * (cdf + pre * torch.exp(-0.5 * pre * pre) / math.sqrt(2 * math.pi))
-    if activation == "gelu_tanh":
-        inner = math.sqrt(2 / math.pi) * (pre + 0.044715 * pre ** 3)
-        tanh = torch.tanh(inner)
-        return grad * (0.5 * (1 + tanh) + 0.5 * pre * (1 - tanh * tanh) * math.sqrt(2 / math.pi)
-                       * (1 + 3 * 0.044715 * pre * pre))
-    if activation == "hardswish":
-        return grad * torch.where(pre < -3, 0.0, torch.where(pre > 3, 1.0, (2 * pre + 3) / 6)).to(grad.dtype)
-    raise ValueError(f"activation={activation!r} has no gradient here")
-
+from .ops import _allocate_output, _fallback, add_tangents, call, conv2d, output_memory_format, register_autograd, spec_for_call
 
 def run_conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
@@ -86,7 +48,7 @@ def run_conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 def _aten(spec, x, weight, bias, residual, activation) -> torch.Tensor:
     pre = aten_conv2d(spec, x, weight, bias)
-    return apply_activation(pre if residual is None else pre + residual, activation)
+    return activations.apply(pre if residual is None else pre + residual, activation)
 
 
 conv2d_act_op = torch.library.custom_op("gconvgen::conv2d_act", run_conv2d_act, mutates_args=())
@@ -107,9 +69,9 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, residual, stride, padding, dilation, groups, channel_policy, activation = inputs
-    recompute = activation not in FROM_OUTPUT + ("none",)
+    recompute = activations.needs_pre_activation(activation)
     ctx.save_for_backward(x, weight, bias if recompute else None, residual if recompute else None,
-                          output if activation in FROM_OUTPUT else None)
+                          output if activation != "none" and not recompute else None)
     ctx.conv = (stride, padding, dilation, groups, channel_policy)
     ctx.activation = activation
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
@@ -119,10 +81,10 @@ def _backward(ctx, grad: torch.Tensor):
     """(grad x, grad weight, grad bias, grad residual, None for each non-tensor argument)."""
     x, weight, bias, residual, out = ctx.saved_tensors
     pre = None
-    if ctx.activation not in FROM_OUTPUT + ("none",):  # recompute the pre-activation: one unfused conv
+    if activations.needs_pre_activation(ctx.activation):  # recompute the pre-activation: one unfused conv
         pre = conv2d(x, weight, bias, *ctx.conv)
         pre = pre if residual is None else pre + residual
-    grad_pre = activation_gradient(grad, ctx.activation, pre=pre, out=out)
+    grad_pre = activations.gradient(grad, ctx.activation, pre=pre, out=out)
     grad_pre = grad_pre.contiguous(memory_format=output_memory_format(x))
     needs_x, needs_weight, needs_bias, needs_residual = ctx.needs_input_grad[:4]
     from .backward import _grad_input, _grad_weight, conv2d_grad_bias_op, run_grad_bias
@@ -134,4 +96,23 @@ def _backward(ctx, grad: torch.Tensor):
     return grad_x, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None
 
 
-register_autograd(conv2d_act_op, _backward, _setup_context)
+def _jvp(inputs, tangents, output):
+    """The pre-activation is linear in x, the weight, the bias and the residual; the activation's tangent is
+    its derivative at the pre-activation (read off the output for relu and relu6) times the pre's tangent."""
+    x, weight, bias, residual, stride, padding, dilation, groups, channel_policy, activation = inputs
+    conv = (stride, padding, dilation, groups, channel_policy)
+    x_tangent, weight_tangent, bias_tangent, residual_tangent = tangents[:4]
+    pre_tangent = add_tangents(None if x_tangent is None else conv2d(x_tangent, weight, None, *conv),
+                               None if weight_tangent is None else conv2d(x, weight_tangent, None, *conv),
+                               None if bias_tangent is None else bias_tangent[None, :, None, None].expand_as(output),
+                               residual_tangent)
+    if pre_tangent is None:
+        return None
+    pre = None
+    if activations.needs_pre_activation(activation):
+        pre = conv2d(x, weight, bias, *conv)
+        pre = pre if residual is None else pre + residual
+    return activations.gradient(pre_tangent, activation, pre=pre, out=output)
+
+
+register_autograd(conv2d_act_op, _backward, _setup_context, _jvp)

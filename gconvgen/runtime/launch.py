@@ -116,15 +116,21 @@ def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = (
     return values + list(scalars)
 
 
-def _row_strides(activation: torch.Tensor) -> tuple[int, ...]:
-    """The strides that place an NCHW-indexed activation's rows: batch, channel and height, where that
-    dimension has more than one element and is not the contiguous one; and where the width is the contiguous
-    dimension, the width itself (a row's last vector is whole only if the width is a multiple of it; with one
-    channel, whose stride says nothing, the width counts too)."""
-    strides = tuple(stride for size, stride in zip(activation.shape[:3], activation.stride()[:3])
-                    if size > 1 and stride != 1)
-    return strides + ((activation.shape[3],) if activation.stride(3) == 1
-                      and (activation.shape[1] == 1 or activation.stride(1) != 1) else ())
+def _aligned_row_values(activation: torch.Tensor, layout: str) -> tuple[int, ...]:
+    """Every value of an NCHW-indexed activation that a row-aligned kernel writes rounded down to its row
+    alignment (templates/depthwise1d.py.jinja, depthwise_gemm.py.jinja): the batch and height strides, and
+    where the channels are not the contiguous dimension (``layout`` is not 'nhwc', see
+    lowering.choose_layout_constants) the channel stride and the width. A stride counts whatever its value
+    (a unit channel stride or an odd width makes the alignment 1: rounding must never change a value the
+    kernel indexes with); only a dimension of size 1 is left out, whose index is always 0 (or, along the
+    height, outside [0, 1) and masked)."""
+    batch, channels, height, width = activation.shape
+    stride_n, stride_c, stride_h, _ = activation.stride()
+    values = [stride for size, stride in ((batch, stride_n), (height, stride_h)) if size > 1]
+    if layout != "nhwc":
+        values += [stride_c] if channels > 1 else []
+        values.append(width)
+    return tuple(values)
 
 
 def staged(activation: torch.Tensor, desc: KernelDesc) -> torch.Tensor:
@@ -152,7 +158,8 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
     pixels = PixelSpace.of("forward", batch, height, width, out_height, out_width)
     desc = describe(spec, "forward", (x, weight, out, residual), choice, pixels, target=target, epilogue=epilogue,
                     weight_memory=weights.layout_of(weight),
-                    alignment=row_alignment(spec.dtype, _row_strides(x) + _row_strides(out)))
+                    alignment=row_alignment(spec.dtype, _aligned_row_values(x, spec.layout)
+                                            + _aligned_row_values(out, spec.layout)))
     weight = weights.for_kernel(weight, desc)
     x = staged(x, desc)
     return _prepared(desc, desc.grid(pixels),

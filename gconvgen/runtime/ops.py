@@ -10,11 +10,13 @@ that torch.func.grad, vjp and jacrev accept, and the batching rule below runs it
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd import forward_ad
 from torch.autograd.function import _SingleLevelFunction
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -130,9 +132,10 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 def unobserved(tensors: list[torch.Tensor]) -> bool:
     """Whether calling an op's implementation directly is indistinguishable from calling the op. Under a
     torch.func transform the tensors look plain (their type is torch.Tensor) but are functorch's wrappers,
-    which only the dispatcher can unwrap."""
+    which only the dispatcher can unwrap; inside torch.autograd.forward_ad.dual_level, a tensor may carry a
+    tangent that only the op's autograd kernel carries forward."""
     if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or torch._C._are_functorch_transforms_active()):
+            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0):
         return False
     grad = torch.is_grad_enabled()
     return all(type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad) for t in tensors)
@@ -149,9 +152,12 @@ def _(x, weight, bias, stride, padding, dilation, groups, channel_policy):
 # ---------------------------------------------------------------------------------------------- torch.func
 
 
-def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+def register_autograd(op, backward: Callable, setup_context: Callable,
+                      jvp: Callable[[tuple, tuple, torch.Tensor], torch.Tensor]) -> None:
     """``op.register_autograd(backward, setup_context=setup_context)``, with an autograd kernel that
-    torch.func's transforms accept.
+    torch.func's transforms accept, and forward-mode AD: ``jvp(inputs, tangents, output)`` gives the output's
+    tangent from the op's arguments and their tangents (None where an argument has none), for
+    torch.autograd.forward_ad and torch.func.jvp / jacfwd / hessian.
 
     torch's own kernel (torch/_library/autograd.py, up to at least 2.13; pytorch#170834) wraps the formula
     in an autograd.Function whose forward takes ctx, and ``Function.apply`` refuses such a Function under
@@ -173,8 +179,18 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
         with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True):
             return redispatch(args[-1], *args[:-1])
 
+    forward_mode = threading.local()  # whether the node being applied has tangents to carry forward
+
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs[:-1], output)
+        if getattr(forward_mode, "active", False):  # for jvp_of_node: a backward-only node holds nothing more
+            ctx.jvp_inputs, ctx.jvp_output = inputs[:-1], output
+
+    def jvp_of_node(ctx, *tangents):
+        inputs, output = ctx.jvp_inputs, ctx.jvp_output
+        del ctx.jvp_inputs, ctx.jvp_output
+        tangent = jvp(inputs, tangents[:-1], output)
+        return torch.zeros_like(output) if tangent is None else tangent
 
     def backward_of_node(ctx, *grads):
         needs_input_grad = ctx.needs_input_grad
@@ -189,19 +205,38 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     name = "Gconvgen" + "".join(word.capitalize() for word in op._name.split("_"))
     node = type(name, (_SingleLevelFunction,), {
         "forward": staticmethod(forward), "setup_context": staticmethod(setup),
-        "backward": staticmethod(backward_of_node)})
+        "backward": staticmethod(backward_of_node), "jvp": staticmethod(jvp_of_node)})
+
+    def apply(*args):
+        forward_mode.active = _has_tangent(args)
+        try:
+            return node.apply(*args)
+        finally:
+            forward_mode.active = False
 
     def autograd_kernel(keyset, *args):
-        if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) and not _has_tangent(args):
             return redispatch(keyset, *args)
         if torch._C._are_functorch_transforms_active():
             with enable_single_level_autograd_function():
-                return node.apply(*args, keyset)
-        return node.apply(*args, keyset)
+                return apply(*args, keyset)
+        return apply(*args, keyset)
 
     with warnings.catch_warnings():  # replacing torch's kernel is the point; the dispatcher says so once
         warnings.filterwarnings("ignore", message="Warning only once for all operators")
         op._lib.impl(op._name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _has_tangent(args: tuple) -> bool:
+    """Whether a tensor in ``args`` carries a forward-mode tangent at the current level."""
+    return any(isinstance(arg, torch.Tensor) and forward_ad.unpack_dual(arg).tangent is not None for arg in args)
+
+
+def add_tangents(*tangents: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The sum of the tangents that are not None (None if all are): a jvp of an op linear in each argument
+    is the sum of the op applied to one argument's tangent and the other arguments."""
+    present = [tangent for tangent in tangents if tangent is not None]
+    return None if not present else functools.reduce(torch.add, present)
 
 
 def vmap_by_loop(run: Callable[..., torch.Tensor], info, in_dims: tuple, *args) -> tuple[torch.Tensor, int]:

@@ -1,0 +1,229 @@
+"""gconvgen.causal_conv1d, the drop-in for Dao-AILab causal-conv1d: its cases that gconvgen's own conv1d does
+not take (initial and final states, packed sequences with seq_idx and padding, float32 weights with
+half-precision x, multi-token, circular-buffer and state-pool decode, varlen states), against references
+written here in float64 from that package's definitions (causal_conv1d_ref, causal_conv1d_update_ref,
+causal_conv1d_varlen_states_ref, and its tests' per-sequence reference for seq_idx), with its tolerances."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gconvgen.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
+
+P = pytest.param
+# causal-conv1d's own tolerances, per x dtype
+TOLERANCES = {torch.float32: (3e-4, 1e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (1e-2, 5e-2)}
+
+
+def reference_fn(x, weight, bias=None, initial_states=None, silu=False):
+    """causal_conv1d_ref in float64: (out, final states)."""
+    width = weight.shape[1]
+    x64 = x.double()
+    if initial_states is None:
+        padded = F.pad(x64, (width - 1, 0))
+    else:
+        padded = torch.cat([initial_states.double(), x64], dim=-1)
+    out = F.conv1d(padded, weight.double().unsqueeze(1), None if bias is None else bias.double(),
+                   groups=x.shape[1])
+    out = F.silu(out) if silu else out
+    return out, padded[..., padded.shape[-1] - (width - 1):]
+
+
+def channel_last(batch, dim, seqlen, dtype):
+    """x as causal-conv1d's tests make it channel-last: a transposed view of [batch, seqlen, dim + 8] sliced."""
+    return torch.randn(batch, seqlen, dim + 8, dtype=dtype)[..., 4:4 + dim].transpose(1, 2)
+
+
+def assert_close(actual, expected, dtype):
+    rtol, atol = TOLERANCES[dtype]
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width, seqlen, bias, silu", [
+    P(4, 33, True, True, id="w4-L33-bias-silu"),
+    P(2, 1, False, False, id="w2-L1"),                 # one token
+    P(3, 2, True, False, id="w3-L2-bias"),             # shorter than the window
+])
+def test_initial_and_final_states_with_float32_weights(width, seqlen, bias, silu, dtype):
+    batch, dim = 2, 16
+    x = channel_last(batch, dim, seqlen, dtype).requires_grad_()
+    weight = torch.randn(dim, width, requires_grad=True)  # float32, as Mamba keeps it
+    bias_t = torch.randn(dim, requires_grad=True) if bias else None
+    initial = torch.randn(batch, dim, width - 1, dtype=dtype, requires_grad=True)
+    out, final = causal_conv1d_fn(x, weight, bias_t, initial_states=initial, return_final_states=True,
+                                  activation="swish" if silu else None)
+    x64, weight64, initial64 = (t.detach().double().requires_grad_() for t in (x, weight, initial))
+    bias64 = None if bias_t is None else bias_t.detach().double().requires_grad_()
+    expected, expected_final = reference_fn(x64, weight64, bias64, initial64, silu)
+    assert_close(out, expected, dtype)
+    assert final.dtype == dtype and torch.equal(final.double(), expected_final.detach())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad.double())
+    assert_close(x.grad, x64.grad, dtype)
+    assert_close(initial.grad, initial64.grad, dtype)
+    assert weight.grad.dtype == torch.float32
+    scale = weight64.grad.abs().max().item()
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=0, atol=TOLERANCES[dtype][1] * max(scale, 1))
+
+
+def test_final_states_out_is_written_and_returned():
+    x, weight = torch.randn(2, 8, 5), torch.randn(8, 4)
+    into = torch.full((2, 6, 8), float("nan")).transpose(1, 2)[..., :3]  # a strided view
+    out, final = causal_conv1d_fn(x, weight, return_final_states=True, final_states_out=into)
+    assert final is into and torch.equal(into, x[..., -3:])
+    torch.testing.assert_close(out.double(), reference_fn(x, weight)[0], rtol=3e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [2, 4])
+def test_packed_sequences_with_padding_match_each_sequence_alone(width, dtype):
+    """seq_idx packs sequences in a row (-1: padding, whose outputs are 0); the reference runs each alone."""
+    dim = 8
+    seqlens = [[3, 1, 6], [1, 1, 1, 5], [10]]
+    padding = [2, 4, 0]
+    seqlen = 12
+    x = channel_last(3, dim, seqlen, dtype).requires_grad_()
+    weight, bias = torch.randn(dim, width, requires_grad=True), torch.randn(dim, requires_grad=True)
+    seq_idx = torch.full((3, seqlen), -1, dtype=torch.int32)
+    counter = 0
+    for row, lengths in enumerate(seqlens):
+        start = 0
+        for length in lengths:
+            seq_idx[row, start:start + length] = counter
+            counter, start = counter + 1, start + length
+    out = causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx, activation="silu")
+    x64 = x.detach().double().requires_grad_()
+    weight64, bias64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    expected = torch.zeros(3, dim, seqlen, dtype=torch.float64)
+    pieces = []
+    for row, lengths in enumerate(seqlens):
+        start = 0
+        for length in lengths:
+            piece = reference_fn(x64[row:row + 1, :, start:start + length], weight64, bias64, silu=True)[0]
+            pieces.append((row, start, length, piece))
+            start += length
+    for row, start, length, piece in pieces:
+        expected[row:row + 1, :, start:start + length] = piece
+    assert_close(out, expected, dtype)
+    for row, pad in enumerate(padding):
+        if pad:
+            assert torch.equal(out[row, :, seqlen - pad:], torch.zeros(dim, pad, dtype=dtype))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad.double())
+    assert_close(x.grad, x64.grad, dtype)
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-2, atol=5e-2)
+
+
+def test_packed_sequences_keep_inf_inside_their_sequence():
+    x, weight = torch.randn(1, 4, 6), torch.randn(4, 3)
+    x[0, 1, 2] = float("inf")
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1]], dtype=torch.int32)
+    out = causal_conv1d_fn(x, weight, seq_idx=seq_idx)
+    assert torch.isfinite(out[..., 3:]).all()
+    assert not torch.isfinite(out[0, 1, 2])
+
+
+@pytest.mark.parametrize("bad, match", [
+    P(dict(activation="relu"), "activation", id="activation"),
+    P(dict(seq_idx=torch.zeros(2, 5, dtype=torch.int32), return_final_states=True), "seq_idx", id="seq-idx-states"),
+    P(dict(seq_idx=torch.zeros(2, 5)), "integer", id="seq-idx-float"),
+    P(dict(initial_states=torch.zeros(2, 8, 2)), "initial_states", id="initial-states-shape"),
+    P(dict(final_states_out=torch.zeros(2, 8, 3)), "return_final_states", id="out-without-flag"),
+])
+def test_bad_arguments_name_themselves(bad, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        causal_conv1d_fn(torch.randn(2, 8, 5), torch.randn(8, 4), **bad)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+def reference_update(x, conv_state, weight, bias, silu, cache_seqlens=None):
+    """causal_conv1d_update_ref in float64; updates conv_state (float64 copy returned) and returns out."""
+    state = conv_state.double().clone()
+    x64 = x.double()
+    batch, dim, seqlen = x64.shape
+    width, state_len = weight.shape[1], state.shape[-1]
+    if cache_seqlens is None:
+        window = torch.cat([state, x64], dim=-1)
+        state = window[..., -state_len:]
+    else:
+        history = torch.remainder(torch.arange(-(width - 1), 0)[None, :] + cache_seqlens[:, None].long(), state_len)
+        window = torch.cat([state.gather(2, history[:, None, :].expand(-1, dim, -1)), x64], dim=-1)
+        for b in range(batch):
+            for t in range(seqlen):
+                state[b, :, (int(cache_seqlens[b]) + t) % state_len] = x64[b, :, t]
+    out = F.conv1d(window, weight.double().unsqueeze(1), None if bias is None else bias.double(), groups=dim)
+    out = out[..., -seqlen:]
+    return (F.silu(out) if silu else out), state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width, seqlen, extra_state, circular", [
+    P(4, 1, 0, False, id="w4-one-token"),
+    P(3, 4, 2, False, id="w3-four-tokens-longer-state"),   # speculative decoding: several tokens
+    P(4, 5, 3, True, id="w4-five-tokens-circular"),
+    P(2, 9, 0, True, id="w2-more-tokens-than-state-circular"),
+])
+def test_update(width, seqlen, extra_state, circular, dtype):
+    batch, dim = 3, 16
+    x = channel_last(batch, dim, seqlen, dtype)
+    conv_state = torch.randn(batch, width - 1 + extra_state, dim, dtype=dtype).transpose(1, 2)
+    weight, bias = torch.randn(dim, width), torch.randn(dim)
+    cache_seqlens = torch.randint(0, 20, (batch,), dtype=torch.int32) if circular else None
+    expected, expected_state = reference_update(x, conv_state, weight, bias, True, cache_seqlens)
+    out = causal_conv1d_update(x, conv_state, weight, bias, "silu", cache_seqlens=cache_seqlens)
+    assert_close(out, expected, dtype)
+    assert torch.equal(conv_state.double(), expected_state)
+
+
+@pytest.mark.parametrize("one_token", [True, False], ids=["one-token", "three-tokens"])
+def test_update_of_a_state_pool_with_padded_slots(one_token):
+    """conv_state_indices picks each request's row of a pool; -1 is a padded slot: out 0, no state written."""
+    batch, dim, width, pool = 6, 8, 4, 20
+    x = torch.randn(batch, dim) if one_token else torch.randn(batch, dim, 3)
+    conv_state = torch.randn(pool, dim, width - 1)
+    original = conv_state.clone()
+    indices = torch.tensor([7, -1, 0, 19, -1, 3], dtype=torch.int32)
+    weight, bias = torch.randn(dim, width), torch.randn(dim)
+    out = causal_conv1d_update(x, conv_state, weight, bias, "silu", conv_state_indices=indices)
+    x3 = x.unsqueeze(-1) if one_token else x
+    expected_pool = original.double().clone()
+    for b, row in enumerate(indices.tolist()):
+        got = out[b] if not one_token else out[b].unsqueeze(-1)
+        if row < 0:
+            assert torch.equal(got, torch.zeros_like(got))
+            continue
+        expected, state = reference_update(x3[b:b + 1], original[row:row + 1], weight, bias, True)
+        torch.testing.assert_close(got.double(), expected[0], rtol=3e-4, atol=1e-3)
+        expected_pool[row] = state[0]
+    assert torch.equal(conv_state.double(), expected_pool)
+
+
+def test_update_refuses_a_pool_index_out_of_range():
+    with pytest.raises(ValueError, match="conv_state_indices"):
+        causal_conv1d_update(torch.randn(2, 4), torch.randn(3, 4, 3), torch.randn(4, 4),
+                             conv_state_indices=torch.tensor([0, 3], dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------- varlen states
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_states(dtype):
+    dim, state_len = 8, 5
+    seqlens = [3, 9, 1, 5]
+    cu_seqlens = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32)
+    x = torch.randn(int(cu_seqlens[-1]), dim, dtype=dtype)
+    states = causal_conv1d_varlen_states(x, cu_seqlens, state_len)
+    expected = torch.zeros(len(seqlens), state_len, dim, dtype=dtype).transpose(1, 2)
+    for i in range(len(seqlens)):
+        end = int(cu_seqlens[i + 1])
+        start = max(int(cu_seqlens[i]), end - state_len)
+        expected[i, :, state_len - (end - start):] = x[start:end].T
+    assert states.shape == (len(seqlens), dim, state_len) and torch.equal(states, expected)

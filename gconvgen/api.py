@@ -13,8 +13,7 @@ from torch import nn
 
 from . import knobs
 from .autotune import choice as _installs_the_tuning_choice  # noqa: F401  (the runtime's choice provider)
-from .ir import CHANNEL_POLICIES, ConvSpec, check, conv_output_size, fail
-from .lowering import Epilogue
+from .ir import ACTIVATIONS, CHANNEL_POLICIES, ConvSpec, check, conv_output_size, fail
 from .plan import planned
 from .runtime import replay
 from .runtime.fused import conv2d_act
@@ -47,11 +46,12 @@ def _ints(name: str, value: object, length: int, minimum: int, lengths: tuple[in
     ``lengths``) ints, each >= minimum, as a tuple of Python ints."""
     if type(value) is int and value >= minimum:  # the common case, checked first: this runs on every call
         return (value,) * length
+    counts = lengths or (length,)
+    forms = "one int" if counts == (1,) else f"an int or a tuple of {' or '.join(map(str, counts))} ints"
     items = (value,) * length if _is_int(value) else value
-    check(isinstance(items, (tuple, list)), f"{name}={value!r} must be an int or a tuple of {length} ints", TypeError)
+    check(isinstance(items, (tuple, list)), f"{name}={value!r} must be {forms}", TypeError)
     items = tuple(items) * length if len(items) == 1 else tuple(items)
-    check(len(items) in (lengths or (length,)),
-          f"{name}={value!r} has {len(items)} values; give an int or {' or '.join(map(str, lengths or (length,)))} ints")
+    check(len(items) in counts, f"{name}={value!r} has {len(items)} values; give {forms}")
     for item in items:
         check(_is_int(item), f"{name}={value!r} must hold ints only", TypeError)
         check(operator.index(item) >= minimum, f"{name}={value!r} must be >= {minimum}"
@@ -86,6 +86,17 @@ def _padding_mode(padding: str) -> str:
     check(mode in ("same", "valid"), f"padding={padding!r} is not a padding mode; use 'same', 'valid', an int, "
                                      f"(pad_h, pad_w) or (top, bottom, left, right)")
     return mode
+
+
+def checked_activation(activation: object) -> str:
+    """The epilogue's activation name for an ``activation=`` argument: None is "none", a name of
+    gconvgen.ir.ACTIVATIONS is itself; anything else ('' included) raises naming the value and the names."""
+    names = ", ".join(repr(name) for name in ACTIVATIONS[1:])
+    check(activation is None or isinstance(activation, str),
+          f"activation={activation!r} is not supported; use None or one of {names} (None: no activation)", TypeError)
+    check(activation is None or activation in ACTIVATIONS,
+          f"activation={activation!r} is not supported; use None or one of {names} (None: no activation)")
+    return activation or "none"
 
 
 def _data_format(data_format: object) -> str:
@@ -164,7 +175,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Fused into the same kernel (one store, computed in fp32): ``activation(conv + bias + residual)``, the
     order of cuDNN's fused conv-bias-add-activation, with ``activation`` one of "relu", "relu6", "silu",
     "gelu", "gelu_tanh", "hardswish" (None: none) and ``residual`` a tensor of the output's shape (in the
-    output's data format), differentiable like the rest.
+    output's data format), or of its rank with 1 where it broadcasts, as torch's ``+`` does ([1, C_out, 1, 1]:
+    one value per channel), differentiable like the rest.
 
     Beyond it: ``padding='same'`` at any stride (TensorFlow's rule), four-sided padding
     ``(top, bottom, left, right)``, ``channel_policy='pad'`` for channel counts the groups do not divide
@@ -205,12 +217,13 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     try:
         stride_hw, padding_4, dilation_hw = _checked_geometry(x, w, bias, stride, padding, dilation, groups,
                                                               channel_policy, nhwc)
-    except ValueError as error:  # tensors in the other data format break some check: say so
+    except ValueError as error:  # tensors in the other data format break some check: say so, after the error
         hint = _other_data_format_hint(input, weight, groups, channel_policy, nhwc)
         if hint:
-            raise ValueError(f"{hint} (read as {data_format}: {error})") from error
+            raise ValueError(f"{error} (reading the tensors as {data_format}). If they are in the other data "
+                             f"format: {hint}") from error
         raise
-    activation = Epilogue(activation or "none").activation
+    activation = checked_activation(activation)
     if activation == "none" and residual is None:
         out = op_conv2d(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
     else:
@@ -234,7 +247,9 @@ def _nchw_view(activation: Optional[torch.Tensor], nhwc: bool) -> Optional[torch
 def _checked_residual(residual: Optional[torch.Tensor], x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int],
                       padding: tuple[int, int, int, int], dilation: tuple[int, int], unbatched: bool,
                       nhwc: bool) -> Optional[torch.Tensor]:
-    """The residual as an NCHW-indexed view [N, C_out, OH, OW] (None stays None); raises naming it."""
+    """The residual as an NCHW-indexed view [N, C_out, OH, OW] (None stays None). It has the output's rank and
+    the output's shape in the caller's data format, or 1 where it broadcasts ([1, C_out, 1, 1]: one value
+    per channel), expanded as torch's ``+`` would, without a copy; raises naming it otherwise."""
     if residual is None:
         return None
     check(isinstance(residual, torch.Tensor), f"residual must be a torch.Tensor or None, got {type(residual).__name__}",
@@ -242,14 +257,22 @@ def _checked_residual(residual: Optional[torch.Tensor], x: torch.Tensor, w: torc
     _check_same("residual", residual, x)
     out_size = (conv_output_size(x.shape[2], w.shape[2], stride[0], dilation[0], padding[0], padding[1]),
                 conv_output_size(x.shape[3], w.shape[3], stride[1], dilation[1], padding[2], padding[3]))
-    view = residual.unsqueeze(0) if unbatched else residual
-    view = view.permute(0, 3, 1, 2) if nhwc and view.dim() == 4 else view
-    expected = (x.shape[0], w.shape[0], *out_size)
-    if tuple(view.shape) != expected:
-        shown = (expected[0], *out_size, expected[1]) if nhwc else expected
-        fail(f"residual has shape {tuple(residual.shape)}; expected the output's "
-             f"{list(shown[1:] if unbatched else shown)}")
-    return view
+    batch, channels = x.shape[0], w.shape[0]
+    shape = (batch, *out_size, channels) if nhwc else (batch, channels, *out_size)
+    shape = shape[1:] if unbatched else shape
+    per_channel = [1] * len(shape)
+    per_channel[-1 if nhwc else -3] = channels
+    return _nchw_view(broadcast_residual(residual, shape, per_channel), nhwc)
+
+
+def broadcast_residual(residual: torch.Tensor, shape: tuple[int, ...], per_channel: list[int]) -> torch.Tensor:
+    """``residual`` expanded (a view) to ``shape``, the output's in the caller's layout: it must have as many
+    dimensions, each equal to the output's or 1. Raises ValueError naming both shapes and, as an example,
+    ``per_channel``, the shape of one value per channel."""
+    if residual.dim() != len(shape) or any(size not in (1, want) for size, want in zip(residual.shape, shape)):
+        fail(f"residual has shape {tuple(residual.shape)}; expected the output's {list(shape)}, or 1 in any of its "
+             f"{len(shape)} dimensions to broadcast along it (e.g. {per_channel} for one value per channel)")
+    return residual.expand(shape)
 
 
 def _checked_geometry(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], stride: IntOrPair,
@@ -332,7 +355,7 @@ class GroupedConv2d(nn.Conv2d):
         check(padding_mode == "zeros",
               f"padding_mode={padding_mode!r} is not supported by gconvgen; use 'zeros' or keep nn.Conv2d")
         data_format = _data_format(data_format)
-        Epilogue(activation or "none")  # refuses an unknown activation now
+        checked_activation(activation)  # refuses an unknown activation now
         kernel_hw = _ints("kernel_size", kernel_size, 2, 1)
         spec = ConvSpec(in_channels, out_channels, groups, kernel_hw, _ints("stride", stride, 2, 1),
                         dilation=_ints("dilation", dilation, 2, 1), channel_policy=channel_policy)

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from . import knobs
-from .api import _check_same, _check_tensor, _ints, _is_int, clip_output_channels, conv2d, sharing_parameters
-from .ir import CHANNEL_POLICIES, ConvSpec, check
-from .lowering import Epilogue
+from .api import (_check_same, _check_tensor, _ints, _is_int, broadcast_residual, checked_activation,
+                  clip_output_channels, conv2d, sharing_parameters)
+from .ir import CHANNEL_POLICIES, ConvSpec, check, conv_output_size
 from .plan import planned
 
 # every accepted spelling -> the layout it means: Keras/TF "channels_first"/"channels_last", TF's NCW/NWC
@@ -73,7 +73,7 @@ def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Fused into the same kernel, as gconvgen.conv2d fuses them: ``activation(conv + bias + residual)`` with
     ``activation`` one of "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish" (None: none) and
     ``residual`` a tensor of the output's shape in the input's data format ([N, C_out, L_out], or
-    [N, L_out, C_out] for NLC; unbatched without N).
+    [N, L_out, C_out] for NLC; unbatched without N), or of its rank with 1 where it broadcasts ([1, C_out, 1]).
 
     Beyond it: ``padding='causal'`` (Keras's: (k - 1) * dilation on the left, output length ceil(L / stride)),
     ``padding='same'`` at any stride (TensorFlow's rule), two-sided padding ``(left, right)``,
@@ -117,12 +117,15 @@ def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
     x = input.unsqueeze(0) if unbatched else input
     height = 1 if nlc else 2  # where the height-1 dimension goes in the 2-D views
-    if residual is not None:
+    if residual is not None:  # checked here, so that errors show its 1-D shape, not the 2-D view's
         check(isinstance(residual, torch.Tensor),
               f"residual must be a torch.Tensor or None, got {type(residual).__name__}", TypeError)
-        check(residual.dim() == input.dim(),
-              f"residual has shape {tuple(residual.shape)}; expected the output's "
-              f"{'[N, L_out, C_out]' if nlc else '[N, C_out, L_out]'}{' without N' if unbatched else ''}")
+        out_channels = weight.shape[2] if nlc else weight.shape[0]
+        out_length = conv_output_size(length, kernel_size, stride_l, dilation_l, left, right)
+        shape = (x.shape[0], out_length, out_channels) if nlc else (x.shape[0], out_channels, out_length)
+        per_channel = [1, 1, out_channels] if nlc else [1, out_channels, 1]
+        residual = broadcast_residual(residual, shape[1:] if unbatched else shape,
+                                      per_channel[1:] if unbatched else per_channel)
         residual = (residual.unsqueeze(0) if unbatched else residual).unsqueeze(height)
     if nlc:  # NHWC with height 1: [N, 1, L, C] and the HWIO weight [1, k, ci, C_out]
         out = conv2d(x.unsqueeze(1), weight.unsqueeze(0), bias, (1, stride_l), (0, 0, left, right), (1, dilation_l),
@@ -164,7 +167,7 @@ class GroupedConv1d(nn.Conv1d):
                  activation: Optional[str] = None):
         check(padding_mode == "zeros",
               f"padding_mode={padding_mode!r} is not supported by gconvgen; use 'zeros' or keep nn.Conv1d")
-        Epilogue(activation or "none")  # refuses an unknown activation now
+        checked_activation(activation)  # refuses an unknown activation now
         (kernel,) = _ints("kernel_size", kernel_size, 1, 1)
         (stride_l,) = _ints("stride", stride, 1, 1)
         (dilation_l,) = _ints("dilation", dilation, 1, 1)

@@ -102,24 +102,31 @@ def bench_block(layer_id: str, problem: Problem, activation: str, device: torch.
                     fused_bytes + 4 * output_bytes, correct, note)
 
 
-def format_block_table(rows: list[BlockRow], on_cpu: bool) -> str:
-    """The table the CLI prints."""
+def format_block_table(rows: list[BlockRow], on_cpu: bool, *, markdown: bool = False) -> str:
+    """The table the CLI prints (as a markdown table with ``markdown``), its geometric mean and, on CPU,
+    what the timings are worth."""
     def text(value: Optional[float], suffix: str = "") -> str:
         return "-" if value is None else f"{value:.3g}{suffix}"
 
-    lines = [f"{'layer':<24} {'act':<9} {'gconvgen ms':>11} {'eager ms':>9} {'compile ms':>10} {'vs eager':>8} "
-             f"{'vs compile':>10} {'bytes fused/eager':>17} {'ok':>3}"]
-    for row in rows:
-        lines.append(f"{row.layer + ' ' + row.layout:<24} {row.activation:<9} {text(row.gconvgen_ms):>11} "
-                     f"{text(row.eager_ms):>9} {text(row.compiled_ms):>10} {text(row.speedup_over_eager, 'x'):>8} "
-                     f"{text(row.speedup_over_compiled, 'x'):>10} {row.fused_bytes / row.eager_bytes:>17.2f} "
-                     f"{'yes' if row.correct else 'NO':>3}" + (f"  ({row.note})" if row.note else ""))
+    headers = ["layer", "act", "gconvgen ms", "eager ms", "compile ms", "vs eager", "vs compile", "bytes fused/eager",
+               "ok"]
+    cells = [[f"{row.layer} {row.layout}", row.activation, text(row.gconvgen_ms), text(row.eager_ms),
+              text(row.compiled_ms), text(row.speedup_over_eager, "x"), text(row.speedup_over_compiled, "x"),
+              f"{row.fused_bytes / row.eager_bytes:.2f}", "yes" if row.correct else "NO"] for row in rows]
+    notes = [f"{row.layer} {row.layout}: {row.note}" for row in rows if row.note]
     speedups = [row.speedup_over_eager for row in rows if row.speedup_over_eager]
     if speedups:
-        lines.append(f"geomean vs eager: {math.exp(sum(map(math.log, speedups)) / len(speedups)):.3g}x")
+        notes.append(f"geomean vs eager: {math.exp(sum(map(math.log, speedups)) / len(speedups)):.3g}x")
     if on_cpu:
-        lines.append("CPU run: gconvgen ran through Triton's interpreter; these timings say nothing about GPU speed.")
-    return "\n".join(lines)
+        notes.append("CPU run: gconvgen ran through Triton's interpreter; these timings say nothing about GPU speed.")
+    if markdown:
+        table = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        table += ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join(table) + "\n\n" + "".join(f"- {note}\n" for note in notes)
+    widths = [max([len(header), *(len(row[i]) for row in cells)]) for i, header in enumerate(headers)]
+    lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width)
+                       in enumerate(zip(row, widths))) for row in [headers, *cells]]
+    return "\n".join(lines + notes)
 
 
 BLOCKS: dict[str, Callable] = {"bn-act": bench_block}

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Iterator
 
 import click
 import tqdm
+from click.core import ParameterSource
 
 from . import knobs
-from .cli_help import SUITE_FLAGS, HelpGroup, with_flags
+from .cli_help import SUITE_FLAGS, HelpGroup, output_path, selected_suite, with_flags, write_output
 from .ir import ACTIVATIONS, DTYPES
 
 if TYPE_CHECKING:
@@ -68,23 +69,30 @@ def _device(name: str | None) -> torch.device:
 
 def _problems(suite_name: str | None, layer_ids: tuple[str, ...], dtype: str | None, layout: str,
               device: torch.device) -> tuple[suites.Suite, list[tuple[str, suites.Layer, Problem]]]:
-    """The suite's (label, layer, problem) list; on CPU a shipped GPU suite is replaced by the smoke suite."""
+    """The suite's (label, layer, problem) list. On CPU a shipped GPU suite is replaced by the smoke suite,
+    and refused with the reason where --layer picked some of its layers."""
     from .autotune import suites
     from .plan import planned
 
-    if device.type == "cpu" and suite_name not in (None, "smoke") and suite_name in suites.suite_names():
-        click.echo(f"no GPU: suite {suite_name!r} would take hours in Triton's interpreter; running the "
-                   f"'smoke' suite instead (use a CUDA machine for {suite_name!r})", err=True)
-        suite_name, layer_ids = "smoke", ()
     name = suite_name or ("headline" if device.type == "cuda" else "smoke")
+    suite = selected_suite(name, layer_ids)  # unknown names are refused (with suggestions) on any device
+    if device.type == "cpu" and name != "smoke" and name in suites.suite_names():
+        smoke = selected_suite("smoke", ())
+        if layer_ids:
+            raise click.UsageError(f"--layer {layer_ids[0]}: suite {name!r} holds GPU-sized layers that would take "
+                                   f"hours in Triton's interpreter on this CPU; run it on a CUDA machine, or use "
+                                   f"--suite smoke (layers {', '.join(layer.id for layer in smoke.layers)}) or a "
+                                   f"suite file of small layers")
+        click.echo(f"no GPU: suite {name!r} would take hours in Triton's interpreter; running the "
+                   f"'smoke' suite instead (use a CUDA machine for {name!r})", err=True)
+        suite = smoke
     try:
-        suite = suites.load_suite(name).select(layer_ids)
         layouts = suite.layouts if layout == "both" else (layout,)
         problems = [(f"{layer.id} {lay}", layer, layer.problem(dtype or suite.dtype, lay))
                     for layer in suite.runnable for lay in layouts]
         for _, _, problem in problems:
             planned(problem.spec, knobs.padding_budget())  # a layer gconvgen refuses is named now, not mid-run
-    except (FileNotFoundError, ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:
         raise click.UsageError(with_flags(str(error), SUITE_FLAGS)) from None
     for layer in suite.deferred:
         click.echo(f"kept for later: {layer.id} ({layer.later})", err=True)
@@ -179,9 +187,10 @@ _suite_options = [
                  help="A shipped suite (headline, secondary, smoke) or a suite JSON file. "
                       "Default: headline on a GPU, smoke on CPU."),
     click.option("--layer", "layer_ids", multiple=True, metavar="ID", help="Only this layer id (repeatable)."),
-    click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: the suite's dtype."),
-    click.option("--layout", type=click.Choice(["nchw", "nhwc", "both"]), default="both", show_default=True,
-                 help="Activation layout (nhwc = channels_last)."),
+    click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default=None,
+                 help="Default: the suite's dtype."),
+    click.option("--layout", type=click.Choice(["nchw", "nhwc", "both"], case_sensitive=False), default="both",
+                 show_default=True, help="Activation layout (nhwc = channels_last)."),
     click.option("--device", default=None, help="cuda or cpu (Triton's interpreter). Default: cuda when present."),
     click.option("--force", is_flag=True, help="Tune layers again even when the database has them."),
 ]
@@ -227,32 +236,40 @@ def tune(suite, layer_ids, dtype, layout, device, force, backward) -> None:
 @main.command()
 @_with_suite_options
 @click.option("--tune", "tune_first", is_flag=True, help="Tune untuned layers first (one call tunes and benchmarks).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Write the table as markdown.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), callback=output_path(),
+              help="Write the full report as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), callback=output_path(),
+              help="Write the table as markdown.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=output_path(),
               help="Plot speedup and % of floor per layer (needs the 'plot' extra: matplotlib).")
 @click.option("--backward", is_flag=True,
               help="Also time forward + backward (grads of input, weight, bias) against PyTorch eager "
                    "(with --tune, the backward kernels are tuned too).")
-@click.option("--block", type=click.Choice(("conv", "bn-act")), default="conv", show_default=True,
+@click.option("--block", type=click.Choice(("conv", "bn-act"), case_sensitive=False), default="conv",
+              show_default=True,
               help="bn-act: time each layer's conv -> BatchNorm (eval) -> activation block fused by gconvgen "
-                   "against PyTorch eager and torch.compile of the same block, with bytes moved.")
-@click.option("--activation", type=click.Choice(ACTIVATIONS[1:]),
-              default="relu", show_default=True, help="The block's activation (with --block bn-act).")
-@click.option("--no-compile", "skip_compile", is_flag=True, help="With --block bn-act: skip torch.compile.")
-def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path, markdown_path, plot_path,
+                   "against PyTorch eager and torch.compile of the same block, with bytes moved (forward only; "
+                   "--tune, --json and --markdown apply, --backward and --plot do not).")
+@click.option("--activation", type=click.Choice(ACTIVATIONS[1:], case_sensitive=False),
+              default="relu", show_default=True, help="The block's activation (with --block bn-act only).")
+@click.option("--no-compile", "skip_compile", is_flag=True, help="With --block bn-act only: skip torch.compile.")
+@click.pass_context
+def bench(context, suite, layer_ids, dtype, layout, device, force, tune_first, json_path, markdown_path, plot_path,
           backward, block, activation, skip_compile) -> None:
     """Time gconvgen against F.conv2d (cudnn.benchmark on, same layout and dtype) and the roofline floor.
 
     The floor is max(bytes / copy bandwidth, flops / matmul rate), both ceilings measured in this run.
     On CPU it runs the smoke suite through Triton's interpreter: those timings say nothing about GPU speed.
     """
-    _check_plotting(plot_path)  # before the run, not after it
+    _check_block_flags(context, block, backward, plot_path)  # before the run, not after it
+    _check_plotting(plot_path)
     device = _device(device)
     with _on(device):
         suite_info, problems = _problems(suite, layer_ids, dtype, layout, device)
         if block == "bn-act":
-            _bench_blocks(problems, activation, device, not skip_compile, json_path)
+            if tune_first or force:  # the fused conv runs the forward kernel the tuning database chooses
+                _tune_all(problems, device, force)
+            _bench_blocks(problems, activation, device, not skip_compile, json_path, markdown_path)
             return
         if tune_first or force:
             _tune_all(_with_backward(problems) if backward else problems, device, force)
@@ -270,8 +287,25 @@ def bench(suite, layer_ids, dtype, layout, device, force, tune_first, json_path,
         raise click.ClickException("some layers failed or gave wrong results (check column): see above")
 
 
+def _check_block_flags(context: click.Context, block: str, backward: bool, plot_path: str | None) -> None:
+    """Refuse, with the reason, the flags that would do nothing with this --block."""
+    if block == "bn-act":
+        if backward:
+            raise click.UsageError("--backward: --block bn-act times the forward block only (its BatchNorm is "
+                                   "folded, as in eval mode); drop --backward, or drop --block bn-act to time "
+                                   "the convs' forward + backward")
+        if plot_path:
+            raise click.UsageError(f"--plot {plot_path}: --block bn-act draws no plot; drop --plot and use --json "
+                                   f"or --markdown, or drop --block bn-act to plot the convs")
+        return
+    for name, flag in (("activation", "--activation"), ("skip_compile", "--no-compile")):
+        if context.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+            raise click.UsageError(f"{flag} applies to --block bn-act only (the conv table runs no activation "
+                                   f"and no torch.compile); add --block bn-act or drop {flag}")
+
+
 def _bench_blocks(problems, activation: str, device: torch.device, compile_block: bool,
-                  json_path: str | None) -> None:
+                  json_path: str | None, markdown_path: str | None) -> None:
     """--block bn-act: every layer's conv -> BN -> activation block, fused against eager and torch.compile."""
     from dataclasses import asdict
 
@@ -282,18 +316,25 @@ def _bench_blocks(problems, activation: str, device: torch.device, compile_block
     rows = [bench_block(label.split()[0], problem, activation, device, timer, compile_block)
             for label, _, problem in tqdm.tqdm(problems, desc="conv-bn-act blocks", unit="layer", dynamic_ncols=True)]
     click.echo(format_block_table(rows, device.type == "cpu"))
-    if json_path:
-        Path(json_path).write_text(json.dumps([asdict(row) for row in rows], indent=1) + "\n")
-        click.echo(f"wrote {json_path}")
+    write_output(json_path, json.dumps([asdict(row) for row in rows], indent=1) + "\n")
+    write_output(markdown_path, format_block_table(rows, device.type == "cpu", markdown=True))
     if not all(row.correct for row in rows):
         raise click.ClickException("some fused blocks gave wrong results (ok column): see above")
 
 
 def _check_plotting(plot_path: str | None) -> None:
-    """--plot needs matplotlib: say so at once rather than after the whole benchmark."""
-    if plot_path and importlib.util.find_spec("matplotlib") is None:
+    """--plot needs matplotlib and a file type it draws: say so at once rather than after the whole benchmark."""
+    if not plot_path:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
         raise click.UsageError(f"--plot {plot_path} needs matplotlib, which is not installed; run "
                                f"pip install 'gconvgen[plot]' (or pip install matplotlib), or drop --plot")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    types = FigureCanvasBase.get_supported_filetypes()
+    if Path(plot_path).suffix.lower().lstrip(".") not in types:
+        raise click.BadParameter(f"{plot_path!r}: matplotlib draws {', '.join(f'.{t}' for t in sorted(types))}; "
+                                 f"name the file with one of those extensions, e.g. bench.png", param_hint="'--plot'")
 
 
 def _bench_all(suite_info: suites.Suite, problems: list[tuple[str, suites.Layer, Problem]],
@@ -325,17 +366,13 @@ def _write_reports(data: dict, json_path: str | None, markdown_path: str | None,
     """Write the JSON, markdown and plot asked for."""
     from . import bench as benchmark
 
-    if json_path:
-        Path(json_path).write_text(json.dumps(data, indent=1) + "\n")
-        click.echo(f"wrote {json_path}")
-    if markdown_path:
-        Path(markdown_path).write_text(benchmark.format_table(data, markdown=True))
-        click.echo(f"wrote {markdown_path}")
+    write_output(json_path, json.dumps(data, indent=1) + "\n")
+    write_output(markdown_path, benchmark.format_table(data, markdown=True))
     if plot_path:
         try:
             benchmark.plot(data, plot_path)
-        except RuntimeError as error:
-            raise click.ClickException(str(error)) from None
+        except (RuntimeError, OSError) as error:
+            raise click.ClickException(f"could not write {plot_path}: {error}") from None
         click.echo(f"wrote {plot_path}")
 
 

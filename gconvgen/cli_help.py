@@ -1,11 +1,20 @@
-"""How the command line talks: help that lists each command's whole description, and the planner's and
-the suites' messages in terms of the CLI's flags rather than the Python API's keywords."""
+"""How the command line talks: help that lists each command's whole description, the planner's and the
+suites' messages in terms of the CLI's flags rather than the Python API's keywords, suites and layers chosen
+by name with "did you mean" for names it does not know, and the flag values it checks before any work (sizes
+like 3x5, output paths) and the outputs it then writes."""
 from __future__ import annotations
 
+import difflib
 import inspect
+import os
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import click
+
+if TYPE_CHECKING:
+    from .autotune import suites
 
 
 class HelpGroup(click.Group):
@@ -65,3 +74,91 @@ def with_flags(message: str, flags: dict[str, str]) -> str:
         pieces += [_KEYWORD.sub(flag, message[start:spec.start()]), spec.group()]
         start = spec.end()
     return "".join(pieces + [_KEYWORD.sub(flag, message[start:])])
+
+
+def did_you_mean(value: str, known: Iterable[str]) -> str:
+    """"; did you mean 'x'?" naming the closest of ``known`` to ``value`` (difflib), or '' when none is close:
+    the end of a message that names ``value``."""
+    close = difflib.get_close_matches(value, list(known), n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
+
+
+def sizes(lengths: tuple[int, ...], forms: str,
+          words: tuple[str, ...] = ()) -> Callable[[click.Context, click.Parameter, str], object]:
+    """A click callback reading ``3``, ``3x5`` or ``1,1,2,2`` as a tuple of ints of one of ``lengths``
+    (or one of ``words``, in any case, as that word in lower case); otherwise click.BadParameter naming the
+    flag, the value and ``forms``, the forms it takes. Signs and ranges are the planner's to check."""
+    def parse(context: click.Context, parameter: click.Parameter, text: str) -> object:
+        if text.lower() in words:
+            return text.lower()
+        try:
+            values = tuple(int(part) for part in text.lower().replace("x", ",").split(","))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a size; give {forms}") from None
+        if len(values) not in lengths:
+            raise click.BadParameter(f"{text!r} has {len(values)} values; give {forms}")
+        return values
+    return parse
+
+
+def output_path(suffixes: tuple[str, ...] = (), what: str = "") -> Callable[[click.Context, click.Parameter,
+                                                                              Optional[str]], Optional[str]]:
+    """A click callback that refuses, before any work, an output path that cannot be written: a folder, a
+    file in a folder that does not exist or is not writable, a read-only file, or (given ``suffixes``) a
+    name whose extension says a format the command does not write (``what`` names the formats)."""
+    def check_path(context: click.Context, parameter: click.Parameter, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        if not value.strip():
+            raise click.BadParameter("an empty name is no file; give a file name, e.g. out" + (suffixes or ("",))[0])
+        path = Path(value).expanduser()
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise click.BadParameter(f"{value!r} does not end in {' or '.join(suffixes)}; {what}, so name the "
+                                     f"file with one of those extensions")
+        folder = path.parent
+        if path.is_dir():
+            raise click.BadParameter(f"{value!r} is a folder; give a file name in it, e.g. {path / 'out'}")
+        if not folder.exists():
+            raise click.BadParameter(f"{value!r} is in the folder {str(folder)!r}, which does not exist; create "
+                                     f"it first (mkdir -p {folder}) or write elsewhere")
+        if not folder.is_dir():
+            raise click.BadParameter(f"{value!r} is under {str(folder)!r}, which is a file, not a folder; "
+                                     f"write elsewhere")
+        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise click.BadParameter(f"{value!r} cannot be written (no permission); choose a writable place")
+        return value
+    return check_path
+
+
+def write_output(path: Optional[str], text: str, said: str = "wrote {path}") -> None:
+    """Write ``text`` to ``path`` (checked writable when its flag was read, by output_path) and say ``said``;
+    nothing without a path. A write that fails anyway (a full disk) is a one-line click error."""
+    if not path:
+        return
+    try:
+        Path(path).write_text(text)
+    except OSError as error:
+        raise click.ClickException(f"could not write {path}: {error.strerror or error}") from None
+    click.echo(said.format(path=path))
+
+
+def selected_suite(name: str, layer_ids: tuple[str, ...]) -> "suites.Suite":
+    """Suite ``name`` (shipped, or a suite file) restricted to ``layer_ids``; click.UsageError naming the flag
+    and the closest known names for a suite or layer id it does not know, or a malformed suite file."""
+    from .autotune import suites
+
+    try:
+        suite = suites.load_suite(name)
+    except FileNotFoundError as error:
+        raise click.UsageError(with_flags(str(error), SUITE_FLAGS) + did_you_mean(name, suites.suite_names())) from None
+    except (ValueError, TypeError) as error:
+        raise click.UsageError(with_flags(str(error), SUITE_FLAGS)) from None
+    known = [layer.id for layer in suite.layers]
+    for layer_id in layer_ids:
+        if layer_id not in known:
+            elsewhere = [other for other in suites.suite_names() if other != suite.name
+                         and any(layer.id == layer_id for layer in suites.load_suite(other).layers)]
+            where = f" (it is in --suite {' and '.join(elsewhere)})" if elsewhere else ""
+            raise click.UsageError(f"--layer {layer_id} is not in suite {suite.name!r}{where}; its layers: "
+                                   f"{', '.join(known)}{did_you_mean(layer_id, known)}")
+    return suite.select(layer_ids)

@@ -8,31 +8,38 @@ import shutil
 from pathlib import Path
 
 import click
+import tqdm
 
 from . import knobs
 from .cli import main
-from .cli_help import PLAN_FLAGS, with_flags
+from .cli_help import PLAN_FLAGS, output_path, selected_suite, sizes, with_flags, write_output
 from .ir import CHANNEL_POLICIES, DTYPES, LAYOUTS
 
-
-def _pair(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.replace("x", ",").split(","))
+_ONE_OR_TWO = "an int or H x W, e.g. 3 or 3x5"
+_GRAPH_FORMATS = "the pass graphs are written as Graphviz DOT (.dot, .gv) or networkx node-link JSON (.json)"
 
 
 @main.command()
 @click.option("--in-channels", type=int, required=True, help="Input channels C_in.")
 @click.option("--out-channels", type=int, required=True, help="Output channels C_out.")
 @click.option("--groups", type=int, required=True, help="Groups.")
-@click.option("--kernel", "kernel", default="3", show_default=True, help="Kernel size: 3 or 3x5.")
-@click.option("--stride", default="1", show_default=True, help="Stride: 2 or 2x1.")
+@click.option("--kernel", "kernel", default="3", show_default=True, callback=sizes((1, 2), _ONE_OR_TWO),
+              help="Kernel size: 3 or 3x5.")
+@click.option("--stride", default="1", show_default=True, callback=sizes((1, 2), _ONE_OR_TWO),
+              help="Stride: 2 or 2x1.")
 @click.option("--padding", default="0", show_default=True,
-              help="Padding: 1, 1x2 (h x w), top,bottom,left,right, 'same' or 'valid'.")
-@click.option("--dilation", default="1", show_default=True, help="Dilation: 2 or 2x1.")
-@click.option("--input-size", default="56", show_default=True, help="Input H x W ('same' padding depends on it).")
+              callback=sizes((1, 2, 4), "an int, H x W (1x2), top,bottom,left,right (1,1,2,2), same or valid",
+                             words=("same", "valid")),
+              help="Padding: 1, 1x2 (h x w), top,bottom,left,right, 'same' or 'valid' (any case).")
+@click.option("--dilation", default="1", show_default=True, callback=sizes((1, 2), _ONE_OR_TWO),
+              help="Dilation: 2 or 2x1.")
+@click.option("--input-size", default="56", show_default=True, callback=sizes((1, 2), _ONE_OR_TWO),
+              help="Input H x W ('same' padding depends on it).")
 @click.option("--bias/--no-bias", default=False, show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
-@click.option("--layout", type=click.Choice(LAYOUTS), default="nhwc", show_default=True)
-@click.option("--channel-policy", type=click.Choice(CHANNEL_POLICIES), default="strict", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default="bfloat16", show_default=True)
+@click.option("--layout", type=click.Choice(LAYOUTS, case_sensitive=False), default="nhwc", show_default=True)
+@click.option("--channel-policy", type=click.Choice(CHANNEL_POLICIES, case_sensitive=False), default="strict",
+              show_default=True)
 @click.option("--padding-budget", type=float, default=None, help="Max extra work from channel padding (0.5 = 50%).")
 @click.option("--family", default=None,
               help="Print this forward kernel family's kernel (one the plan offers). Default: the planner's choice.")
@@ -40,7 +47,9 @@ def _pair(text: str) -> tuple[int, ...]:
 @click.option("--kind", type=click.Choice(("forward", "grad_input", "grad_weight", "grad_bias")), default="forward",
               show_default=True, help="Which kernel's source to print.")
 @click.option("--graph", "graph_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the pass graphs to this file: Graphviz DOT (.dot) or networkx node-link JSON (.json).")
+              callback=output_path((".dot", ".gv", ".json"), _GRAPH_FORMATS),
+              help="Also write the pass graphs to this file: Graphviz DOT (.dot, .gv) or networkx node-link JSON "
+                   "(.json).")
 @click.option("--source/--no-source", default=True, show_default=True, help="Print the generated kernel source.")
 def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, input_size, bias, dtype, layout,
          channel_policy, padding_budget, family, interpret, kind, graph_path, source) -> None:
@@ -57,9 +66,8 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
     from .plan import plan as plan_spec
 
     try:
-        kernel_hw, stride_hw, dilation_hw, size_hw = (_expand(_pair(v)) for v in (kernel, stride, dilation, input_size))
-        pad = padding if padding in ("same", "valid") else _pair(padding)
-        pad = pad[0] if isinstance(pad, tuple) and len(pad) == 1 else pad
+        kernel_hw, stride_hw, dilation_hw, size_hw = (_expand(v) for v in (kernel, stride, dilation, input_size))
+        pad = padding[0] if isinstance(padding, tuple) and len(padding) == 1 else padding
         spec = ConvSpec(in_channels, out_channels, groups, kernel_hw, stride_hw,
                         resolve_padding(pad, size_hw, kernel_hw, stride_hw, dilation_hw), dilation_hw, bias, dtype,
                         layout, channel_policy)
@@ -75,11 +83,10 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
                             choice=Choice("default", None, family), interpret=interpret, allow_tf32=False)
         click.echo(descs[each].explain())
     if graph_path:
-        text = (conv_plan.to_dot() if not graph_path.endswith(".json")
+        text = (conv_plan.to_dot() if not graph_path.lower().endswith(".json")
                 else json.dumps({name: nx.node_link_data(graph, edges="edges") for name, graph
                                  in (("logical", conv_plan.logical), ("lowered", conv_plan.lowered))}, indent=1))
-        Path(graph_path).write_text(text)
-        click.echo(f"pass graphs written to {graph_path}")
+        write_output(graph_path, text, "pass graphs written to {path}")
     click.echo(f"kernel: {descs[kind].uri}")
     if source:
         click.echo("\n" + codegen.render(descs[kind]))
@@ -134,7 +141,7 @@ def info() -> None:
 
 
 @cache.command()
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path(dir_okay=False), callback=output_path())
 def export(path) -> None:
     """Write this user's tuning results to PATH, e.g. to ship them in tuning/databases/<gpu>.json."""
     from .autotune.database import database
@@ -167,48 +174,52 @@ def clear(kernels, tuning) -> None:
 @click.option("--suite", "suite_name", default="headline", show_default=True,
               help="A shipped suite (headline, secondary, smoke) or a suite JSON file.")
 @click.option("--layer", "layer_ids", multiple=True, help="Only these layer ids (repeatable). Default: every layer.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
-@click.option("--layout", type=click.Choice(("nhwc", "nchw", "both")), default="both", show_default=True)
-@click.option("--kind", "kinds", type=click.Choice(("forward", "grad_input", "grad_weight")), multiple=True,
-              help="Kernel kinds to compile (repeatable). Default: all three.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+@click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default="bfloat16", show_default=True)
+@click.option("--layout", type=click.Choice(("nhwc", "nchw", "both"), case_sensitive=False), default="both",
+              show_default=True)
+@click.option("--kind", "kinds", type=click.Choice(("forward", "grad_input", "grad_weight"), case_sensitive=False),
+              multiple=True, help="Kernel kinds to compile (repeatable). Default: all three.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=output_path(),
+              help="Also write the rows as JSON.")
 def inspect(suite_name, layer_ids, dtype, layout, kinds, json_path) -> None:
     """Compile each layer's kernels for sm_90 on this machine, as the runtime would launch them on an H200
     (tuned or default config, run-time specialisation), and print what the compiler emitted: registers,
     spills, shared memory, tensor-core instruction, global-load widths, async copies, instructions per
     inner-loop iteration, programs and waves on 132 SMs, and the tiling's requested/ideal bytes and
     issued/useful tensor-core FLOPs. Static figures, not timings. Needs TRITON_INTERPRET unset."""
-    from .autotune import suites
     from .inspection import inspect_problem
 
     if knobs.interpret():
         raise click.UsageError("gconvgen inspect compiles for sm_90: run it with TRITON_INTERPRET unset")
-    try:
-        suite = suites.load_suite(suite_name).select(layer_ids)
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        raise click.UsageError(str(error)) from None
+    suite = selected_suite(suite_name, layer_ids)
     layouts = ("nhwc", "nchw") if layout == "both" else (layout,)
+    kinds = kinds or ("forward", "grad_input", "grad_weight")
+    todo = [(layer, lay, kind) for layer in suite.runnable for lay in layouts for kind in kinds]
     rows = []
     header = (f"{'layer':<22} {'kind':<11} {'family':<14} {'config':<20} {'regs':>4} {'spill':>5} {'smem':>6} "
               f"{'tc':<8} {'loads (bits:n)':<22} {'async':>5} {'loop':>5} {'waves':>6} {'bytes':>6} {'flops':>6}")
     click.echo(header)
-    for layer in suite.runnable:
-        for lay in layouts:
+    with tqdm.tqdm(todo, desc="compiling for sm_90", unit="kernel", dynamic_ncols=True) as bar:
+        for layer, lay, kind in bar:
+            bar.set_postfix_str(f"{layer.id} {lay} {kind}")
             forward = layer.problem(dtype, lay)
-            for kind in kinds or ("forward", "grad_input", "grad_weight"):
-                problem = forward if kind == "forward" else forward.backward(kind)
-                row = inspect_problem(problem)
-                rows.append({"layer": layer.id, "layout": lay, **row.as_dict()})
-                f = row.figures
-                loads = " ".join(f"{bits}:{count}" for bits, count in sorted(f.global_load_widths.items()))
-                ratio = lambda value: "-" if value is None else f"{value:.1f}x"  # noqa: E731
-                click.echo(f"{layer.id + ' ' + lay:<22} {kind:<11} {row.family:<14} {row.config:<20} "
-                           f"{f.registers:>4} {f.spill_bytes:>5} {f.shared_memory_bytes:>6} {f.tensor_core:<8} "
-                           f"{loads:<22} {sum(f.async_copies.values()):>5} {f.inner_loop_instructions:>5} "
-                           f"{row.waves:>6.1f} {ratio(row.requested_over_ideal_bytes):>6} "
-                           f"{ratio(row.issued_over_useful_flops):>6}")
+            row = inspect_problem(forward if kind == "forward" else forward.backward(kind))
+            rows.append({"layer": layer.id, "layout": lay, **row.as_dict()})
+            bar.write(_inspection_line(f"{layer.id} {lay}", kind, row))
     click.echo("static figures of the sm_90 compiler's output (Triton " + __import__("triton").__version__ +
                "), not timings; bytes = requested/ideal, flops = tensor-core issued/useful")
-    if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
-        click.echo(f"wrote {json_path}")
+    write_output(json_path, json.dumps(rows, indent=1) + "\n")
+
+
+def _inspection_line(label: str, kind: str, row) -> str:
+    """One row of inspect's table: the compiler's figures, then waves and the tiling's two ratios."""
+    f = row.figures
+    loads = " ".join(f"{bits}:{count}" for bits, count in sorted(f.global_load_widths.items()))
+
+    def ratio(value):
+        return "-" if value is None else f"{value:.1f}x"
+
+    return (f"{label:<22} {kind:<11} {row.family:<14} {row.config:<20} {f.registers:>4} {f.spill_bytes:>5} "
+            f"{f.shared_memory_bytes:>6} {f.tensor_core:<8} {loads:<22} {sum(f.async_copies.values()):>5} "
+            f"{f.inner_loop_instructions:>5} {row.waves:>6.1f} {ratio(row.requested_over_ideal_bytes):>6} "
+            f"{ratio(row.issued_over_useful_flops):>6}")

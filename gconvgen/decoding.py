@@ -40,14 +40,17 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     check(x.dtype in DTYPE_NAMES, f"x.dtype={x.dtype} is not supported; use torch.float32, torch.float16, "
                                   f"torch.bfloat16 or torch.float64", TypeError)
     batch, channels = x.shape
+    check(channels >= 1, f"x has shape {tuple(x.shape)}, 0 channels, so the step has nothing to compute; skip the "
+                         f"call, or give x [batch, channels] with channels >= 1")
     check(isinstance(weight, torch.Tensor), f"weight must be a torch.Tensor, got {type(weight).__name__}", TypeError)
     check((weight.dim() == 3 and weight.shape[1] == 1 and weight.shape[0] == channels)
           or (weight.dim() == 2 and weight.shape[0] == channels),
           f"weight has shape {tuple(weight.shape)}; expected [{channels}, 1, k] or [{channels}, k] (one depthwise "
           f"filter per channel of x)")
-    taps = weight.reshape(channels, -1)  # [C, k], a view
-    kernel_size = taps.shape[1]
-    check(kernel_size >= 1, f"weight has shape {tuple(weight.shape)}; its kernel size must be >= 1")
+    kernel_size = weight.shape[-1]
+    check(kernel_size >= 1, f"weight has shape {tuple(weight.shape)}; its kernel size k (the last dimension) must "
+                            f"be >= 1")
+    taps = weight.reshape(channels, kernel_size)  # [C, k], a view
     _check_tensor("conv_state", conv_state, (batch, channels, kernel_size - 1),
                   "batch, channels, the last k - 1 inputs oldest first")
     if bias is not None:

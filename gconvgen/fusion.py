@@ -39,15 +39,21 @@ BATCH_NORMS = {nn.Conv2d: nn.BatchNorm2d, nn.Conv1d: nn.BatchNorm1d}
 
 @dataclass
 class FusionReport:
-    """What ``fuse`` did: ``fused`` as (conv name, what was folded and absorbed), ``skipped`` as (name, reason)."""
+    """What ``fuse`` did: ``fused`` as (conv name, what was folded and absorbed), ``skipped`` as (name, reason),
+    and ``new_parameters``, the fused convs whose weight and bias are new Parameters (a BatchNorm was folded
+    into them): an optimizer made before ``fuse`` does not hold them."""
 
     fused: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    new_parameters: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"gconvgen.fuse: fused {len(self.fused)} conv(s), skipped {len(self.skipped)}"]
         lines += [f"  fused    {name}: {what}" for name, what in self.fused]
         lines += [f"  skipped  {name}: {why}" for name, why in self.skipped]
+        if self.new_parameters:
+            lines.append(f"  new Parameters: the weight and bias of {', '.join(map(repr, self.new_parameters))} "
+                         f"(BatchNorm folded in); an optimizer made before fuse holds the old ones: make it again")
         return "\n".join(lines)
 
 
@@ -61,6 +67,7 @@ class _Chain:
     # (child name, reason) when a BatchNorm / activation follows but cannot be fused
     why_not_bn: Optional[tuple[str, str]] = None
     why_not_act: Optional[tuple[str, str]] = None
+    why_not_conv: Optional[str] = None  # a BatchNorm or activation follows, but the conv cannot be fused at all
 
 
 def fuse(model: nn.Module) -> nn.Module:
@@ -68,19 +75,25 @@ def fuse(model: nn.Module) -> nn.Module:
     (as ``convert`` works: pass ``copy.deepcopy(model)`` to keep the original), and return ``model``.
 
     Selected are ``nn.Conv2d`` / ``nn.Conv1d`` with ``groups > 1`` and every GroupedConv2d / GroupedConv1d.
-    A BatchNorm in eval mode with running statistics is folded into new weight and bias Parameters (computed
-    in float64, weight * gamma / sqrt(var + eps)); one in training mode stays, as it needs batch statistics,
-    and so does the activation after it. An activation module (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU,
+    A BatchNorm in eval mode with running statistics, in a model in eval mode, is folded into new weight and
+    bias Parameters (computed in float64, weight * gamma / sqrt(var + eps)); one in training mode stays, as it
+    needs batch statistics, and so does the activation after it. So does an eval-mode BatchNorm inside a model
+    (or parent module) in training mode, a frozen BatchNorm being fine-tuned around: folding it would train
+    its statistics into the conv's weight. An activation module (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU,
     nn.Hardswish; inplace or not) right after the conv (or the folded BatchNorm) becomes the kernel's
     epilogue. The conv becomes a GroupedConv2d/1d (sharing its Parameters where no BatchNorm was folded)
     and the absorbed modules become nn.Identity, so state-dict keys of absorbed BatchNorms disappear. A model
     fused in eval mode is for inference: its folded BatchNorms are gone if it is put back in training mode.
 
+    Optimizers: the new Parameters of a folded conv replace its old ones, which an optimizer made before
+    ``fuse`` still holds (it would update tensors the model no longer reads); make the optimizer after
+    ``fuse``. The report's ``new_parameters`` names those convs, and its text says so.
+
     Skipped, with the reason: modules with hooks, modules reachable under several names, a padding_mode other
     than 'zeros', a BatchNorm whose channels differ from the conv's outputs or without running statistics in
-    eval mode, chains a parent's forward does not run as a chain. The report is logged (logger
-    ``gconvgen.fusion``) and kept as ``model.gconvgen_fuse_report``, a FusionReport. Raises TypeError for a
-    model that is not an nn.Module.
+    eval mode, chains a parent's forward does not run as a chain (an output also read by another op, a conv
+    or module called more than once). The report is logged (logger ``gconvgen.fusion``) and kept as
+    ``model.gconvgen_fuse_report``, a FusionReport. Raises TypeError for a model that is not an nn.Module.
     """
     check(isinstance(model, nn.Module), f"model must be an nn.Module, got {type(model).__name__}", TypeError)
     report = FusionReport()
@@ -92,7 +105,7 @@ def fuse(model: nn.Module) -> nn.Module:
             report.skipped.append((parent_name or type(parent).__name__, why_untraced))
             continue
         for chain in chains:
-            _fuse_chain(parent, chain, prefix, uses, report)
+            _fuse_chain(parent, chain, prefix, uses, report, model.training or parent.training)
     model.gconvgen_fuse_report = report
     log.info("%s", report)
     return model
@@ -161,14 +174,20 @@ def _traced_chains(graph: torch.fx.Graph, parent: nn.Module) -> list[_Chain]:
     read_as_attribute = {node.target.split(".")[0] for node in graph.nodes if node.op == "get_attr"}
     module = parent.get_submodule
 
-    def only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
-        """The one call_module node that uses ``node``'s value as its one argument, else None."""
-        if len(node.users) != 1:
-            return None
-        user = next(iter(node.users))
-        if user.op != "call_module" or user.args != (node,) or user.kwargs:
-            return None
-        return user
+    def follower(node: torch.fx.Node, wanted) -> tuple[Optional[torch.fx.Node], Optional[str]]:
+        """The call_module user of ``node`` whose module ``wanted`` accepts, and why it cannot join the chain
+        (None when it can: it is ``node``'s only user and takes its value as its one argument); (None, None)
+        when no user is wanted."""
+        user = next((user for user in node.users if user.op == "call_module" and wanted(module(user.target))), None)
+        if user is None:
+            return None, None
+        others = [other.name for other in node.users if other is not user]
+        if others:
+            return user, (f"the output of {node.target!r} is also read by {', '.join(map(repr, others))} in the "
+                          f"parent's forward, which needs it unfused")
+        if user.args != (node,) or user.kwargs:
+            return user, f"it is called with more arguments than the output of {node.target!r}"
+        return user, None
 
     def why_not_alone(target: str) -> Optional[str]:
         if calls[target] != 1:
@@ -181,23 +200,31 @@ def _traced_chains(graph: torch.fx.Graph, parent: nn.Module) -> list[_Chain]:
             return f"the parent's forward also runs it through {enclosing!r}"
         return None
 
-    chains = []
+    chains, reported = [], set()
     for node in graph.nodes:
         if node.op != "call_module" or not _base_conv(module(node.target)):
             continue
-        chain, after = _Chain(node.target), only_user(node)
-        if why_not_alone(node.target):
-            continue  # a conv run twice (or read) stays; convert covers it
-        if after is not None and _is_batch_norm_of(module(after.target), module(node.target)):
+        conv = module(node.target)
+        after, why_not_next = follower(node, lambda each: _is_batch_norm_of(each, conv) or activation_of(each))
+        reason = why_not_alone(node.target)
+        if reason:  # a conv run twice (or read) stays; convert covers it. Said once, where something follows
+            if after is not None and node.target not in reported:
+                reported.add(node.target)
+                chains.append(_Chain(node.target, why_not_conv=f"not fused with {after.target!r} after it: {reason}"))
+            continue
+        chain = _Chain(node.target)
+        if after is not None and _is_batch_norm_of(module(after.target), conv):
+            reason = why_not_next or why_not_alone(after.target)
             if len(node.args) != 1 or node.kwargs:
                 chain.why_not_bn = (after.target, "the conv is called with a residual, which the BatchNorm would scale")
                 after = None
-            elif why_not_alone(after.target):
-                chain.why_not_bn, after = (after.target, why_not_alone(after.target)), None
+            elif reason:
+                chain.why_not_bn, after = (after.target, reason), None
             else:
-                chain.bn, after = after.target, only_user(after)
+                chain.bn = after.target
+                after, why_not_next = follower(after, activation_of)
         if after is not None and activation_of(module(after.target)):
-            reason = why_not_alone(after.target)
+            reason = why_not_next or why_not_alone(after.target)
             if reason:
                 chain.why_not_act = (after.target, reason)
             else:
@@ -223,10 +250,15 @@ def _why_not_module(module: nn.Module, uses: Counter) -> Optional[str]:
     return None
 
 
-def _why_not_fold(conv: nn.Module, bn: nn.Module) -> Optional[str]:
-    """Why ``bn`` cannot be folded into ``conv``, or None."""
+def _why_not_fold(conv: nn.Module, bn: nn.Module, training: bool) -> Optional[str]:
+    """Why ``bn`` cannot be folded into ``conv`` (in a model or parent in training mode with ``training``),
+    or None."""
     if bn.training:
         return "it is in training mode (batch statistics); call model.eval() first to fold it"
+    if training:
+        return ("it is in eval mode inside a model in training mode (a frozen BatchNorm): folding it would replace "
+                "the conv's Parameters by new ones and drop the BatchNorm's, changing what training updates; call "
+                "model.eval() first to fold it for inference")
     if bn.running_mean is None or bn.running_var is None:
         return "it has no running statistics (track_running_stats=False), so it normalizes by batch statistics"
     if bn.num_features != conv.out_channels:
@@ -236,10 +268,15 @@ def _why_not_fold(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     return None
 
 
-def _fuse_chain(parent: nn.Module, chain: _Chain, prefix: str, uses: Counter, report: FusionReport) -> None:
-    """Replace ``chain`` in ``parent`` by one fused conv, or say in ``report`` why (part of) it stays."""
+def _fuse_chain(parent: nn.Module, chain: _Chain, prefix: str, uses: Counter, report: FusionReport,
+                training: bool) -> None:
+    """Replace ``chain`` in ``parent`` by one fused conv, or say in ``report`` why (part of) it stays.
+    ``training``: the model or ``parent`` is in training mode, so no BatchNorm is folded."""
     conv = parent.get_submodule(chain.conv)
     name = prefix + chain.conv
+    if chain.why_not_conv:
+        report.skipped.append((name, chain.why_not_conv))
+        return
     if chain.why_not_bn:
         report.skipped.append((prefix + chain.why_not_bn[0], f"BatchNorm not folded: {chain.why_not_bn[1]}"))
     if chain.why_not_act:
@@ -258,7 +295,7 @@ def _fuse_chain(parent: nn.Module, chain: _Chain, prefix: str, uses: Counter, re
         return
     bn, act = chain.bn and parent.get_submodule(chain.bn), chain.act and parent.get_submodule(chain.act)
     if bn is not None:
-        reason = _why_not_module(bn, uses) or _why_not_fold(conv, bn)
+        reason = _why_not_module(bn, uses) or _why_not_fold(conv, bn, training)
         if reason:
             report.skipped.append((prefix + chain.bn, f"BatchNorm not folded: {reason}"
                                                        + ("; the activation after it stays too" if act else "")))
@@ -281,6 +318,7 @@ def _fuse_chain(parent: nn.Module, chain: _Chain, prefix: str, uses: Counter, re
     if bn is not None:
         _replace(parent, chain.bn, nn.Identity())
         what.append(f"BatchNorm {prefix + chain.bn!r} folded")
+        report.new_parameters.append(name)
     if act is not None:
         _replace(parent, chain.act, nn.Identity())
         what.append(f"{activation} {prefix + chain.act!r} absorbed")

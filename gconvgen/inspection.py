@@ -9,6 +9,7 @@ tensor-core FLOPs issued over useful FLOPs. Static figures are not timings.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -99,8 +100,11 @@ def inspect_problem(problem: Problem, tuned_target: str = DEFAULT_TUNED_TARGET) 
                  else value for name, value in prepared.arguments().items()}
     meta = desc.meta
     constexprs = {name: meta[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_BLOCK")}
-    compiled = sass.compile_like_launch(kernel, arguments, constexprs, num_warps=meta["num_warps"],
-                                        num_stages=meta["num_stages"])
+    with warnings.catch_warnings():  # Triton 3.9 warns once that its FP-fusion default will change; the
+        # default (fusion on) is what the runtime's launches compile with, so the figures stay those
+        warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset", category=UserWarning)
+        compiled = sass.compile_like_launch(kernel, arguments, constexprs, num_warps=meta["num_warps"],
+                                            num_stages=meta["num_stages"])
     programs = math.prod(prepared.grid)
     requested, issued = tiling_figures(desc, problem, prepared.grid, prepared.arguments())
     return Inspection(problem.describe(), problem.kind, desc.family, config_name(desc.config, None), desc.uri,

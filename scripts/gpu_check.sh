@@ -14,14 +14,27 @@
 #   scripts/gpu_check.sh [OUT_DIR]            (OUT_DIR defaults to $OUT, else ./gconvgen-gpu-check)
 #   GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh /tmp/dry   a dry run of every step on the CPU (smoke suite,
 #                                                        Triton's interpreter): checks the script, times nothing
+#   scripts/gpu_check.sh --which-python       say which Python it would run, and exit
+# Python: $PYTHON when set; else the repository's .venv (the README's set-up) when it exists and imports
+# torch; else the system python3 (a GPU machine has torch there, and a .venv is not carried to it).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+if [ -n "${PYTHON:-}" ]; then
+    python="$PYTHON"; python_origin="\$PYTHON"
+elif [ -x "$root/.venv/bin/python" ] && "$root/.venv/bin/python" -c "import torch" > /dev/null 2>&1; then
+    python="$root/.venv/bin/python"; python_origin="the repository's .venv, which imports torch"
+else
+    python="python3"; python_origin="the system python3: no .venv here that imports torch"
+fi
+if [ "${1:-}" = --which-python ]; then
+    echo "python: $python ($python_origin)"
+    exit 0
+fi
 out="$(mkdir -p "${1:-${OUT:-gconvgen-gpu-check}}" && cd "${1:-${OUT:-gconvgen-gpu-check}}" && pwd)"
 device="${GPU_CHECK_DEVICE:-cuda}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export GCONVGEN_CACHE_DIR="${GCONVGEN_CACHE_DIR:-$(mktemp -d)/gconvgen}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"  # Triton 3.9's default, said aloud
-python="${PYTHON:-python3}"
 if [ "$device" = cuda ]; then
     suite=headline; tests_limit=170; tune_limit=110; bench_limit=170; backward_limit=60
     test_args=(--device cuda)
@@ -40,6 +53,7 @@ torch.backends.cudnn.version(), '| device', torch.cuda.get_device_name() if torc
     > "$out/versions.txt" 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$out/versions.txt" 2>&1 || true
 date -u '+%Y-%m-%dT%H:%M:%SZ' >> "$out/versions.txt"
+say "python: $python ($python_origin)"
 
 # 5. (in the background) static sm_90 figures: a compiler's work on the CPU cores, with the interpreter off
 (env -u TRITON_INTERPRET timeout 420 "$python" -m gconvgen inspect --suite "$suite" --kind forward \

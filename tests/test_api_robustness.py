@@ -269,3 +269,119 @@ def test_grad_of_grad_matches_f_conv2d():
     for grad, expected_grad in zip(grads, expected):
         scale = expected_grad.abs().max()
         assert_close(grad / scale, expected_grad / scale, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- residuals and errors
+
+
+# input shape, weight shape, groups, residual shape (in the caller's layout), data_format
+BROADCAST_RESIDUALS = [
+    P((2, 6, 5, 5), (6, 1, 3, 3), 6, (1, 6, 1, 1), "NCHW", id="depthwise-per-channel"),
+    P((2, 8, 5, 5), (8, 2, 3, 3), 4, (2, 1, 5, 5), "NCHW", id="grouped-per-pixel"),    # one map for all channels
+    P((2, 5, 5, 8), (3, 3, 2, 8), 4, (1, 1, 1, 8), "NHWC", id="nhwc-per-channel"),
+    P((6, 5, 5), (6, 1, 3, 3), 6, (6, 1, 1), "NCHW", id="unbatched-per-channel"),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, groups, residual_shape, data_format", BROADCAST_RESIDUALS)
+def test_a_broadcastable_residual_is_added_as_torch_adds_it(x_shape, w_shape, groups, residual_shape, data_format):
+    """[1, C, 1, 1] was refused with no fix; it is expanded (a view), so values and gradients are torch's."""
+    x, weight, residual = (torch.randn(shape, dtype=torch.float64, requires_grad=True)
+                           for shape in (x_shape, w_shape, residual_shape))
+    nhwc = data_format == "NHWC"
+    out = gconvgen.conv2d(x, weight, padding=1, groups=groups, data_format=data_format, activation="relu",
+                          residual=residual)
+    x_nchw = x.permute(0, 3, 1, 2) if nhwc else x
+    weight_oihw = weight.permute(3, 2, 0, 1) if nhwc else weight
+    conv = F.conv2d(x_nchw, weight_oihw, padding=1, groups=groups)
+    expected = F.relu((conv.permute(0, 2, 3, 1) if nhwc else conv) + residual)
+    torch.testing.assert_close(out, expected)
+    grad_output = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, (x, weight, residual), grad_output)
+    expected_grads = torch.autograd.grad(expected, (x, weight, residual), grad_output)
+    for name, grad, truth in zip(("x", "weight", "residual"), grads, expected_grads):
+        torch.testing.assert_close(grad, truth, msg=f"grad of {name}")
+
+
+def test_a_broadcast_residual_on_the_warm_path_reads_the_new_values():
+    """The second call of a signature replays the first's launch: it must read this call's residual."""
+    x, weight = torch.randn(2, 6, 5, 5), torch.randn(6, 1, 3, 3)
+    for _ in range(2):
+        residual = torch.randn(1, 6, 1, 1)
+        expected = F.conv2d(x.double(), weight.double(), padding=1, groups=6) + residual.double()
+        assert_close(gconvgen.conv2d(x, weight, padding=1, groups=6, residual=residual), expected, torch.float32)
+
+
+def test_conv1d_takes_a_per_channel_residual():
+    x, weight, residual = torch.randn(2, 8, 7), torch.randn(8, 1, 3), torch.randn(1, 8, 1)
+    out = gconvgen.conv1d(x, weight, padding="causal", groups=8, residual=residual)
+    expected = F.conv1d(F.pad(x.double(), (2, 0)), weight.double(), groups=8) + residual.double()
+    assert_close(out, expected, torch.float32)
+
+
+def test_the_other_data_format_is_suggested_after_the_error_it_explains():
+    """A padding-budget refusal led with an NHWC hint; now the refusal comes first, the hint after it."""
+    with pytest.raises(ValueError) as raised:
+        gconvgen.conv2d(torch.randn(2, 3, 9, 5), torch.randn(3, 2, 3, 3), groups=2, channel_policy="pad")
+    message = str(raised.value)
+    assert message.startswith("channel padding for in_channels=3") and "over the padding budget" in message
+    assert message.index("budget") < message.index("pass data_format='NHWC'")
+
+
+# ---------------------------------------------------------------------------------------------- fuse's report
+
+
+class ConvReadTwice(nn.Module):
+    """The conv's output feeds the BatchNorm and the residual add: folding would change the add's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.act(self.bn(y)) + y
+
+
+class ConvCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.conv(x)))
+
+
+def test_fuse_says_why_it_skips_chains_the_forward_does_not_run_alone():
+    """Both were reported as 'fused 0 conv(s), skipped 0'."""
+    read_twice, called_twice = gconvgen.fuse(ConvReadTwice().eval()), gconvgen.fuse(ConvCalledTwice().eval())
+    assert dict(read_twice.gconvgen_fuse_report.skipped) == {
+        "bn": "BatchNorm not folded: the output of 'conv' is also read by 'add' in the parent's forward, which "
+              "needs it unfused"}
+    assert dict(called_twice.gconvgen_fuse_report.skipped) == {
+        "conv": "not fused with 'bn' after it: it is called 2 times in the parent's forward"}
+    assert "skipped 1" in str(called_twice.gconvgen_fuse_report)
+
+
+def test_fuse_keeps_a_frozen_batch_norm_of_a_model_in_training_mode():
+    """An eval-mode BatchNorm in a model being trained (fine-tuning with frozen statistics) was folded."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4), nn.ReLU()).train()
+    model[1].eval()
+    parameters = dict(model.named_parameters())
+    gconvgen.fuse(model)
+    report = model.gconvgen_fuse_report
+    assert not report.fused and not report.new_parameters and type(model[1]) is nn.BatchNorm2d
+    why = dict(report.skipped)["1"]
+    assert "inside a model in training mode" in why and "model.eval()" in why
+    assert dict(model.named_parameters()) == parameters
+
+
+def test_fuse_reports_the_new_parameters_an_old_optimizer_does_not_hold():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1, groups=2),
+                          nn.ReLU()).eval()
+    held = {id(parameter) for parameter in torch.optim.SGD(model.parameters(), lr=0.1).param_groups[0]["params"]}
+    gconvgen.fuse(model)
+    report = model.gconvgen_fuse_report
+    assert report.new_parameters == ["0"], "the conv after no BatchNorm keeps its Parameters"
+    assert id(model[0].weight) not in held and id(model[2].weight) in held
+    assert "new Parameters" in str(report) and "make it again" in str(report)

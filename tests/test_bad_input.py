@@ -66,7 +66,47 @@ CONV2D_CASES = [
       ValueError, ["in_channels=5", "groups=4", "no input channels"], id="pad-leaves-empty-group"),
     P(lambda: gconvgen.conv2d(torch.randn(2, 3, 9, 9), torch.randn(3, 2, 3, 3), groups=2, channel_policy="pad"),
       ValueError, ["in_channels=3", "groups=2", "+60.0%", "budget"], id="pad-over-budget"),
+    P(lambda: gconvgen.conv2d(x_(), w_(), groups=3, activation=""), ValueError,
+      ["activation=''", "use None or one of 'relu'"], id="empty-activation"),    # was taken as None
+    P(lambda: gconvgen.conv2d(x_(), w_(), groups=3, activation=1), TypeError, ["activation=1"], id="int-activation"),
+    P(lambda: gconvgen.conv2d(x_(), w_(), groups=3, residual=torch.randn(12, 7, 7)), ValueError,
+      ["residual has shape (12, 7, 7)", "[2, 12, 7, 7]", "[1, 12, 1, 1] for one value per channel"],
+      id="residual-missing-batch-dimension"),
 ]
+
+# the 1-D API and decoding: call, expected exception, fragments; a fragment starting with "!" must be absent
+CONV1D_CASES = [
+    P(lambda: gconvgen.conv1d(torch.randn(2, 8, 4), torch.randn(8, 1, 3), padding=1, groups=8,
+                              residual=torch.randn(2, 8, 5)), ValueError,
+      ["residual has shape (2, 8, 5)", "[2, 8, 4]", "[1, 8, 1]", "!(2, 8, 1, 5)", "!(2, 1, 8, 4)"],
+      id="residual-shown-in-1d"),                                    # not the internal height-1 view
+    P(lambda: gconvgen.conv1d(torch.randn(2, 4, 8), torch.randn(3, 1, 8), padding=1, groups=8, data_format="NLC",
+                              residual=torch.randn(2, 5, 8)), ValueError,
+      ["residual has shape (2, 5, 8)", "[2, 4, 8]", "!(2, 1, 5, 8)"], id="residual-nlc-shown-in-1d"),
+    P(lambda: gconvgen.conv1d(torch.randn(2, 8, 4), torch.randn(8, 1, 3), stride=(1, 2), groups=8), ValueError,
+      ["stride=(1, 2) has 2 values; give one int", "!1 ints"], id="stride-pair"),
+    P(lambda: gconvgen.conv1d(torch.randn(2, 8, 4), torch.randn(8, 1, 3), groups=8, activation=""), ValueError,
+      ["activation=''"], id="empty-activation"),
+    P(lambda: gconvgen.GroupedConv1d(8, 8, 3, groups=8, activation=""), ValueError, ["activation=''"],
+      id="module-empty-activation"),
+    P(lambda: gconvgen.GroupedConv2d(8, 8, 3, groups=8, activation=""), ValueError, ["activation=''"],
+      id="2d-module-empty-activation"),
+    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 0), torch.randn(2, 0, 3), torch.randn(0, 1, 4)),
+      ValueError, ["x has shape (2, 0), 0 channels", "channels >= 1", "!reshape"], id="decode-zero-channels"),
+    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 3), torch.randn(2, 3, 0), torch.randn(3, 0)),
+      ValueError, ["weight has shape (3, 0)", "kernel size k", "!reshape"], id="decode-zero-taps"),
+]
+
+
+@pytest.mark.parametrize("call, error, fragments", CONV1D_CASES)
+def test_1d_and_decoding_reject(call, error, fragments):
+    with pytest.raises(error) as raised:
+        call()
+    for fragment in fragments:
+        if fragment.startswith("!"):
+            assert fragment[1:] not in str(raised.value), f"{fragment[1:]!r} in: {raised.value}"
+        else:
+            assert fragment in str(raised.value), f"{fragment!r} missing from: {raised.value}"
 
 
 @pytest.mark.parametrize("call, error, fragments", CONV2D_CASES)

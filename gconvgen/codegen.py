@@ -6,12 +6,12 @@ signature comes from the kind's argument table (arguments.py). Loading and cachi
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 from importlib import metadata
 
 import jinja2
 
+from .memo import memoized
 from .activations import ACTIVATIONS, triton_expression
 from .arguments import CONSTEXPRS
 from .lowering import KernelDesc
@@ -20,7 +20,7 @@ from .resources import data_dir
 TEMPLATE_SCHEMA_VERSION = 2
 
 
-@functools.cache
+@memoized()
 def gconvgen_version() -> str:
     """The installed package's version, or '0+source' for a checkout that is not installed."""
     try:
@@ -29,7 +29,7 @@ def gconvgen_version() -> str:
         return "0+source"
 
 
-@functools.cache
+@memoized()
 def environment() -> jinja2.Environment:
     """The one Jinja environment: undefined names are errors, never empty strings."""
     return jinja2.Environment(
@@ -41,7 +41,7 @@ def environment() -> jinja2.Environment:
     )
 
 
-@functools.cache
+@memoized()
 def templates_hash(names: tuple[str, ...] = ()) -> str:
     """Hash of the template sources ``names`` (default: every template, the shared macros included), the
     activations' Triton expressions they are filled with and the schema version: part of every cache path

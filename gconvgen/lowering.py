@@ -13,6 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .memo import memoized
 from . import knobs
 from .activations import NAMES as ACTIVATIONS
 from .arguments import ArgumentTable, table_for
@@ -390,7 +391,7 @@ def lower(conv_plan: Optional[Plan], kind: str, *, dtype: Optional[str] = None, 
     return KernelDesc(**fields)
 
 
-@functools.lru_cache(maxsize=4096)
+@memoized(4096)
 def lowered(spec: Optional[ConvSpec], kind: str, dtype: str, choice: Choice, interpret: bool, allow_tf32: bool,
             wide_index: bool, pixels: Optional[PixelSpace], padding_budget: float, epilogue: Epilogue = NO_EPILOGUE,
             weight_memory: str = "strided", row_alignment: int = 1) -> KernelDesc:

@@ -7,12 +7,12 @@ conv kernel as channel masks, so no padded tensor is ever materialised.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import networkx as nx
 
+from .memo import memoized
 from . import knobs
 from .ir import ConvSpec, check, fail
 
@@ -237,14 +237,14 @@ def plan(spec: ConvSpec, *, padding_budget: float | None = None, family: str | N
     return Plan(spec=spec, logical=graph, lowered=lowered)
 
 
-@functools.lru_cache(maxsize=1024)
+@memoized(1024)
 def planned(spec: ConvSpec, padding_budget: float, family: str | None = None) -> Plan:
     """``plan`` memoised per spec (and forward family; None is the planner's default): the API checks every
     call against it, so it must cost nothing warm."""
     return plan(spec, padding_budget=padding_budget, family=family)
 
 
-@functools.lru_cache(maxsize=1024)
+@memoized(1024)
 def grad_input_as_forward(spec: ConvSpec, padding_budget: float) -> ConvSpec | None:
     """The forward conv whose output is ``spec``'s input gradient, where a forward kernel serves it better
     than the direct grad-input kernel; else None.

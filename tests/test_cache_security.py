@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import gconvgen
-from gconvgen import ConvSpec, knobs
+from gconvgen import ConvSpec, knobs, memo
 from gconvgen.lowering import DEFAULT, PixelSpace, lowered_for
 from gconvgen.runtime import cache, launch
 
@@ -35,7 +35,7 @@ OLD_CHECKSUM_PREFIX = "# gconvgen-checksum: "  # the line a forger recomputes; i
 
 def clear_memos() -> None:
     """Forget the loaded kernels, so the next call goes to the cache again."""
-    launch.clear_memo()
+    memo.reset()
 
 
 @pytest.fixture

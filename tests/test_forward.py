@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import gconvgen
-from gconvgen import knobs, lowering
-from gconvgen.autotune import choice
-from gconvgen.runtime import replay
+from gconvgen import knobs, memo
 from conftest import assert_close, forward_family, spy_on_kernels
 
 P = pytest.param
@@ -136,18 +134,13 @@ def depthwise_family(request, monkeypatch):
         if request.param in graph.nodes[plan_module.CONV]["families"]:
             graph.nodes[plan_module.CONV]["family"] = request.param
 
-    memos = (plan_module.planned, lowering.lowered, choice._key)
-    for memo in memos:
-        memo.cache_clear()
-    replay.clear()  # launches recorded under the unpatched planner
+    memo.reset()  # plans, descriptions and launches recorded under the unpatched planner
     monkeypatch.setattr(plan_module, "LOGICAL_PIPELINE", [
         (name, select_kernel_family if name == "select_kernel_family" else run_pass)
         for name, run_pass in plan_module.LOGICAL_PIPELINE])
     launched = spy_on_kernels(monkeypatch, forward_family)
     yield request.param, launched
-    for memo in memos:
-        memo.cache_clear()
-    replay.clear()
+    memo.reset()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

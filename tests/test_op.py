@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gconvgen
-from gconvgen import ConvSpec, knobs
+from gconvgen import ConvSpec, knobs, memo
 from gconvgen.runtime import ops
 from conftest import assert_close
 
@@ -49,7 +49,7 @@ def test_cpu_without_interpreter_falls_back_exactly_and_says_so():
     x, weight, bias = torch.randn(2, 11, 6, 6), torch.randn(7, 4, 3, 3), torch.randn(7)
     with knobs.scoped(INTERPRET=0, FALLBACK="warn"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ops._say_fallback_once.cache_clear()
+        memo.reset()
         out = gconvgen.conv2d(x, weight, bias, 1, 1, 1, 3, channel_policy="pad")
         gconvgen.conv2d(x, weight, bias, 1, 1, 1, 3, channel_policy="pad")
     assert sum("aten fallback" in str(w.message) for w in caught) == 1, "said once"

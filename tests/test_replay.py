@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import gconvgen
-from gconvgen import knobs
+from gconvgen import knobs, memo
 from gconvgen.autotune.database import database, kernel_record, key_of
 from gconvgen.autotune.space import Problem
 from gconvgen.lowering import KernelConfig
-from gconvgen.runtime import replay
 from gconvgen.runtime.device import device_target
 from gconvgen.runtime.ops import spec_for_call
 from conftest import assert_close, spy_on_kernels
@@ -20,9 +19,9 @@ from conftest import assert_close, spy_on_kernels
 @pytest.fixture
 def launched(monkeypatch):
     """The (family, config) of every forward kernel launched from now on, replays included."""
-    replay.clear()
+    memo.reset()
     yield spy_on_kernels(monkeypatch, lambda desc: (desc.family, desc.config) if desc.kind == "forward" else None)
-    replay.clear()
+    memo.reset()
 
 
 @pytest.mark.parametrize("data_format, groups, weight_layout, x_layout", [

@@ -6,12 +6,12 @@ Importing this module installs ``choice_for`` into gconvgen.runtime.choices (``i
 """
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 
 import torch
 
+from ..memo import memoized
 from .. import knobs
 from ..ir import ConvSpec
 from ..lowering import DEFAULT, Choice, check_config
@@ -26,7 +26,7 @@ _log = logging.getLogger("gconvgen")
 _failed_keys: set[str] = set()  # keys whose first-call tuning failed: not retried in this process
 
 
-@functools.lru_cache(maxsize=4096)
+@memoized(4096)
 def _key(spec: ConvSpec, target: str, allow_tf32: bool, batch: int, height: int, width: int, kind: str) -> str:
     return key_of(Problem(spec, batch, height, width, kind), target, allow_tf32)
 
@@ -56,7 +56,7 @@ def choice_for(spec: ConvSpec, kind: str, device: torch.device, batch: int, heig
     return _usable(key, choice, spec, kind, knobs.padding_budget()) if choice.config is not None else choice
 
 
-@functools.lru_cache(maxsize=4096)
+@memoized(4096)
 def _usable(key: str, choice: Choice, spec: ConvSpec, kind: str, padding_budget: float) -> Choice:
     """``choice`` when its family computes ``spec``'s kernel ``kind`` and its config is legal for that family;
     else DEFAULT, with a warning (once per key) naming what is wrong with the record."""

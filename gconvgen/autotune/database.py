@@ -7,8 +7,6 @@ set aside (renamed), never a crash. Lookups are served from memory after the fir
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
@@ -16,13 +14,14 @@ import re
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import filelock
 import triton
 
+from ..memo import memoized
 from .. import codegen, knobs
 from ..lowering import ATEN, DEFAULT, FAMILIES, KERNEL, TEMPLATES, Choice, KernelConfig, check_config, lower
 from ..plan import planned
@@ -35,7 +34,7 @@ DB_SCHEMA_VERSION = 2
 MAX_DATABASE_BYTES = 64 * 1024 * 1024  # a larger file is not a tuning database: it is not read
 
 
-@functools.lru_cache(maxsize=4096)
+@memoized(4096)
 def key_of(problem: Problem, target: str, allow_tf32: bool) -> str:
     """The one key a tuning result is stored under. A result is invalid when any of these changes:
 
@@ -288,7 +287,7 @@ class TuningDatabase:
             return {}
 
 
-@functools.lru_cache(maxsize=8)
+@memoized(8)
 def _database_in(cache_dir: Path) -> TuningDatabase:
     return TuningDatabase(cache_dir / "tuning" / f"tuning-db-v{DB_SCHEMA_VERSION}.json")
 

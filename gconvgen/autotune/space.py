@@ -7,7 +7,6 @@ setting, stage two the fastest tiles with every launch setting; both go through 
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -17,6 +16,7 @@ from typing import Callable
 import torch
 import triton
 
+from ..memo import memoized
 from .. import knobs
 from ..ir import ConvSpec, check
 from ..lowering import (ELEMENT_BYTES, KERNEL, Choice, KernelConfig, PixelSpace, band_operand_bytes, groups_per_program,
@@ -269,7 +269,7 @@ def _frozen_axes(axes: dict, where: str) -> tuple[tuple[str, tuple[int, ...]], .
     return tuple((name, tuple(values)) for name, values in axes.items())
 
 
-@functools.cache
+@memoized()
 def load_space(family: str, kind: str) -> SearchSpace:
     """The search space of ``family`` ('igemm', 'depthwise' or 'depthwise_gemm') for ``kind`` ('gpu' or 'interpreter').
 

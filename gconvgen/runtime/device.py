@@ -3,15 +3,15 @@ use TF32 there, how many programs fill it, and how to launch on it."""
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
+from ..memo import memoized
 from .. import knobs
 from ..ir import check
 
 
-@functools.cache
+@memoized()
 def device_target(device: torch.device) -> str:
     """What a compiled kernel is specific to: 'interpreter', or the GPU's name and capability."""
     if device.type == "cpu":
@@ -49,7 +49,7 @@ def allows_tf32(device: torch.device) -> bool:
         return False
 
 
-@functools.cache
+@memoized()
 def target_programs(device: torch.device) -> int:
     """Programs a split reduction aims for: a few waves of the GPU's SMs; one under the interpreter, where
     every program costs milliseconds."""

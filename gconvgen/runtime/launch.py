@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import triton
 
+from ..memo import registered
 from .. import codegen, knobs
 from ..arguments import ArgumentTable
 from ..ir import ConvSpec, check
@@ -40,6 +41,7 @@ def kernel_of(desc: KernelDesc, target: str):
     return kernel
 
 
+@registered
 def clear_memo() -> None:
     """Forget every loaded kernel and every recorded launch that holds one (tests; a new cache directory)."""
     from . import replay  # replay records launches prepared here

@@ -20,6 +20,7 @@ from torch.autograd import forward_ad
 from torch.autograd.function import _SingleLevelFunction
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..memo import memoized
 from .. import knobs
 from ..ir import ConvSpec, conv_output_size
 from ..lowering import ATEN
@@ -53,7 +54,7 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if activation_layout(x) == "nhwc" and not x.is_contiguous() else torch.contiguous_format
 
 
-@functools.lru_cache(maxsize=4096)
+@memoized(4096)
 def spec_of(in_channels: int, out_channels: int, groups: int, kernel_size: tuple[int, int],
             stride: tuple[int, int], padding: tuple[int, int, int, int], dilation: tuple[int, int],
             bias: bool, dtype: str, layout: str, channel_policy: str) -> ConvSpec:
@@ -70,7 +71,7 @@ def spec_for_call(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                    channel_policy)
 
 
-@functools.cache
+@memoized()
 def _say_fallback_once(reason: str) -> None:
     warnings.warn(f"gconvgen: {reason}; running the exact aten fallback instead of the generated kernel "
                   f"(set TRITON_INTERPRET=1 to run the kernel on CPU, GCONVGEN_FALLBACK=error to refuse)",

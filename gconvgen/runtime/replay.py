@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..memo import registered
 from .. import knobs
 from ..lowering import ATEN, KernelDesc
 from . import choices, launch, weights
@@ -117,6 +118,7 @@ def remember(key: Optional[tuple], result: torch.Tensor, x: torch.Tensor, weight
                            slots, result.shape, result.stride(), copies_weight, prepared.desc.stage_channels_last)
 
 
+@registered
 def clear() -> None:
     """Forget every recorded launch (tests; a new cache directory)."""
     _REPLAYS.clear()

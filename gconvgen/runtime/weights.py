@@ -24,10 +24,10 @@ written through ``weight.data`` (gradcheck's finite differences, optimizers and 
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
+from ..memo import memoized
 from ..tiles import band_steps
 
 LAYOUTS = ("hwio", "ohwi", "band", "strided")  # strided: any other strides, passed to the kernel as they are
@@ -100,7 +100,7 @@ def band_copy(weight: torch.Tensor, stride_w: int, dilation_w: int, block_k: int
     return rows[:, :, index]
 
 
-@functools.lru_cache(maxsize=64)
+@memoized(64)
 def _band_index(kernel_w: int, stride_w: int, dilation_w: int, block_k: int, steps: int, shift: int,
                 device: torch.device) -> torch.Tensor:
     """[steps * block_k, block_k] indices into a weight row padded with one zero column (index kernel_w): a

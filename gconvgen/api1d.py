@@ -67,7 +67,9 @@ def _data_format(data_format: object) -> str:
 def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: IntOrSingle = 1,
            padding: Padding1d = 0, dilation: IntOrSingle = 1, groups: int = 1, *, channel_policy: str = "strict",
            data_format: str = "NCL", activation: Optional[str] = None,
-           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+           residual: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None,
+           initial_states: Optional[torch.Tensor] = None,
+           return_final_states: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Grouped 1-D convolution; the same results as ``torch.nn.functional.conv1d`` for all it accepts.
 
     Fused into the same kernel, as gconvgen.conv2d fuses them: ``activation(conv + bias + residual)`` with
@@ -81,10 +83,29 @@ def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     ``data_format='NLC'`` (or 'channels_last') with a Keras weight [k, in_channels/groups, out_channels],
     returning [N, L_out, C_out], without copies. Unbatched input [C, L] ([L, C] for NLC) gives unbatched output.
 
+    Sequence models (Mamba's causal depthwise conv, as causal-conv1d computes it; see gconvgen.causal_conv1d):
+    a float32 (float64) weight and bias with float16 / bfloat16 input compute in the weight's precision (the
+    input is cast to it, one copy) and return the input's dtype; ``activation="swish"`` is silu. For a causal
+    depthwise conv (padding='causal', stride 1, dilation 1, groups = channels = out_channels): ``seq_idx``
+    [N, L] (integers) packs several sequences in a row (a tap never reads another sequence; outputs of a
+    negative seq_idx are 0); ``initial_states`` ([N, C, k - 1], or [N, k - 1, C] for NLC) are the inputs before
+    the first; ``return_final_states=True`` returns (out, the last k - 1 inputs in the same layout).
+
     It runs as gconvgen.conv2d on height-1 views (see the module docstring), so training, torch.compile
     and tuning are the 2-D ones. Returns [N, C_out, L_out] (or [N, L_out, C_out] for NLC). Raises TypeError /
     ValueError naming the argument for anything it cannot compute.
     """
+    if isinstance(activation, str) and activation == "swish":  # silu's other name (causal-conv1d, Keras)
+        activation = "silu"
+    if seq_idx is not None or initial_states is not None or return_final_states is not False:
+        return _causal_with_states(input, weight, bias, stride, padding, dilation, groups, channel_policy,
+                                   data_format, activation, residual, seq_idx, initial_states, return_final_states)
+    if _wider_weight(input, weight):
+        wide = weight.dtype
+        out = conv1d(input.to(wide), weight, bias.to(wide) if isinstance(bias, torch.Tensor) else bias, stride, padding, dilation, groups, channel_policy=channel_policy,
+                     data_format=data_format, activation=activation,
+                     residual=None if not isinstance(residual, torch.Tensor) else residual.to(wide))
+        return out.to(input.dtype)
     layout = _data_format(data_format)
     check(channel_policy in CHANNEL_POLICIES,
           f"channel_policy={channel_policy!r} is not a policy; use 'strict' or 'pad'")
@@ -135,6 +156,62 @@ def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         out = conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, (1, stride_l), (0, 0, left, right), (1, dilation_l),
                      groups, channel_policy=channel_policy, activation=activation, residual=residual).squeeze(2)
     return out.squeeze(0) if unbatched else out
+
+
+def _wider_weight(input: object, weight: object) -> bool:
+    """A float32 / float64 weight with float16 / bfloat16 input (Mamba keeps its conv weight in float32)."""
+    return (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and input.dtype in (torch.float16, torch.bfloat16) and weight.dtype in (torch.float32, torch.float64))
+
+
+def _causal_with_states(input, weight, bias, stride, padding, dilation, groups, channel_policy, data_format,
+                        activation, residual, seq_idx, initial_states, return_final_states):
+    """conv1d with seq_idx, initial_states or return_final_states: a causal depthwise conv, computed by
+    gconvgen.causal_conv1d.causal_depthwise on NCL views."""
+    from .causal_conv1d import _check_tensor as check_shape, causal_depthwise
+
+    nlc = _data_format(data_format) == "NLC"
+    what = "seq_idx, initial_states and return_final_states"
+    check(isinstance(return_final_states, bool),
+          f"return_final_states={return_final_states!r} must be True or False", TypeError)
+    check(isinstance(padding, str) and padding.lower() == "causal",
+          f"{what} need padding='causal' (a causal conv carries states), got padding={padding!r}")
+    check(stride in (1, (1,), [1]) and dilation in (1, (1,), [1]),
+          f"{what} need stride=1 and dilation=1, got stride={stride!r}, dilation={dilation!r}")
+    check(channel_policy == "strict", f"{what} need channel_policy='strict', got {channel_policy!r}")
+    check(activation in (None, "silu"), f"{what} take activation=None or 'silu' (or 'swish'), got {activation!r}")
+    _check_tensor("input", input, (3,), "[N, L, C]" if nlc else "[N, C, L]")
+    x = input.transpose(1, 2) if nlc else input  # [N, C, L]
+    batch, channels, length = x.shape
+    check(isinstance(groups, int) and groups == channels,
+          f"{what} need a depthwise conv (groups = channels = {channels}), got groups={groups!r}")
+    check_shape("weight", weight, (None, 1, channels) if nlc else (channels, 1, None),
+                f"[k, 1, {channels}] (Keras)" if nlc else f"[{channels}, 1, k]: one filter per channel")
+    taps = weight[:, 0, :].T if nlc else weight[:, 0, :]  # (C, k)
+    if not _wider_weight(input, weight):
+        _check_same("weight", weight, input)
+    width = taps.shape[1]
+    if bias is not None:
+        check_shape("bias", bias, (channels,), f"[{channels}]")
+    if residual is not None:
+        check_shape("residual", residual, tuple(input.shape), f"the output's shape {list(input.shape)}")
+        residual = residual.transpose(1, 2) if nlc else residual
+    if initial_states is not None:
+        check(seq_idx is None, "seq_idx cannot be combined with initial_states: each packed sequence starts from zeros")
+        check_shape("initial_states", initial_states, (batch, width - 1, channels) if nlc else (batch, channels, width - 1),
+                    f"[{batch}, {width - 1}, {channels}]" if nlc else f"[{batch}, {channels}, {width - 1}]")
+        initial_states = initial_states.transpose(1, 2) if nlc else initial_states
+    if seq_idx is not None:
+        check(not return_final_states, "seq_idx cannot be combined with return_final_states: a packed row holds "
+                                       "several sequences; run each on its own to carry states")
+        check_shape("seq_idx", seq_idx, (batch, length), f"[{batch}, {length}]", floating=False)
+        check(not seq_idx.is_floating_point() and seq_idx.dtype != torch.bool,
+              f"seq_idx.dtype={seq_idx.dtype} must be an integer type (torch.int32)", TypeError)
+    out, final_states = causal_depthwise(x, taps, bias, seq_idx=seq_idx, initial_states=initial_states,
+                                         activation=activation, residual=residual)
+    if nlc:
+        out, final_states = out.transpose(1, 2), final_states.transpose(1, 2)
+    return (out, final_states) if return_final_states else out
 
 
 # ---------------------------------------------------------------------------------------------- the module

@@ -115,31 +115,46 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         _check_tensor("final_states_out", final_states_out, (batch, dim, width - 1),
                       f"(batch, dim, width - 1) = ({batch}, {dim}, {width - 1})")
 
-    compute = _compute_dtype(x, weight)
-    x_in = x.to(compute)
-    weight_in = weight.to(compute)
-    bias_in = None if bias is None else bias.to(compute)
-    if seq_idx is not None:
-        out = _packed_sequences(x_in, weight_in, bias_in, seq_idx, act)
-    elif initial_states is None:
-        out = conv1d(x_in, weight_in.unsqueeze(1), bias_in, padding="causal", groups=dim, activation=act)
-    else:
-        x_in = torch.cat([initial_states.to(compute), x_in], dim=-1)
-        out = conv1d(x_in, weight_in.unsqueeze(1), bias_in, groups=dim, activation=act)
-    out = out.to(x.dtype)
+    out, final_states = causal_depthwise(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
+                                         activation=act)
     if not return_final_states:
         return out
-    history = x_in if initial_states is not None else x
-    final_states = F.pad(history, (width - 1, 0))[..., -(width - 1):] if width > 1 else history[..., :0]
-    final_states = final_states.to(x.dtype)
     if final_states_out is not None:
         final_states_out.copy_(final_states)
         return out, final_states_out
     return out, final_states
 
 
+def causal_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                     seq_idx: Optional[torch.Tensor] = None, initial_states: Optional[torch.Tensor] = None,
+                     activation: Optional[str] = None,
+                     residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """causal_conv1d_fn's computation on checked arguments (x [batch, dim, seqlen], weight (dim, width)),
+    with ``activation`` None or "silu" and a ``residual`` [batch, dim, seqlen] added before it: (out in x's
+    dtype, the final states [batch, dim, width - 1] in x's dtype). Computed in the weight's precision."""
+    width = weight.shape[1]
+    compute = _compute_dtype(x, weight)
+    x_in = x.to(compute)
+    weight_in = weight.to(compute)
+    bias_in = None if bias is None else bias.to(compute)
+    residual_in = None if residual is None else residual.to(compute)
+    if seq_idx is not None:
+        out = _packed_sequences(x_in, weight_in, bias_in, seq_idx, activation, residual_in)
+    elif initial_states is None:
+        out = conv1d(x_in, weight_in.unsqueeze(1), bias_in, padding="causal", groups=x.shape[1],
+                     activation=activation, residual=residual_in)
+    else:
+        x_in = torch.cat([initial_states.to(compute), x_in], dim=-1)
+        out = conv1d(x_in, weight_in.unsqueeze(1), bias_in, groups=x.shape[1], activation=activation,
+                     residual=residual_in)
+    history = x_in if initial_states is not None else x
+    final_states = F.pad(history, (width - 1, 0))[..., -(width - 1):] if width > 1 else history[..., :0]
+    return out.to(x.dtype), final_states.to(x.dtype)
+
+
 def _packed_sequences(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      seq_idx: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+                      seq_idx: torch.Tensor, activation: Optional[str],
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The causal conv of rows holding several sequences (see causal_conv1d_fn): a tap j of output t reads
     x[t - j] only where seq_idx agrees; outputs of negative seq_idx are 0. Accumulated in float32 (float64
     for float64), one pass over x per tap."""
@@ -151,6 +166,8 @@ def _packed_sequences(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         same = seq_idx[:, back:] == seq_idx[:, :seqlen - back]  # [batch, seqlen - back]: same sequence
         tap = x_wide[..., :seqlen - back] * weight_wide[:, width - 1 - back, None]
         out = out + F.pad(torch.where(same[:, None, :], tap, 0.0), (back, 0))  # where, not *: inf x 0 is NaN
+    if residual is not None:
+        out = out + residual.to(accumulator)
     if activation is not None:
         out = F.silu(out)
     return torch.where((seq_idx >= 0)[:, None, :], out, 0.0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gconvgen
 from gconvgen.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
 
 P = pytest.param
@@ -227,3 +228,64 @@ def test_varlen_states(dtype):
         start = max(int(cu_seqlens[i]), end - state_len)
         expected[i, :, state_len - (end - start):] = x[start:end].T
     assert states.shape == (len(seqlens), dim, state_len) and torch.equal(states, expected)
+
+
+# ---------------------------------------------------------------------------------------------- gconvgen.conv1d
+
+
+@pytest.mark.parametrize("data_format", ["NCL", "NLC"])
+def test_conv1d_carries_states_with_a_fused_residual(data_format):
+    """gconvgen.conv1d's own spelling: [C, 1, k] (or Keras [k, 1, C]) weights, states in the input's layout,
+    a residual added before the silu (swish), float32 weights with bfloat16 input."""
+    batch, channels, length, width = 2, 8, 7, 4
+    nlc = data_format == "NLC"
+    x_ncl = torch.randn(batch, channels, length, dtype=torch.bfloat16)
+    weight = torch.randn(channels, width, requires_grad=True)
+    bias, residual_ncl = torch.randn(channels), torch.randn(batch, channels, length, dtype=torch.bfloat16)
+    initial_ncl = torch.randn(batch, channels, width - 1, dtype=torch.bfloat16)
+
+    def layout(t):
+        return t.transpose(1, 2) if nlc else t
+
+    conv_weight = weight.T.unsqueeze(1) if nlc else weight.unsqueeze(1)
+    out, final = gconvgen.conv1d(layout(x_ncl), conv_weight, bias, padding="causal", groups=channels,
+                                 data_format=data_format, activation="swish", residual=layout(residual_ncl),
+                                 initial_states=layout(initial_ncl), return_final_states=True)
+    padded = torch.cat([initial_ncl.double(), x_ncl.double()], dim=-1)
+    expected = F.silu(F.conv1d(padded, weight.detach().double().unsqueeze(1), bias.double(), groups=channels)
+                      + residual_ncl.double())
+    assert out.dtype == torch.bfloat16
+    assert_close(layout(out), expected, torch.bfloat16)
+    assert torch.equal(layout(final), padded[..., -(width - 1):].to(torch.bfloat16))
+    out.float().sum().backward()
+    assert weight.grad is not None and weight.grad.dtype == torch.float32
+
+
+def test_conv1d_with_seq_idx_matches_the_drop_in():
+    x, weight = torch.randn(2, 8, 9), torch.randn(8, 1, 3)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1, -1], [2, 2, 2, 2, 2, 2, 2, 2, 2]], dtype=torch.int32)
+    out = gconvgen.conv1d(x, weight, padding="causal", groups=8, seq_idx=seq_idx)
+    expected = causal_conv1d_fn(x, weight[:, 0], seq_idx=seq_idx)
+    torch.testing.assert_close(out, expected)
+    alone = reference_fn(x[:1, :, 3:7], weight[:, 0])[0]
+    torch.testing.assert_close(out[:1, :, 3:7].double(), alone, rtol=3e-4, atol=1e-3)
+
+
+def test_conv1d_float32_weight_with_half_input_computes_in_float32():
+    x = torch.randn(2, 6, 11, dtype=torch.float16)
+    weight, bias = torch.randn(6, 2, 3), torch.randn(6)
+    out = gconvgen.conv1d(x, weight, bias, padding=1, groups=3)
+    expected = F.conv1d(x.double(), weight.double(), bias.double(), padding=1, groups=3)
+    assert out.dtype == torch.float16
+    assert_close(out, expected, torch.float16)
+
+
+@pytest.mark.parametrize("bad, match", [
+    P(dict(padding=1, initial_states=torch.zeros(2, 8, 3)), "causal", id="not-causal"),
+    P(dict(padding="causal", groups=4, return_final_states=True), "depthwise", id="not-depthwise"),
+    P(dict(padding="causal", stride=2, return_final_states=True), "stride", id="strided"),
+])
+def test_conv1d_states_need_a_causal_depthwise_conv(bad, match):
+    weight = torch.randn(8, 2, 4) if bad.get("groups") == 4 else torch.randn(8, 1, 4)
+    with pytest.raises((TypeError, ValueError), match=match):
+        gconvgen.conv1d(torch.randn(2, 8, 5), weight, groups=bad.pop("groups", 8), **bad)

@@ -29,8 +29,8 @@ silu and layout rotating so every seqlen meets every dtype and every layout. tes
 in gconvgen, so cheap) runs the suite's full product width x seqlen x bias x silu x dtype, at batch 8 (not 64) and
 one of its dims, 2048 + 16.
 
-Weights and bias are in x's dtype (the suite's are float32): gconvgen refuses float32 weights with half x today.
-So the suite's float32 weight tolerances (1e-3) cannot apply to half-precision dweight / dbias.
+Weights and bias are in x's dtype here (the suite's are float32), so the suite's float32 weight tolerances (1e-3)
+cannot apply to half-precision dweight / dbias.
 
 Tolerances: plain ones, conftest.TOLERANCES[dtype] (atol, rtol) against the float64 reference on the same rounded
 inputs. Elementwise for out and dx. dweight and dbias are sums over batch * seqlen products of either sign, so their
@@ -39,23 +39,14 @@ the gradient's largest magnitude, max|err| <= atol + rtol * max|ref| (in float32
 than the suite's 1e-3). Triton's interpreter casts float32 to bfloat16 by truncation, not round-to-nearest, so
 bfloat16 errors here are up to one ulp; the tolerances leave room for it.
 
-Not ported (gconvgen does not support them yet; a separate open issue), with why:
-* test_causal_conv1d with has_initial_states / return_final_states: conv1d has no initial_states or
-  return_final_states argument.
-* float32 weight (dim, width) with half x: refused (TypeError); a (dim, width) weight is refused by conv1d
-  (ValueError), so the port passes weight[:, None] (a view, its gradient lands on the (dim, width) leaf).
-* test_causal_conv1d_update with has_cache_seqlens (circular-buffer state), a state longer than width - 1 (the
-  suite draws state_len in [width - 1, width + 10]; gconvgen's state is exactly width - 1, so the port uses
-  width - 1), multi-token x [B, dim, seqlen] in one call (emulated one token a call, see above), and an activation
-  argument (applied by the caller, see above).
-* test_causal_conv1d_update_with_batch_gather and test_causal_conv1d_update_with_padding: conv_state_indices.
-* test_causal_conv1d_get_states: causal_conv1d_varlen_states has no gconvgen counterpart.
-* test_causal_conv1d_varlen and test_causal_conv1d_varlen_padding: seq_idx.
-* test_causal_conv1d_race_condition and the three test_causal_conv1d_bwd_deterministic_* / default_mode tests:
-  CUDA-only stress and determinism checks (10000 repeats, CAUSAL_CONV1D_DETERMINISTIC); the interpreter runs
-  programs one after another, so a race cannot show here and such a test could not fail.
-* activation="swish" (the suite's alias of silu, unused by its tests): gconvgen accepts only "silu" (ValueError).
-test_unsupported_arguments_are_refused checks that these are refused with an error rather than wrong numbers.
+Ported elsewhere: the cases gconvgen.conv1d's own spelling cannot express (initial and final states, float32
+weights (dim, width) with half x, seq_idx packing with padding, multi-token, longer and circular-buffer states,
+state pools with padded slots, varlen states) run through the drop-in module gconvgen.causal_conv1d in
+tests/test_causal_conv1d_dropin.py. Not ported: test_causal_conv1d_race_condition and the three
+test_causal_conv1d_bwd_deterministic_* / default_mode tests, CUDA-only stress and determinism checks (10000
+repeats, CAUSAL_CONV1D_DETERMINISTIC); the interpreter runs programs one after another, so a race cannot show here
+and such a test could not fail. test_unsupported_arguments_are_refused checks that conv1d refuses a (dim, width)
+weight (the drop-in's shape) with an error rather than wrong numbers.
 """
 from __future__ import annotations
 
@@ -229,31 +220,8 @@ def _x(dtype=torch.bfloat16):
 
 
 REFUSED = [
-    P(lambda: gconvgen.conv1d(_x(), torch.randn(8, 1, 4), None, padding="causal", groups=8), TypeError,
-      "weight.dtype=torch.float32", id="fp32-weight-with-bf16-x"),
     P(lambda: gconvgen.conv1d(_x(torch.float32), torch.randn(8, 4), None, padding="causal", groups=8), ValueError,
-      "weight has shape (8, 4)", id="weight-dim-width"),
-    P(lambda: gconvgen.conv1d(_x(torch.float32), torch.randn(8, 1, 4), None, padding="causal", groups=8,
-                              initial_states=torch.randn(2, 8, 3)), TypeError, "initial_states", id="initial-states"),
-    P(lambda: gconvgen.conv1d(_x(torch.float32), torch.randn(8, 1, 4), None, padding="causal", groups=8,
-                              return_final_states=True), TypeError, "return_final_states", id="return-final-states"),
-    P(lambda: gconvgen.conv1d(_x(torch.float32), torch.randn(8, 1, 4), None, padding="causal", groups=8,
-                              seq_idx=torch.zeros(2, 5, dtype=torch.int32)), TypeError, "seq_idx", id="seq-idx"),
-    P(lambda: gconvgen.conv1d(_x(torch.float32), torch.randn(8, 1, 4), None, padding="causal", groups=8,
-                              activation="swish"), ValueError, "activation='swish'", id="swish-spelling"),
-    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 8, 4), torch.randn(2, 8, 3), torch.randn(8, 4)),
-      ValueError, "x has shape (2, 8, 4)", id="update-multi-token"),
-    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 8), torch.randn(2, 8, 7), torch.randn(8, 4)),
-      ValueError, "conv_state has shape (2, 8, 7)", id="update-state-longer-than-width-1"),
-    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 8).half(), torch.randn(2, 8, 3).half(),
-                                            torch.randn(8, 4)), TypeError, "weight.dtype=torch.float32",
-      id="update-fp32-weight-with-fp16-x"),
-    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 8), torch.randn(2, 8, 3), torch.randn(8, 4),
-                                            cache_seqlens=torch.zeros(2, dtype=torch.int32)), TypeError,
-      "cache_seqlens", id="update-cache-seqlens"),
-    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 8), torch.randn(2, 8, 3), torch.randn(8, 4),
-                                            conv_state_indices=torch.zeros(2, dtype=torch.int32)), TypeError,
-      "conv_state_indices", id="update-conv-state-indices"),
+      "weight has shape (8, 4)", id="weight-dim-width"),  # gconvgen.causal_conv1d takes (dim, width)
 ]
 
 

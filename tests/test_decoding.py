@@ -53,10 +53,10 @@ def _state():
 
 
 DECODING_CASES = [
-    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 6, 1), _state(), torch.randn(6, 1, 4)), ValueError,
-      ["x has shape (2, 6, 1)", "[batch, channels]"], id="x-with-a-time-axis"),
-    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 6), torch.zeros(2, 6, 4), torch.randn(6, 1, 4)), ValueError,
-      ["conv_state has shape (2, 6, 4)", "[2, 6, 3]"], id="state-length-not-k-1"),
+    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 6, 1, 1), _state(), torch.randn(6, 1, 4)), ValueError,
+      ["x has shape (2, 6, 1, 1)", "[batch, channels]"], id="x-of-rank-4"),
+    P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 6), torch.zeros(2, 6, 2), torch.randn(6, 1, 4)), ValueError,
+      ["conv_state has shape (2, 6, 2)", "[2, 6, 3]"], id="state-shorter-than-k-1"),
     P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 6), _state(), torch.randn(6, 2, 4)), ValueError,
       ["weight has shape (6, 2, 4)", "[6, 1, k] or [6, k]"], id="weight-not-depthwise"),
     P(lambda: gconvgen.causal_conv1d_update(torch.randn(2, 6), _state(), torch.randn(6, 4), torch.randn(5)), ValueError,

@@ -19,7 +19,7 @@ from . import knobs
 from .autotune.database import database, key_of
 from .autotune.space import Problem, config_name
 from .ir import check
-from .lowering import DEFAULT, ELEMENT_BYTES, H200_SMS, KernelDesc, band_steps
+from .lowering import DEFAULT, ELEMENT_BYTES, H200_SMS, KernelDesc, family
 from .runtime import launch, sass
 from .runtime.ops import TORCH_DTYPES
 
@@ -126,13 +126,13 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
                    arguments: dict) -> tuple[Optional[float], Optional[float]]:
     """(global bytes the programs request / ideal bytes, tensor-core FLOPs issued / useful FLOPs) of the
     tiling, counting every operand tile each program loads (L2 may serve repeats: this bounds traffic
-    from above) and a staged activation's copy. None where the family's model is not written (the direct depthwise grad-input kernel)."""
-    spec, config = problem.spec, desc.config
+    from above) and a staged activation's copy; each family models its own operand tiles (Family.requested).
+    None where the family's model is not written (the direct depthwise grad-input kernel)."""
+    spec = problem.spec
     ideal_bytes, useful_flops = ideal_bytes_and_flops(problem)
     element = ELEMENT_BYTES[spec.dtype]
     programs = math.prod(grid)
     taps = spec.kernel_size[0] * spec.kernel_size[1]
-    m, n, k = config.block_m, config.block_n, config.block_k
     written = {"forward": problem.output_pixels * spec.out_channels,
                "grad_input": problem.batch * spec.in_channels * problem.height * problem.width,
                "grad_weight": grid[-1] * spec.out_channels * spec.in_channels_per_group * taps}[desc.kind]
@@ -141,29 +141,8 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
         x = problem.batch * spec.in_channels * problem.height * problem.width
         grad_out = problem.output_pixels * spec.out_channels
         writes += 2 * {"forward": x, "grad_input": grad_out, "grad_weight": x + grad_out}[desc.kind] * element
-    if desc.family == "igemm":
-        packed = desc.groups_per_program
-        reduction = {"forward": packed * spec.in_channels_per_group * taps,
-                     "grad_input": packed * spec.out_channels_per_group * taps,
-                     "grad_weight": arguments.get("pixels_per_split", 0)}[desc.kind]
-        # forward and grad-input reduce tap by tap: each tap's channels take whole steps
-        steps = (taps * math.ceil(reduction / taps / k) if desc.reduction_order == "tap_major"
-                 else math.ceil(reduction / k))
-        requested = programs * steps * (m * k + k * n) * element
-        return (requested + writes) / ideal_bytes, programs * steps * 2 * m * n * k / useful_flops
-    if desc.family == "depthwise_gemm":
-        steps = programs * spec.kernel_size[0] * band_steps(spec, k, desc.band_shift)
-        requested = steps * n * (m * k + k * k) * element
-        return (requested + writes) / ideal_bytes, steps * n * 2 * m * k * k / useful_flops
-    if desc.family == "depthwise1d":  # its input window once (main tile and the halo positions read), k weight rows
-        window = m * spec.stride[1] + sum(desc.halo)
-        requested = programs * (window * n + taps * n) * element
-        return (requested + writes) / ideal_bytes, None
-    if desc.family == "depthwise" and desc.kind == "forward":
-        requested = programs * taps * (m * n + n) * element
-        return (requested + writes) / ideal_bytes, None
-    if desc.family == "depthwise" and desc.kind == "grad_weight":  # a grad_out tile and an x window a step
-        steps = math.ceil(arguments.get("pixels_per_split", 0) / m)
-        requested = programs * steps * m * n * (1 + taps) * element
-        return (requested + writes) / ideal_bytes, None
-    return None, None
+    modelled = family(desc.family).requested(desc, problem, programs, arguments)
+    if modelled is None:
+        return None, None
+    requested, issued_flops = modelled
+    return (requested + writes) / ideal_bytes, None if issued_flops is None else issued_flops / useful_flops

@@ -19,14 +19,18 @@ from .activations import NAMES as ACTIVATIONS
 from .arguments import ArgumentTable, table_for
 from .ir import DTYPES, ConvSpec, check
 from .plan import Plan, planned
-# the tiles' names are re-exported: a config is part of the lowered description
+# the families' and tiles' names are re-exported: a config is part of the lowered description
+from .families import (FAMILIES as _REGISTRY, GRAD_BIAS_FAMILY, TEMPLATES, check_config, default_config, family,  # noqa: F401
+                       grid_of, groups_per_program)
+from .families.depthwise import depthwise_grad_weight_config, tap_tile  # noqa: F401
+from .families.depthwise1d import window_halo  # noqa: F401
+from .families.depthwise_gemm import band_dot, band_operand_bytes, band_steps  # noqa: F401
+from .families.igemm import packed_channels  # noqa: F401
 from .tiles import (DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, H200_SMS, MAX_STAGES, NUM_WARPS,  # noqa: F401
-                    KernelConfig, PixelSpace, band_dot, band_operand_bytes, band_steps, check_config,  # noqa: F401
-                    default_config, depthwise_grad_weight_config, grid_of, groups_per_program,  # noqa: F401
-                    packed_channels, pow2_between, tap_tile)  # noqa: F401
+                    KernelConfig, PixelSpace, pow2_between)  # noqa: F401
 
 KINDS = ("forward", "grad_input", "grad_weight", "grad_bias")
-FAMILIES = ("igemm", "depthwise", "depthwise_gemm", "depthwise1d", "reduce")
+FAMILIES = tuple(_REGISTRY)  # igemm, depthwise, depthwise_gemm, depthwise1d, reduce (gconvgen/families)
 INT32_MAX = 2**31 - 1
 ATEN = "aten"      # a tuning record's choice when PyTorch's own conv won
 KERNEL = "kernel"  # a tuning record's choice when a generated kernel won
@@ -157,7 +161,7 @@ class KernelDesc:
     @property
     def reduction_block(self) -> int:
         """Pixels a split reduction (grad_weight, grad_bias) sums per step: a split's range is a multiple."""
-        return self.config.block_k if self.family == "igemm" else self.config.block_m
+        return family(self.family).reduction_block(self.config)
 
 
 # ---------------------------------------------------------------------------------------------- lowering passes
@@ -184,7 +188,7 @@ class Context:
 def choose_family(fields: dict, ctx: Context) -> None:
     """Forward: the tuned family, else the planner's default; backward: the plan's backward family."""
     if ctx.kind == "grad_bias":
-        fields.update(family="reduce", template="grad_bias.py.jinja", spec=None)
+        fields.update(family=GRAD_BIAS_FAMILY, template=TEMPLATES["grad_bias", GRAD_BIAS_FAMILY], spec=None)
         return
     conv_plan = ctx.plan
     family = conv_plan.backward_family if ctx.kind != "forward" else (ctx.choice.family or conv_plan.family)
@@ -211,7 +215,7 @@ def choose_layout_constants(fields: dict, ctx: Context) -> None:
     staged: they are bound by memory traffic, which a copy would double, and their NCHW loads run along
     the width, consecutive lanes on consecutive addresses."""
     layout = ctx.plan.spec.layout if ctx.plan is not None else "strided"
-    stage = fields["family"] == "igemm" and layout != "nhwc"
+    stage = family(fields["family"]).stages_channels_last(layout)
     fields.update(channels_contiguous=layout == "nhwc" or stage, width_contiguous=layout == "nchw" and not stage,
                   stage_channels_last=stage)
 
@@ -220,12 +224,7 @@ def choose_reduction_order(fields: dict, ctx: Context) -> None:
     """igemm forward and grad-input reduce tap by tap ("tap_major": a step is a run of channels at one tap, the
     tap decoded once per step). igemm grad-weight flattens its weight columns (channel, tap): channels
     innermost for channels_last, so consecutive columns are consecutive addresses; taps innermost for NCHW."""
-    if fields["family"] != "igemm":
-        fields["reduction_order"] = "none"
-    elif ctx.kind in ("forward", "grad_input"):
-        fields["reduction_order"] = "tap_major"
-    else:
-        fields["reduction_order"] = "tap_channel" if fields["channels_contiguous"] else "channel_tap"
+    fields["reduction_order"] = family(fields["family"]).reduction_order(ctx.kind, fields["channels_contiguous"])
 
 
 def choose_index_width(fields: dict, ctx: Context) -> None:
@@ -249,55 +248,26 @@ def choose_precision(fields: dict, ctx: Context) -> None:
                   dot_in_float32=ctx.interpret and ctx.dtype == "bfloat16")
 
 
-def window_halo(spec: ConvSpec) -> tuple[int, int]:
-    """The halo of a depthwise1d program: positions it reads (front) before its main input tile of
-    BLOCK_M * stride positions, which starts at its first output position x stride, and (back) after it.
-    Output j, tap t reads main-tile offset j * stride + t * dilation - left padding: as far back as the left
-    padding and (k - 1) * dilation - left padding - stride + 1 past the tile, whatever BLOCK_M is."""
-    left, stride = spec.padding[2], spec.stride[1]
-    return (left, max(0, (spec.kernel_size[1] - 1) * spec.dilation[1] - left - stride + 1))
-
-
-# A halo tile's least side. Triton gives each tl.gather a warp-local layout with min(side, 32) lanes along the
-# positions and the rest across channels; from 4 positions a warp spans at most 8 channels, so with
-# block_n >= 8 x num_warps every warp has channels of its own (Triton 3.6 asserts otherwise; 3.9 repeats work).
-LEAST_HALO_TILE = 4
-GATHER_CHANNELS_PER_WARP = 8
-
-
 def choose_halo(fields: dict, ctx: Context) -> None:
     """depthwise1d reads each program's input window once: its main tile and the halo positions (window_halo),
     loaded as tiles of halo_tile positions masked to the ones read; its channel tile gives each warp 8
     channels (GATHER_CHANNELS_PER_WARP)."""
-    if fields["family"] != "depthwise1d":
-        fields.update(halo=(0, 0), halo_tile=0)
-        return
-    halo, config = window_halo(fields["spec"]), fields["config"]
-    fields.update(halo=halo, halo_tile=pow2_between(max(halo), LEAST_HALO_TILE, 1 << 30) if max(halo) else 0)
-    check(config.block_n >= GATHER_CHANNELS_PER_WARP * config.num_warps,
-          f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: its "
-          f"gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
+    halo, halo_tile = family(fields["family"]).halo(fields["spec"], fields["config"])
+    fields.update(halo=halo, halo_tile=halo_tile)
 def choose_weight_layout(fields: dict, ctx: Context) -> None:
     """The direct depthwise kernels (forward, grad-input) read a row of output channels per tap: hwio memory
     makes it one vector load. The igemm forward and grad-input read an (input channel, output channel) tile
     per tap: a channels_last (ohwi) weight is read as it is, input channels contiguous; any other is handed
     over hwio, output channels contiguous. The banded kernel reads its band matrices, written out per launch
     (runtime/weights.py)."""
-    if fields["family"] == "depthwise" and ctx.kind in ("forward", "grad_input"):
-        fields["weight_layout"] = "hwio"
-    elif fields["family"] == "igemm" and ctx.kind in ("forward", "grad_input"):
-        fields["weight_layout"] = "ohwi" if ctx.weight_memory == "ohwi" else "hwio"
-    elif fields["family"] == "depthwise_gemm":
-        fields["weight_layout"] = "band"
-    else:
-        fields["weight_layout"] = "strided"
+    fields["weight_layout"] = family(fields["family"]).weight_layout(ctx.kind, ctx.weight_memory)
 
 
 def choose_band_dot(fields: dict, ctx: Context) -> None:
     """The banded kernel's dot (tiles.band_dot): a 2-D dot a channel where a channel's rows lie along the
     contiguous width ("rows", wgmma on sm_90), batched over the contiguous channels in channels_last
     ("channels"); "none" for other families."""
-    fields["band_dot"] = band_dot(fields["spec"]) if fields["family"] == "depthwise_gemm" else "none"
+    fields["band_dot"] = family(fields["family"]).band_dot(fields["spec"])
 
 
 def choose_row_alignment(fields: dict, ctx: Context) -> None:
@@ -307,16 +277,16 @@ def choose_row_alignment(fields: dict, ctx: Context) -> None:
     band_shift columns before its window, on an aligned column (strips are BLOCK_K x stride >= 16 columns
     apart), so its rows are aligned vector loads (cp.async on sm_90); its band matrices start as many columns
     later (runtime/weights.py band_copy). Others: 1 and 0."""
-    banded_rows = fields["band_dot"] == "rows" and fields["spec"].layout == "nchw"
-    alignment = ctx.row_alignment if fields["family"] == "depthwise1d" or banded_rows else 1
-    fields.update(row_alignment=alignment, band_shift=-fields["spec"].padding[2] % alignment if banded_rows else 0)
+    owner, spec = family(fields["family"]), fields["spec"]
+    alignment = ctx.row_alignment if spec is not None and owner.reads_aligned_rows(spec, fields["band_dot"]) else 1
+    fields.update(row_alignment=alignment, band_shift=owner.band_shift(spec, alignment) if spec is not None else 0)
 
 
 def choose_tap_tile(fields: dict, ctx: Context) -> None:
     """Depthwise grad-weight accumulates every tap in one program (grad_out is loaded once, not once per
     tap): its [taps, channels] accumulator has tap_tile rows."""
-    depthwise_grad_weight = ctx.kind == "grad_weight" and fields["family"] == "depthwise"
-    fields["tap_tile"] = tap_tile(fields["spec"]) if depthwise_grad_weight else 0
+    spec = fields["spec"]
+    fields["tap_tile"] = family(fields["family"]).tap_tile(spec, ctx.kind) if spec is not None else 0
 
 
 def choose_tile_config(fields: dict, ctx: Context) -> None:
@@ -354,16 +324,6 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("pack_groups", pack_groups),                          # narrow groups share an igemm program
 ]
 
-TEMPLATES = {
-    ("forward", "igemm"): "grouped_igemm.py.jinja",
-    ("forward", "depthwise"): "depthwise_direct.py.jinja",
-    ("forward", "depthwise_gemm"): "depthwise_gemm.py.jinja",
-    ("forward", "depthwise1d"): "depthwise1d.py.jinja",
-    ("grad_input", "igemm"): "grouped_igemm_grad_input.py.jinja",
-    ("grad_input", "depthwise"): "depthwise_grad_input.py.jinja",
-    ("grad_weight", "igemm"): "grouped_igemm_grad_weight.py.jinja",
-    ("grad_weight", "depthwise"): "depthwise_grad_weight.py.jinja",
-}
 
 
 def lower(conv_plan: Optional[Plan], kind: str, *, dtype: Optional[str] = None, choice: Choice = DEFAULT,

@@ -12,13 +12,14 @@ from typing import Callable
 
 import networkx as nx
 
-from .memo import memoized
 from . import knobs
+from .families import backward_family, forward_families
+from .families.depthwise1d import SHORT_WINDOW_TAPS, is_short_window  # noqa: F401
+from .families.depthwise_gemm import WIDE_DEPTHWISE_TAPS  # noqa: F401
 from .ir import ConvSpec, check, fail
+from .memo import memoized
 
 CONV = "conv"
-WIDE_DEPTHWISE_TAPS = 49  # kh * kw from which half-precision depthwise runs on tensor cores by default
-SHORT_WINDOW_TAPS = 8     # kw up to which a height-1 depthwise conv runs as depthwise1d by default
 
 
 def suggest_groups(in_channels: int, out_channels: int, near: int) -> list[int]:
@@ -99,38 +100,16 @@ def check_padding_budget(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> No
 def select_kernel_family(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
     """Choose the forward kernels worth timing and the one to run untuned; backward kernels follow the spec.
 
-    Wider than one input channel per group: an implicit GEMM on tensor cores. Depthwise: a direct kernel of
-    fp32 FMAs, or a banded matrix product on tensor cores that wastes the band's zeros but outruns the FMAs
-    once the window is wide. A short window along the width can run as depthwise1d, which reads each
-    kernel row's input window once per program with vector loads along the width in NCHW: the default for
-    height-1 windows (conv1d's Mamba k4) and for NCHW 2-D windows (where the direct kernel's loads are per
-    element) unless the banded form is; in channels_last 2-D the direct kernel's loads are 16-byte vectors of
-    channels already. Direct costs 2 * kh * kw flop per output element against about 4 bytes moved
-    in half precision, so from kh * kw = 49 (k7) it is bound by the CUDA cores' FMA rate rather than by
-    memory, and the banded form becomes the default for float16 and bfloat16 (in float32 and float64 a dot
-    is no faster than FMAs, so the band's waste would only cost). The tuner times every candidate family.
+    Each family declares the convs it computes and its rank among those that do (gconvgen/families: Family.rank):
+    wider than one input channel per group, an implicit GEMM on tensor cores (igemm); depthwise, a direct
+    kernel of fp32 FMAs (depthwise), or a banded matrix product on tensor cores (depthwise_gemm, the default
+    for wide half-precision windows), or for short windows along the width a kernel that reads each input
+    row's window once (depthwise1d, the default for height-1 windows and NCHW 2-D windows unless the banded
+    form is). The tuner times every family offered; the backward kernels are the family that declares them.
     """
     conv = graph.nodes[CONV]
-    if not spec.is_depthwise:
-        conv.update(family="igemm", families=("igemm",), backward_family="igemm")
-        return
-    wide = spec.kernel_size[0] * spec.kernel_size[1] >= WIDE_DEPTHWISE_TAPS and spec.dtype in ("float16", "bfloat16")
-    families = ("depthwise_gemm", "depthwise") if wide else ("depthwise", "depthwise_gemm")
-    if is_short_window(spec) and (spec.kernel_size[0] == 1 or spec.layout == "nchw"):
-        families = (*families, "depthwise1d") if wide else ("depthwise1d", *families)
-    conv.update(family=families[0], families=families, backward_family="depthwise")
-
-
-def is_short_window(spec: ConvSpec) -> bool:
-    """A depthwise conv whose window is short along the width: at kw <= SHORT_WINDOW_TAPS a kernel row moves
-    about 4 bytes per 2 kw flop, so it must run at memory speed, which depthwise1d is built for (each input
-    row's window read once per program and kernel row). Its main tile of BLOCK_M * stride positions must be a
-    power of two (a power-of-two stride along the width), and padding past the window's reach would only
-    widen the halo with zeros. Any height, stride, padding and dilation along the height."""
-    kernel_w, stride_w = spec.kernel_size[1], spec.stride[1]
-    reach = (kernel_w - 1) * spec.dilation[1]
-    return (spec.is_depthwise and kernel_w <= SHORT_WINDOW_TAPS and stride_w & (stride_w - 1) == 0
-            and max(spec.padding[2:]) <= reach)
+    families = forward_families(spec)
+    conv.update(family=families[0], families=families, backward_family=backward_family(spec))
 
 
 def lower_padding_to_masks(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
@@ -262,7 +241,8 @@ def grad_input_as_forward(spec: ConvSpec, padding_budget: float) -> ConvSpec | N
     if min(padding) < 0:  # padding past the window's reach: the transposed conv would crop, not pad
         return None
     transposed = dataclasses.replace(spec, padding=padding, bias=False)
-    return transposed if planned(transposed, padding_budget).family != "depthwise" else None
+    transposed_plan = planned(transposed, padding_budget)
+    return transposed if transposed_plan.family != transposed_plan.backward_family else None
 
 
 def _run(pipeline: list[tuple[str, Callable]], graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:

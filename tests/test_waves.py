@@ -11,7 +11,8 @@ import pytest
 from gconvgen.ir import ConvSpec
 from gconvgen.lowering import Choice, PixelSpace, check_config, default_config, lower
 from gconvgen.plan import plan
-from gconvgen.tiles import DEFAULT_WAVES, H200_SMS, programs_of
+from gconvgen.families import programs_of
+from gconvgen.tiles import DEFAULT_WAVES, H200_SMS
 
 P = pytest.param
 TWO_WAVES = DEFAULT_WAVES * H200_SMS

@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 import triton
 
-from ..memo import memoized
 from .. import knobs
+from ..families import family_of_space
 from ..ir import ConvSpec, check
-from ..lowering import (ELEMENT_BYTES, KERNEL, Choice, KernelConfig, PixelSpace, band_operand_bytes, groups_per_program,
-                        lowered, packed_channels, tap_tile)
+from ..lowering import KERNEL, Choice, KernelConfig, PixelSpace, lowered, packed_channels
+from ..memo import memoized
 from ..resources import data_dir
 from ..runtime.device import device_target
 
@@ -160,9 +160,8 @@ def tile_elements(configs, problem, facts, family, params):
     """Keep tiles of min <= outputs <= max: BLOCK_M * BLOCK_N, times BLOCK_K columns for depthwise_gemm, times
     the padded taps for depthwise grad-weight (its step gathers a [BLOCK_M, taps, BLOCK_N] window)."""
     low, high = params.get("min", 0), params.get("max", float("inf"))
-    depth = {"depthwise_gemm": lambda c: c.block_k,
-             "grad_weight_depthwise": lambda c: tap_tile(problem.spec)}.get(family, lambda c: 1)
-    return [c for c in configs if low <= c.block_m * c.block_n * depth(c) <= high]
+    owner = family_of_space(family)
+    return [c for c in configs if low <= c.block_m * c.block_n * owner.tile_depth(c, problem.spec, problem.kind) <= high]
 
 
 def tile_fits_layout(configs, problem, facts, family, params):
@@ -181,7 +180,7 @@ def group_packing(configs, problem, facts, family, params):
     multiplies the block-diagonal tile's wasted products), unless tl.dot's 16 channels need more."""
     spec = problem.spec
     most = max(params["max_groups"], 16 // packed_channels(spec, problem.kind))
-    return [c for c in configs if groups_per_program(spec, family, c, problem.kind) <= most]
+    return [c for c in configs if family_of_space(family).groups_per_program(spec, c, problem.kind) <= most]
 
 
 def shared_memory_fits(configs, problem, facts, family, params):
@@ -190,11 +189,8 @@ def shared_memory_fits(configs, problem, facts, family, params):
     the channels in flight x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_K) for depthwise_gemm's input tile and band
     (tiles.band_operand_bytes)."""
     limit = facts.shared_memory_bytes or params["default_bytes"]
-    dtype = problem.spec.dtype
-    if family == "depthwise_gemm":
-        return [c for c in configs if band_operand_bytes(c, problem.spec) <= limit]
-    return [c for c in configs
-            if c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) * ELEMENT_BYTES[dtype] <= limit]
+    owner = family_of_space(family)
+    return [c for c in configs if owner.operand_bytes(c, problem.spec) <= limit]
 
 
 def channels_per_warp(configs, problem, facts, family, params):

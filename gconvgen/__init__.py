@@ -7,6 +7,8 @@ One conv travels api -> ir (ConvSpec) -> plan (networkx pass graph) -> codegen (
 ``gconvgen.convert(model)`` switches a model's grouped convs over, and ``gconvgen.fuse(model)`` also folds
 their BatchNorms and absorbs their activations; ``import gconvgen.compile`` registers
 the torch.compile backend "gconvgen" where the package's entry point is not installed.
+``gconvgen.tune(model, example_inputs)`` tunes the grouped convs one forward of a model runs, and
+``gconvgen.report(model, example_inputs)`` says which kernel each ran and times it against PyTorch.
 
 ``import gconvgen`` in a process without torch imports neither torch nor Triton, so ``gconvgen --help``
 answers at once: the IR and the planner load now, and the names that need torch (``conv2d``,
@@ -29,13 +31,14 @@ _TORCH_NAMES = {
     "CompiledLayer": "layer", "GroupedConv2d": "api", "compile_layer": "layer", "conv2d": "api", "resolve_padding": "api",
     "ConversionReport": "conversion", "convert": "conversion", "FusionReport": "fusion", "fuse": "fusion",
     "GroupedConv1d": "api1d", "conv1d": "api1d", "causal_conv1d_update": "decoding",
+    "tune": "model_tuning", "report": "model_report",
 }
 
 __all__ = [
     "CompiledLayer", "ConversionReport", "ConvSpec", "FusionReport", "GroupedConv2d", "Plan", "compile_layer",
     "conv2d", "convert", "fuse",
     "padding_overhead", "plan", "resolve_padding", "suggest_groups",
-    "GroupedConv1d", "causal_conv1d_update", "conv1d",
+    "GroupedConv1d", "causal_conv1d_update", "conv1d", "report", "tune",
 ]
 
 

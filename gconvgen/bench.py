@@ -26,7 +26,6 @@ from . import knobs
 from .autotune.choice import choice_for
 from .autotune.database import choice_of, database, key_of
 from .autotune.space import Problem, config_name, device_facts
-from .autotune.suites import Layer
 from .autotune.measure import Measurement, Timer, Workload, cudnn_benchmark
 from .lowering import ATEN, DEFAULT, ELEMENT_BYTES, Choice, lowered
 from .runtime import launch
@@ -128,8 +127,9 @@ def _describe_choice(key: str, choice: Choice) -> tuple[str, Choice]:
     return f"kernel ({tuned})", choice
 
 
-def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Timer, ceilings: Ceilings) -> BenchRow:
-    """Check and time one layer in one layout."""
+def bench_layer(layer_id: str, model: str, problem: Problem, device: torch.device, timer: Timer,
+                ceilings: Ceilings) -> BenchRow:
+    """Check and time one layer (``layer_id`` of ``model``, named in the row) in one layout."""
     spec = problem.spec
     facts = device_facts(device)
     workload = Workload.create(problem, device, facts, allows_tf32(device))
@@ -165,7 +165,7 @@ def bench_layer(layer: Layer, problem: Problem, device: torch.device, timer: Tim
     unresolved = {name: measured.why for name, measured in [("gconvgen", gconvgen_time), ("kernel", kernel_time),
                                                             ("F.conv2d", aten_time), *staged] if not measured.resolved}
     return BenchRow(
-        layer=layer.id, model=layer.model, layout=spec.layout, dtype=spec.dtype, choice=label,
+        layer=layer_id, model=model, layout=spec.layout, dtype=spec.dtype, choice=label,
         gconvgen_ms=gconvgen_time.ms, kernel_ms=kernel_time.ms,
         kernel_config=config_name(desc.config, desc.family), aten_ms=aten_time.ms,
         speedup=_ratio(aten_time, gconvgen_time), kernel_speedup=_ratio(aten_time, kernel_time), floor_ms=floor_ms,
@@ -272,18 +272,39 @@ def _scaled(value: Optional[float], unit: float) -> Optional[float]:
     return None if value is None else value / unit
 
 
-def _columns() -> list[tuple[str, Callable[[BenchRow], str]]]:
-    return [
+def _columns(verbose: bool) -> list[tuple[str, Callable[[BenchRow], str]]]:
+    """The table's columns: those a user reads, and with ``verbose`` the roofline model's terms too."""
+    columns = [
         ("layer", lambda r: r.layer), ("layout", lambda r: r.layout), ("choice", lambda r: r.choice),
-        ("gconvgen ms", lambda r: _ms_text(r.gconvgen_ms, "gconvgen", r)), ("kernel", lambda r: r.kernel_config),
-        ("kernel ms", lambda r: _ms_text(r.kernel_ms, "kernel", r)),
-        ("staging ms", lambda r: "-" if r.staging_ms is None else _ms_text(r.staging_ms, "staging", r)),
+        ("kernel", lambda r: r.kernel_config), ("gconvgen ms", lambda r: _ms_text(r.gconvgen_ms, "gconvgen", r)),
         ("F.conv2d ms", lambda r: _ms_text(r.aten_ms, "F.conv2d", r)), ("speedup", lambda r: ratio_text(r.speedup)),
-        ("floor ms", lambda r: UNRESOLVED if r.floor_ms is None else f"{r.floor_ms:.4g}"),
-        ("% floor", lambda r: ratio_text(r.pct_of_floor, "%")),
-        ("aten % floor", lambda r: ratio_text(r.aten_pct_of_floor, "%")), ("bound", lambda r: r.bound),
         ("check", lambda r: "ok" if r.correct else "WRONG"),
     ]
+    if verbose:
+        columns[-1:-1] = [
+            ("kernel ms", lambda r: _ms_text(r.kernel_ms, "kernel", r)),
+            ("staging ms", lambda r: "-" if r.staging_ms is None else _ms_text(r.staging_ms, "staging", r)),
+            ("floor ms", lambda r: UNRESOLVED if r.floor_ms is None else f"{r.floor_ms:.4g}"),
+            ("% floor", lambda r: ratio_text(r.pct_of_floor, "%")),
+            ("aten % floor", lambda r: ratio_text(r.aten_pct_of_floor, "%")), ("bound", lambda r: r.bound),
+        ]
+    return columns
+
+
+LEGEND = """\
+choice: what gconvgen.conv2d ran: a generated kernel (tuned, or the planner's default when untuned) or aten,
+  where tuning found PyTorch faster; kernel: the generated kernel's family and tiles (m, n, k: tile sizes;
+  w: warps; s: pipeline stages), the best one tuning timed where aten won
+gconvgen ms: one gconvgen.conv2d call (argument checks, dispatch and the launch); F.conv2d ms: PyTorch,
+  cudnn.benchmark on, same dtype and memory layout; speedup: F.conv2d ms / gconvgen ms, above one when
+  gconvgen is faster; check: gconvgen's output against a float64 reference"""
+INTERPRETER_RATIOS = """\
+On CPU gconvgen's times are Triton's interpreter's (a Python simulation of the GPU program) and F.conv2d's
+  are native: the speedups measure the interpreter, not gconvgen's kernels."""
+VERBOSE_LEGEND = """\
+kernel ms: the generated kernel's launch alone; staging ms: the channels_last copy of an NCHW input (part of
+  both times); floor ms: max(bytes / copy bandwidth, flops / matmul rate) with the ceilings measured in this
+  run; % floor: floor ms / gconvgen ms (aten % floor: of F.conv2d ms); bound: which ceiling sets the floor"""
 
 
 def _rate_text(value: Optional[float], unit: str) -> str:
@@ -291,11 +312,12 @@ def _rate_text(value: Optional[float], unit: str) -> str:
     return f"{UNRESOLVED} (no floor)" if value is None else f"{value:.3g} {unit}"
 
 
-def format_table(data: dict, *, markdown: bool = False) -> str:
-    """The report as a text (or markdown) table: one row per layer and layout, then the geometric means,
-    then why each unresolved time is unresolved."""
+def format_table(data: dict, *, markdown: bool = False, verbose: bool = False, note: bool = True) -> str:
+    """The report as a text (or markdown) table: one row per layer and layout, then the geometric means and
+    a legend; why each unresolved time is unresolved comes first. ``verbose`` adds the roofline model's
+    columns; ``note`` the CPU note (the command line prints it once, before the work)."""
     rows = [BenchRow(**row) for row in data["rows"]]
-    columns = _columns()
+    columns = _columns(verbose)
     cells = [[cell(row) for _, cell in columns] for row in rows]
     for name, means in data["geomean"].items():
         summary = {"layer": f"geomean ({name})", "speedup": ratio_text(means["speedup"]),
@@ -305,23 +327,30 @@ def format_table(data: dict, *, markdown: bool = False) -> str:
     env, ceil = data["environment"], data["ceilings"]
     lines = [f"suite {data['suite']} on {env['device']} | torch {env['torch']} | triton {env['triton']}"
              f" | cudnn {env['cudnn']} | driver {env['driver']} | {env['date']}",
-             f"timer: {data['timer']}",
-             f"ceilings measured in this run: copy {_rate_text(ceil['copy_GB_per_s'], 'GB/s')}, "
-             f"{ceil['matmul']} matmul {_rate_text(ceil['matmul_TFLOP_per_s'], 'TFLOP/s')}"]
-    if data["note"]:
+             f"timer: {data['timer']}"]
+    if verbose:
+        lines.append(f"ceilings measured in this run: copy {_rate_text(ceil['copy_GB_per_s'], 'GB/s')}, "
+                     f"{ceil['matmul']} matmul {_rate_text(ceil['matmul_TFLOP_per_s'], 'TFLOP/s')}")
+    if data["note"] and (note or markdown):
         lines.insert(0, f"NOTE: {data['note']}")
     lines += [f"kept for later: {d['id']} ({d['why']})" for d in data["deferred"]]
     lines += [f"FAILED: {d['id']} ({d['why']})" for d in data["failed"]]
     lines += [f"{UNRESOLVED}: {row.layer} {row.layout} {name} time ({why}); no ratio is given for it"
               for row in rows for name, why in row.unresolved.items()]
+    legend = LEGEND + ("\n" + VERBOSE_LEGEND if verbose else "\n(--verbose adds the roofline columns)")
+    if data["note"]:
+        legend += "\n" + INTERPRETER_RATIOS
+    header = "\n".join(f"- {line}" if markdown else line for line in lines)
+    return header + "\n\n" + text_table(headers, cells, markdown=markdown) + "\n\n" + legend + "\n"
+
+
+def text_table(headers: list[str], cells: list[list[str]], *, markdown: bool = False) -> str:
+    """``cells`` under ``headers`` as aligned text columns, or as a markdown table."""
     if markdown:
         table = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        table += ["| " + " | ".join(row) + " |" for row in cells]
-        return "\n".join(f"- {line}" for line in lines) + "\n\n" + "\n".join(table) + "\n"
+        return "\n".join(table + ["| " + " | ".join(row) + " |" for row in cells])
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
-    table = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    table += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines) + "\n\n" + "\n".join(table)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *cells])
 
 
 def plot(data: dict, path: str) -> None:

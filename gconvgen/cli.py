@@ -1,8 +1,8 @@
 """The gconvgen command line.
 
     gconvgen plan   explain a layer's plan and print its generated kernel
-    gconvgen tune   tune a suite's layers and write the tuning database
-    gconvgen bench  time gconvgen against F.conv2d and the roofline floor, layer by layer
+    gconvgen tune   tune a suite's layers, or a model's (--model), and write the tuning database
+    gconvgen bench  time gconvgen against F.conv2d, layer by layer, of a suite or a model (--model)
     gconvgen cache  show or clear the kernel cache and the tuning database
 
 Help and usage errors import neither torch nor Triton: each command imports what it runs when it runs, so
@@ -24,6 +24,7 @@ from click.core import ParameterSource
 
 from . import knobs
 from .cli_help import SUITE_FLAGS, HelpGroup, output_path, selected_suite, with_flags, write_output
+from . import cli_model
 from .ir import ACTIVATIONS, DTYPES
 
 if TYPE_CHECKING:
@@ -100,16 +101,17 @@ def _problems(suite_name: str | None, layer_ids: tuple[str, ...], dtype: str | N
 
 
 @contextlib.contextmanager
-def _on(device: torch.device) -> Iterator[None]:
-    """Run the command's body on ``device``: on CPU through Triton's interpreter, saying plainly what CPU
-    timings are worth.
+def _on(device: torch.device, note: bool = True) -> Iterator[None]:
+    """Run the command's body on ``device``: on CPU through Triton's interpreter, saying plainly (once, unless
+    ``note`` is False because the command's own summary says it) what CPU timings are worth.
 
     Triton decides when triton.language is imported whether its library functions run in the interpreter.
     Where Triton is not imported yet (the CLI imports it only now), TRITON_INTERPRET=1 is set for the body;
     where something imported it already, the command restarts itself once with it set.
     """
     if device.type != "cpu" or knobs.interpret():
-        _cpu_note(device)
+        if note:
+            _cpu_note(device)
         yield
         return
     if "triton" in sys.modules:
@@ -119,7 +121,8 @@ def _on(device: torch.device) -> Iterator[None]:
         with knobs.scoped(INTERPRET=1):
             os.execv(sys.executable, [sys.executable, "-m", "gconvgen", *sys.argv[1:]])
     with knobs.scoped(INTERPRET=1):
-        _cpu_note(device)
+        if note:
+            _cpu_note(device)
         yield
 
 
@@ -186,11 +189,14 @@ _suite_options = [
     click.option("--suite", default=None, metavar="NAME|FILE",
                  help="A shipped suite (headline, secondary, smoke) or a suite JSON file. "
                       "Default: headline on a GPU, smoke on CPU."),
-    click.option("--layer", "layer_ids", multiple=True, metavar="ID", help="Only this layer id (repeatable)."),
+    click.option("--layer", "layer_ids", multiple=True, metavar="ID",
+                 help="Only this layer id (repeatable); with tune --model, a module name of the model."),
     click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default=None,
-                 help="Default: the suite's dtype."),
+                 help="Default: the suite's dtype (with --model: the model's own)."),
     click.option("--layout", type=click.Choice(["nchw", "nhwc", "both"], case_sensitive=False), default="both",
-                 show_default=True, help="Activation layout (nhwc = channels_last)."),
+                 show_default=True,
+                 help="Activation layout (nhwc = channels_last). With --model the default is nchw, as PyTorch runs "
+                      "a model; nhwc puts the model and inputs in channels_last."),
     click.option("--device", default=None, help="cuda or cpu (Triton's interpreter). Default: cuda when present."),
     click.option("--force", is_flag=True, help="Tune layers again even when the database has them."),
 ]
@@ -217,14 +223,26 @@ _backward_tuning_option = click.option(
 @main.command()
 @_with_suite_options
 @_backward_tuning_option
-def tune(suite, layer_ids, dtype, layout, device, force, backward) -> None:
-    """Tune a suite's layers and write the winners to the tuning database.
+@cli_model.with_model_options
+@click.pass_context
+def tune(context, suite, layer_ids, dtype, layout, device, force, backward, model, input_shapes,
+         max_minutes) -> None:
+    """Tune a suite's layers, or your model's grouped convs (--model), and write the winners to the tuning
+    database.
 
     Every candidate is checked against a float64 reference before its time counts; PyTorch's own conv (or
-    its convolution_backward) is always a candidate, so a tuned kernel is never slower than aten's.
-    Ctrl-C keeps what was tuned.
+    its convolution_backward) is always a candidate, so the database never picks a kernel slower than aten's
+    (the call's own overhead comes on top: see gconvgen bench). With --model, one forward (and backward with
+    --backward) of the model is recorded, each distinct conv is tuned, and a per-layer summary is printed;
+    on CPU the time is estimated first. Ctrl-C keeps what was tuned.
     """
+    cli_model.check_model_flags(context, model, input_shapes, suite, {"--max-minutes": max_minutes is not None})
     device = _device(device)
+    if model is not None:
+        with _on(device, note=False):  # the summary says what CPU timings are worth
+            cli_model.tune_model(model, input_shapes, dtype, cli_model.layouts_of(context, layout), device, force,
+                                 backward, max_minutes, layer_ids)
+        return
     with _on(device):
         _, problems = _problems(suite, layer_ids, dtype, layout, device)
         _tune_all(_with_backward(problems) if backward else problems, device, force)
@@ -252,18 +270,32 @@ def tune(suite, layer_ids, dtype, layout, device, force, backward) -> None:
                    "--tune, --json and --markdown apply, --backward and --plot do not).")
 @click.option("--activation", type=click.Choice(ACTIVATIONS[1:], case_sensitive=False),
               default="relu", show_default=True, help="The block's activation (with --block bn-act only).")
-@click.option("--no-compile", "skip_compile", is_flag=True, help="With --block bn-act only: skip torch.compile.")
+@click.option("--no-compile", "skip_compile", is_flag=True,
+              help="With --block bn-act or --model: skip torch.compile.")
+@click.option("--verbose", "-v", is_flag=True, help="Add the model terms: the kernel alone, the roofline floor.")
+@cli_model.with_model_options
 @click.pass_context
 def bench(context, suite, layer_ids, dtype, layout, device, force, tune_first, json_path, markdown_path, plot_path,
-          backward, block, activation, skip_compile) -> None:
+          backward, block, activation, skip_compile, verbose, model, input_shapes, max_minutes) -> None:
     """Time gconvgen against F.conv2d (cudnn.benchmark on, same layout and dtype) and the roofline floor.
 
-    The floor is max(bytes / copy bandwidth, flops / matmul rate), both ceilings measured in this run.
-    On CPU it runs the smoke suite through Triton's interpreter: those timings say nothing about GPU speed.
+    A suite's layers, or your model's (--model). With --model: which kernel each grouped conv ran (family, tiles, tuned or default) and its time against
+    F.conv2d and torch.compile, then the whole model's forward and training step, eager against converted.
+    On CPU the kernels run in Triton's interpreter: those timings say nothing about GPU speed.
     """
-    _check_block_flags(context, block, backward, plot_path)  # before the run, not after it
+    cli_model.check_model_flags(context, model, input_shapes, suite, {"--max-minutes": max_minutes is not None})
+    if model is not None:
+        cli_model.check_bench_flags(context, block, backward, plot_path, layer_ids, tune_first or force)
+    else:
+        _check_block_flags(context, block, backward, plot_path)  # before the run, not after it
     _check_plotting(plot_path)
     device = _device(device)
+    if model is not None:
+        with _on(device):
+            cli_model.bench_model(model, input_shapes, dtype, cli_model.layouts_of(context, layout), device,
+                                  tune_first, force, backward, not skip_compile, max_minutes, verbose, json_path,
+                                  markdown_path)
+        return
     with _on(device):
         suite_info, problems = _problems(suite, layer_ids, dtype, layout, device)
         if block == "bn-act":
@@ -273,7 +305,7 @@ def bench(context, suite, layer_ids, dtype, layout, device, force, tune_first, j
             return
         if tune_first or force:
             _tune_all(_with_backward(problems) if backward else problems, device, force)
-        data, all_correct = _bench_all(suite_info, problems, device)
+        data, all_correct = _bench_all(suite_info, problems, device, verbose)
         if backward:
             from . import bench_backward
 
@@ -282,7 +314,7 @@ def bench(context, suite, layer_ids, dtype, layout, device, force, tune_first, j
             data["backward"] = [{"id": label, "gconvgen_ms": t.gconvgen_ms, "torch_ms": t.torch_ms,
                                  "speedup": t.speedup, "resolved": t.resolved}
                                 for (label, _, _), t in zip(problems, timings)]
-    _write_reports(data, json_path, markdown_path, plot_path)
+    _write_reports(data, json_path, markdown_path, plot_path, verbose)
     if not all_correct:
         raise click.ClickException("some layers failed or gave wrong results (check column): see above")
 
@@ -301,7 +333,9 @@ def _check_block_flags(context: click.Context, block: str, backward: bool, plot_
     for name, flag in (("activation", "--activation"), ("skip_compile", "--no-compile")):
         if context.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
             raise click.UsageError(f"{flag} applies to --block bn-act only (the conv table runs no activation "
-                                   f"and no torch.compile); add --block bn-act or drop {flag}")
+                                   f"and no torch.compile); add --block bn-act or drop {flag}"
+                                   + (" (or time a model's layers against torch.compile with --model)"
+                                      if flag == "--no-compile" else ""))
 
 
 def _bench_blocks(problems, activation: str, device: torch.device, compile_block: bool,
@@ -338,7 +372,7 @@ def _check_plotting(plot_path: str | None) -> None:
 
 
 def _bench_all(suite_info: suites.Suite, problems: list[tuple[str, suites.Layer, Problem]],
-               device: torch.device) -> tuple[dict, bool]:
+               device: torch.device, verbose: bool = False) -> tuple[dict, bool]:
     """Measure the ceilings, then check and time every problem; print the table. Returns the report and
     whether every layer ran and was correct."""
     from . import bench as benchmark
@@ -351,23 +385,24 @@ def _bench_all(suite_info: suites.Suite, problems: list[tuple[str, suites.Layer,
     try:
         for label, layer, problem in tqdm.tqdm(problems, desc="benchmarking", unit="layer", dynamic_ncols=True):
             try:
-                rows.append(benchmark.bench_layer(layer, problem, device, timer, ceilings))
+                rows.append(benchmark.bench_layer(layer.id, layer.model, problem, device, timer, ceilings))
             except (RuntimeError, ValueError) as error:  # e.g. out of memory: report it, measure the rest
                 failed.append({"id": label, "why": f"{type(error).__name__}: {error}"})
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: reporting the {len(rows)} layer(s) measured so far", err=True)
     skipped = [{"id": layer.id, "why": layer.later} for layer in suite_info.deferred]
     data = benchmark.report(suite_info.name, rows, ceilings, timer, device, skipped, failed)
-    click.echo(benchmark.format_table(data))
+    click.echo(benchmark.format_table(data, verbose=verbose, note=False))  # _on said it, before the work
     return data, not failed and all(row.correct for row in rows)
 
 
-def _write_reports(data: dict, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
+def _write_reports(data: dict, json_path: str | None, markdown_path: str | None, plot_path: str | None,
+                   verbose: bool = False) -> None:
     """Write the JSON, markdown and plot asked for."""
     from . import bench as benchmark
 
     write_output(json_path, json.dumps(data, indent=1) + "\n")
-    write_output(markdown_path, benchmark.format_table(data, markdown=True))
+    write_output(markdown_path, benchmark.format_table(data, markdown=True, verbose=verbose))
     if plot_path:
         try:
             benchmark.plot(data, plot_path)

@@ -101,6 +101,21 @@ def sizes(lengths: tuple[int, ...], forms: str,
     return parse
 
 
+def shape(context: click.Context, parameter: click.Parameter, texts: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """A click callback reading each ``1x3x224x224`` of a repeatable option as a tuple of ints >= 1 (a
+    tensor's shape); otherwise click.BadParameter naming the value."""
+    shapes = []
+    for text in texts:
+        try:
+            sizes = tuple(int(part) for part in text.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a shape; give sizes joined by x, e.g. 1x3x224x224") from None
+        if not 1 <= len(sizes) <= 5 or min(sizes) < 1:
+            raise click.BadParameter(f"{text!r} must be 1 to 5 sizes, each >= 1, e.g. 1x3x224x224")
+        shapes.append(sizes)
+    return tuple(shapes)
+
+
 def output_path(suffixes: tuple[str, ...] = (), what: str = "") -> Callable[[click.Context, click.Parameter,
                                                                               Optional[str]], Optional[str]]:
     """A click callback that refuses, before any work, an output path that cannot be written: a folder, a

@@ -9,11 +9,20 @@ entry point (pyproject.toml) and, for a checkout that is not installed, when thi
 ``make_backend(inner)`` hands the rest to another backend (e.g. "aot_eager") instead of Inductor.
 A grouped conv's epilogue in the graph (eval batch_norm, residual add, activation; graph_epilogue.py) is
 fused into its gconvgen call.
+
+What it did: each compiled graph prints one line to stderr, e.g. "gconvgen: rewrote 12 grouped convs (3 fused:
+3 BN+relu)" (logger ``gconvgen.summary``); ``TORCH_LOGS="gconvgen"`` (or Python logging at INFO for the
+``gconvgen`` logger) shows each rewrite and first-call tuning, ``TORCH_LOGS="+gconvgen"`` also why a grouped conv
+stays with torch.
 """
 from __future__ import annotations
 
 import logging
 import operator
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Callable, Optional
 
@@ -28,7 +37,9 @@ from .graph_epilogue import match_epilogue
 from .ir import check
 from .runtime.ops import DTYPE_NAMES
 
+# every rewrite at info level, why a conv stays with torch at debug: TORCH_LOGS="gconvgen" (or "+gconvgen")
 log = logging.getLogger(__name__)
+SUMMARY_LOGGER = "gconvgen.summary"  # one line per compiled graph, shown by default (see _summary_log)
 
 BACKEND_NAME = "gconvgen"
 # (input, weight, bias, stride, padding, dilation, groups): the functional form and its defaults
@@ -90,12 +101,38 @@ def _why_not(call: dict, ranks: tuple[int, int] = (3, 4)) -> Optional[str]:
     return None
 
 
+@dataclass
+class Rewrites:
+    """What one rewrite did: how many convs now run by gconvgen, the epilogue fused into each conv that has
+    one (e.g. 'BN+relu'), and why each grouped conv that stays with torch stays."""
+
+    replaced: int = 0
+    fused: list[str] = field(default_factory=list)
+    stayed: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line, e.g. 'gconvgen: rewrote 12 grouped convs (3 fused: 2 BN+relu, 1 BN+add+silu)'."""
+        line = f"gconvgen: rewrote {self.replaced} grouped conv{'s' * (self.replaced != 1)}"
+        if self.fused:
+            kinds = Counter(self.fused)
+            line += f" ({len(self.fused)} fused: " + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + ")"
+        if self.stayed:
+            line += f"; {len(self.stayed)} stay with torch (TORCH_LOGS=+gconvgen says why)"
+        return line
+
+
 def rewrite_grouped_convs(graph_module: fx.GraphModule) -> int:
     """Replace every grouped 2-D conv call of ``graph_module`` by ``gconvgen.conv2d`` and every grouped 1-D
     one by ``gconvgen.conv1d``, in place, together with the epilogue after it (see ``match_epilogue``): an
     eval-mode batch_norm folded into the weight and bias, a residual add and an activation. Returns how many
-    convs were replaced; why the others were not is logged at debug level."""
-    replaced = fused = 0
+    convs were replaced; each rewrite is logged at info level (logger ``gconvgen.compile``), and why the
+    others were not at debug level."""
+    return rewrite(graph_module).replaced
+
+
+def rewrite(graph_module: fx.GraphModule) -> Rewrites:
+    """``rewrite_grouped_convs``, returning what it did (Rewrites)."""
+    rewrites = Rewrites()
     graph = graph_module.graph
     for node in list(graph.nodes):
         dims, call = next(((dims, call) for dims in _CONVS
@@ -105,7 +142,9 @@ def rewrite_grouped_convs(graph_module: fx.GraphModule) -> int:
         function, ranks = _CONVS[dims][2:]
         reason = _why_not(call, ranks)
         if reason:
-            log.debug("gconvgen backend: %s stays with torch: %s", node.name, reason)
+            log.debug("gconvgen backend: %s stays with torch: %s", _where(node), reason)
+            if not (isinstance(call["groups"], int) and call["groups"] <= 1):
+                rewrites.stayed.append(reason)
             continue
         batched = _example_input(call).dim() == ranks[1]
         epilogue = match_epilogue(graph_module, node, batched=batched)
@@ -127,11 +166,27 @@ def rewrite_grouped_convs(graph_module: fx.GraphModule) -> int:
         epilogue.last.replace_all_uses_with(gconvgen_call)
         for fused_node in reversed(epilogue.nodes):
             graph.erase_node(fused_node)
-        replaced += 1
-        fused += len(epilogue.nodes) > 1
+        rewrites.replaced += 1
+        fused = "+".join(part for part, present in (("BN", epilogue.batch_norm is not None),
+                                                    ("add", epilogue.residual is not None),
+                                                    (epilogue.activation, bool(epilogue.activation))) if present)
+        if fused:
+            rewrites.fused.append(fused)
+        log.info("gconvgen backend: %s -> gconvgen.%s%s", _where(node), function.__name__,
+                 f" with {fused} fused" if fused else "")
     graph_module.recompile()
-    log.info("gconvgen backend: %d grouped conv(s) now run by gconvgen, %d with a fused epilogue", replaced, fused)
-    return replaced
+    log.info("gconvgen backend: %d grouped conv(s) now run by gconvgen, %d with a fused epilogue",
+             rewrites.replaced, len(rewrites.fused))
+    return rewrites
+
+
+def _where(node: fx.Node) -> str:
+    """The node's name and, where Dynamo recorded it, the module it came from: 'conv2d (0.dw)'."""
+    stack = node.meta.get("nn_module_stack") or {}
+    module = next(reversed(stack.values()), None) if stack else None
+    path = module[0] if isinstance(module, tuple) and module and isinstance(module[0], str) else ""
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)  # Dynamo's name of the compiled callable: not the user's
+    return f"{node.name} ({path})" if path else node.name
 
 
 def make_backend(inner: str | Callable = "inductor") -> Callable:
@@ -141,13 +196,45 @@ def make_backend(inner: str | Callable = "inductor") -> Callable:
           f"inner={inner!r} must be a torch.compile backend name or function", TypeError)
 
     def gconvgen_backend(graph_module: fx.GraphModule, example_inputs: list) -> Callable:
-        rewrite_grouped_convs(graph_module)
+        rewrites = rewrite(graph_module)
+        if rewrites.replaced or rewrites.stayed:
+            _summary_log().info("%s", rewrites.summary())
         return torch._dynamo.lookup_backend(inner)(graph_module, example_inputs)
 
     return gconvgen_backend
 
 
 backend = make_backend("inductor")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler writing to whatever sys.stderr is when a line is written (as logging's last resort
+    does), so redirecting stderr later redirects the summary too."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _summary_log() -> logging.Logger:
+    """The logger of the one-line summary each compiled graph gets (``gconvgen.summary``). Unless the user
+    configured it (a level or a handler of their own), it prints its info lines to stderr, once each, and
+    does not pass them on; ``logging.getLogger("gconvgen.summary").setLevel(logging.WARNING)`` silences it."""
+    summary = logging.getLogger(SUMMARY_LOGGER)
+    if summary.level == logging.NOTSET and not summary.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        summary.addHandler(handler)
+        summary.setLevel(logging.INFO)
+        summary.propagate = False
+    return summary
 
 
 def _register() -> None:

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from .api import GroupedConv2d
@@ -89,6 +90,10 @@ def _replacement(conv: nn.Conv2d | nn.Conv1d, name: str, channel_policy: str) ->
     check(not (conv._forward_pre_hooks or conv._forward_hooks or conv._backward_pre_hooks or conv._backward_hooks),
           "it has hooks registered on it, which a replacement would lose")
     check(conv.padding_mode == "zeros", f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+    check(not torch.nn.utils.parametrize.is_parametrized(conv),
+          "its weight is parametrized (e.g. weight_norm) and computed on each call, which a replacement would "
+          "lose; torch.compile(model, backend='gconvgen') runs it as it is, or remove the parametrization first "
+          "(torch.nn.utils.parametrize.remove_parametrizations(conv, 'weight'))")
     check(conv.weight.dtype in DTYPE_NAMES,
           f"dtype {conv.weight.dtype} is not supported; use float32, float16, bfloat16 or float64", TypeError)
     module = grouped.from_conv(conv, channel_policy=channel_policy)

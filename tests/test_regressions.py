@@ -252,3 +252,12 @@ def test_fuse_leaves_a_nested_module_that_also_runs_through_its_parent():
     fused = gconvgen.fuse(model)
     torch.testing.assert_close(fused(x), expected, atol=1e-4, rtol=1e-4)
     assert isinstance(fused.block[0], nn.BatchNorm2d)
+
+
+def test_convert_says_why_it_skips_a_weight_normed_conv():
+    """wav2vec2's positional conv is weight-normed (a parametrized weight): convert leaves it, with the reason
+    and the fix, never a raw torch error."""
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3, padding=1, groups=4), dim=2)
+    model = gconvgen.convert(nn.Sequential(conv))
+    (name, reason), = model.gconvgen_report.skipped
+    assert "parametrized" in reason and "remove_parametrizations" in reason

@@ -225,9 +225,9 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     x_active = x3[active]
     state = conv_state[rows]  # [active, dim, state_len], a copy
     compute = torch.promote_types(_compute_dtype(x, weight), torch.float32)
-    if cache_seqlens is None:
+    if cache_seqlens is None or state_len == 0:  # (a width-1 filter keeps no state: nothing to write)
         window = torch.cat([state, x_active], dim=-1)
-        new_state = window[..., -state_len:]
+        new_state = window[..., window.shape[-1] - state_len:]
     else:
         start = cache_seqlens.long()[active]
         history = torch.remainder(torch.arange(-(width - 1), 0, device=x.device)[None, :] + start[:, None], state_len)

@@ -144,19 +144,21 @@ def forward_family(desc):
 
 
 # ---------------------------------------------------------------------------------------------- hypothesis
-# Profiles of the differential fuzz (tests/test_fuzz.py). "ci", the default, keeps the whole file to about two
-# minutes on two CPU cores; "long" draws 20 times the examples, for a kernel change before it lands:
+# Profiles of the differential fuzz (tests/test_fuzz.py). "ci", the default, keeps the whole file to about a
+# minute on two idle CPU cores (two when busy); "long" draws 20 times the examples, for a kernel change
+# before it lands:
 #     pytest tests/test_fuzz.py --hypothesis-profile=long
 # No deadline: the interpreter runs a kernel in tens of milliseconds to seconds, first calls also render it.
 # Failing examples are kept in the repository's .hypothesis/ (git-ignored) and replayed first next run.
-# function_scoped_fixture: the fixtures the fuzz uses (nan_filled_outputs) hold no per-example state.
+# Health checks off: too_slow (drawing a problem plans and lowers it to check its config) and
+# function_scoped_fixture (the fixture the fuzz uses, nan_filled_outputs, holds no per-example state).
 try:
     from hypothesis import HealthCheck, settings
     from hypothesis.database import DirectoryBasedExampleDatabase
 except ImportError:  # hypothesis comes with the test extras; without it only test_fuzz.py cannot run
     pass
 else:
-    _FUZZ_EXAMPLES = 30
+    _FUZZ_EXAMPLES = 40
     settings.register_profile(
         "ci", max_examples=_FUZZ_EXAMPLES, deadline=None, print_blob=True,
         database=DirectoryBasedExampleDatabase(

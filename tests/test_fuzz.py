@@ -510,13 +510,15 @@ def special_values(most: int):
 @st.composite
 def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,), specials: bool = True,
                   max_channels: int = 16, kernel_sides: tuple = (1, 2, 3, 4, 5, 7), wide_odds: int = 4,
-                  transposable: bool = False) -> ConvProblem:
+                  transposable: bool = False,
+                  extents: tuple = ("small", "long_rows", "small", "long_rows", "large")) -> ConvProblem:
     """A coherent problem for one forward family (None: the planner's default): channels the family computes,
     a geometry at the edges the lowering branches on, a layout and view, a dtype, an epilogue, special values,
     and a tile config the lowering accepts. Shrinks toward one image, few channels, 1 x 1 outputs, NCHW.
     One default depthwise problem in ``wide_odds`` (0: none) is 7 x 7 in half precision, where the banded
     kernel is the planner's default. ``transposable``: a depthwise conv its own transpose (one output per
-    channel, stride 1, padding within the window's reach), whose input gradient may run as a forward conv."""
+    channel, stride 1, padding within the window's reach), whose input gradient may run as a forward conv.
+    ``extents``: the map sizes drawn ("tiny": at most 3 x 3, where outputs of 1 x 1 and of width 1 are common)."""
     family = draw(st.sampled_from(tuple(f for f in families if f != "igemm") if transposable else families))
     depthwise = (transposable or family in ("depthwise", "depthwise_gemm", "depthwise1d")
                  or (family is None and draw(st.booleans())))
@@ -551,8 +553,8 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
     reach_h, reach_w = (kernel_h - 1) * dilation[0], (kernel_w - 1) * dilation[1]
     # rows longer than a banded strip (16) or a depthwise1d tile; now and then more pixels than a default
     # interpreter tile (256)
-    extent = draw(st.sampled_from(("small", "long_rows", "small", "long_rows", "large")))
-    max_h, max_w = {"small": (9, 9), "long_rows": (2, 20), "large": (12, 24)}[extent]
+    extent = draw(st.sampled_from(extents))
+    max_h, max_w = {"tiny": (3, 3), "small": (9, 9), "long_rows": (2, 20), "large": (12, 24)}[extent]
     max_h = 1 if one_d else max_h
     large = extent == "large"
     mode = draw(st.sampled_from(("sides", "same", "causal", "valid") if one_d else ("sides", "same")))
@@ -800,6 +802,15 @@ def test_conv2d_forward_depthwise_gemm(problem, nan_filled_outputs):
 @settings(max_examples=budget(0.25))
 @given(problem=conv_problems(families=("depthwise1d",)))
 def test_conv2d_forward_depthwise1d(problem, nan_filled_outputs):
+    check_forward(problem)
+
+
+@settings(max_examples=budget(0.5))
+@given(problem=conv_problems(families=("depthwise1d", "depthwise_gemm", None), extents=("tiny",)))
+def test_row_aligned_kernels_on_tiny_maps(problem, nan_filled_outputs):
+    """The kernels that read rows as aligned vectors (depthwise1d, the banded kernel's NCHW rows) write their
+    strides and widths rounded to the launch's row alignment: on maps of at most 3 x 3 (outputs of width 1,
+    unit channel strides, odd widths) a value the alignment left out would be rounded to a wrong one."""
     check_forward(problem)
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import unittest.mock
 from dataclasses import dataclass
 
 import pytest
@@ -60,7 +61,7 @@ import gconvgen
 from gconvgen import knobs
 from gconvgen.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
 from gconvgen.plan import grad_input_as_forward, plan
-from gconvgen.runtime import choices
+from gconvgen.runtime import choices, launch
 from gconvgen.runtime.ops import spec_for_call
 from conftest import TOLERANCES, spy_on_kernels
 
@@ -155,6 +156,7 @@ class GradientProblem:
     grad_input_config: KernelConfig | None = None
     grad_weight_config: KernelConfig | None = None
     at_kinks: bool = False
+    programs: int = 1  # what the split reductions (grad-weight, grad-bias) aim to fill: > 1 splits their pixels
 
 
 def sides_of(problem: ConvProblem) -> tuple[int, int, int, int]:
@@ -609,7 +611,7 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
 def gradient_problems(draw) -> GradientProblem:
     """A forward problem (no special values) and the backward's choices: grad-input default or direct,
     small tile configs for the direct grad-input and for grad-weight, and at times every pre-activation at
-    an activation's kink."""
+    an activation's kink, and the split reductions split into several pixel ranges (as on a GPU)."""
     # the direct depthwise grad-input costs the interpreter about 50 ms a tap and program: smaller problems,
     # and 7 x 7 (half precision, whose transposed forward is the banded kernel) only by default
     transposable = draw(st.integers(0, 3)) == 0
@@ -629,7 +631,8 @@ def gradient_problems(draw) -> GradientProblem:
     at_kinks = draw(st.integers(0, 5)) == 0
     if at_kinks:  # an activation with kinks, and biases at them
         problem = dataclasses.replace(problem, bias=True, activation=draw(st.sampled_from(tuple(KINKS))))
-    return GradientProblem(problem, direct, grad_input_config, grad_weight_config, at_kinks)
+    programs = draw(st.sampled_from((1, 1, 3, 64)))
+    return GradientProblem(problem, direct, grad_input_config, grad_weight_config, at_kinks, programs)
 
 
 # ---------------------------------------------------------------------------------------------- the checks
@@ -685,7 +688,8 @@ def check_gradients(case: GradientProblem) -> None:
     grad_input = Choice(KERNEL, case.grad_input_config, None) if case.grad_input == "direct" else DEFAULT
     grad_weight = DEFAULT if case.grad_weight_config is None else Choice(KERNEL, case.grad_weight_config, None)
     with forced_choices(forward_choice(problem), grad_input, grad_weight), kernels_launched() as launched, \
-            grad_input_launches() as prepared:
+            grad_input_launches() as prepared, \
+            unittest.mock.patch.object(launch, "target_programs", lambda device: case.programs):
         out = call_gconvgen(problem, Tensors(leaves["x"], leaves["weight"], leaves.get("bias"),
                                              leaves.get("residual")))
         grads = torch.autograd.grad(out, list(leaves.values()), grad_output)
@@ -860,6 +864,13 @@ def test_conv1d_forward(problem, nan_filled_outputs):
 @example(case=GradientProblem(_known(in_channels=4, out_channels=4, groups=2, size=(3, 3), kernel=(3, 3),
                                      padding=(1, 1, 1, 1), bias=True, activation="hardswish"), grad_input="direct",
                               at_kinks=True))
+# split reductions: grad-weight and grad-bias sum several pixel ranges in a fixed order (as on a GPU)
+@example(case=GradientProblem(_known(batch=2, in_channels=4, out_channels=6, groups=2, size=(8, 8), kernel=(3, 3),
+                                     padding=(1, 1, 1, 1), bias=True),
+                              grad_weight_config=KernelConfig(16, 16, 16, num_warps=1, num_stages=1), programs=64))
+@example(case=GradientProblem(_known(batch=2, in_channels=4, out_channels=4, groups=4, size=(8, 8), kernel=(3, 3),
+                                     padding=(1, 1, 1, 1), bias=True),
+                              grad_weight_config=KernelConfig(8, 4, 0, num_warps=1, num_stages=1), programs=64))
 def test_gradients(case, nan_filled_outputs):
     check_gradients(case)
 

@@ -67,6 +67,17 @@ class Recording:
         return grouped
 
 
+def check_model_arguments(model: object, flags: dict, max_minutes: object) -> None:
+    """The checks gconvgen.tune and gconvgen.report share: an nn.Module, True/False ``flags`` (name: value),
+    and a ``max_minutes`` that is a number > 0 or None. TypeError naming the argument."""
+    check(isinstance(model, nn.Module), f"model must be an nn.Module, got {type(model).__name__}", TypeError)
+    for name, value in flags.items():
+        check(isinstance(value, bool), f"{name}={value!r} must be True or False", TypeError)
+    check(max_minutes is None or (isinstance(max_minutes, (int, float)) and not isinstance(max_minutes, bool)
+                                  and max_minutes > 0),
+          f"max_minutes={max_minutes!r} must be a number of minutes > 0, or None for the default", TypeError)
+
+
 def example_arguments(example_inputs: object) -> tuple:
     """The model's positional arguments: a tensor, or a tuple or list of arguments; raises TypeError naming
     ``example_inputs`` otherwise."""

@@ -27,7 +27,7 @@ from .autotune import measure
 from .autotune.estimate import duration_text, interpreter_seconds
 from .autotune.space import Problem, device_facts
 from .ir import check
-from .model_calls import FUNCTIONAL, converted_copy, example_arguments, record_calls
+from .model_calls import FUNCTIONAL, check_model_arguments, converted_copy, example_arguments, record_calls
 from .model_tuning import FUNCTIONAL_NOTE, MAX_INTERPRETER_MINUTES, model_device
 from .runtime.fallback import aten_conv2d
 
@@ -96,12 +96,7 @@ def report(model: nn.Module, example_inputs: object, *, torch_compile: bool = Tr
 
     Returns a ModelReport (``print`` it). Raises TypeError / ValueError naming the argument.
     """
-    check(isinstance(model, nn.Module), f"model must be an nn.Module, got {type(model).__name__}", TypeError)
-    for name, value in (("torch_compile", torch_compile), ("training", training), ("quiet", quiet)):
-        check(isinstance(value, bool), f"{name}={value!r} must be True or False", TypeError)
-    check(max_minutes is None or (isinstance(max_minutes, (int, float)) and not isinstance(max_minutes, bool)
-                                  and max_minutes > 0),
-          f"max_minutes={max_minutes!r} must be a number of minutes > 0, or None for the default", TypeError)
+    check_model_arguments(model, {"torch_compile": torch_compile, "training": training, "quiet": quiet}, max_minutes)
     device = model_device(model, example_inputs)
     check(device.type == "cuda" or knobs.interpret(),
           f"the model is on {device}: on CPU gconvgen's kernels run in Triton's interpreter, which is off; start "

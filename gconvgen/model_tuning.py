@@ -25,7 +25,7 @@ from .autotune.estimate import duration_text, tuning_seconds
 from .autotune.space import Problem, config_name, device_facts
 from .ir import check
 from .lowering import ATEN
-from .model_calls import FUNCTIONAL, Recording, example_arguments, record_calls
+from .model_calls import FUNCTIONAL, Recording, check_model_arguments, example_arguments, record_calls
 from .runtime.device import allows_tf32
 
 MAX_INTERPRETER_MINUTES = 10.0  # on CPU, tuning estimated to take longer is refused unless max_minutes says more
@@ -82,12 +82,7 @@ def tune(model: nn.Module, example_inputs: object, *, backward: bool = False, fo
     argument for bad arguments, ValueError when the estimate is over ``max_minutes``, and KeyboardInterrupt
     after keeping what was tuned.
     """
-    check(isinstance(model, nn.Module), f"model must be an nn.Module, got {type(model).__name__}", TypeError)
-    for name, value in (("backward", backward), ("force", force), ("quiet", quiet)):
-        check(isinstance(value, bool), f"{name}={value!r} must be True or False", TypeError)
-    check(max_minutes is None or (isinstance(max_minutes, (int, float)) and not isinstance(max_minutes, bool)
-                                  and max_minutes > 0),
-          f"max_minutes={max_minutes!r} must be a number of minutes > 0, or None for the default", TypeError)
+    check_model_arguments(model, {"backward": backward, "force": force, "quiet": quiet}, max_minutes)
     check(not isinstance(layers, str), f"layers={layers!r} must be a list of module names, e.g. [{layers!r}]",
           TypeError)
     device = model_device(model, example_inputs)

@@ -96,6 +96,17 @@ def seed(request):
 
 
 @pytest.fixture
+def own_tuning_database(tmp_path):
+    """A cache directory of this test's own: tuning in it writes records (on CPU, aten wins them) that would
+    otherwise decide what later tests run."""
+    from gconvgen import memo
+
+    with knobs.scoped(CACHE_DIR=tmp_path / "gconvgen-cache"):
+        yield
+    memo.reset()
+
+
+@pytest.fixture
 def nan_filled_outputs():
     """torch.empty fills floats with NaN while deterministic algorithms are on, so any output element a
     kernel fails to write survives as NaN and assert_close catches it."""

@@ -16,7 +16,7 @@ from torch import nn
 
 import gconvgen
 import gconvgen.compile
-from gconvgen import knobs, memo
+from gconvgen import knobs
 from gconvgen.autotune import estimate, tuner
 from gconvgen.autotune.database import key_of
 from gconvgen.autotune.space import Problem
@@ -27,13 +27,7 @@ from gconvgen.model_calls import FUNCTIONAL, MODULE, ModelRunError, record_calls
 from gconvgen.runtime import choices
 
 
-@pytest.fixture(autouse=True)
-def own_tuning_database(tmp_path):
-    """Tuning here writes records (on CPU, aten wins them): a cache directory of this test's own keeps them
-    from deciding what later tests run."""
-    with knobs.scoped(CACHE_DIR=tmp_path / "gconvgen-cache"):
-        yield
-    memo.reset()
+pytestmark = pytest.mark.usefixtures("own_tuning_database")  # conftest.py
 
 
 MODEL_FILE = textwrap.dedent('''

@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gconvgen import knobs, memo
 
 
-@pytest.fixture(autouse=True)
-def own_tuning_database(tmp_path):
-    """Tuning here writes records (on CPU, aten wins them): a cache directory of this test's own keeps them
-    from deciding what later tests run."""
-    with knobs.scoped(CACHE_DIR=tmp_path / "gconvgen-cache"):
-        yield
-    memo.reset()
+pytestmark = pytest.mark.usefixtures("own_tuning_database")  # conftest.py
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -24,11 +24,11 @@ from torch.utils import _pytree
 
 from . import bench, knobs
 from .autotune import measure
-from .autotune.estimate import duration_text, interpreter_seconds
+from .autotune.estimate import interpreter_seconds
 from .autotune.space import Problem, device_facts
 from .ir import check
 from .model_calls import FUNCTIONAL, check_model_arguments, converted_copy, example_arguments, record_calls
-from .model_tuning import FUNCTIONAL_NOTE, MAX_INTERPRETER_MINUTES, model_device
+from .model_tuning import FUNCTIONAL_NOTE, check_interpreter_budget, model_device
 from .runtime.fallback import aten_conv2d
 
 # interpreter runs of a layer's kernel: bench_layer's two checks and two timings; the whole model's forward
@@ -126,14 +126,8 @@ def _check_interpreter_time(grouped: dict, training: bool, max_minutes: Optional
     per_run = {problem: next(iter(interpreter_seconds(problem).values()), 0.0) for problem in grouped}
     model_runs = _MODEL_RUNS if training else 5
     seconds = sum(per_run[problem] * (_LAYER_RUNS + model_runs * len(calls)) for problem, calls in grouped.items())
-    limit = MAX_INTERPRETER_MINUTES if max_minutes is None else max_minutes
-    check(seconds <= 60 * limit,
-          f"timing this model in Triton's interpreter on CPU would take {duration_text(seconds)}, over "
-          f"max_minutes={limit:g}; pass max_minutes={max(1, round(seconds / 60 * 1.5))} to go ahead, use a smaller "
-          f"input, or run on a CUDA device (CPU timings say nothing about GPU speed)")
-    if not quiet:
-        print(f"timing {len(grouped)} conv problem(s) and the whole model in Triton's interpreter on CPU: "
-              f"{duration_text(seconds)} (estimated)", file=sys.stderr)
+    check_interpreter_budget(f"timing {len(grouped)} conv problem(s) and the whole model", seconds, max_minutes,
+                             quiet=quiet)
 
 
 def _compiled_conv_ms(problem: Problem, device: torch.device, timer: measure.Timer,

@@ -168,17 +168,25 @@ def _check_interpreter_time(problems: list[Problem], max_minutes: Optional[float
     """Estimate the interpreter's time for ``problems``, say it, and refuse it above ``max_minutes``."""
     if not problems:
         return
-    seconds = sum(tuning_seconds(problem) for problem in problems)
+    largest = max(problems, key=lambda problem: problem.output_pixels)
+    check_interpreter_budget(f"tuning {len(problems)} problem(s)", sum(tuning_seconds(problem) for problem in problems),
+                             max_minutes, quiet=quiet, detail=f" (the largest: {largest.describe()})",
+                             instead=" to try gconvgen out, or tune")
+
+
+def check_interpreter_budget(what: str, seconds: float, max_minutes: Optional[float], *, quiet: bool,
+                             detail: str = "", instead: str = ", or run") -> None:
+    """Refuse ``what`` when the interpreter's estimated ``seconds`` exceed ``max_minutes`` (None:
+    MAX_INTERPRETER_MINUTES), saying the value that would let it run; else say the estimate (unless
+    ``quiet``) before the work starts. ``instead`` ends the advice ("... a smaller input{instead} on a CUDA
+    device")."""
     limit = MAX_INTERPRETER_MINUTES if max_minutes is None else max_minutes
-    if seconds > 60 * limit:
-        largest = max(problems, key=lambda problem: problem.output_pixels)
-        raise ValueError(f"tuning {len(problems)} problem(s) in Triton's interpreter on CPU would take "
-                         f"{duration_text(seconds)} (the largest: {largest.describe()}), over max_minutes={limit:g}; "
-                         f"pass max_minutes={max(1, round(seconds / 60 * 1.5))} to go ahead, use a smaller input "
-                         f"to try gconvgen out, or tune on a CUDA device (CPU timings say nothing about GPU speed)")
+    check(seconds <= 60 * limit,
+          f"{what} in Triton's interpreter on CPU would take {duration_text(seconds)}{detail}, over "
+          f"max_minutes={limit:g}; pass max_minutes={max(1, round(seconds / 60 * 1.5))} to go ahead, use a smaller "
+          f"input{instead} on a CUDA device (CPU timings say nothing about GPU speed)")
     if not quiet:
-        print(f"tuning {len(problems)} problem(s) in Triton's interpreter on CPU: {duration_text(seconds)} "
-              f"(estimated)", file=sys.stderr)
+        print(f"{what} in Triton's interpreter on CPU: {duration_text(seconds)} (estimated)", file=sys.stderr)
 
 
 def speed_text(value: Optional[float]) -> str:

@@ -14,8 +14,6 @@ import networkx as nx
 
 from . import knobs
 from .families import backward_family, forward_families
-from .families.depthwise1d import SHORT_WINDOW_TAPS, is_short_window  # noqa: F401
-from .families.depthwise_gemm import WIDE_DEPTHWISE_TAPS  # noqa: F401
 from .ir import ConvSpec, check, fail
 from .memo import memoized
 

@@ -86,7 +86,18 @@ def mobilenet_v2():
     return nn.Sequential(MobileNetV2Block(8, 8, 1, 1), MobileNetV2Block(8, 12, 2, 2), MobileNetV2Block(12, 12, 1, 2))
 
 
-class MobileNetV3Block(nn.Module):
+class InPlaceResidual(nn.Module):
+    """``result = self.block(x)``, then ``result += x`` (in place, as torchvision writes it) where
+    ``use_res_connect``."""
+
+    def forward(self, x):
+        result = self.block(x)
+        if self.use_res_connect:
+            result += x
+        return result
+
+
+class MobileNetV3Block(InPlaceResidual):
     """MobileNetV3's InvertedResidual: 1x1 expand, depthwise ``kernel`` (conv-BN-Hardswish), squeeze-excite with
     Hardsigmoid, 1x1 project conv-BN, ``result += input`` (in place, as torchvision writes it)."""
 
@@ -99,12 +110,6 @@ class MobileNetV3Block(nn.Module):
             conv_norm_activation(expanded, cout, 1, activation=None))
         self.use_res_connect = stride == 1 and cin == cout
 
-    def forward(self, x):
-        result = self.block(x)
-        if self.use_res_connect:
-            result += x
-        return result
-
 
 def mobilenet_v3():
     """Depthwise 5x5 (padding 2) at stride 1, 2, 1."""
@@ -112,7 +117,7 @@ def mobilenet_v3():
                          MobileNetV3Block(12, 24, 12, 5, 1))
 
 
-class MBConv(nn.Module):
+class MBConv(InPlaceResidual):
     """EfficientNet's MBConv (torchvision): expand conv-BN-SiLU, depthwise conv-BN-SiLU, squeeze-excite (SiLU,
     sigmoid), project conv-BN, ``result += input`` at stride 1 (stochastic depth left out)."""
 
@@ -125,12 +130,6 @@ class MBConv(nn.Module):
             SqueezeExcitation(hidden, max(1, cin // 4), activation=nn.SiLU),
             conv_norm_activation(hidden, cout, 1, activation=None))
         self.use_res_connect = stride == 1 and cin == cout
-
-    def forward(self, x):
-        result = self.block(x)
-        if self.use_res_connect:
-            result += x
-        return result
 
 
 def efficientnet():

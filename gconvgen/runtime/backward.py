@@ -26,7 +26,7 @@ from ..lowering import ATEN, Choice
 from . import launch
 from .choices import choice_for
 from .fallback import aten_conv2d_backward
-from .ops import (DTYPE_NAMES, _fallback, activation_layout, add_tangents, batch_first, call, channels_side_by_side, conv2d,
+from .ops import (DTYPE_NAMES, _fallback, activation_layout, batch_first, bilinear_tangent, call, channels_side_by_side, conv2d,
                   conv2d_op, folds_into_groups, output_memory_format, register_autograd, spec_of, vmap_by_loop)
 
 
@@ -192,9 +192,8 @@ def _jvp(inputs, tangents, output):
     """The conv is linear in x, in the weight and in the bias: the tangent is the sum of each one's."""
     x, weight, bias, *conv = inputs
     x_tangent, weight_tangent, bias_tangent = tangents[:3]
-    return add_tangents(None if x_tangent is None else conv2d(x_tangent, weight, None, *conv),
-                        None if weight_tangent is None else conv2d(x, weight_tangent, None, *conv),
-                        None if bias_tangent is None else bias_tangent[None, :, None, None].expand_as(output))
+    return bilinear_tangent(lambda x, weight: conv2d(x, weight, None, *conv), x, weight, x_tangent, weight_tangent,
+                            None if bias_tangent is None else bias_tangent[None, :, None, None].expand_as(output))
 
 
 register_autograd(conv2d_op, _backward, _setup_context, _jvp)
@@ -250,18 +249,13 @@ def _grad_bias_backward(ctx, upstream: torch.Tensor):
 
 def _grad_input_jvp(inputs, tangents, output):
     grad_output, weight, input_size, *conv = inputs
-    grad_output_tangent, weight_tangent = tangents[:2]
-    return add_tangents(
-        None if grad_output_tangent is None else _grad_input(grad_output_tangent, weight, input_size, conv),
-        None if weight_tangent is None else _grad_input(grad_output, weight_tangent, input_size, conv))
+    return bilinear_tangent(lambda grad, weight: _grad_input(grad, weight, input_size, conv), grad_output, weight,
+                            *tangents[:2])
 
 
 def _grad_weight_jvp(inputs, tangents, output):
     grad_output, x, weight_size, *conv = inputs
-    grad_output_tangent, x_tangent = tangents[:2]
-    return add_tangents(
-        None if grad_output_tangent is None else _grad_weight(grad_output_tangent, x, weight_size, conv),
-        None if x_tangent is None else _grad_weight(grad_output, x_tangent, weight_size, conv))
+    return bilinear_tangent(lambda grad, x: _grad_weight(grad, x, weight_size, conv), grad_output, x, *tangents[:2])
 
 
 def _grad_bias_jvp(inputs, tangents, output):

@@ -24,7 +24,7 @@ from ..lowering import ATEN
 from . import launch
 from .choices import choice_for
 from .fallback import aten_conv2d
-from .ops import _allocate_output, _fallback, add_tangents, call, conv2d, output_memory_format, register_autograd, spec_for_call
+from .ops import _allocate_output, _fallback, bilinear_tangent, call, conv2d, output_memory_format, register_autograd, spec_for_call
 
 def run_conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
@@ -102,10 +102,10 @@ def _jvp(inputs, tangents, output):
     x, weight, bias, residual, stride, padding, dilation, groups, channel_policy, activation = inputs
     conv = (stride, padding, dilation, groups, channel_policy)
     x_tangent, weight_tangent, bias_tangent, residual_tangent = tangents[:4]
-    pre_tangent = add_tangents(None if x_tangent is None else conv2d(x_tangent, weight, None, *conv),
-                               None if weight_tangent is None else conv2d(x, weight_tangent, None, *conv),
-                               None if bias_tangent is None else bias_tangent[None, :, None, None].expand_as(output),
-                               residual_tangent)
+    pre_tangent = bilinear_tangent(lambda x, weight: conv2d(x, weight, None, *conv), x, weight, x_tangent,
+                                   weight_tangent,
+                                   None if bias_tangent is None else bias_tangent[None, :, None, None].expand_as(output),
+                                   residual_tangent)
     if pre_tangent is None:
         return None
     pre = None

@@ -233,11 +233,16 @@ def _has_tangent(args: tuple) -> bool:
     return any(isinstance(arg, torch.Tensor) and forward_ad.unpack_dual(arg).tangent is not None for arg in args)
 
 
-def add_tangents(*tangents: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The sum of the tangents that are not None (None if all are): a jvp of an op linear in each argument
-    is the sum of the op applied to one argument's tangent and the other arguments."""
-    present = [tangent for tangent in tangents if tangent is not None]
-    return None if not present else functools.reduce(torch.add, present)
+def bilinear_tangent(apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], first: torch.Tensor,
+                     second: torch.Tensor, first_tangent: Optional[torch.Tensor], second_tangent: Optional[torch.Tensor],
+                     *more: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The tangent of ``apply(first, second)``, an op linear in each argument: apply(first's tangent, second)
+    + apply(first, second's tangent), plus the tangents ``more`` of terms added to it; None where no
+    argument has a tangent."""
+    present = [term for term in (None if first_tangent is None else apply(first_tangent, second),
+                                 None if second_tangent is None else apply(first, second_tangent), *more)
+               if term is not None]
+    return functools.reduce(torch.add, present) if present else None
 
 
 def vmap_by_loop(run: Callable[..., torch.Tensor], info, in_dims: tuple, *args) -> tuple[torch.Tensor, int]:

@@ -24,14 +24,14 @@ import sys
 
 # torch-free and cheap; imported now so that ``gconvgen.plan`` is the function, never the submodule
 from .ir import ConvSpec
-from .plan import Plan, padding_overhead, plan, suggest_groups
+from .compiler.plan import Plan, padding_overhead, plan, suggest_groups
 
 # the names that need torch, and the module each lives in
 _TORCH_NAMES = {
-    "CompiledLayer": "layer", "GroupedConv2d": "api", "compile_layer": "layer", "conv2d": "api", "resolve_padding": "api",
-    "ConversionReport": "conversion", "convert": "conversion", "FusionReport": "fusion", "fuse": "fusion",
-    "GroupedConv1d": "api1d", "conv1d": "api1d", "causal_conv1d_update": "decoding",
-    "tune": "model_tuning", "report": "model_report",
+    "CompiledLayer": "nn.layers", "GroupedConv2d": "nn.conv2d", "compile_layer": "nn.layers", "conv2d": "nn.conv2d",
+    "resolve_padding": "nn.conv2d", "ConversionReport": "nn.convert", "convert": "nn.convert",
+    "FusionReport": "nn.fuse", "fuse": "nn.fuse", "GroupedConv1d": "nn.conv1d", "conv1d": "nn.conv1d",
+    "causal_conv1d_update": "nn.decoding", "tune": "tools.model_tuning", "report": "tools.model_report",
 }
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
 def _load_torch_names() -> None:
     """Import the torch-side API into this module, and the backward ops that give gconvgen::conv2d its
     autograd formula (a first call of conv2d can then be differentiated)."""
-    importlib.import_module(".runtime.backward", __name__)
+    importlib.import_module(".ops", __name__)
     for name, module in _TORCH_NAMES.items():
         globals()[name] = getattr(importlib.import_module(f".{module}", __name__), name)
 
@@ -60,7 +60,7 @@ def __getattr__(name: str) -> object:
         _load_torch_names()
         return globals()[name]
     if name == "__version__":
-        from .codegen import gconvgen_version
+        from .compiler.codegen import gconvgen_version
 
         globals()["__version__"] = gconvgen_version()
         return globals()["__version__"]

@@ -32,7 +32,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .api1d import conv1d
+from .nn.conv1d import conv1d
 from .ir import check
 
 __all__ = ["causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_varlen_states"]

@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 "$PY" -m pytest -q -p no:randomly tests/test_fuzz.py "$@" \
-    --cov=gconvgen.plan --cov=gconvgen.lowering --cov=gconvgen.families --cov=gconvgen.runtime.launch \
+    --cov=gconvgen.compiler.plan --cov=gconvgen.compiler.lowering --cov=gconvgen.compiler.families --cov=gconvgen.runtime.launch \
     --cov=gconvgen.runtime.weights --cov-branch --cov-report=term-missing:skip-covered

@@ -13,9 +13,9 @@ from torch import nn
 
 import gconvgen
 from conftest import assert_close
-from gconvgen.layer import _same_device
-from gconvgen.runtime import ops
-from gconvgen.runtime.ops import vmap_by_loop
+from gconvgen.nn.layers import _same_device
+from gconvgen.ops import conv2d as ops
+from gconvgen.ops.conv2d import vmap_by_loop
 
 P = pytest.param
 

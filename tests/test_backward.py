@@ -12,14 +12,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gconvgen
 from conftest import TOLERANCES, assert_close, reference_conv2d, spy_on_kernels
-from gconvgen import codegen, knobs
-from gconvgen.bench_backward import format_table, time_forward_backward
-from gconvgen.lowering import KERNEL, Choice, KernelConfig, lower
-from gconvgen.plan import plan
+from gconvgen.compiler import codegen
+from gconvgen import knobs
+from gconvgen.tools.bench_backward import format_table, time_forward_backward
+from gconvgen.compiler.lowering import KERNEL, Choice, KernelConfig, lower
+from gconvgen.compiler.plan import plan
 from gconvgen.runtime import launch
-from gconvgen.runtime.backward import conv2d_grad_bias_op, conv2d_grad_input_op, conv2d_grad_weight_op
+from gconvgen.ops.backward import conv2d_grad_bias_op, conv2d_grad_input_op, conv2d_grad_weight_op
 from gconvgen.runtime.launch import split_pixels
-from gconvgen.runtime.ops import conv2d_op, spec_for_call
+from gconvgen.ops.conv2d import conv2d_op, spec_for_call
 
 P = pytest.param
 

@@ -17,11 +17,12 @@ import torch
 import triton
 
 import gconvgen
-from gconvgen import ConvSpec, codegen, knobs, lowering
-from gconvgen.lowering import lower
+from gconvgen import ConvSpec, knobs
+from gconvgen.compiler import codegen, lowering
+from gconvgen.compiler.lowering import lower
 from gconvgen.runtime import cache, device, launch
 
-plan_module = importlib.import_module("gconvgen.plan")  # the module; gconvgen.plan is the function
+plan_module = importlib.import_module("gconvgen.compiler.plan")  # the module; gconvgen.plan is the function
 P = pytest.param
 
 

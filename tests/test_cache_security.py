@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import gconvgen
 from gconvgen import ConvSpec, knobs, memo
-from gconvgen.lowering import DEFAULT, PixelSpace, lowered_for
+from gconvgen.compiler.lowering import DEFAULT, PixelSpace, lowered_for
 from gconvgen.runtime import cache, launch
 
 OLD_CHECKSUM_PREFIX = "# gconvgen-checksum: "  # the line a forger recomputes; it used to be all the check
@@ -264,7 +264,7 @@ GPU_COMPILE_SCRIPT = textwrap.dedent("""
     import sys
     from gconvgen import ConvSpec
     from gconvgen.autotune.space import Problem
-    from gconvgen.inspection import INSPECT_TARGET, prepared_launch
+    from gconvgen.tools.inspection import INSPECT_TARGET, prepared_launch
     from gconvgen.runtime import cache, launch, sass
     target = INSPECT_TARGET
     prepared = prepared_launch(Problem(ConvSpec(12, 12, 3, (3, 3), padding=(1, 1, 1, 1), dtype="float16"), 2, 8, 8))

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gconvgen import bench, knobs
+from gconvgen.tools import bench
+from gconvgen import knobs
 from gconvgen.autotune import measure, tuner
 from gconvgen.autotune.database import database
-from gconvgen.cli import main
+from gconvgen.tools.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_FIELDS = {"layer", "layout", "dtype", "choice", "gconvgen_ms", "kernel_ms", "aten_ms", "speedup", "floor_ms",
@@ -44,7 +45,7 @@ def test_every_command_has_help(command):
 
 HELP_IMPORTS = """
 import sys
-from gconvgen.cli import main
+from gconvgen.tools.cli import main
 try:
     main(["--help"])
 except SystemExit as exit:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gconvgen import bench, knobs
+from gconvgen.tools import bench
+from gconvgen import knobs
 from gconvgen.autotune import tuner
-from gconvgen.cli import main
+from gconvgen.tools.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 P = pytest.param
@@ -106,7 +107,7 @@ def test_bench_checks_output_paths_before_the_work(path, flag, fragments, no_wor
 
 
 def test_a_folder_without_write_permission_is_refused(no_work, tmp_path, monkeypatch):
-    from gconvgen import cli_help
+    from gconvgen.tools import cli_help
 
     monkeypatch.setattr(cli_help.os, "access", lambda path, mode: False)  # as a user, not root, would see it
     assert "no permission" in _refused("bench", "--device", "cpu", "--json", str(tmp_path / "x.json"))

@@ -17,11 +17,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import gconvgen
-import gconvgen.compile
-from gconvgen import GroupedConv1d, api1d, codegen
+import gconvgen.integrations.compile
+from gconvgen import GroupedConv1d
+from gconvgen.nn import conv1d as api1d
+from gconvgen.compiler import codegen
 from gconvgen.autotune import suites
-from gconvgen.lowering import DEFAULT, PixelSpace, lowered_for
-from gconvgen.runtime.ops import spec_for_call
+from gconvgen.compiler.lowering import DEFAULT, PixelSpace, lowered_for
+from gconvgen.ops.conv2d import spec_for_call
 from conftest import assert_close
 
 P = pytest.param
@@ -280,9 +282,9 @@ def test_compiled_training_step_matches_eager_torch(route, caplog):
     if route == "converted-model":
         gconvgen.convert(model)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=gconvgen.compile.make_backend("aot_eager"), fullgraph=True)
+    compiled = torch.compile(model, backend=gconvgen.integrations.compile.make_backend("aot_eager"), fullgraph=True)
     x = torch.randn(2, 4, 12)
-    with caplog.at_level(logging.INFO, logger="gconvgen.compile"):
+    with caplog.at_level(logging.INFO, logger="gconvgen.integrations.compile"):
         loss = train_step(compiled, x)
     if route == "backend-rewrites-f-conv1d":
         assert "2 grouped conv(s) now run by gconvgen" in caplog.text
@@ -295,7 +297,7 @@ def test_rewrite_of_conv1d_module_calls_and_aten_convolution():
     x = torch.randn(1, 4, 9)
     traced = torch.fx.symbolic_trace(model)
     FakeTensorProp(traced, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x)
-    assert gconvgen.compile.rewrite_grouped_convs(traced) == 1
+    assert gconvgen.integrations.compile.rewrite_grouped_convs(traced) == 1
     assert sum(node.target is gconvgen.conv1d for node in traced.graph.nodes) == 1
     torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-4)
 
@@ -305,7 +307,7 @@ def test_rewrite_of_conv1d_module_calls_and_aten_convolution():
     weight = torch.randn(4, 2, 3)
     traced = torch.fx.symbolic_trace(aten_conv)
     FakeTensorProp(traced, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x, weight)
-    assert gconvgen.compile.rewrite_grouped_convs(traced) == 1
+    assert gconvgen.integrations.compile.rewrite_grouped_convs(traced) == 1
     torch.testing.assert_close(traced(x, weight), aten_conv(x, weight), atol=1e-5, rtol=1e-4)
 
 

@@ -14,7 +14,7 @@ from gconvgen.autotune.database import (ATEN, DB_SCHEMA_VERSION, DEFAULT, Tuning
                                         key_of)
 from gconvgen.autotune.space import Problem
 from gconvgen.ir import ConvSpec
-from gconvgen.lowering import FAMILIES, KernelConfig
+from gconvgen.compiler.lowering import FAMILIES, KernelConfig
 
 BASE = Problem(ConvSpec(16, 16, 4, (3, 3), (1, 1), (1, 1, 1, 1), dtype="float32"), 2, 8, 8)
 CONFIG = KernelConfig(block_m=64, block_n=16, block_k=16, num_warps=4, num_stages=1)
@@ -178,7 +178,7 @@ WRITER = """
 import sys
 from pathlib import Path
 from gconvgen.autotune.database import TuningDatabase, kernel_record
-from gconvgen.lowering import KernelConfig
+from gconvgen.compiler.lowering import KernelConfig
 path, name, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 db = TuningDatabase(path, shipped=[])
 for index in range(count):  # one write per key: as many chances to interleave as possible

@@ -11,10 +11,10 @@ import torch
 
 import gconvgen
 from gconvgen.ir import ConvSpec
-from gconvgen.lowering import DEFAULT, KERNEL, Choice, KernelConfig, default_config, lower, window_halo
+from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, default_config, lower, window_halo
 from gconvgen.autotune import suites
 from gconvgen.autotune.space import DeviceFacts, load_space
-from gconvgen.plan import plan
+from gconvgen.compiler.plan import plan
 from gconvgen.runtime import choices, launch
 from conftest import assert_close, forward_family, spy_on_kernels
 from test_conv1d import reference_conv1d, reference_padding

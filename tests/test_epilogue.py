@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import gconvgen
 from gconvgen.ir import ConvSpec
-from gconvgen.lowering import ACTIVATIONS, KERNEL, Choice, default_config
+from gconvgen.compiler.lowering import ACTIVATIONS, KERNEL, Choice, default_config
 from gconvgen.runtime import launch
 from gconvgen.activations import apply as apply_activation
 from conftest import assert_close, spy_on_kernels
@@ -117,9 +117,9 @@ def test_bad_epilogue_arguments(activation, residual_shape, error, match):
 SM90_SCRIPT = """
 import json, torch
 from gconvgen.autotune.space import Problem
-from gconvgen.inspection import INSPECT_TARGET, _meta_tensors
+from gconvgen.tools.inspection import INSPECT_TARGET, _meta_tensors
 from gconvgen.ir import ConvSpec
-from gconvgen.lowering import ACTIVATIONS, Choice
+from gconvgen.compiler.lowering import ACTIVATIONS, Choice
 from gconvgen.runtime import launch, sass
 specs = [ConvSpec(128, 128, 32, (3, 3), padding=(1, 1, 1, 1), bias=True, dtype="bfloat16", layout="nhwc"),
          ConvSpec(64, 64, 64, (3, 3), padding=(1, 1, 1, 1), bias=True, dtype="bfloat16", layout="nhwc"),

@@ -127,7 +127,7 @@ DEPTHWISE_CASES = [case for case in CASES if case.values[8] == case.values[1]]  
 def depthwise_family(request, monkeypatch):
     """Make ``request.param`` the planner's default for every depthwise conv (clearing the memos around it);
     yields it and the list of families that launched."""
-    plan_module = importlib.import_module("gconvgen.plan")
+    plan_module = importlib.import_module("gconvgen.compiler.plan")
 
     def select_kernel_family(graph, spec, budget):
         plan_module.select_kernel_family(graph, spec, budget)

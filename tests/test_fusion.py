@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import gconvgen
-import gconvgen.compile
+import gconvgen.integrations.compile
 from gconvgen import GroupedConv1d, GroupedConv2d
 from gconvgen.activations import apply as apply_activation
 
@@ -302,7 +302,7 @@ def compiled_and_graphs(model, inner="aot_eager"):
         return torch._dynamo.lookup_backend(inner)(graph_module, example_inputs)
 
     torch._dynamo.reset()
-    return torch.compile(model, backend=gconvgen.compile.make_backend(record), fullgraph=True), graphs
+    return torch.compile(model, backend=gconvgen.integrations.compile.make_backend(record), fullgraph=True), graphs
 
 
 def fused_calls(graph_module):
@@ -339,7 +339,7 @@ def test_rewrite_fuses_module_calls_of_a_traced_graph():
     x = torch.randn(2, 4, 5, 5)
     traced = torch.fx.symbolic_trace(model)
     FakeTensorProp(traced, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x)
-    assert gconvgen.compile.rewrite_grouped_convs(traced) == 1
+    assert gconvgen.integrations.compile.rewrite_grouped_convs(traced) == 1
     assert [kwargs for _, kwargs in fused_calls(traced)] == [{"activation": "relu"}]
     assert not [node for node in traced.graph.nodes if node.op == "call_module"]
     with torch.no_grad():

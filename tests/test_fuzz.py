@@ -59,10 +59,10 @@ from hypothesis import strategies as st
 
 import gconvgen
 from gconvgen import knobs
-from gconvgen.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
-from gconvgen.plan import grad_input_as_forward, plan
+from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
+from gconvgen.compiler.plan import grad_input_as_forward, plan
 from gconvgen.runtime import choices, launch
-from gconvgen.runtime.ops import spec_for_call
+from gconvgen.ops.conv2d import spec_for_call
 from conftest import TOLERANCES, spy_on_kernels
 
 # NaN and inf inputs make the interpreter's numpy say so; a division by zero would still show

@@ -15,15 +15,15 @@ from click.testing import CliRunner
 from torch import nn
 
 import gconvgen
-import gconvgen.compile
+import gconvgen.integrations.compile
 from gconvgen import knobs
 from gconvgen.autotune import estimate, tuner
 from gconvgen.autotune.database import key_of
 from gconvgen.autotune.space import Problem
 from gconvgen.autotune.tuner import Trial, TuningResult
-from gconvgen.cli import main
+from gconvgen.tools.cli import main
 from gconvgen.ir import ConvSpec
-from gconvgen.model_calls import FUNCTIONAL, MODULE, ModelRunError, record_calls
+from gconvgen.tools.model_calls import FUNCTIONAL, MODULE, ModelRunError, record_calls
 from gconvgen.runtime import choices
 
 
@@ -238,17 +238,17 @@ def test_cli_model_flags_are_refused_in_one_line(args, fragments, model_file, mo
 def test_compile_backend_says_what_it_rewrote_once_per_graph(capsys, caplog):
     model = two_blocks().eval()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=gconvgen.compile.make_backend("aot_eager"))
-    with caplog.at_level(logging.INFO, logger="gconvgen.compile"):
+    compiled = torch.compile(model, backend=gconvgen.integrations.compile.make_backend("aot_eager"))
+    with caplog.at_level(logging.INFO, logger="gconvgen.integrations.compile"):
         compiled(torch.randn(1, 8, 8, 8))
         compiled(torch.randn(1, 8, 8, 8))  # no new graph: no new line
     assert capsys.readouterr().err.count("gconvgen: rewrote 2 grouped convs (2 fused: 2 BN+relu)") == 1
     assert "(0.dw) -> gconvgen.conv2d with BN+relu fused" in caplog.text
     assert "2 grouped conv(s) now run by gconvgen" in caplog.text
-    logging.getLogger(gconvgen.compile.SUMMARY_LOGGER).setLevel(logging.WARNING)  # how a user silences it
+    logging.getLogger(gconvgen.integrations.compile.SUMMARY_LOGGER).setLevel(logging.WARNING)  # how a user silences it
     try:
         torch._dynamo.reset()
-        torch.compile(model, backend=gconvgen.compile.make_backend("aot_eager"))(torch.randn(1, 8, 8, 8))
+        torch.compile(model, backend=gconvgen.integrations.compile.make_backend("aot_eager"))(torch.randn(1, 8, 8, 8))
         assert "gconvgen: rewrote" not in capsys.readouterr().err
     finally:
-        logging.getLogger(gconvgen.compile.SUMMARY_LOGGER).setLevel(logging.INFO)
+        logging.getLogger(gconvgen.integrations.compile.SUMMARY_LOGGER).setLevel(logging.INFO)

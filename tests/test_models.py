@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gconvgen
-import gconvgen.compile
+import gconvgen.integrations.compile
 from gconvgen import GroupedConv1d, GroupedConv2d
 from conftest import TOLERANCES, spy_on_kernels
 
@@ -526,7 +526,7 @@ def rewritten(model):
     """``model`` under torch.compile with the "gconvgen" backend's rewrite and aot_eager for the rest of the
     graph (what backend="gconvgen" does, without Inductor's C++ compiles, which cost seconds per graph)."""
     torch._dynamo.reset()
-    return torch.compile(model, backend=gconvgen.compile.make_backend("aot_eager"), fullgraph=True)
+    return torch.compile(model, backend=gconvgen.integrations.compile.make_backend("aot_eager"), fullgraph=True)
 
 
 # ---------------------------------------------------------------------------------------------- convert

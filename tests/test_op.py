@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gconvgen
 from gconvgen import ConvSpec, knobs, memo
-from gconvgen.runtime import ops
+from gconvgen.ops import conv2d as ops
 from conftest import assert_close
 
 P = pytest.param

@@ -12,12 +12,14 @@ import torch
 from click.testing import CliRunner
 
 import gconvgen
-from gconvgen import ConvSpec, codegen, knobs, lowering, plan, suggest_groups
-from gconvgen.cli import main
-from gconvgen.lowering import DEFAULT, INT32_MAX, KernelConfig, KernelDesc, PixelSpace, lower, needs_wide_index
+from gconvgen import ConvSpec, knobs, plan, suggest_groups
+from gconvgen.compiler import codegen, lowering
+from gconvgen.tools.cli import main
+from gconvgen.compiler.lowering import (
+    DEFAULT, INT32_MAX, KernelConfig, KernelDesc, PixelSpace, lower, needs_wide_index)
 from gconvgen.runtime import launch
 
-plan_module = importlib.import_module("gconvgen.plan")  # the module; gconvgen.plan is the function
+plan_module = importlib.import_module("gconvgen.compiler.plan")
 P = pytest.param
 
 

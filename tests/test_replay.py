@@ -10,9 +10,9 @@ import gconvgen
 from gconvgen import knobs, memo
 from gconvgen.autotune.database import database, kernel_record, key_of
 from gconvgen.autotune.space import Problem
-from gconvgen.lowering import KernelConfig
+from gconvgen.compiler.lowering import KernelConfig
 from gconvgen.runtime.device import device_target
-from gconvgen.runtime.ops import spec_for_call
+from gconvgen.ops.conv2d import spec_for_call
 from conftest import assert_close, spy_on_kernels
 
 

@@ -1,4 +1,4 @@
-"""gconvgen.runtime.sass compiles for sm_90 as Triton's launcher specialises, on this CPU machine, and reads the
+"""gconvgen.tools.sass compiles for sm_90 as Triton's launcher specialises, on this CPU machine, and reads the
 compiler's output right: the divisibility hint widens loads, tl.dot becomes a tensor-core instruction, loops
 and spills are seen. The compiles run in a subprocess, since conftest.py turns Triton's interpreter on."""
 from __future__ import annotations
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent('''
     sys.path.insert(0, folder)
     import triton
     import kernels
-    from gconvgen.runtime.sass import Pointer, compile_like_launch, figures
+    from gconvgen.tools.sass import Pointer, compile_like_launch, figures
 
     def measure(kernel, arguments, constexprs, num_warps=4, num_stages=3):
         compiled = compile_like_launch(kernel, arguments, constexprs, num_warps=num_warps, num_stages=num_stages)
@@ -110,7 +110,7 @@ def test_interpreted_kernel_is_refused():
     import triton
     import triton.language as tl
 
-    from gconvgen.runtime.sass import compile_like_launch
+    from gconvgen.tools.sass import compile_like_launch
 
     @triton.jit
     def noop(n, BLOCK: tl.constexpr):  # loaded under conftest's TRITON_INTERPRET=1: an InterpretedFunction
@@ -177,7 +177,7 @@ LISTING = """
 
 
 def test_sass_listing_is_read():
-    from gconvgen.runtime.sass import access_widths, innermost_loop, loops, parse_sass, tensor_core
+    from gconvgen.tools.sass import access_widths, innermost_loop, loops, parse_sass, tensor_core
 
     instructions = parse_sass(LISTING)
     opcodes = [opcode for _, opcode, _ in instructions]

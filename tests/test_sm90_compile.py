@@ -1,5 +1,5 @@
 """Every kernel variant compiles for a Hopper GPU (sm_90) with Triton's real compiler, on this CPU machine,
-exactly as a launch would specialise it (gconvgen.inspection: the launch's own argument values from meta
+exactly as a launch would specialise it (gconvgen.tools.inspection: the launch's own argument values from meta
 tensors; ints equal to 1 become constants, multiples of 16 get divisibility hints), into a kernel whose
 shared memory fits an SM. The interpreter accepts kernels that the GPU compiler rejects (e.g. tl.dot tiles
 under 16), so this is the check that a rendered kernel builds for the GPU."""
@@ -31,12 +31,13 @@ SHARED_MEMORY_BYTES = 227 * 1024  # an sm_90 SM's opt-in limit
 SCRIPT = textwrap.dedent("""
     import itertools, json, sys
     from gconvgen.autotune.space import Problem
-    from gconvgen.inspection import prepared_launch
+    from gconvgen.tools.inspection import prepared_launch
     from gconvgen.ir import ConvSpec
-    from gconvgen.lowering import Choice
-    from gconvgen.plan import plan
-    from gconvgen.runtime import launch, sass
-    from gconvgen import inspection
+    from gconvgen.compiler.lowering import Choice
+    from gconvgen.compiler.plan import plan
+    from gconvgen.runtime import launch
+    from gconvgen.tools import sass
+    from gconvgen.tools import inspection
     results = []
     layouts = ["nchw", "nhwc", "strided"]
     dtypes = ["float32", "float16", "bfloat16", "float64"]
@@ -100,9 +101,9 @@ def test_every_variant_compiles_for_sm90_as_launched():
 NEGATIVE = textwrap.dedent("""
     import sys
     from gconvgen.autotune.space import Problem
-    from gconvgen.inspection import INSPECT_TARGET, _meta_tensors
+    from gconvgen.tools.inspection import INSPECT_TARGET, _meta_tensors
     from gconvgen.ir import ConvSpec
-    from gconvgen.lowering import KERNEL, Choice, KernelConfig
+    from gconvgen.compiler.lowering import KERNEL, Choice, KernelConfig
     from gconvgen.runtime import launch
     problem = Problem(ConvSpec(12, 12, 3, (3, 3), dtype="float16"), 2, 8, 8)
     t = _meta_tensors(problem)

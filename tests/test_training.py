@@ -15,7 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import gconvgen
-import gconvgen.compile
+import gconvgen.integrations.compile
 from gconvgen import GroupedConv2d
 from conftest import spy_on_kernels
 
@@ -118,8 +118,8 @@ def test_one_training_step_matches_eager_torch(make_model, shape, channels_last,
     else:
         gconvgen.convert(model)
         assert model.gconvgen_report.replaced, "nothing was converted"
-        compiled = torch.compile(model, backend=gconvgen.compile.make_backend("aot_eager"), fullgraph=True)
-    with caplog.at_level(logging.INFO, logger="gconvgen.compile"):
+        compiled = torch.compile(model, backend=gconvgen.integrations.compile.make_backend("aot_eager"), fullgraph=True)
+    with caplog.at_level(logging.INFO, logger="gconvgen.integrations.compile"):
         loss = train_step(compiled, x)
     reference_loss = train_step(reference, x)
     assert "grad_weight" in launched_kinds, f"gconvgen's backward kernels did not run: {launched_kinds}"
@@ -142,7 +142,7 @@ def test_backend_inference_matches_eager():
     reference = InvertedResidual().eval()
     x = torch.randn(2, 8, 6, 6)
     torch._dynamo.reset()
-    compiled = torch.compile(copy.deepcopy(reference), backend=gconvgen.compile.make_backend("aot_eager"),
+    compiled = torch.compile(copy.deepcopy(reference), backend=gconvgen.integrations.compile.make_backend("aot_eager"),
                              fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), reference(x), atol=1e-5, rtol=1e-4)
@@ -159,7 +159,7 @@ def test_backend_rewrites_only_grouped_convs():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding="same", groups=2))
     x = torch.randn(1, 4, 5, 5)
     torch._dynamo.reset()
-    out = torch.compile(model, backend=gconvgen.compile.make_backend(record), fullgraph=True)(x)
+    out = torch.compile(model, backend=gconvgen.integrations.compile.make_backend(record), fullgraph=True)(x)
     calls = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert calls.count(gconvgen.conv2d) == 1 and calls.count(torch.conv2d) == 1
     torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-4)
@@ -172,7 +172,7 @@ def test_rewrite_of_module_calls_and_aten_convolution():
     x = torch.randn(1, 4, 5, 5)
     traced = torch.fx.symbolic_trace(model)
     FakeTensorProp(traced, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x)
-    assert gconvgen.compile.rewrite_grouped_convs(traced) == 1
+    assert gconvgen.integrations.compile.rewrite_grouped_convs(traced) == 1
     torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-4)
 
     def aten_convs(x, weight):
@@ -183,18 +183,18 @@ def test_rewrite_of_module_calls_and_aten_convolution():
     weight = torch.randn(4, 1, 3, 3)
     traced = torch.fx.symbolic_trace(aten_convs)
     FakeTensorProp(traced, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x, weight)
-    assert gconvgen.compile.rewrite_grouped_convs(traced) == 1
+    assert gconvgen.integrations.compile.rewrite_grouped_convs(traced) == 1
     torch.testing.assert_close(traced(x, weight), aten_convs(x, weight), atol=1e-5, rtol=1e-4)
 
 
 def test_backend_is_registered_by_name_and_entry_point():
-    assert gconvgen.compile.BACKEND_NAME in torch._dynamo.list_backends(exclude_tags=())
+    assert gconvgen.integrations.compile.BACKEND_NAME in torch._dynamo.list_backends(exclude_tags=())
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     module, _, attribute = project["project"]["entry-points"]["torch_dynamo_backends"]["gconvgen"].partition(":")
-    assert getattr(importlib.import_module(module), attribute) is gconvgen.compile.backend
+    assert getattr(importlib.import_module(module), attribute) is gconvgen.integrations.compile.backend
     with pytest.raises(TypeError, match="inner=3 must be a torch.compile backend"):
-        gconvgen.compile.make_backend(3)
+        gconvgen.integrations.compile.make_backend(3)
 
 
 # ---------------------------------------------------------------------------------------------- convert
@@ -218,7 +218,7 @@ def test_convert_keeps_parameters_state_dict_and_reports(caplog):
     model[3].register_buffer("scale", torch.ones(8))
     keys_before = list(model.state_dict())
     parameters_before = dict(model.named_parameters(remove_duplicate=False))
-    with caplog.at_level(logging.INFO, logger="gconvgen.conversion"):
+    with caplog.at_level(logging.INFO, logger="gconvgen.nn.convert"):
         returned = gconvgen.convert(model)
     assert returned is model
     assert type(model[0]) is nn.Conv2d, "a dense conv is not selected"

@@ -14,9 +14,10 @@ from gconvgen.autotune import choice, suites, tuner
 from gconvgen.autotune.database import ATEN, DB_SCHEMA_VERSION, database, kernel_record, key_of
 from gconvgen.autotune.space import DeviceFacts, Problem, load_space
 from gconvgen.ir import ConvSpec
-from gconvgen.lowering import KernelConfig, default_config
-from gconvgen.runtime import backward, launch, ops
-from gconvgen.runtime.ops import activation_layout
+from gconvgen.compiler.lowering import KernelConfig, default_config
+from gconvgen.ops import backward, conv2d as ops
+from gconvgen.runtime import launch
+from gconvgen.ops.conv2d import activation_layout
 from conftest import assert_close, reference_conv2d, spy_on_kernels
 
 P = pytest.param

@@ -9,10 +9,10 @@ import math
 import pytest
 
 from gconvgen.ir import ConvSpec
-from gconvgen.lowering import Choice, PixelSpace, check_config, default_config, lower
-from gconvgen.plan import plan
-from gconvgen.families import programs_of
-from gconvgen.tiles import DEFAULT_WAVES, H200_SMS
+from gconvgen.compiler.lowering import Choice, PixelSpace, check_config, default_config, lower
+from gconvgen.compiler.plan import plan
+from gconvgen.compiler.families import programs_of
+from gconvgen.compiler.tiles import DEFAULT_WAVES, H200_SMS
 
 P = pytest.param
 TWO_WAVES = DEFAULT_WAVES * H200_SMS

@@ -24,8 +24,9 @@ CHECK = textwrap.dedent("""
     import sys
     from pathlib import Path
     import gconvgen
-    from gconvgen import ConvSpec, codegen, plan
-    from gconvgen.lowering import lower
+    from gconvgen import ConvSpec, plan
+    from gconvgen.compiler import codegen
+    from gconvgen.compiler.lowering import lower
     from gconvgen.resources import data_dir
     package = Path(gconvgen.__file__).parent
     assert sys.prefix in str(package), f"gconvgen imported from {package}, not the venv"

@@ -14,8 +14,8 @@ import torch
 from ..memo import memoized
 from .. import knobs
 from ..ir import ConvSpec
-from ..lowering import DEFAULT, Choice, check_config
-from ..plan import planned
+from ..compiler.lowering import DEFAULT, Choice, check_config
+from ..compiler.plan import planned
 from ..runtime import choices
 from ..runtime.device import allows_tf32, device_target
 from .database import database, key_of

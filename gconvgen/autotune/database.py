@@ -22,9 +22,10 @@ import filelock
 import triton
 
 from ..memo import memoized
-from .. import codegen, knobs
-from ..lowering import ATEN, DEFAULT, FAMILIES, KERNEL, TEMPLATES, Choice, KernelConfig, check_config, lower
-from ..plan import planned
+from ..compiler import codegen
+from .. import knobs
+from ..compiler.lowering import ATEN, DEFAULT, FAMILIES, KERNEL, TEMPLATES, Choice, KernelConfig, check_config, lower
+from ..compiler.plan import planned
 from ..resources import data_dir
 from ..runtime import choices
 from ..runtime.cache import make_private_dirs, write_atomic

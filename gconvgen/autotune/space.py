@@ -17,9 +17,9 @@ import torch
 import triton
 
 from .. import knobs
-from ..families import family_of_space
+from ..compiler.families import family_of_space
 from ..ir import ConvSpec, check
-from ..lowering import KERNEL, Choice, KernelConfig, PixelSpace, lowered, packed_channels
+from ..compiler.lowering import KERNEL, Choice, KernelConfig, PixelSpace, lowered, packed_channels
 from ..memo import memoized
 from ..resources import data_dir
 from ..runtime.device import device_target

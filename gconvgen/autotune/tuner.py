@@ -17,8 +17,8 @@ import torch
 
 from .. import knobs
 from ..ir import check
-from ..lowering import ATEN, KERNEL, Choice, KernelConfig, default_config
-from ..plan import planned
+from ..compiler.lowering import ATEN, KERNEL, Choice, KernelConfig, default_config
+from ..compiler.plan import planned
 from ..runtime import launch
 from ..runtime.device import allows_tf32
 from ..runtime.fallback import aten_conv2d, aten_conv2d_backward

@@ -35,7 +35,7 @@ from typing import Callable
 import triton
 
 from .. import knobs
-from ..codegen import gconvgen_version, templates_hash
+from ..compiler.codegen import gconvgen_version, templates_hash
 
 
 class KernelCacheWarning(UserWarning):

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from ..ir import ConvSpec
-from ..lowering import DEFAULT, Choice
+from ..compiler.lowering import DEFAULT, Choice
 
 # provider(spec, kind, device, batch, height, width) -> Choice; kind is forward, grad_input or grad_weight
 Provider = Callable[[ConvSpec, str, torch.device, int, int, int], Choice]

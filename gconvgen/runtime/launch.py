@@ -16,12 +16,13 @@ import torch
 import triton
 
 from ..memo import registered
-from .. import codegen, knobs
-from ..arguments import ArgumentTable
+from ..compiler import codegen
+from .. import knobs
+from ..compiler.arguments import ArgumentTable
 from ..ir import ConvSpec, check
-from ..plan import grad_input_as_forward
-from ..lowering import (DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, PixelSpace, lowered_for,
-                        needs_wide_index, row_alignment)
+from ..compiler.plan import grad_input_as_forward
+from ..compiler.lowering import (
+    DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, PixelSpace, lowered_for, needs_wide_index, row_alignment)
 from . import cache, weights
 from .device import allows_tf32, device_target, on_device, target_programs
 

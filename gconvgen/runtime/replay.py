@@ -17,10 +17,10 @@ import torch
 
 from ..memo import registered
 from .. import knobs
-from ..lowering import ATEN, KernelDesc
+from ..compiler.lowering import ATEN, KernelDesc
 from . import choices, launch, weights
 from .device import allows_tf32, device_target, on_device
-from .ops import spec_for_call, unobserved
+from ..ops.conv2d import spec_for_call, unobserved
 
 OPERANDS = ("x", "weight", "bias", "residual", "out")  # the order Replay.__call__ fills slots from
 _MEMO_LIMIT = 4096

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..memo import memoized
-from ..families.depthwise_gemm import band_steps
+from ..compiler.families.depthwise_gemm import band_steps
 
 LAYOUTS = ("hwio", "ohwi", "band", "strided")  # strided: any other strides, passed to the kernel as they are
 

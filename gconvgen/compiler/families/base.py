@@ -1,0 +1,105 @@
+"""What a kernel family declares (the base class every family module subclasses). Defaults describe a family
+with none of the special cases: no packed groups, no staging, no reduction order, a strided weight, no band
+or row alignment, no halo, no tap tile; a subclass overrides what it does differently."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from ...ir import ConvSpec
+from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv
+
+
+class Family:
+    """One kernel family. ``name`` is what tuning records and KernelDescs hold; ``templates`` maps each
+    kernel kind it has a kernel for to its template; ``limits`` gives each tile side's (least, largest)
+    (block_k (0, 0): no reduction tile)."""
+
+    name: str
+    templates: dict[str, str]
+    limits: dict[str, tuple[int, int]]
+
+    # ------------------------------------------------------------------ domain
+    def rank(self, spec: ConvSpec) -> Optional[int]:
+        """None when this family's forward kernel does not compute ``spec``; else its place in the planner's
+        order (0 first: the default). The tuner times every family that ranks."""
+        return None
+
+    def computes_backward(self, spec: ConvSpec) -> bool:
+        """Whether this family's grad-input and grad-weight kernels are the ones for ``spec``."""
+        return False
+
+    # ------------------------------------------------------------------ tiles and grid
+    def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
+        raise NotImplementedError(f"the {self.name} family has no default config")
+
+    def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
+        """A default tile after one of its sides was halved to fill the device: what else follows the tile."""
+        return config
+
+    def keeps_floor(self, config: KernelConfig, spec: ConvSpec) -> bool:
+        """Whether a shrunk default tile keeps the family's floor (its limits are checked by the caller)."""
+        return True
+
+    def groups_per_program(self, spec: ConvSpec, config: KernelConfig, kind: str) -> int:
+        return 1
+
+    def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
+             splits: int = 1, channels: int = 0) -> tuple[int, ...]:
+        """The launch grid (see families.grid_of)."""
+        channels = spec.in_channels if kind == "grad_input" else spec.out_channels
+        return (cdiv(pixels.pixels, config.block_m), cdiv(channels, config.block_n))
+
+    def reduction_block(self, config: KernelConfig) -> int:
+        """Pixels a split reduction (grad_weight, grad_bias) sums per step: a split's range is a multiple."""
+        return config.block_m
+
+    # ------------------------------------------------------------------ lowering decisions
+    def stages_channels_last(self, layout: str) -> bool:
+        """Whether the runtime copies an activation of ``layout`` to channels_last for this family's kernels."""
+        return False
+
+    def reduction_order(self, kind: str, channels_contiguous: bool) -> str:
+        return "none"
+
+    def weight_layout(self, kind: str, weight_memory: str) -> str:
+        """The weight memory the kernel reads at literal strides, given the launch's (runtime/weights.py)."""
+        return "strided"
+
+    def band_dot(self, spec: ConvSpec) -> str:
+        return "none"
+
+    def reads_aligned_rows(self, spec: ConvSpec, band_dot: str) -> bool:
+        """Whether the kernel reads activation rows as vectors along the width (and so takes the launch's
+        row alignment, KernelDesc.row_alignment)."""
+        return False
+
+    def band_shift(self, spec: ConvSpec, row_alignment: int) -> int:
+        return 0
+
+    def tap_tile(self, spec: ConvSpec, kind: str) -> int:
+        return 0
+
+    def halo(self, spec: ConvSpec, config: KernelConfig) -> tuple[tuple[int, int], int]:
+        """(positions read before and after the main tile, the side of the tiles holding them)."""
+        return (0, 0), 0
+
+    # ------------------------------------------------------------------ the tuner's search space
+    def tile_depth(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
+        """What a tile's block_m x block_n outputs are multiplied by in registers (tile_elements)."""
+        return 1
+
+    def operand_bytes(self, config: KernelConfig, spec: ConvSpec) -> int:
+        """Shared memory the pipelined operand tiles take: num_stages x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_N)."""
+        return (config.num_stages * (config.block_m * config.block_k + config.block_k * config.block_n)
+                * ELEMENT_BYTES[spec.dtype])
+
+    # ------------------------------------------------------------------ inspect's model
+    def requested(self, desc, problem, programs: int, arguments: dict) -> Optional[tuple[float, Optional[float]]]:
+        """(global bytes the programs request, tensor-core FLOPs issued or None) of a launch, counting every
+        operand tile each program loads; None where the family's model is not written."""
+        return None
+
+    @staticmethod
+    def taps(spec: ConvSpec) -> int:
+        return math.prod(spec.kernel_size)

@@ -1,0 +1,98 @@
+"""The direct depthwise family (templates/depthwise_direct.py.jinja, depthwise_grad_input.py.jinja,
+depthwise_grad_weight.py.jinja): one input channel per group, fp32 FMAs, each tap's row of channels one
+vector load of an HWIO weight. It computes every depthwise conv's gradients."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ...ir import ConvSpec
+from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv, pow2_between
+from .base import Family
+
+# Elements of the [pixels, taps, channels] x window a depthwise grad-weight step gathers, per warp: 32 values
+# a thread, converted to the accumulator's type, beside the [taps, channels] accumulator.
+_WINDOW_ELEMENTS_PER_WARP = 1024
+
+
+def tap_tile(spec: ConvSpec) -> int:
+    """The taps of the window padded to a power of two: the depthwise grad-weight accumulator's rows."""
+    return 1 << (spec.kernel_size[0] * spec.kernel_size[1] - 1).bit_length()
+
+
+def depthwise_grad_weight_config(spec: ConvSpec, *, interpret: bool) -> KernelConfig:
+    """Depthwise grad-weight tiles (pixels per step, channels): the [taps, channels] accumulator holds every
+    tap, so the channel tile narrows as the window grows (at most 32 accumulators a thread at 4 warps, 8
+    warps past that), and the pixels per step fill the window's budget (one pixel a step at 31x31), counted
+    as if the channel tile were at least 32 wide: a narrower one spreads the window over fewer lanes (a
+    16-channel tile spilled 128 bytes at 16 pixels a step, none at 8)."""
+    taps = tap_tile(spec)
+    if interpret:  # few, large steps
+        block_n = pow2_between(spec.out_channels, 1, 64)
+        return KernelConfig(max(1, min(256, (1 << 18) // (taps * block_n))), block_n, 0, num_stages=1)
+    least = 8 if spec.layout == "nhwc" else 1  # channels_last: 16-byte channel rows
+    block_n = pow2_between(spec.out_channels, least, max(least, min(32, 8192 // taps)))
+    num_warps = 4 if taps * block_n <= 4096 else 8
+    block_m = max(1, _WINDOW_ELEMENTS_PER_WARP * num_warps // (taps * max(block_n, 32)))
+    return KernelConfig(block_m, block_n, 0, num_warps=num_warps, num_stages=2)
+
+
+class Depthwise(Family):
+    name = "depthwise"
+    templates = {"forward": "depthwise_direct.py.jinja", "grad_input": "depthwise_grad_input.py.jinja",
+                 "grad_weight": "depthwise_grad_weight.py.jinja"}
+    limits = {"block_m": (1, 1024), "block_n": (1, 1024), "block_k": (0, 0)}
+
+    def rank(self, spec: ConvSpec) -> Optional[int]:
+        """Every depthwise conv; the default where neither the banded nor the row kernel is."""
+        return 1 if spec.is_depthwise else None
+
+    def computes_backward(self, spec: ConvSpec) -> bool:
+        return spec.is_depthwise
+
+    def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
+        """(pixels, channels); grad-weight: every tap in one program (depthwise_grad_weight_config)."""
+        if kind == "grad_weight":
+            return depthwise_grad_weight_config(spec, interpret=interpret)
+        channels = spec.in_channels if kind == "grad_input" else spec.out_channels
+        if interpret:
+            return KernelConfig(256, pow2_between(channels, 1, 64), 0, num_stages=1)
+        # the window's columns are unrolled: past 16 of them, 8 warps share the loads in flight, on tiles of at
+        # most 32 x 32 (32 x 64 spilled 24 bytes on RepLKNet's k27 grad-input at 14 x 14)
+        warps = 8 if spec.kernel_size[1] > 16 else 4
+        if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
+            return KernelConfig(32, pow2_between(channels, 8, 32 if warps == 8 else 64), 0, num_warps=warps)
+        return KernelConfig(128, pow2_between(channels, 1, 8), 0, num_warps=warps)
+
+    def keeps_floor(self, config: KernelConfig, spec: ConvSpec) -> bool:
+        """Channels_last channel tiles of whole 16-byte vectors, and one load a thread at least (a 16-byte
+        vector in channels_last, an element elsewhere, where pixels are gathered)."""
+        vector = 16 // ELEMENT_BYTES[spec.dtype] if spec.layout == "nhwc" else 1
+        return config.block_n >= vector and config.block_m * config.block_n >= 32 * config.num_warps * vector
+
+    def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
+             splits: int = 1, channels: int = 0) -> tuple[int, ...]:
+        if kind == "grad_weight":  # every tap in one program
+            return (cdiv(spec.out_channels, config.block_n), splits)
+        return super().grid(kind, spec, config, packed, pixels)
+
+    def weight_layout(self, kind: str, weight_memory: str) -> str:
+        """A row of output channels per tap: hwio memory makes it one vector load."""
+        return "hwio" if kind in ("forward", "grad_input") else "strided"
+
+    def tap_tile(self, spec: ConvSpec, kind: str) -> int:
+        """grad-weight accumulates every tap in one program (grad_out is loaded once, not once per tap)."""
+        return tap_tile(spec) if kind == "grad_weight" else 0
+
+    def tile_depth(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
+        """grad-weight's step gathers a [BLOCK_M, taps, BLOCK_N] window."""
+        return tap_tile(spec) if kind == "grad_weight" else 1
+
+    def requested(self, desc, problem, programs: int, arguments: dict):
+        spec, config = problem.spec, desc.config
+        m, n, element, taps = config.block_m, config.block_n, ELEMENT_BYTES[spec.dtype], self.taps(spec)
+        if desc.kind == "forward":
+            return programs * taps * (m * n + n) * element, None
+        if desc.kind == "grad_weight":  # a grad_out tile and an x window a step
+            steps = -(-arguments.get("pixels_per_split", 0) // m)
+            return programs * steps * m * n * (1 + taps) * element, None
+        return None

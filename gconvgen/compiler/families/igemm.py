@@ -1,0 +1,110 @@
+"""The implicit-GEMM family (templates/grouped_igemm*.py.jinja): grouped convs wider than one input channel
+per group, on tensor cores. Per group: [pixels, K] x [K, out channels], K = (tap, in_channels_per_group),
+reduced tap by tap; narrow groups are packed GROUP_BLOCK to a program with a block-diagonal weight tile."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional
+
+from ...ir import ConvSpec
+from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv, pow2_between
+from .base import Family
+
+DOT_SIDES = (16, 512)  # (least side of a tl.dot operand, largest side); tl.dot needs 16
+# A warp's least share of an igemm accumulator: one 16x16 tensor-core tile. A shrunk tile runs fewer warps
+# rather than warps that repeat each other's work.
+_ACCUMULATOR_ELEMENTS_PER_WARP = 16 * 16
+
+
+def packed_channels(spec: ConvSpec, kind: str) -> int:
+    """The channels per group that an igemm kernel's channel tile packs: input channels for grad-input,
+    output channels for the forward and grad-weight."""
+    return spec.in_channels_per_group if kind == "grad_input" else spec.out_channels_per_group
+
+
+class Igemm(Family):
+    name = "igemm"
+    templates = {"forward": "grouped_igemm.py.jinja", "grad_input": "grouped_igemm_grad_input.py.jinja",
+                 "grad_weight": "grouped_igemm_grad_weight.py.jinja"}
+    limits = {"block_m": DOT_SIDES, "block_n": DOT_SIDES, "block_k": DOT_SIDES}
+
+    def rank(self, spec: ConvSpec) -> Optional[int]:
+        """Every conv wider than one input channel per group."""
+        return None if spec.is_depthwise else 0
+
+    def computes_backward(self, spec: ConvSpec) -> bool:
+        return not spec.is_depthwise
+
+    def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
+        """Forward (pixels, output channels, reduction); grad-input (input pixels, input channels, reduction);
+        grad-weight (output channels, weight columns, pixels)."""
+        stages = 1 if interpret else 3
+        if kind == "grad_weight":  # NCHW activations are staged channels_last as well
+            taps = self.taps(spec)
+            return KernelConfig(pow2_between(spec.out_channels_per_group, 16, 64),
+                                pow2_between(spec.in_channels_per_group * taps, 16, 64), 256 if interpret else 64,
+                                num_stages=stages)
+        channels = pow2_between(packed_channels(spec, kind), 16, 128)
+        return self._config(spec, kind, 256 if interpret else 128, channels, interpret=interpret)
+
+    def _config(self, spec: ConvSpec, kind: str, block_m: int, block_n: int, *, interpret: bool) -> KernelConfig:
+        """The forward or grad-input config of tile (block_m pixels, block_n channels of the packed groups):
+        the reduction runs tap by tap, a step is block_k channels of the packed groups. An NCHW activation is
+        staged channels_last, but an NCHW output is stored along the width: a 128 x 64 accumulator takes 8
+        warps to convert for that store without spills."""
+        reduced = spec.out_channels_per_group if kind == "grad_input" else spec.in_channels_per_group
+        tile = KernelConfig(block_m, block_n, 16, num_stages=1 if interpret else 3)
+        packed = self.groups_per_program(spec, tile, kind)
+        wide_store = spec.layout != "nhwc" and block_m * block_n >= 128 * 64 and not interpret
+        warps = min(8 if wide_store else 4, max(1, block_m * block_n // _ACCUMULATOR_ELEMENTS_PER_WARP))
+        return replace(tile, block_k=pow2_between(packed * reduced, 16, 64 if interpret else 32), num_warps=warps)
+
+    def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
+        """The reduction step follows the packed groups, the warps the tile."""
+        return self._config(spec, kind, config.block_m, config.block_n, interpret=False)
+
+    def groups_per_program(self, spec: ConvSpec, config: KernelConfig, kind: str) -> int:
+        """As many consecutive groups as fill the channel tile (block_n for the forward and grad-input,
+        block_m for grad-weight), so that narrow groups (ResNeXt's 4 channels) fill a tensor-core tile and
+        their loads cover whole runs of channels."""
+        tile = config.block_m if kind == "grad_weight" else config.block_n
+        return min(spec.groups, max(1, tile // packed_channels(spec, kind)))
+
+    def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
+             splits: int = 1, channels: int = 0) -> tuple[int, ...]:
+        if kind == "grad_weight":
+            columns = packed * spec.in_channels_per_group * self.taps(spec)
+            return (cdiv(packed * spec.out_channels_per_group, config.block_m) * cdiv(columns, config.block_n),
+                    cdiv(spec.groups, packed), splits)
+        return (cdiv(pixels.pixels, config.block_m), cdiv(packed * packed_channels(spec, kind), config.block_n),
+                cdiv(spec.groups, packed))
+
+    def reduction_block(self, config: KernelConfig) -> int:
+        return config.block_k
+
+    def stages_channels_last(self, layout: str) -> bool:
+        """Tiles are a run of channels per tap, which NCHW memory can only gather an element at a time."""
+        return layout != "nhwc"
+
+    def reduction_order(self, kind: str, channels_contiguous: bool) -> str:
+        if kind in ("forward", "grad_input"):
+            return "tap_major"
+        return "tap_channel" if channels_contiguous else "channel_tap"
+
+    def weight_layout(self, kind: str, weight_memory: str) -> str:
+        if kind in ("forward", "grad_input"):
+            return "ohwi" if weight_memory == "ohwi" else "hwio"
+        return "strided"
+
+    def requested(self, desc, problem, programs: int, arguments: dict):
+        spec, config = problem.spec, desc.config
+        m, n, k = config.block_m, config.block_n, config.block_k
+        taps, packed = self.taps(spec), desc.groups_per_program
+        reduction = {"forward": packed * spec.in_channels_per_group * taps,
+                     "grad_input": packed * spec.out_channels_per_group * taps,
+                     "grad_weight": arguments.get("pixels_per_split", 0)}[desc.kind]
+        # forward and grad-input reduce tap by tap: each tap's channels take whole steps
+        steps = (taps * math.ceil(reduction / taps / k) if desc.reduction_order == "tap_major"
+                 else math.ceil(reduction / k))
+        return programs * steps * (m * k + k * n) * ELEMENT_BYTES[spec.dtype], programs * steps * 2 * m * n * k

@@ -1,0 +1,225 @@
+"""The gconvgen command line, second half: ``gconvgen plan`` (a layer's passes, descriptions and source), ``gconvgen cache`` (show, export or clear the kernel cache and the
+tuning database) and ``gconvgen inspect`` (static sm_90 figures). Registered on cli.main when cli is imported;
+like cli.py it imports nothing heavy until a command runs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+import tqdm
+
+from .. import knobs
+from .cli import main
+from .cli_help import PLAN_FLAGS, output_path, selected_suite, sizes, with_flags, write_output
+from ..ir import CHANNEL_POLICIES, DTYPES, LAYOUTS
+
+_ONE_OR_TWO = "an int or H x W, e.g. 3 or 3x5"
+_GRAPH_FORMATS = "the pass graphs are written as Graphviz DOT (.dot, .gv) or networkx node-link JSON (.json)"
+
+
+@main.command()
+@click.option("--in-channels", type=int, required=True, help="Input channels C_in.")
+@click.option("--out-channels", type=int, required=True, help="Output channels C_out.")
+@click.option("--groups", type=int, required=True, help="Groups.")
+@click.option("--kernel", "kernel", default="3", show_default=True, callback=sizes((1, 2), _ONE_OR_TWO),
+              help="Kernel size: 3 or 3x5.")
+@click.option("--stride", default="1", show_default=True, callback=sizes((1, 2), _ONE_OR_TWO),
+              help="Stride: 2 or 2x1.")
+@click.option("--padding", default="0", show_default=True,
+              callback=sizes((1, 2, 4), "an int, H x W (1x2), top,bottom,left,right (1,1,2,2), same or valid",
+                             words=("same", "valid")),
+              help="Padding: 1, 1x2 (h x w), top,bottom,left,right, 'same' or 'valid' (any case).")
+@click.option("--dilation", default="1", show_default=True, callback=sizes((1, 2), _ONE_OR_TWO),
+              help="Dilation: 2 or 2x1.")
+@click.option("--input-size", default="56", show_default=True, callback=sizes((1, 2), _ONE_OR_TWO),
+              help="Input H x W ('same' padding depends on it).")
+@click.option("--bias/--no-bias", default=False, show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default="bfloat16", show_default=True)
+@click.option("--layout", type=click.Choice(LAYOUTS, case_sensitive=False), default="nhwc", show_default=True)
+@click.option("--channel-policy", type=click.Choice(CHANNEL_POLICIES, case_sensitive=False), default="strict",
+              show_default=True)
+@click.option("--padding-budget", type=float, default=None, help="Max extra work from channel padding (0.5 = 50%).")
+@click.option("--family", default=None,
+              help="Print this forward kernel family's kernel (one the plan offers). Default: the planner's choice.")
+@click.option("--interpret", is_flag=True, help="Print the variant rendered for Triton's interpreter.")
+@click.option("--kind", type=click.Choice(("forward", "grad_input", "grad_weight", "grad_bias")), default="forward",
+              show_default=True, help="Which kernel's source to print.")
+@click.option("--graph", "graph_path", type=click.Path(dir_okay=False), default=None,
+              callback=output_path((".dot", ".gv", ".json"), _GRAPH_FORMATS),
+              help="Also write the pass graphs to this file: Graphviz DOT (.dot, .gv) or networkx node-link JSON "
+                   "(.json).")
+@click.option("--source/--no-source", default=True, show_default=True, help="Print the generated kernel source.")
+def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, input_size, bias, dtype, layout,
+         channel_policy, padding_budget, family, interpret, kind, graph_path, source) -> None:
+    """Explain the plan for one layer: its pass graphs, the lowered description of each kernel (forward,
+    grad-input, grad-weight, grad-bias), and the Triton source of one of them."""
+    from dataclasses import replace
+
+    import networkx as nx
+
+    from ..compiler import codegen
+    from ..nn.conv2d import resolve_padding
+    from ..ir import ConvSpec
+    from ..compiler.lowering import Choice, lower
+    from ..compiler.plan import plan as plan_spec
+
+    try:
+        kernel_hw, stride_hw, dilation_hw, size_hw = (_expand(v) for v in (kernel, stride, dilation, input_size))
+        pad = padding[0] if isinstance(padding, tuple) and len(padding) == 1 else padding
+        spec = ConvSpec(in_channels, out_channels, groups, kernel_hw, stride_hw,
+                        resolve_padding(pad, size_hw, kernel_hw, stride_hw, dilation_hw), dilation_hw, bias, dtype,
+                        layout, channel_policy)
+        conv_plan = plan_spec(spec, padding_budget=padding_budget, family=family)
+    except (ValueError, TypeError) as error:
+        raise click.UsageError(with_flags(str(error), PLAN_FLAGS)) from None
+    click.echo(conv_plan.explain())
+    descs = {}
+    for each in ("forward", "grad_input", "grad_weight", "grad_bias"):
+        backward_spec = conv_plan if each == "forward" else plan_spec(replace(spec, bias=False),
+                                                                      padding_budget=padding_budget)
+        descs[each] = lower(None if each == "grad_bias" else backward_spec, each, dtype=dtype,
+                            choice=Choice("default", None, family), interpret=interpret, allow_tf32=False)
+        click.echo(descs[each].explain())
+    if graph_path:
+        text = (conv_plan.to_dot() if not graph_path.lower().endswith(".json")
+                else json.dumps({name: nx.node_link_data(graph, edges="edges") for name, graph
+                                 in (("logical", conv_plan.logical), ("lowered", conv_plan.lowered))}, indent=1))
+        write_output(graph_path, text, "pass graphs written to {path}")
+    click.echo(f"kernel: {descs[kind].uri}")
+    if source:
+        click.echo("\n" + codegen.render(descs[kind]))
+
+
+def _expand(values: tuple[int, ...]) -> tuple[int, int]:
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+@main.group()
+def cache() -> None:
+    """Show or clear gconvgen's cache: rendered kernels and the tuning database."""
+
+
+def _cache_dir_origin() -> str:
+    """Where knobs.cache_dir() came from: GCONVGEN_CACHE_DIR, or the default it falls back to.
+
+    The knob is read once more with GCONVGEN_CACHE_DIR scoped empty (the knobs module is the one place
+    that reads the environment); a different answer means the variable chose the directory.
+    """
+    chosen = knobs.cache_dir()
+    with knobs.scoped(CACHE_DIR=""):
+        fallback = knobs.cache_dir()
+    if chosen != fallback:
+        return "from GCONVGEN_CACHE_DIR"
+    if fallback == Path.home() / ".cache" / "gconvgen":
+        return "the default, ~/.cache/gconvgen; set GCONVGEN_CACHE_DIR to move it"
+    return "the default under $XDG_CACHE_HOME; set GCONVGEN_CACHE_DIR to move it"
+
+
+@cache.command()
+def info() -> None:
+    """Where the cache is, how many kernels and tuning records it holds, and the shipped databases."""
+    from ..autotune.database import database
+    from ..runtime import cache as kernel_cache
+
+    root = kernel_cache.kernels_root()
+    modules = list(root.glob("*/*.py")) if root.is_dir() else []
+    described = database().describe()
+    click.echo(f"cache directory: {knobs.cache_dir()}  ({_cache_dir_origin()})")
+    click.echo(f"kernels: {len(modules)} rendered modules in {len({m.parent for m in modules})} build(s), "
+               f"{sum(m.stat().st_size for m in modules) / 1024:.1f} KiB under {root}")
+    click.echo(f"tuning database: {described['path']}: {described['records']} records "
+               f"({described['aten_records']} where aten won), {described['bytes'] / 1024:.1f} KiB")
+    for path, count in described["shipped"].items():
+        click.echo(f"shipped database: {path}: {count} records")
+    if not described["shipped"]:
+        click.echo("shipped databases: none for any device yet (tuning/databases/)")
+
+
+@cache.command()
+@click.argument("path", type=click.Path(dir_okay=False), callback=output_path())
+def export(path) -> None:
+    """Write this user's tuning results to PATH, e.g. to ship them in tuning/databases/<gpu>.json."""
+    from ..autotune.database import database
+
+    count = database().export(Path(path))
+    click.echo(f"wrote {count} tuning records to {path}")
+
+
+@cache.command()
+@click.option("--kernels/--no-kernels", default=True, show_default=True, help="Remove the rendered kernels.")
+@click.option("--tuning/--no-tuning", default=True, show_default=True,
+              help="Remove this user's tuning results (shipped databases stay).")
+def clear(kernels, tuning) -> None:
+    """Delete the rendered kernels and/or this user's tuning results. Do not run it while gconvgen runs."""
+    from ..autotune.database import database
+    from ..runtime import cache as kernel_cache
+
+    if kernels:
+        shutil.rmtree(kernel_cache.kernels_root(), ignore_errors=True)
+        click.echo(f"removed {kernel_cache.kernels_root()}")
+    if tuning:
+        removed = database().clear()
+        click.echo(f"removed {removed} tuning records from {database().path}")
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+@main.command()
+@click.option("--suite", "suite_name", default="headline", show_default=True,
+              help="A shipped suite (headline, secondary, smoke) or a suite JSON file.")
+@click.option("--layer", "layer_ids", multiple=True, help="Only these layer ids (repeatable). Default: every layer.")
+@click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default="bfloat16", show_default=True)
+@click.option("--layout", type=click.Choice(("nhwc", "nchw", "both"), case_sensitive=False), default="both",
+              show_default=True)
+@click.option("--kind", "kinds", type=click.Choice(("forward", "grad_input", "grad_weight"), case_sensitive=False),
+              multiple=True, help="Kernel kinds to compile (repeatable). Default: all three.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=output_path(),
+              help="Also write the rows as JSON.")
+def inspect(suite_name, layer_ids, dtype, layout, kinds, json_path) -> None:
+    """Compile each layer's kernels for sm_90 on this machine, as the runtime would launch them on an H200
+    (tuned or default config, run-time specialisation), and print what the compiler emitted: registers,
+    spills, shared memory, tensor-core instruction, global-load widths, async copies, instructions per
+    inner-loop iteration, programs and waves on 132 SMs, and the tiling's requested/ideal bytes and
+    issued/useful tensor-core FLOPs. Static figures, not timings. Needs TRITON_INTERPRET unset."""
+    from .inspection import inspect_problem
+
+    if knobs.interpret():
+        raise click.UsageError("gconvgen inspect compiles for sm_90: run it with TRITON_INTERPRET unset")
+    suite = selected_suite(suite_name, layer_ids)
+    layouts = ("nhwc", "nchw") if layout == "both" else (layout,)
+    kinds = kinds or ("forward", "grad_input", "grad_weight")
+    todo = [(layer, lay, kind) for layer in suite.runnable for lay in layouts for kind in kinds]
+    rows = []
+    header = (f"{'layer':<22} {'kind':<11} {'family':<14} {'config':<20} {'regs':>4} {'spill':>5} {'smem':>6} "
+              f"{'tc':<8} {'loads (bits:n)':<22} {'async':>5} {'loop':>5} {'waves':>6} {'bytes':>6} {'flops':>6}")
+    click.echo(header)
+    with tqdm.tqdm(todo, desc="compiling for sm_90", unit="kernel", dynamic_ncols=True) as bar:
+        for layer, lay, kind in bar:
+            bar.set_postfix_str(f"{layer.id} {lay} {kind}")
+            forward = layer.problem(dtype, lay)
+            row = inspect_problem(forward if kind == "forward" else forward.backward(kind))
+            rows.append({"layer": layer.id, "layout": lay, **row.as_dict()})
+            bar.write(_inspection_line(f"{layer.id} {lay}", kind, row))
+    click.echo("static figures of the sm_90 compiler's output (Triton " + __import__("triton").__version__ +
+               "), not timings; bytes = requested/ideal, flops = tensor-core issued/useful")
+    write_output(json_path, json.dumps(rows, indent=1) + "\n")
+
+
+def _inspection_line(label: str, kind: str, row) -> str:
+    """One row of inspect's table: the compiler's figures, then waves and the tiling's two ratios."""
+    f = row.figures
+    loads = " ".join(f"{bits}:{count}" for bits, count in sorted(f.global_load_widths.items()))
+
+    def ratio(value):
+        return "-" if value is None else f"{value:.1f}x"
+
+    return (f"{label:<22} {kind:<11} {row.family:<14} {row.config:<20} {f.registers:>4} {f.spill_bytes:>5} "
+            f"{f.shared_memory_bytes:>6} {f.tensor_core:<8} {loads:<22} {sum(f.async_copies.values()):>5} "
+            f"{f.inner_loop_instructions:>5} {row.waves:>6.1f} {ratio(row.requested_over_ideal_bytes):>6} "
+            f"{ratio(row.issued_over_useful_flops):>6}")

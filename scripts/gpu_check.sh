@@ -63,7 +63,7 @@ inspecting=$!
 # 2. tests on the device
 say "tests"
 timeout "$tests_limit" "$python" -m pytest -q -p no:cacheprovider -x "${test_args[@]}" \
-    tests/test_forward.py tests/test_epilogue.py tests/test_backward.py tests/test_replay.py \
+    tests/test_forward.py tests/test_epilogue.py tests/test_backward.py tests/test_warm_calls.py \
     > "$out/gpu-tests.log" 2>&1 || status=1
 tail -n 3 "$out/gpu-tests.log" | tee -a "$out/versions.txt"
 

@@ -15,7 +15,7 @@ import gconvgen
 from conftest import assert_close
 from gconvgen.nn.layers import _same_device
 from gconvgen.ops import conv2d as ops
-from gconvgen.ops.conv2d import vmap_by_loop
+from gconvgen.ops.autograd import vmap_by_loop
 
 P = pytest.param
 

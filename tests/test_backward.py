@@ -20,7 +20,8 @@ from gconvgen.compiler.plan import plan
 from gconvgen.runtime import launch
 from gconvgen.ops.backward import conv2d_grad_bias_op, conv2d_grad_input_op, conv2d_grad_weight_op
 from gconvgen.runtime.launch import split_pixels
-from gconvgen.ops.conv2d import conv2d_op, spec_for_call
+from gconvgen.ops.conv2d import conv2d_op
+from gconvgen.ops.dispatch import spec_for_call
 
 P = pytest.param
 

@@ -265,7 +265,8 @@ GPU_COMPILE_SCRIPT = textwrap.dedent("""
     from gconvgen import ConvSpec
     from gconvgen.autotune.space import Problem
     from gconvgen.tools.inspection import INSPECT_TARGET, prepared_launch
-    from gconvgen.runtime import cache, launch, sass
+    from gconvgen.runtime import cache, launch
+    from gconvgen.tools import sass
     target = INSPECT_TARGET
     prepared = prepared_launch(Problem(ConvSpec(12, 12, 3, (3, 3), padding=(1, 1, 1, 1), dtype="float16"), 2, 8, 8))
     desc = prepared.desc

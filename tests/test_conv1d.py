@@ -23,7 +23,7 @@ from gconvgen.nn import conv1d as api1d
 from gconvgen.compiler import codegen
 from gconvgen.autotune import suites
 from gconvgen.compiler.lowering import DEFAULT, PixelSpace, lowered_for
-from gconvgen.ops.conv2d import spec_for_call
+from gconvgen.ops.dispatch import spec_for_call
 from conftest import assert_close
 
 P = pytest.param

@@ -15,7 +15,8 @@ from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, de
 from gconvgen.autotune import suites
 from gconvgen.autotune.space import DeviceFacts, load_space
 from gconvgen.compiler.plan import plan
-from gconvgen.runtime import choices, launch
+from gconvgen.autotune import choice
+from gconvgen.runtime import launch
 from conftest import assert_close, forward_family, spy_on_kernels
 from test_conv1d import reference_conv1d, reference_padding
 
@@ -44,10 +45,9 @@ def small_tiles(monkeypatch):
     """Run every forward kernel as depthwise1d with SMALL tiles (the choice a tuning record gives); yields the
     families that launched."""
     launched = spy_on_kernels(monkeypatch, forward_family)
-    previous = choices.set_provider(
-        lambda spec, kind, *_: Choice(KERNEL, SMALL, "depthwise1d") if kind == "forward" else DEFAULT)
-    yield launched
-    choices.set_provider(previous)
+    with choice.overridden(lambda spec, kind, *_: Choice(KERNEL, SMALL, "depthwise1d") if kind == "forward"
+                           else DEFAULT, every_call=False):
+        yield launched
 
 
 def run_conv1d(batch, channels, multiplier, length, kernel, stride, padding, dilation, data_format, dtype,

@@ -7,7 +7,7 @@ What it covers, each property against torch.nn.functional.conv2d / conv1d in flo
 - test_conv2d_forward_<family> (one test per family, each with its own share of the examples),
   test_conv2d_forward_default and test_conv1d_forward: every forward kernel family the planner offers for
   a problem (``plan(spec).families``: igemm, depthwise, depthwise_gemm, depthwise1d) is FORCED through the
-  choice provider (runtime/choices.py), with its default config or a small tile config (so a case spans
+  choice override (autotune/choice.py ``overridden``), with its default config or a small tile config (so a case spans
   several tiles and halos cross program boundaries), or the planner's untuned default runs; a spy asserts
   that the family forced (or planned) is the one that ran. Fused epilogues (every activation, with and
   without a residual), NaN and +-inf inputs (positions compared exactly with torch), uneven groups under
@@ -17,7 +17,7 @@ What it covers, each property against torch.nn.functional.conv2d / conv1d in flo
   strided biases, residuals full, strided, broadcast or one per channel, unbatched inputs, outputs and
   inputs of 1 x 1, widths of 1, odd widths, strides 1-3, dilation 1-2, asymmetric, 'same' and causal
   padding, maps and channel counts past one default tile. The run with special values is a warm call, so
-  it takes the replay path (runtime/replay.py).
+  it takes the warm path (runtime/launch.py ``Launch.rebound``).
 - test_gradients: grad_input (the default, which for stride-1 depthwise may run the forward kernel of the
   transposed conv, plan.grad_input_as_forward; and forced direct with a non-DEFAULT choice, which bypasses
   it), grad_weight (default or a small tile config) and grad_bias, through autograd against torch's float64
@@ -61,8 +61,9 @@ import gconvgen
 from gconvgen import knobs
 from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
 from gconvgen.compiler.plan import grad_input_as_forward, plan
-from gconvgen.runtime import choices, launch
-from gconvgen.ops.conv2d import spec_for_call
+from gconvgen.autotune import choice
+from gconvgen.runtime import launch
+from gconvgen.ops.dispatch import spec_for_call
 from conftest import TOLERANCES, spy_on_kernels
 
 # NaN and inf inputs make the interpreter's numpy say so; a division by zero would still show
@@ -420,14 +421,10 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
 
 @contextlib.contextmanager
 def forced_choices(forward: Choice = DEFAULT, grad_input: Choice = DEFAULT, grad_weight: Choice = DEFAULT):
-    """Install a choice provider (what a tuning record would give) for the three tuned kinds; restore the
-    previous provider afterwards."""
+    """Override the choice (what a tuning record would give) of the three tuned kinds inside the block."""
     table = {"forward": forward, "grad_input": grad_input, "grad_weight": grad_weight}
-    previous = choices.set_provider(lambda spec, kind, *_: table.get(kind, DEFAULT))
-    try:
+    with choice.overridden(lambda spec, kind, *_: table.get(kind, DEFAULT), every_call=False):
         yield
-    finally:
-        choices.set_provider(previous)
 
 
 @contextlib.contextmanager
@@ -647,7 +644,7 @@ def check_forward(problem: ConvProblem) -> None:
     reduction = weight_shape(problem)[1] * problem.kernel[0] * problem.kernel[1]
     dtype = DTYPES[problem.dtype]
     special = problem.specials or problem.residual_specials
-    # the second run, under the same provider, takes the replay path (runtime/replay.py) of the first's launch
+    # the second run, under the same provider, takes the warm path (the first's launch, rebound)
     with forced_choices(forward=forward_choice(problem)):
         for specials, residual_specials in [((), ())] + ([(problem.specials, problem.residual_specials)]
                                                          if special else []):

@@ -24,7 +24,7 @@ from gconvgen.autotune.tuner import Trial, TuningResult
 from gconvgen.tools.cli import main
 from gconvgen.ir import ConvSpec
 from gconvgen.tools.model_calls import FUNCTIONAL, MODULE, ModelRunError, record_calls
-from gconvgen.runtime import choices
+from gconvgen.autotune import choice
 
 
 pytestmark = pytest.mark.usefixtures("own_tuning_database")  # conftest.py
@@ -103,17 +103,14 @@ def test_recorded_problems_are_the_keys_a_later_run_looks_up():
     model = two_blocks().to(memory_format=torch.channels_last)
     x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
     recorded = {key_of(call.problem, "interpreter", False) for call in record_calls(model, x, backward=True).calls}
-    looked_up, previous = set(), None
+    looked_up = set()
 
     def spy(spec, kind, device, batch, height, width):
         looked_up.add(key_of(Problem(spec, batch, height, width, kind), "interpreter", False))
-        return previous(spec, kind, device, batch, height, width)
+        return choice.database_choice(spec, kind, device, batch, height, width)
 
-    previous = choices.set_provider(spy)
-    try:
+    with choice.overridden(spy):
         gconvgen.convert(model)(x).sum().backward()
-    finally:
-        choices.set_provider(previous)
     assert looked_up == recorded and len(recorded) == 3  # nhwc forward, grad_input, grad_weight
 
 

@@ -17,7 +17,7 @@ from gconvgen.ir import ConvSpec
 from gconvgen.compiler.lowering import KernelConfig, default_config
 from gconvgen.ops import backward, conv2d as ops
 from gconvgen.runtime import launch
-from gconvgen.ops.conv2d import activation_layout
+from gconvgen.ops.dispatch import activation_layout
 from conftest import assert_close, reference_conv2d, spy_on_kernels
 
 P = pytest.param

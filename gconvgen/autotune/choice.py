@@ -1,13 +1,16 @@
-"""The tuning database's choice for each call, installed as the runtime's choice provider.
+"""The tuning database's choice for each call: what kernel family and config (or aten) an op runs.
 
 An untuned key runs the heuristic default config at once. Only with GCONVGEN_AUTOTUNE=1 is an untuned key
 tuned on its first call (and recorded); never silently on the hot path. A key where aten won calls aten.
-Importing this module installs ``choice_for`` into gconvgen.runtime.choices (``import gconvgen`` does).
+The ops ask ``choice_for``; ``overridden(provider)`` answers for it inside a block (tests forcing a family,
+the model recorder noting every kernel a model would run), with warm calls off there so every call asks.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -16,13 +19,16 @@ from .. import knobs
 from ..ir import ConvSpec
 from ..compiler.lowering import DEFAULT, Choice, check_config
 from ..compiler.plan import planned
-from ..runtime import choices
+from ..runtime import launch
 from ..runtime.device import allows_tf32, device_target
 from .database import database, key_of
 from .space import Problem
 from .tuner import tune
 
+# provider(spec, kind, device, batch, height, width) -> Choice; kind is forward, grad_input or grad_weight
+Provider = Callable[[ConvSpec, str, torch.device, int, int, int], Choice]
 _log = logging.getLogger("gconvgen")
+_override: Optional[Provider] = None
 _failed_keys: set[str] = set()  # keys whose first-call tuning failed: not retried in this process
 
 
@@ -38,8 +44,17 @@ def choice_for(spec: ConvSpec, kind: str, device: torch.device, batch: int, heig
     A warm call is a few memo lookups, no file I/O. An untuned batch size runs the record of the nearest
     tuned one; with GCONVGEN_AUTOTUNE=1 it is tuned now instead (if tuning fails the default is used and a
     warning says why). A record naming a kernel family the planner does not offer for ``spec`` is ignored
-    with a warning.
+    with a warning. Inside ``overridden(provider)``, the provider's answer.
     """
+    if batch == 0:
+        return DEFAULT
+    if _override is not None:
+        return _override(spec, kind, device, batch, height, width)
+    return database_choice(spec, kind, device, batch, height, width)
+
+
+def database_choice(spec: ConvSpec, kind: str, device: torch.device, batch: int, height: int, width: int) -> Choice:
+    """``choice_for``'s answer from the tuning database (and first-call tuning), whatever is overridden."""
     key = _key(spec, device_target(device), allows_tf32(device), batch, height, width, kind)
     db = database()
     choice = db.choice(key)
@@ -74,4 +89,18 @@ def _usable(key: str, choice: Choice, spec: ConvSpec, kind: str, padding_budget:
     return choice
 
 
-choices.set_provider(choice_for)
+@contextlib.contextmanager
+def overridden(provider: Provider, every_call: bool = True) -> Iterator[None]:
+    """Inside the block ``choice_for`` answers ``provider(spec, kind, device, batch, height, width)`` (batch
+    >= 1). With ``every_call`` every call takes the whole path (launch.cold_calls), so the provider sees each
+    kernel; without, for a provider whose answer depends on its arguments only, warm calls stay on (launches
+    remembered before or after the block are forgotten either way)."""
+    global _override
+    previous, _override = _override, provider
+    launch.forget_warm()
+    try:
+        with launch.cold_calls() if every_call else contextlib.nullcontext():
+            yield
+    finally:
+        _override = previous
+        launch.forget_warm()

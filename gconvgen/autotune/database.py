@@ -27,7 +27,7 @@ from .. import knobs
 from ..compiler.lowering import ATEN, DEFAULT, FAMILIES, KERNEL, TEMPLATES, Choice, KernelConfig, check_config, lower
 from ..compiler.plan import planned
 from ..resources import data_dir
-from ..runtime import choices
+from ..runtime import launch
 from ..runtime.cache import make_private_dirs, write_atomic
 from .space import Problem
 
@@ -250,7 +250,7 @@ class TuningDatabase:
             if self._entries is not None:
                 self._entries.update(new_entries)
             self._choices = {}  # a new record may be the nearest batch size of other keys
-        choices.changed()
+        launch.forget_warm()  # a remembered launch may run a choice this changes
 
     def export(self, path: Path) -> int:
         """Write the user's records to ``path`` as a database gconvgen can ship in tuning/databases/;
@@ -266,7 +266,7 @@ class TuningDatabase:
             self.path.unlink(missing_ok=True)
         with self._mutex:
             self._entries, self._choices = None, {}
-        choices.changed()
+        launch.forget_warm()  # a remembered launch may run a choice this changes
         return removed
 
     def describe(self) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from ..ir import ConvSpec
 from ..runtime.fallback import aten_conv2d, aten_conv2d_backward
-from ..ops.conv2d import TORCH_DTYPES
+from ..runtime.device import TORCH_DTYPES
 from .space import DeviceFacts, Problem
 
 # Allowed error, relative to |reference| + rms(reference): output rounding plus accumulation order.

@@ -360,7 +360,7 @@ def lowered(spec: Optional[ConvSpec], kind: str, dtype: str, choice: Choice, int
     """``lower`` memoised on its inputs: a warm call builds no description. ``pixels`` is keyed exactly, not
     bucketed: the grid is ceiling divisions of the exact extents, so a bucket would either leave a default
     under two waves or halve a tile that needed no halving; the memo holds one description per launch
-    shape, as the replay memo (runtime/replay.py) does, within maxsize."""
+    shape, as the warm-call memo (runtime/launch.py) does, within maxsize."""
     conv_plan = None if spec is None else planned(spec, padding_budget)
     return lower(conv_plan, kind, dtype=dtype, choice=choice, interpret=interpret, allow_tf32=allow_tf32,
                  wide_index=wide_index, epilogue=epilogue, weight_memory=weight_memory, pixels=pixels,

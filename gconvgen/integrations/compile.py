@@ -35,7 +35,7 @@ from ..nn.conv1d import conv1d
 from ..nn.fuse import fold_batch_norm
 from .graph_epilogue import match_epilogue
 from ..ir import check
-from ..ops.conv2d import DTYPE_NAMES
+from ..runtime.device import DTYPE_NAMES
 
 # every rewrite at info level, why a conv stays with torch at debug: TORCH_LOGS="gconvgen" (or "+gconvgen")
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import knobs
+from .causal import _check_tensor as check_shape, causal_depthwise
 from .conv2d import (
     _check_same, _check_tensor, _ints, _is_int, broadcast_residual, checked_activation, clip_output_channels,
     conv2d, sharing_parameters)
@@ -168,9 +169,7 @@ def _wider_weight(input: object, weight: object) -> bool:
 def _causal_with_states(input, weight, bias, stride, padding, dilation, groups, channel_policy, data_format,
                         activation, residual, seq_idx, initial_states, return_final_states):
     """conv1d with seq_idx, initial_states or return_final_states: a causal depthwise conv, computed by
-    gconvgen.causal_conv1d.causal_depthwise on NCL views."""
-    from ..causal_conv1d import _check_tensor as check_shape, causal_depthwise
-
+    nn/causal.py's causal_depthwise on NCL views."""
     nlc = _data_format(data_format) == "NLC"
     what = "seq_idx, initial_states and return_final_states"
     check(isinstance(return_final_states, bool),

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from .. import knobs
-from ..autotune import choice as _installs_the_tuning_choice  # noqa: F401  (the runtime's choice provider)
 from ..ir import ACTIVATIONS, CHANNEL_POLICIES, ConvSpec, check, conv_output_size, fail
 from ..compiler.plan import planned
-from ..runtime import replay
+from ..runtime import launch
 from ..ops.fused import conv2d_act
-from ..ops.conv2d import DTYPE_NAMES, spec_for_call
+from ..ops.dispatch import spec_for_call
+from ..runtime.device import DTYPE_NAMES
 from ..ops.conv2d import conv2d as op_conv2d
+from ..ops.dispatch import unobserved, warm_key
 
 DATA_FORMATS = ("NCHW", "NHWC")
 # the same two, as TensorFlow and Keras spell them
@@ -192,13 +193,13 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Returns the output [N, C_out, OH, OW] (channels_last in gives channels_last out), or [N, OH, OW, C_out]
     for NHWC. Raises TypeError / ValueError naming the argument for anything it cannot compute.
     """
-    key = replay.key_of(input, weight, bias, residual, stride, padding, dilation, groups, channel_policy,
-                        data_format, activation)
-    warm = replay.lookup(key)
-    if warm is not None:  # this signature ran before: its checks passed and its launch is recorded
+    key = _warm_key(input, weight, bias, residual, stride, padding, dilation, groups, channel_policy, data_format,
+                    activation)
+    warm = launch.recorded(key)
+    if warm is not None:  # this signature ran before: its checks passed and the launch it ran is remembered
         nhwc = _data_format(data_format) == "NHWC"
-        return warm(_nchw_view(input, nhwc), weight.permute(3, 2, 0, 1) if nhwc else weight, bias,
-                    _nchw_view(residual, nhwc))
+        return warm(x=_nchw_view(input, nhwc), weight=weight.permute(3, 2, 0, 1) if nhwc else weight, bias=bias,
+                    residual=_nchw_view(residual, nhwc))
     data_format = _data_format(data_format)
     check(channel_policy in CHANNEL_POLICIES,
           f"channel_policy={channel_policy!r} is not a policy; use 'strict' or 'pad'")
@@ -224,16 +225,26 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                              f"format: {hint}") from error
         raise
     activation = checked_activation(activation)
-    if activation == "none" and residual is None:
-        out = op_conv2d(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
-    else:
-        residual = _checked_residual(residual, x, w, stride_hw, padding_4, dilation_hw, unbatched, nhwc)
-        out = conv2d_act(x, w, bias, residual, stride_hw, padding_4, dilation_hw, groups, channel_policy, activation)
+    with launch.recording() as launched:
+        if activation == "none" and residual is None:
+            out = op_conv2d(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
+        else:
+            residual = _checked_residual(residual, x, w, stride_hw, padding_4, dilation_hw, unbatched, nhwc)
+            out = conv2d_act(x, w, bias, residual, stride_hw, padding_4, dilation_hw, groups, channel_policy,
+                             activation)
     result = out.permute(0, 2, 3, 1).contiguous() if nhwc else out
     result = result.squeeze(0) if unbatched else result
-    replay.remember(key, result, x, w, bias, residual, out, stride_hw, padding_4, dilation_hw, groups,
-                    channel_policy, activation)
+    launch.remember(key, launched, result)
     return result
+
+
+def _warm_key(input: object, weight: object, bias: object, residual: object, *arguments) -> Optional[tuple]:
+    """The key of a call on the caller's tensors as passed (ops.dispatch.warm_key), or None where the call
+    must take the whole path: a non-tensor argument, autocast, or something that could observe the call."""
+    tensors = (input, weight, bias, residual)
+    if torch._C._is_any_autocast_enabled() or not unobserved([t for t in tensors if t is not None]):
+        return None  # (unobserved is False for anything but a plain tensor)
+    return warm_key(tensors, "gconvgen.conv2d", *arguments)
 
 
 def _nchw_view(activation: Optional[torch.Tensor], nhwc: bool) -> Optional[torch.Tensor]:

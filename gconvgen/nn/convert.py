@@ -13,7 +13,7 @@ from torch import nn
 from .conv2d import GroupedConv2d
 from .conv1d import GroupedConv1d
 from ..ir import CHANNEL_POLICIES, check
-from ..ops.conv2d import DTYPE_NAMES
+from ..runtime.device import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 

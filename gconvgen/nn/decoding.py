@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from ..ir import check
-from ..ops.conv2d import DTYPE_NAMES
+from .causal import causal_conv1d_update as update
+from ..runtime.device import DTYPE_NAMES
 
 
 def _check_tensor(name: str, value: object, shape: tuple[int, ...], meaning: str) -> None:
@@ -43,7 +44,6 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     Half-precision inputs are summed in float32 and rounded once, as the conv kernels do.
     Raises TypeError / ValueError naming the argument for mismatched shapes, dtypes or devices.
     """
-    from ..causal_conv1d import causal_conv1d_update as update
 
     check(isinstance(x, torch.Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
     check(x.dim() in (2, 3), f"x has shape {tuple(x.shape)}; expected [batch, channels] (one time step per "

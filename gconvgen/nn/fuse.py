@@ -28,7 +28,7 @@ from ..activations import of_module as activation_of
 from .conv2d import GroupedConv2d
 from .conv1d import GroupedConv1d
 from ..ir import check
-from ..ops.conv2d import DTYPE_NAMES
+from ..runtime.device import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from ..compiler.lowering import DEFAULT, lowered_for
 from ..compiler.plan import planned
 from ..runtime.device import allows_tf32, device_target
 from ..runtime.launch import kernel_of
-from ..ops.conv2d import DTYPE_NAMES, spec_for_call
+from ..ops.dispatch import spec_for_call
+from ..runtime.device import DTYPE_NAMES
 
 
 class CompiledLayer:

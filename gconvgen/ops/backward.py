@@ -24,11 +24,14 @@ from .. import knobs
 from ..ir import ConvSpec, check
 from ..compiler.lowering import ATEN, Choice
 from ..runtime import launch
-from ..runtime.choices import choice_for
+from ..autotune.choice import choice_for
+from ..runtime.device import DTYPE_NAMES
 from ..runtime.fallback import aten_conv2d_backward
-from .conv2d import (
-    DTYPE_NAMES, _fallback, activation_layout, batch_first, bilinear_tangent, call, channels_side_by_side, conv2d,
-    conv2d_op, folds_into_groups, output_memory_format, register_autograd, spec_of, vmap_by_loop)
+from .autograd import (batch_first, bilinear_tangent, channels_side_by_side, folds_into_groups, register_autograd,
+                       vmap_by_loop)
+from .conv2d import conv2d, conv2d_op
+from .dispatch import (activation_layout, call, fallback, output_memory_format, spec_of, warm_key,
+                       warm_or_cold)
 
 
 def _spec(activation: torch.Tensor, in_channels: int, weight_size: Sequence[int], stride: Sequence[int],
@@ -43,7 +46,7 @@ def _spec(activation: torch.Tensor, in_channels: int, weight_size: Sequence[int]
 def _runs_on_aten(device: torch.device) -> bool:
     """CPU tensors without Triton's interpreter take the aten path (said once, or refused)."""
     if device.type == "cpu" and not knobs.interpret():
-        _fallback("CPU tensors and TRITON_INTERPRET is not set")
+        fallback("CPU tensors and TRITON_INTERPRET is not set")
         return True
     return False
 
@@ -76,6 +79,14 @@ def run_grad_input(grad_output: torch.Tensor, weight: torch.Tensor, input_size: 
     [N, C_out, OH, OW] and weight [C_out, ci, kh, kw] (any strides); the other arguments are the forward's."""
     _check_grad_output(grad_output, weight, "weight")
     check(len(input_size) == 4, f"input_size={list(input_size)} must be [N, C_in, H, W]")
+    key = warm_key((grad_output, weight), "grad_input", tuple(input_size), stride, padding, dilation, groups,
+                   channel_policy)
+    return warm_or_cold(key, {"grad_output": grad_output, "weight": weight},
+                        lambda: _cold_grad_input(grad_output, weight, input_size, stride, padding, dilation, groups,
+                                                 channel_policy))
+
+
+def _cold_grad_input(grad_output, weight, input_size, stride, padding, dilation, groups, channel_policy):
     spec = _spec(grad_output, input_size[1], weight.shape, stride, padding, dilation, groups, channel_policy)
     if grad_output.is_meta:  # shapes only
         return _allocate_grad_input(grad_output, input_size)
@@ -108,6 +119,14 @@ def run_grad_weight(grad_output: torch.Tensor, x: torch.Tensor, weight_size: Seq
     grad_output [N, C_out, OH, OW] and x [N, C_in, H, W] (any strides); contiguous. Deterministic."""
     _check_grad_output(grad_output, x, "x")
     check(len(weight_size) == 4, f"weight_size={list(weight_size)} must be [C_out, C_in/groups, kh, kw]")
+    key = warm_key((grad_output, x), "grad_weight", tuple(weight_size), stride, padding, dilation, groups,
+                   channel_policy)
+    return warm_or_cold(key, {"grad_output": grad_output, "x": x},
+                        lambda: _cold_grad_weight(grad_output, x, weight_size, stride, padding, dilation, groups,
+                                                  channel_policy))
+
+
+def _cold_grad_weight(grad_output, x, weight_size, stride, padding, dilation, groups, channel_policy):
     spec = _spec(x, x.shape[1], weight_size, stride, padding, dilation, groups, channel_policy)
     if x.is_meta:  # shapes only
         return x.new_empty(tuple(weight_size))
@@ -138,6 +157,11 @@ def run_grad_bias(grad_output: torch.Tensor) -> torch.Tensor:
     """Gradient of a conv's bias: grad_output [N, C_out, OH, OW] summed over batch and space. Deterministic."""
     check(grad_output.dim() == 4, f"grad_output has shape {tuple(grad_output.shape)}; expected [N, C_out, OH, OW]")
     check(grad_output.dtype in DTYPE_NAMES, f"grad_output.dtype={grad_output.dtype} is not supported", TypeError)
+    return warm_or_cold(warm_key((grad_output,), "grad_bias"), {"grad_output": grad_output},
+                        lambda: _cold_grad_bias(grad_output))
+
+
+def _cold_grad_bias(grad_output: torch.Tensor) -> torch.Tensor:
     if grad_output.is_meta:  # shapes only
         return grad_output.new_empty(grad_output.shape[1])
     if _runs_on_aten(grad_output.device):

@@ -22,23 +22,33 @@ import torch
 from .. import activations, knobs
 from ..compiler.lowering import ATEN
 from ..runtime import launch
-from ..runtime.choices import choice_for
+from ..autotune.choice import choice_for
 from ..runtime.fallback import aten_conv2d
-from .conv2d import (
-    _allocate_output, _fallback, bilinear_tangent, call, conv2d, output_memory_format, register_autograd,
-    spec_for_call)
+from .autograd import bilinear_tangent, register_autograd
+from .backward import _grad_input, _grad_weight, conv2d_grad_bias_op, run_grad_bias
+from .conv2d import conv2d
+from .dispatch import allocate_output, call, fallback, output_memory_format, spec_for_call, warm_key, warm_or_cold
+
 
 def run_conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
                    dilation: Sequence[int], groups: int, channel_policy: str, activation: str) -> torch.Tensor:
     """``activation(conv2d(x, weight) + bias + residual)`` on NCHW-indexed views; residual [N, C_out, OH, OW]
     (any strides) or None. Inputs are validated by gconvgen.conv2d."""
+    key = warm_key((x, weight, bias, residual), "conv2d_act", stride, padding, dilation, groups, channel_policy,
+                   activation)
+    return warm_or_cold(key, {"x": x, "weight": weight, "bias": bias, "residual": residual},
+                        lambda: _cold(x, weight, bias, residual, stride, padding, dilation, groups, channel_policy,
+                                      activation))
+
+
+def _cold(x, weight, bias, residual, stride, padding, dilation, groups, channel_policy, activation) -> torch.Tensor:
     spec = spec_for_call(x, weight, bias, stride, padding, dilation, groups, channel_policy)
-    out = _allocate_output(x, weight, stride, padding, dilation)
+    out = allocate_output(x, weight, stride, padding, dilation)
     if out.is_meta:
         return out
     if x.device.type == "cpu" and not knobs.interpret():
-        _fallback("CPU tensors and TRITON_INTERPRET is not set")
+        fallback("CPU tensors and TRITON_INTERPRET is not set")
         return _aten(spec, x, weight, bias, residual, activation).contiguous(memory_format=output_memory_format(x))
     if out.numel() == 0:
         return out
@@ -58,7 +68,7 @@ conv2d_act_op = torch.library.custom_op("gconvgen::conv2d_act", run_conv2d_act, 
 
 @conv2d_act_op.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, groups, channel_policy, activation):
-    return _allocate_output(x, weight, stride, padding, dilation)
+    return allocate_output(x, weight, stride, padding, dilation)
 
 
 def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
@@ -89,8 +99,6 @@ def _backward(ctx, grad: torch.Tensor):
     grad_pre = activations.gradient(grad, ctx.activation, pre=pre, out=out)
     grad_pre = grad_pre.contiguous(memory_format=output_memory_format(x))
     needs_x, needs_weight, needs_bias, needs_residual = ctx.needs_input_grad[:4]
-    from .backward import _grad_input, _grad_weight, conv2d_grad_bias_op, run_grad_bias
-
     grad_x = _grad_input(grad_pre, weight, tuple(x.shape), ctx.conv) if needs_x else None
     grad_weight = _grad_weight(grad_pre, x, tuple(weight.shape), ctx.conv) if needs_weight else None
     grad_bias = call(conv2d_grad_bias_op, run_grad_bias, grad_pre) if needs_bias and ctx.has_bias else None

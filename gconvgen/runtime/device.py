@@ -10,6 +10,9 @@ from ..memo import memoized
 from .. import knobs
 from ..ir import check
 
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
 
 @memoized()
 def device_target(device: torch.device) -> str:

@@ -1,16 +1,23 @@
-"""The one loader and the launches (check -> allocate -> launch) of every kernel kind.
+"""The one launcher: the loader and the launches (check -> allocate -> launch) of every kernel kind.
 
 A kernel is found by its lowered description: ``kernel_of(desc, target)`` renders, caches and imports it
 once per process (uri -> render -> disk cache -> import -> memo). A launch builds the argument list from
 the kind's argument table, so no launch site lists arguments by hand. The reductions (grad-weight,
 grad-bias) sum pixel ranges into slices of a partials buffer that are added in a fixed order afterwards:
 nothing is accumulated with atomics, so every run gives the same bits.
+
+Warm calls: an op records the launch it actually ran (``recording``) under a key of everything that
+decided it (``remember``), and a later call with that key rebinds its new tensors to the recorded launch
+(``recorded(key)(...)``: ``Launch.rebound``), making the same operand copies, with no check, plan or
+lowering. The keys are the ops' (gconvgen/ops/dispatch.py); this module only keeps the launches.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
-from typing import Optional
+import threading
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Optional
 
 import torch
 import triton
@@ -45,10 +52,8 @@ def kernel_of(desc: KernelDesc, target: str):
 @registered
 def clear_memo() -> None:
     """Forget every loaded kernel and every recorded launch that holds one (tests; a new cache directory)."""
-    from . import replay  # replay records launches prepared here
-
     _KERNELS.clear()
-    replay.clear()
+    forget_warm()
 
 
 def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.Tensor], ...], choice: Choice,
@@ -69,25 +74,71 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
                        needs_wide_index(largest, pixels.pixels), pixels, epilogue, weight_memory, alignment)
 
 
+# how a launch derives an operand from the tensor it is given, by name (see Launch.derived)
+DERIVATIONS: dict[str, Callable[[torch.Tensor, KernelDesc], torch.Tensor]] = {
+    "flipped": lambda tensor, desc: tensor.detach().flip((2, 3)),  # the transposed conv's weight
+    "weight_copy": lambda tensor, desc: weights.copied_for_kernel(tensor, desc),
+    "channels_last": lambda tensor, desc: tensor.contiguous(memory_format=torch.channels_last),
+}
+
+
 @dataclass(frozen=True)
 class Launch:
     """One prepared launch: the kernel's description, its grid and its argument values in table order
-    (tensors and ints), and the partials a split reduction sums afterwards into ``result``."""
+    (tensors and ints), the operand it writes ``result`` through (``output``; 'partials' for a reduction,
+    whose split partials are summed afterwards into ``result``). ``derived``
+    names, per operand, the copies made of the tensor given for it (DERIVATIONS, in order), so that
+    ``rebound`` makes them again for other tensors; ``sources`` names the caller's tensor an operand is
+    made from where the names differ (the transposed conv's x is the gradient's grad_output)."""
 
     desc: KernelDesc
     grid: tuple[int, ...]
     values: tuple
     result: torch.Tensor
+    output: str
     partials: Optional[torch.Tensor] = None
+    derived: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    sources: tuple[tuple[str, str], ...] = ()
 
     def arguments(self) -> dict[str, object]:
         """The argument values by kernel argument name (what ``gconvgen inspect`` compiles with)."""
         return dict(zip(self.desc.arguments.names, self.values))
 
+    def deriving(self, operand: str, *derivations: str, source: Optional[str] = None) -> "Launch":
+        """This launch, saying that ``operand``'s tensor was made by ``derivations`` (before the ones already
+        recorded) from the caller's tensor named ``source`` (default: the operand's own name)."""
+        known = dict(self.derived)
+        derived = tuple({**known, operand: derivations + known.get(operand, ())}.items())
+        sources = self.sources + (((operand, source),) if source is not None else ())
+        return replace(self, derived=derived, sources=sources)
 
-def _prepared(desc: KernelDesc, grid: tuple[int, ...], tensors: dict, result: torch.Tensor,
-              scalars: tuple[int, ...] = (), partials: Optional[torch.Tensor] = None) -> Launch:
-    return Launch(desc, grid, tuple(_arguments(desc.arguments, tensors, scalars)), result, partials)
+    def rebound(self, tensors: dict[str, Optional[torch.Tensor]], result: torch.Tensor) -> "Launch":
+        """This launch on other tensors with the signature of the ones it was prepared on (shapes, strides,
+        dtypes, device; ``tensors`` by operand name, ``result`` the output): the same kernel, grid, strides
+        and scalars, each operand slot refilled with its tensor (copied as ``derived`` says), and a new
+        partials buffer where the reduction is split. No check, plan or lowering."""
+        table = self.desc.arguments.operands
+        sources = dict(self.sources)
+        given = {op.name: tensors.get(sources.get(op.name, op.name)) for op in table}
+        for name, derivations in self.derived:
+            for derivation in derivations:
+                given[name] = DERIVATIONS[derivation](given[name], self.desc)
+        partials = None if self.partials is None else torch.empty_like(self.partials)
+        if self.output == "partials":
+            given["partials"] = result.unsqueeze(0) if partials is None else partials
+        placeholder = next(tensor for tensor in given.values() if tensor is not None)
+        operands = [placeholder if given[op.name] is None else given[op.name] for op in table]
+        return replace(self, values=(*operands, *self.values[len(operands):]), result=result, partials=partials)
+
+
+def _prepared(desc: KernelDesc, grid: tuple[int, ...], tensors: dict, result: torch.Tensor, output: str,
+              scalars: tuple[int, ...] = (), partials: Optional[torch.Tensor] = None,
+              derived: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> Launch:
+    return Launch(desc, grid, tuple(_arguments(desc.arguments, tensors, scalars)), result, output, partials,
+                  tuple((name, steps) for name, steps in derived if steps))
+
+
+_recordings = threading.local()  # the list a ``recording`` block collects launches into, per thread
 
 
 def run(prepared: Optional[Launch]):
@@ -101,7 +152,84 @@ def run(prepared: Optional[Launch]):
         compiled = kernel[prepared.grid](*prepared.values, **prepared.desc.meta)
     if prepared.partials is not None:
         _add_splits(prepared.partials, prepared.result)
+    launched = getattr(_recordings, "launches", None)
+    if launched is not None:
+        launched.append(prepared)
     return compiled
+
+
+# ---------------------------------------------------------------------------------------------- warm calls
+
+
+@dataclass(frozen=True)
+class Warm:
+    """A recorded launch and the output its caller returned (shape and strides: a view of the launch's
+    result memory, e.g. NHWC); calling it on new operands allocates that output and runs the launch."""
+
+    launch: Launch
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def __call__(self, **tensors: Optional[torch.Tensor]) -> torch.Tensor:
+        anchor = next(tensor for tensor in tensors.values() if tensor is not None)
+        result = torch.empty_strided(self.shape, self.stride, dtype=self.launch.result.dtype, device=anchor.device)
+        run(self.launch.rebound({**tensors, self.launch.output: result}, result))
+        return result
+
+
+_WARM: dict[tuple, Warm] = {}
+_WARM_LIMIT = 4096
+_warm_enabled = True
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Collect the launches ``run`` makes inside the block (on this thread) into the list it yields."""
+    outer = getattr(_recordings, "launches", None)
+    _recordings.launches = launched = []
+    try:
+        yield launched
+    finally:
+        _recordings.launches = outer
+        if outer is not None:
+            outer.extend(launched)
+
+
+def remember(key: Optional[tuple], launched: list[Launch], result: torch.Tensor) -> None:
+    """Keep the one launch a call with ``key`` ran, if it ran exactly one and returned a view of that
+    launch's result memory (``result``); a call that ran aten, nothing, several launches or returned a copy
+    is not kept (and takes the whole path every time)."""
+    if (key is None or not _warm_enabled or len(launched) != 1 or result.is_meta
+            or result.data_ptr() != launched[0].result.data_ptr()):
+        return
+    if len(_WARM) >= _WARM_LIMIT:
+        _WARM.clear()
+    _WARM[key] = Warm(launched[0], result.shape, result.stride())
+
+
+def recorded(key: Optional[tuple]) -> Optional[Warm]:
+    """The launch remembered under ``key`` (None: none, or warm calls are off)."""
+    return None if key is None else _WARM.get(key)
+
+
+@registered
+def forget_warm() -> None:
+    """Forget every remembered launch: what decided them may have changed (a tuning record, a choice override)."""
+    _WARM.clear()
+
+
+@contextlib.contextmanager
+def cold_calls() -> Iterator[None]:
+    """Inside the block every call takes the whole path (checks, plan, choice, lowering) and nothing is
+    remembered: for a choice override that must see every call."""
+    global _warm_enabled
+    previous, _warm_enabled = _warm_enabled, False
+    forget_warm()
+    try:
+        yield
+    finally:
+        _warm_enabled = previous
+        forget_warm()
 
 
 def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = ()) -> list:
@@ -136,6 +264,14 @@ def _aligned_row_values(activation: torch.Tensor, layout: str) -> tuple[int, ...
     return tuple(values)
 
 
+def _weight_copy(weight: torch.Tensor, desc: KernelDesc) -> tuple[str, ...]:
+    return ("weight_copy",) if weights.needs_copy(weight, desc) else ()
+
+
+def _staging(desc: KernelDesc) -> tuple[str, ...]:
+    return ("channels_last",) if desc.stage_channels_last else ()
+
+
 def staged(activation: torch.Tensor, desc: KernelDesc) -> torch.Tensor:
     """The activation a kernel reads, as it wants it: a channels_last copy when ``desc.stage_channels_last``
     (see lowering.choose_layout_constants), else itself."""
@@ -163,10 +299,12 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
                     weight_memory=weights.layout_of(weight),
                     alignment=row_alignment(spec.dtype, _aligned_row_values(x, spec.layout)
                                             + _aligned_row_values(out, spec.layout)))
+    derived = (("weight", _weight_copy(weight, desc)), ("x", _staging(desc)))
     weight = weights.for_kernel(weight, desc)
     x = staged(x, desc)
     return _prepared(desc, desc.grid(pixels),
-                     {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}, out)
+                     {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}, out, "out",
+                     derived=derived)
 
 
 def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor,
@@ -179,14 +317,18 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
         return None
     transposed = grad_input_as_forward(spec, knobs.padding_budget()) if choice == DEFAULT else None
     if transposed is not None:
-        return prepare_forward(transposed, grad_output, weight.detach().flip((2, 3)), None, grad_x, DEFAULT, target)
+        flipped = DERIVATIONS["flipped"](weight, None)
+        prepared = prepare_forward(transposed, grad_output, flipped, None, grad_x, DEFAULT, target)
+        return None if prepared is None else prepared.deriving("weight", "flipped").deriving("x", source="grad_output")
     pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,
                     weight_memory=weights.layout_of(weight))
+    derived = (("weight", _weight_copy(weight, desc)), ("grad_output", _staging(desc)))
     weight = weights.for_kernel(weight, desc)
     grad_output = staged(grad_output, desc)
     return _prepared(desc, desc.grid(pixels),
-                     {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x)
+                     {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x, "grad_input",
+                     derived=derived)
 
 
 def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tensor, grad_w: torch.Tensor,
@@ -206,7 +348,8 @@ def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tens
                                             target_programs(x.device), splits)
     partials = _partials_for(grad_w, splits)
     return _prepared(desc, (*tiles, splits), {"x": x, "grad_output": grad_output, "partials": partials}, grad_w,
-                     (pixels, pixels_per_split), partials if splits > 1 else None)
+                     "partials", (pixels, pixels_per_split), partials if splits > 1 else None,
+                     (("x", _staging(desc)), ("grad_output", _staging(desc))))
 
 
 def prepare_grad_bias(grad_output: torch.Tensor, grad_b: torch.Tensor, choice: Choice = DEFAULT,
@@ -224,7 +367,7 @@ def prepare_grad_bias(grad_output: torch.Tensor, grad_b: torch.Tensor, choice: C
                                             target_programs(grad_output.device), splits)
     partials = _partials_for(grad_b, splits)
     return _prepared(desc, (channel_tiles, splits), {"grad_output": grad_output, "partials": partials}, grad_b,
-                     (pixels, pixels_per_split), partials if splits > 1 else None)
+                     "partials", (pixels, pixels_per_split), partials if splits > 1 else None)
 
 
 def forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,

@@ -19,7 +19,7 @@ from ..autotune.measure import CPU_TIMER_LABEL, GPU_TIMER_LABEL, Measurement, Ti
 from ..ir import ConvSpec, check
 from ..ops import backward as _backward  # noqa: F401  (gconvgen::conv2d's autograd formula, differentiated here)
 from ..runtime.fallback import aten_conv2d
-from ..ops.conv2d import TORCH_DTYPES
+from ..runtime.device import TORCH_DTYPES
 
 
 @dataclass(frozen=True)

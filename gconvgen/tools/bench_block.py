@@ -22,7 +22,7 @@ from .bench import roofline
 from ..nn.fuse import fold_batch_norm
 from ..compiler.lowering import ELEMENT_BYTES
 from ..activations import apply as apply_activation
-from ..ops.conv2d import TORCH_DTYPES
+from ..runtime.device import TORCH_DTYPES
 
 
 @dataclass(frozen=True)

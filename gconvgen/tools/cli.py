@@ -24,7 +24,7 @@ from click.core import ParameterSource
 
 from .. import knobs
 from .cli_help import SUITE_FLAGS, HelpGroup, output_path, selected_suite, with_flags, write_output
-from . import cli_model
+from . import cli_model, cli_tools
 from ..ir import ACTIVATIONS, DTYPES
 
 if TYPE_CHECKING:
@@ -421,5 +421,5 @@ def _time_backward(problems, device: torch.device) -> list:
             for _, _, problem in tqdm.tqdm(problems, desc="forward + backward", unit="layer", dynamic_ncols=True)]
 
 
-# the cache and inspect commands live in cli_tools.py (imported after main exists: it registers on it)
-from . import cli_tools  # noqa: E402,F401
+for _command in cli_tools.COMMANDS:  # plan, cache and inspect live in cli_tools.py
+    main.add_command(_command)

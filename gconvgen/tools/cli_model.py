@@ -121,7 +121,7 @@ def model_and_inputs(text: str, shapes: tuple[tuple[int, ...], ...], dtype: Opti
     model's) and ``layout`` (nhwc: channels_last, which needs 4-D inputs)."""
     import torch
 
-    from ..ops.conv2d import TORCH_DTYPES
+    from ..runtime.device import TORCH_DTYPES
 
     model = load_model(text).to(device)
     if dtype is not None:

@@ -1,6 +1,6 @@
-"""The gconvgen command line, second half: ``gconvgen plan`` (a layer's passes, descriptions and source), ``gconvgen cache`` (show, export or clear the kernel cache and the
-tuning database) and ``gconvgen inspect`` (static sm_90 figures). Registered on cli.main when cli is imported;
-like cli.py it imports nothing heavy until a command runs."""
+"""The gconvgen command line, second half: ``gconvgen plan`` (a layer's passes, descriptions and source),
+``gconvgen cache`` (show, export or clear the kernel cache and the tuning database) and ``gconvgen inspect`` (static sm_90 figures): commands that cli.py adds to ``main``
+(``COMMANDS``); like cli.py it imports nothing heavy until a command runs."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,6 @@ import click
 import tqdm
 
 from .. import knobs
-from .cli import main
 from .cli_help import PLAN_FLAGS, output_path, selected_suite, sizes, with_flags, write_output
 from ..ir import CHANNEL_POLICIES, DTYPES, LAYOUTS
 
@@ -19,7 +18,7 @@ _ONE_OR_TWO = "an int or H x W, e.g. 3 or 3x5"
 _GRAPH_FORMATS = "the pass graphs are written as Graphviz DOT (.dot, .gv) or networkx node-link JSON (.json)"
 
 
-@main.command()
+@click.command()
 @click.option("--in-channels", type=int, required=True, help="Input channels C_in.")
 @click.option("--out-channels", type=int, required=True, help="Output channels C_out.")
 @click.option("--groups", type=int, required=True, help="Groups.")
@@ -99,7 +98,7 @@ def _expand(values: tuple[int, ...]) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- cache
 
 
-@main.group()
+@click.group()
 def cache() -> None:
     """Show or clear gconvgen's cache: rendered kernels and the tuning database."""
 
@@ -170,7 +169,7 @@ def clear(kernels, tuning) -> None:
 # ---------------------------------------------------------------------------------------------- inspect
 
 
-@main.command()
+@click.command()
 @click.option("--suite", "suite_name", default="headline", show_default=True,
               help="A shipped suite (headline, secondary, smoke) or a suite JSON file.")
 @click.option("--layer", "layer_ids", multiple=True, help="Only these layer ids (repeatable). Default: every layer.")
@@ -223,3 +222,6 @@ def _inspection_line(label: str, kind: str, row) -> str:
             f"{f.shared_memory_bytes:>6} {f.tensor_core:<8} {loads:<22} {sum(f.async_copies.values()):>5} "
             f"{f.inner_loop_instructions:>5} {row.waves:>6.1f} {ratio(row.requested_over_ideal_bytes):>6} "
             f"{ratio(row.issued_over_useful_flops):>6}")
+
+
+COMMANDS = (plan, cache, inspect)  # what cli.main adds

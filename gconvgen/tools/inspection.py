@@ -22,7 +22,7 @@ from ..ir import check
 from ..compiler.lowering import DEFAULT, ELEMENT_BYTES, H200_SMS, KernelDesc, family
 from ..runtime import launch
 from . import sass
-from ..ops.conv2d import TORCH_DTYPES
+from ..runtime.device import TORCH_DTYPES
 
 INSPECT_TARGET = "cuda sm_90 inspect"
 DEFAULT_TUNED_TARGET = "NVIDIA H200 sm_90"  # whose tuning records decide the config, when there are any

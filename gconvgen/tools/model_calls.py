@@ -2,11 +2,11 @@
 layer, for ``gconvgen.tune(model)`` and ``gconvgen.report(model)``.
 
 The copy is converted (``gconvgen.convert``) so that its grouped convs run gconvgen's ops, and run once with
-a recording choice provider installed (``runtime.choices.set_provider``): every kernel the runtime would
+a recording choice provider (``autotune.choice.overridden``): every kernel the runtime would
 launch asks the provider for its tuning choice with exactly the spec, kind and input size that the tuning
 database is keyed on, so what is recorded is what a later run looks up. The provider answers aten, so
 recording costs what PyTorch's convs cost, never the interpreter's time. A pass-through dispatch mode keeps
-every call on the op's full path (no warm replay skips the provider) and sees the grouped convs that stay
+every call on the op's full path (no warm call skips the provider) and sees the grouped convs that stay
 as ``F.conv2d`` / ``F.conv1d`` calls (functional, in a module's own forward), which the torch.compile
 backend runs with gconvgen. Forward hooks on the copy's modules name the layer of each call.
 """
@@ -27,8 +27,9 @@ from ..autotune.space import Problem
 from ..nn.convert import convert
 from ..ir import ConvSpec, check
 from ..compiler.lowering import ATEN, Choice
-from ..runtime import choices
-from ..ops.conv2d import DTYPE_NAMES, spec_for_call
+from ..autotune import choice
+from ..ops.dispatch import spec_for_call
+from ..runtime.device import DTYPE_NAMES
 
 MODULE = "module"          # a gconvgen module of the converted model (GroupedConv2d / GroupedConv1d)
 FUNCTIONAL = "functional"  # an F.conv2d / F.conv1d call, which gconvgen runs under torch.compile(backend="gconvgen")
@@ -167,12 +168,10 @@ class _Recorder:
         for module, name in self.names.items():
             handles.append(module.register_forward_pre_hook(functools.partial(self._enter, name)))
             handles.append(module.register_forward_hook(self._leave, always_call=True))
-        previous = choices.set_provider(self.provide)
         try:
-            with _SeeEveryCall(self):
+            with choice.overridden(self.provide), _SeeEveryCall(self):
                 yield
         finally:
-            choices.set_provider(previous)
             for handle in handles:
                 handle.remove()
 

@@ -1,5 +1,5 @@
-"""Warm calls replay a recorded launch (runtime/replay.py): the same results, and nothing the whole path would
-refuse or decide differently is replayed."""
+"""Warm calls rebind their tensors to the launch a first call ran (runtime/launch.py ``remember`` /
+``Launch.rebound``): the same results, and nothing the whole path would refuse or decide differently is run."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,7 @@ from gconvgen.autotune.database import database, kernel_record, key_of
 from gconvgen.autotune.space import Problem
 from gconvgen.compiler.lowering import KernelConfig
 from gconvgen.runtime.device import device_target
-from gconvgen.ops.conv2d import spec_for_call
+from gconvgen.ops.dispatch import spec_for_call
 from conftest import assert_close, spy_on_kernels
 
 

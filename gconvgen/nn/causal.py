@@ -1,0 +1,271 @@
+"""A drop-in for Dao-AILab causal-conv1d (Mamba, Jamba and vLLM call it): switch with one import line,
+
+    from gconvgen.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
+
+Same arguments, same results, same reference semantics as that package's ``causal_conv1d_ref`` and
+``causal_conv1d_update_ref``: x is [batch, dim, seqlen] (any strides: its channel-last views included), the
+weight is (dim, width), the computation runs in the weight's precision (float32 weights with float16 or
+bfloat16 x: x is read as float32 and the output rounded once to x's dtype), and ``activation`` is None,
+"silu" or "swish".
+
+What runs where:
+- ``causal_conv1d_fn`` without ``seq_idx`` is gconvgen.conv1d's generated depthwise kernel with the causal
+  padding and the fused SiLU, forward and backward (deterministic: no atomics). ``initial_states`` are
+  placed before x (one copy of x) and the conv runs unpadded over both; ``final_states`` are the last
+  width - 1 inputs. When the weight's dtype differs from x's, x is cast to it first (one copy).
+- ``seq_idx`` (several sequences packed in one row) masks, for every output, the taps that reach into
+  another sequence, and writes 0 where seq_idx is negative (padding), as causal-conv1d's kernel does. It is
+  computed with torch ops, one pass over x per tap in the accumulator's precision, differentiable: correct,
+  not yet at the generated kernel's speed.
+- ``causal_conv1d_update`` (decode: one or several new tokens per sequence from a rolling or circular
+  state, a state pool indexed per request with -1 for a padded slot) and ``causal_conv1d_varlen_states`` are
+  a few hundred kilobytes of gathers and length-``width`` dot products per step, written with torch ops.
+
+What causal-conv1d does not accept either (an activation other than silu/swish, ``seq_idx`` together with
+``initial_states`` or ``return_final_states``) raises ValueError with the reason, as does any shape,
+dtype or device mismatch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..ir import check
+from .conv2d import conv2d
+
+__all__ = ["causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_varlen_states"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _silu_or_none(activation: object) -> Optional[str]:
+    check(activation in (None, "silu", "swish"),
+          f"activation={activation!r} is not supported; use None, 'silu' or 'swish' (silu's other name)")
+    return None if activation is None else "silu"
+
+
+def _check_tensor(name: str, value: object, shape: tuple, meaning: str, floating: bool = True) -> None:
+    check(isinstance(value, torch.Tensor), f"{name} must be a torch.Tensor, got {type(value).__name__}", TypeError)
+    check(value.dim() == len(shape) and all(want is None or got == want for got, want in zip(value.shape, shape)),
+          f"{name} has shape {tuple(value.shape)}; expected {meaning}")
+    if floating:
+        check(value.dtype in _FLOATS, f"{name}.dtype={value.dtype} is not supported; use float32, float16, "
+                                      f"bfloat16 or float64", TypeError)
+
+
+def _check_device(x: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None:
+            check(tensor.device == x.device,
+                  f"{name} is on {tensor.device} but x is on {x.device}; move it with .to('{x.device}')")
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The weight's precision, as causal_conv1d_ref computes (x.to(weight.dtype)); never below x's."""
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def _checked_weight(weight: object, dim: int) -> int:
+    _check_tensor("weight", weight, (dim, None), f"(dim, width) = ({dim}, width): one filter per channel of x")
+    width = weight.shape[1]
+    check(width >= 1, f"weight has shape {tuple(weight.shape)}; its width must be >= 1")
+    return width
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+
+
+def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     seq_idx: Optional[torch.Tensor] = None, initial_states: Optional[torch.Tensor] = None,
+                     return_final_states: bool = False, final_states_out: Optional[torch.Tensor] = None,
+                     activation: Optional[str] = None) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The causal depthwise conv of x [batch, dim, seqlen] with weight (dim, width) and bias (dim,):
+    out[b, d, t] = act(bias[d] + sum_j weight[d, j] * x[b, d, t - (width - 1) + j]), x zero before t = 0
+    (or ``initial_states`` [batch, dim, width - 1] there). With ``seq_idx`` [batch, seqlen] (integers), a tap
+    reads x only within the output's own sequence (same seq_idx), and outputs whose seq_idx is negative
+    are 0. ``return_final_states``: also return the last width - 1 inputs [batch, dim, width - 1] (zeros
+    before the start), written into ``final_states_out`` when given. Returns out [batch, dim, seqlen] in x's
+    dtype, or (out, final_states). Differentiable in x, weight, bias and initial_states."""
+    act = _silu_or_none(activation)
+    _check_tensor("x", x, (None, None, None), "(batch, dim, seqlen)")
+    batch, dim, seqlen = x.shape
+    width = _checked_weight(weight, dim)
+    if bias is not None:
+        _check_tensor("bias", bias, (dim,), f"(dim,) = ({dim},)")
+    _check_device(x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                  final_states_out=final_states_out)
+    if seq_idx is not None:
+        check(initial_states is None and not return_final_states,
+              "seq_idx cannot be combined with initial_states or return_final_states (neither can causal-conv1d's): "
+              "a packed row holds several sequences, each starting from zeros; run each sequence on its own to "
+              "carry states")
+        _check_tensor("seq_idx", seq_idx, (batch, seqlen), f"(batch, seqlen) = ({batch}, {seqlen})", floating=False)
+        check(not seq_idx.is_floating_point() and not seq_idx.is_complex() and seq_idx.dtype != torch.bool,
+              f"seq_idx.dtype={seq_idx.dtype} must be an integer type (torch.int32)", TypeError)
+    if initial_states is not None:
+        _check_tensor("initial_states", initial_states, (batch, dim, width - 1),
+                      f"(batch, dim, width - 1) = ({batch}, {dim}, {width - 1})")
+    check(isinstance(return_final_states, bool),
+          f"return_final_states={return_final_states!r} must be True or False", TypeError)
+    if final_states_out is not None:
+        check(return_final_states, "final_states_out is given but return_final_states=False; pass "
+                                   "return_final_states=True to have it written")
+        _check_tensor("final_states_out", final_states_out, (batch, dim, width - 1),
+                      f"(batch, dim, width - 1) = ({batch}, {dim}, {width - 1})")
+
+    out, final_states = causal_depthwise(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
+                                         activation=act)
+    if not return_final_states:
+        return out
+    if final_states_out is not None:
+        final_states_out.copy_(final_states)
+        return out, final_states_out
+    return out, final_states
+
+
+def causal_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                     seq_idx: Optional[torch.Tensor] = None, initial_states: Optional[torch.Tensor] = None,
+                     activation: Optional[str] = None,
+                     residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """causal_conv1d_fn's computation on checked arguments (x [batch, dim, seqlen], weight (dim, width)),
+    with ``activation`` None or "silu" and a ``residual`` [batch, dim, seqlen] added before it: (out in x's
+    dtype, the final states [batch, dim, width - 1] in x's dtype). Computed in the weight's precision."""
+    width = weight.shape[1]
+    compute = _compute_dtype(x, weight)
+    x_in = x.to(compute)
+    weight_in = weight.to(compute)
+    bias_in = None if bias is None else bias.to(compute)
+    residual_in = None if residual is None else residual.to(compute)
+    if seq_idx is not None:
+        out = _packed_sequences(x_in, weight_in, bias_in, seq_idx, activation, residual_in)
+    else:
+        if initial_states is not None:
+            x_in = torch.cat([initial_states.to(compute), x_in], dim=-1)
+        left = width - 1 if initial_states is None else 0
+        # the 1-D conv as the 2-D one with height 1 (as gconvgen.conv1d runs it): [N, C, 1, L], weight [C, 1, 1, k]
+        out = conv2d(x_in.unsqueeze(2), weight_in[:, None, None, :], bias_in, padding=(0, 0, left, 0),
+                     groups=x.shape[1], activation=activation,
+                     residual=None if residual_in is None else residual_in.unsqueeze(2)).squeeze(2)
+    history = x_in if initial_states is not None else x
+    final_states = F.pad(history, (width - 1, 0))[..., -(width - 1):] if width > 1 else history[..., :0]
+    return out.to(x.dtype), final_states.to(x.dtype)
+
+
+def _packed_sequences(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      seq_idx: torch.Tensor, activation: Optional[str],
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The causal conv of rows holding several sequences (see causal_conv1d_fn): a tap j of output t reads
+    x[t - j] only where seq_idx agrees; outputs of negative seq_idx are 0. Accumulated in float32 (float64
+    for float64), one pass over x per tap."""
+    accumulator = torch.float64 if x.dtype == torch.float64 else torch.float32
+    seqlen, width = x.shape[-1], weight.shape[1]
+    x_wide, weight_wide = x.to(accumulator), weight.to(accumulator)
+    out = x_wide.new_zeros(x.shape) if bias is None else bias.to(accumulator)[None, :, None].expand(x.shape).clone()
+    for back in range(min(width, seqlen)):  # tap width - 1 - back reads x[t - back]
+        same = seq_idx[:, back:] == seq_idx[:, :seqlen - back]  # [batch, seqlen - back]: same sequence
+        tap = x_wide[..., :seqlen - back] * weight_wide[:, width - 1 - back, None]
+        out = out + F.pad(torch.where(same[:, None, :], tap, 0.0), (back, 0))  # where, not *: inf x 0 is NaN
+    if residual is not None:
+        out = out + residual.to(accumulator)
+    if activation is not None:
+        out = F.silu(out)
+    return torch.where((seq_idx >= 0)[:, None, :], out, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                         cache_seqlens: Optional[torch.Tensor] = None,
+                         conv_state_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode ``seqlen`` new tokens x [batch, dim] or [batch, dim, seqlen] per sequence from its state, in
+    place: ``conv_state`` [batch or pool, dim, state_len] (state_len >= width - 1) holds each sequence's
+    last inputs, oldest first; with ``cache_seqlens`` [batch] it is a circular buffer whose next write goes
+    to cache_seqlens % state_len; with ``conv_state_indices`` [batch] (integers) sequence b's state is row
+    conv_state_indices[b] of the pool, and -1 marks a padded slot: its output is 0 and no state changes.
+    Returns out in x's shape and dtype: act(bias + the causal conv of the state followed by x), computed
+    in the weight's precision (float32 at least) and rounded once."""
+    act = _silu_or_none(activation)
+    check(isinstance(x, torch.Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
+    check(x.dim() in (2, 3), f"x has shape {tuple(x.shape)}; expected (batch, dim) or (batch, dim, seqlen)")
+    one_token = x.dim() == 2
+    x3 = x.unsqueeze(-1) if one_token else x
+    _check_tensor("x", x3, (None, None, None), "(batch, dim) or (batch, dim, seqlen)")
+    batch, dim, seqlen = x3.shape
+    width = _checked_weight(weight, dim)
+    _check_tensor("conv_state", conv_state, (None, dim, None), f"(batch, dim, state_len) with dim = {dim}")
+    state_len = conv_state.shape[-1]
+    check(state_len >= width - 1, f"conv_state has state_len={state_len}; it must hold at least width - 1 = "
+                                  f"{width - 1} inputs")
+    check(conv_state.dtype == x.dtype, f"conv_state.dtype={conv_state.dtype} does not match x.dtype={x.dtype}; "
+                                       f"the state holds past inputs: cast it with .to({x.dtype})", TypeError)
+    if bias is not None:
+        _check_tensor("bias", bias, (dim,), f"(dim,) = ({dim},)")
+    _check_device(x, conv_state=conv_state, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
+                  conv_state_indices=conv_state_indices)
+    for name, index in (("cache_seqlens", cache_seqlens), ("conv_state_indices", conv_state_indices)):
+        if index is not None:
+            _check_tensor(name, index, (batch,), f"(batch,) = ({batch},)", floating=False)
+            check(not index.is_floating_point() and index.dtype != torch.bool,
+                  f"{name}.dtype={index.dtype} must be an integer type (torch.int32)", TypeError)
+    if conv_state_indices is None:
+        check(conv_state.shape[0] == batch, f"conv_state has {conv_state.shape[0]} rows for x's batch of {batch}; "
+                                            f"pass conv_state_indices to pick rows of a larger state pool")
+        rows = torch.arange(batch, device=x.device)
+        active = torch.ones(batch, dtype=torch.bool, device=x.device)
+    else:
+        rows = conv_state_indices.long()
+        active = rows >= 0
+        check(bool((rows < conv_state.shape[0]).all()) and bool((rows >= -1).all()),
+              f"conv_state_indices must be in [-1, {conv_state.shape[0]}) (-1: a padded slot), got "
+              f"{conv_state_indices.tolist()}")
+    rows = rows[active]
+    x_active = x3[active]
+    state = conv_state[rows]  # [active, dim, state_len], a copy
+    compute = torch.promote_types(_compute_dtype(x, weight), torch.float32)
+    if cache_seqlens is None or state_len == 0:  # (a width-1 filter keeps no state: nothing to write)
+        window = torch.cat([state, x_active], dim=-1)
+        new_state = window[..., window.shape[-1] - state_len:]
+    else:
+        start = cache_seqlens.long()[active]
+        history = torch.remainder(torch.arange(-(width - 1), 0, device=x.device)[None, :] + start[:, None], state_len)
+        window = torch.cat([state.gather(2, history[:, None, :].expand(-1, dim, -1)), x_active], dim=-1)
+        written = torch.remainder(torch.arange(seqlen, device=x.device)[None, :] + start[:, None], state_len)
+        new_state = state.scatter(2, written[:, None, :].expand(-1, dim, -1), x_active)
+        if seqlen > state_len:  # scatter_'s order among repeated positions is unspecified: keep the last
+            new_state = new_state.scatter(2, written[:, None, -state_len:].expand(-1, dim, -1),
+                                          x_active[..., -state_len:])
+    out_active = F.conv1d(window.to(compute), weight.to(compute).unsqueeze(1),
+                          None if bias is None else bias.to(compute), groups=dim)[..., -seqlen:]
+    if act is not None:
+        out_active = F.silu(out_active)
+    conv_state[rows] = new_state
+    out = x3.new_zeros(x3.shape)
+    out[active] = out_active.to(x.dtype)
+    return out.squeeze(-1) if one_token else out
+
+
+# ---------------------------------------------------------------------------------------------- varlen states
+
+
+def causal_conv1d_varlen_states(x: torch.Tensor, cu_seqlens: torch.Tensor, state_len: int) -> torch.Tensor:
+    """The final states of packed variable-length sequences: x [total_tokens, dim] holds sequence i at
+    rows [cu_seqlens[i], cu_seqlens[i + 1]) (cu_seqlens sorted, from 0). Returns states
+    [batch, dim, state_len]: each sequence's last state_len inputs, oldest first, zeros before its start
+    (a channel-last view, as causal-conv1d returns). Forward only."""
+    _check_tensor("x", x, (None, None), "(total_tokens, dim)")
+    _check_tensor("cu_seqlens", cu_seqlens, (None,), "(batch + 1,)", floating=False)
+    check(cu_seqlens.shape[0] >= 1, "cu_seqlens must hold at least one offset (0)")
+    check(isinstance(state_len, int) and not isinstance(state_len, bool) and state_len >= 0,
+          f"state_len={state_len!r} must be an int >= 0", TypeError)
+    _check_device(x, cu_seqlens=cu_seqlens)
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    positions = ends[:, None] - state_len + torch.arange(state_len, device=x.device)[None, :]  # [batch, state_len]
+    inside = positions >= starts[:, None]
+    gathered = x[positions.clamp(min=0, max=max(x.shape[0] - 1, 0))] if x.shape[0] else x.new_zeros(
+        (*positions.shape, x.shape[1]))
+    states = torch.where(inside[..., None], gathered, 0.0).to(x.dtype)  # [batch, state_len, dim]
+    return states.transpose(1, 2)

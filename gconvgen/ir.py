@@ -104,6 +104,15 @@ class ConvSpec:
         """The OIHW weight this spec expects."""
         return (self.out_channels, self.in_channels_per_group, *self.kernel_size)
 
+    @property
+    def name(self) -> str:
+        """Its fields in a readable, identifier-safe form (the channel policy aside), e.g.
+        ``ci128_co128_g32_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16_bias``: kernel names and tuning keys read it."""
+        return "_".join([f"ci{self.in_channels}", f"co{self.out_channels}", f"g{self.groups}",
+                         "k{}x{}".format(*self.kernel_size), "s{}x{}".format(*self.stride),
+                         "d{}x{}".format(*self.dilation), "p" + "_".join(map(str, self.padding)), self.layout,
+                         self.dtype, *(["bias"] if self.bias else [])])
+
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Output (height, width) for an input of (height, width); raises if the kernel does not fit."""
         top, bottom, left, right = self.padding

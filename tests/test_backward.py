@@ -374,13 +374,13 @@ def test_backward_kernels_are_named_by_kind():
     conv_plan = plan(gconvgen.ConvSpec(8, 8, 2, (3, 3), padding=(1, 1, 1, 1), layout="nhwc", dtype="bfloat16"))
     descs = {kind: lower(conv_plan, kind, interpret=False, allow_tf32=False)
              for kind in ("forward", "grad_input", "grad_weight")}
-    uris = {kind: desc.uri for kind, desc in descs.items()}
-    assert uris["grad_input"] == "grad_input_" + uris["forward"]
-    assert uris["grad_weight"] == "grad_weight_" + uris["forward"]
+    name = "igemm_ci8_co8_g2_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16_"
+    for kind, desc in descs.items():
+        assert desc.uri.startswith(name if kind == "forward" else f"{kind}_{name}"), desc.uri
     for kind, desc in descs.items():
         assert f"def {desc.kernel_name}(" in codegen.render(desc), kind
     grad_bias = lower(None, "grad_bias", dtype="bfloat16", interpret=True, allow_tf32=False)
-    assert grad_bias.uri == "grad_bias_bfloat16_interp" and f"def {grad_bias.kernel_name}(" in codegen.render(grad_bias)
+    assert grad_bias.uri.startswith("grad_bias_bfloat16_") and f"def {grad_bias.kernel_name}(" in codegen.render(grad_bias)
     with pytest.raises(ValueError, match="kind='grad_output' is not a kernel kind"):
         lower(conv_plan, "grad_output", interpret=False, allow_tf32=False)
     with pytest.raises(ValueError, match="kind='grad_input' needs a plan"):

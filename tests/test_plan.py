@@ -186,20 +186,25 @@ def _source_body(desc):
 def test_uri_changes_with_every_source_decision_and_with_no_launch_setting():
     conv_plan = plan(ConvSpec(12, 12, 3, (3, 3), padding=(1, 1, 1, 1), dtype="float32"))
     base = lower(conv_plan, "forward", interpret=False, allow_tf32=False)
-    variants = {  # flag in the uri: a description differing from base in that decision only
+    variants = {  # a description differing from base in that decision only
         "tf32": lower(conv_plan, "forward", interpret=False, allow_tf32=True),
         "i64": lower(conv_plan, "forward", interpret=False, allow_tf32=False, wide_index=True),
         "interp": lower(conv_plan, "forward", interpret=True, allow_tf32=False),
         "maskin": dataclasses.replace(base, mask_input_channels=True),
         "maskout": dataclasses.replace(base, mask_output_channels=True),
     }
+    readable = "igemm_ci12_co12_g3_k3x3_s1x1_d1x1_p1_1_1_1_nchw_float32_"
+    assert base.uri.startswith(readable) and len(base.uri) == len(readable) + 16  # + a 64-bit hash of the fields
+    uris = {base.uri} | {desc.uri for desc in variants.values()}
+    assert len(uris) == len(variants) + 1 and all(uri.startswith(readable) for uri in uris)
     for flag, desc in variants.items():
-        assert desc.uri == f"{base.uri}_{flag}" and desc.kernel_name == f"gconvgen_{desc.uri}"
+        assert desc.kernel_name == f"gconvgen_{desc.uri}" and desc.uri == dataclasses.replace(desc).uri
         if flag != "interp":  # float32's interpreter variant differs in its name (its cache entry) only
             assert _source_body(desc) != _source_body(base), f"{flag} does not change the source"
     masked = lower(plan(ConvSpec(11, 13, 3, (3, 3), channel_policy="pad")), "forward", interpret=False,
                    allow_tf32=False)
-    assert masked.uri.endswith("_maskin_maskout")  # the planner's masks reach the uri
+    unmasked = dataclasses.replace(masked, mask_input_channels=False, mask_output_channels=False)
+    assert masked.uri != unmasked.uri  # the planner's masks reach the uri
     # the tile config and group packing are launch constexprs: one module serves every config
     relaunched = dataclasses.replace(base, config=KernelConfig(16, 16, 16, num_warps=8, num_stages=4),
                                      groups_per_program=2)
@@ -218,7 +223,7 @@ def test_banded_dot_by_layout_and_vector_rows_only_where_rows_are_aligned():
                     row_alignment=8)
     assert (by_rows.family, by_rows.band_dot, by_rows.row_alignment, by_rows.band_shift) == ("depthwise_gemm", "rows", 1, 0)
     assert (aligned.row_alignment, aligned.band_shift) == (8, 5)  # 3 columns of padding + 5 = one 16-byte vector
-    assert aligned.uri == f"{by_rows.uri}_a8" and _source_body(aligned) != _source_body(by_rows)
+    assert aligned.uri != by_rows.uri and _source_body(aligned) != _source_body(by_rows)
     assert (batched.band_dot, batched.row_alignment, batched.weight_layout) == ("channels", 1, "band")
 
 
@@ -287,7 +292,7 @@ def meta_device(monkeypatch):
 def test_index_width_follows_the_launch(kind, conv_spec, tensors, pixels, wide, meta_device):
     dtype = "bfloat16" if conv_spec is None else None
     desc = launch.describe(conv_spec, kind, tensors(), DEFAULT, pixels, dtype=dtype)
-    assert desc.wide_index is wide and desc.uri.endswith("_i64_interp" if wide else "_interp")
+    assert desc.wide_index is wide and desc.interpret
     source = codegen.render(desc)
     program_ids = re.findall(r"tl\.program_id\(\d\)(?:\.to\(tl\.int64\))?", source)
     assert program_ids, "the kernel reads no program id"

@@ -18,7 +18,7 @@ from ..memo import memoized
 from .. import knobs
 from ..ir import ConvSpec
 from ..compiler.lowering import DEFAULT, Choice, check_config
-from ..compiler.plan import planned
+from ..compiler.plan import grad_input_offers, planned
 from ..runtime import launch
 from ..runtime.device import allows_tf32, device_target
 from .database import database, key_of
@@ -76,11 +76,17 @@ def _usable(key: str, choice: Choice, spec: ConvSpec, kind: str, padding_budget:
     """``choice`` when its family computes ``spec``'s kernel ``kind`` and its config is legal for that family;
     else DEFAULT, with a warning (once per key) naming what is wrong with the record."""
     conv_plan = planned(spec, padding_budget)
-    offered = conv_plan.families if kind == "forward" else (conv_plan.backward_family,)
-    family = choice.family or offered[0]
+    if kind == "forward":
+        offered = tuple((family, False) for family in conv_plan.families)
+    elif kind == "grad_input":
+        offered = grad_input_offers(spec, padding_budget)
+    else:
+        offered = ((conv_plan.backward_family, False),)
+    family = choice.family or offered[0][0]
     try:
-        if family not in offered:
-            raise ValueError(f"family={family!r} does not compute this conv (it can run {list(offered)})")
+        if (family, choice.transposed) not in offered:
+            what = "the transposed conv's forward" if choice.transposed else "this conv"
+            raise ValueError(f"family={family!r} does not compute {what} (it can run {list(offered)})")
         check_config(choice.config, family)
     except (TypeError, ValueError) as error:
         warnings.warn(f"gconvgen: ignoring the tuning record for {key!r}: {error}; re-tune it "

@@ -24,8 +24,8 @@ import triton
 from ..memo import memoized
 from ..compiler import codegen
 from .. import knobs
-from ..compiler.lowering import ATEN, DEFAULT, FAMILIES, KERNEL, TEMPLATES, Choice, KernelConfig, check_config, lower
-from ..compiler.plan import planned
+from ..compiler.lowering import ATEN, DEFAULT, FAMILIES, KERNEL, TEMPLATES, Choice, KernelConfig, check_config
+from ..compiler.plan import grad_input_offers, planned
 from ..resources import data_dir
 from ..runtime import launch
 from ..runtime.cache import make_private_dirs, write_atomic
@@ -37,31 +37,36 @@ MAX_DATABASE_BYTES = 64 * 1024 * 1024  # a larger file is not a tuning database:
 
 @memoized(4096)
 def key_of(problem: Problem, target: str, allow_tf32: bool) -> str:
-    """The one key a tuning result is stored under. A result is invalid when any of these changes:
+    """The one key a tuning result is stored under, built from the problem's fields. A result is invalid
+    when any of these changes:
 
     - the device: ``target`` is the GPU's name and compute capability (or 'interpreter');
     - which kernel: the forward conv, or the backward kernel grad_input / grad_weight;
-    - the Triton version, and the template sources of every family tuning compared (every forward family the
-      planner offers, or the one backward template): they decide the generated code, and which family wins;
+    - the Triton version, and the template sources of every kernel tuning compared (what the planner offers
+      for that kernel: plan.families, plan.grad_input_offers, the backward family): they decide the
+      generated code, and which kernel wins;
     - the dtype, and for float32 whether TF32 is allowed (a different tl.dot);
-    - the activation layout (nchw / nhwc / strided);
-    - the shape: in/out channels, batch, input height and width, kernel size;
-    - stride, four-sided padding, dilation, groups, bias;
-    - the channel policy and the channel masks the planner lowered it to.
+    - the conv (``ConvSpec.name``: channels, groups, kernel, stride, padding, dilation, layout, dtype, bias),
+      the batch size and the input's height and width, and the channel policy.
 
-    It reads like ``NVIDIA H200 sm_90|triton 3.6.0|t=...|forward_ci128_..._nhwc_bfloat16|n64_h56_w56|strict``
-    (the layer part is the kernel's uri without its family, since tuning compares families).
+    It reads like ``NVIDIA H200 sm_90|triton 3.6.0|t=...|forward_ci128_..._nhwc_bfloat16|n64_h56_w56|strict``.
     The batch size alone is soft: an untuned key runs the record of the same layer at the nearest tuned
     batch size (TuningDatabase.lookup_nearest).
     """
-    spec = problem.spec
-    conv_plan = planned(spec, knobs.padding_budget())
-    desc = lower(conv_plan, problem.kind, interpret=target == "interpreter", allow_tf32=allow_tf32)
-    families = conv_plan.families if problem.kind == "forward" else (desc.family,)
-    templates = tuple(TEMPLATES[problem.kind, family] for family in families)
-    layer = problem.kind + desc.uri.removeprefix(problem.kind).removeprefix("_").removeprefix(desc.family)
-    parts = [target, f"triton {triton.__version__}", f"t={codegen.templates_hash(templates)[:12]}", layer,
-             f"n{problem.batch}_h{problem.height}_w{problem.width}", spec.channel_policy]
+    spec, kind = problem.spec, problem.kind
+    budget = knobs.padding_budget()
+    conv_plan = planned(spec, budget)
+    if kind == "forward":
+        offered = [("forward", family) for family in conv_plan.families]
+    elif kind == "grad_input":
+        offered = [("forward" if transposed else kind, family) for family, transposed in grad_input_offers(spec, budget)]
+    else:
+        offered = [(kind, conv_plan.backward_family)]
+    templates = tuple(TEMPLATES[each] for each in offered)
+    tf32 = ["tf32"] if allow_tf32 and spec.dtype == "float32" else []
+    parts = [target, f"triton {triton.__version__}", f"t={codegen.templates_hash(templates)[:12]}",
+             "_".join([kind, spec.name, *tf32]), f"n{problem.batch}_h{problem.height}_w{problem.width}",
+             spec.channel_policy]
     return "|".join(parts)
 
 
@@ -98,13 +103,18 @@ def choice_of(record: dict, family: Optional[str] = None) -> Choice:
         raise ValueError(f"record's config {record.get('config')!r} is not a KernelConfig: {error}") from None
     if named or family:
         check_config(config, named or family)
-    return Choice(KERNEL, config, named)
+    transposed = record.get("transposed", False)
+    if not isinstance(transposed, bool) or (transposed and named is None):
+        raise ValueError(f"record's transposed={transposed!r} must be true (with a family) or false")
+    return Choice(KERNEL, config, named, transposed)
 
 
-def kernel_record(config: KernelConfig, family: Optional[str] = None) -> dict:
-    """The choice part of a record for a winning kernel config of ``family`` (None: the planner's default)."""
+def kernel_record(config: KernelConfig, family: Optional[str] = None, transposed: bool = False) -> dict:
+    """The choice part of a record for a winning kernel config of ``family`` (None: the planner's default);
+    ``transposed``: a grad-input computed by that family's forward kernel of the transposed conv."""
     record = {"choice": KERNEL, "config": asdict(config)}
-    return record if family is None else {**record, "family": family}
+    record = record if family is None else {**record, "family": family}
+    return {**record, "transposed": True} if transposed else record
 
 
 def shipped_database_paths() -> list[Path]:

@@ -46,7 +46,7 @@ def calibration_problem(problem: Problem) -> Problem:
 
 def interpreter_seconds(problem: Problem) -> dict[str, float]:
     """Seconds one run of each kernel family's default config of ``problem`` takes in Triton's interpreter
-    (estimated from a calibration run, see the module's docstring), by family name. Needs the interpreter on."""
+    (estimated from a calibration run, see the module's docstring), by (family name, transposed). Needs the interpreter on."""
     device = torch.device("cpu")
     facts = device_facts(device)
     small = calibration_problem(problem)
@@ -54,14 +54,14 @@ def interpreter_seconds(problem: Problem) -> dict[str, float]:
     scale = problem.output_pixels / small.output_pixels
     seconds = {}
     for family in families_of(small, facts):
-        runner = kernel_runner(small, family.name, family.default)
+        runner = kernel_runner(small, family.name, family.default, family.transposed)
         try:
             runner(*workload.copies[0])  # renders and loads the kernel
             start = time.perf_counter()
             runner(*workload.copies[0])
-            seconds[family.name] = (time.perf_counter() - start) * scale
+            seconds[family.name, family.transposed] = (time.perf_counter() - start) * scale
         except Exception:  # a family that cannot run this layer: tuning drops it at once, costing nothing
-            seconds[family.name] = 0.0
+            seconds[family.name, family.transposed] = 0.0
     return seconds
 
 
@@ -72,9 +72,9 @@ def tuning_seconds(problem: Problem) -> float:
     per_run = interpreter_seconds(problem)
     total = 0.0
     for family in families_of(problem, facts):
-        first = family.space.stage_one(problem, facts)
-        candidates = 1 + len(first) + len(family.space.stage_two(first[: family.space.finalists], problem, facts))
-        total += per_run.get(family.name, 0.0) * candidates * RUNS_PER_TRIAL * SMALLER_TILES
+        first = family.space.stage_one(family.problem, facts)
+        candidates = 1 + len(first) + len(family.space.stage_two(first[: family.space.finalists], family.problem, facts))
+        total += per_run.get((family.name, family.transposed), 0.0) * candidates * RUNS_PER_TRIAL * SMALLER_TILES
     return total
 
 

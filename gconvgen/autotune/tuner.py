@@ -18,7 +18,7 @@ import torch
 from .. import knobs
 from ..ir import check
 from ..compiler.lowering import ATEN, KERNEL, Choice, KernelConfig, default_config
-from ..compiler.plan import planned
+from ..compiler.plan import grad_input_offers, planned, transposed_conv
 from ..runtime import launch
 from ..runtime.device import allows_tf32
 from ..runtime.fallback import aten_conv2d, aten_conv2d_backward
@@ -40,6 +40,7 @@ class Trial:
     time_ms: Optional[float] = None
     detail: str = ""
     family: Optional[str] = None  # the forward kernel family of a kernel config
+    transposed: bool = False      # a grad-input run as the forward kernel of the transposed conv
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,12 @@ class TuningResult:
     def record(self) -> dict:
         """The database record: the choice plus what it was measured against."""
         winner = self.winner
-        choice = {"choice": ATEN} if winner.config is None else kernel_record(winner.config, winner.family)
+        choice = ({"choice": ATEN} if winner.config is None
+                  else kernel_record(winner.config, winner.family, winner.transposed))
         kernels = sorted((t for t in self.trials if t.status == "ok" and t.config is not None), key=lambda t: t.time_ms)
         if kernels:  # kept when aten wins too: the bench reports how far the best kernel is
-            choice["best_kernel"] = {**kernel_record(kernels[0].config, kernels[0].family), "time_ms": kernels[0].time_ms}
+            best = kernels[0]
+            choice["best_kernel"] = {**kernel_record(best.config, best.family, best.transposed), "time_ms": best.time_ms}
         return {
             **choice,
             "time_ms": winner.time_ms,
@@ -104,10 +107,12 @@ class KernelRunner:
     problem: Problem
     family: str
     config: KernelConfig
+    transposed: bool = False
     compiled: object = None
 
     def __call__(self, *arguments: Optional[torch.Tensor]) -> torch.Tensor:
-        choice, spec, kind = Choice(KERNEL, self.config, self.family), self.problem.spec, self.problem.kind
+        choice = Choice(KERNEL, self.config, self.family, self.transposed)
+        spec, kind = self.problem.spec, self.problem.kind
         if kind == "forward":
             prepared = launch.prepare_forward(spec, *arguments, choice)
         elif kind == "grad_input":
@@ -118,9 +123,10 @@ class KernelRunner:
         return arguments[-1]
 
 
-def kernel_runner(problem: Problem, family: str, config: KernelConfig) -> KernelRunner:
-    """``problem``'s kernel of ``family`` with ``config``, called as the Workload calls every candidate."""
-    return KernelRunner(problem, family, config)
+def kernel_runner(problem: Problem, family: str, config: KernelConfig, transposed: bool = False) -> KernelRunner:
+    """``problem``'s kernel of ``family`` with ``config`` (``transposed``: a grad-input run as that family's
+    forward kernel of the transposed conv), called as the Workload calls every candidate."""
+    return KernelRunner(problem, family, config, transposed)
 
 
 def spilled_words(runner: Runner) -> int:
@@ -132,38 +138,54 @@ def spilled_words(runner: Runner) -> int:
 
 @dataclass(frozen=True)
 class Family:
-    """One kernel family a problem can run: its search space and heuristic default config."""
+    """One kernel family a problem can run: its search space and heuristic default config, and the problem
+    its configs are shaped for (a transposed grad-input's: the transposed conv's forward)."""
 
     name: str
     space: SearchSpace
     default: KernelConfig
+    problem: Problem
+    transposed: bool = False
+
+    def label(self, config: KernelConfig) -> str:
+        name = config_name(config, self.name)
+        return f"transposed {name}" if self.transposed else name
 
 
-def _search_spaces(problem: Problem) -> list[tuple[str, str]]:
-    """(family, search space name) of every kernel family tuning ``problem`` searches, the planner's default
-    first: every forward family the planner offers, or the one backward family (space ``<kind>_<family>``)."""
-    conv_plan = planned(problem.spec, knobs.padding_budget())
+def _search_spaces(problem: Problem) -> list[tuple[str, str, Problem, bool]]:
+    """(family, search space name, the problem its configs are for, transposed) of every kernel tuning
+    ``problem`` searches, the one an untuned call runs first: every forward family the planner offers; for
+    grad-input, the direct kernel (space ``grad_input_<family>``) and, where the conv is its own transpose,
+    each forward family of the transposed conv (plan.grad_input_offers); for grad-weight, the one family."""
+    budget = knobs.padding_budget()
+    spec = problem.spec
     if problem.kind == "forward":
-        return [(family, family) for family in conv_plan.families]
-    return [(conv_plan.backward_family, f"{problem.kind}_{conv_plan.backward_family}")]
+        return [(family, family, problem, False) for family in planned(spec, budget).families]
+    if problem.kind == "grad_input":
+        transposed = transposed_conv(spec)
+        forward = None if transposed is None else Problem(transposed, problem.batch, *problem.output_size)
+        return [(family, family, forward, True) if is_transposed else (family, f"grad_input_{family}", problem, False)
+                for family, is_transposed in grad_input_offers(spec, budget)]
+    family = planned(spec, budget).backward_family
+    return [(family, f"{problem.kind}_{family}", problem, False)]
 
 
 def families_of(problem: Problem, facts: DeviceFacts) -> list[Family]:
     """The kernel families tuning ``problem`` searches (see _search_spaces) on a device of ``facts``."""
     interpret = facts.kind == "interpreter"
     return [Family(family, load_space(space, facts.kind),
-                   default_config(problem.spec, family, problem.kind, interpret=interpret,
-                                  pixels=problem.pixel_space))
-            for family, space in _search_spaces(problem)]
+                   default_config(shaped.spec, family, shaped.kind, interpret=interpret, pixels=shaped.pixel_space),
+                   shaped, transposed)
+            for family, space, shaped, transposed in _search_spaces(problem)]
 
 
 def planned_trials(problem: Problem, facts: DeviceFacts) -> int:
     """About how many trials tuning ``problem`` takes (for a progress bar's ETA)."""
     trials = 1  # aten
-    for _, name in _search_spaces(problem):
+    for _, name, shaped, _ in _search_spaces(problem):
         space = load_space(name, facts.kind)
-        first = space.stage_one(problem, facts)
-        trials += 1 + len(first) + len(space.stage_two(first[: space.finalists], problem, facts))
+        first = space.stage_one(shaped, facts)
+        trials += 1 + len(first) + len(space.stage_two(first[: space.finalists], shaped, facts))
     return trials
 
 
@@ -188,15 +210,16 @@ def tune(problem: Problem, device: torch.device | str, *, extra_configs: Sequenc
     workload = Workload.create(problem, device, facts, allow_tf32)
     trials: list[Trial] = []
 
-    def attempt(name: str, runner: Runner, config: Optional[KernelConfig] = None, family: Optional[str] = None):
-        trial = _try(workload, timer, Trial(name, config, "", family=family), runner)
+    def attempt(name: str, runner: Runner, config: Optional[KernelConfig] = None, family: Optional[Family] = None):
+        trial = Trial(name, config, "", family=family and family.name, transposed=bool(family and family.transposed))
+        trial = _try(workload, timer, trial, runner)
         trials.append(trial)
         if on_trial:
             on_trial(trial)
 
     def attempt_config(family: Family, config: KernelConfig, name: Optional[str] = None) -> None:
-        attempt(name or config_name(config, family.name), kernel_runner(problem, family.name, config), config,
-                family.name)
+        attempt(name or family.label(config), kernel_runner(problem, family.name, config, family.transposed), config,
+                family)
 
     with cudnn_benchmark():
         attempt(ATEN, aten_runner(problem))
@@ -205,14 +228,16 @@ def tune(problem: Problem, device: torch.device | str, *, extra_configs: Sequenc
     families = families_of(problem, facts)
     for family in families:
         # the default family with its default config is what an untuned key runs: named "default"
-        attempt_config(family, family.default, "default" if family is families[0] else f"{family.name} default")
+        prefix = "transposed " if family.transposed else ""
+        attempt_config(family, family.default, "default" if family is families[0] else f"{prefix}{family.name} default")
         tried = {family.default}
         for config in _untried([*(extra_configs if family is families[0] else ()),
-                                *family.space.stage_one(problem, facts)], tried):
+                                *family.space.stage_one(family.problem, facts)], tried):
             attempt_config(family, config)
-        ranked = sorted((t for t in trials if t.status == "ok" and t.family == family.name), key=lambda t: t.time_ms)
+        ranked = sorted((t for t in trials if t.status == "ok" and (t.family, t.transposed) == (family.name, family.transposed)),
+                        key=lambda t: t.time_ms)
         for config in _untried(family.space.stage_two([t.config for t in ranked[: family.space.finalists]],
-                                                      problem, facts), tried):
+                                                      family.problem, facts), tried):
             attempt_config(family, config)
     return TuningResult(problem, key_of(problem, facts.target, allow_tf32), timer.label, tuple(trials))
 

@@ -10,6 +10,7 @@ A field no pass wrote is an error when the description is built, never a default
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -20,16 +21,14 @@ from .arguments import ArgumentTable, table_for
 from ..ir import DTYPES, ConvSpec, check
 from .plan import Plan, planned
 # the families' and tiles' names are re-exported: a config is part of the lowered description
-from .families import (
+from .families import (  # noqa: F401
     FAMILIES as _REGISTRY, GRAD_BIAS_FAMILY, TEMPLATES, check_config, default_config, family, grid_of,
     groups_per_program)
 from .families.depthwise import depthwise_grad_weight_config, tap_tile  # noqa: F401
 from .families.depthwise1d import window_halo  # noqa: F401
 from .families.depthwise_gemm import band_dot, band_operand_bytes, band_steps  # noqa: F401
 from .families.igemm import packed_channels  # noqa: F401
-from .tiles import (
-    DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, H200_SMS, MAX_STAGES, NUM_WARPS, KernelConfig, PixelSpace,
-    pow2_between)  # noqa: F401
+from .tiles import ELEMENT_BYTES, H200_SMS, KernelConfig, PixelSpace  # noqa: F401
 
 KINDS = ("forward", "grad_input", "grad_weight", "grad_bias")
 FAMILIES = tuple(_REGISTRY)  # igemm, depthwise, depthwise_gemm, depthwise1d, reduce (gconvgen/families)
@@ -58,14 +57,17 @@ NO_EPILOGUE = Epilogue()
 @dataclass(frozen=True)
 class Choice:
     """What to run for one kernel of one layer: a tuned config of a family, aten, or (untuned) the planner's
-    default family with its default config."""
+    default family with its default config. A grad-input choice with ``transposed`` runs the forward kernel
+    of ``family`` on the transposed conv (plan.grad_input_offers)."""
 
     kind: str                       # KERNEL, ATEN or "default"
     config: Optional[KernelConfig] = None
     family: Optional[str] = None    # None: the planner's default family
+    transposed: bool = False
 
 
 DEFAULT = Choice("default")
+LAUNCH_FIELDS = ("config", "groups_per_program")  # KernelDesc's launch constexprs; every other field is source
 
 
 
@@ -115,24 +117,17 @@ class KernelDesc:
 
     @functools.cached_property
     def uri(self) -> str:
-        """A readable name unique to the rendered source, e.g.
-        ``igemm_ci4_co4_g32_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16_bias`` or ``grad_weight_depthwise_...``;
-        ``grad_bias_bfloat16`` for the bias gradient. Flags: maskin/maskout (channel masks), tf32, i64, wohwi (a
-        channels_last weight read as it is), interp."""
-        flags = [f"act{self.activation.replace('_', '')}"] if self.activation != "none" else []
-        flags += [flag for flag, on in (("res", self.residual), ("tf32", self.input_precision == "tf32"), ("i64", self.wide_index),
-                                       ("wohwi", self.weight_layout == "ohwi"), (f"a{self.row_alignment}", self.row_alignment > 1),
-                                       ("interp", self.interpret)) if on]
+        """The rendered module's identity: a readable prefix (kind, family, the conv's name; the dtype for
+        grad_bias) and a hash of every source field, so two descriptions share a uri exactly when they render
+        the same source. E.g. ``igemm_ci4_co4_g32_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16_bias_3f09c1d2a4b5e6f7``.
+        The launch fields (``LAUNCH_FIELDS``: the tile config and group packing) are constexprs passed at
+        launch: one module serves every config."""
+        source = tuple((name, getattr(self, name)) for name in self.__dataclass_fields__ if name not in LAUNCH_FIELDS)
+        digest = hashlib.blake2b(repr(source).encode(), digest_size=8).hexdigest()
         if self.kind == "grad_bias":
-            return "_".join(["grad_bias", self.dtype, *flags])
-        spec = self.spec
-        parts = [self.family] if self.kind == "forward" else [self.kind, self.family]
-        parts += [f"ci{spec.in_channels}", f"co{spec.out_channels}", f"g{spec.groups}",
-                  "k{}x{}".format(*spec.kernel_size), "s{}x{}".format(*spec.stride), "d{}x{}".format(*spec.dilation),
-                  "p" + "_".join(map(str, spec.padding)), spec.layout, spec.dtype]
-        parts += [flag for flag, on in (("bias", spec.bias), ("maskin", self.mask_input_channels),
-                                        ("maskout", self.mask_output_channels)) if on]
-        return "_".join(parts + flags)
+            return f"grad_bias_{self.dtype}_{digest}"
+        prefix = [self.family] if self.kind == "forward" else [self.kind, self.family]
+        return "_".join([*prefix, self.spec.name, digest])
 
     @property
     def kernel_name(self) -> str:

@@ -222,25 +222,46 @@ def planned(spec: ConvSpec, padding_budget: float, family: str | None = None) ->
 
 
 @memoized(1024)
-def grad_input_as_forward(spec: ConvSpec, padding_budget: float) -> ConvSpec | None:
-    """The forward conv whose output is ``spec``'s input gradient, where a forward kernel serves it better
-    than the direct grad-input kernel; else None.
+def transposed_conv(spec: ConvSpec) -> ConvSpec | None:
+    """The forward conv whose output is ``spec``'s input gradient, where one exists; else None.
 
     A depthwise conv with one output per channel at stride 1 is its own transpose: the input gradient is
     the same depthwise conv run on the output gradient with the window flipped (the runtime flips the
-    weight) and each side's padding replaced by the window's reach minus it. Worth it where that forward's
-    default family is not the direct kernel, which is what the grad-input kernel is: NCHW short windows
-    (depthwise1d: rows read once as vectors) and half-precision wide windows (the banded kernel)."""
+    weight) and each side's padding replaced by the window's reach minus it (padding past the reach would
+    crop, not pad: no such conv)."""
     if not (spec.is_depthwise and spec.out_channels == spec.in_channels and spec.stride == (1, 1)):
         return None
     reach_h, reach_w = ((k - 1) * d for k, d in zip(spec.kernel_size, spec.dilation))
     top, bottom, left, right = spec.padding
     padding = (reach_h - top, reach_h - bottom, reach_w - left, reach_w - right)
-    if min(padding) < 0:  # padding past the window's reach: the transposed conv would crop, not pad
+    return None if min(padding) < 0 else dataclasses.replace(spec, padding=padding, bias=False)
+
+
+@memoized(1024)
+def grad_input_as_forward(spec: ConvSpec, padding_budget: float) -> ConvSpec | None:
+    """The transposed conv (``transposed_conv``) where, untuned, its forward kernel serves ``spec``'s input
+    gradient better than the direct grad-input kernel; else None. Worth it where that forward's default
+    family is not the direct kernel, which is what the grad-input kernel is: NCHW short windows
+    (depthwise1d: rows read once as vectors) and half-precision wide windows (the banded kernel)."""
+    transposed = transposed_conv(spec)
+    if transposed is None:
         return None
-    transposed = dataclasses.replace(spec, padding=padding, bias=False)
     transposed_plan = planned(transposed, padding_budget)
     return transposed if transposed_plan.family != transposed_plan.backward_family else None
+
+
+@memoized(1024)
+def grad_input_offers(spec: ConvSpec, padding_budget: float) -> tuple[tuple[str, bool], ...]:
+    """(family, transposed) of every kernel that computes the input gradient of ``spec`` (a bias-free
+    backward spec), the one an untuned call runs first: the direct grad-input kernel of the plan's backward
+    family, and where the conv is its own transpose (``transposed_conv``), the forward kernel of each
+    family the transposed conv's plan offers. What the tuner times and a tuning record may name."""
+    direct = ((planned(spec, padding_budget).backward_family, False),)
+    transposed = transposed_conv(spec)
+    if transposed is None:
+        return direct
+    forwards = tuple((family, True) for family in planned(transposed, padding_budget).families)
+    return forwards + direct if grad_input_as_forward(spec, padding_budget) is not None else direct + forwards
 
 
 def _run(pipeline: list[tuple[str, Callable]], graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:

@@ -27,7 +27,7 @@ from ..compiler import codegen
 from .. import knobs
 from ..compiler.arguments import ArgumentTable
 from ..ir import ConvSpec, check
-from ..compiler.plan import grad_input_as_forward
+from ..compiler.plan import grad_input_as_forward, transposed_conv
 from ..compiler.lowering import (
     DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, PixelSpace, lowered_for, needs_wide_index, row_alignment)
 from . import cache, weights
@@ -310,15 +310,21 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
 def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor,
                        choice: Choice = DEFAULT, target: Optional[str] = None) -> Optional[Launch]:
     """The grad-input launch from grad_output [N, C_out, OH, OW] and weight into grad_x [N, C_in, H, W]:
-    untuned, the forward launch of the transposed conv where the planner says it serves better
-    (plan.grad_input_as_forward), else the grad-input kernel."""
+    the forward launch of the transposed conv where ``choice`` is transposed, or untuned where the planner
+    says it serves better (plan.grad_input_as_forward); else the grad-input kernel."""
     batch, _, height, width = grad_x.shape
     if batch * height * width == 0:
         return None
-    transposed = grad_input_as_forward(spec, knobs.padding_budget()) if choice == DEFAULT else None
+    if choice == DEFAULT:
+        transposed = grad_input_as_forward(spec, knobs.padding_budget())
+    else:
+        transposed = transposed_conv(spec) if choice.transposed else None
+        check(transposed is not None or not choice.transposed,
+              f"a transposed grad-input choice for {spec}, which is not its own transpose")
     if transposed is not None:
         flipped = DERIVATIONS["flipped"](weight, None)
-        prepared = prepare_forward(transposed, grad_output, flipped, None, grad_x, DEFAULT, target)
+        forward_choice = DEFAULT if choice == DEFAULT else Choice(choice.kind, choice.config, choice.family)
+        prepared = prepare_forward(transposed, grad_output, flipped, None, grad_x, forward_choice, target)
         return None if prepared is None else prepared.deriving("weight", "flipped").deriving("x", source="grad_output")
     pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,

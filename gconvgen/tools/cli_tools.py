@@ -62,7 +62,7 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
     from ..nn.conv2d import resolve_padding
     from ..ir import ConvSpec
     from ..compiler.lowering import Choice, lower
-    from ..compiler.plan import plan as plan_spec
+    from ..compiler.plan import grad_input_as_forward, grad_input_offers, plan as plan_spec
 
     try:
         kernel_hw, stride_hw, dilation_hw, size_hw = (_expand(v) for v in (kernel, stride, dilation, input_size))
@@ -75,11 +75,23 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
         raise click.UsageError(with_flags(str(error), PLAN_FLAGS)) from None
     click.echo(conv_plan.explain())
     descs = {}
+    budget = knobs.padding_budget() if padding_budget is None else padding_budget
+    backward_spec = replace(spec, bias=False)
+    transposed = grad_input_as_forward(backward_spec, budget)
+    offers = ", ".join(f"{name} ({'transposed forward' if is_transposed else 'direct'})"
+                       for name, is_transposed in grad_input_offers(backward_spec, budget))
+    click.echo(f"grad_input kernels offered (untuned runs the first; tuning times each): {offers}")
     for each in ("forward", "grad_input", "grad_weight", "grad_bias"):
-        backward_spec = conv_plan if each == "forward" else plan_spec(replace(spec, bias=False),
-                                                                      padding_budget=padding_budget)
-        descs[each] = lower(None if each == "grad_bias" else backward_spec, each, dtype=dtype,
-                            choice=Choice("default", None, family), interpret=interpret, allow_tf32=False)
+        if each == "forward":
+            planned_for, lowered_kind, choice = conv_plan, "forward", Choice("default", None, family)
+        elif each == "grad_input" and transposed is not None:
+            click.echo(f"grad_input runs as the forward kernel of the transposed conv {transposed} (weight flipped):")
+            planned_for, lowered_kind, choice = plan_spec(transposed, padding_budget=padding_budget), "forward", Choice("default")
+        else:
+            planned_for = None if each == "grad_bias" else plan_spec(backward_spec, padding_budget=padding_budget)
+            lowered_kind, choice = each, Choice("default")
+        descs[each] = lower(planned_for, lowered_kind, dtype=dtype, choice=choice, interpret=interpret,
+                            allow_tf32=False)
         click.echo(descs[each].explain())
     if graph_path:
         text = (conv_plan.to_dot() if not graph_path.lower().endswith(".json")

@@ -1,21 +1,21 @@
 """gconvgen: a code-generating compiler for grouped and depthwise convolutions.
 
-One conv travels api -> ir (ConvSpec) -> plan (networkx pass graph) -> codegen (Jinja -> Triton)
--> runtime (disk cache, launch, torch custom op, and its backward ops for training).
-``gconvgen.conv1d`` runs a 1-D conv as the 2-D one with height 1 (api1d.py), and
-``causal_conv1d_update`` is its one-step decoding form (decoding.py).
+One conv travels nn (``conv2d``: checks, layouts) -> ops (the torch custom ops) -> autotune (the choice)
+-> runtime (the launcher) -> compiler (ConvSpec -> plan -> KernelDesc -> Jinja -> Triton); ARCHITECTURE.md
+walks it. ``gconvgen.conv1d`` runs a 1-D conv as the 2-D one with height 1 (nn/conv1d.py), and
+``causal_conv1d_update`` is its one-step decoding form (nn/decoding.py).
 ``gconvgen.convert(model)`` switches a model's grouped convs over, and ``gconvgen.fuse(model)`` also folds
-their BatchNorms and absorbs their activations; ``import gconvgen.compile`` registers
+their BatchNorms and absorbs their activations; ``import gconvgen.integrations.compile`` registers
 the torch.compile backend "gconvgen" where the package's entry point is not installed.
 ``gconvgen.tune(model, example_inputs)`` tunes the grouped convs one forward of a model runs, and
 ``gconvgen.report(model, example_inputs)`` says which kernel each ran and times it against PyTorch.
 
 ``import gconvgen`` in a process without torch imports neither torch nor Triton, so ``gconvgen --help``
 answers at once: the IR and the planner load now, and the names that need torch (``conv2d``,
-``GroupedConv2d``, ``convert``, ...) load on first use (PEP 562), together with ``gconvgen.runtime.backward``,
-which registers the autograd formulas of the ``gconvgen::`` ops. Where torch is imported already (a
-training script, torch.compile loading the "gconvgen" backend) they load at once, as they cost little
-then: every path to the op, ``gconvgen.api`` and ``gconvgen.compile`` included, finds it differentiable.
+``GroupedConv2d``, ``convert``, ...) load on first use (PEP 562), together with ``gconvgen.ops``, which
+registers the ``gconvgen::`` ops and their autograd formulas. Where torch is imported already (a training
+script, torch.compile loading the "gconvgen" backend) they load at once, as they cost little then: every
+path to the op finds it differentiable.
 """
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ dispatch time on the same machine.
     python scripts/host_overhead.py --device cuda [--calls N]            CUDA tensors, Triton's real launcher
 
 The kernel launch (``kernel[grid](...)``) is replaced by a no-op, so what is timed is gconvgen's Python
-between the call and Triton's launcher: on a warm call, the replay of the recorded launch
-(gconvgen/runtime/replay.py), with the output's allocation and any weight or activation copy it needs.
+between the call and Triton's launcher: on a warm call, the launch the first call ran with this call's
+tensors bound to it (gconvgen/runtime/launch.py ``Warm``), with the output's allocation and any weight or
+activation copy it needs. Last, it counts what a cold call (a new input size, kernel already loaded) runs:
+calls into gconvgen's functions and switches between its modules.
 F.conv2d computes on CPU tensors, so its meta-tensor row (dispatch, no arithmetic) is the fair comparison
 there. On CUDA the script first prints each row with real launches (host time per call, asynchronous: the
 GPU's work overlaps it), then stubbed. Prints microseconds per call (median of 7 repeats).
@@ -88,6 +90,30 @@ def main() -> None:
         for name, run in [(name + ", launch stubbed", run) for name, run in ours] + torch_rows:
             run()
             print(f"  {name:<64} {per_call_us(run, calls, device):8.1f} us")
+        functions, switches = cold_call_profile(lambda: gconvgen.conv2d(make(2, 32, 10, 10), weight, bias, padding=1,
+                                                                         groups=8))
+        print(f"cold call (new input size, kernel loaded): {functions} gconvgen function calls, {switches} switches "
+              f"between its modules")
+
+
+def cold_call_profile(run) -> tuple[int, int]:
+    """(calls of gconvgen functions, switches between gconvgen modules from one such call to the next) made
+    by ``run()``, counted with sys.setprofile."""
+    counts = {"calls": 0, "switches": 0, "last": None}
+
+    def profile(frame, event, arg):
+        module = frame.f_globals.get("__name__", "")
+        if event == "call" and module.startswith("gconvgen"):
+            counts["calls"] += 1
+            counts["switches"] += module != counts["last"]
+            counts["last"] = module
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return counts["calls"], counts["switches"]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..memo import memoized
+from ..memo import memoized, registered
 from .. import knobs
 from ..ir import ConvSpec
 from ..compiler.lowering import DEFAULT, Choice, check_config
@@ -29,7 +29,8 @@ from .tuner import tune
 Provider = Callable[[ConvSpec, str, torch.device, int, int, int], Choice]
 _log = logging.getLogger("gconvgen")
 _override: Optional[Provider] = None
-_failed_keys: set[str] = set()  # keys whose first-call tuning failed: not retried in this process
+_failed_keys: set[str] = set()  # keys whose first-call tuning failed: not retried in this process (memo.reset)
+registered(_failed_keys.clear)
 
 
 @memoized(4096)

@@ -2,7 +2,7 @@
 
 A kernel's signature is rendered from its table (templates/_shared.jinja), the launcher builds the
 argument list from it (runtime/launch.py), and the ahead-of-time compiler and ``gconvgen inspect`` type
-and specialise the same list (gconvgen/inspection.py). Adding an argument is one edit here (and its use in the
+and specialise the same list (tools/inspection.py). Adding an argument is one edit here (and its use in the
 template that reads it).
 
 Each tensor operand passes its pointer, then the sizes the kernel reads off its shape, then all of its

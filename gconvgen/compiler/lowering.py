@@ -31,7 +31,7 @@ from .families.igemm import packed_channels  # noqa: F401
 from .tiles import ELEMENT_BYTES, H200_SMS, KernelConfig, PixelSpace  # noqa: F401
 
 KINDS = ("forward", "grad_input", "grad_weight", "grad_bias")
-FAMILIES = tuple(_REGISTRY)  # igemm, depthwise, depthwise_gemm, depthwise1d, reduce (gconvgen/families)
+FAMILIES = tuple(_REGISTRY)  # igemm, depthwise, depthwise_gemm, depthwise1d, reduce (compiler/families)
 INT32_MAX = 2**31 - 1
 ATEN = "aten"      # a tuning record's choice when PyTorch's own conv won
 KERNEL = "kernel"  # a tuning record's choice when a generated kernel won
@@ -261,7 +261,7 @@ def choose_weight_layout(fields: dict, ctx: Context) -> None:
 
 
 def choose_band_dot(fields: dict, ctx: Context) -> None:
-    """The banded kernel's dot (tiles.band_dot): a 2-D dot a channel where a channel's rows lie along the
+    """The banded kernel's dot (Family.band_dot): a 2-D dot a channel where a channel's rows lie along the
     contiguous width ("rows", wgmma on sm_90), batched over the contiguous channels in channels_last
     ("channels"); "none" for other families."""
     fields["band_dot"] = family(fields["family"]).band_dot(fields["spec"])

@@ -98,7 +98,7 @@ def check_padding_budget(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> No
 def select_kernel_family(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
     """Choose the forward kernels worth timing and the one to run untuned; backward kernels follow the spec.
 
-    Each family declares the convs it computes and its rank among those that do (gconvgen/families: Family.rank):
+    Each family declares the convs it computes and its rank among those that do (compiler/families: Family.rank):
     wider than one input channel per group, an implicit GEMM on tensor cores (igemm); depthwise, a direct
     kernel of fp32 FMAs (depthwise), or a banded matrix product on tensor cores (depthwise_gemm, the default
     for wide half-precision windows), or for short windows along the width a kernel that reads each input

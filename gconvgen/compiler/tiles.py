@@ -1,6 +1,6 @@
 """Tiles: the launch configuration of a kernel (KernelConfig), the pixels a launch tiles (PixelSpace) and the
 device facts the default configs are written for. What tiles each family takes, and its default, is the
-family's (gconvgen/families)."""
+family's (compiler/families)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -242,8 +242,8 @@ def _warm_key(input: object, weight: object, bias: object, residual: object, *ar
     """The key of a call on the caller's tensors as passed (ops.dispatch.warm_key), or None where the call
     must take the whole path: a non-tensor argument, autocast, or something that could observe the call."""
     tensors = (input, weight, bias, residual)
-    if torch._C._is_any_autocast_enabled() or not unobserved([t for t in tensors if t is not None]):
-        return None  # (unobserved is False for anything but a plain tensor)
+    if torch._C._is_any_autocast_enabled() or not unobserved(tensors):
+        return None  # (unobserved is False for anything but a plain tensor or None)
     return warm_key(tensors, "gconvgen.conv2d", *arguments)
 
 

@@ -86,16 +86,17 @@ def call(op: Callable[..., torch.Tensor], implementation: Callable[..., torch.Te
     return op(*args)
 
 
-def unobserved(tensors: list[torch.Tensor]) -> bool:
+def unobserved(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
     """Whether calling an op's implementation directly is indistinguishable from calling the op. Under a
     torch.func transform the tensors look plain (their type is torch.Tensor) but are functorch's wrappers,
     which only the dispatcher can unwrap; inside torch.autograd.forward_ad.dual_level, a tensor may carry a
-    tangent that only the op's autograd kernel carries forward."""
+    tangent that only the op's autograd kernel carries forward. None entries (absent optional tensors) count
+    as plain."""
     if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
             or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0):
         return False
     grad = torch.is_grad_enabled()
-    return all(type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad) for t in tensors)
+    return all(t is None or (type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad)) for t in tensors)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -103,13 +104,13 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 def warm_key(tensors: Sequence[Optional[torch.Tensor]], *hyperparameters) -> Optional[tuple]:
     """The key under which a call's launch is remembered: the signature of each tensor (shape, strides,
-    dtype, device), the call's other arguments (the first naming the op), every knob, and TF32; None when an
-    argument is not plain (the call then takes the whole path)."""
+    dtype, device; the first is never None), the call's other arguments (the first naming the op), every
+    knob, and TF32; None when an argument is not plain (the call then takes the whole path)."""
     if not _plain(hyperparameters):
         return None
-    anchor = next(tensor for tensor in tensors if tensor is not None)
-    return (*map(_signature, tensors), hyperparameters, knobs.fingerprint(),
-            anchor.is_cuda and anchor.dtype is torch.float32 and allows_tf32(anchor.device))
+    anchor = tensors[0]
+    return (*[None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors], hyperparameters,
+            knobs.fingerprint(), anchor.is_cuda and anchor.dtype is torch.float32 and allows_tf32(anchor.device))
 
 
 def _plain(values: tuple) -> bool:
@@ -117,10 +118,6 @@ def _plain(values: tuple) -> bool:
     keys mean equal arguments: 1.0 == 1 and True == 1 in a dict, yet the checks refuse them."""
     return all(value is None or type(value) in (int, str)
                or (type(value) is tuple and all(type(item) is int for item in value)) for value in values)
-
-
-def _signature(tensor: Optional[torch.Tensor]) -> Optional[tuple]:
-    return None if tensor is None else (tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
 
 
 

@@ -3,7 +3,7 @@
 What runs is what this gconvgen renders, never what a file says. Anyone who can write to a cache folder
 could otherwise run code in every process that reads it, and a checksum stored beside the code can be
 recomputed by whoever changes the code. Rendering a module takes milliseconds and happens once per kernel
-per process (the lru_caches in kernels.py and grad_kernels.py sit above ``load_module``), so the rendered
+per process (launch.kernel_of's memo sits above ``load_module``), so the rendered
 text is the truth and the file is a copy:
 
 - ``<cache_dir>/kernels/<build_key>/<uri>.py`` is for people reading the generated code and for a cache

@@ -8,12 +8,13 @@ nothing is accumulated with atomics, so every run gives the same bits.
 
 Warm calls: an op records the launch it actually ran (``recording``) under a key of everything that
 decided it (``remember``), and a later call with that key rebinds its new tensors to the recorded launch
-(``recorded(key)(...)``: ``Launch.rebound``), making the same operand copies, with no check, plan or
-lowering. The keys are the ops' (gconvgen/ops/dispatch.py); this module only keeps the launches.
+(``recorded(key)(...)``: ``Launch.refilled``), making the same operand copies, with no check, plan or
+lowering; a remembered launch keeps none of its call's tensors. The keys are the ops' (gconvgen/ops/dispatch.py); this module only keeps the launches.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from dataclasses import dataclass, replace
@@ -99,6 +100,7 @@ class Launch:
     partials: Optional[torch.Tensor] = None
     derived: tuple[tuple[str, tuple[str, ...]], ...] = ()
     sources: tuple[tuple[str, str], ...] = ()
+    absent: tuple[str, ...] = ()  # optional operands prepared without a tensor (given a placeholder address)
 
     def arguments(self) -> dict[str, object]:
         """The argument values by kernel argument name (what ``gconvgen inspect`` compiles with)."""
@@ -117,25 +119,57 @@ class Launch:
         dtypes, device; ``tensors`` by operand name, ``result`` the output): the same kernel, grid, strides
         and scalars, each operand slot refilled with its tensor (copied as ``derived`` says), and a new
         partials buffer where the reduction is split. No check, plan or lowering."""
-        table = self.desc.arguments.operands
-        sources = dict(self.sources)
-        given = {op.name: tensors.get(sources.get(op.name, op.name)) for op in table}
-        for name, derivations in self.derived:
-            for derivation in derivations:
-                given[name] = DERIVATIONS[derivation](given[name], self.desc)
-        partials = None if self.partials is None else torch.empty_like(self.partials)
-        if self.output == "partials":
-            given["partials"] = result.unsqueeze(0) if partials is None else partials
-        placeholder = next(tensor for tensor in given.values() if tensor is not None)
-        operands = [placeholder if given[op.name] is None else given[op.name] for op in table]
-        return replace(self, values=(*operands, *self.values[len(operands):]), result=result, partials=partials)
+        values, partials = self.refilled(tensors, result)
+        return replace(self, values=values, result=result, partials=partials)
+
+    def refilled(self, tensors: dict[str, Optional[torch.Tensor]],
+                 result: torch.Tensor) -> tuple[list, Optional[torch.Tensor]]:
+        """``rebound``'s argument values and partials buffer (what a warm call launches with)."""
+        values = list(self.values)
+        for position, source, derivations in self._slots:
+            tensor = tensors[source]
+            for derive in derivations:
+                tensor = derive(tensor, self.desc)
+            values[position] = tensor
+        partials = None
+        if self._partials_slot is not None:
+            partials = None if self.partials is None else torch.empty_like(self.partials, device=result.device)
+            values[self._partials_slot] = result.unsqueeze(0) if partials is None else partials
+        for position in self._absent_positions:  # a missing optional operand: any address will do
+            values[position] = values[0]
+        return values, partials
+
+    def without_tensors(self) -> "Launch":
+        """This launch holding none of its call's tensors (a remembered launch must not keep activations
+        alive): tensor values None, result and partials as meta tensors of their shapes and dtypes."""
+        return replace(self, values=tuple(None if isinstance(value, torch.Tensor) else value for value in self.values),
+                       result=self.result.to("meta"), partials=None if self.partials is None else self.partials.to("meta"))
+
+    @functools.cached_property
+    def _slots(self) -> tuple[tuple[int, str, tuple[Callable, ...]], ...]:
+        """(position, the caller's tensor name, its derivations) of every operand the caller gives; an absent
+        optional operand keeps its placeholder (an address the kernel never reads)."""
+        sources, derived = dict(self.sources), dict(self.derived)
+        return tuple((position, sources.get(op.name, op.name), tuple(DERIVATIONS[d] for d in derived.get(op.name, ())))
+                     for position, op in enumerate(self.desc.arguments.operands)
+                     if op.name != "partials" and op.name not in self.absent)
+
+    @functools.cached_property
+    def _absent_positions(self) -> tuple[int, ...]:
+        return tuple(position for position, op in enumerate(self.desc.arguments.operands) if op.name in self.absent)
+
+    @functools.cached_property
+    def _partials_slot(self) -> Optional[int]:
+        names = [op.name for op in self.desc.arguments.operands]
+        return names.index("partials") if self.output == "partials" else None
 
 
 def _prepared(desc: KernelDesc, grid: tuple[int, ...], tensors: dict, result: torch.Tensor, output: str,
               scalars: tuple[int, ...] = (), partials: Optional[torch.Tensor] = None,
               derived: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> Launch:
     return Launch(desc, grid, tuple(_arguments(desc.arguments, tensors, scalars)), result, output, partials,
-                  tuple((name, steps) for name, steps in derived if steps))
+                  tuple((name, steps) for name, steps in derived if steps),
+                  absent=tuple(name for name, tensor in tensors.items() if tensor is None))
 
 
 _recordings = threading.local()  # the list a ``recording`` block collects launches into, per thread
@@ -163,17 +197,32 @@ def run(prepared: Optional[Launch]):
 
 @dataclass(frozen=True)
 class Warm:
-    """A recorded launch and the output its caller returned (shape and strides: a view of the launch's
-    result memory, e.g. NHWC); calling it on new operands allocates that output and runs the launch."""
+    """A remembered launch (without its call's tensors), its loaded kernel and device, and the output its
+    caller returned (shape and strides: a view of the launch's result memory, e.g. NHWC); calling it on new
+    operands allocates that output, refills the launch's operand slots (``Launch.refilled``) and launches."""
 
     launch: Launch
+    kernel: object
+    device: torch.device
     shape: torch.Size
     stride: tuple[int, ...]
+    meta: dict  # desc.meta, built once
 
     def __call__(self, **tensors: Optional[torch.Tensor]) -> torch.Tensor:
-        anchor = next(tensor for tensor in tensors.values() if tensor is not None)
-        result = torch.empty_strided(self.shape, self.stride, dtype=self.launch.result.dtype, device=anchor.device)
-        run(self.launch.rebound({**tensors, self.launch.output: result}, result))
+        prepared = self.launch
+        result = torch.empty_strided(self.shape, self.stride, dtype=prepared.result.dtype, device=self.device)
+        tensors[prepared.output] = result
+        values, partials = prepared.refilled(tensors, result)
+        if self.device.type == "cuda":
+            with on_device(self.device):
+                self.kernel[prepared.grid](*values, **self.meta)
+        else:
+            self.kernel[prepared.grid](*values, **self.meta)
+        if partials is not None:
+            _add_splits(partials, result)
+        launched = getattr(_recordings, "launches", None)
+        if launched is not None:  # a caller recording (rare on a warm call): give it the launch as run
+            launched.append(replace(prepared, values=tuple(values), result=result, partials=partials))
         return result
 
 
@@ -204,7 +253,10 @@ def remember(key: Optional[tuple], launched: list[Launch], result: torch.Tensor)
         return
     if len(_WARM) >= _WARM_LIMIT:
         _WARM.clear()
-    _WARM[key] = Warm(launched[0], result.shape, result.stride())
+    ran = launched[0]
+    device = ran.result.device
+    _WARM[key] = Warm(ran.without_tensors(), kernel_of(ran.desc, device_target(device)), device, result.shape,
+                      result.stride(), ran.desc.meta)
 
 
 def recorded(key: Optional[tuple]) -> Optional[Warm]:

@@ -92,7 +92,7 @@ def band_copy(weight: torch.Tensor, stride_w: int, dilation_w: int, block_k: int
     """The band matrices of a depthwise ``weight`` [C_out, 1, kh, kw] (any strides) for strips of ``block_k``
     output columns whose input band starts ``shift`` columns before the window: a contiguous
     [C_out, kh, steps * block_k, block_k] tensor whose [c, h, i, t] is weight[c, 0, h, (i - shift - t * stride_w)
-    / dilation_w] when that is a tap, else 0 (the kernel reads it at literal strides; tiles.band_steps gives
+    / dilation_w] when that is a tap, else 0 (the kernel reads it at literal strides; families.depthwise_gemm.band_steps gives
     ``steps``). Two kernels a launch: a pad and a gather."""
     out_channels, _, kernel_h, kernel_w = weight.shape
     index = _band_index(kernel_w, stride_w, dilation_w, block_k, steps, shift, weight.device)

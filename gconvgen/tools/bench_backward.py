@@ -2,7 +2,7 @@
 measures. ``time_forward_backward`` times one layer; ``format_table`` prints rows and their geometric mean.
 
     from gconvgen import ConvSpec
-    from gconvgen.bench_backward import time_forward_backward, format_table
+    from gconvgen.tools.bench_backward import time_forward_backward, format_table
     spec = ConvSpec(128, 128, 32, (3, 3), padding=(1, 1, 1, 1), dtype="bfloat16", layout="nhwc")
     print(format_table([time_forward_backward(spec, batch=64, height=56, width=56)]))
 """

@@ -11,7 +11,7 @@ import click
 import tqdm
 
 from .. import knobs
-from .cli_help import PLAN_FLAGS, output_path, selected_suite, sizes, with_flags, write_output
+from .cli_help import PLAN_FLAGS, HelpGroup, output_path, selected_suite, sizes, with_flags, write_output
 from ..ir import CHANNEL_POLICIES, DTYPES, LAYOUTS
 
 _ONE_OR_TWO = "an int or H x W, e.g. 3 or 3x5"
@@ -110,7 +110,7 @@ def _expand(values: tuple[int, ...]) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- cache
 
 
-@click.group()
+@click.group(cls=HelpGroup)
 def cache() -> None:
     """Show or clear gconvgen's cache: rendered kernels and the tuning database."""
 

@@ -2,7 +2,7 @@
 
 For one problem (a layer at an input size, one kernel kind) it lowers the kernel exactly as a launch would
 (the tuning record's choice or the default, the launch's own argument values, from meta tensors), compiles
-it for sm_90 with Triton's run-time specialisation (runtime/sass.py), and reports the compiler's figures
+it for sm_90 with Triton's run-time specialisation (tools/sass.py), and reports the compiler's figures
 beside two figures of the tiling: global bytes the programs request over the layer's ideal bytes, and
 tensor-core FLOPs issued over useful FLOPs. Static figures are not timings.
 """

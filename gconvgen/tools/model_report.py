@@ -1,7 +1,7 @@
 """``gconvgen.report(model, example_inputs)``: which kernel each grouped conv of a user's model ran, and what
 it costs against PyTorch, layer by layer and for the whole model.
 
-Per layer (one forward recorded by model_calls.py; layers of one problem share a row): the kernel gconvgen
+Per layer (one forward recorded by tools/model_calls.py; layers of one problem share a row): the kernel gconvgen
 runs (family and tiles, tuned or default, or aten where tuning found PyTorch faster), checked against a
 float64 reference and timed as a gconvgen.conv2d call against eager ``F.conv2d`` in the same dtype and
 layout (bench.bench_layer) and against ``torch.compile`` of that F.conv2d. For the whole model: the forward

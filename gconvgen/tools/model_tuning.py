@@ -1,6 +1,6 @@
 """``gconvgen.tune(model, example_inputs)``: tune the grouped convs of a user's model, not a suite's.
 
-One forward of the model (and one backward with ``backward=True``) is recorded (model_calls.py), the
+One forward of the model (and one backward with ``backward=True``) is recorded (tools/model_calls.py), the
 distinct problems are tuned through the same tuner as ``gconvgen tune --suite`` with a progress bar, each
 result goes into the tuning database as it finishes, and a per-layer summary says what each layer now runs
 and how it compares with aten. On CPU the kernels run in Triton's interpreter: the time is estimated before

@@ -116,3 +116,76 @@ def test_calls_autograd_can_see_take_the_op(launched):
     x64 = x.detach().double().requires_grad_()
     expected = torch.autograd.grad(F.conv2d(x64, weight.double(), groups=2).sum(), x64)[0]
     assert_close(x.grad, expected, torch.float32)
+
+
+def _lowerings(monkeypatch) -> list:
+    """The kind of every launch prepared (lowered) from now on: a warm call prepares none."""
+    from gconvgen.runtime import launch
+
+    prepared = []
+    for kind in ("forward", "grad_input", "grad_weight", "grad_bias"):
+        original = getattr(launch, f"prepare_{kind}")
+
+        def spy(*args, _original=original, _kind=kind, **kwargs):
+            prepared.append(_kind)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(launch, f"prepare_{kind}", spy)
+    return prepared
+
+
+@pytest.mark.parametrize("groups, kernel, layout", [
+    (8, 3, torch.contiguous_format),   # depthwise NCHW: grad-input as the transposed forward (flipped weight)
+    (2, 3, torch.channels_last),       # grouped igemm: weight copied, split grad-weight reduction
+])
+def test_backward_and_fused_calls_rebind_the_launch_their_first_call_ran(groups, kernel, layout, launched,
+                                                                         monkeypatch, nan_filled_outputs):
+    """The gradient ops and the fused op remember their launches as the conv does: a second training step on
+    new tensors prepares nothing, launches the same kernels, and every gradient matches torch's."""
+    weight = torch.randn(8, 8 // groups, kernel, kernel)
+    prepared = _lowerings(monkeypatch)
+    for step in range(2):
+        x = torch.randn(2, 8, 6, 7).contiguous(memory_format=layout).requires_grad_()
+        w = weight.clone().requires_grad_()
+        bias, residual = torch.randn(8, requires_grad=True), torch.randn(2, 8, 6, 7)
+        out = gconvgen.conv2d(x, w, bias, padding=1, groups=groups, activation="silu", residual=residual)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, bias))
+        expected = F.silu(F.conv2d(x64, w64, b64, 1, 1, 1, groups) + residual.double())
+        expected.backward(grad.double())
+        assert_close(out, expected, torch.float32)
+        for got, want in ((x.grad, x64.grad), (w.grad, w64.grad), (bias.grad, b64.grad)):
+            assert_close(got, want, torch.float32)
+        if step == 0:
+            first, count = list(launched), len(prepared)
+    assert prepared[:count] and len(prepared) == count  # the second step lowered nothing
+    assert launched[len(first):] == first  # and ran the same kernels
+
+
+def test_a_remembered_launch_holds_no_tensor_of_its_call(launched):
+    """Remembering a launch must not keep the first call's activations alive."""
+    import gc
+    import weakref
+
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3)
+    gconvgen.conv2d(x, weight, padding=1, groups=4)
+    alive = weakref.ref(x)
+    del x
+    gc.collect()
+    assert alive() is None
+    out = gconvgen.conv2d(torch.ones(1, 4, 5, 5), weight, padding=1, groups=4)  # warm, on other tensors
+    assert_close(out, F.conv2d(torch.ones(1, 4, 5, 5).double(), weight.double(), None, 1, 1, 1, 4), torch.float32)
+
+
+def test_testing_reset_forgets_remembered_launches(launched, monkeypatch):
+    from gconvgen import testing
+
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3)
+    prepared = _lowerings(monkeypatch)
+    gconvgen.conv2d(x, weight, padding=1, groups=4)
+    gconvgen.conv2d(x, weight, padding=1, groups=4)
+    assert prepared == ["forward"]
+    testing.reset()
+    gconvgen.conv2d(x, weight, padding=1, groups=4)
+    assert prepared == ["forward", "forward"]

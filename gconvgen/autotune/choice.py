@@ -19,7 +19,7 @@ from .. import knobs
 from ..ir import ConvSpec
 from ..compiler.lowering import DEFAULT, Choice, check_config
 from ..compiler.plan import grad_input_offers, planned
-from ..runtime import launch
+from ..runtime import warm
 from ..runtime.device import allows_tf32, device_target
 from .database import database, key_of
 from .space import Problem
@@ -99,15 +99,15 @@ def _usable(key: str, choice: Choice, spec: ConvSpec, kind: str, padding_budget:
 @contextlib.contextmanager
 def overridden(provider: Provider, every_call: bool = True) -> Iterator[None]:
     """Inside the block ``choice_for`` answers ``provider(spec, kind, device, batch, height, width)`` (batch
-    >= 1). With ``every_call`` every call takes the whole path (launch.cold_calls), so the provider sees each
+    >= 1). With ``every_call`` every call takes the whole path (warm.cold_calls), so the provider sees each
     kernel; without, for a provider whose answer depends on its arguments only, warm calls stay on (launches
     remembered before or after the block are forgotten either way)."""
     global _override
     previous, _override = _override, provider
-    launch.forget_warm()
+    warm.forget()
     try:
-        with launch.cold_calls() if every_call else contextlib.nullcontext():
+        with warm.cold_calls() if every_call else contextlib.nullcontext():
             yield
     finally:
         _override = previous
-        launch.forget_warm()
+        warm.forget()

@@ -27,7 +27,7 @@ from .. import knobs
 from ..compiler.lowering import ATEN, DEFAULT, FAMILIES, KERNEL, TEMPLATES, Choice, KernelConfig, check_config
 from ..compiler.plan import grad_input_offers, planned
 from ..resources import data_dir
-from ..runtime import launch
+from ..runtime import warm
 from ..runtime.cache import make_private_dirs, write_atomic
 from .space import Problem
 
@@ -260,7 +260,7 @@ class TuningDatabase:
             if self._entries is not None:
                 self._entries.update(new_entries)
             self._choices = {}  # a new record may be the nearest batch size of other keys
-        launch.forget_warm()  # a remembered launch may run a choice this changes
+        warm.forget()  # a remembered launch may run a choice this changes
 
     def export(self, path: Path) -> int:
         """Write the user's records to ``path`` as a database gconvgen can ship in tuning/databases/;
@@ -276,7 +276,7 @@ class TuningDatabase:
             self.path.unlink(missing_ok=True)
         with self._mutex:
             self._entries, self._choices = None, {}
-        launch.forget_warm()  # a remembered launch may run a choice this changes
+        warm.forget()  # a remembered launch may run a choice this changes
         return removed
 
     def describe(self) -> dict:

@@ -14,7 +14,7 @@ from torch import nn
 from .. import knobs
 from ..ir import ACTIVATIONS, CHANNEL_POLICIES, ConvSpec, check, conv_output_size, fail
 from ..compiler.plan import planned
-from ..runtime import launch
+from ..runtime import launch, warm
 from ..ops.fused import conv2d_act
 from ..ops.dispatch import spec_for_call
 from ..runtime.device import DTYPE_NAMES
@@ -195,10 +195,10 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """
     key = _warm_key(input, weight, bias, residual, stride, padding, dilation, groups, channel_policy, data_format,
                     activation)
-    warm = launch.recorded(key)
-    if warm is not None:  # this signature ran before: its checks passed and the launch it ran is remembered
+    hit = warm.recorded(key)
+    if hit is not None:  # this signature ran before: its checks passed and the launch it ran is remembered
         nhwc = _data_format(data_format) == "NHWC"
-        return warm(x=_nchw_view(input, nhwc), weight=weight.permute(3, 2, 0, 1) if nhwc else weight, bias=bias,
+        return hit(x=_nchw_view(input, nhwc), weight=weight.permute(3, 2, 0, 1) if nhwc else weight, bias=bias,
                     residual=_nchw_view(residual, nhwc))
     data_format = _data_format(data_format)
     check(channel_policy in CHANNEL_POLICIES,
@@ -225,7 +225,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                              f"format: {hint}") from error
         raise
     activation = checked_activation(activation)
-    with launch.recording() as launched:
+    with warm.recording() as launched:
         if activation == "none" and residual is None:
             out = op_conv2d(x, w, bias, stride_hw, padding_4, dilation_hw, groups, channel_policy)
         else:

@@ -30,7 +30,7 @@ from ..runtime.fallback import aten_conv2d_backward
 from .autograd import (batch_first, bilinear_tangent, channels_side_by_side, folds_into_groups, register_autograd,
                        vmap_by_loop)
 from .conv2d import conv2d, conv2d_op
-from .dispatch import (activation_layout, call, fallback, output_memory_format, spec_of, warm_key,
+from .dispatch import (activation_layout, call, fallback, op_arguments, output_memory_format, spec_of, warm_key,
                        warm_or_cold)
 
 
@@ -79,8 +79,8 @@ def run_grad_input(grad_output: torch.Tensor, weight: torch.Tensor, input_size: 
     [N, C_out, OH, OW] and weight [C_out, ci, kh, kw] (any strides); the other arguments are the forward's."""
     _check_grad_output(grad_output, weight, "weight")
     check(len(input_size) == 4, f"input_size={list(input_size)} must be [N, C_in, H, W]")
-    key = warm_key((grad_output, weight), "grad_input", tuple(input_size), stride, padding, dilation, groups,
-                   channel_policy)
+    key = warm_key((grad_output, weight), "grad_input",
+                   *op_arguments(input_size, stride, padding, dilation, groups, channel_policy))
     return warm_or_cold(key, {"grad_output": grad_output, "weight": weight},
                         lambda: _cold_grad_input(grad_output, weight, input_size, stride, padding, dilation, groups,
                                                  channel_policy))
@@ -119,8 +119,8 @@ def run_grad_weight(grad_output: torch.Tensor, x: torch.Tensor, weight_size: Seq
     grad_output [N, C_out, OH, OW] and x [N, C_in, H, W] (any strides); contiguous. Deterministic."""
     _check_grad_output(grad_output, x, "x")
     check(len(weight_size) == 4, f"weight_size={list(weight_size)} must be [C_out, C_in/groups, kh, kw]")
-    key = warm_key((grad_output, x), "grad_weight", tuple(weight_size), stride, padding, dilation, groups,
-                   channel_policy)
+    key = warm_key((grad_output, x), "grad_weight",
+                   *op_arguments(weight_size, stride, padding, dilation, groups, channel_policy))
     return warm_or_cold(key, {"grad_output": grad_output, "x": x},
                         lambda: _cold_grad_weight(grad_output, x, weight_size, stride, padding, dilation, groups,
                                                   channel_policy))

@@ -21,7 +21,8 @@ from ..compiler.plan import planned
 from ..runtime import launch
 from ..runtime.fallback import aten_conv2d
 from .autograd import batch_first, channels_side_by_side, folds_into_groups, vmap_by_loop
-from .dispatch import allocate_output, call, fallback, output_memory_format, spec_for_call, warm_key, warm_or_cold
+from .dispatch import (allocate_output, call, fallback, op_arguments, output_memory_format, spec_for_call, warm_key,
+                       warm_or_cold)
 
 
 def run_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
@@ -29,7 +30,7 @@ def run_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """Grouped conv2d on NCHW-indexed x [N, C_in, H, W] (any strides) and weight [C_out, ci, kh, kw];
     padding is four sides (top, bottom, left, right). Inputs are validated by gconvgen.conv2d. This is the
     implementation of the custom op gconvgen::conv2d (``conv2d_op``); call ``conv2d``, which picks."""
-    key = warm_key((x, weight, bias), "conv2d", stride, padding, dilation, groups, channel_policy)
+    key = warm_key((x, weight, bias), "conv2d", *op_arguments(stride, padding, dilation, groups, channel_policy))
     return warm_or_cold(key, {"x": x, "weight": weight, "bias": bias},
                         lambda: _cold(x, weight, bias, stride, padding, dilation, groups, channel_policy))
 

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .. import knobs
 from ..memo import memoized
 from ..ir import ConvSpec, conv_output_size
-from ..runtime import launch
+from ..runtime import launch, warm
 from ..runtime.device import DTYPE_NAMES, allows_tf32
 
 
@@ -114,10 +114,16 @@ def warm_key(tensors: Sequence[Optional[torch.Tensor]], *hyperparameters) -> Opt
 
 
 def _plain(values: tuple) -> bool:
-    """Whether every value is None, a str, an int or a tuple of ints (not a bool, float or list), so that equal
-    keys mean equal arguments: 1.0 == 1 and True == 1 in a dict, yet the checks refuse them."""
+    """Whether every value is None, a str, an int or a tuple of ints (not a bool or float), so that equal keys
+    mean equal arguments: 1.0 == 1 and True == 1 in a dict, yet the checks refuse them. A list of ints (what
+    the dispatcher hands an op for int[]) is refused too: the ops' keys turn theirs into tuples first."""
     return all(value is None or type(value) in (int, str)
                or (type(value) is tuple and all(type(item) is int for item in value)) for value in values)
+
+
+def op_arguments(*values) -> tuple:
+    """An op's non-tensor arguments for ``warm_key``: the lists the dispatcher passes for int[] as tuples."""
+    return tuple(tuple(value) if type(value) is list else value for value in values)
 
 
 
@@ -125,10 +131,10 @@ def warm_or_cold(key: Optional[tuple], operands: dict[str, Optional[torch.Tensor
                  cold: Callable[[], torch.Tensor]) -> torch.Tensor:
     """The launch remembered under ``key`` rebound to ``operands`` (by name) and run; else ``cold()``, the
     whole path, whose one launch is remembered under ``key`` for the next call."""
-    warm = launch.recorded(key)
-    if warm is not None:
-        return warm(**operands)
-    with launch.recording() as launched:
+    hit = warm.recorded(key)
+    if hit is not None:
+        return hit(**operands)
+    with warm.recording() as launched:
         result = cold()
     launch.remember(key, launched, result)
     return result

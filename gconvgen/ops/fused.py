@@ -27,7 +27,8 @@ from ..runtime.fallback import aten_conv2d
 from .autograd import bilinear_tangent, register_autograd
 from .backward import _grad_input, _grad_weight, conv2d_grad_bias_op, run_grad_bias
 from .conv2d import conv2d
-from .dispatch import allocate_output, call, fallback, output_memory_format, spec_for_call, warm_key, warm_or_cold
+from .dispatch import (allocate_output, call, fallback, op_arguments, output_memory_format, spec_for_call, warm_key,
+                       warm_or_cold)
 
 
 def run_conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -35,8 +36,8 @@ def run_conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                    dilation: Sequence[int], groups: int, channel_policy: str, activation: str) -> torch.Tensor:
     """``activation(conv2d(x, weight) + bias + residual)`` on NCHW-indexed views; residual [N, C_out, OH, OW]
     (any strides) or None. Inputs are validated by gconvgen.conv2d."""
-    key = warm_key((x, weight, bias, residual), "conv2d_act", stride, padding, dilation, groups, channel_policy,
-                   activation)
+    key = warm_key((x, weight, bias, residual), "conv2d_act",
+                   *op_arguments(stride, padding, dilation, groups, channel_policy, activation))
     return warm_or_cold(key, {"x": x, "weight": weight, "bias": bias, "residual": residual},
                         lambda: _cold(x, weight, bias, residual, stride, padding, dilation, groups, channel_policy,
                                       activation))

@@ -6,19 +6,18 @@ the kind's argument table, so no launch site lists arguments by hand. The reduct
 grad-bias) sum pixel ranges into slices of a partials buffer that are added in a fixed order afterwards:
 nothing is accumulated with atomics, so every run gives the same bits.
 
-Warm calls: an op records the launch it actually ran (``recording``) under a key of everything that
-decided it (``remember``), and a later call with that key rebinds its new tensors to the recorded launch
-(``recorded(key)(...)``: ``Launch.refilled``), making the same operand copies, with no check, plan or
-lowering; a remembered launch keeps none of its call's tensors. The keys are the ops' (gconvgen/ops/dispatch.py); this module only keeps the launches.
+Warm calls: an op records the launch it actually ran (``warm.recording``) and ``remember``s it under a key
+of everything that decided it; a later call with that key (``warm.recorded(key)(...)``: ``Warm``) binds its
+new tensors to the remembered launch (``Launch.refilled``), making the same operand copies, with no check,
+plan or lowering. A remembered launch keeps none of its call's tensors. The keys are the ops'
+(gconvgen/ops/dispatch.py); runtime/warm.py keeps the memo.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import threading
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -31,7 +30,7 @@ from ..ir import ConvSpec, check
 from ..compiler.plan import grad_input_as_forward, transposed_conv
 from ..compiler.lowering import (
     DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, PixelSpace, lowered_for, needs_wide_index, row_alignment)
-from . import cache, weights
+from . import cache, warm, weights
 from .device import allows_tf32, device_target, on_device, target_programs
 
 # a reduction is split only while every split keeps at least this many blocks of pixels to sum
@@ -54,7 +53,7 @@ def kernel_of(desc: KernelDesc, target: str):
 def clear_memo() -> None:
     """Forget every loaded kernel and every recorded launch that holds one (tests; a new cache directory)."""
     _KERNELS.clear()
-    forget_warm()
+    warm.forget()
 
 
 def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.Tensor], ...], choice: Choice,
@@ -172,9 +171,6 @@ def _prepared(desc: KernelDesc, grid: tuple[int, ...], tensors: dict, result: to
                   absent=tuple(name for name, tensor in tensors.items() if tensor is None))
 
 
-_recordings = threading.local()  # the list a ``recording`` block collects launches into, per thread
-
-
 def run(prepared: Optional[Launch]):
     """Launch a prepared kernel on its tensors' device (None: nothing to compute). Returns what Triton's
     launch returns: the CompiledKernel on a GPU (the tuner reads its ``n_spills``), None in the interpreter."""
@@ -186,9 +182,7 @@ def run(prepared: Optional[Launch]):
         compiled = kernel[prepared.grid](*prepared.values, **prepared.desc.meta)
     if prepared.partials is not None:
         _add_splits(prepared.partials, prepared.result)
-    launched = getattr(_recordings, "launches", None)
-    if launched is not None:
-        launched.append(prepared)
+    warm.note(prepared)
     return compiled
 
 
@@ -197,12 +191,12 @@ def run(prepared: Optional[Launch]):
 
 @dataclass(frozen=True)
 class Warm:
-    """A remembered launch (without its call's tensors), its loaded kernel and device, and the output its
+    """A remembered launch (without its call's tensors), its target and device, and the output its
     caller returned (shape and strides: a view of the launch's result memory, e.g. NHWC); calling it on new
     operands allocates that output, refills the launch's operand slots (``Launch.refilled``) and launches."""
 
     launch: Launch
-    kernel: object
+    target: str
     device: torch.device
     shape: torch.Size
     stride: tuple[int, ...]
@@ -213,75 +207,30 @@ class Warm:
         result = torch.empty_strided(self.shape, self.stride, dtype=prepared.result.dtype, device=self.device)
         tensors[prepared.output] = result
         values, partials = prepared.refilled(tensors, result)
+        kernel = kernel_of(prepared.desc, self.target)  # the one loader: a dict lookup once loaded
         if self.device.type == "cuda":
             with on_device(self.device):
-                self.kernel[prepared.grid](*values, **self.meta)
+                kernel[prepared.grid](*values, **self.meta)
         else:
-            self.kernel[prepared.grid](*values, **self.meta)
+            kernel[prepared.grid](*values, **self.meta)
         if partials is not None:
             _add_splits(partials, result)
-        launched = getattr(_recordings, "launches", None)
-        if launched is not None:  # a caller recording (rare on a warm call): give it the launch as run
-            launched.append(replace(prepared, values=tuple(values), result=result, partials=partials))
+        if warm.is_recording():  # a caller recording (rare on a warm call): give it the launch as run
+            warm.note(replace(prepared, values=tuple(values), result=result, partials=partials))
         return result
-
-
-_WARM: dict[tuple, Warm] = {}
-_WARM_LIMIT = 4096
-_warm_enabled = True
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[list[Launch]]:
-    """Collect the launches ``run`` makes inside the block (on this thread) into the list it yields."""
-    outer = getattr(_recordings, "launches", None)
-    _recordings.launches = launched = []
-    try:
-        yield launched
-    finally:
-        _recordings.launches = outer
-        if outer is not None:
-            outer.extend(launched)
 
 
 def remember(key: Optional[tuple], launched: list[Launch], result: torch.Tensor) -> None:
     """Keep the one launch a call with ``key`` ran, if it ran exactly one and returned a view of that
     launch's result memory (``result``); a call that ran aten, nothing, several launches or returned a copy
     is not kept (and takes the whole path every time)."""
-    if (key is None or not _warm_enabled or len(launched) != 1 or result.is_meta
+    if (key is None or not warm.enabled() or len(launched) != 1 or result.is_meta
             or result.data_ptr() != launched[0].result.data_ptr()):
         return
-    if len(_WARM) >= _WARM_LIMIT:
-        _WARM.clear()
     ran = launched[0]
     device = ran.result.device
-    _WARM[key] = Warm(ran.without_tensors(), kernel_of(ran.desc, device_target(device)), device, result.shape,
-                      result.stride(), ran.desc.meta)
-
-
-def recorded(key: Optional[tuple]) -> Optional[Warm]:
-    """The launch remembered under ``key`` (None: none, or warm calls are off)."""
-    return None if key is None else _WARM.get(key)
-
-
-@registered
-def forget_warm() -> None:
-    """Forget every remembered launch: what decided them may have changed (a tuning record, a choice override)."""
-    _WARM.clear()
-
-
-@contextlib.contextmanager
-def cold_calls() -> Iterator[None]:
-    """Inside the block every call takes the whole path (checks, plan, choice, lowering) and nothing is
-    remembered: for a choice override that must see every call."""
-    global _warm_enabled
-    previous, _warm_enabled = _warm_enabled, False
-    forget_warm()
-    try:
-        yield
-    finally:
-        _warm_enabled = previous
-        forget_warm()
+    warm.keep(key, Warm(ran.without_tensors(), device_target(device), device, result.shape, result.stride(),
+                        ran.desc.meta))
 
 
 def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = ()) -> list:

@@ -17,10 +17,10 @@ What it covers, each property against torch.nn.functional.conv2d / conv1d in flo
   strided biases, residuals full, strided, broadcast or one per channel, unbatched inputs, outputs and
   inputs of 1 x 1, widths of 1, odd widths, strides 1-3, dilation 1-2, asymmetric, 'same' and causal
   padding, maps and channel counts past one default tile. The run with special values is a warm call, so
-  it takes the warm path (runtime/launch.py ``Launch.rebound``).
+  it takes the warm path (runtime/launch.py ``Warm``: the first call's launch on this call's tensors).
 - test_gradients: grad_input (the default, which for stride-1 depthwise may run the forward kernel of the
-  transposed conv, plan.grad_input_as_forward; and forced direct with a non-DEFAULT choice, which bypasses
-  it), grad_weight (default or a small tile config) and grad_bias, through autograd against torch's float64
+  transposed conv, plan.grad_input_as_forward; forced direct with a non-DEFAULT choice, which bypasses
+  it; and forced onto the transposed forward with the direct depthwise family, a tuned route), grad_weight (default or a small tile config) and grad_bias, through autograd against torch's float64
   autograd, fused activations included (and pre-activations exactly at their kinks).
 - test_decode_step: gconvgen.causal_conv1d_update (one or several tokens, rolling or circular states,
   state pools with padded slots, SiLU, float32 weights with half inputs) against a float64 loop written here;
@@ -60,7 +60,7 @@ from hypothesis import strategies as st
 import gconvgen
 from gconvgen import knobs
 from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
-from gconvgen.compiler.plan import grad_input_as_forward, plan
+from gconvgen.compiler.plan import grad_input_as_forward, plan, transposed_conv
 from gconvgen.autotune import choice
 from gconvgen.runtime import launch
 from gconvgen.ops.dispatch import spec_for_call
@@ -148,8 +148,9 @@ class ConvProblem:
 @dataclass(frozen=True)
 class GradientProblem:
     """A forward problem trained through: ``grad_input`` "default" (the planner's, maybe the transposed
-    forward) or "direct" (a non-DEFAULT choice: the grad-input kernel, with ``grad_input_config`` or its
-    default); ``grad_weight_config`` None is the default grad-weight. ``at_kinks``: the input and residual are
+    forward), "direct" (a non-DEFAULT choice: the grad-input kernel, with ``grad_input_config`` or its
+    default) or "transposed" (a tuned choice of the transposed conv's forward with the direct depthwise
+    family, a route the planner offers but never takes untuned); ``grad_weight_config`` None is the default grad-weight. ``at_kinks``: the input and residual are
     zeros, so each pre-activation is its bias exactly (drawn at the activations' kinks: -3, 0, 3, 6)."""
 
     conv: ConvProblem
@@ -617,7 +618,8 @@ def gradient_problems(draw) -> GradientProblem:
     spec = spec_of(problem)
     backward = plan(spec).backward_family
     bias_free = dataclasses.replace(spec, bias=False)
-    direct = "default" if problem.kernel == (7, 7) else draw(st.sampled_from(("default", "direct")))
+    routes = ("default", "direct") + (("transposed",) if transposed_conv(dataclasses.replace(spec, bias=False)) else ())
+    direct = "default" if problem.kernel == (7, 7) else draw(st.sampled_from(routes))
     configs = {}
     for kind in ("grad_input", "grad_weight") if direct == "direct" else ("grad_weight",):
         config = draw(small_configs(kind, backward))
@@ -682,7 +684,8 @@ def check_gradients(case: GradientProblem) -> None:
         grad_output[near_a_kink(problem, leaves64, dtype)] = 0
     wanted = torch.autograd.grad(expected, list(leaves64.values()), grad_output.double())
 
-    grad_input = Choice(KERNEL, case.grad_input_config, None) if case.grad_input == "direct" else DEFAULT
+    grad_input = {"direct": Choice(KERNEL, case.grad_input_config, None), "default": DEFAULT,
+                  "transposed": Choice(KERNEL, None, "depthwise", transposed=True)}[case.grad_input]
     grad_weight = DEFAULT if case.grad_weight_config is None else Choice(KERNEL, case.grad_weight_config, None)
     with forced_choices(forward_choice(problem), grad_input, grad_weight), kernels_launched() as launched, \
             grad_input_launches() as prepared, \
@@ -695,7 +698,8 @@ def check_gradients(case: GradientProblem) -> None:
     assert len(prepared) == 1, f"grad-input prepared {len(prepared)} times"
     (spec, choice), = prepared
     assert choice == grad_input, f"grad-input ran {choice}, the provider said {grad_input}"
-    transposed = grad_input_as_forward(spec, knobs.padding_budget()) if choice == DEFAULT else None
+    transposed = (grad_input_as_forward(spec, knobs.padding_budget()) if choice == DEFAULT
+                  else transposed_conv(spec) if choice.transposed else None)
     if transposed is None:
         assert "grad_input" in kinds, f"the grad-input kernel did not run: {kinds}"
     else:
@@ -1181,6 +1185,7 @@ def test_the_fuzz_reaches_its_domain(what, sample, condition, drawn_problems):
 GRADIENT_DOMAIN = [
     ("grad_input forced direct", lambda c: c.grad_input == "direct"),
     ("grad_input direct with a small config", lambda c: c.grad_input_config is not None),
+    ("grad_input forced onto the transposed forward", lambda c: c.grad_input == "transposed"),
     ("grad_weight with a small config", lambda c: c.grad_weight_config is not None),
     *[(f"the transposed grad_input by default, as {f}", lambda c, f=f: c.grad_input == "default"
        and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm")],

@@ -11,7 +11,8 @@ import torch
 import gconvgen
 from gconvgen import knobs
 from gconvgen.autotune import choice, suites, tuner
-from gconvgen.autotune.database import ATEN, DB_SCHEMA_VERSION, database, kernel_record, key_of
+from gconvgen.autotune.database import ATEN, DB_SCHEMA_VERSION, choice_of, database, kernel_record, key_of
+from gconvgen.compiler.plan import grad_input_offers
 from gconvgen.autotune.space import DeviceFacts, Problem, load_space
 from gconvgen.ir import ConvSpec
 from gconvgen.compiler.lowering import KernelConfig, default_config
@@ -357,3 +358,51 @@ def test_suite_file_errors_name_the_field(tmp_path):
     path.write_text('{"schema_version": 1, "layers": [{"id": "a", "in_channels": 8}]}')
     with pytest.raises(ValueError, match="lacks out_channels, groups, kernel, batch, size"):
         suites.load_suite(str(path))
+
+
+def test_grad_input_tuning_times_the_transposed_forward_and_the_op_runs_what_won(monkeypatch, tmp_path):
+    """A stride-1 depthwise conv is its own transpose: grad-input tuning times every forward family of the
+    transposed conv beside the direct kernel and aten, a transposed winner is recorded as such, and the
+    backward op then runs that forward kernel on the flipped weight, matching torch."""
+    forward = _problem(4, 4, 4, 3, 1, 1, 1, 5)  # depthwise 3x3, NCHW float32
+    problem = forward.backward("grad_input")
+    offers = grad_input_offers(problem.spec, knobs.padding_budget())
+    assert ("depthwise", False) in offers and any(transposed for _, transposed in offers)
+    result = tuner.tune(problem, CPU)
+    routes = {(trial.family, trial.transposed) for trial in result.trials if trial.config is not None}
+    assert routes == set(offers) and all(trial.status == "ok" for trial in result.trials), result.trials
+    transposed = next(t for t in result.trials if t.transposed and t.status == "ok")
+    record = {**kernel_record(transposed.config, transposed.family, True), "time_ms": 1.0}
+    assert choice_of(record).transposed  # what the database hands the op
+    ran = _spy_on_kernels(monkeypatch)
+    with knobs.scoped(CACHE_DIR=tmp_path):
+        database().record({result.key: record})
+        x, weight, _ = _inputs(forward)
+        x.requires_grad_()
+        out = gconvgen.conv2d(x, weight, None, 1, 1, 1, 4)
+        grad = torch.randn_like(out)
+        (grad_x,) = torch.autograd.grad(out, x, grad)
+    assert ran[-1] == ("forward", transposed.family, transposed.config)  # the grad-input ran as a forward
+    x64 = x.detach().double().requires_grad_()
+    expected = torch.autograd.grad(reference_conv2d(x64, weight.double(), None, (1, 1), (1, 1, 1, 1), (1, 1), 4),
+                                   x64, grad.double())[0]
+    assert_close(grad_x, expected, torch.float32)
+
+
+def test_a_transposed_record_for_a_conv_that_is_not_its_own_transpose_is_ignored(tmp_path):
+    forward = _problem(4, 4, 4, 3, 2, 1, 1, 6)  # stride 2: no transposed forward
+    problem = forward.backward("grad_input")
+    assert grad_input_offers(problem.spec, knobs.padding_budget()) == (("depthwise", False),)
+    config = default_config(forward.spec, "depthwise", "forward", interpret=True)
+    with knobs.scoped(CACHE_DIR=tmp_path):
+        database().record({key_of(problem, "interpreter", False): {**kernel_record(config, "depthwise", True),
+                                                                     "time_ms": 1.0}})
+        x, weight, _ = _inputs(forward)
+        x.requires_grad_()
+        out = gconvgen.conv2d(x, weight, None, 2, 1, 1, 4)
+        with pytest.warns(UserWarning, match="ignoring the tuning record .*transposed"):
+            (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    x64 = x.detach().double().requires_grad_()
+    expected = torch.autograd.grad(reference_conv2d(x64, weight.double(), None, (2, 2), (1, 1, 1, 1), (1, 1), 4).sum(),
+                                   x64)[0]
+    assert_close(grad_x, expected, torch.float32)

@@ -83,7 +83,8 @@ def _usable(key: str, choice: Choice, spec: ConvSpec, kind: str, padding_budget:
         offered = grad_input_offers(spec, padding_budget)
     else:
         offered = ((conv_plan.backward_family, False),)
-    family = choice.family or offered[0][0]
+    # a record naming no family asks for the planner's default forward family, or the direct backward kernel
+    family = choice.family or (offered[0][0] if kind == "forward" else conv_plan.backward_family)
     try:
         if (family, choice.transposed) not in offered:
             what = "the transposed conv's forward" if choice.transposed else "this conv"

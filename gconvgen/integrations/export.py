@@ -9,8 +9,9 @@ output with torch ops and launch the generated kernel through ``torch.library.wr
     gconvgen::conv2d_traced       the arguments of gconvgen::conv2d
     gconvgen::conv2d_act_traced   the arguments of gconvgen::conv2d_act (fused activation and residual)
 
-Inside ``traced_convs()`` every call of the opaque ops that torch sees (any traced call: export, make_fx,
-torch.compile; eager calls with plain tensors keep their direct fast path) goes to its traced twin::
+Inside ``traced_convs()`` every call of the opaque ops that torch sees (every traced call: torch.export,
+make_fx; eager calls on plain tensors keep gconvgen's direct path, with the same results) goes to its
+traced twin::
 
     ep = gconvgen.integrations.export.export(model, (x,))   # = with traced_convs(): torch.export.export(...)
     torch.export.save(ep, "model.pt2")                      # loads where gconvgen is imported
@@ -18,21 +19,22 @@ torch.compile; eager calls with plain tensors keep their direct fast path) goes 
     inline_kernels(ep)                                      # the kernels as graph nodes, to read or transform
 
 torch.export keeps a triton_op as a call (PyTorch's choice: a serialisable, backend-neutral program), so
-``ep`` holds ``gconvgen::conv2d_traced`` calls; AOTInductor, torch.compile and ``inline_kernels`` decompose
-each into its ``triton_kernel_wrapper_functional`` kernel node. torch.export.save cannot write such kernel
-nodes (torch's serializer needs a GPU-compiled kernel for them and cannot read them back), so save the
-exported program, and ship the AOTInductor package where gconvgen is absent.
+``ep`` holds ``gconvgen::conv2d_traced`` calls; AOTInductor and ``inline_kernels`` decompose each into its
+torch ops and a ``triton_kernel_wrapper_functional`` kernel node. torch.export.save cannot write such
+kernel nodes (torch's serializer needs a GPU-compiled kernel for them and cannot read them back), so save
+the exported program, and ship the AOTInductor package where gconvgen is absent.
 
-The kernel, its config and its grid are chosen when the graph is traced (the tuning database of the
-exporting machine, for its GPU) and fixed in it: shapes are static (``dynamic_shapes`` is refused).
+A call of ``ep`` chooses its kernel as gconvgen::conv2d does, where it runs; ``inline_kernels`` and
+AOTInductor fix the kernel, config and grid chosen when they trace (the tuning database of that machine,
+for its GPU). Shapes are static: ``dynamic_shapes`` is refused.
 
 On CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), ``@triton.jit`` makes an
 ``InterpretedFunction``, which ``wrap_triton`` cannot trace: torch 2.13 hands it back untouched (it would
-run on fake tensors while tracing), older torch refuses it. Such a kernel is traced as a ``JITFunction``
-made from the same Python function that launches through the interpreter (``_InterpretedKernel``), so
-export, ``inline_kernels`` and running either program in this process work on CPU too. CPU tensors without
-the interpreter trace the aten form, as gconvgen::conv2d runs it (said once, refused under
-GCONVGEN_FALLBACK=error).
+then run on fake tensors while tracing), torch before pytorch#185597 (2.11 included) refuses it. Such a
+kernel is traced as a ``JITFunction`` made from the same Python function that launches through the
+interpreter (``_InterpretedKernel``), so export, ``inline_kernels`` and running either program in this
+process work on CPU too (AOTInductor needs a GPU). CPU tensors without the interpreter trace the aten form,
+as gconvgen::conv2d runs it (said once, refused under GCONVGEN_FALLBACK=error).
 
 Gradients: both ops have gconvgen::conv2d's and conv2d_act's autograd formulas (through gconvgen's gradient
 ops), so a model trained inside ``traced_convs()`` still trains; export itself is for inference.
@@ -72,8 +74,8 @@ CONV2D_ACT = "gconvgen::conv2d_act_traced"
 class _InterpretedKernel(JITFunction):
     """A JITFunction of an interpreted kernel's Python function (what ``wrap_triton`` and torch's kernel
     nodes accept) whose launches run that ``InterpretedFunction`` in Triton's interpreter. It is never
-    compiled: without a GPU driver torch's analysis of which arguments a kernel writes fails, and torch
-    then takes every tensor argument as written (a warning, and copies in the traced graph)."""
+    compiled; without a GPU driver torch cannot analyse which arguments it writes and takes every tensor
+    argument as written, so a trace passes it copies (_copied_operands)."""
 
     def __init__(self, interpreted: Any) -> None:
         super().__init__(interpreted.fn)
@@ -233,7 +235,8 @@ def traced_convs() -> Iterator[None]:
         yield
 
 
-def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None, **options: Any) -> torch.export.ExportedProgram:
+def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None,
+           **options: Any) -> torch.export.ExportedProgram:
     """``torch.export.export(model, args, kwargs, **options)`` inside ``traced_convs()``: an ExportedProgram
     whose gconvgen convs are gconvgen::conv2d_traced / conv2d_act_traced calls (static shapes only).
     Feed it to ``torch._inductor.aoti_compile_and_package`` for a package that loads without gconvgen, or to

@@ -3,13 +3,15 @@
 #   1. versions (GPU, driver, torch, Triton, cuDNN);
 #   2. the GPU test subset on real Triton (bf16 included): forward, epilogues, backward, warm-call replays;
 #      then the host time per warm call (scripts/host_overhead.py) with real and stubbed launches;
+#   2c. torch.export of a small model through gconvgen's Triton kernels (gconvgen.integrations.export), an
+#      AOTInductor package of it, loaded and run in a Python that cannot import gconvgen;
 #   3. a short tune of the headline suite in channels_last (each layer's record is written as it finishes,
 #      so a tune cut short by its time limit keeps what it tuned);
 #   4. the headline suite forward in NCHW and channels_last against F.conv2d, and forward + backward in
 #      channels_last against PyTorch eager;
 #   5. `gconvgen inspect` of the same kernels (static sm_90 figures, run on the CPU cores meanwhile),
 #      so static figures and measured times sit side by side.
-# Writes at most 9 files to OUT_DIR. Every step has its own time limit; a failed step does not stop the rest.
+# Writes at most 10 files to OUT_DIR (limits on a GPU: 120 + 30 + 90 + 45 + 60 + 110 + 45 s). Every step has its own time limit; a failed step does not stop the rest.
 #
 #   scripts/gpu_check.sh [OUT_DIR]            (OUT_DIR defaults to $OUT, else ./gconvgen-gpu-check)
 #   GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh /tmp/dry   a dry run of every step on the CPU (smoke suite,
@@ -36,7 +38,7 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export GCONVGEN_CACHE_DIR="${GCONVGEN_CACHE_DIR:-$(mktemp -d)/gconvgen}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"  # Triton 3.9's default, said aloud
 if [ "$device" = cuda ]; then
-    suite=headline; tests_limit=170; tune_limit=110; bench_limit=170; backward_limit=60
+    suite=headline; tests_limit=120; tune_limit=60; bench_limit=110; backward_limit=45
     test_args=(--device cuda)
 else
     suite=smoke; tests_limit=600; tune_limit=300; bench_limit=300; backward_limit=300
@@ -69,8 +71,113 @@ tail -n 3 "$out/gpu-tests.log" | tee -a "$out/versions.txt"
 
 # 2b. host time per warm call, real launches and stubbed, beside F.conv2d's
 say "host overhead"
-timeout 60 "$python" scripts/host_overhead.py --device "$device" --calls 1000 > "$out/host-overhead.txt" 2>&1 || status=1
+timeout 30 "$python" scripts/host_overhead.py --device "$device" --calls 1000 > "$out/host-overhead.txt" 2>&1 || status=1
 cat "$out/host-overhead.txt" >&2
+
+# 2c. (export) torch.export through gconvgen's Triton kernels, then AOTInductor: a small model (depthwise,
+# grouped at stride 2, fused silu + residual) exported with gconvgen.integrations.export, its kernels inlined
+# as graph nodes, compiled into an AOTInductor package, and that package loaded and run in a fresh Python
+# that cannot import gconvgen; each against F.conv2d in float64 on fresh inputs. On the CPU dry run the
+# export runs through the interpreter and AOTInductor is skipped (it compiles the kernels for a GPU).
+say "export + AOTInductor"
+export_limit=$([ "$device" = cuda ] && echo 90 || echo 300)
+export_work="$(mktemp -d)"
+cat > "$export_work/export_check.py" <<'EOF'
+import os
+import sys
+
+mode, device, work = sys.argv[1:4]
+if device == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+import torch
+import torch._inductor
+import torch.nn.functional as F
+
+torch.backends.cudnn.allow_tf32 = False  # the kernels are lowered at export: exact fp32 against float64
+torch.set_default_device(device)
+# odd maps over 1024 pixels: strides Inductor's stride padding would change if it could (the kernels take them
+# as numbers traced at export)
+SIZE = (2, 8, 37, 37)
+
+
+def reference(x, w):
+    """The model below in float64 through F.conv2d (padding 'same' at stride 2 on odd maps pads one a side)."""
+    x, w = x.double(), {name: tensor.double() for name, tensor in w.items()}
+    y = F.relu(F.conv2d(x, w["depthwise.weight"], w["depthwise.bias"], padding=1, groups=8))
+    y = F.conv2d(y, w["grouped.weight"], stride=2, padding=1, groups=2)
+    return F.silu(F.conv2d(y, w["fused.weight"], w["fused.bias"], padding=1, groups=8) + y)
+
+
+def compared(name, out, x, w):
+    expected = reference(x, w)
+    ok = out.shape == expected.shape and torch.allclose(out.double(), expected, atol=1e-4, rtol=1e-4)
+    error = (out.double() - expected).abs().max().item() if out.shape == expected.shape else float("nan")
+    print(f"{name}: max |error| {error:.2e} against F.conv2d in float64: {'ok' if ok else 'FAILED'}", flush=True)
+    return ok
+
+
+if mode == "export":
+    from torch import nn
+    import gconvgen
+    from gconvgen.integrations.export import export, inline_kernels
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.grouped = gconvgen.GroupedConv2d(8, 8, 3, stride=2, padding="same", groups=2, bias=False)
+            self.fused = gconvgen.GroupedConv2d(8, 8, 3, padding=1, groups=8, activation="silu")
+
+        def forward(self, x):
+            y = self.grouped(torch.relu(self.depthwise(x)))
+            return self.fused(y, y)
+
+    model = gconvgen.convert(Block()).eval()
+    weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    program = export(model, (torch.randn(SIZE),))
+    inlined = inline_kernels(program)
+    called = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    left = [str(node.target) for node in inlined.graph.nodes if str(node.target).startswith("gconvgen.")]
+    kernels = [node for node in inlined.graph.nodes if "triton_kernel_wrapper" in str(node.target)]
+    print(f"exported: {sum(c.startswith('gconvgen.') and '_traced' in c for c in called)} traced gconvgen calls, "
+          f"{sum(c in ('gconvgen.conv2d.default', 'gconvgen.conv2d_act.default') for c in called)} opaque ones; "
+          f"inlined: {len(kernels)} Triton kernel nodes, {len(left)} gconvgen calls left", flush=True)
+    x = torch.randn(SIZE) + 0.5
+    ok = bool(kernels) and not left  # 3 kernel nodes, unless a tuning record runs a layer on aten
+    ok &= compared("exported program", program.module()(x), x, weights)
+    ok &= compared("inlined program", inlined.module()(x), x, weights)
+    torch.save({name: tensor.cpu() for name, tensor in weights.items()}, os.path.join(work, "weights.pt"))
+    if device == "cuda":
+        package = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(work, "block.pt2"))
+        print(f"AOTInductor package: {package} ({os.path.getsize(package)} bytes)", flush=True)
+    else:
+        print("AOTInductor: skipped on the CPU (it compiles the kernels for a GPU)", flush=True)
+    sys.exit(0 if ok else 1)
+
+# mode "load": a fresh process, run outside the checkout, in which gconvgen cannot be imported
+if device != "cuda":
+    print("AOTInductor load: skipped on the CPU (no package)")
+    sys.exit(0)
+
+
+class NoGconvgen:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "gconvgen":
+            raise ImportError("the package must load without gconvgen")
+
+
+sys.meta_path.insert(0, NoGconvgen())
+runner = torch._inductor.aoti_load_package(os.path.join(work, "block.pt2"))
+weights = {name: tensor.to(device) for name, tensor in torch.load(os.path.join(work, "weights.pt")).items()}
+x = torch.randn(SIZE) + 0.5
+ok = compared("AOTInductor package, loaded without gconvgen", runner(x), x, weights)
+print(f"gconvgen imported in the loading process: {'gconvgen' in sys.modules}")
+sys.exit(0 if ok and "gconvgen" not in sys.modules else 1)
+EOF
+{ timeout "$export_limit" "$python" "$export_work/export_check.py" export "$device" "$export_work" \
+    && (cd "$export_work" && env -u PYTHONPATH timeout 45 "$python" export_check.py load "$device" "$export_work"); } \
+    > "$out/export-aoti.log" 2>&1 || { status=1; say "export + AOTInductor failed (see export-aoti.log)"; }
+tail -n 2 "$out/export-aoti.log" | tee -a "$out/versions.txt"
 
 # 3. a short tune, channels_last
 say "tune (at most ${tune_limit}s)"

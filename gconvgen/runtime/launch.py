@@ -201,18 +201,19 @@ class Warm:
     shape: torch.Size
     stride: tuple[int, ...]
     meta: dict  # desc.meta, built once
+    dtype: torch.dtype
 
     def __call__(self, **tensors: Optional[torch.Tensor]) -> torch.Tensor:
         prepared = self.launch
-        result = torch.empty_strided(self.shape, self.stride, dtype=prepared.result.dtype, device=self.device)
+        result = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
         tensors[prepared.output] = result
         values, partials = prepared.refilled(tensors, result)
         kernel = kernel_of(prepared.desc, self.target)  # the one loader: a dict lookup once loaded
-        if self.device.type == "cuda":
+        if self.target == "interpreter":
+            kernel[prepared.grid](*values, **self.meta)
+        else:
             with on_device(self.device):
                 kernel[prepared.grid](*values, **self.meta)
-        else:
-            kernel[prepared.grid](*values, **self.meta)
         if partials is not None:
             _add_splits(partials, result)
         if warm.is_recording():  # a caller recording (rare on a warm call): give it the launch as run
@@ -230,7 +231,7 @@ def remember(key: Optional[tuple], launched: list[Launch], result: torch.Tensor)
     ran = launched[0]
     device = ran.result.device
     warm.keep(key, Warm(ran.without_tensors(), device_target(device), device, result.shape, result.stride(),
-                        ran.desc.meta))
+                        ran.desc.meta, result.dtype))
 
 
 def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = ()) -> list:

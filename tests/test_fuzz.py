@@ -646,7 +646,7 @@ def check_forward(problem: ConvProblem) -> None:
     reduction = weight_shape(problem)[1] * problem.kernel[0] * problem.kernel[1]
     dtype = DTYPES[problem.dtype]
     special = problem.specials or problem.residual_specials
-    # the second run, under the same provider, takes the warm path (the first's launch, rebound)
+    # the second run, under the same provider, takes the warm path (the first's launch, refilled)
     with forced_choices(forward=forward_choice(problem)):
         for specials, residual_specials in [((), ())] + ([(problem.specials, problem.residual_specials)]
                                                          if special else []):

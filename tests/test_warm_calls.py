@@ -1,5 +1,5 @@
 """Warm calls rebind their tensors to the launch a first call ran (runtime/launch.py ``remember`` /
-``Launch.rebound``): the same results, and nothing the whole path would refuse or decide differently is run."""
+``Launch.refilled``): the same results, and nothing the whole path would refuse or decide differently is run."""
 from __future__ import annotations
 
 import pytest

@@ -147,9 +147,13 @@ class Family:
     problem: Problem
     transposed: bool = False
 
+    @property
+    def title(self) -> str:
+        """The family's name in trial names: 'depthwise', or 'transposed depthwise' for a transposed grad-input."""
+        return f"transposed {self.name}" if self.transposed else self.name
+
     def label(self, config: KernelConfig) -> str:
-        name = config_name(config, self.name)
-        return f"transposed {name}" if self.transposed else name
+        return f"{self.title} {config_name(config, None)}"
 
 
 def _search_spaces(problem: Problem) -> list[tuple[str, str, Problem, bool]]:
@@ -228,8 +232,7 @@ def tune(problem: Problem, device: torch.device | str, *, extra_configs: Sequenc
     families = families_of(problem, facts)
     for family in families:
         # the default family with its default config is what an untuned key runs: named "default"
-        prefix = "transposed " if family.transposed else ""
-        attempt_config(family, family.default, "default" if family is families[0] else f"{prefix}{family.name} default")
+        attempt_config(family, family.default, "default" if family is families[0] else f"{family.title} default")
         tried = {family.default}
         for config in _untried([*(extra_configs if family is families[0] else ()),
                                 *family.space.stage_one(family.problem, facts)], tried):

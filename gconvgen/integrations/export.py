@@ -58,11 +58,10 @@ from ..memo import registered
 from ..compiler.lowering import ATEN
 from ..runtime import launch, weights
 from ..runtime.device import device_target
-from ..runtime.fallback import aten_conv2d
 from ..autotune.choice import choice_for
 from ..ops import backward as conv2d_formulas, fused as fused_formulas
+from ..ops.fused import aten_conv2d_act
 from ..ops.dispatch import allocate_output, fallback, output_memory_format, spec_for_call
-from .. import activations
 
 CONV2D = "gconvgen::conv2d_traced"
 CONV2D_ACT = "gconvgen::conv2d_act_traced"
@@ -147,13 +146,13 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], r
     spec = spec_for_call(x, weight, bias, stride, padding, dilation, groups, channel_policy)
     if x.device.type == "cpu" and not knobs.interpret():
         fallback("CPU tensors and TRITON_INTERPRET is not set")
-        return _aten(spec, x, weight, bias, residual, activation).contiguous(memory_format=output_memory_format(x))
+        return aten_conv2d_act(spec, x, weight, bias, residual, activation).contiguous(memory_format=output_memory_format(x))
     out = allocate_output(x, weight, stride, padding, dilation)
     if out.numel() == 0 or x.is_meta:  # an empty batch, or meta tensors: nothing to launch
         return out
     choice = choice_for(spec, "forward", x.device, x.shape[0], x.shape[2], x.shape[3])
     if choice.kind == ATEN:  # tuning found aten faster for this layer: the graph gets the aten conv
-        return out.copy_(_aten(spec, x, weight, bias, residual, activation))
+        return out.copy_(aten_conv2d_act(spec, x, weight, bias, residual, activation))
     target = device_target(x.device)
     tracing = torch._subclasses.fake_tensor.is_fake(x)
     with _fresh_band_index(tracing):
@@ -175,11 +174,6 @@ def _copied_operands(values: tuple, out: torch.Tensor) -> tuple:
         if isinstance(value, torch.Tensor) and value is not out and id(value) not in copies:
             copies[id(value)] = clone_preserve_strides(value)
     return tuple(copies.get(id(value), value) if isinstance(value, torch.Tensor) else value for value in values)
-
-
-def _aten(spec, x, weight, bias, residual, activation) -> torch.Tensor:
-    pre = aten_conv2d(spec, x, weight, bias)
-    return activations.apply(pre if residual is None else pre + residual, activation)
 
 
 @torch.library.triton_op(CONV2D, mutates_args=())

@@ -129,7 +129,7 @@ def op_arguments(*values) -> tuple:
 
 def warm_or_cold(key: Optional[tuple], operands: dict[str, Optional[torch.Tensor]],
                  cold: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """The launch remembered under ``key`` rebound to ``operands`` (by name) and run; else ``cold()``, the
+    """The launch remembered under ``key`` run on ``operands`` (by name; ``launch.Warm``); else ``cold()``, the
     whole path, whose one launch is remembered under ``key`` for the next call."""
     hit = warm.recorded(key)
     if hit is not None:

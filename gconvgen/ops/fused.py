@@ -50,16 +50,17 @@ def _cold(x, weight, bias, residual, stride, padding, dilation, groups, channel_
         return out
     if x.device.type == "cpu" and not knobs.interpret():
         fallback("CPU tensors and TRITON_INTERPRET is not set")
-        return _aten(spec, x, weight, bias, residual, activation).contiguous(memory_format=output_memory_format(x))
+        return aten_conv2d_act(spec, x, weight, bias, residual, activation).contiguous(memory_format=output_memory_format(x))
     if out.numel() == 0:
         return out
     choice = choice_for(spec, "forward", x.device, x.shape[0], x.shape[2], x.shape[3])
     if choice.kind == ATEN:
-        return out.copy_(_aten(spec, x, weight, bias, residual, activation))
+        return out.copy_(aten_conv2d_act(spec, x, weight, bias, residual, activation))
     return launch.forward(spec, x, weight, bias, out, choice, activation=activation, residual=residual)
 
 
-def _aten(spec, x, weight, bias, residual, activation) -> torch.Tensor:
+def aten_conv2d_act(spec, x, weight, bias, residual, activation) -> torch.Tensor:
+    """``activation(conv2d(x, weight) + bias + residual)`` with aten's conv: what a layer tuned to aten runs."""
     pre = aten_conv2d(spec, x, weight, bias)
     return activations.apply(pre if residual is None else pre + residual, activation)
 

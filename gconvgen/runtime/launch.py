@@ -88,7 +88,7 @@ class Launch:
     (tensors and ints), the operand it writes ``result`` through (``output``; 'partials' for a reduction,
     whose split partials are summed afterwards into ``result``). ``derived``
     names, per operand, the copies made of the tensor given for it (DERIVATIONS, in order), so that
-    ``rebound`` makes them again for other tensors; ``sources`` names the caller's tensor an operand is
+    ``refilled`` makes them again for other tensors; ``sources`` names the caller's tensor an operand is
     made from where the names differ (the transposed conv's x is the gradient's grad_output)."""
 
     desc: KernelDesc
@@ -113,17 +113,12 @@ class Launch:
         sources = self.sources + (((operand, source),) if source is not None else ())
         return replace(self, derived=derived, sources=sources)
 
-    def rebound(self, tensors: dict[str, Optional[torch.Tensor]], result: torch.Tensor) -> "Launch":
-        """This launch on other tensors with the signature of the ones it was prepared on (shapes, strides,
-        dtypes, device; ``tensors`` by operand name, ``result`` the output): the same kernel, grid, strides
-        and scalars, each operand slot refilled with its tensor (copied as ``derived`` says), and a new
-        partials buffer where the reduction is split. No check, plan or lowering."""
-        values, partials = self.refilled(tensors, result)
-        return replace(self, values=values, result=result, partials=partials)
-
     def refilled(self, tensors: dict[str, Optional[torch.Tensor]],
                  result: torch.Tensor) -> tuple[list, Optional[torch.Tensor]]:
-        """``rebound``'s argument values and partials buffer (what a warm call launches with)."""
+        """The argument values of this launch on other tensors with the signature of the ones it was prepared
+        on (shapes, strides, dtypes, device; ``tensors`` by the caller's names, ``result`` the output), and a
+        new partials buffer where the reduction is split: each operand slot refilled with its tensor (copied as
+        ``derived`` says), the kernel, grid, strides and scalars unchanged. No check, plan or lowering."""
         values = list(self.values)
         for position, source, derivations in self._slots:
             tensor = tensors[source]

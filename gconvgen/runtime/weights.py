@@ -57,7 +57,7 @@ def needs_copy(weight: torch.Tensor, desc) -> bool:
 
 
 def copied_for_kernel(weight: torch.Tensor, desc) -> torch.Tensor:
-    """``for_kernel``'s copy where ``needs_copy`` (a rebound launch knows it does): the band matrices for the
+    """``for_kernel``'s copy where ``needs_copy`` (a remembered launch knows it does): the band matrices for the
     kernel's column strip, or an hwio copy."""
     if desc.weight_layout == "band":
         spec, block_k, shift = desc.spec, desc.config.block_k, desc.band_shift

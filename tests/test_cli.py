@@ -230,7 +230,7 @@ def test_ctrl_c_keeps_what_was_tuned(monkeypatch):
 
 
 def test_bad_input_names_the_parameter_and_the_fix():
-    assert "--suite nope is neither a shipped suite (headline, secondary, smoke)" in _run(
+    assert "--suite nope is neither a shipped suite (headline, offsuite, secondary, sequence, smoke)" in _run(
         "tune", "--suite", "nope", code=2).output
     assert "--layer nope is not in suite 'smoke'" in _run("bench", "--layer", "nope", code=2).output
     assert "use --device cpu" in _run("bench", "--device", "cuda", code=2).output

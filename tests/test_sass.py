@@ -39,6 +39,27 @@ KERNELS = textwrap.dedent('''
 
 
     @triton.jit
+    def dot_product(a_ptr, b_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+        running = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            running += tl.load(a_ptr + offsets) * tl.load(b_ptr + offsets)
+        tl.store(dst_ptr + tl.arange(0, BLOCK), running)
+
+
+    @triton.jit
+    def matmul_loop(a_ptr, b_ptr, c_ptr, k, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.arange(0, BLOCK)
+        steps = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for start in range(0, k, BLOCK_K):
+            a = tl.load(a_ptr + rows[:, None] * k + start + steps[None, :])
+            b = tl.load(b_ptr + (start + steps)[:, None] * BLOCK + rows[None, :])
+            acc += tl.dot(a, b)
+        tl.store(c_ptr + rows[:, None] * BLOCK + rows[None, :], acc)
+
+
+    @triton.jit
     def normalise(src_ptr, dst_ptr, BLOCK: tl.constexpr):
         square = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         tile = tl.load(src_ptr + square)
@@ -77,6 +98,10 @@ SCRIPT = textwrap.dedent('''
         "total": measure(kernels.total, {"src_ptr": fp32, "dst_ptr": fp32, "n": 4096}, {"BLOCK": 256}),
         "matmul_bf16": measure(kernels.matmul, {"a_ptr": Pointer("bf16"), "b_ptr": Pointer("bf16"), "c_ptr": fp32},
                                {"BLOCK": 64}),
+        "dot_product": measure(kernels.dot_product, {"a_ptr": fp32, "b_ptr": fp32, "dst_ptr": fp32, "n": 4096},
+                               {"BLOCK": 256}),
+        "matmul_loop": measure(kernels.matmul_loop, {"a_ptr": Pointer("bf16"), "b_ptr": Pointer("bf16"),
+                                                     "c_ptr": fp32, "k": 1024}, {"BLOCK": 64, "BLOCK_K": 32}),
         "normalise_1warp": measure(kernels.normalise, {"src_ptr": Pointer("fp64"), "dst_ptr": Pointer("fp64")},
                                    {"BLOCK": 64}, num_warps=1, num_stages=1),
         "signatures": {str(n): compile_like_launch(kernels.copy, {"src_ptr": fp32, "dst_ptr": fp32, "n": n},
@@ -155,6 +180,23 @@ def test_loop_is_found(report):
     assert report["copy_n1024"]["inner_loop_instructions"] == 0  # straight-line code
 
 
+def test_multiply_adds_are_read_from_the_sass(report):
+    assert report["matmul_bf16"]["products"] * 4 == 64 ** 3  # HGMMA: a warpgroup's product, a quarter a warp
+    assert report["matmul_loop"]["inner_loop_products"] * 4 == 64 * 64 * 32  # one BLOCK_K step a pass
+    dot = report["dot_product"]  # FFMA: 256 products an iteration over 4 warps, whole iterations a pass
+    assert dot["inner_loop_products"] > 0 and dot["inner_loop_products"] * 4 % 256 == 0, dot
+    assert report["total"]["inner_loop_products"] == 0  # FADD only: nothing multiplied
+
+
+def test_cp_async_widths_and_body(report):
+    pipelined = report["matmul_loop"]  # the loop's loads pipelined through cp.async, 16 bytes each
+    assert pipelined["async_copies"]["cp.async"] > 0
+    assert pipelined["cp_async_widths"] == {"128": pipelined["async_copies"]["cp.async"]}
+    assert report["matmul_bf16"]["cp_async_widths"] == {}  # no loop to pipeline
+    for case in ("copy_n1024", "matmul_loop"):
+        assert 0 < report[case]["body_instructions"] < report[case]["sass_instructions"]  # padding after EXIT
+
+
 def test_spills_are_reported(report):
     normalise = report["normalise_1warp"]
     assert normalise["spill_bytes"] > 0, normalise  # a 64 x 64 fp64 tile: 256 registers a thread in one warp
@@ -173,15 +215,19 @@ LISTING = """
         /*0180*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;       /* 0x000000060408723c */
         /*0190*/                   EXIT ;                                     /* 0x000000000000794d */
         /*01a0*/                   BRA 0x1a0;                                 /* 0xfffffffc00fc7947 */
+        /*01b0*/                   NOP;                                       /* 0x0000000000007918 */
 """
 
 
 def test_sass_listing_is_read():
-    from gconvgen.tools.sass import access_widths, innermost_loop, loops, parse_sass, tensor_core
+    from gconvgen.tools.sass import (access_widths, body_length, innermost_loop, loops, multiply_adds, parse_sass,
+                                     tensor_core)
 
     instructions = parse_sass(LISTING)
     opcodes = [opcode for _, opcode, _ in instructions]
-    assert len(instructions) == 9
+    assert len(instructions) == 10
+    assert body_length(instructions) == 8  # the branch to itself after EXIT and the NOP are padding
+    assert sum(map(multiply_adds, opcodes)) == 16 * 8 * 16  # the one HMMA.16816
     assert access_widths(opcodes, "LDG") == {16: 1, 64: 1, 128: 1}  # LTC128B is a cache hint, not a width
     assert loops(instructions) == [(0x130, 0x170)]  # the branch to itself after EXIT is no loop
     assert innermost_loop(instructions) == (0x130, 0x170)

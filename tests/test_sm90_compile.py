@@ -25,6 +25,8 @@ VARIANTS = [
     (64, 64, 64, (1, 4), (1, 1), (0, 0, 3, 0), (1, 1), True, "strict", (2, 1, 2048)),  # Mamba causal k4: depthwise1d
     (16, 32, 16, (1, 3), (1, 2), (0, 0, 1, 1), (1, 1), False, "strict", (2, 1, 33)),  # depthwise1d multiplier 2, stride 2
     (768, 768, 16, (1, 128), (1, 1), (0, 0, 64, 64), (1, 1), True, "strict", (2, 1, 781)),  # wav2vec2: height-1 igemm
+    (64, 64, 64, (1, 8), (1, 1), (0, 0, 7, 0), (1, 1), False, "strict", (2, 1, 100)),  # causal k8: tap loop, strips
+    (32, 32, 32, (1, 256), (1, 1), (0, 0, 255, 0), (1, 1), True, "strict", (1, 1, 300)),  # causal k256: strips
 ]
 SHARED_MEMORY_BYTES = 227 * 1024  # an sm_90 SM's opt-in limit
 

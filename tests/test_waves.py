@@ -49,8 +49,8 @@ CASES = [
       id="effb0-dw5-n1-fp32"),                                                  # 4-float vectors: a floor of 8 x 64
     P("forward", _depthwise(96, 7, "nhwc"), (1, 56, 56), "depthwise_gemm", (16, 8), id="convnext-dw7-n1-floor"),
     P("forward", _depthwise(96, 7, "nchw"), (1, 56, 56), "depthwise_gemm", None, id="convnext-dw7-n1-nchw"),
-    P("forward", _depthwise(96, 7, "nhwc", "float32"), (1, 56, 56), "depthwise_gemm", (16, 4),
-      id="convnext-dw7-n1-fp32"),                                               # 16-byte vectors of 4 floats
+    P("forward", _depthwise(96, 7, "nhwc", "float32"), (1, 56, 56), "depthwise_gemm", None,
+      id="convnext-dw7-n1-fp32"),                                               # strips of 16: two waves at 16 x 4
     P("forward", _depthwise(768, 7, "nhwc"), (64, 7, 7), "depthwise_gemm", None, id="convnext-dw7-768-n64"),
     P("forward", _causal(5120, 4, "nhwc"), (1, 1, 64), "depthwise1d", None, id="mamba-n1-l64"),
     P("forward", _causal(8, 4, "nchw"), (1, 1, 16), "depthwise1d", (8, 8), id="tiny-depthwise1d-floor"),

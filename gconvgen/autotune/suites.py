@@ -136,7 +136,7 @@ def _layer(raw: object, where: str) -> Layer:
 
 
 def load_suite(name_or_file: str) -> Suite:
-    """Read a suite by shipped name ('headline', 'secondary', 'smoke') or from a JSON file.
+    """Read a suite by shipped name ('headline', 'secondary', 'offsuite', 'sequence', 'smoke') or from a JSON file.
 
     Raises FileNotFoundError for an unknown name, ValueError for a malformed file (naming the field).
     """

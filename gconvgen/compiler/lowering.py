@@ -101,7 +101,7 @@ class KernelDesc:
     input_precision: str        # tl.dot's: "tf32" or "ieee"
     accumulator: str            # tl.float32, or tl.float64 for float64
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
-    halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4); else 0
+    halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4, >= 16 bytes in NCHW); else 0
     row_alignment: int          # depthwise1d, banded rows: what each row's and channel's first element is a multiple of
     weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi, band or strided
     band_dot: str               # depthwise_gemm: "rows" (a 2-D dot per channel) or "channels" (batched); else "none"
@@ -247,7 +247,7 @@ def choose_precision(fields: dict, ctx: Context) -> None:
 
 def choose_halo(fields: dict, ctx: Context) -> None:
     """depthwise1d reads each program's input window once: its main tile and the halo positions (window_halo),
-    loaded as tiles of halo_tile positions masked to the ones read; its channel tile gives each warp 8
+    loaded as whole tiles of halo_tile positions (vectors along an NCHW width); its channel tile gives each warp 8
     channels (GATHER_CHANNELS_PER_WARP)."""
     halo, halo_tile = family(fields["family"]).halo(fields["spec"], fields["config"])
     fields.update(halo=halo, halo_tile=halo_tile)

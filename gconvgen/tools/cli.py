@@ -187,7 +187,7 @@ def _winner_text(record: dict) -> str:
 
 _suite_options = [
     click.option("--suite", default=None, metavar="NAME|FILE",
-                 help="A shipped suite (headline, secondary, smoke) or a suite JSON file. "
+                 help="A shipped suite (headline, secondary, offsuite, sequence, smoke) or a suite JSON file. "
                       "Default: headline on a GPU, smoke on CPU."),
     click.option("--layer", "layer_ids", multiple=True, metavar="ID",
                  help="Only this layer id (repeatable); with tune --model, a module name of the model."),

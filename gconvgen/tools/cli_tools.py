@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -183,7 +184,7 @@ def clear(kernels, tuning) -> None:
 
 @click.command()
 @click.option("--suite", "suite_name", default="headline", show_default=True,
-              help="A shipped suite (headline, secondary, smoke) or a suite JSON file.")
+              help="A shipped suite (headline, secondary, offsuite, ...) or a suite JSON file.")
 @click.option("--layer", "layer_ids", multiple=True, help="Only these layer ids (repeatable). Default: every layer.")
 @click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default="bfloat16", show_default=True)
 @click.option("--layout", type=click.Choice(("nhwc", "nchw", "both"), case_sensitive=False), default="both",
@@ -195,10 +196,13 @@ def clear(kernels, tuning) -> None:
 def inspect(suite_name, layer_ids, dtype, layout, kinds, json_path) -> None:
     """Compile each layer's kernels for sm_90 on this machine, as the runtime would launch them on an H200
     (tuned or default config, run-time specialisation), and print what the compiler emitted: registers,
-    spills, shared memory, tensor-core instruction, global-load widths, async copies, instructions per
-    inner-loop iteration, programs and waves on 132 SMs, and the tiling's requested/ideal bytes and
-    issued/useful tensor-core FLOPs. Static figures, not timings. Needs TRITON_INTERPRET unset."""
-    from .inspection import inspect_problem
+    spills, shared memory, programs resident per SM and what limits them, tensor-core instruction,
+    global-load and cp.async widths, the innermost loop's and the whole body's instructions, programs as
+    waves on 132 SMs and as rounds of SM slots, the tiling's requested/ideal bytes and issued/useful
+    tensor-core FLOPs; then a modelled time on an H200 and the share of the roofline floor it allows, per
+    kernel and per layer (forward; forward + backward), with their geometric means per layout. Static
+    figures and a model, not timings. Needs TRITON_INTERPRET unset."""
+    from .inspection import geometric_mean, inspect_problem, layer_model
 
     if knobs.interpret():
         raise click.UsageError("gconvgen inspect compiles for sm_90: run it with TRITON_INTERPRET unset")
@@ -206,34 +210,84 @@ def inspect(suite_name, layer_ids, dtype, layout, kinds, json_path) -> None:
     layouts = ("nhwc", "nchw") if layout == "both" else (layout,)
     kinds = kinds or ("forward", "grad_input", "grad_weight")
     todo = [(layer, lay, kind) for layer in suite.runnable for lay in layouts for kind in kinds]
-    rows = []
-    header = (f"{'layer':<22} {'kind':<11} {'family':<14} {'config':<20} {'regs':>4} {'spill':>5} {'smem':>6} "
-              f"{'tc':<8} {'loads (bits:n)':<22} {'async':>5} {'loop':>5} {'waves':>6} {'bytes':>6} {'flops':>6}")
-    click.echo(header)
+    rows, inspected = [], {}
+    click.echo(_INSPECT_HEADER)
     with tqdm.tqdm(todo, desc="compiling for sm_90", unit="kernel", dynamic_ncols=True) as bar:
         for layer, lay, kind in bar:
             bar.set_postfix_str(f"{layer.id} {lay} {kind}")
             forward = layer.problem(dtype, lay)
             row = inspect_problem(forward if kind == "forward" else forward.backward(kind))
             rows.append({"layer": layer.id, "layout": lay, **row.as_dict()})
+            inspected.setdefault((layer.id, lay), {})[kind] = row
             bar.write(_inspection_line(f"{layer.id} {lay}", kind, row))
     click.echo("static figures of the sm_90 compiler's output (Triton " + __import__("triton").__version__ +
-               "), not timings; bytes = requested/ideal, flops = tensor-core issued/useful")
+               ") and a model, not timings:\n" + _INSPECT_LEGEND)
+    layers = {key: layer_model(by_kind) for key, by_kind in inspected.items()}
+    for (layer_id, lay), modelled in layers.items():
+        click.echo(_layer_line(f"{layer_id} {lay}", modelled))
+    geomeans = {}
+    for lay in layouts:
+        of_layout = [modelled for (_, each), modelled in layers.items() if each == lay]
+        geomeans[lay] = {name: geometric_mean([getattr(m, name) for m in of_layout if getattr(m, name) is not None])
+                         for name in ("forward_percent", "forward_backward_percent")}
+        click.echo(f"geomean {lay} over {len(of_layout)} layers, modelled upper bound of % of the floor: forward "
+                   f"{_percent(geomeans[lay]['forward_percent'])}, forward+backward "
+                   f"{_percent(geomeans[lay]['forward_backward_percent'])}")
+    for row in rows:  # each kernel row carries its layer's figures and its layout's geomeans
+        row["layer_model"] = asdict(layers[(row["layer"], row["layout"])])
+        row["layout_geomeans"] = geomeans[row["layout"]]
     write_output(json_path, json.dumps(rows, indent=1) + "\n")
 
 
+_INSPECT_HEADER = (f"{'layer':<22} {'kind':<11} {'family':<14} {'config':<20} {'regs':>4} {'spill':>5} {'smem':>6} "
+                   f"{'occ':<9} {'tc':<8} {'loads (bits:n)':<22} {'async (bits:n)':<16} {'loop':>5} {'trips':>6} "
+                   f"{'sass':>5} {'waves':>6} {'rounds':>6} {'bytes':>6} {'flops':>6} {'modelled us':>11} "
+                   f"{'bound':<6} {'modelled %floor':>15}")
+_INSPECT_LEGEND = """\
+occ = programs resident on one SM and the resource that limits them; async = cp.async widths (+ TMA loads);
+loop = the innermost loop's SASS instructions ('-': straight-line code), trips = a warp's modelled passes through it,
+sass = the whole kernel's instructions; rounds = programs / (132 SMs x occ); bytes = requested/ideal; flops =
+tensor-core issued/useful; modelled us = modelled time on an H200, bound = its slowest term (bytes, flops, issue);
+modelled %floor = the roofline floor / modelled us, an upper bound under the model (inspection.model_kernel)"""
+_LIMITERS = {"registers": "regs", "shared_memory": "smem", "warps": "warps", "blocks": "blocks"}
+
+
 def _inspection_line(label: str, kind: str, row) -> str:
-    """One row of inspect's table: the compiler's figures, then waves and the tiling's two ratios."""
-    f = row.figures
+    """One row of inspect's table: the compiler's figures, occupancy, waves and rounds, the tiling's two
+    ratios, and the model's time and share of the floor."""
+    f, model = row.figures, row.model
     loads = " ".join(f"{bits}:{count}" for bits, count in sorted(f.global_load_widths.items()))
+    copies = [f"{bits}:{count}" for bits, count in sorted(f.cp_async_widths.items())]
+    copies += [f"{name}:{f.async_copies[name]}" for name in ("tma", "tma_store") if f.async_copies.get(name)]
+    occupancy = f"{row.occupancy.programs_per_sm} {_LIMITERS[row.occupancy.limiter]}"
 
     def ratio(value):
         return "-" if value is None else f"{value:.1f}x"
 
+    loop = f.inner_loop_instructions or "-"
+    trips = f"{model.loop_trips:.0f}" if f.inner_loop_instructions else "-"
     return (f"{label:<22} {kind:<11} {row.family:<14} {row.config:<20} {f.registers:>4} {f.spill_bytes:>5} "
-            f"{f.shared_memory_bytes:>6} {f.tensor_core:<8} {loads:<22} {sum(f.async_copies.values()):>5} "
-            f"{f.inner_loop_instructions:>5} {row.waves:>6.1f} {ratio(row.requested_over_ideal_bytes):>6} "
-            f"{ratio(row.issued_over_useful_flops):>6}")
+            f"{f.shared_memory_bytes:>6} {occupancy:<9} {f.tensor_core:<8} {loads:<22} {' '.join(copies) or '-':<16} "
+            f"{loop:>5} {trips:>6} {f.sass_instructions:>5} {row.waves:>6.1f} {row.rounds:>6.2f} "
+            f"{ratio(row.requested_over_ideal_bytes):>6} {ratio(row.issued_over_useful_flops):>6} "
+            f"{model.time_s * 1e6:>11.2f} {model.bound:<6} {model.percent_of_floor:>15.1f}")
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def _layer_line(label: str, modelled) -> str:
+    """One layer's summary: its floor, and the modelled forward and forward + backward times and shares of it
+    (each only when its kernels were inspected)."""
+    parts = [f"{label:<22} floor {modelled.floor_s * 1e6:.3g} us"]
+    if modelled.forward_s is not None:
+        parts.append(f"modelled forward {modelled.forward_s * 1e6:.3g} us ({_percent(modelled.forward_percent)} "
+                     f"of the floor)")
+    if modelled.forward_backward_s is not None:
+        parts.append(f"forward+backward {modelled.forward_backward_s * 1e6:.3g} us "
+                     f"({_percent(modelled.forward_backward_percent)} of 3 floors)")
+    return "; ".join(parts)
 
 
 COMMANDS = (plan, cache, inspect)  # what cli.main adds

@@ -4,7 +4,8 @@ compile_like_launch compiles a @triton.jit kernel exactly as Triton's launcher w
 argument values (ints equal to 1 become constants, ints divisible by 16 and 16-byte aligned pointers get the
 divisibility hint, large ints are i64), by running Triton's own binder rather than a copy of its rules.
 figures() and sass() read the cubin with the cuobjdump that ships in Triton's wheel: registers, spills,
-shared memory, tensor-core instructions, load widths, asynchronous copies and the innermost loop's length.
+shared memory, tensor-core instructions, load widths, asynchronous copies, the innermost loop's length and the
+multiply-adds a warp issues. occupancy() says how many programs of such a kernel fit one sm_90 SM at once.
 
 Works on Triton 3.6 and 3.9; everything here runs on the CPU (Triton's compiler needs no driver).
 """
@@ -113,8 +114,11 @@ class KernelFigures:
     reports them. shared_memory_bytes: the dynamic shared memory the launch requests (Triton's
     metadata.shared; sm_90 reserves 1 KiB more per block). tensor_core: "wgmma" (HGMMA and kin), "mma.sync"
     (HMMA, DMMA, IMMA) or "none". async_copies: "cp.async" (LDGSTS), "tma" (UTMALDG), "tma_store"
-    (UTMASTG). The innermost loop is the largest loop that holds no other; loops counts every backward
-    branch's loop.
+    (UTMASTG); cp_async_widths: bits -> count of the LDGSTS instructions. The innermost loop is the largest
+    loop that holds no other (inner_loop_instructions is 0 for straight-line code); loops counts every
+    backward branch's loop. sass_instructions counts the whole listing, body_instructions the same without
+    the padding after the last EXIT (what a warp can run). products and inner_loop_products: multiply-adds
+    one warp issues in the whole listing and in one pass of the innermost loop (multiply_adds).
     """
 
     registers: int
@@ -134,6 +138,10 @@ class KernelFigures:
     inner_loop_imad_hi: int
     loops: int
     sass_instructions: int
+    cp_async_widths: dict
+    body_instructions: int
+    products: int
+    inner_loop_products: int
 
 
 def figures(compiled) -> KernelFigures:
@@ -177,6 +185,10 @@ def figures(compiled) -> KernelFigures:
         inner_loop_imad_hi=sum(op.startswith("IMAD.HI") for op in loop_opcodes),
         loops=len(loops(instructions)),
         sass_instructions=len(opcodes),
+        cp_async_widths=access_widths(opcodes, "LDGSTS"),
+        body_instructions=body_length(instructions),
+        products=sum(map(multiply_adds, opcodes)),
+        inner_loop_products=sum(map(multiply_adds, loop_opcodes)),
     )
 
 
@@ -252,7 +264,7 @@ def tensor_core(opcodes: list[str]) -> str:
 
 
 def access_widths(opcodes: list[str], name: str) -> dict[int, int]:
-    """bits -> count of the ``name`` instructions (LDG, STG, LDS, STS), e.g. LDG.E.128 is 128 bits."""
+    """bits -> count of the ``name`` instructions (LDG, STG, LDS, STS, LDGSTS), e.g. LDG.E.128 is 128 bits."""
     widths = Counter()
     for opcode in opcodes:
         base, *modifiers = opcode.split(".")
@@ -266,10 +278,16 @@ def loops(instructions: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     follows EXIT is padding, not a loop."""
     found = []
     for address, opcode, operands in instructions:
-        target = re.search(r"(0x[0-9a-f]+)\W*$", operands)  # the last operand: BRA 0x130, BRA.DIV UR4, 0x130
-        if opcode.split(".")[0] == "BRA" and target and int(target.group(1), 16) < address:
-            found.append((int(target.group(1), 16), address))
+        target = _branch_target(opcode, operands)
+        if target is not None and target < address:
+            found.append((target, address))
     return found
+
+
+def _branch_target(opcode: str, operands: str) -> int | None:
+    """A BRA's target address (its last operand: BRA 0x130, BRA.DIV UR4, 0x130); None for anything else."""
+    target = re.search(r"(0x[0-9a-f]+)\W*$", operands)
+    return int(target.group(1), 16) if opcode.split(".")[0] == "BRA" and target else None
 
 
 def innermost_loop(instructions: list[tuple[int, str, str]]) -> tuple[int, int] | None:
@@ -278,3 +296,105 @@ def innermost_loop(instructions: list[tuple[int, str, str]]) -> tuple[int, int] 
     innermost = [outer for outer in all_loops
                  if not any(inner != outer and outer[0] <= inner[0] and inner[1] <= outer[1] for inner in all_loops)]
     return max(innermost, key=lambda span: span[1] - span[0], default=None)
+
+
+def body_length(instructions: list[tuple[int, str, str]]) -> int:
+    """Instructions a warp can run: the listing without the padding after the last EXIT (the branch to itself
+    and the NOPs that align the end of the function)."""
+    end = len(instructions)
+    while end and (instructions[end - 1][1] == "NOP"
+                   or _branch_target(*instructions[end - 1][1:]) == instructions[end - 1][0]):
+        end -= 1
+    return end
+
+
+# multiply-adds one warp's issue of an instruction performs, by opcode: fp32 and fp64 FMA and multiply on the
+# CUDA cores, one a lane (HFMA2.MMA is left out: ptxas uses it as a move); tensor-core shapes are read from the
+# opcode: HMMA.16816 is m16 n8 k16 for the warp, HGMMA.64x64x16 is 64 x 64 x 16 for its warpgroup of 4 warps
+LANE_PRODUCTS = {"FFMA": 32, "FMUL": 32, "DFMA": 32, "DMUL": 32}
+WARP_MMA_SHAPE = re.compile(r"^(?:HMMA|DMMA)\.(16|8)(8)(\d+)\b")
+WARPGROUP_MMA_SHAPE = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\b")
+
+
+def multiply_adds(opcode: str) -> int:
+    """Multiply-adds (products) of one warp's issue of ``opcode``: 32 for FFMA, FMUL, DFMA, DMUL; m x n x k
+    for a warp MMA (HMMA.16816: 2048); m x n x k / 4 for a warpgroup MMA, whose 4 warps each issue it
+    (HGMMA.64x64x16: 16384); 0 for anything else."""
+    if opcode.split(".")[0] in LANE_PRODUCTS:
+        return LANE_PRODUCTS[opcode.split(".")[0]]
+    for shape, share in ((WARP_MMA_SHAPE, 1), (WARPGROUP_MMA_SHAPE, 4)):
+        match = shape.match(opcode)
+        if match:
+            m, n, k = (int(side) for side in match.groups())
+            return m * n * k // share
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- occupancy
+
+
+@dataclass(frozen=True)
+class SmLimits:
+    """What one SM holds at once (CUDA C++ Programming Guide, "Technical Specifications per Compute
+    Capability", 9.0: H100 and H200 alike). Registers are allocated per warp in units of register_unit,
+    in each of the sub_partitions (quarters) of the register file; shared memory per block in units of
+    shared_memory_unit, with reserved_shared_memory more per block for the system."""
+
+    registers: int = 64 * 1024
+    register_unit: int = 256
+    sub_partitions: int = 4
+    max_registers_per_thread: int = 255
+    shared_memory: int = 228 * 1024
+    shared_memory_per_block: int = 227 * 1024
+    reserved_shared_memory: int = 1024
+    shared_memory_unit: int = 128
+    blocks: int = 32
+    warps: int = 64
+
+
+SM90 = SmLimits()
+# a tie names the first: warps and blocks are the SM's own caps, which no smaller kernel would lift
+OCCUPANCY_LIMITS = ("warps", "blocks", "registers", "shared_memory")
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """Programs (blocks) of one kernel resident on one SM at once, what each resource allows, and the
+    resource that allows the fewest (``limiter``; 0 programs when one block does not fit at all)."""
+
+    programs_per_sm: int
+    limiter: str
+    by_registers: int
+    by_shared_memory: int
+    by_warps: int
+    by_blocks: int
+
+
+def occupancy(registers: int, num_warps: int, shared_memory_bytes: int, limits: SmLimits = SM90) -> Occupancy:
+    """Programs of ``num_warps`` warps using ``registers`` a thread and ``shared_memory_bytes`` of (dynamic)
+    shared memory that fit one SM, as CUDA's occupancy calculator counts them (cuda_occupancy.h,
+    cudaOccMaxBlocksPerSMRegsLimit and ...SmemLimit): a warp takes registers x 32 rounded up to 256; each
+    quarter of the register file holds whole warps; a block's registers, counted as if its warps were rounded
+    up to a multiple of 4, must fit 64K. A block takes its shared memory + 1 KiB reserved, rounded up to
+    128 bytes, of the SM's 228 KiB, and may ask for at most 227 KiB. Raises ValueError for a non-positive
+    warp count or more than 255 registers a thread."""
+    check(num_warps >= 1, f"num_warps={num_warps} must be >= 1")
+    check(0 <= registers <= limits.max_registers_per_thread,
+          f"registers={registers} is not a register count of sm_90 (at most {limits.max_registers_per_thread})")
+    per_warp = -(-max(registers, 1) * 32 // limits.register_unit) * limits.register_unit
+    assumed_warps = -(-num_warps // limits.sub_partitions) * limits.sub_partitions
+    if per_warp * assumed_warps > limits.registers:
+        by_registers = 0
+    else:
+        warps_per_quarter = limits.registers // limits.sub_partitions // per_warp
+        by_registers = warps_per_quarter * limits.sub_partitions // num_warps
+    if shared_memory_bytes > limits.shared_memory_per_block:
+        by_shared_memory = 0
+    else:
+        unit = limits.shared_memory_unit
+        per_block = -(-(shared_memory_bytes + limits.reserved_shared_memory) // unit) * unit
+        by_shared_memory = limits.shared_memory // per_block
+    allowed = {"warps": limits.warps // num_warps, "blocks": limits.blocks, "registers": by_registers,
+               "shared_memory": by_shared_memory}
+    limiter = min(OCCUPANCY_LIMITS, key=lambda name: allowed[name])  # min keeps the first of equals
+    return Occupancy(allowed[limiter], limiter, by_registers, by_shared_memory, allowed["warps"], limits.blocks)

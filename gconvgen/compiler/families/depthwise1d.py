@@ -17,6 +17,7 @@ SHORT_WINDOW_TAPS = 8  # kw up to which a height-1 depthwise conv runs as depthw
 # block_n >= 8 x num_warps every warp has channels of its own (Triton 3.6 asserts otherwise; 3.9 repeats work).
 LEAST_HALO_TILE = 4
 GATHER_CHANNELS_PER_WARP = 8
+VECTOR_BYTES = 16  # the widest global load
 
 
 def is_short_window(spec: ConvSpec) -> bool:
@@ -40,10 +41,30 @@ def window_halo(spec: ConvSpec) -> tuple[int, int]:
     return (left, max(0, (spec.kernel_size[1] - 1) * spec.dilation[1] - left - stride + 1))
 
 
-def _warps(block_n: int) -> int:
+def halo_tile(spec: ConvSpec, block_n: int, num_warps: int) -> int:
+    """The side of a halo tile (0 without a halo): a power of two >= the halo and LEAST_HALO_TILE. For a
+    height-1 window (conv1d, one kernel row) also large enough that each thread's share of a
+    [halo_tile, block_n] tile is one 16-byte vector (Triton gives a load at most elements / threads per
+    thread), along the width in NCHW, where a vector lies along the positions: the positions past the halo
+    cost a few requested bytes (the neighbour's tile, in L2), far fewer instructions than scalar loads. A
+    2-D window reads kernel_h rows a program, where a wider halo would add its bytes kernel_h times."""
+    halo = max(window_halo(spec))
+    if not halo:
+        return 0
+    least = LEAST_HALO_TILE
+    if spec.kernel_size[0] == 1:
+        vector = VECTOR_BYTES // ELEMENT_BYTES[spec.dtype]
+        least = max(least, cdiv(vector * 32 * num_warps, block_n), vector if spec.layout == "nchw" else 1)
+    return pow2_between(halo, least, 1 << 30)
+
+
+def _warps(spec: ConvSpec, block_n: int) -> int:
     """sm_90 makes each tap's tl.gather warp-local: 8 lanes across channels, warps side by side along them,
-    so a channel tile under 8 x num_warps would repeat work: one warp per 8 channels, at most 4."""
-    return max(1, min(4, block_n // 8))
+    so a channel tile under 8 x num_warps would repeat work: one warp per 8 channels, but for a height-1
+    window in NCHW one per 32, so that a [halo_tile, block_n] halo tile still gives each thread a whole
+    vector along the width (halo_tile); at most 4."""
+    one_row_nchw = spec.kernel_size[0] == 1 and spec.layout == "nchw"
+    return max(1, min(4, block_n // (32 if one_row_nchw else GATHER_CHANNELS_PER_WARP)))
 
 
 class Depthwise1d(Family):
@@ -60,16 +81,23 @@ class Depthwise1d(Family):
         return 2 if is_wide_window(spec) else 0
 
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
-        """(output positions of one row, channels): 16 outputs a thread, no spills."""
+        """(output positions of one row, channels): 16 outputs a thread (_warps), and for a height-1 window a
+        main tile of at least 4 halo tiles per halo side, so the halo adds at most a quarter to the input read
+        (requested bytes within 1.2x of the ideal) while every halo load is a whole 16-byte vector
+        (halo_tile); no spills."""
         channels = spec.out_channels
         if interpret:
             return KernelConfig(256, pow2_between(channels, 8, 64), 0, num_warps=1, num_stages=1)
         block_n = pow2_between(channels, 8, 128 if spec.layout == "nhwc" else 64)
-        warps = _warps(block_n)
-        return KernelConfig(max(8, 512 * warps // block_n), block_n, 0, num_warps=warps, num_stages=1)
+        warps = _warps(spec, block_n)
+        sides = sum(1 for side in window_halo(spec) if side)
+        block_m = max(8, 512 * warps // block_n)
+        if spec.kernel_size[0] == 1:
+            block_m = max(block_m, 4 * sides * halo_tile(spec, block_n, warps))
+        return KernelConfig(block_m, block_n, 0, num_warps=warps, num_stages=1)
 
     def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
-        return KernelConfig(config.block_m, config.block_n, config.block_k, num_warps=_warps(config.block_n),
+        return KernelConfig(config.block_m, config.block_n, config.block_k, num_warps=_warps(spec, config.block_n),
                             num_stages=config.num_stages)
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
@@ -81,16 +109,15 @@ class Depthwise1d(Family):
         return True
 
     def halo(self, spec: ConvSpec, config: KernelConfig) -> tuple[tuple[int, int], int]:
-        """The main tile's halo (window_halo), loaded as tiles of halo_tile positions masked to the ones read;
-        the channel tile must give each warp 8 channels (GATHER_CHANNELS_PER_WARP)."""
-        halo = window_halo(spec)
+        """The main tile's halo (window_halo), loaded as whole tiles of halo_tile positions; the channel tile
+        must give each warp 8 channels (GATHER_CHANNELS_PER_WARP)."""
         check(config.block_n >= GATHER_CHANNELS_PER_WARP * config.num_warps,
               f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: "
               f"its gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
-        return halo, pow2_between(max(halo), LEAST_HALO_TILE, 1 << 30) if max(halo) else 0
+        return window_halo(spec), halo_tile(spec, config.block_n, config.num_warps)
 
     def requested(self, desc, problem, programs: int, arguments: dict):
-        """Its input window once (main tile and the halo positions read), k weight rows."""
+        """Its input window once (main tile and whole halo tiles), k weight rows."""
         spec, config = problem.spec, desc.config
-        window = config.block_m * spec.stride[1] + sum(desc.halo)
+        window = config.block_m * spec.stride[1] + sum(desc.halo_tile for side in desc.halo if side)
         return programs * (window * config.block_n + self.taps(spec) * config.block_n) * ELEMENT_BYTES[spec.dtype], None

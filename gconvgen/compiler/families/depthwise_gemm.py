@@ -12,14 +12,20 @@ from .base import Family
 from .igemm import DOT_SIDES
 
 WIDE_DEPTHWISE_TAPS = 49  # kh * kw from which half-precision depthwise runs on tensor cores by default
+ROW_TAPS = 4  # a height-1 window past this many taps runs on tensor cores in half precision
 
 
 def is_wide_window(spec: ConvSpec) -> bool:
     """Direct costs 2 * kh * kw flop per output element against about 4 bytes moved in half precision, so
     from kh * kw = 49 (k7) it is bound by the CUDA cores' FMA rate rather than by memory, and the banded
     form is the default for float16 and bfloat16 (in float32 and float64 a dot is no faster than FMAs, so
-    the band's waste would only cost)."""
-    return spec.kernel_size[0] * spec.kernel_size[1] >= WIDE_DEPTHWISE_TAPS and spec.dtype in ("float16", "bfloat16")
+    the band's waste would only cost). A height-1 window (conv1d) goes there past ROW_TAPS: depthwise1d
+    forms each tap with gathers, about 32 sm_90 instructions an output at k4 but about 130 at k8, where a
+    copy's pace allows about 27, while the band's rows are strips along the length (a few wasted FLOPs a
+    tap, on tensor cores)."""
+    kernel_h, kernel_w = spec.kernel_size
+    return spec.dtype in ("float16", "bfloat16") and (kernel_h * kernel_w >= WIDE_DEPTHWISE_TAPS
+                                                       or (kernel_h == 1 and kernel_w > ROW_TAPS))
 
 
 def band_dot(spec: ConvSpec) -> str:
@@ -62,13 +68,14 @@ class DepthwiseGemm(Family):
         """(output rows, channels, column strip); accumulators: block_n x block_m x block_k."""
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 16), 16, num_stages=1)
+        strip = 16 if spec.kernel_size[1] <= 16 else 32  # a band of two 16-column strips covers k <= 17
         if band_dot(spec) == "rows":  # one channel's 2-D dot: 128 rows on 8 warps (wgmma, no spills at k7 and k31)
-            config = KernelConfig(128, 1, 32, num_warps=8, num_stages=3)
+            config = KernelConfig(128, 1, strip, num_warps=8, num_stages=3)
             while config.num_stages > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
                 config = replace(config, num_stages=config.num_stages - 1)  # float64 tiles are larger
             return config
         # channels_last: 8 channels for 16-byte loads; 8 warps hold the batched dot without spilling at k7 and k31
-        config = KernelConfig(32, pow2_between(spec.out_channels, 1, 8), 32, num_warps=8)
+        config = KernelConfig(32, pow2_between(spec.out_channels, 1, 8), strip, num_warps=8)
         while config.block_n > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
         return config
@@ -80,7 +87,8 @@ class DepthwiseGemm(Family):
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
-        return (cdiv(pixels.rows, config.block_m), cdiv(pixels.width, config.block_k),
+        """(tiles of BLOCK_M strips of BLOCK_K output columns over every output row, 1, channel tiles)."""
+        return (cdiv(pixels.rows * cdiv(pixels.width, config.block_k), config.block_m), 1,
                 cdiv(spec.out_channels, config.block_n))
 
     def weight_layout(self, kind: str, weight_memory: str) -> str:
@@ -105,7 +113,11 @@ class DepthwiseGemm(Family):
         return band_operand_bytes(config, spec)
 
     def requested(self, desc, problem, programs: int, arguments: dict):
+        """Each band step's input tile and band matrix, per channel, plus the runtime's write of the band
+        matrices (runtime/weights.py band_copy: C_out x kernel_h x steps x block_k x block_k) before the launch."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
-        steps = programs * spec.kernel_size[0] * band_steps(spec, k, desc.band_shift)
-        return steps * n * (m * k + k * k) * ELEMENT_BYTES[spec.dtype], steps * n * 2 * m * k * k
+        per_row = band_steps(spec, k, desc.band_shift)
+        steps = programs * spec.kernel_size[0] * per_row
+        band_write = spec.out_channels * spec.kernel_size[0] * per_row * k * k
+        return (steps * n * (m * k + k * k) + band_write) * ELEMENT_BYTES[spec.dtype], steps * n * 2 * m * k * k

@@ -1,0 +1,50 @@
+"""Static figures of the sequence suite's forward kernels (tuning/suites/sequence.json: Mamba's causal k4 and
+causal depthwise conv1d of widths 2 to 256), compiled for sm_90 with Triton's real compiler on this CPU
+machine as a launch would specialise them (gconvgen.tools.inspection). Not timings: what the issue on
+sequence models asks of the kernels' shape, read from the compiler's own output."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from test_sm90_compile import _compiler_env
+
+SCRIPT = textwrap.dedent("""
+    import json
+    from gconvgen.autotune import suites
+    from gconvgen.tools.inspection import inspect_problem
+    rows = []
+    for layer in suites.load_suite("sequence").layers:
+        for layout in ("nchw", "nhwc"):
+            row = inspect_problem(layer.problem("bfloat16", layout))
+            rows.append({"id": layer.id, "layout": layout, "family": row.family, "taps": layer.kernel,
+                         "bias": layer.bias, "spill": row.figures.spill_bytes,
+                         "loads": {str(k): v for k, v in row.figures.global_load_widths.items()},
+                         "tensor_core": row.figures.tensor_core, "bytes": row.requested_over_ideal_bytes,
+                         "flops": row.issued_over_useful_flops})
+    print(json.dumps(rows))
+""")
+
+
+def test_sequence_suite_forward_kernels_at_memory_speed_shape():
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=_compiler_env(),
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 16
+    for row in rows:
+        assert row["spill"] == 0, row
+        if row["id"] == "mamba-k4-prompt1":  # one token: the weight is most of the bytes, nothing to tile
+            continue
+        if row["family"] == "depthwise1d":
+            # one read of x (its halo in whole 16-byte vectors), one write of y: within 1.2x of the ideal
+            assert row["bytes"] <= 1.2, row
+            # the only 16-bit loads are a tap's weight and the bias, one each; x's main tile and halo are vectors
+            assert row["loads"].get("16", 0) <= row["taps"] + row["bias"], row
+            assert row["loads"].get("128", 0) >= 2, row
+        else:  # widths past 4: strips of the length on tensor cores, a few wasted FLOPs a tap
+            assert row["family"] == "depthwise_gemm" and row["taps"] > 4, row
+            assert row["tensor_core"] in ("wgmma", "mma.sync"), row
+            assert row["flops"] <= 4.0, row

@@ -23,6 +23,13 @@ def packed_channels(spec: ConvSpec, kind: str) -> int:
     return spec.in_channels_per_group if kind == "grad_input" else spec.out_channels_per_group
 
 
+def _uneven(channels: int) -> bool:
+    """Groups of a channel count that is not a power of two (RegNetY's 24 and 56) leave part of every channel
+    step masked, and the masked tiles' per-element indices spill at 255 registers on 4 warps in sm_90's
+    allocation (RegNetY-1.6GF stage 4: 64 B forward and grad-input, 44 B grad-weight); 8 warps hold them."""
+    return channels & (channels - 1) != 0
+
+
 class Igemm(Family):
     name = "igemm"
     templates = {"forward": "grouped_igemm.py.jinja", "grad_input": "grouped_igemm_grad_input.py.jinja",
@@ -44,6 +51,7 @@ class Igemm(Family):
             taps = self.taps(spec)
             return KernelConfig(pow2_between(spec.out_channels_per_group, 16, 64),
                                 pow2_between(spec.in_channels_per_group * taps, 16, 64), 256 if interpret else 64,
+                                num_warps=8 if _uneven(spec.out_channels_per_group) and not interpret else 4,
                                 num_stages=stages)
         channels = pow2_between(packed_channels(spec, kind), 16, 128)
         return self._config(spec, kind, 256 if interpret else 128, channels, interpret=interpret)
@@ -57,7 +65,8 @@ class Igemm(Family):
         tile = KernelConfig(block_m, block_n, 16, num_stages=1 if interpret else 3)
         packed = self.groups_per_program(spec, tile, kind)
         wide_store = spec.layout != "nhwc" and block_m * block_n >= 128 * 64 and not interpret
-        warps = min(8 if wide_store else 4, max(1, block_m * block_n // _ACCUMULATOR_ELEMENTS_PER_WARP))
+        warps = min(8 if wide_store or (_uneven(reduced) and not interpret) else 4,
+                    max(1, block_m * block_n // _ACCUMULATOR_ELEMENTS_PER_WARP))
         return replace(tile, block_k=pow2_between(packed * reduced, 16, 64 if interpret else 32), num_warps=warps)
 
     def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:

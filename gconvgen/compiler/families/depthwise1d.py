@@ -41,13 +41,14 @@ def window_halo(spec: ConvSpec) -> tuple[int, int]:
     return (left, max(0, (spec.kernel_size[1] - 1) * spec.dilation[1] - left - stride + 1))
 
 
-def halo_tile(spec: ConvSpec, block_n: int, num_warps: int) -> int:
+def halo_tile(spec: ConvSpec, block_n: int, num_warps: int, block_m: int = 1 << 30) -> int:
     """The side of a halo tile (0 without a halo): a power of two >= the halo and LEAST_HALO_TILE. For a
     height-1 window (conv1d, one kernel row) also large enough that each thread's share of a
     [halo_tile, block_n] tile is one 16-byte vector (Triton gives a load at most elements / threads per
     thread), along the width in NCHW, where a vector lies along the positions: the positions past the halo
     cost a few requested bytes (the neighbour's tile, in L2), far fewer instructions than scalar loads. A
-    2-D window reads kernel_h rows a program, where a wider halo would add its bytes kernel_h times."""
+    2-D window reads kernel_h rows a program, where a wider halo would add its bytes kernel_h times. Never
+    past the main tile's BLOCK_M x stride positions (a tile shrunk for a one-token prompt), unless the halo is."""
     halo = max(window_halo(spec))
     if not halo:
         return 0
@@ -55,6 +56,7 @@ def halo_tile(spec: ConvSpec, block_n: int, num_warps: int) -> int:
     if spec.kernel_size[0] == 1:
         vector = VECTOR_BYTES // ELEMENT_BYTES[spec.dtype]
         least = max(least, cdiv(vector * 32 * num_warps, block_n), vector if spec.layout == "nchw" else 1)
+        least = max(LEAST_HALO_TILE, min(least, block_m * spec.stride[1]))
     return pow2_between(halo, least, 1 << 30)
 
 
@@ -114,7 +116,7 @@ class Depthwise1d(Family):
         check(config.block_n >= GATHER_CHANNELS_PER_WARP * config.num_warps,
               f"block_n={config.block_n} with num_warps={config.num_warps} is not legal for the depthwise1d family: "
               f"its gathers need block_n >= {GATHER_CHANNELS_PER_WARP} x num_warps")
-        return window_halo(spec), halo_tile(spec, config.block_n, config.num_warps)
+        return window_halo(spec), halo_tile(spec, config.block_n, config.num_warps, config.block_m)
 
     def requested(self, desc, problem, programs: int, arguments: dict):
         """Its input window once (main tile and whole halo tiles), k weight rows."""

@@ -101,7 +101,7 @@ class KernelDesc:
     input_precision: str        # tl.dot's: "tf32" or "ieee"
     accumulator: str            # tl.float32, or tl.float64 for float64
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
-    halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4, >= 16 bytes in NCHW); else 0
+    halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4; families.depthwise1d.halo_tile); else 0
     row_alignment: int          # depthwise1d, banded rows: what each row's and channel's first element is a multiple of
     weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi, band or strided
     band_dot: str               # depthwise_gemm: "rows" (a 2-D dot per channel) or "channels" (batched); else "none"

@@ -23,6 +23,7 @@ import triton
 from ..compiler import codegen
 from ..nn.conv2d import conv2d
 from .. import knobs
+from .inspection import geometric_mean
 from ..autotune.choice import choice_for
 from ..autotune.database import choice_of, database, key_of
 from ..autotune.space import Problem, config_name, device_facts
@@ -188,11 +189,6 @@ def _percent_of_floor(floor_ms: Optional[float], measured: Measurement) -> Optio
     return 100 * floor_ms / measured.ms if measured.resolved and floor_ms is not None else None
 
 
-def geomean(values: list[float]) -> float:
-    """The geometric mean (nan for an empty list)."""
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
-
-
 def summary(rows: list[BenchRow]) -> dict:
     """Geometric means of speedup and % of floor per layout and over all rows, and the worst speedup, over
     the rows whose times were resolved (None where there are none); ``layers`` counts all rows,
@@ -202,7 +198,7 @@ def summary(rows: list[BenchRow]) -> dict:
 
     def mean(values: list[Optional[float]]) -> Optional[float]:
         known = [value for value in values if value is not None]
-        return geomean(known) if known else None
+        return geometric_mean(known)
 
     return {name: {"speedup": mean([r.speedup for r in group]),
                    "kernel_speedup": mean([r.kernel_speedup for r in group]),

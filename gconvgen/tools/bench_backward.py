@@ -20,6 +20,7 @@ from ..ir import ConvSpec, check
 from ..ops import backward as _backward  # noqa: F401  (gconvgen::conv2d's autograd formula, differentiated here)
 from ..runtime.fallback import aten_conv2d
 from ..runtime.device import TORCH_DTYPES
+from .inspection import geometric_mean
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def format_table(timings: Sequence[BackwardTiming]) -> str:
     if not speedups:
         lines.append("geometric-mean speedup: n/a (the clock resolved no layer's times)")
         return "\n".join(lines)
-    geomean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+    geomean = geometric_mean(speedups)
     lines.append(f"geometric-mean speedup: {geomean:.3g}x over {len(speedups)} of {len(timings)} layer(s), "
                  f"slowest layer {min(speedups):.3g}x")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from ..autotune.database import database, key_of
 from ..autotune.space import Problem, config_name
 from ..ir import check
 from ..compiler.lowering import DEFAULT, ELEMENT_BYTES, H200_SMS, KernelDesc, family
+from ..compiler.tiles import cdiv
 from ..runtime import launch
 from . import sass
 from ..runtime.device import TORCH_DTYPES
@@ -277,7 +278,7 @@ def model_kernel(figures: sass.KernelFigures, fits: sass.Occupancy, problem: Pro
         notes.append("issue: a loop without multiply-adds, counted once")
     warp_instructions = figures.body_instructions - loop + loop * trips
 
-    busiest = -(-programs // H200_SMS)
+    busiest = cdiv(programs, H200_SMS)
     resident = min(busiest, fits.programs_per_sm)
     busy = min(SCHEDULERS_PER_SM, resident * warps)
     floor = floor_seconds(problem)

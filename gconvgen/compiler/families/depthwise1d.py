@@ -11,7 +11,8 @@ from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv, pow2_between
 from .base import Family
 from .depthwise_gemm import is_wide_window
 
-SHORT_WINDOW_TAPS = 8  # kw up to which a height-1 depthwise conv runs as depthwise1d by default
+SHORT_WINDOW_TAPS = 8  # kw up to which a height-1 depthwise conv runs as depthwise1d (in half precision past
+# depthwise_gemm.ROW_TAPS the banded kernel is the default)
 # A halo tile's least side. Triton gives each tl.gather a warp-local layout with min(side, 32) lanes along the
 # positions and the rest across channels; from 4 positions a warp spans at most 8 channels, so with
 # block_n >= 8 x num_warps every warp has channels of its own (Triton 3.6 asserts otherwise; 3.9 repeats work).

@@ -82,9 +82,9 @@ def _usable(key: str, choice: Choice, spec: ConvSpec, kind: str, padding_budget:
     elif kind == "grad_input":
         offered = grad_input_offers(spec, padding_budget)
     else:
-        offered = ((conv_plan.backward_family, False),)
-    # a record naming no family asks for the planner's default forward family, or the direct backward kernel
-    family = choice.family or (offered[0][0] if kind == "forward" else conv_plan.backward_family)
+        offered = tuple((family, False) for family in conv_plan.grad_weight_families)
+    # a record naming no family asks for the planner's default family, or the direct grad-input kernel
+    family = choice.family or (conv_plan.backward_family if kind == "grad_input" else offered[0][0])
     try:
         if (family, choice.transposed) not in offered:
             what = "the transposed conv's forward" if choice.transposed else "this conv"

@@ -43,7 +43,7 @@ def key_of(problem: Problem, target: str, allow_tf32: bool) -> str:
     - the device: ``target`` is the GPU's name and compute capability (or 'interpreter');
     - which kernel: the forward conv, or the backward kernel grad_input / grad_weight;
     - the Triton version, and the template sources of every kernel tuning compared (what the planner offers
-      for that kernel: plan.families, plan.grad_input_offers, the backward family): they decide the
+      for that kernel: plan.families, plan.grad_input_offers, plan.grad_weight_families): they decide the
       generated code, and which kernel wins;
     - the dtype, and for float32 whether TF32 is allowed (a different tl.dot);
     - the conv (``ConvSpec.name``: channels, groups, kernel, stride, padding, dilation, layout, dtype, bias),
@@ -61,7 +61,7 @@ def key_of(problem: Problem, target: str, allow_tf32: bool) -> str:
     elif kind == "grad_input":
         offered = [("forward" if transposed else kind, family) for family, transposed in grad_input_offers(spec, budget)]
     else:
-        offered = [(kind, conv_plan.backward_family)]
+        offered = [(kind, family) for family in conv_plan.grad_weight_families]
     templates = tuple(TEMPLATES[each] for each in offered)
     tf32 = ["tf32"] if allow_tf32 and spec.dtype == "float32" else []
     parts = [target, f"triton {triton.__version__}", f"t={codegen.templates_hash(templates)[:12]}",

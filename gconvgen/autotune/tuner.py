@@ -160,7 +160,8 @@ def _search_spaces(problem: Problem) -> list[tuple[str, str, Problem, bool]]:
     """(family, search space name, the problem its configs are for, transposed) of every kernel tuning
     ``problem`` searches, the one an untuned call runs first: every forward family the planner offers; for
     grad-input, the direct kernel (space ``grad_input_<family>``) and, where the conv is its own transpose,
-    each forward family of the transposed conv (plan.grad_input_offers); for grad-weight, the one family."""
+    each forward family of the transposed conv (plan.grad_input_offers); for grad-weight, each family with a
+    grad-weight kernel (plan.grad_weight_families, space ``grad_weight_<family>``)."""
     budget = knobs.padding_budget()
     spec = problem.spec
     if problem.kind == "forward":
@@ -170,8 +171,7 @@ def _search_spaces(problem: Problem) -> list[tuple[str, str, Problem, bool]]:
         forward = None if transposed is None else Problem(transposed, problem.batch, *problem.output_size)
         return [(family, family, forward, True) if is_transposed else (family, f"grad_input_{family}", problem, False)
                 for family, is_transposed in grad_input_offers(spec, budget)]
-    family = planned(spec, budget).backward_family
-    return [(family, f"{problem.kind}_{family}", problem, False)]
+    return [(family, f"{problem.kind}_{family}", problem, False) for family in planned(spec, budget).grad_weight_families]
 
 
 def families_of(problem: Problem, facts: DeviceFacts) -> list[Family]:

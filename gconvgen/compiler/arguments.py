@@ -61,8 +61,9 @@ _OUT_HW = (("out_height", 2), ("out_width", 3))
 _X = Operand("x", "x_ptr", "input [batch, in_channels, height, width]", _BATCH_HW, "x", "nchw")
 _WEIGHT = Operand("weight", "w_ptr", "weight [out_channels, in_channels_per_group, kernel_h, kernel_w]", (), "w",
                   "ochw")
-_SPLITS = (("pixels", "output pixels summed: batch x out_height x out_width"),
-           ("pixels_per_split", "split s sums output pixels [s * pixels_per_split, (s + 1) * pixels_per_split)"))
+_SPLITS = (("pixels", "units summed: output pixels (batch x out_height x out_width), or the banded grad-weight's "
+                      "strips of BLOCK_K output columns (Family.reduction_units)"),
+           ("pixels_per_split", "split s sums units [s * pixels_per_split, (s + 1) * pixels_per_split)"))
 
 TABLES = {
     "forward": ArgumentTable("forward", (

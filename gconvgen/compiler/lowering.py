@@ -157,8 +157,12 @@ class KernelDesc:
 
     @property
     def reduction_block(self) -> int:
-        """Pixels a split reduction (grad_weight, grad_bias) sums per step: a split's range is a multiple."""
+        """Units a split reduction (grad_weight, grad_bias) sums per step: a split's range is a multiple."""
         return family(self.family).reduction_block(self.config)
+
+    def reduction_units(self, pixels: PixelSpace) -> int:
+        """What a split reduction over ``pixels`` sums: output pixels, or the banded grad-weight's strips."""
+        return family(self.family).reduction_units(self.config, pixels)
 
 
 # ---------------------------------------------------------------------------------------------- lowering passes
@@ -183,14 +187,16 @@ class Context:
 
 
 def choose_family(fields: dict, ctx: Context) -> None:
-    """Forward: the tuned family, else the planner's default; backward: the plan's backward family."""
+    """Forward and grad-weight: the tuned family, else the planner's default; grad-input: the plan's backward
+    family (its transposed route is a forward launch)."""
     if ctx.kind == "grad_bias":
         fields.update(family=GRAD_BIAS_FAMILY, template=TEMPLATES["grad_bias", GRAD_BIAS_FAMILY], spec=None)
         return
     conv_plan = ctx.plan
-    family = conv_plan.backward_family if ctx.kind != "forward" else (ctx.choice.family or conv_plan.family)
-    check(ctx.kind != "forward" or family in conv_plan.families,
-          f"family={family!r} cannot compute {conv_plan.spec}; use one of {conv_plan.families}")
+    offered = {"forward": conv_plan.families, "grad_weight": conv_plan.grad_weight_families}.get(ctx.kind)
+    family = conv_plan.backward_family if offered is None else (ctx.choice.family or offered[0])
+    check(offered is None or family in offered,
+          f"family={family!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; use one of {offered}")
     fields.update(family=family, template=TEMPLATES[ctx.kind, family], spec=conv_plan.spec)
 
 
@@ -249,7 +255,7 @@ def choose_halo(fields: dict, ctx: Context) -> None:
     """depthwise1d reads each program's input window once: its main tile and the halo positions (window_halo),
     loaded as whole tiles of halo_tile positions (vectors along an NCHW width); its channel tile gives each warp 8
     channels (GATHER_CHANNELS_PER_WARP)."""
-    halo, halo_tile = family(fields["family"]).halo(fields["spec"], fields["config"])
+    halo, halo_tile = family(fields["family"]).halo(fields["spec"], fields["config"], ctx.kind, fields["band_shift"])
     fields.update(halo=halo, halo_tile=halo_tile)
 def choose_weight_layout(fields: dict, ctx: Context) -> None:
     """The direct depthwise kernels (forward, grad-input) read a row of output channels per tap: hwio memory

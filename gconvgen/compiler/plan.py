@@ -13,7 +13,7 @@ from typing import Callable
 import networkx as nx
 
 from .. import knobs
-from .families import backward_family, forward_families
+from .families import backward_family, forward_families, grad_weight_families
 from ..ir import ConvSpec, check, fail
 from ..memo import memoized
 
@@ -103,11 +103,14 @@ def select_kernel_family(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> No
     kernel of fp32 FMAs (depthwise), or a banded matrix product on tensor cores (depthwise_gemm, the default
     for wide half-precision windows), or for short windows along the width a kernel that reads each input
     row's window once (depthwise1d, the default for height-1 windows and NCHW 2-D windows unless the banded
-    form is). The tuner times every family offered; the backward kernels are the family that declares them.
+    form is). The tuner times every family offered. The grad-input kernel is the backward family's (or a
+    forward kernel of the transposed conv); the grad-weight kernel is any family's that declares one
+    (Family.grad_weight_rank: the banded one on tensor cores first in half precision, the direct one else).
     """
     conv = graph.nodes[CONV]
     families = forward_families(spec)
-    conv.update(family=families[0], families=families, backward_family=backward_family(spec))
+    conv.update(family=families[0], families=families, backward_family=backward_family(spec),
+                grad_weight_families=grad_weight_families(spec))
 
 
 def lower_padding_to_masks(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
@@ -162,6 +165,11 @@ class Plan:
     def backward_family(self) -> str:
         """The family of the backward kernels: 'igemm' or 'depthwise'."""
         return self.lowered.nodes[CONV]["backward_family"]
+
+    @property
+    def grad_weight_families(self) -> tuple[str, ...]:
+        """Every family whose grad-weight kernel computes this conv, the default first: what the tuner times."""
+        return self.lowered.nodes[CONV]["grad_weight_families"]
 
     @property
     def padding_overhead(self) -> float:

@@ -341,11 +341,13 @@ def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tens
     batch, _, height, width = x.shape
     out_height, out_width = grad_output.shape[2], grad_output.shape[3]
     space = PixelSpace.of("grad_weight", batch, height, width, out_height, out_width)
-    pixels = space.pixels
-    if pixels == 0:
+    if space.pixels == 0:
         return None
-    desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, space, target=target)
+    desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, space, target=target,
+                    alignment=row_alignment(spec.dtype, _aligned_row_values(x, spec.layout)
+                                            + _aligned_row_values(grad_output, spec.layout)))
     x, grad_output = staged(x, desc), staged(grad_output, desc)
+    pixels = desc.reduction_units(space)
     tiles = desc.grid(space)[:-1]
     splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, math.prod(tiles),
                                             target_programs(x.device), splits)

@@ -92,7 +92,7 @@ def prepared_launch(problem: Problem, tuned_target: str = DEFAULT_TUNED_TARGET) 
     if problem.kind == "grad_input":
         return launch.prepare_grad_input(spec, t["out"], t["weight"], t["grad_x"], choice, INSPECT_TARGET)
     first = launch.prepare_grad_weight(spec, t["x"], t["out"], t["grad_w"], choice, 1, INSPECT_TARGET)
-    pixels = problem.output_pixels
+    pixels = first.arguments()["pixels"]
     tiles = math.prod(first.grid[:-1])
     splits, _ = launch.split_pixels(pixels, first.desc.reduction_block, tiles, 4 * H200_SMS)
     return launch.prepare_grad_weight(spec, t["x"], t["out"], t["grad_w"], choice, splits, INSPECT_TARGET)

@@ -48,6 +48,13 @@ def forward_families(spec: ConvSpec) -> tuple[str, ...]:
     return tuple(name for _, _, name in sorted(ranked))
 
 
+def grad_weight_families(spec: ConvSpec) -> tuple[str, ...]:
+    """The families whose grad-weight kernel computes ``spec``, the default first (Family.grad_weight_rank)."""
+    ranked = [(rank, index, name) for index, (name, candidate) in enumerate(FAMILIES.items())
+              if (rank := candidate.grad_weight_rank(spec)) is not None and "grad_weight" in candidate.templates]
+    return tuple(name for _, _, name in sorted(ranked))
+
+
 def backward_family(spec: ConvSpec) -> str:
     """The family whose gradient kernels compute ``spec``'s input and weight gradients."""
     return next(name for name, candidate in FAMILIES.items() if candidate.computes_backward(spec))
@@ -76,8 +83,12 @@ def default_config(spec: Optional[ConvSpec], family_name: str, kind: str, *, int
     blocks are large and grids small. On a GPU, a forward or grad-input tile chosen from the spec shrinks
     until its grid over ``pixels`` fills the device (filled); the reductions (grad-weight, grad-bias) split
     their pixels to fill it instead (runtime/launch.py split_pixels)."""
-    config = family(family_name).default_config(spec, kind, interpret=interpret)
-    if interpret or pixels is None or kind not in ("forward", "grad_input"):
+    owner = family(family_name)
+    config = owner.default_config(spec, kind, interpret=interpret)
+    if interpret or pixels is None:
+        return config
+    config = owner.fitted(config, spec, kind, pixels)
+    if kind not in ("forward", "grad_input"):
         return config
     return filled(config, spec, family_name, kind, pixels)
 

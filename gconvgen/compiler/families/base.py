@@ -29,9 +29,18 @@ class Family:
         """Whether this family's grad-input and grad-weight kernels are the ones for ``spec``."""
         return False
 
+    def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
+        """None when this family has no grad-weight kernel for ``spec``; else its place among those that do
+        (0 first: the default). The backward family's kernel ranks 1."""
+        return 1 if self.computes_backward(spec) else None
+
     # ------------------------------------------------------------------ tiles and grid
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         raise NotImplementedError(f"the {self.name} family has no default config")
+
+    def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
+        """A default tile fitted to the launch's ``pixels`` before it is filled (families.default_config)."""
+        return config
 
     def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
         """A default tile after one of its sides was halved to fill the device: what else follows the tile."""
@@ -51,8 +60,12 @@ class Family:
         return (cdiv(pixels.pixels, config.block_m), cdiv(channels, config.block_n))
 
     def reduction_block(self, config: KernelConfig) -> int:
-        """Pixels a split reduction (grad_weight, grad_bias) sums per step: a split's range is a multiple."""
+        """Units a split reduction (grad_weight, grad_bias) sums per step: a split's range is a multiple."""
         return config.block_m
+
+    def reduction_units(self, config: KernelConfig, pixels: PixelSpace) -> int:
+        """What a split reduction sums over (the kernel's ``pixels`` argument): output pixels."""
+        return pixels.pixels
 
     # ------------------------------------------------------------------ lowering decisions
     def stages_channels_last(self, layout: str) -> bool:
@@ -80,7 +93,8 @@ class Family:
     def tap_tile(self, spec: ConvSpec, kind: str) -> int:
         return 0
 
-    def halo(self, spec: ConvSpec, config: KernelConfig) -> tuple[tuple[int, int], int]:
+    def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
+             band_shift: int = 0) -> tuple[tuple[int, int], int]:
         """(positions read before and after the main tile, the side of the tiles holding them)."""
         return (0, 0), 0
 

@@ -111,7 +111,8 @@ class Depthwise1d(Family):
     def reads_aligned_rows(self, spec: ConvSpec, band_dot: str) -> bool:
         return True
 
-    def halo(self, spec: ConvSpec, config: KernelConfig) -> tuple[tuple[int, int], int]:
+    def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
+             band_shift: int = 0) -> tuple[tuple[int, int], int]:
         """The main tile's halo (window_halo), loaded as whole tiles of halo_tile positions; the channel tile
         must give each warp 8 channels (GATHER_CHANNELS_PER_WARP)."""
         check(config.block_n >= GATHER_CHANNELS_PER_WARP * config.num_warps,

@@ -1,6 +1,8 @@
 """The banded depthwise family (templates/depthwise_gemm.py.jinja): a depthwise conv as a product of input
 rows with Toeplitz band matrices written out from the weight per launch (runtime/weights.py), on tensor cores;
-it wastes the band's zeros but outruns FMAs once the window is wide."""
+it wastes the band's zeros but outruns FMAs once the window is wide. Its weight gradient
+(depthwise_gemm_grad_weight.py.jinja) reads the band the other way: grad_out strips times input bands, on
+tensor cores, summed along the diagonals that are the taps."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -13,6 +15,7 @@ from .igemm import DOT_SIDES
 
 WIDE_DEPTHWISE_TAPS = 49  # kh * kw from which half-precision depthwise runs on tensor cores by default
 ROW_TAPS = 4  # a height-1 window past this many taps runs on tensor cores in half precision
+KERNEL_ROWS_AT_ONCE = 4  # grad-weight: kernel rows whose sums a program holds at once, at most
 
 
 def is_wide_window(spec: ConvSpec) -> bool:
@@ -53,9 +56,23 @@ def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
     return -(-(band_shift + (block_k - 1) * spec.stride[1] + window_width) // block_k)
 
 
+def kernel_rows_at_once(spec: ConvSpec) -> int:
+    """The kernel rows a grad-weight pass holds (KernelDesc.tap_tile): every row up to KERNEL_ROWS_AT_ONCE, so
+    one grad_out tile serves them all; past that the rows split into even passes (k5: 3 + 2, k7: 4 + 3)."""
+    kernel_h = spec.kernel_size[0]
+    return cdiv(kernel_h, cdiv(kernel_h, KERNEL_ROWS_AT_ONCE))
+
+
+def grad_weight_halo(spec: ConvSpec, band_shift: int) -> int:
+    """Input columns a grad-weight strip of BLOCK_K outputs reads past its BLOCK_K x stride main columns:
+    the band_shift it starts early, plus the window's reach past one stride (0: none)."""
+    window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
+    return max(0, band_shift + window_width - spec.stride[1])
+
+
 class DepthwiseGemm(Family):
     name = "depthwise_gemm"
-    templates = {"forward": "depthwise_gemm.py.jinja"}
+    templates = {"forward": "depthwise_gemm.py.jinja", "grad_weight": "depthwise_gemm_grad_weight.py.jinja"}
     limits = {"block_m": DOT_SIDES, "block_n": (1, 64), "block_k": DOT_SIDES}
 
     def rank(self, spec: ConvSpec) -> Optional[int]:
@@ -64,8 +81,18 @@ class DepthwiseGemm(Family):
             return None
         return 0 if is_wide_window(spec) else 2
 
+    def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
+        """Every depthwise conv; the default in half precision, where the tensor cores take the products
+        (a float32 or float64 dot is no faster than the direct kernel's FMAs)."""
+        if not spec.is_depthwise:
+            return None
+        return 0 if spec.dtype in ("float16", "bfloat16") else 2
+
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
-        """(output rows, channels, column strip); accumulators: block_n x block_m x block_k."""
+        """(output rows, channels, column strip); accumulators: block_n x block_m x block_k.
+        grad-weight: (strips a step, channels, strip)."""
+        if kind == "grad_weight":
+            return self._grad_weight_config(spec, interpret)
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 16), 16, num_stages=1)
         strip = 16 if spec.kernel_size[1] <= 16 else 32  # a band of two 16-column strips covers k <= 17
@@ -80,6 +107,23 @@ class DepthwiseGemm(Family):
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
         return config
 
+    @staticmethod
+    def _grad_weight_config(spec: ConvSpec, interpret: bool) -> KernelConfig:
+        """NCHW: one channel at a time, strips of 64 columns (narrower maps: fitted), 64 strips a step on 8
+        warps; channels_last: 8 channels (16-byte loads) of 16-column strips batched. Accumulators per kernel
+        row: channels x strip x (strip x stride + halo) fp32."""
+        if interpret:
+            return KernelConfig(32, pow2_between(spec.out_channels, 1, 4), 16, num_stages=1)
+        if band_dot(spec) == "rows":
+            return KernelConfig(64, 1, 64, num_warps=8, num_stages=2)
+        return KernelConfig(32, pow2_between(spec.out_channels, 1, 8), 16, num_warps=8, num_stages=2)
+
+    def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
+        """A grad-weight strip no wider than the output row (rounded up to a power of two, at least 16)."""
+        if kind != "grad_weight":
+            return config
+        return replace(config, block_k=min(config.block_k, pow2_between(pixels.width, DOT_SIDES[0], config.block_k)))
+
     def keeps_floor(self, config: KernelConfig, spec: ConvSpec) -> bool:
         """tl.dot's 16 rows, and channels_last channel tiles of whole 16-byte vectors."""
         vector = 16 // ELEMENT_BYTES[spec.dtype] if spec.layout == "nhwc" else 1
@@ -87,12 +131,19 @@ class DepthwiseGemm(Family):
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
-        """(tiles of BLOCK_M strips of BLOCK_K output columns over every output row, 1, channel tiles)."""
+        """(tiles of BLOCK_M strips of BLOCK_K output columns over every output row, 1, channel tiles);
+        grad-weight: (channel tiles, splits of the strips)."""
+        if kind == "grad_weight":
+            return (cdiv(spec.out_channels, config.block_n), splits)
         return (cdiv(pixels.rows * cdiv(pixels.width, config.block_k), config.block_m), 1,
                 cdiv(spec.out_channels, config.block_n))
 
+    def reduction_units(self, config: KernelConfig, pixels: PixelSpace) -> int:
+        """grad-weight sums strips of BLOCK_K output columns, over every output row."""
+        return pixels.rows * cdiv(pixels.width, config.block_k)
+
     def weight_layout(self, kind: str, weight_memory: str) -> str:
-        return "band"
+        return "band" if kind == "forward" else "strided"
 
     def band_dot(self, spec: ConvSpec) -> str:
         return band_dot(spec)
@@ -106,6 +157,17 @@ class DepthwiseGemm(Family):
         are BLOCK_K x stride >= 16 columns apart); its band matrices start as many columns later."""
         return -spec.padding[2] % row_alignment if self.reads_aligned_rows(spec, band_dot(spec)) else 0
 
+    def tap_tile(self, spec: ConvSpec, kind: str) -> int:
+        """grad-weight: the kernel rows a pass holds (kernel_rows_at_once)."""
+        return kernel_rows_at_once(spec) if kind == "grad_weight" else 0
+
+    def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
+             band_shift: int = 0) -> tuple[tuple[int, int], int]:
+        """grad-weight: the input columns past a strip's main tile (grad_weight_halo), loaded as one tile of a
+        power of two >= 16 columns (tl.dot's least side)."""
+        reach = grad_weight_halo(spec, band_shift) if kind == "grad_weight" else 0
+        return (0, reach), pow2_between(reach, DOT_SIDES[0], 1 << 30) if reach else 0
+
     def tile_depth(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
         return config.block_k  # a [block_n, block_m, block_k] accumulator
 
@@ -113,6 +175,24 @@ class DepthwiseGemm(Family):
         return band_operand_bytes(config, spec)
 
     def requested(self, desc, problem, programs: int, arguments: dict):
+        if desc.kind == "grad_weight":
+            return self._grad_weight_requested(desc, problem, programs, arguments)
+        return self._forward_requested(desc, problem, programs)
+
+    def _grad_weight_requested(self, desc, problem, programs: int, arguments: dict):
+        """Per step and channel, in each pass over the kernel rows: a [block_m, block_k] grad_out tile, and per
+        kernel row of the pass (the last pass's missing rows are masked, not skipped) the input band's main
+        and halo tiles, each a dot with the grad_out tile."""
+        spec, config = problem.spec, desc.config
+        m, n, k = config.block_m, config.block_n, config.block_k
+        band = k * spec.stride[1] + desc.halo_tile
+        steps = -(-arguments.get("pixels_per_split", 0) // m)
+        passes = cdiv(spec.kernel_size[0], desc.tap_tile)
+        per_channel = programs * passes * steps * n
+        loaded = per_channel * (m * k + desc.tap_tile * m * band) * ELEMENT_BYTES[spec.dtype]
+        return loaded, per_channel * desc.tap_tile * 2 * k * m * band
+
+    def _forward_requested(self, desc, problem, programs: int):
         """Each band step's input tile and band matrix, per channel, plus the runtime's write of the band
         matrices (runtime/weights.py band_copy: C_out x kernel_h x steps x block_k x block_k) before the launch."""
         spec, config = problem.spec, desc.config

@@ -106,7 +106,8 @@ class KernelDesc:
     weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi, band or strided
     band_dot: str               # depthwise_gemm: "rows" (a 2-D dot per channel) or "channels" (batched); else "none"
     band_shift: int             # banded rows: input columns a strip's band starts before its window (an aligned column)
-    tap_tile: int               # depthwise grad-weight: the window's taps padded to a power of two; else 0
+    tap_tile: int               # depthwise grad-weight: the taps (direct: all, padded to a power of two) or
+    #                             kernel rows (banded) whose sums a program holds at once; else 0
     config: KernelConfig
     groups_per_program: int
 
@@ -286,10 +287,12 @@ def choose_row_alignment(fields: dict, ctx: Context) -> None:
 
 
 def choose_tap_tile(fields: dict, ctx: Context) -> None:
-    """Depthwise grad-weight accumulates every tap in one program (grad_out is loaded once, not once per
-    tap): its [taps, channels] accumulator has tap_tile rows."""
+    """Depthwise grad-weight sums many taps from each grad_out tile it loads: the direct kernel every tap (a
+    [taps, channels] accumulator of tap_tile rows), the banded kernel tap_tile kernel rows a pass, as many as
+    its accumulators allow at its config (Family.tap_tile)."""
     spec = fields["spec"]
-    fields["tap_tile"] = family(fields["family"]).tap_tile(spec, ctx.kind) if spec is not None else 0
+    fields["tap_tile"] = (family(fields["family"]).tap_tile(spec, ctx.kind, fields["config"], fields["halo_tile"])
+                          if spec is not None else 0)
 
 
 def choose_tile_config(fields: dict, ctx: Context) -> None:
@@ -321,9 +324,9 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_weight_layout", choose_weight_layout),        # weight tiles as vector loads at literal strides
     ("choose_band_dot", choose_band_dot),                  # banded kernel: 2-D dot by rows, or batched over channels
     ("choose_row_alignment", choose_row_alignment),        # vector loads along aligned rows (depthwise1d, banded)
-    ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight holds every tap
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
     ("choose_halo", choose_halo),                          # depthwise1d's input window around its tile
+    ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight: the taps summed at once
     ("pack_groups", pack_groups),                          # narrow groups share an igemm program
 ]
 

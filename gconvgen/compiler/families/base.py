@@ -90,7 +90,7 @@ class Family:
     def band_shift(self, spec: ConvSpec, row_alignment: int) -> int:
         return 0
 
-    def tap_tile(self, spec: ConvSpec, kind: str) -> int:
+    def tap_tile(self, spec: ConvSpec, kind: str, config: KernelConfig, halo_tile: int) -> int:
         return 0
 
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",

@@ -79,7 +79,7 @@ class Depthwise(Family):
         """A row of output channels per tap: hwio memory makes it one vector load."""
         return "hwio" if kind in ("forward", "grad_input") else "strided"
 
-    def tap_tile(self, spec: ConvSpec, kind: str) -> int:
+    def tap_tile(self, spec: ConvSpec, kind: str, config: KernelConfig, halo_tile: int) -> int:
         """grad-weight accumulates every tap in one program (grad_out is loaded once, not once per tap)."""
         return tap_tile(spec) if kind == "grad_weight" else 0
 

@@ -15,7 +15,9 @@ from .igemm import DOT_SIDES
 
 WIDE_DEPTHWISE_TAPS = 49  # kh * kw from which half-precision depthwise runs on tensor cores by default
 ROW_TAPS = 4  # a height-1 window past this many taps runs on tensor cores in half precision
-KERNEL_ROWS_AT_ONCE = 4  # grad-weight: kernel rows whose sums a program holds at once, at most
+# grad-weight: fp32 accumulator registers a thread may give the kernel rows of a pass: a 2-D dot's ("rows") and
+# a dot batched over channels ("channels", whose mma.sync operands take more registers beside them)
+ACCUMULATOR_REGISTERS = {"rows": 64, "channels": 48}
 
 
 def is_wide_window(spec: ConvSpec) -> bool:
@@ -56,11 +58,16 @@ def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
     return -(-(band_shift + (block_k - 1) * spec.stride[1] + window_width) // block_k)
 
 
-def kernel_rows_at_once(spec: ConvSpec) -> int:
-    """The kernel rows a grad-weight pass holds (KernelDesc.tap_tile): every row up to KERNEL_ROWS_AT_ONCE, so
-    one grad_out tile serves them all; past that the rows split into even passes (k5: 3 + 2, k7: 4 + 3)."""
+def kernel_rows_at_once(spec: ConvSpec, config: KernelConfig, halo_tile: int) -> int:
+    """The kernel rows a grad-weight pass holds (KernelDesc.tap_tile), so that one grad_out tile serves them
+    all: as many as ACCUMULATOR_REGISTERS allow, each [channels in flight, block_k, block_k x stride + halo_tile]
+    fp32, in even passes (k7 at 3 a pass: 3 + 2 + 2)."""
+    dot = band_dot(spec)
+    channels = config.block_n if dot == "channels" else 1
+    per_row = channels * config.block_k * (config.block_k * spec.stride[1] + halo_tile)
+    at_once = max(1, ACCUMULATOR_REGISTERS[dot] * 32 * config.num_warps // per_row)
     kernel_h = spec.kernel_size[0]
-    return cdiv(kernel_h, cdiv(kernel_h, KERNEL_ROWS_AT_ONCE))
+    return cdiv(kernel_h, cdiv(kernel_h, at_once))
 
 
 def grad_weight_halo(spec: ConvSpec, band_shift: int) -> int:
@@ -157,9 +164,9 @@ class DepthwiseGemm(Family):
         are BLOCK_K x stride >= 16 columns apart); its band matrices start as many columns later."""
         return -spec.padding[2] % row_alignment if self.reads_aligned_rows(spec, band_dot(spec)) else 0
 
-    def tap_tile(self, spec: ConvSpec, kind: str) -> int:
+    def tap_tile(self, spec: ConvSpec, kind: str, config: KernelConfig, halo_tile: int) -> int:
         """grad-weight: the kernel rows a pass holds (kernel_rows_at_once)."""
-        return kernel_rows_at_once(spec) if kind == "grad_weight" else 0
+        return kernel_rows_at_once(spec, config, halo_tile) if kind == "grad_weight" else 0
 
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
              band_shift: int = 0) -> tuple[tuple[int, int], int]:
@@ -180,17 +187,15 @@ class DepthwiseGemm(Family):
         return self._forward_requested(desc, problem, programs)
 
     def _grad_weight_requested(self, desc, problem, programs: int, arguments: dict):
-        """Per step and channel, in each pass over the kernel rows: a [block_m, block_k] grad_out tile, and per
-        kernel row of the pass (the last pass's missing rows are masked, not skipped) the input band's main
-        and halo tiles, each a dot with the grad_out tile."""
+        """Per step and channel: in each pass over the kernel rows a [block_m, block_k] grad_out tile, and for
+        each kernel row the input band's main and halo tiles, each a dot with the grad_out tile."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         band = k * spec.stride[1] + desc.halo_tile
-        steps = -(-arguments.get("pixels_per_split", 0) // m)
-        passes = cdiv(spec.kernel_size[0], desc.tap_tile)
-        per_channel = programs * passes * steps * n
-        loaded = per_channel * (m * k + desc.tap_tile * m * band) * ELEMENT_BYTES[spec.dtype]
-        return loaded, per_channel * desc.tap_tile * 2 * k * m * band
+        steps = programs * n * -(-arguments.get("pixels_per_split", 0) // m)
+        kernel_h = spec.kernel_size[0]
+        loaded = steps * (cdiv(kernel_h, desc.tap_tile) * m * k + kernel_h * m * band) * ELEMENT_BYTES[spec.dtype]
+        return loaded, steps * kernel_h * 2 * k * m * band
 
     def _forward_requested(self, desc, problem, programs: int):
         """Each band step's input tile and band matrix, per channel, plus the runtime's write of the band

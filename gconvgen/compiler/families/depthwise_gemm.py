@@ -117,13 +117,14 @@ class DepthwiseGemm(Family):
     @staticmethod
     def _grad_weight_config(spec: ConvSpec, interpret: bool) -> KernelConfig:
         """NCHW: one channel at a time, strips of 64 columns (narrower maps: fitted), 64 strips a step on 8
-        warps; channels_last: 8 channels (16-byte loads) of 16-column strips batched. Accumulators per kernel
-        row: channels x strip x (strip x stride + halo) fp32."""
+        warps; channels_last: 8 channels (16-byte loads) of 16-column strips batched, one stage (two made
+        ptxas spill on Mamba's k4 at 64 registers and RepLKNet's k31 at 255, for the same modelled time).
+        Accumulators per kernel row: channels x strip x (strip x stride + halo) fp32."""
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 4), 16, num_stages=1)
         if band_dot(spec) == "rows":
             return KernelConfig(64, 1, 64, num_warps=8, num_stages=2)
-        return KernelConfig(32, pow2_between(spec.out_channels, 1, 8), 16, num_warps=8, num_stages=2)
+        return KernelConfig(32, pow2_between(spec.out_channels, 1, 8), 16, num_warps=8, num_stages=1)
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """A grad-weight strip no wider than the output row (rounded up to a power of two, at least 16)."""

@@ -96,6 +96,7 @@ SMALL_TILES = {
     ("grad_input", "depthwise"): ((8, 16, 32, 64), (1, 2, 8), (0,), (1, 4)),
     ("grad_weight", "igemm"): ((16,), (16, 32), (16, 32), (1, 4)),
     ("grad_weight", "depthwise"): ((1, 4, 16, 32), (1, 2, 8), (0,), (1, 4)),
+    ("grad_weight", "depthwise_gemm"): ((16, 32), (1, 2, 4), (16, 32), (1, 4)),
 }
 
 
@@ -150,12 +151,15 @@ class GradientProblem:
     """A forward problem trained through: ``grad_input`` "default" (the planner's, maybe the transposed
     forward), "direct" (a non-DEFAULT choice: the grad-input kernel, with ``grad_input_config`` or its
     default) or "transposed" (a tuned choice of the transposed conv's forward with the direct depthwise
-    family, a route the planner offers but never takes untuned); ``grad_weight_config`` None is the default grad-weight. ``at_kinks``: the input and residual are
-    zeros, so each pre-activation is its bias exactly (drawn at the activations' kinks: -3, 0, 3, 6)."""
+    family, a route the planner offers but never takes untuned); ``grad_weight_family`` None is the planner's
+    default grad-weight kernel, else that family's is forced, with ``grad_weight_config`` (None: its default
+    config). ``at_kinks``: the input and residual are zeros, so each pre-activation is its bias exactly (drawn
+    at the activations' kinks: -3, 0, 3, 6)."""
 
     conv: ConvProblem
     grad_input: str = "default"
     grad_input_config: KernelConfig | None = None
+    grad_weight_family: str | None = None
     grad_weight_config: KernelConfig | None = None
     at_kinks: bool = False
     programs: int = 1  # what the split reductions (grad-weight, grad-bias) aim to fill: > 1 splits their pixels
@@ -484,7 +488,7 @@ def iterations(problem: ConvProblem, desc) -> int:
     pixels = PixelSpace.of(desc.kind, problem.batch, *problem.size, out_h, out_w)
     taps = problem.kernel[0] * problem.kernel[1]
     if desc.kind == "grad_weight":
-        return math.prod(desc.grid(pixels)) * -(-pixels.pixels // desc.reduction_block)
+        return math.prod(desc.grid(pixels)) * -(-desc.reduction_units(pixels) // desc.reduction_block)
     if desc.family == "igemm":
         return math.prod(desc.grid(pixels)) * taps * -(-desc.spec.in_channels_per_group // desc.config.block_k)
     if desc.family == "depthwise_gemm":
@@ -620,18 +624,21 @@ def gradient_problems(draw) -> GradientProblem:
     bias_free = dataclasses.replace(spec, bias=False)
     routes = ("default", "direct") + (("transposed",) if transposed_conv(dataclasses.replace(spec, bias=False)) else ())
     direct = "default" if problem.kernel == (7, 7) else draw(st.sampled_from(routes))
+    grad_weight_family = draw(st.sampled_from((None, *plan(bias_free).grad_weight_families)))
+    families = {"grad_input": backward, "grad_weight": grad_weight_family}
     configs = {}
-    for kind in ("grad_input", "grad_weight") if direct == "direct" else ("grad_weight",):
-        config = draw(small_configs(kind, backward))
-        desc = described(bias_free, kind, None, config)
+    for kind in ("grad_input", "grad_weight") if direct == "direct" else ("grad_weight",) if grad_weight_family else ():
+        config = draw(small_configs(kind, families[kind]))
+        desc = described(bias_free, kind, families[kind], config)
         assume(desc is not None)
         configs[kind] = config if iterations(problem, desc) <= MAX_ITERATIONS else None
-    grad_input_config, grad_weight_config = configs.get("grad_input"), configs["grad_weight"]
+    grad_input_config, grad_weight_config = configs.get("grad_input"), configs.get("grad_weight")
     at_kinks = draw(st.integers(0, 5)) == 0
     if at_kinks:  # an activation with kinks, and biases at them
         problem = dataclasses.replace(problem, bias=True, activation=draw(st.sampled_from(tuple(KINKS))))
     programs = draw(st.sampled_from((1, 1, 3, 64)))
-    return GradientProblem(problem, direct, grad_input_config, grad_weight_config, at_kinks, programs)
+    return GradientProblem(problem, direct, grad_input_config, grad_weight_family, grad_weight_config, at_kinks,
+                           programs)
 
 
 # ---------------------------------------------------------------------------------------------- the checks
@@ -686,7 +693,8 @@ def check_gradients(case: GradientProblem) -> None:
 
     grad_input = {"direct": Choice(KERNEL, case.grad_input_config, None), "default": DEFAULT,
                   "transposed": Choice(KERNEL, None, "depthwise", transposed=True)}[case.grad_input]
-    grad_weight = DEFAULT if case.grad_weight_config is None else Choice(KERNEL, case.grad_weight_config, None)
+    grad_weight = (DEFAULT if case.grad_weight_family is None
+                   else Choice(KERNEL, case.grad_weight_config, case.grad_weight_family))
     with forced_choices(forward_choice(problem), grad_input, grad_weight), kernels_launched() as launched, \
             grad_input_launches() as prepared, \
             unittest.mock.patch.object(launch, "target_programs", lambda device: case.programs):
@@ -707,6 +715,10 @@ def check_gradients(case: GradientProblem) -> None:
             f"the transposed forward {transposed} did not run: {[(d.kind, d.spec) for d in launched]}"
     event_in_test(f"grad_input by {'the transposed forward' if transposed else 'the grad-input kernel'}")
     assert "grad_weight" in kinds and ("bias" not in leaves or "grad_bias" in kinds), kinds
+    grad_weight_family = case.grad_weight_family or plan(spec).grad_weight_families[0]
+    ran = [desc.family for desc in launched if desc.kind == "grad_weight"]
+    assert ran == [grad_weight_family], f"grad-weight ran {ran}, wanted {grad_weight_family}"
+    event_in_test(f"grad_weight by {grad_weight_family}{'' if case.grad_weight_family else ' (default)'}")
 
     out_pixels = out.shape[0] * out.shape[2] * out.shape[3]
     reductions = {"x": problem.out_channels // problem.groups * problem.kernel[0] * problem.kernel[1],
@@ -1187,6 +1199,11 @@ GRADIENT_DOMAIN = [
     ("grad_input direct with a small config", lambda c: c.grad_input_config is not None),
     ("grad_input forced onto the transposed forward", lambda c: c.grad_input == "transposed"),
     ("grad_weight with a small config", lambda c: c.grad_weight_config is not None),
+    *[(f"grad_weight forced onto {f}", lambda c, f=f: c.grad_weight_family == f)
+      for f in ("depthwise", "depthwise_gemm", "igemm")],
+    *[(f"grad_weight by default on {f}", lambda c, f=f: c.grad_weight_family is None
+       and plan(dataclasses.replace(spec_of(c.conv), bias=False)).grad_weight_families[0] == f)
+      for f in ("depthwise", "depthwise_gemm", "igemm")],
     *[(f"the transposed grad_input by default, as {f}", lambda c, f=f: c.grad_input == "default"
        and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm")],
     *[(f"backward family {f}", lambda c, f=f: plan(spec_of(c.conv)).backward_family == f)

@@ -64,17 +64,22 @@ def kernel_rows_at_once(spec: ConvSpec, config: KernelConfig, halo_tile: int) ->
     fp32, in even passes (k7 at 3 a pass: 3 + 2 + 2)."""
     dot = band_dot(spec)
     channels = config.block_n if dot == "channels" else 1
-    per_row = channels * config.block_k * (config.block_k * spec.stride[1] + halo_tile)
+    per_row = channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile)
     at_once = max(1, ACCUMULATOR_REGISTERS[dot] * 32 * config.num_warps // per_row)
     kernel_h = spec.kernel_size[0]
     return cdiv(kernel_h, cdiv(kernel_h, at_once))
 
 
-def grad_weight_halo(spec: ConvSpec, band_shift: int) -> int:
-    """Input columns a grad-weight strip of BLOCK_K outputs reads past its BLOCK_K x stride main columns:
-    the band_shift it starts early, plus the window's reach past one stride (0: none)."""
+def grad_weight_main(spec: ConvSpec, block_k: int) -> int:
+    """A grad-weight strip's main input tile: its block_k x stride columns, rounded up to a power of two."""
+    return block_k * (1 << (spec.stride[1] - 1).bit_length())
+
+
+def grad_weight_halo(spec: ConvSpec, block_k: int, band_shift: int) -> int:
+    """Input columns a grad-weight strip of block_k outputs reads past its main tile (0: none): it reads
+    band_shift + (block_k - 1) x stride + the window's width columns from its main tile (grad_weight_main) on."""
     window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
-    return max(0, band_shift + window_width - spec.stride[1])
+    return max(0, band_shift + (block_k - 1) * spec.stride[1] + window_width - grad_weight_main(spec, block_k))
 
 
 class DepthwiseGemm(Family):
@@ -173,7 +178,7 @@ class DepthwiseGemm(Family):
              band_shift: int = 0) -> tuple[tuple[int, int], int]:
         """grad-weight: the input columns past a strip's main tile (grad_weight_halo), loaded as one tile of a
         power of two >= 16 columns (tl.dot's least side)."""
-        reach = grad_weight_halo(spec, band_shift) if kind == "grad_weight" else 0
+        reach = grad_weight_halo(spec, config.block_k, band_shift) if kind == "grad_weight" else 0
         return (0, reach), pow2_between(reach, DOT_SIDES[0], 1 << 30) if reach else 0
 
     def tile_depth(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
@@ -192,7 +197,7 @@ class DepthwiseGemm(Family):
         each kernel row the input band's main and halo tiles, each a dot with the grad_out tile."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
-        band = k * spec.stride[1] + desc.halo_tile
+        band = grad_weight_main(spec, k) + desc.halo_tile
         steps = programs * n * -(-arguments.get("pixels_per_split", 0) // m)
         kernel_h = spec.kernel_size[0]
         loaded = steps * (cdiv(kernel_h, desc.tap_tile) * m * k + kernel_h * m * band) * ELEMENT_BYTES[spec.dtype]

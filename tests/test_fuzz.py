@@ -627,7 +627,7 @@ def gradient_problems(draw) -> GradientProblem:
     grad_weight_family = draw(st.sampled_from((None, *plan(bias_free).grad_weight_families)))
     families = {"grad_input": backward, "grad_weight": grad_weight_family}
     configs = {}
-    for kind in ("grad_input", "grad_weight") if direct == "direct" else ("grad_weight",) if grad_weight_family else ():
+    for kind in (("grad_input",) if direct == "direct" else ()) + (("grad_weight",) if grad_weight_family else ()):
         config = draw(small_configs(kind, families[kind]))
         desc = described(bias_free, kind, families[kind], config)
         assume(desc is not None)
@@ -1116,7 +1116,7 @@ def drawn(strategy, count: int) -> list:
 def drawn_problems():
     return {"conv2d": drawn(conv_problems(), 600), "conv1d": drawn(conv_problems(api="conv1d"), 200),
             "default": drawn(conv_problems(families=(None,)), 200),
-            "gradients": drawn(gradient_problems(), 200)}
+            "gradients": drawn(gradient_problems(), 300)}
 
 
 def _transposed_family(problem: ConvProblem) -> str | None:

@@ -194,8 +194,10 @@ def choose_family(fields: dict, ctx: Context) -> None:
         fields.update(family=GRAD_BIAS_FAMILY, template=TEMPLATES["grad_bias", GRAD_BIAS_FAMILY], spec=None)
         return
     conv_plan = ctx.plan
-    offered = {"forward": conv_plan.families, "grad_weight": conv_plan.grad_weight_families}.get(ctx.kind)
-    family = conv_plan.backward_family if offered is None else (ctx.choice.family or offered[0])
+    offered, default = {"forward": (conv_plan.families, conv_plan.family),
+                        "grad_weight": (conv_plan.grad_weight_families, conv_plan.grad_weight_families[0]),
+                        }.get(ctx.kind, (None, conv_plan.backward_family))
+    family = ctx.choice.family or default
     check(offered is None or family in offered,
           f"family={family!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; use one of {offered}")
     fields.update(family=family, template=TEMPLATES[ctx.kind, family], spec=conv_plan.spec)

@@ -27,6 +27,7 @@ VARIANTS = [
     (768, 768, 16, (1, 128), (1, 1), (0, 0, 64, 64), (1, 1), True, "strict", (2, 1, 781)),  # wav2vec2: height-1 igemm
     (64, 64, 64, (1, 8), (1, 1), (0, 0, 7, 0), (1, 1), False, "strict", (2, 1, 100)),  # causal k8: tap loop, strips
     (32, 32, 32, (1, 256), (1, 1), (0, 0, 255, 0), (1, 1), True, "strict", (1, 1, 300)),  # causal k256: strips
+    (24, 24, 24, (3, 5), (1, 3), (1, 1, 2, 2), (1, 1), False, "strict", (2, 9, 50)),  # stride 3: a main tile past 3 x BLOCK_K
 ]
 SHARED_MEMORY_BYTES = 227 * 1024  # an sm_90 SM's opt-in limit
 
@@ -49,8 +50,12 @@ SCRIPT = textwrap.dedent("""
         if family is not None and prepared.desc.family != family:
             t = inspection._meta_tensors(problem)
             choice = Choice("default", None, family)
-            prepared = launch.prepare_forward(problem.spec, t["x"], t["weight"], t["bias"], t["out"], choice,
-                                              inspection.INSPECT_TARGET)
+            if problem.kind == "grad_weight":
+                prepared = launch.prepare_grad_weight(problem.spec, t["x"], t["out"], t["grad_w"], choice, 4,
+                                                      inspection.INSPECT_TARGET)
+            else:
+                prepared = launch.prepare_forward(problem.spec, t["x"], t["weight"], t["bias"], t["out"], choice,
+                                                  inspection.INSPECT_TARGET)
         desc = prepared.desc
         kernel = launch.kernel_of(desc, inspection.INSPECT_TARGET)
         arguments = {name: sass.Pointer(str(value.dtype).removeprefix("torch.")) if hasattr(value, "dtype")
@@ -72,8 +77,10 @@ SCRIPT = textwrap.dedent("""
         for family in plan(spec).families:  # every forward family the tuner may pick
             results.append(compile_problem(forward, family))
         if turn == index % 4:  # each variant's backward kernels in one dtype, the dtypes rotating
-            for kind in ("grad_input", "grad_weight"):
-                results.append(compile_problem(forward.backward(kind)))
+            results.append(compile_problem(forward.backward("grad_input")))
+            grad_weight = forward.backward("grad_weight")
+            for family in plan(grad_weight.spec).grad_weight_families:  # every grad-weight family the tuner may pick
+                results.append(compile_problem(grad_weight, family))
     print(json.dumps(results))
 """)
 
@@ -97,6 +104,8 @@ def test_every_variant_compiles_for_sm90_as_launched():
         assert result["shared"] <= SHARED_MEMORY_BYTES, result
     uris = {result["uri"] for result in results}
     assert any(uri.startswith("depthwise_gemm") for uri in uris) and any(uri.startswith("grad_weight") for uri in uris)
+    assert any(uri.startswith("grad_weight_depthwise_gemm") for uri in uris)
+    assert any(uri.startswith("grad_weight_depthwise_ci") for uri in uris)
     assert any(uri.startswith("depthwise1d") for uri in uris) and any(uri.startswith("igemm_ci768") for uri in uris)
 
 

@@ -20,8 +20,10 @@ What it covers, each property against torch.nn.functional.conv2d / conv1d in flo
   it takes the warm path (runtime/launch.py ``Warm``: the first call's launch on this call's tensors).
 - test_gradients: grad_input (the default, which for stride-1 depthwise may run the forward kernel of the
   transposed conv, plan.grad_input_as_forward; forced direct with a non-DEFAULT choice, which bypasses
-  it; and forced onto the transposed forward with the direct depthwise family, a tuned route), grad_weight (default or a small tile config) and grad_bias, through autograd against torch's float64
-  autograd, fused activations included (and pre-activations exactly at their kinks).
+  it; and forced onto the transposed forward with the direct depthwise family, a tuned route), grad_weight
+  (the planner's default, or forced onto each family plan.grad_weight_families offers: the direct and the
+  banded depthwise kernels, igemm; with its default or a small tile config) and grad_bias, through autograd
+  against torch's float64 autograd, fused activations included (and pre-activations exactly at their kinks).
 - test_decode_step: gconvgen.causal_conv1d_update (one or several tokens, rolling or circular states,
   state pools with padded slots, SiLU, float32 weights with half inputs) against a float64 loop written here;
   test_conv1d_sequence_states: conv1d's initial_states / return_final_states / seq_idx likewise.

@@ -4,12 +4,9 @@ machine as a launch would specialise them (gconvgen.tools.inspection). Not timin
 sequence models asks of the kernels' shape, read from the compiler's own output."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
-from test_sm90_compile import _compiler_env
+from test_sm90_compile import compiled_rows
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -29,10 +26,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sequence_suite_forward_kernels_at_memory_speed_shape():
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=_compiler_env(),
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = compiled_rows(SCRIPT)
     assert len(rows) == 16
     for row in rows:
         assert row["spill"] == 0, row

@@ -93,6 +93,14 @@ def _compiler_env() -> dict:
     return env
 
 
+def compiled_rows(script: str, timeout: int = 900) -> list:
+    """Run ``script`` with the real compiler (_compiler_env); the JSON list it prints last."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_compiler_env(),
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_every_variant_compiles_for_sm90_as_launched():
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(VARIANTS)], capture_output=True, text=True,
                           env=_compiler_env(), timeout=1500)

@@ -18,6 +18,7 @@ ROW_TAPS = 4  # a height-1 window past this many taps runs on tensor cores in ha
 # grad-weight: fp32 accumulator registers a thread may give the kernel rows of a pass: a 2-D dot's ("rows") and
 # a dot batched over channels ("channels", whose mma.sync operands take more registers beside them)
 ACCUMULATOR_REGISTERS = {"rows": 64, "channels": 48}
+KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep operands in registers beside them
 
 
 def is_wide_window(spec: ConvSpec) -> bool:
@@ -60,12 +61,13 @@ def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
 
 def kernel_rows_at_once(spec: ConvSpec, config: KernelConfig, halo_tile: int) -> int:
     """The kernel rows a grad-weight pass holds (KernelDesc.tap_tile), so that one grad_out tile serves them
-    all: as many as ACCUMULATOR_REGISTERS allow, each [channels in flight, block_k, block_k x stride + halo_tile]
-    fp32, in even passes (k7 at 3 a pass: 3 + 2 + 2)."""
+    all: as many as ACCUMULATOR_REGISTERS allow, each [channels in flight, block_k, main tile + halo_tile] fp32,
+    up to KERNEL_ROWS_AT_ONCE (RepLKNet's k27 on a 14 x 14 map took all 27 rows at 16-column strips and spilled
+    208 B), in even passes (k7 at 3 a pass: 3 + 2 + 2)."""
     dot = band_dot(spec)
     channels = config.block_n if dot == "channels" else 1
     per_row = channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile)
-    at_once = max(1, ACCUMULATOR_REGISTERS[dot] * 32 * config.num_warps // per_row)
+    at_once = max(1, min(KERNEL_ROWS_AT_ONCE, ACCUMULATOR_REGISTERS[dot] * 32 * config.num_warps // per_row))
     kernel_h = spec.kernel_size[0]
     return cdiv(kernel_h, cdiv(kernel_h, at_once))
 
@@ -132,10 +134,11 @@ class DepthwiseGemm(Family):
         return KernelConfig(32, pow2_between(spec.out_channels, 1, 8), 16, num_warps=8, num_stages=1)
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
-        """A grad-weight strip no wider than the output row (rounded up to a power of two, at least 16)."""
-        if kind != "grad_weight":
+        """A grad-weight strip of 16 columns for output rows of 32 or fewer (32-column strips spilled 32-192 B on
+        EfficientNet's dw5 at 28 x 28, ConvNeXt's dw7 at 7 x 7 and RepLKNet's dw27 at 14 x 14 in NCHW)."""
+        if kind != "grad_weight" or pixels.width > 32:
             return config
-        return replace(config, block_k=min(config.block_k, pow2_between(pixels.width, DOT_SIDES[0], config.block_k)))
+        return replace(config, block_k=DOT_SIDES[0])
 
     def keeps_floor(self, config: KernelConfig, spec: ConvSpec) -> bool:
         """tl.dot's 16 rows, and channels_last channel tiles of whole 16-byte vectors."""

@@ -131,7 +131,10 @@ class DepthwiseGemm(Family):
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 4), 16, num_stages=1)
         if band_dot(spec) == "rows":
             return KernelConfig(64, 1, 64, num_warps=8, num_stages=2)
-        return KernelConfig(32, pow2_between(spec.out_channels, 1, 8), 16, num_warps=8, num_stages=1)
+        # channel rows that are not whole 16-byte vectors (ShuffleNet's 116) load element by element, and 8
+        # channels' element loads spilled 40 B: 4 channels then
+        channels = 8 if spec.out_channels % 8 == 0 else 4
+        return KernelConfig(32, pow2_between(spec.out_channels, 1, channels), 16, num_warps=8, num_stages=1)
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """A grad-weight strip of 16 columns for output rows of 32 or fewer (32-column strips spilled 32-192 B on

@@ -64,10 +64,9 @@ def kernel_rows_at_once(spec: ConvSpec, config: KernelConfig, halo_tile: int) ->
     all: as many as ACCUMULATOR_REGISTERS allow, each [channels in flight, block_k, main tile + halo_tile] fp32,
     up to KERNEL_ROWS_AT_ONCE (RepLKNet's k27 on a 14 x 14 map took all 27 rows at 16-column strips and spilled
     208 B), in even passes (k7 at 3 a pass: 3 + 2 + 2)."""
-    dot = band_dot(spec)
-    channels = config.block_n if dot == "channels" else 1
+    channels = config.block_n if band_dot(spec) == "channels" else 1
     per_row = channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile)
-    at_once = max(1, min(KERNEL_ROWS_AT_ONCE, ACCUMULATOR_REGISTERS[dot] * 32 * config.num_warps // per_row))
+    at_once = max(1, min(KERNEL_ROWS_AT_ONCE, ACCUMULATOR_REGISTERS[band_dot(spec)] * 32 * config.num_warps // per_row))
     kernel_h = spec.kernel_size[0]
     return cdiv(kernel_h, cdiv(kernel_h, at_once))
 
@@ -121,8 +120,7 @@ class DepthwiseGemm(Family):
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
         return config
 
-    @staticmethod
-    def _grad_weight_config(spec: ConvSpec, interpret: bool) -> KernelConfig:
+    def _grad_weight_config(self, spec: ConvSpec, interpret: bool) -> KernelConfig:
         """NCHW: one channel at a time, strips of 64 columns (narrower maps: fitted), 64 strips a step on 8
         warps; channels_last: 8 channels (16-byte loads) of 16-column strips batched, one stage (two made
         ptxas spill on Mamba's k4 at 64 registers and RepLKNet's k31 at 255, for the same modelled time).
@@ -130,11 +128,28 @@ class DepthwiseGemm(Family):
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 4), 16, num_stages=1)
         if band_dot(spec) == "rows":
-            return KernelConfig(64, 1, 64, num_warps=8, num_stages=2)
+            config = KernelConfig(64, 1, 64, num_warps=8, num_stages=2)
+            while config.block_k > DOT_SIDES[0] and self._row_accumulators(config, spec) > self._budget(config, spec):
+                config = replace(config, block_k=config.block_k // 2)  # a wide window's halo (causal k256)
+            return config
         # channel rows that are not whole 16-byte vectors (ShuffleNet's 116) load element by element, and 8
         # channels' element loads spilled 40 B: 4 channels then
         channels = 8 if spec.out_channels % 8 == 0 else 4
-        return KernelConfig(32, pow2_between(spec.out_channels, 1, channels), 16, num_warps=8, num_stages=1)
+        config = KernelConfig(32, pow2_between(spec.out_channels, 1, channels), 16, num_warps=8, num_stages=1)
+        while config.block_n > 1 and self._row_accumulators(config, spec) > self._budget(config, spec):
+            config = replace(config, block_n=config.block_n // 2)  # a wide window's halo (causal k256)
+        return config
+
+    def _row_accumulators(self, config: KernelConfig, spec: ConvSpec) -> int:
+        """fp32 accumulators of one kernel row of a grad-weight pass (the halo taken at band_shift 0)."""
+        channels = config.block_n if band_dot(spec) == "channels" else 1
+        halo_tile = self.halo(spec, config, "grad_weight", 0)[1]
+        return channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile)
+
+    @staticmethod
+    def _budget(config: KernelConfig, spec: ConvSpec) -> int:
+        """ACCUMULATOR_REGISTERS of every thread of ``config``."""
+        return ACCUMULATOR_REGISTERS[band_dot(spec)] * 32 * config.num_warps
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """A grad-weight strip of 16 columns for output rows of 32 or fewer (32-column strips spilled 32-192 B on

@@ -153,10 +153,11 @@ class DepthwiseGemm(Family):
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """A grad-weight strip of 16 columns for output rows of 32 or fewer (32-column strips spilled 32-192 B on
-        EfficientNet's dw5 at 28 x 28, ConvNeXt's dw7 at 7 x 7 and RepLKNet's dw27 at 14 x 14 in NCHW)."""
+        EfficientNet's dw5 at 28 x 28, ConvNeXt's dw7 at 7 x 7 and RepLKNet's dw27 at 14 x 14 in NCHW), in one
+        stage (two spilled 64 B on EfficientNet's stride-2 dw5, for the same modelled time)."""
         if kind != "grad_weight" or pixels.width > 32:
             return config
-        return replace(config, block_k=DOT_SIDES[0])
+        return replace(config, block_k=DOT_SIDES[0], num_stages=1)
 
     def keeps_floor(self, config: KernelConfig, spec: ConvSpec) -> bool:
         """tl.dot's 16 rows, and channels_last channel tiles of whole 16-byte vectors."""

@@ -284,7 +284,8 @@ def choose_row_alignment(fields: dict, ctx: Context) -> None:
     apart), so its rows are aligned vector loads (cp.async on sm_90); its band matrices start as many columns
     later (runtime/weights.py band_copy). Others: 1 and 0."""
     owner, spec = family(fields["family"]), fields["spec"]
-    alignment = ctx.row_alignment if spec is not None and owner.reads_aligned_rows(spec, fields["band_dot"]) else 1
+    alignment = (ctx.row_alignment if spec is not None and owner.reads_aligned_rows(spec, fields["band_dot"], ctx.kind)
+                 else 1)
     fields.update(row_alignment=alignment, band_shift=owner.band_shift(spec, alignment) if spec is not None else 0)
 
 

@@ -325,7 +325,8 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
         return None if prepared is None else prepared.deriving("weight", "flipped").deriving("x", source="grad_output")
     pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,
-                    weight_memory=weights.layout_of(weight))
+                    weight_memory=weights.layout_of(weight),
+                    alignment=row_alignment(spec.dtype, _aligned_row_values(grad_x, spec.layout)))
     derived = (("weight", _weight_copy(weight, desc)), ("grad_output", _staging(desc)))
     weight = weights.for_kernel(weight, desc)
     grad_output = staged(grad_output, desc)

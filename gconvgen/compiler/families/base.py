@@ -82,9 +82,9 @@ class Family:
     def band_dot(self, spec: ConvSpec) -> str:
         return "none"
 
-    def reads_aligned_rows(self, spec: ConvSpec, band_dot: str) -> bool:
-        """Whether the kernel reads activation rows as vectors along the width (and so takes the launch's
-        row alignment, KernelDesc.row_alignment)."""
+    def reads_aligned_rows(self, spec: ConvSpec, band_dot: str, kind: str = "forward") -> bool:
+        """Whether kernel ``kind`` reads or writes activation rows as vectors along the width (and so takes
+        the launch's row alignment, KernelDesc.row_alignment)."""
         return False
 
     def band_shift(self, spec: ConvSpec, row_alignment: int) -> int:

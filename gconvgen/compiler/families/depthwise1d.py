@@ -108,7 +108,7 @@ class Depthwise1d(Family):
         """(row x position tile, channel tile): a program never spans two rows."""
         return (pixels.rows * cdiv(pixels.width, config.block_m), cdiv(spec.out_channels, config.block_n))
 
-    def reads_aligned_rows(self, spec: ConvSpec, band_dot: str) -> bool:
+    def reads_aligned_rows(self, spec: ConvSpec, band_dot: str, kind: str = "forward") -> bool:
         return True
 
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",

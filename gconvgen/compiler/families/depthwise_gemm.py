@@ -183,8 +183,9 @@ class DepthwiseGemm(Family):
     def band_dot(self, spec: ConvSpec) -> str:
         return band_dot(spec)
 
-    def reads_aligned_rows(self, spec: ConvSpec, band_dot: str) -> bool:
-        """The "rows" dot on NCHW reads each strip's input band as vectors (cp.async on sm_90)."""
+    def reads_aligned_rows(self, spec: ConvSpec, band_dot: str, kind: str = "forward") -> bool:
+        """The "rows" dot on NCHW reads each strip's input band (and grad-weight its grad_out strips) as
+        vectors (cp.async on sm_90)."""
         return band_dot == "rows" and spec.layout == "nchw"
 
     def band_shift(self, spec: ConvSpec, row_alignment: int) -> int:

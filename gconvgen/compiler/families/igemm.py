@@ -69,6 +69,11 @@ class Igemm(Family):
                     max(1, block_m * block_n // _ACCUMULATOR_ELEMENTS_PER_WARP))
         return replace(tile, block_k=pow2_between(packed * reduced, 16, 64 if interpret else 32), num_warps=warps)
 
+    def reads_aligned_rows(self, spec: ConvSpec, band_dot: str, kind: str = "forward") -> bool:
+        """Forward and grad-input write an output that is not channels_last along its rows: with the rows'
+        alignment known, its tile is stored as 16-byte vectors along the width, not element by element."""
+        return kind in ("forward", "grad_input") and spec.layout != "nhwc"
+
     def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
         """The reduction step follows the packed groups, the warps the tile."""
         return self._config(spec, kind, config.block_m, config.block_n, interpret=False)

@@ -188,8 +188,9 @@ class Context:
 
 
 def choose_family(fields: dict, ctx: Context) -> None:
-    """Forward and grad-weight: the tuned family, else the planner's default; grad-input: the plan's backward
-    family (its transposed route is a forward launch)."""
+    """Forward and grad-weight: the tuned family, else the planner's default (grad-weight: the first offered
+    that suits the launch's pixels, Family.suits); grad-input: the plan's backward family (its transposed
+    route is a forward launch)."""
     if ctx.kind == "grad_bias":
         fields.update(family=GRAD_BIAS_FAMILY, template=TEMPLATES["grad_bias", GRAD_BIAS_FAMILY], spec=None)
         return
@@ -197,10 +198,13 @@ def choose_family(fields: dict, ctx: Context) -> None:
     offered, default = {"forward": (conv_plan.families, conv_plan.family),
                         "grad_weight": (conv_plan.grad_weight_families, conv_plan.grad_weight_families[0]),
                         }.get(ctx.kind, (None, conv_plan.backward_family))
-    family = ctx.choice.family or default
-    check(offered is None or family in offered,
-          f"family={family!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; use one of {offered}")
-    fields.update(family=family, template=TEMPLATES[ctx.kind, family], spec=conv_plan.spec)
+    if ctx.kind == "grad_weight" and ctx.pixels is not None:  # the first offered family that suits the launch
+        default = next((name for name in offered if family(name).suits(conv_plan.spec, ctx.kind, ctx.pixels)),
+                       default)
+    chosen = ctx.choice.family or default
+    check(offered is None or chosen in offered,
+          f"family={chosen!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; use one of {offered}")
+    fields.update(family=chosen, template=TEMPLATES[ctx.kind, chosen], spec=conv_plan.spec)
 
 
 def lower_padding_to_masks(fields: dict, ctx: Context) -> None:

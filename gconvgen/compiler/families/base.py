@@ -34,6 +34,11 @@ class Family:
         (0 first: the default). The backward family's kernel ranks 1."""
         return 1 if self.computes_backward(spec) else None
 
+    def suits(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
+        """Whether an untuned launch of kernel ``kind`` over ``pixels`` may take this family by default (the
+        lowering passes over a family that ranks first but does not suit the launch's shape)."""
+        return True
+
     # ------------------------------------------------------------------ tiles and grid
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         raise NotImplementedError(f"the {self.name} family has no default config")

@@ -18,6 +18,7 @@ ROW_TAPS = 4  # a height-1 window past this many taps runs on tensor cores in ha
 # grad-weight: fp32 accumulator registers a thread may give the kernel rows of a pass: a 2-D dot's ("rows") and
 # a dot batched over channels ("channels", whose mma.sync operands take more registers beside them)
 ACCUMULATOR_REGISTERS = {"rows": 64, "channels": 48}
+MIN_GRAD_WEIGHT_ROW = 8  # grad-weight output rows narrower than this take the direct kernel by default
 KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep operands in registers beside them
 
 
@@ -100,6 +101,11 @@ class DepthwiseGemm(Family):
         if not spec.is_depthwise:
             return None
         return 0 if spec.dtype in ("float16", "bfloat16") else 2
+
+    def suits(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
+        """grad-weight: output rows of at least 8 columns, so a strip (16 at the least) is half full or more (a
+        one-token row modelled 0.2-0.4% of its floor against the direct kernel's 2.3-3.7%)."""
+        return kind != "grad_weight" or pixels.width >= MIN_GRAD_WEIGHT_ROW
 
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         """(output rows, channels, column strip); accumulators: block_n x block_m x block_k.

@@ -253,12 +253,21 @@ def _aligned_row_values(activation: torch.Tensor, layout: str) -> tuple[int, ...
     kernel indexes with); only a dimension of size 1 is left out, whose index is always 0 (or, along the
     height, outside [0, 1) and masked)."""
     batch, channels, height, width = activation.shape
-    stride_n, stride_c, stride_h, _ = activation.stride()
+    stride_n, stride_c, stride_h, stride_w = activation.stride()
     values = [stride for size, stride in ((batch, stride_n), (height, stride_h)) if size > 1]
     if layout != "nhwc":
         values += [stride_c] if channels > 1 else []
         values.append(width)
+    else:  # channels_last: the igemm kernels read and write each pixel's channels as vectors
+        values += [stride_w] if width > 1 else []
     return tuple(values)
+
+
+def _aligned_values(activations: tuple[torch.Tensor, ...], layout: str, staged_channels: int = 0) -> tuple[int, ...]:
+    """What the row and pixel starts of ``activations`` are (_aligned_row_values), and the channel count of a
+    channels_last copy the launch may stage of the first (its pixel strides are multiples of it; 0: none)."""
+    values = [value for activation in activations for value in _aligned_row_values(activation, layout)]
+    return tuple(values + ([staged_channels] if staged_channels else []))
 
 
 def _weight_copy(weight: torch.Tensor, desc: KernelDesc) -> tuple[str, ...]:
@@ -294,8 +303,7 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
     pixels = PixelSpace.of("forward", batch, height, width, out_height, out_width)
     desc = describe(spec, "forward", (x, weight, out, residual), choice, pixels, target=target, epilogue=epilogue,
                     weight_memory=weights.layout_of(weight),
-                    alignment=row_alignment(spec.dtype, _aligned_row_values(x, spec.layout)
-                                            + _aligned_row_values(out, spec.layout)))
+                    alignment=row_alignment(spec.dtype, _aligned_values((x, out), spec.layout, spec.in_channels)))
     derived = (("weight", _weight_copy(weight, desc)), ("x", _staging(desc)))
     weight = weights.for_kernel(weight, desc)
     x = staged(x, desc)
@@ -326,7 +334,9 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
     pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,
                     weight_memory=weights.layout_of(weight),
-                    alignment=row_alignment(spec.dtype, _aligned_row_values(grad_x, spec.layout)))
+                    # grad_out is read as it is in channels_last, else staged (igemm) or not read by rows
+                    alignment=row_alignment(spec.dtype, _aligned_values(
+                        (grad_output, grad_x) if spec.layout == "nhwc" else (grad_x,), spec.layout, spec.out_channels)))
     derived = (("weight", _weight_copy(weight, desc)), ("grad_output", _staging(desc)))
     weight = weights.for_kernel(weight, desc)
     grad_output = staged(grad_output, desc)
@@ -345,8 +355,7 @@ def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tens
     if space.pixels == 0:
         return None
     desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, space, target=target,
-                    alignment=row_alignment(spec.dtype, _aligned_row_values(x, spec.layout)
-                                            + _aligned_row_values(grad_output, spec.layout)))
+                    alignment=row_alignment(spec.dtype, _aligned_values((x, grad_output), spec.layout)))
     x, grad_output = staged(x, desc), staged(grad_output, desc)
     pixels = desc.reduction_units(space)
     tiles = desc.grid(space)[:-1]

@@ -58,20 +58,24 @@ def clear_memo() -> None:
 
 def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.Tensor], ...], choice: Choice,
              pixels: PixelSpace, dtype: Optional[str] = None, target: Optional[str] = None,
-             epilogue: Epilogue = NO_EPILOGUE, weight_memory: str = "strided", alignment: int = 1) -> KernelDesc:
+             epilogue: Epilogue = NO_EPILOGUE, weight_memory: str = "strided",
+             rows: tuple[tuple[tuple[torch.Tensor, int], ...], tuple[torch.Tensor, ...]] = ((), ())) -> KernelDesc:
     """The lowered description of kernel ``kind`` for a launch on ``tensors`` that tiles ``pixels`` (a
     default config fills the device with them): the target (``target``, else their device's) and its TF32
     setting, 64-bit offsets when some offset or the flattened pixel index needs them, the layout of the
-    weight it is given (``weight_memory``, see weights.layout_of) and what its activations' row and channel
-    strides are multiples of (``alignment``, see lowering.row_alignment)."""
+    weight it is given (``weight_memory``, see weights.layout_of) and what the row and pixel starts of the
+    activations it reads and writes are multiples of (``rows``: the activations it reads, each with its
+    channel count, and those it writes; _aligned_rows)."""
     device = tensors[0].device
     # an element's offset from its tensor's start is below its storage's size: a cheap, safe bound
     largest = max(tensor.untyped_storage().nbytes() // tensor.element_size() - 1 for tensor in tensors
                   if tensor is not None)
     target = target or device_target(device)
-    return lowered_for(spec, kind, dtype or spec.dtype, choice, target == "interpreter",
-                       allows_tf32(device) if device.type == "cuda" else False,
-                       needs_wide_index(largest, pixels.pixels), pixels, epilogue, weight_memory, alignment)
+    facts = (dtype or spec.dtype, choice, target == "interpreter", allows_tf32(device) if device.type == "cuda" else False,
+             needs_wide_index(largest, pixels.pixels), pixels, epilogue, weight_memory)
+    desc = lowered_for(spec, kind, *facts)
+    alignment = _aligned_rows(spec, desc, *rows) if spec is not None else 1
+    return desc if alignment == 1 else lowered_for(spec, kind, *facts, alignment)
 
 
 # how a launch derives an operand from the tensor it is given, by name (see Launch.derived)
@@ -263,11 +267,15 @@ def _aligned_row_values(activation: torch.Tensor, layout: str) -> tuple[int, ...
     return tuple(values)
 
 
-def _aligned_values(activations: tuple[torch.Tensor, ...], layout: str, staged_channels: int = 0) -> tuple[int, ...]:
-    """What the row and pixel starts of ``activations`` are (_aligned_row_values), and the channel count of a
-    channels_last copy the launch may stage of the first (its pixel strides are multiples of it; 0: none)."""
-    values = [value for activation in activations for value in _aligned_row_values(activation, layout)]
-    return tuple(values + ([staged_channels] if staged_channels else []))
+def _aligned_rows(spec: ConvSpec, desc: KernelDesc, read: tuple[tuple[torch.Tensor, int], ...],
+                  written: tuple[torch.Tensor, ...]) -> int:
+    """What the row and pixel starts of the activations the kernel of ``desc`` reads (each with its channel
+    count) and writes are multiples of (lowering.row_alignment over _aligned_row_values): a read activation
+    that the launch stages is its channels_last copy, whose pixel strides are multiples of its channels."""
+    values = [value for activation, channels in read
+              for value in ((channels,) if desc.stage_channels_last else _aligned_row_values(activation, spec.layout))]
+    values += [value for activation in written for value in _aligned_row_values(activation, spec.layout)]
+    return row_alignment(spec.dtype, tuple(values))
 
 
 def _weight_copy(weight: torch.Tensor, desc: KernelDesc) -> tuple[str, ...]:
@@ -302,8 +310,7 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
     epilogue = NO_EPILOGUE if activation == "none" and residual is None else Epilogue(activation, residual is not None)
     pixels = PixelSpace.of("forward", batch, height, width, out_height, out_width)
     desc = describe(spec, "forward", (x, weight, out, residual), choice, pixels, target=target, epilogue=epilogue,
-                    weight_memory=weights.layout_of(weight),
-                    alignment=row_alignment(spec.dtype, _aligned_values((x, out), spec.layout, spec.in_channels)))
+                    weight_memory=weights.layout_of(weight), rows=(((x, spec.in_channels),), (out,)))
     derived = (("weight", _weight_copy(weight, desc)), ("x", _staging(desc)))
     weight = weights.for_kernel(weight, desc)
     x = staged(x, desc)
@@ -333,10 +340,7 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
         return None if prepared is None else prepared.deriving("weight", "flipped").deriving("x", source="grad_output")
     pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,
-                    weight_memory=weights.layout_of(weight),
-                    # grad_out is read as it is in channels_last, else staged (igemm) or not read by rows
-                    alignment=row_alignment(spec.dtype, _aligned_values(
-                        (grad_output, grad_x) if spec.layout == "nhwc" else (grad_x,), spec.layout, spec.out_channels)))
+                    weight_memory=weights.layout_of(weight), rows=(((grad_output, spec.out_channels),), (grad_x,)))
     derived = (("weight", _weight_copy(weight, desc)), ("grad_output", _staging(desc)))
     weight = weights.for_kernel(weight, desc)
     grad_output = staged(grad_output, desc)
@@ -355,7 +359,7 @@ def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tens
     if space.pixels == 0:
         return None
     desc = describe(spec, "grad_weight", (x, grad_output, grad_w), choice, space, target=target,
-                    alignment=row_alignment(spec.dtype, _aligned_values((x, grad_output), spec.layout)))
+                    rows=(((x, spec.in_channels), (grad_output, spec.out_channels)), ()))
     x, grad_output = staged(x, desc), staged(grad_output, desc)
     pixels = desc.reduction_units(space)
     tiles = desc.grid(space)[:-1]

@@ -70,11 +70,11 @@ class Igemm(Family):
         return replace(tile, block_k=pow2_between(packed * reduced, 16, 64 if interpret else 32), num_warps=warps)
 
     def reads_aligned_rows(self, spec: ConvSpec, band_dot: str, kind: str = "forward") -> bool:
-        """Forward and grad-input read channels_last pixels and write their output as vectors when the
-        launch's pixel and row starts are known to be aligned: each pixel's channels (channel counts that
-        are multiples of 8 but not of 16, RegNetY's 888, were loaded element by element), and an output
-        that is not channels_last along its rows (16-byte vectors along the width, not 2-byte elements)."""
-        return kind in ("forward", "grad_input")
+        """Every igemm kernel reads channels_last pixels as vectors when the launch's pixel starts are known
+        to be aligned (channel counts that are multiples of 8 but not of 16, RegNetY's 888, were loaded
+        element by element), and forward and grad-input write an output that is not channels_last along
+        its rows (16-byte vectors along the width, not 2-byte elements)."""
+        return True
 
     def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
         """The reduction step follows the packed groups, the warps the tile."""

@@ -1,0 +1,90 @@
+"""The launch's row and pixel alignment (runtime/launch.py _aligned_rows): a kernel rounds the strides it reads
+and writes down to it (templates/_shared.jinja aligned_rows) so that Triton can prove vector accesses, which is
+only sound while every rounded value really is a multiple. Here each kernel that rounds is handed views whose
+rows, channels or pixels are not aligned, through the launcher itself (any output strides), and must match
+torch in float64 with every element written; and an aligned launch must take the rounded (vector) variant."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice
+from gconvgen.ir import ConvSpec
+from gconvgen.runtime import launch
+from conftest import assert_close
+
+
+def _view(shape: tuple[int, ...], layout: str, pad: tuple[int, int, int]) -> torch.Tensor:
+    """A NaN-filled [N, C, H, W]-indexed view of ``layout`` memory with ``pad`` = (channels, rows, columns) of
+    slack, so that its channel, row and pixel strides are whatever the slack makes them."""
+    n, c, h, w = shape
+    extra_c, extra_h, extra_w = pad
+    if layout == "nhwc":
+        return torch.full((n, h + extra_h, w + extra_w, c + extra_c), float("nan"))[:, :h, :w, :c].permute(0, 3, 1, 2)
+    return torch.full((n, c + extra_c, h + extra_h, w + extra_w), float("nan"))[:, :c, :h, :w]
+
+
+SLACK = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (3, 0, 5)]
+CASES = [  # channels in, out, groups, kernel, stride, padding (top, bottom, left, right), family
+    (16, 16, 2, (3, 3), (1, 1), (1, 1, 1, 1), "igemm"),
+    (16, 16, 16, (1, 3), (1, 1), (0, 0, 2, 0), "depthwise1d"),
+    (16, 16, 16, (3, 3), (1, 1), (1, 1, 1, 1), "depthwise_gemm"),
+]
+
+
+@pytest.mark.parametrize("slack", SLACK, ids=lambda s: "slack-%d-%d-%d" % s)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("in_c, out_c, groups, kernel, stride, padding, family", CASES,
+                         ids=[case[-1] for case in CASES])
+def test_forward_into_unaligned_outputs(in_c, out_c, groups, kernel, stride, padding, family, layout, slack):
+    spec = ConvSpec(in_c, out_c, groups, kernel, stride, padding, layout=layout)
+    x = torch.randn(2, in_c, 5, 16)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out_c, in_c // groups, *kernel)
+    expected = F.conv2d(F.pad(x.double(), (padding[2], padding[3], padding[0], padding[1])), weight.double(),
+                        stride=stride, groups=groups)
+    out = _view(tuple(expected.shape), layout, slack)
+    launch.forward(spec, x, weight, None, out, Choice(KERNEL, None, family))
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("slack", SLACK, ids=lambda s: "slack-%d-%d-%d" % s)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_igemm_grad_input_into_unaligned_views(layout, slack):
+    spec = ConvSpec(16, 16, 2, (3, 3), (1, 1), (1, 1, 1, 1), layout=layout)
+    grad_out, weight = torch.randn(2, 16, 5, 16), torch.randn(16, 8, 3, 3)
+    if layout == "nhwc":
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.grad.conv2d_input((2, 16, 5, 16), weight.double(), grad_out.double(), padding=1, groups=2)
+    grad_x = _view((2, 16, 5, 16), layout, slack)
+    launch.grad_input(spec, grad_out, weight, grad_x, Choice(KERNEL, None, "igemm"))
+    assert_close(grad_x, expected, torch.float32)
+
+
+@pytest.mark.parametrize("slack", SLACK, ids=lambda s: "slack-%d-%d-%d" % s)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("groups, family", [(2, "igemm"), (16, "depthwise_gemm")])
+def test_grad_weight_from_unaligned_views(groups, family, layout, slack):
+    spec = ConvSpec(16, 16, groups, (3, 3), (1, 1), (1, 1, 1, 1), layout=layout)
+    x, grad_out = _view((2, 16, 5, 16), layout, slack), _view((2, 16, 5, 16), layout, slack[::-1])
+    x.copy_(torch.randn(x.shape))
+    grad_out.copy_(torch.randn(grad_out.shape))
+    expected = torch.nn.grad.conv2d_weight(x.double(), (16, 16 // groups, 3, 3), grad_out.double(), padding=1,
+                                           groups=groups)
+    grad_w = torch.full((16, 16 // groups, 3, 3), float("nan"))
+    launch.grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, None, family), splits=2)
+    assert_close(grad_w, expected, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_an_aligned_igemm_launch_takes_the_vector_variant(layout):
+    spec = ConvSpec(16, 16, 2, (3, 3), (1, 1), (1, 1, 1, 1), layout=layout)
+    x, weight = torch.randn(2, 16, 5, 16), torch.randn(16, 8, 3, 3)
+    out = torch.empty(2, 16, 5, 16)
+    if layout == "nhwc":
+        x, out = (t.contiguous(memory_format=torch.channels_last) for t in (x, out))
+    assert launch.prepare_forward(spec, x, weight, None, out, DEFAULT).desc.row_alignment == 4  # 16 B of float32
+    unaligned = _view((2, 16, 5, 16), layout, (1, 1, 1))
+    assert launch.prepare_forward(spec, x, weight, None, unaligned, DEFAULT).desc.row_alignment == 1

@@ -37,6 +37,24 @@ def test_rows_narrower_than_a_half_strip_take_the_direct_kernel_by_default(width
     assert prepared.desc.family == family
 
 
+def test_a_tuned_config_without_a_family_runs_the_family_it_was_checked_for():
+    """A record naming no family is checked against the planner's first grad-weight family (choice._usable);
+    the launch runs that one, even on rows narrow enough that an untuned launch takes the direct kernel."""
+    spec = ConvSpec(8, 8, 8, (3, 3), padding=(1, 1, 1, 1), dtype="bfloat16")
+    x, grad_out = torch.randn(1, 8, 4, 4).bfloat16(), torch.randn(1, 8, 4, 4).bfloat16()
+    grad_w = torch.empty(8, 1, 3, 3, dtype=torch.bfloat16)
+    assert launch.prepare_grad_weight(spec, x, grad_out, grad_w).desc.family == "depthwise"
+    tuned = launch.prepare_grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, KernelConfig(16, 4, 16, 4, 1), None))
+    assert tuned.desc.family == "depthwise_gemm"
+
+
+def test_a_grad_input_choice_of_a_family_without_that_kernel_is_refused():
+    spec = ConvSpec(8, 8, 8, (3, 3), (2, 2), (1, 1, 1, 1))
+    grad_out, weight = torch.randn(1, 8, 3, 3), torch.randn(8, 1, 3, 3)
+    with pytest.raises(ValueError, match="family='depthwise_gemm' has no grad_input kernel"):
+        launch.grad_input(spec, grad_out, weight, torch.empty(1, 8, 5, 5), Choice(KERNEL, None, "depthwise_gemm"))
+
+
 def test_a_family_without_that_grad_weight_kernel_is_refused():
     spec = ConvSpec(8, 8, 2, (3, 3), dtype="bfloat16")
     x, grad_out = torch.randn(1, 8, 5, 5).bfloat16(), torch.randn(1, 8, 3, 3).bfloat16()

@@ -102,7 +102,8 @@ class KernelDesc:
     accumulator: str            # tl.float32, or tl.float64 for float64
     halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
     halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4; families.depthwise1d.halo_tile); else 0
-    row_alignment: int          # depthwise1d, banded rows: what each row's and channel's first element is a multiple of
+    row_alignment: int          # kernels reading or writing vectors (Family.reads_aligned_rows): what
+    #                             every row, channel and pixel start they read and write is a multiple of
     weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi, band or strided
     band_dot: str               # depthwise_gemm: "rows" (a 2-D dot per channel) or "channels" (batched); else "none"
     band_shift: int             # banded rows: input columns a strip's band starts before its window (an aligned column)
@@ -188,21 +189,29 @@ class Context:
 
 
 def choose_family(fields: dict, ctx: Context) -> None:
-    """Forward and grad-weight: the tuned family, else the planner's default (grad-weight: the first offered
-    that suits the launch's pixels, Family.suits); grad-input: the plan's backward family (its transposed
+    """Forward and grad-weight: the choice's family, else the planner's default (an untuned grad-weight: the
+    first offered that suits the launch's pixels, Family.suits; a config without a family: the first
+    offered, which choice._usable checked it against); grad-input: the plan's backward family (its transposed
     route is a forward launch)."""
     if ctx.kind == "grad_bias":
         fields.update(family=GRAD_BIAS_FAMILY, template=TEMPLATES["grad_bias", GRAD_BIAS_FAMILY], spec=None)
         return
     conv_plan = ctx.plan
-    offered, default = {"forward": (conv_plan.families, conv_plan.family),
-                        "grad_weight": (conv_plan.grad_weight_families, conv_plan.grad_weight_families[0]),
-                        }.get(ctx.kind, (None, conv_plan.backward_family))
-    if ctx.kind == "grad_weight" and ctx.pixels is not None:  # the first offered family that suits the launch
+    if ctx.kind == "grad_input":  # the direct kernel; a transposed choice is a forward launch
+        direct = conv_plan.backward_family
+        check(ctx.choice.family in (None, direct),
+              f"family={ctx.choice.family!r} has no grad_input kernel for {conv_plan.spec}; use {direct!r}, or a "
+              f"transposed choice of a forward family (plan.grad_input_offers)")
+        fields.update(family=direct, template=TEMPLATES["grad_input", direct], spec=conv_plan.spec)
+        return
+    offered = conv_plan.families if ctx.kind == "forward" else conv_plan.grad_weight_families
+    default = conv_plan.family if ctx.kind == "forward" else offered[0]
+    if ctx.kind == "grad_weight" and ctx.choice.config is None and ctx.pixels is not None:
+        # untuned: the first offered family that suits the launch's pixels
         default = next((name for name in offered if family(name).suits(conv_plan.spec, ctx.kind, ctx.pixels)),
                        default)
     chosen = ctx.choice.family or default
-    check(offered is None or chosen in offered,
+    check(chosen in offered,
           f"family={chosen!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; use one of {offered}")
     fields.update(family=chosen, template=TEMPLATES[ctx.kind, chosen], spec=conv_plan.spec)
 
@@ -281,9 +290,10 @@ def choose_band_dot(fields: dict, ctx: Context) -> None:
 
 
 def choose_row_alignment(fields: dict, ctx: Context) -> None:
-    """Kernels that read activation rows along the contiguous width as vectors, depthwise1d and the banded
-    kernel's "rows" dot on NCHW, take the launch's row alignment (ctx.row_alignment: what every row's and
-    channel's first element is a multiple of). The banded kernel also starts each strip's input band
+    """Kernels that read or write activations as vectors (Family.reads_aligned_rows: depthwise1d, the banded
+    kernel's "rows" dot on NCHW, igemm's channels_last pixels and NCHW output rows) take the launch's row
+    alignment (ctx.row_alignment: what every row, channel and pixel start the kernel reads and writes is a
+    multiple of, runtime/launch.py _aligned_rows). The banded kernel also starts each strip's input band
     band_shift columns before its window, on an aligned column (strips are BLOCK_K x stride >= 16 columns
     apart), so its rows are aligned vector loads (cp.async on sm_90); its band matrices start as many columns
     later (runtime/weights.py band_copy). Others: 1 and 0."""
@@ -332,7 +342,7 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_band_dot", choose_band_dot),                  # banded kernel: 2-D dot by rows, or batched over channels
     ("choose_row_alignment", choose_row_alignment),        # vector loads along aligned rows (depthwise1d, banded)
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
-    ("choose_halo", choose_halo),                          # depthwise1d's input window around its tile
+    ("choose_halo", choose_halo),                          # depthwise1d's window, the banded grad-weight's band
     ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight: the taps summed at once
     ("pack_groups", pack_groups),                          # narrow groups share an igemm program
 ]

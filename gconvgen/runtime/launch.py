@@ -250,9 +250,9 @@ def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = (
 
 def _aligned_row_values(activation: torch.Tensor, layout: str) -> tuple[int, ...]:
     """Every value of an NCHW-indexed activation that a row-aligned kernel writes rounded down to its row
-    alignment (templates/depthwise1d.py.jinja, depthwise_gemm.py.jinja): the batch and height strides, and
-    where the channels are not the contiguous dimension (``layout`` is not 'nhwc', see
-    lowering.choose_layout_constants) the channel stride and the width. A stride counts whatever its value
+    alignment (templates/_shared.jinja aligned_rows): the batch and height strides, and where the channels
+    are not the contiguous dimension (``layout`` is not 'nhwc', see lowering.choose_layout_constants) the
+    channel stride and the width, else the width (pixel) stride. A stride counts whatever its value
     (a unit channel stride or an odd width makes the alignment 1: rounding must never change a value the
     kernel indexes with); only a dimension of size 1 is left out, whose index is always 0 (or, along the
     height, outside [0, 1) and masked)."""

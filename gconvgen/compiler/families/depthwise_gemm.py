@@ -62,14 +62,21 @@ def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
 
 def kernel_rows_at_once(spec: ConvSpec, config: KernelConfig, halo_tile: int) -> int:
     """The kernel rows a grad-weight pass holds (KernelDesc.tap_tile), so that one grad_out tile serves them
-    all: as many as ACCUMULATOR_REGISTERS allow, each [channels in flight, block_k, main tile + halo_tile] fp32,
-    up to KERNEL_ROWS_AT_ONCE (RepLKNet's k27 on a 14 x 14 map took all 27 rows at 16-column strips and spilled
-    208 B), in even passes (k7 at 3 a pass: 3 + 2 + 2)."""
+    all: as many as ACCUMULATOR_REGISTERS allow, each [channels in flight, block_k, main tile + halo_tile]
+    accumulators (two registers each in float64), up to KERNEL_ROWS_AT_ONCE (RepLKNet's k27 on a 14 x 14 map
+    took all 27 rows at 16-column strips and spilled 208 B); then the fewest rows a pass that keeps that many
+    passes (k7 at 5 a pass: 4 + 3)."""
     channels = config.block_n if band_dot(spec) == "channels" else 1
-    per_row = channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile)
+    per_row = (channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile)
+               * _registers_per_accumulator(spec))
     at_once = max(1, min(KERNEL_ROWS_AT_ONCE, ACCUMULATOR_REGISTERS[band_dot(spec)] * 32 * config.num_warps // per_row))
     kernel_h = spec.kernel_size[0]
     return cdiv(kernel_h, cdiv(kernel_h, at_once))
+
+
+def _registers_per_accumulator(spec: ConvSpec) -> int:
+    """A grad-weight accumulator is float64 in float64 (two registers), else float32."""
+    return 2 if spec.dtype == "float64" else 1
 
 
 def grad_weight_main(spec: ConvSpec, block_k: int) -> int:
@@ -103,8 +110,9 @@ class DepthwiseGemm(Family):
         return 0 if spec.dtype in ("float16", "bfloat16") else 2
 
     def suits(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
-        """grad-weight: output rows of at least 8 columns, so a strip (16 at the least) is half full or more (a
-        one-token row modelled 0.2-0.4% of its floor against the direct kernel's 2.3-3.7%)."""
+        """grad-weight: output rows of at least MIN_GRAD_WEIGHT_ROW columns, so a strip (16 at the least) is
+        half full or more (a one-token row modelled 0.2-0.4% of its floor against the direct kernel's
+        2.3-3.7%)."""
         return kind != "grad_weight" or pixels.width >= MIN_GRAD_WEIGHT_ROW
 
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
@@ -147,10 +155,11 @@ class DepthwiseGemm(Family):
         return config
 
     def _row_accumulators(self, config: KernelConfig, spec: ConvSpec) -> int:
-        """fp32 accumulators of one kernel row of a grad-weight pass (the halo taken at band_shift 0)."""
+        """Accumulator registers of one kernel row of a grad-weight pass (the halo taken at band_shift 0)."""
         channels = config.block_n if band_dot(spec) == "channels" else 1
         halo_tile = self.halo(spec, config, "grad_weight", 0)[1]
-        return channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile)
+        return (channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile)
+                * _registers_per_accumulator(spec))
 
     @staticmethod
     def _budget(config: KernelConfig, spec: ConvSpec) -> int:

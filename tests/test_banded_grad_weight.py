@@ -135,3 +135,16 @@ def test_depthwise_grad_weight_on_tensor_cores_for_sm90():
         assert row["tensor_core"] == ("wgmma" if row["layout"] == "nchw" else "mma.sync"), row
         assert row["bytes"] <= 4.05, row
         assert row["percent"] >= 24.0, row
+
+
+def test_the_gpu_search_space_keeps_one_kernel_rows_accumulators_in_registers():
+    """No pass holds less than one kernel row: the space drops configs whose row of accumulators passes 128
+    registers a thread, before its layout rule (causal k256 in channels_last fits 4 channels at most)."""
+    from gconvgen.autotune.space import DeviceFacts, Problem, load_space
+    from gconvgen.compiler.families import family
+    spec = ConvSpec(128, 128, 128, (1, 256), padding=(0, 0, 255, 0), dtype="bfloat16", layout="nhwc")
+    problem = Problem(spec, 8, 1, 2048, "grad_weight")
+    kept = load_space("grad_weight_depthwise_gemm", "gpu").stage_one(problem, DeviceFacts("NVIDIA H200", 132, 232448))
+    assert kept and max(config.block_n for config in kept) <= 4
+    for config in kept:
+        assert family("depthwise_gemm").accumulator_registers(config, spec, "grad_weight") <= 128 * 32 * config.num_warps

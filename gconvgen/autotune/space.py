@@ -193,6 +193,15 @@ def shared_memory_fits(configs, problem, facts, family, params):
     return [c for c in configs if owner.operand_bytes(c, problem.spec) <= limit]
 
 
+def accumulators_fit(configs, problem, facts, family, params):
+    """Drop configs whose accumulators need more than max_registers registers a thread
+    (Family.accumulator_registers: the banded grad-weight's one kernel row at the least, which no pass
+    can split further)."""
+    owner = family_of_space(family)
+    return [c for c in configs
+            if owner.accumulator_registers(c, problem.spec, problem.kind) <= params["max_registers"] * 32 * c.num_warps]
+
+
 def channels_per_warp(configs, problem, facts, family, params):
     """Keep tiles whose channel tile gives every warp at least ``min`` channels (block_n >= min x num_warps)."""
     return [c for c in configs if c.block_n >= params["min"] * c.num_warps]
@@ -215,6 +224,7 @@ def fills_the_gpu(configs, problem, facts, family, params):
 
 RULES: dict[str, Rule] = {rule.__name__: rule for rule in (
     tile_within, group_packing, tile_elements, tile_fits_layout, shared_memory_fits, fills_the_gpu, channels_per_warp,
+    accumulators_fit,
 )}
 
 

@@ -108,6 +108,10 @@ class Family:
         """What a tile's block_m x block_n outputs are multiplied by in registers (tile_elements)."""
         return 1
 
+    def accumulator_registers(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
+        """Registers the least accumulator a program of kernel ``kind`` must hold (0: left to tile_elements)."""
+        return 0
+
     def operand_bytes(self, config: KernelConfig, spec: ConvSpec) -> int:
         """Shared memory the pipelined operand tiles take: num_stages x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_N)."""
         return (config.num_stages * (config.block_m * config.block_k + config.block_k * config.block_n)

@@ -154,6 +154,10 @@ class DepthwiseGemm(Family):
             config = replace(config, block_n=config.block_n // 2)  # a wide window's halo (causal k256)
         return config
 
+    def accumulator_registers(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
+        """grad-weight: one kernel row's accumulators, what a pass holds at the least."""
+        return self._row_accumulators(config, spec) if kind == "grad_weight" else 0
+
     def _row_accumulators(self, config: KernelConfig, spec: ConvSpec) -> int:
         """Accumulator registers of one kernel row of a grad-weight pass (the halo taken at band_shift 0)."""
         channels = config.block_n if band_dot(spec) == "channels" else 1

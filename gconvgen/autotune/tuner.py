@@ -17,7 +17,7 @@ import torch
 
 from .. import knobs
 from ..ir import check
-from ..compiler.lowering import ATEN, KERNEL, Choice, KernelConfig, default_config, family as family_named
+from ..compiler.lowering import ATEN, KERNEL, Choice, KernelConfig, default_config, suiting_first
 from ..compiler.plan import grad_input_offers, planned, transposed_conv
 from ..runtime import launch
 from ..runtime.device import allows_tf32
@@ -171,9 +171,8 @@ def _search_spaces(problem: Problem) -> list[tuple[str, str, Problem, bool]]:
         forward = None if transposed is None else Problem(transposed, problem.batch, *problem.output_size)
         return [(family, family, forward, True) if is_transposed else (family, f"grad_input_{family}", problem, False)
                 for family, is_transposed in grad_input_offers(spec, budget)]
-    offered = planned(spec, budget).grad_weight_families
     # the family an untuned call runs first (the first that suits the launch's pixels, Family.suits)
-    offered = sorted(offered, key=lambda name: not family_named(name).suits(spec, "grad_weight", problem.pixel_space))
+    offered = suiting_first(planned(spec, budget).grad_weight_families, spec, "grad_weight", problem.pixel_space)
     return [(family, f"{problem.kind}_{family}", problem, False) for family in offered]
 
 

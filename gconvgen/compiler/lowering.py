@@ -23,7 +23,7 @@ from .plan import Plan, planned
 # the families' and tiles' names are re-exported: a config is part of the lowered description
 from .families import (  # noqa: F401
     FAMILIES as _REGISTRY, GRAD_BIAS_FAMILY, TEMPLATES, check_config, default_config, family, grid_of,
-    groups_per_program)
+    groups_per_program, suiting_first)
 from .families.depthwise import depthwise_grad_weight_config, tap_tile  # noqa: F401
 from .families.depthwise1d import window_halo  # noqa: F401
 from .families.depthwise_gemm import band_dot, band_operand_bytes, band_steps  # noqa: F401
@@ -207,9 +207,7 @@ def choose_family(fields: dict, ctx: Context) -> None:
     offered = conv_plan.families if ctx.kind == "forward" else conv_plan.grad_weight_families
     default = conv_plan.family if ctx.kind == "forward" else offered[0]
     if ctx.kind == "grad_weight" and ctx.choice.config is None and ctx.pixels is not None:
-        # untuned: the first offered family that suits the launch's pixels
-        default = next((name for name in offered if family(name).suits(conv_plan.spec, ctx.kind, ctx.pixels)),
-                       default)
+        default = suiting_first(offered, conv_plan.spec, ctx.kind, ctx.pixels)[0]  # untuned: the first that suits
     chosen = ctx.choice.family or default
     check(chosen in offered,
           f"family={chosen!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; use one of {offered}")

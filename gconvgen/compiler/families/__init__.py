@@ -55,6 +55,12 @@ def grad_weight_families(spec: ConvSpec) -> tuple[str, ...]:
     return tuple(name for _, _, name in sorted(ranked))
 
 
+def suiting_first(names: tuple[str, ...], spec: ConvSpec, kind: str, pixels: PixelSpace) -> tuple[str, ...]:
+    """``names`` in their order, those whose family suits a launch of kernel ``kind`` over ``pixels`` first
+    (Family.suits): the first is the one an untuned launch takes."""
+    return tuple(sorted(names, key=lambda name: not family(name).suits(spec, kind, pixels)))
+
+
 def backward_family(spec: ConvSpec) -> str:
     """The family whose gradient kernels compute ``spec``'s input and weight gradients."""
     return next(name for name, candidate in FAMILIES.items() if candidate.computes_backward(spec))

@@ -66,17 +66,22 @@ def kernel_rows_at_once(spec: ConvSpec, config: KernelConfig, halo_tile: int) ->
     accumulators (two registers each in float64), up to KERNEL_ROWS_AT_ONCE (RepLKNet's k27 on a 14 x 14 map
     took all 27 rows at 16-column strips and spilled 208 B); then the fewest rows a pass that keeps that many
     passes (k7 at 5 a pass: 4 + 3)."""
-    channels = config.block_n if band_dot(spec) == "channels" else 1
-    per_row = (channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile)
-               * _registers_per_accumulator(spec))
-    at_once = max(1, min(KERNEL_ROWS_AT_ONCE, ACCUMULATOR_REGISTERS[band_dot(spec)] * 32 * config.num_warps // per_row))
+    at_once = max(1, min(KERNEL_ROWS_AT_ONCE, accumulator_budget(spec, config) // row_accumulators(spec, config, halo_tile)))
     kernel_h = spec.kernel_size[0]
     return cdiv(kernel_h, cdiv(kernel_h, at_once))
 
 
-def _registers_per_accumulator(spec: ConvSpec) -> int:
-    """A grad-weight accumulator is float64 in float64 (two registers), else float32."""
-    return 2 if spec.dtype == "float64" else 1
+def row_accumulators(spec: ConvSpec, config: KernelConfig, halo_tile: int) -> int:
+    """Accumulator registers of one kernel row of a grad-weight pass: [channels in flight, block_k, main tile +
+    halo_tile], two registers each in float64."""
+    channels = config.block_n if band_dot(spec) == "channels" else 1
+    registers = 2 if spec.dtype == "float64" else 1
+    return channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile) * registers
+
+
+def accumulator_budget(spec: ConvSpec, config: KernelConfig) -> int:
+    """ACCUMULATOR_REGISTERS of every thread of ``config``."""
+    return ACCUMULATOR_REGISTERS[band_dot(spec)] * 32 * config.num_warps
 
 
 def grad_weight_main(spec: ConvSpec, block_k: int) -> int:
@@ -143,14 +148,14 @@ class DepthwiseGemm(Family):
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 4), 16, num_stages=1)
         if band_dot(spec) == "rows":
             config = KernelConfig(64, 1, 64, num_warps=8, num_stages=2)
-            while config.block_k > DOT_SIDES[0] and self._row_accumulators(config, spec) > self._budget(config, spec):
+            while config.block_k > DOT_SIDES[0] and self._row_accumulators(config, spec) > accumulator_budget(spec, config):
                 config = replace(config, block_k=config.block_k // 2)  # a wide window's halo (causal k256)
             return config
         # channel rows that are not whole 16-byte vectors (ShuffleNet's 116) load element by element, and 8
         # channels' element loads spilled 40 B: 4 channels then
         channels = 8 if spec.out_channels % 8 == 0 else 4
         config = KernelConfig(32, pow2_between(spec.out_channels, 1, channels), 16, num_warps=8, num_stages=1)
-        while config.block_n > 1 and self._row_accumulators(config, spec) > self._budget(config, spec):
+        while config.block_n > 1 and self._row_accumulators(config, spec) > accumulator_budget(spec, config):
             config = replace(config, block_n=config.block_n // 2)  # a wide window's halo (causal k256)
         return config
 
@@ -159,16 +164,8 @@ class DepthwiseGemm(Family):
         return self._row_accumulators(config, spec) if kind == "grad_weight" else 0
 
     def _row_accumulators(self, config: KernelConfig, spec: ConvSpec) -> int:
-        """Accumulator registers of one kernel row of a grad-weight pass (the halo taken at band_shift 0)."""
-        channels = config.block_n if band_dot(spec) == "channels" else 1
-        halo_tile = self.halo(spec, config, "grad_weight", 0)[1]
-        return (channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile)
-                * _registers_per_accumulator(spec))
-
-    @staticmethod
-    def _budget(config: KernelConfig, spec: ConvSpec) -> int:
-        """ACCUMULATOR_REGISTERS of every thread of ``config``."""
-        return ACCUMULATOR_REGISTERS[band_dot(spec)] * 32 * config.num_warps
+        """row_accumulators with the halo taken at band_shift 0 (before the launch's alignment is known)."""
+        return row_accumulators(spec, config, self.halo(spec, config, "grad_weight", 0)[1])
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """A grad-weight strip of 16 columns for output rows of 32 or fewer (32-column strips spilled 32-192 B on

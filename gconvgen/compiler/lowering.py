@@ -136,9 +136,9 @@ class KernelDesc:
         """The Triton function's name in the rendered module: ``gconvgen_`` + its uri."""
         return "gconvgen_" + self.uri
 
-    @property
+    @functools.cached_property
     def meta(self) -> dict:
-        """The launch keywords: the tile constexprs, num_warps and num_stages."""
+        """The launch keywords: the tile constexprs, num_warps and num_stages (built once a description)."""
         config = self.config
         return {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                 "GROUP_BLOCK": self.groups_per_program, "num_warps": config.num_warps, "num_stages": config.num_stages}

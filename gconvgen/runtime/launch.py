@@ -179,12 +179,21 @@ def run(prepared: Optional[Launch]):
     if prepared is None:
         return None
     device = prepared.result.device
-    kernel = kernel_of(prepared.desc, device_target(device))
-    with on_device(device):
-        compiled = kernel[prepared.grid](*prepared.values, **prepared.desc.meta)
-    if prepared.partials is not None:
-        _add_splits(prepared.partials, prepared.result)
+    compiled = _launched(prepared, device_target(device), device, prepared.values, prepared.partials,
+                         prepared.result)
     warm.note(prepared)
+    return compiled
+
+
+def _launched(prepared: Launch, target: str, device: torch.device, values, partials: Optional[torch.Tensor],
+              result: torch.Tensor):
+    """Launch ``prepared``'s kernel on ``values`` and add its split partials into ``result``: what a cold and a
+    warm launch share. Returns Triton's launch result."""
+    kernel = kernel_of(prepared.desc, target)  # the one loader: a dict lookup once loaded
+    with on_device(device):
+        compiled = kernel[prepared.grid](*values, **prepared.desc.meta)
+    if partials is not None:
+        _add_splits(partials, result)
     return compiled
 
 
@@ -202,22 +211,13 @@ class Warm:
     device: torch.device
     shape: torch.Size
     stride: tuple[int, ...]
-    meta: dict  # desc.meta, built once
-    dtype: torch.dtype
 
     def __call__(self, **tensors: Optional[torch.Tensor]) -> torch.Tensor:
         prepared = self.launch
-        result = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+        result = torch.empty_strided(self.shape, self.stride, dtype=prepared.result.dtype, device=self.device)
         tensors[prepared.output] = result
         values, partials = prepared.refilled(tensors, result)
-        kernel = kernel_of(prepared.desc, self.target)  # the one loader: a dict lookup once loaded
-        if self.target == "interpreter":
-            kernel[prepared.grid](*values, **self.meta)
-        else:
-            with on_device(self.device):
-                kernel[prepared.grid](*values, **self.meta)
-        if partials is not None:
-            _add_splits(partials, result)
+        _launched(prepared, self.target, self.device, values, partials, result)
         if warm.is_recording():  # a caller recording (rare on a warm call): give it the launch as run
             warm.note(replace(prepared, values=tuple(values), result=result, partials=partials))
         return result
@@ -232,8 +232,7 @@ def remember(key: Optional[tuple], launched: list[Launch], result: torch.Tensor)
         return
     ran = launched[0]
     device = ran.result.device
-    warm.keep(key, Warm(ran.without_tensors(), device_target(device), device, result.shape, result.stride(),
-                        ran.desc.meta, result.dtype))
+    warm.keep(key, Warm(ran.without_tensors(), device_target(device), device, result.shape, result.stride()))
 
 
 def _arguments(table: ArgumentTable, tensors: dict, scalars: tuple[int, ...] = ()) -> list:
@@ -338,7 +337,7 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
               f"a transposed grad-input choice for {spec}, which is not its own transpose")
     if transposed is not None:
         flipped = DERIVATIONS["flipped"](weight, None)
-        forward_choice = DEFAULT if choice == DEFAULT else Choice(choice.kind, choice.config, choice.family)
+        forward_choice = DEFAULT if choice == DEFAULT else replace(choice, transposed=False)
         prepared = prepare_forward(transposed, grad_output, flipped, None, grad_x, forward_choice, target)
         return None if prepared is None else prepared.deriving("weight", "flipped").deriving("x", source="grad_output")
     pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])

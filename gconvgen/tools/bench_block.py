@@ -8,7 +8,6 @@ over the output). On CPU everything runs through Triton's interpreter: timings s
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,6 +18,7 @@ from ..nn.conv2d import conv2d
 from ..autotune.measure import Measurement, Timer, cudnn_benchmark, random_activation
 from ..autotune.space import Problem
 from .bench import roofline
+from .inspection import geometric_mean
 from ..nn.fuse import fold_batch_norm
 from ..compiler.lowering import ELEMENT_BYTES
 from ..activations import apply as apply_activation
@@ -116,7 +116,7 @@ def format_block_table(rows: list[BlockRow], on_cpu: bool, *, markdown: bool = F
     notes = [f"{row.layer} {row.layout}: {row.note}" for row in rows if row.note]
     speedups = [row.speedup_over_eager for row in rows if row.speedup_over_eager]
     if speedups:
-        notes.append(f"geomean vs eager: {math.exp(sum(map(math.log, speedups)) / len(speedups)):.3g}x")
+        notes.append(f"geomean vs eager: {geometric_mean(speedups):.3g}x")
     if on_cpu:
         notes.append("CPU run: gconvgen ran through Triton's interpreter; these timings say nothing about GPU speed.")
     if markdown:

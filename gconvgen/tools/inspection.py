@@ -233,7 +233,7 @@ def issued_flops(desc: KernelDesc, problem: Problem, programs: int, arguments: d
     spec, config = desc.spec, desc.config
     taps = spec.kernel_size[0] * spec.kernel_size[1]
     passes = {"forward": taps, "grad_input": taps * spec.out_channels_per_group,
-              "grad_weight": -(-arguments.get("pixels_per_split", 0) // config.block_m)}[desc.kind]
+              "grad_weight": cdiv(arguments.get("pixels_per_split", 0), config.block_m)}[desc.kind]
     depth = family(desc.family).tile_depth(config, spec, desc.kind)
     return 2.0 * programs * config.block_m * config.block_n * depth * passes, ()
 

@@ -80,10 +80,13 @@ def test_final_states_out_is_written_and_returned():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("width", [2, 4])
-def test_packed_sequences_with_padding_match_each_sequence_alone(width, dtype):
-    """seq_idx packs sequences in a row (-1: padding, whose outputs are 0); the reference runs each alone."""
+@pytest.mark.parametrize("width, chunked", [(2, False), (4, False), (4, True)])
+def test_packed_sequences_with_padding_match_each_sequence_alone(width, chunked, dtype, monkeypatch):
+    """seq_idx packs sequences in a row (-1: padding, whose outputs are 0); the reference runs each alone.
+    ``chunked``: the outputs reading another sequence are computed again one at a time."""
     dim = 8
+    if chunked:
+        monkeypatch.setattr(gconvgen.nn.causal, "_WINDOW_ELEMENTS", width * dim)
     seqlens = [[3, 1, 6], [1, 1, 1, 5], [10]]
     padding = [2, 4, 0]
     seqlen = 12

@@ -1016,7 +1016,10 @@ class SequenceProblem:
     """gconvgen.conv1d as a sequence model's causal depthwise conv (causal-conv1d's causal_conv1d_fn):
     ``mode`` "initial_states" (the inputs before the first given; ``final`` also returns the last k - 1),
     "final_states" (return_final_states alone) or "seq_idx" (several sequences packed in a row, a negative
-    id a padded position whose output is 0); a float32 weight and bias with half input (``wide_weight``)."""
+    id a padded position whose output is 0: runs of ids along the row after leading padding, or with
+    ``scattered_ids`` any id of -1..2 at each position, so one sequence may resume after another); a float32
+    weight and bias with half input (``wide_weight``); ``nonfinite`` puts an inf and a NaN in x; ``grad``
+    also checks the gradients of x, the weight, the bias and the initial states (finite x only)."""
 
     batch: int
     channels: int
@@ -1030,6 +1033,9 @@ class SequenceProblem:
     residual: bool
     mode: str
     final: bool
+    scattered_ids: bool
+    nonfinite: bool
+    grad: bool
     seed: int
 
 
@@ -1043,7 +1049,8 @@ def sequence_problems(draw) -> SequenceProblem:
         wide_weight=dtype != "float32" and draw(st.booleans()), bias=draw(st.booleans()),
         activation=draw(st.sampled_from((None, "silu", "swish"))), residual=draw(st.booleans()), mode=mode,
         final=mode == "final_states" or (mode == "initial_states" and draw(st.booleans())),
-        seed=draw(st.integers(0, 2**31 - 1)))
+        scattered_ids=mode == "seq_idx" and draw(st.booleans()), nonfinite=draw(st.booleans()),
+        grad=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
 
 
 @settings(max_examples=budget(0.25))
@@ -1051,20 +1058,31 @@ def sequence_problems(draw) -> SequenceProblem:
 def test_conv1d_sequence_states(case, nan_filled_outputs):
     """Each output against a float64 sum over its window: the k - 1 inputs before it (those of another packed
     sequence, or before the row, are zeros; before the row, the initial states where given), then the input;
-    plus bias and residual, then SiLU. The final states are the last k - 1 inputs exactly."""
+    plus bias and residual, then SiLU. The final states are the last k - 1 inputs exactly. With ``grad``, the
+    gradients of that sum (autograd through it in float64)."""
     dtype = DTYPES[case.dtype]
     generator = torch.Generator().manual_seed(case.seed)
     n, c, length, k = case.batch, case.channels, case.length, case.kernel
     x = torch.randn(n, c, length, generator=generator).to(dtype)
+    grad = case.grad and not case.nonfinite
+    if case.nonfinite:
+        x.view(-1)[torch.randint(x.numel(), (2,), generator=generator)] = torch.tensor([float("inf"), float("nan")],
+                                                                                      dtype=dtype)
     weight_dtype = torch.float32 if case.wide_weight else dtype
     weight = torch.randn(c, 1, k, generator=generator).to(weight_dtype)
     bias = torch.randn(c, generator=generator).to(weight_dtype) if case.bias else None
     residual = torch.randn(n, c, length, generator=generator).to(dtype) if case.residual else None
     initial = torch.randn(n, c, k - 1, generator=generator).to(dtype) if case.mode == "initial_states" else None
     seq_idx = None
-    if case.mode == "seq_idx":  # sequences in order along each row; a leading run of -1 is padding
+    if case.mode == "seq_idx" and case.scattered_ids:
+        seq_idx = torch.randint(-1, 3, (n, length), generator=generator, dtype=torch.int32)
+    elif case.mode == "seq_idx":  # sequences in order along each row; a leading run of -1 is padding
         starts = torch.rand(n, length, generator=generator) < 0.25
         seq_idx = (starts.cumsum(dim=1) - (torch.rand(n, 1, generator=generator) < 0.5).long()).to(torch.int32)
+    leaves = {name: t for name, t in (("x", x), ("weight", weight), ("bias", bias), ("initial_states", initial))
+              if t is not None}
+    for leaf in leaves.values():
+        leaf.requires_grad_(grad)
 
     nlc = case.data_format == "NLC"
     to_api = (lambda t: t.transpose(1, 2)) if nlc else (lambda t: t)
@@ -1076,25 +1094,39 @@ def test_conv1d_sequence_states(case, nan_filled_outputs):
             initial_states=None if initial is None else to_api(initial), return_final_states=case.final)
     out, final = result if case.final else (result, None)
 
-    history = torch.cat([torch.zeros(n, c, k - 1, dtype=torch.float64) if initial is None else initial.double(),
-                         x.double()], dim=-1)  # position t of x is column t + k - 1
-    expected = torch.zeros(n, c, length, dtype=torch.float64)
+    leaves64 = {name: t.detach().double().requires_grad_(grad) for name, t in leaves.items()}
+    x64, weight64, bias64, initial64 = (leaves64.get(name) for name in ("x", "weight", "bias", "initial_states"))
+    history = torch.cat([torch.zeros(n, c, k - 1, dtype=torch.float64) if initial is None else initial64, x64],
+                        dim=-1)  # position t of x is column t + k - 1
+    columns = []
     for t in range(length):
-        value = torch.zeros(n, c, dtype=torch.float64) if bias is None else bias.double().expand(n, c).clone()
+        value = torch.zeros(n, c, dtype=torch.float64) if bias is None else bias64.expand(n, c)
         for tap in range(k):
             source = t - (k - 1 - tap)
-            term = weight.double()[:, 0, tap] * history[:, :, source + k - 1]
+            term = weight64[:, 0, tap] * history[:, :, source + k - 1]
             if seq_idx is not None:  # another sequence's input (or before the row) reads as zero
-                term = term * ((source >= 0) & (seq_idx[:, max(source, 0)] == seq_idx[:, t]))[:, None]
-            value += term
-        value += 0 if residual is None else residual[:, :, t].double()
+                same = (source >= 0) & (seq_idx[:, max(source, 0)] == seq_idx[:, t])
+                term = torch.where(same[:, None], term, 0.0)  # where, not *: inf x 0 is NaN
+            value = value + term
+        value = value + (0 if residual is None else residual[:, :, t].double())
         value = F.silu(value) if case.activation in ("silu", "swish") else value
-        expected[:, :, t] = value if seq_idx is None else value * (seq_idx[:, t] >= 0)[:, None]
+        columns.append(value if seq_idx is None else torch.where((seq_idx[:, t] >= 0)[:, None], value, 0.0))
+    expected = torch.stack(columns, dim=-1)
     assert out.dtype == dtype
-    assert_matches(to_api(out), expected, dtype, k)
+    assert_matches(to_api(out).detach(), expected.detach(), dtype, k)
     if case.final:
         assert final.dtype == dtype
-        assert torch.equal(to_api(final).double(), history[:, :, history.shape[-1] - (k - 1):]), "final states"
+        torch.testing.assert_close(to_api(final).double(), history[:, :, history.shape[-1] - (k - 1):].detach(),
+                                   rtol=0, atol=0, equal_nan=True, msg="final states")
+    if grad:
+        grad_out = torch.randn(n, c, length, generator=generator).to(dtype)
+        out.backward(to_api(grad_out))
+        expected.backward(grad_out.double())
+        for name, ours in leaves.items():
+            if ours.numel() == 0:  # k = 1: empty initial states, which no output reads
+                continue
+            assert ours.grad is not None and ours.grad.dtype == ours.dtype, name
+            assert_matches(ours.grad, leaves64[name].grad, ours.dtype, n * length, what=f"grad {name}")
 
 
 # ---------------------------------------------------------------------------------------------- the fuzz's domain

@@ -9,14 +9,14 @@ bfloat16 x: x is read as float32 and the output rounded once to x's dtype), and 
 "silu" or "swish".
 
 What runs where:
-- ``causal_conv1d_fn`` without ``seq_idx`` is gconvgen.conv1d's generated depthwise kernel with the causal
-  padding and the fused SiLU, forward and backward (deterministic: no atomics). ``initial_states`` are
-  placed before x (one copy of x) and the conv runs unpadded over both; ``final_states`` are the last
-  width - 1 inputs. When the weight's dtype differs from x's, x is cast to it first (one copy).
-- ``seq_idx`` (several sequences packed in one row) masks, for every output, the taps that reach into
-  another sequence, and writes 0 where seq_idx is negative (padding), as causal-conv1d's kernel does. It is
-  computed with torch ops, one pass over x per tap in the accumulator's precision, differentiable: correct,
-  not yet at the generated kernel's speed.
+- ``causal_conv1d_fn`` is gconvgen.conv1d's generated depthwise kernel with the causal padding and the fused
+  SiLU, one pass over whole rows, forward and backward (deterministic: no atomics). The outputs whose window
+  reaches past what that pass saw are computed again and written over it (causal_depthwise): with
+  ``initial_states`` the first width - 1 outputs, from the states and the first inputs; with ``seq_idx``
+  (several sequences packed in one row) the outputs with a tap reaching into another sequence, that tap
+  masked, and 0 where seq_idx is negative (padding), as causal-conv1d's kernel does. Neither x nor the output
+  is copied for them; ``final_states`` are the last width - 1 inputs. When the weight's dtype differs from
+  x's, x is cast to it first (one copy).
 - ``causal_conv1d_update`` (decode: one or several new tokens per sequence from a rolling or circular
   state, a state pool indexed per request with -1 for a padded slot) and ``causal_conv1d_varlen_states`` are
   a few hundred kilobytes of gathers and length-``width`` dot products per step, written with torch ops.
@@ -131,47 +131,78 @@ def causal_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """causal_conv1d_fn's computation on checked arguments (x [batch, dim, seqlen], weight (dim, width)),
     with ``activation`` None or "silu" and a ``residual`` [batch, dim, seqlen] added before it: (out in x's
-    dtype, the final states [batch, dim, width - 1] in x's dtype). Computed in the weight's precision."""
+    dtype, the final states [batch, dim, width - 1] in x's dtype). Computed in the weight's precision.
+
+    The generated kernel runs the causal conv over whole rows (zeros before t = 0), once. Only outputs whose
+    window reaches past what the kernel saw are computed again and written over its: the first width - 1
+    with ``initial_states`` (from those states and the first inputs), the outputs reading another packed
+    sequence with ``seq_idx`` (their taps into it masked); padded positions (negative seq_idx) are set to 0.
+    So neither x nor the output is copied for them (x is cast once where the weight is wider)."""
     width = weight.shape[1]
     compute = _compute_dtype(x, weight)
     x_in = x.to(compute)
     weight_in = weight.to(compute)
     bias_in = None if bias is None else bias.to(compute)
     residual_in = None if residual is None else residual.to(compute)
+    out = _causal_conv(x_in, weight_in, bias_in, activation, residual_in, left=width - 1)
+    head = min(width - 1, x.shape[-1])
+    if initial_states is not None and head:
+        # outputs t < width - 1 read the states: the unpadded conv of (states, their first inputs)
+        window = torch.cat([initial_states.to(compute), x_in[..., :head]], dim=-1)
+        out[..., :head] = _causal_conv(window, weight_in, bias_in, activation,
+                                       None if residual_in is None else residual_in[..., :head], left=0)
     if seq_idx is not None:
-        out = _packed_sequences(x_in, weight_in, bias_in, seq_idx, activation, residual_in)
-    else:
-        if initial_states is not None:
-            x_in = torch.cat([initial_states.to(compute), x_in], dim=-1)
-        left = width - 1 if initial_states is None else 0
-        # the 1-D conv as the 2-D one with height 1 (as gconvgen.conv1d runs it): [N, C, 1, L], weight [C, 1, 1, k]
-        out = conv2d(x_in.unsqueeze(2), weight_in[:, None, None, :], bias_in, padding=(0, 0, left, 0),
-                     groups=x.shape[1], activation=activation,
-                     residual=None if residual_in is None else residual_in.unsqueeze(2)).squeeze(2)
-    history = x_in if initial_states is not None else x
-    final_states = F.pad(history, (width - 1, 0))[..., -(width - 1):] if width > 1 else history[..., :0]
+        _rewrite_packed(out, x_in, weight_in, bias_in, seq_idx, activation, residual_in)
+    states = x_in[..., x.shape[-1] - head:]
+    before = (initial_states.to(compute) if initial_states is not None
+              else x_in.new_zeros(*x.shape[:2], width - 1))
+    final_states = torch.cat([before, states], dim=-1)[..., head:]  # the last width - 1 inputs
     return out.to(x.dtype), final_states.to(x.dtype)
 
 
-def _packed_sequences(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      seq_idx: torch.Tensor, activation: Optional[str],
-                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The causal conv of rows holding several sequences (see causal_conv1d_fn): a tap j of output t reads
-    x[t - j] only where seq_idx agrees; outputs of negative seq_idx are 0. Accumulated in float32 (float64
-    for float64), one pass over x per tap."""
+def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str],
+                 residual: Optional[torch.Tensor], left: int) -> torch.Tensor:
+    """act(conv + bias + residual) of x [N, C, L] by weight (C, k), ``left`` zeros before x, as gconvgen.conv1d
+    runs it: the 2-D conv with height 1 on views [N, C, 1, L] and weight [C, 1, 1, k]."""
+    return conv2d(x.unsqueeze(2), weight[:, None, None, :], bias, padding=(0, 0, left, 0), groups=x.shape[1],
+                  activation=activation, residual=None if residual is None else residual.unsqueeze(2)).squeeze(2)
+
+
+# outputs of a packed row computed again a chunk at a time: at most this many window elements in float32
+_WINDOW_ELEMENTS = 1 << 24
+
+
+def _rewrite_packed(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    seq_idx: torch.Tensor, activation: Optional[str], residual: Optional[torch.Tensor]) -> None:
+    """Writes over ``out`` (the whole rows' causal conv) the outputs of a packed row that differ from it (see
+    causal_conv1d_fn): those of a tap reading another sequence (seq_idx differs), computed again with that tap
+    masked, and 0 where seq_idx is negative, as causal-conv1d's kernel does. In a row of a few sequences they
+    are a few width - 1 outputs after each start, found on seq_idx alone ([batch, seqlen] integers, width -
+    1 comparisons; one host sync). Windows accumulate in float32 (float64 for float64)."""
+    width, seqlen = weight.shape[1], x.shape[-1]
+    crossing = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
+    for back in range(1, min(width, seqlen)):  # output t's tap width - 1 - back reads x[t - back]
+        crossing[:, back:] |= seq_idx[:, back:] != seq_idx[:, :seqlen - back]
+    rows, times = (crossing & (seq_idx >= 0)).nonzero(as_tuple=True)
     accumulator = torch.float64 if x.dtype == torch.float64 else torch.float32
-    seqlen, width = x.shape[-1], weight.shape[1]
-    x_wide, weight_wide = x.to(accumulator), weight.to(accumulator)
-    out = x_wide.new_zeros(x.shape) if bias is None else bias.to(accumulator)[None, :, None].expand(x.shape).clone()
-    for back in range(min(width, seqlen)):  # tap width - 1 - back reads x[t - back]
-        same = seq_idx[:, back:] == seq_idx[:, :seqlen - back]  # [batch, seqlen - back]: same sequence
-        tap = x_wide[..., :seqlen - back] * weight_wide[:, width - 1 - back, None]
-        out = out + F.pad(torch.where(same[:, None, :], tap, 0.0), (back, 0))  # where, not *: inf x 0 is NaN
-    if residual is not None:
-        out = out + residual.to(accumulator)
-    if activation is not None:
-        out = F.silu(out)
-    return torch.where((seq_idx >= 0)[:, None, :], out, 0.0)
+    back = torch.arange(width, device=x.device)
+    taps = weight.to(accumulator).flip(1).T  # [width, dim]: row `back` multiplies x[t - back]
+    chunk = max(1, _WINDOW_ELEMENTS // (width * x.shape[1]))
+    for first in range(0, rows.numel(), chunk):
+        row, time = rows[first:first + chunk], times[first:first + chunk]
+        source = time[:, None] - back[None, :]  # [outputs, width]
+        own = (source >= 0) & (seq_idx[row[:, None], source.clamp(min=0)] == seq_idx[row, time][:, None])
+        window = x[row[:, None], :, source.clamp(min=0)].to(accumulator)  # [outputs, width, dim]
+        value = torch.where(own[..., None], window * taps, 0.0).sum(1)  # where, not *: inf x 0 is NaN
+        if bias is not None:
+            value = value + bias.to(accumulator)
+        if residual is not None:
+            value = value + residual[row, :, time].to(accumulator)
+        if activation is not None:
+            value = F.silu(value)
+        out[row, :, time] = value.to(out.dtype)
+    padded_rows, padded_times = (seq_idx < 0).nonzero(as_tuple=True)
+    out[padded_rows, :, padded_times] = 0
 
 
 # ---------------------------------------------------------------------------------------------- decode

@@ -525,7 +525,8 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
     One default depthwise problem in ``wide_odds`` (0: none) is 7 x 7 in half precision, where the banded
     kernel is the planner's default. ``transposable``: a depthwise conv its own transpose (one output per
     channel, stride 1, padding within the window's reach), whose input gradient may run as a forward conv.
-    ``extents``: the map sizes drawn ("tiny": at most 3 x 3, where outputs of 1 x 1 and of width 1 are common)."""
+    ``extents``: the map sizes drawn ("tiny": at most 3 x 3, where outputs of 1 x 1 and of width 1 are common;
+    "sequence": a 1-D row of up to 300 positions, several of the banded kernel's tiles of 16 strips)."""
     family = draw(st.sampled_from(tuple(f for f in families if f != "igemm") if transposable else families))
     depthwise = (transposable or family in ("depthwise", "depthwise_gemm", "depthwise1d")
                  or (family is None and draw(st.booleans())))
@@ -561,7 +562,8 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
     # rows longer than a banded strip (16) or a depthwise1d tile; now and then more pixels than a default
     # interpreter tile (256)
     extent = draw(st.sampled_from(extents))
-    max_h, max_w = {"tiny": (3, 3), "small": (9, 9), "long_rows": (2, 20), "large": (12, 24)}[extent]
+    max_h, max_w = {"tiny": (3, 3), "small": (9, 9), "long_rows": (2, 20), "large": (12, 24),
+                    "sequence": (1, 300)}[extent]
     max_h = 1 if one_d else max_h
     large = extent == "large"
     mode = draw(st.sampled_from(("sides", "same", "causal", "valid") if one_d else ("sides", "same")))
@@ -822,6 +824,22 @@ def test_conv2d_forward_depthwise_gemm(problem, nan_filled_outputs):
 @settings(max_examples=budget(0.25))
 @given(problem=conv_problems(families=("depthwise1d",)))
 def test_conv2d_forward_depthwise1d(problem, nan_filled_outputs):
+    check_forward(problem)
+
+
+def banded_rows():
+    """conv1d problems forced onto the banded kernel: wide (up to 40 taps) and narrow windows, rows of up to
+    300 positions."""
+    return conv_problems(api="conv1d", families=("depthwise_gemm",), kernel_sides=(2, 5, 9, 17, 24, 40),
+                         extents=("tiny", "long_rows", "sequence", "sequence"))
+
+
+@settings(max_examples=budget(0.25))
+@given(problem=banded_rows())
+def test_conv1d_forward_banded_rows(problem, nan_filled_outputs):
+    """The banded kernel on 1-D rows: wide windows (up to 40 taps, dilated) over rows of up to 300 positions,
+    where a tile of one row's strips loads its input once and gathers each band step's tile (strip_rows),
+    its halo from the next tile, and flat tiles at stride > 1 or narrower NCHW windows."""
     check_forward(problem)
 
 
@@ -1151,7 +1169,7 @@ def drawn(strategy, count: int) -> list:
 def drawn_problems():
     return {"conv2d": drawn(conv_problems(), 600), "conv1d": drawn(conv_problems(api="conv1d"), 200),
             "default": drawn(conv_problems(families=(None,)), 200),
-            "gradients": drawn(gradient_problems(), 300)}
+            "gradients": drawn(gradient_problems(), 300), "banded_rows": drawn(banded_rows(), 200)}
 
 
 def _transposed_family(problem: ConvProblem) -> str | None:
@@ -1165,6 +1183,14 @@ def _programs(problem: ConvProblem) -> int:
     desc = described(spec_of(problem), "forward", problem.family, problem.config)
     out_h, out_w = output_size(problem)
     return math.prod(desc.grid(PixelSpace.of("forward", problem.batch, *problem.size, out_h, out_w)))
+
+
+def _strip_tiles(problem: ConvProblem) -> int:
+    """How many tiles of one row's strips the banded forward launch of the problem has a row (0: flat tiles)."""
+    desc = described(spec_of(problem), "forward", problem.family, problem.config)
+    if not desc.halo_tile:
+        return 0
+    return -(-(-(-output_size(problem)[1] // desc.config.block_k)) // desc.config.block_m)
 
 
 def _default_grad_weight_family(problem: ConvProblem) -> str:
@@ -1224,6 +1250,11 @@ DOMAIN = [
     *[(f"a {v} input", "conv2d", lambda p, v=v: any(str(s) == str(v) for _, s in p.specials)) for v in SPECIALS],
     *[(f"a {v} residual", "conv2d", lambda p, v=v: any(str(s) == str(v) for _, s in p.residual_specials))
       for v in SPECIALS],
+    *[(f"banded rows in one row's strips, {layout}", "banded_rows",
+       lambda p, layout=layout: p.layout == layout and _strip_tiles(p) > 0) for layout in ("nchw", "channels_last")],
+    ("banded rows in several tiles of one row's strips", "banded_rows", lambda p: _strip_tiles(p) > 1),
+    ("banded rows in flat tiles", "banded_rows", lambda p: _strip_tiles(p) == 0 and output_size(p)[1] > 16),
+    ("banded rows with a NaN or inf input", "banded_rows", lambda p: bool(p.specials)),
     ("an unbatched conv2d input", "conv2d", lambda p: p.unbatched),
     ("an unbatched conv1d input", "conv1d", lambda p: p.unbatched),
 ]

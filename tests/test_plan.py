@@ -224,7 +224,7 @@ def test_banded_dot_by_layout_and_vector_rows_only_where_rows_are_aligned():
     assert (by_rows.family, by_rows.band_dot, by_rows.row_alignment, by_rows.band_shift) == ("depthwise_gemm", "rows", 1, 0)
     assert (aligned.row_alignment, aligned.band_shift) == (8, 5)  # 3 columns of padding + 5 = one 16-byte vector
     assert aligned.uri != by_rows.uri and _source_body(aligned) != _source_body(by_rows)
-    assert (batched.band_dot, batched.row_alignment, batched.weight_layout) == ("channels", 1, "band")
+    assert (batched.band_dot, batched.row_alignment, batched.weight_layout) == ("channels", 1, "strided")
 
 
 def test_cli_plan_writes_both_graphs_as_dot(tmp_path):

@@ -100,11 +100,12 @@ class KernelDesc:
     dot_in_float32: bool        # bf16 tl.dot is wrong under the interpreter: the operands are cast for it
     input_precision: str        # tl.dot's: "tf32" or "ieee"
     accumulator: str            # tl.float32, or tl.float64 for float64
-    halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; else (0, 0)
-    halo_tile: int              # depthwise1d: the side of each halo tile (a power of two >= 4; families.depthwise1d.halo_tile); else 0
+    halo: tuple[int, int]       # depthwise1d: positions read before / after the main input tile; the banded kernel:
+    #                             columns (grad-weight) or strips (forward of one row's strips) past it; else (0, 0)
+    halo_tile: int              # the side of each halo tile (families' halo: depthwise1d.halo_tile, ...); 0 without
     row_alignment: int          # kernels reading or writing vectors (Family.reads_aligned_rows): what
     #                             every row, channel and pixel start they read and write is a multiple of
-    weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi, band or strided
+    weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi or strided
     band_dot: str               # depthwise_gemm: "rows" (a 2-D dot per channel) or "channels" (batched); else "none"
     band_shift: int             # banded rows: input columns a strip's band starts before its window (an aligned column)
     tap_tile: int               # depthwise grad-weight: the taps (direct: all, padded to a power of two) or
@@ -268,15 +269,18 @@ def choose_precision(fields: dict, ctx: Context) -> None:
 def choose_halo(fields: dict, ctx: Context) -> None:
     """depthwise1d reads each program's input window once: its main tile and the halo positions (window_halo),
     loaded as whole tiles of halo_tile positions (vectors along an NCHW width); its channel tile gives each warp 8
-    channels (GATHER_CHANNELS_PER_WARP)."""
+    channels (GATHER_CHANNELS_PER_WARP). The banded kernel's grad-weight reads input columns past each strip's main
+    tile, and its forward of one row's strips (strip_rows) the strips past its tile, each in one halo tile."""
     halo, halo_tile = family(fields["family"]).halo(fields["spec"], fields["config"], ctx.kind, fields["band_shift"])
     fields.update(halo=halo, halo_tile=halo_tile)
+
+
 def choose_weight_layout(fields: dict, ctx: Context) -> None:
     """The direct depthwise kernels (forward, grad-input) read a row of output channels per tap: hwio memory
     makes it one vector load. The igemm forward and grad-input read an (input channel, output channel) tile
     per tap: a channels_last (ohwi) weight is read as it is, input channels contiguous; any other is handed
-    over hwio, output channels contiguous. The banded kernel reads its band matrices, written out per launch
-    (runtime/weights.py)."""
+    over hwio, output channels contiguous. The banded kernel reads the weight as it is: it builds its band blocks
+    from segments of the weight's rows in registers."""
     fields["weight_layout"] = family(fields["family"]).weight_layout(ctx.kind, ctx.weight_memory)
 
 
@@ -293,8 +297,8 @@ def choose_row_alignment(fields: dict, ctx: Context) -> None:
     alignment (ctx.row_alignment: what every row, channel and pixel start the kernel reads and writes is a
     multiple of, runtime/launch.py _aligned_rows). The banded kernel also starts each strip's input band
     band_shift columns before its window, on an aligned column (strips are BLOCK_K x stride >= 16 columns
-    apart), so its rows are aligned vector loads (cp.async on sm_90); its band matrices start as many columns
-    later (runtime/weights.py band_copy). Others: 1 and 0."""
+    apart), so its rows are aligned vector loads (cp.async on sm_90); its band blocks start as many columns
+    later. Others: 1 and 0."""
     owner, spec = family(fields["family"]), fields["spec"]
     alignment = (ctx.row_alignment if spec is not None and owner.reads_aligned_rows(spec, fields["band_dot"], ctx.kind)
                  else 1)
@@ -340,7 +344,7 @@ LOWERING_PIPELINE: list[tuple[str, Callable[[dict, Context], None]]] = [
     ("choose_band_dot", choose_band_dot),                  # banded kernel: 2-D dot by rows, or batched over channels
     ("choose_row_alignment", choose_row_alignment),        # vector loads along aligned rows (depthwise1d, banded)
     ("choose_tile_config", choose_tile_config),            # tuned config, or the family default
-    ("choose_halo", choose_halo),                          # depthwise1d's window, the banded grad-weight's band
+    ("choose_halo", choose_halo),                          # depthwise1d's window, the banded kernel's halo tiles
     ("choose_tap_tile", choose_tap_tile),                  # depthwise grad-weight: the taps summed at once
     ("pack_groups", pack_groups),                          # narrow groups share an igemm program
 ]

@@ -56,7 +56,7 @@ from .. import knobs
 from ..ir import ACTIVATIONS, CHANNEL_POLICIES, check
 from ..memo import registered
 from ..compiler.lowering import ATEN
-from ..runtime import launch, weights
+from ..runtime import launch
 from ..runtime.device import device_target
 from ..autotune.choice import choice_for
 from ..ops import backward as conv2d_formulas, fused as fused_formulas
@@ -122,20 +122,6 @@ def _check_call(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.
     check(activation in ACTIVATIONS, f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
 
 
-@contextlib.contextmanager
-def _fresh_band_index(tracing: bool) -> Iterator[None]:
-    """While tracing, the band-matrix gather index (weights._band_index, memoized per geometry) is made inside
-    the trace and forgotten after it, so no fake tensor is kept for eager calls and no eager one enters a
-    trace."""
-    if tracing:
-        weights._band_index.cache_clear()
-    try:
-        yield
-    finally:
-        if tracing:
-            weights._band_index.cache_clear()
-
-
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, channel_policy: str,
           activation: str) -> torch.Tensor:
@@ -155,8 +141,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], r
         return out.copy_(aten_conv2d_act(spec, x, weight, bias, residual, activation))
     target = device_target(x.device)
     tracing = torch._subclasses.fake_tensor.is_fake(x)
-    with _fresh_band_index(tracing):
-        prepared = launch.prepare_forward(spec, x, weight, bias, out, choice, target, activation, residual)
+    prepared = launch.prepare_forward(spec, x, weight, bias, out, choice, target, activation, residual)
     kernel = _traceable(launch.kernel_of(prepared.desc, target))
     values = prepared.values
     if tracing and isinstance(kernel, _InterpretedKernel):

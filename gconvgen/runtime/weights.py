@@ -10,10 +10,8 @@ strides, and the lowering names the one a kernel reads (``KernelDesc.weight_layo
   ``model.to(memory_format=torch.channels_last)`` gives): input channels contiguous. The igemm forward reads
   it as it is.
 
-The banded depthwise kernel (family depthwise_gemm) reads neither: it multiplies input rows by a Toeplitz
-band per (channel, kernel row), ``band[j, t] = weight[tap_h, (j - t * stride_w) / dilation_w]`` where that is
-a tap, else 0. ``band_copy`` writes those matrices out (layout ``band``), so the kernel loads them as 16-byte
-vectors, as a GEMM loads its B operand, instead of gathering each element from the weight with a scalar load.
+The banded depthwise kernel (family depthwise_gemm) reads the weight as it is: it builds its Toeplitz band
+blocks from a segment of each weight row in registers.
 
 A weight in neither order is copied to hwio once per launch (C_out x ci x kh x kw elements), as torch copies
 a weight to channels_last per call for its channels_last convs.
@@ -24,13 +22,9 @@ written through ``weight.data`` (gradcheck's finite differences, optimizers and 
 """
 from __future__ import annotations
 
-
 import torch
 
-from ..memo import memoized
-from ..compiler.families.depthwise_gemm import band_steps
-
-LAYOUTS = ("hwio", "ohwi", "band", "strided")  # strided: any other strides, passed to the kernel as they are
+LAYOUTS = ("hwio", "ohwi", "strided")  # strided: any other strides, passed to the kernel as they are
 
 
 def layout_of(weight: torch.Tensor) -> str:
@@ -44,24 +38,20 @@ def layout_of(weight: torch.Tensor) -> str:
 
 
 def for_kernel(weight: torch.Tensor, desc) -> torch.Tensor:
-    """``weight`` [C_out, ci, kh, kw] as the kernel of ``desc`` (a lowering.KernelDesc) reads it: its band
-    matrices (layout ``band``), else ``in_layout``. Built per launch, never cached."""
-    return copied_for_kernel(weight, desc) if desc.weight_layout == "band" else in_layout(weight, desc.weight_layout)
+    """``weight`` [C_out, ci, kh, kw] as the kernel of ``desc`` (a lowering.KernelDesc) reads it
+    (``in_layout``). Built per launch, never cached."""
+    return in_layout(weight, desc.weight_layout)
 
 
 def needs_copy(weight: torch.Tensor, desc) -> bool:
-    """Whether ``for_kernel`` copies ``weight``: always for band matrices, and where the weight is not in the
-    layout the kernel reads at literal strides. Depends only on the weight's shape and strides."""
+    """Whether ``for_kernel`` copies ``weight``: where the weight is not in the layout the kernel reads at
+    literal strides. Depends only on the weight's shape and strides."""
     layout = desc.weight_layout
-    return layout == "band" or (layout != "strided" and layout_of(weight) != layout)
+    return layout != "strided" and layout_of(weight) != layout
 
 
 def copied_for_kernel(weight: torch.Tensor, desc) -> torch.Tensor:
-    """``for_kernel``'s copy where ``needs_copy`` (a remembered launch knows it does): the band matrices for the
-    kernel's column strip, or an hwio copy."""
-    if desc.weight_layout == "band":
-        spec, block_k, shift = desc.spec, desc.config.block_k, desc.band_shift
-        return band_copy(weight, spec.stride[1], spec.dilation[1], block_k, band_steps(spec, block_k, shift), shift)
+    """``for_kernel``'s copy where ``needs_copy`` (a remembered launch knows it does): an hwio copy."""
     return hwio_copy(weight)
 
 
@@ -85,29 +75,3 @@ def _has_strides(weight: torch.Tensor, wanted: tuple[int, ...]) -> bool:
     """Whether ``weight`` has the strides ``wanted`` (dimensions of size 1 may have any stride): what a kernel
     reading that layout writes as literals."""
     return all(size == 1 or stride == want for size, stride, want in zip(weight.shape, weight.stride(), wanted))
-
-
-def band_copy(weight: torch.Tensor, stride_w: int, dilation_w: int, block_k: int, steps: int,
-              shift: int) -> torch.Tensor:
-    """The band matrices of a depthwise ``weight`` [C_out, 1, kh, kw] (any strides) for strips of ``block_k``
-    output columns whose input band starts ``shift`` columns before the window: a contiguous
-    [C_out, kh, steps * block_k, block_k] tensor whose [c, h, i, t] is weight[c, 0, h, (i - shift - t * stride_w)
-    / dilation_w] when that is a tap, else 0 (the kernel reads it at literal strides; families.depthwise_gemm.band_steps gives
-    ``steps``). Two kernels a launch: a pad and a gather."""
-    out_channels, _, kernel_h, kernel_w = weight.shape
-    index = _band_index(kernel_w, stride_w, dilation_w, block_k, steps, shift, weight.device)
-    rows = torch.nn.functional.pad(weight.detach()[:, 0], (0, 1))  # [C_out, kh, kw + 1]: column kw is the zero
-    return rows[:, :, index]
-
-
-@memoized(64)
-def _band_index(kernel_w: int, stride_w: int, dilation_w: int, block_k: int, steps: int, shift: int,
-                device: torch.device) -> torch.Tensor:
-    """[steps * block_k, block_k] indices into a weight row padded with one zero column (index kernel_w): a
-    constant of the geometry, not of the weight's values, so it is kept (per device) and the band is not."""
-    row = torch.arange(steps * block_k)[:, None]
-    column = torch.arange(block_k)[None, :]
-    offset = row - shift - column * stride_w
-    tap = torch.div(offset, dilation_w, rounding_mode="floor")
-    is_tap = (offset >= 0) & (offset % dilation_w == 0) & (tap < kernel_w)
-    return torch.where(is_tap, tap, kernel_w).to(device)

@@ -1,6 +1,6 @@
 """The banded depthwise family (templates/depthwise_gemm.py.jinja): a depthwise conv as a product of input
-rows with Toeplitz band matrices written out from the weight per launch (runtime/weights.py), on tensor cores;
-it wastes the band's zeros but outruns FMAs once the window is wide. Its weight gradient
+rows with Toeplitz band matrices built from the weight in registers, on tensor cores; it wastes the band's
+zeros but outruns FMAs once the window is wide. Its weight gradient
 (depthwise_gemm_grad_weight.py.jinja) reads the band the other way: grad_out strips times input bands, on
 tensor cores, summed along the diagonals that are the taps."""
 from __future__ import annotations
@@ -19,6 +19,7 @@ ROW_TAPS = 4  # a height-1 window past this many taps runs on tensor cores in ha
 # a dot batched over channels ("channels", whose mma.sync operands take more registers beside them)
 ACCUMULATOR_REGISTERS = {"rows": 64, "channels": 48}
 MIN_GRAD_WEIGHT_ROW = 8  # grad-weight output rows narrower than this take the direct kernel by default
+STRIP_STEPS_AT_8_CHANNELS = 4  # channels_last forward: band steps a program of 8 channels' strips unrolls at most
 KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep operands in registers beside them
 
 
@@ -50,6 +51,19 @@ def band_operand_bytes(config: KernelConfig, spec: ConvSpec) -> int:
     tile = config.block_m * config.block_k + config.block_k * config.block_k
     channels = config.block_n if band_dot(spec) == "channels" else 1
     return config.num_stages * channels * tile * ELEMENT_BYTES[spec.dtype]
+
+
+def strip_rows(spec: ConvSpec, kind: str, block_k: int) -> bool:
+    """Whether the forward kernel's tile is consecutive strips of one output row ("strips" in the template),
+    which lets it load its input once and gather each band step's tile from registers: a height-1 window (a
+    1-D conv's, whose rows are long) at stride 1, where band step s of strip i reads what step 0 of strip i + s
+    reads. In NCHW only for windows wider than a strip (three band steps or more): there a step's tile is a
+    run of the row that the step before loaded, so the flat tiles' repeats are L1 hits, and for two steps the
+    gathers cost more instructions than the repeats (the sequence suite's k8 and k16 model 66% of their floor
+    flat, 47% in strips). Other windows take strips of any rows ("flat"): a 2-D map's rows are a few strips long."""
+    window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
+    return (kind == "forward" and spec.kernel_size[0] == 1 and spec.stride[1] == 1
+            and (band_dot(spec) == "channels" or window_width > block_k))
 
 
 def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
@@ -133,8 +147,11 @@ class DepthwiseGemm(Family):
             while config.num_stages > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
                 config = replace(config, num_stages=config.num_stages - 1)  # float64 tiles are larger
             return config
-        # channels_last: 8 channels for 16-byte loads; 8 warps hold the batched dot without spilling at k7 and k31
-        config = KernelConfig(32, pow2_between(spec.out_channels, 1, 8), strip, num_warps=8)
+        # channels_last: 8 channels for 16-byte loads; 8 warps hold the batched dot without spilling at k7 and k31.
+        # One row's strips with more than STRIP_STEPS_AT_8_CHANNELS band steps, unrolled, take 4 (causal k256: 8
+        # spilled 196 B at 255 registers; 4 take 213, no spill)
+        channels = 4 if strip_rows(spec, kind, strip) and band_steps(spec, strip, 0) > STRIP_STEPS_AT_8_CHANNELS else 8
+        config = KernelConfig(32, pow2_between(spec.out_channels, 1, channels), strip, num_warps=8)
         while config.block_n > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
         return config
@@ -168,9 +185,14 @@ class DepthwiseGemm(Family):
         return row_accumulators(spec, config, self.halo(spec, config, "grad_weight", 0)[1])
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
-        """A grad-weight strip of 16 columns for output rows of 32 or fewer (32-column strips spilled 32-192 B on
+        """A forward tile of one row's strips (strip_rows) no taller than the row's strips (a power of two, at
+        least tl.dot's 16 rows): a short prompt's row would leave the rest of the tile idle.
+        A grad-weight strip of 16 columns for output rows of 32 or fewer (32-column strips spilled 32-192 B on
         EfficientNet's dw5 at 28 x 28, ConvNeXt's dw7 at 7 x 7 and RepLKNet's dw27 at 14 x 14 in NCHW), in one
         stage (two spilled 64 B on EfficientNet's stride-2 dw5, for the same modelled time)."""
+        if strip_rows(spec, kind, config.block_k):
+            strips = cdiv(pixels.width, config.block_k)
+            return replace(config, block_m=min(config.block_m, pow2_between(strips, DOT_SIDES[0], 1 << 30)))
         if kind != "grad_weight" or pixels.width > 32:
             return config
         return replace(config, block_k=DOT_SIDES[0], num_stages=1)
@@ -182,19 +204,23 @@ class DepthwiseGemm(Family):
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
-        """(tiles of BLOCK_M strips of BLOCK_K output columns over every output row, 1, channel tiles);
-        grad-weight: (channel tiles, splits of the strips)."""
+        """(tiles of BLOCK_M strips of BLOCK_K output columns over every output row, or of each row's strips
+        (strip_rows), 1, channel tiles); grad-weight: (channel tiles, splits of the strips)."""
         if kind == "grad_weight":
             return (cdiv(spec.out_channels, config.block_n), splits)
-        return (cdiv(pixels.rows * cdiv(pixels.width, config.block_k), config.block_m), 1,
-                cdiv(spec.out_channels, config.block_n))
+        strips = cdiv(pixels.width, config.block_k)
+        if strip_rows(spec, kind, config.block_k):
+            tiles = pixels.rows * cdiv(strips, config.block_m)
+        else:
+            tiles = cdiv(pixels.rows * strips, config.block_m)
+        return (tiles, 1, cdiv(spec.out_channels, config.block_n))
 
     def reduction_units(self, config: KernelConfig, pixels: PixelSpace) -> int:
         """grad-weight sums strips of BLOCK_K output columns, over every output row."""
         return pixels.rows * cdiv(pixels.width, config.block_k)
 
     def weight_layout(self, kind: str, weight_memory: str) -> str:
-        return "band" if kind == "forward" else "strided"
+        return "strided"  # the forward builds its band blocks from the weight's rows in registers
 
     def band_dot(self, spec: ConvSpec) -> str:
         return band_dot(spec)
@@ -216,7 +242,11 @@ class DepthwiseGemm(Family):
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
              band_shift: int = 0) -> tuple[tuple[int, int], int]:
         """grad-weight: the input columns past a strip's main tile (grad_weight_halo), loaded as one tile of a
-        power of two >= 16 columns (tl.dot's least side)."""
+        power of two >= 16 columns (tl.dot's least side). The forward of one row's strips (strip_rows): the
+        band_steps - 1 strips its band steps reach past the tile, loaded as one tile of a power of two strips."""
+        if strip_rows(spec, kind, config.block_k):
+            ahead = band_steps(spec, config.block_k, band_shift) - 1
+            return (0, ahead), pow2_between(ahead, 1, 1 << 30)
         reach = grad_weight_halo(spec, config.block_k, band_shift) if kind == "grad_weight" else 0
         return (0, reach), pow2_between(reach, DOT_SIDES[0], 1 << 30) if reach else 0
 
@@ -243,11 +273,12 @@ class DepthwiseGemm(Family):
         return loaded, steps * kernel_h * 2 * k * m * band
 
     def _forward_requested(self, desc, problem, programs: int):
-        """Each band step's input tile and band matrix, per channel, plus the runtime's write of the band
-        matrices (runtime/weights.py band_copy: C_out x kernel_h x steps x block_k x block_k) before the launch."""
+        """Per channel and kernel row: the input, each band step's tile ("flat") or the main and halo tiles
+        once (strip_rows), and each band step's weight segment."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
-        per_row = band_steps(spec, k, desc.band_shift)
-        steps = programs * spec.kernel_size[0] * per_row
-        band_write = spec.out_channels * spec.kernel_size[0] * per_row * k * k
-        return (steps * n * (m * k + k * k) + band_write) * ELEMENT_BYTES[spec.dtype], steps * n * 2 * m * k * k
+        steps = band_steps(spec, k, desc.band_shift)
+        rows = programs * n * spec.kernel_size[0]
+        tiles = (m + desc.halo_tile) * k if desc.halo_tile else steps * m * k
+        segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
+        return rows * (tiles + steps * segment) * ELEMENT_BYTES[spec.dtype], rows * steps * 2 * m * k * k

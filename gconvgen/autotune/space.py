@@ -135,8 +135,9 @@ EXTENTS: dict[str, Callable[[Problem], int]] = {
     "out_channels_per_group": lambda p: p.spec.out_channels_per_group,
     "input_pixels": lambda p: p.batch * p.height * p.width,
     "output_pixels": lambda p: p.output_pixels,
-    "output_rows": lambda p: p.batch * p.output_size[0],
     "output_width": lambda p: p.output_size[1],
+    # the banded kernel's tile rows: strips of 16 output columns (its narrowest) of every output row
+    "output_strips": lambda p: p.batch * p.output_size[0] * -(-p.output_size[1] // 16),
     # in_channels_per_group x taps: the forward's reduction, and the columns of a grad-weight tile
     "weight_columns": lambda p: p.spec.in_channels_per_group * p.spec.kernel_size[0] * p.spec.kernel_size[1],
     # out_channels_per_group x taps: the reduction of grad-input

@@ -243,10 +243,14 @@ class DepthwiseGemm(Family):
              band_shift: int = 0) -> tuple[tuple[int, int], int]:
         """grad-weight: the input columns past a strip's main tile (grad_weight_halo), loaded as one tile of a
         power of two >= 16 columns (tl.dot's least side). The forward of one row's strips (strip_rows): the
-        band_steps - 1 strips its band steps reach past the tile, loaded as one tile of a power of two strips."""
+        band_steps - 1 strips its band steps reach past the tile, loaded as one tile of a power of two strips,
+        with at least one element a thread."""
         if strip_rows(spec, kind, config.block_k):
             ahead = band_steps(spec, config.block_k, band_shift) - 1
-            return (0, ahead), pow2_between(ahead, 1, 1 << 30)
+            # at least an element a thread: Triton 3.6's gather from a smaller tile fails to compile
+            channels = config.block_n if band_dot(spec) == "channels" else 1
+            least = cdiv(32 * config.num_warps, config.block_k * channels)
+            return (0, ahead), pow2_between(ahead, least, 1 << 30)
         reach = grad_weight_halo(spec, config.block_k, band_shift) if kind == "grad_weight" else 0
         return (0, reach), pow2_between(reach, DOT_SIDES[0], 1 << 30) if reach else 0
 

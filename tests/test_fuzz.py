@@ -157,7 +157,7 @@ class GradientProblem:
     family, a route the planner offers but never takes untuned); ``grad_weight_family`` None is the planner's
     default grad-weight kernel, else that family's is forced, with ``grad_weight_config`` (None: its default
     config). ``at_kinks``: the input and residual are zeros, so each pre-activation is its bias exactly (drawn
-    at the activations' kinks: -3, 0, 3, 6)."""
+    at the activations' kinks: -3, 0, 3, 6). ``specials``: NaN and infinities in x."""
 
     conv: ConvProblem
     grad_input: str = "default"
@@ -166,6 +166,7 @@ class GradientProblem:
     grad_weight_config: KernelConfig | None = None
     at_kinks: bool = False
     programs: int = 1  # what the split reductions (grad-weight, grad-bias) aim to fill: > 1 splits their pixels
+    specials: tuple = ()  # (flat index, NaN or +-inf) put into x
 
 
 def sides_of(problem: ConvProblem) -> tuple[int, int, int, int]:
@@ -642,8 +643,9 @@ def gradient_problems(draw) -> GradientProblem:
     if at_kinks:  # an activation with kinks, and biases at them
         problem = dataclasses.replace(problem, bias=True, activation=draw(st.sampled_from(tuple(KINKS))))
     programs = draw(st.sampled_from((1, 1, 3, 64)))
+    specials = draw(special_values(2)) if not at_kinks and draw(st.integers(0, 4)) == 0 else ()
     return GradientProblem(problem, direct, grad_input_config, grad_weight_family, grad_weight_config, at_kinks,
-                           programs)
+                           programs, specials)
 
 
 # ---------------------------------------------------------------------------------------------- the checks
@@ -684,7 +686,8 @@ def check_gradients(case: GradientProblem) -> None:
     offers it for the spec the backward saw, else the grad-input kernel."""
     problem = case.conv
     dtype = DTYPES[problem.dtype]
-    t = make_tensors(problem, zeros=case.at_kinks, bias_values=(-3.0, 0.0, 3.0, 6.0) if case.at_kinks else None)
+    t = make_tensors(problem, case.specials, zeros=case.at_kinks,
+                     bias_values=(-3.0, 0.0, 3.0, 6.0) if case.at_kinks else None)
     # leaves with the views' own strides (detach keeps them), so the kernels read what the forward test reads
     leaves = {name: tensor.detach().requires_grad_() for name, tensor in
               (("x", t.x), ("weight", t.weight), ("bias", t.bias), ("residual", t.residual)) if tensor is not None}
@@ -729,8 +732,16 @@ def check_gradients(case: GradientProblem) -> None:
     reductions = {"x": problem.out_channels // problem.groups * problem.kernel[0] * problem.kernel[1],
                   "weight": out_pixels, "bias": out_pixels,
                   "residual": out_pixels if problem.residual_view == "per_channel" else 1}
+    # with NaN / inf in x: NaN exactly where torch's gradient has NaN, inf where it has inf; where a kernel ran
+    # that spreads a non-finite input to its neighbours (the banded kernel, packed groups), NaN may also stand
+    # where torch's is finite, and only gradients finite in both are compared
+    exact = not any(tolerates_nonfinite_spread(desc) for desc in launched)
     for name, got, want in zip(leaves, grads, wanted):
         assert got.dtype == dtype and got.shape == want.shape, (name, got.dtype, got.shape)
+        if case.specials:
+            event_in_test("NaN / inf inputs through the backward")
+            assert_matches(got, want, dtype, reductions[name], exact_nonfinite=exact, what=f"grad of {name}")
+            continue
         assert torch.isfinite(got).all(), f"grad of {name}: not every element written (NaN) or not finite"
         atol, rtol = tolerances(dtype, reductions[name])
         if dtype != torch.float32 and problem.activation not in ("none", "relu", "relu6"):
@@ -1283,6 +1294,8 @@ GRADIENT_DOMAIN = [
       for f in ("igemm", "depthwise")],
     ("hardswish at its kinks", lambda c: c.at_kinks and c.conv.activation == "hardswish"),
     ("relu6 at its kinks", lambda c: c.at_kinks and c.conv.activation == "relu6"),
+    *[(f"a {v} input through the backward", lambda c, v=v: any(str(s) == str(v) for _, s in c.specials))
+      for v in SPECIALS],
 ]
 
 

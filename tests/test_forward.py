@@ -260,29 +260,31 @@ def test_grouped_weight_read_tap_major_whatever_its_strides(nan_filled_outputs):
         assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 3), expect(weight), torch.float32)
 
 
-# batch, channels (x multiplier), length, kernel_w, dilation, (left, right) padding, layout, dtype, block_m, block_k;
-# the banded kernel forced with small tiles, its band blocks built in registers from the weight
+# batch, channels (x multiplier), length, kernel_w, stride, dilation, (left, right) padding, layout, dtype,
+# block_m, block_k, whether the tile is one row's strips; the banded kernel forced with small tiles, its band
+# blocks built in registers from the weight
 BANDED_ROWS = [
-    P(2, 3, 1, 4, 9, 1, (8, 0), "nchw", "float32", 16, 16, False, id="one-position-rows"),  # a one-token prompt
-    P(2, 3, 1, 1, 9, 1, (8, 0), "nhwc", "float32", 16, 16, True, id="strips-one-token"),
-    P(1, 2, 1, 61, 40, 1, (39, 0), "nchw", "bfloat16", 16, 16, True, id="strips-halo-past-row"),  # 4 band steps
-    P(3, 4, 1, 37, 20, 1, (19, 0), "nhwc", "float16", 16, 16, True, id="strips-channels-last"),
-    P(2, 3, 2, 70, 9, 3, (11, 13), "nhwc", "float32", 16, 16, True, id="strips-dilated-multiplier"),
-    P(1, 2, 1, 300, 33, 1, (16, 16), "nchw", "float32", 16, 16, True, id="strips-tiles-of-a-long-row"),
-    P(2, 4, 1, 290, 20, 1, (19, 0), "nhwc", "bfloat16", 16, 16, True, id="strips-tiles-channels-last"),
-    P(2, 3, 1, 29, 9, 1, (4, 4), "nchw", "float16", 16, 16, False, id="flat-two-steps"),
-    P(2, 4, 1, 45, 5, 2, (3, 3), "nchw", "float32", 32, 16, False, id="flat-dilated"),
+    P(2, 3, 1, 4, 9, 1, 1, (8, 0), "nchw", "float32", 16, 16, True, id="strips-rows-shorter-than-the-window"),
+    P(2, 3, 1, 1, 9, 1, 1, (8, 0), "nhwc", "float32", 16, 16, True, id="strips-one-token"),
+    P(1, 2, 1, 61, 40, 1, 1, (39, 0), "nchw", "bfloat16", 16, 16, True, id="strips-halo-past-row"),  # 4 band steps
+    P(3, 4, 1, 37, 20, 1, 1, (19, 0), "nhwc", "float16", 16, 16, True, id="strips-channels-last"),
+    P(2, 3, 2, 70, 9, 1, 3, (11, 13), "nhwc", "float32", 16, 16, True, id="strips-dilated-multiplier"),
+    P(1, 2, 1, 300, 33, 1, 1, (16, 16), "nchw", "float32", 16, 16, True, id="strips-tiles-of-a-long-row"),
+    P(2, 4, 1, 290, 20, 1, 1, (19, 0), "nhwc", "bfloat16", 16, 16, True, id="strips-tiles-channels-last"),
+    P(2, 3, 1, 29, 9, 1, 2, (4, 4), "nchw", "float64", 16, 16, True, id="strips-float64"),
+    P(2, 3, 1, 59, 9, 2, 1, (4, 4), "nchw", "float16", 16, 16, False, id="flat-stride-2"),
+    P(2, 4, 1, 45, 5, 3, 2, (3, 3), "nhwc", "float32", 32, 16, False, id="flat-stride-3-dilated"),
 ]
 
 
-@pytest.mark.parametrize("batch, channels, multiplier, length, kernel_w, dilation, padding, layout, dtype, block_m, "
-                         "block_k, strips", BANDED_ROWS)
-def test_banded_rows_match_torch(batch, channels, multiplier, length, kernel_w, dilation, padding, layout, dtype,
-                                 block_m, block_k, strips, nan_filled_outputs, monkeypatch):
+@pytest.mark.parametrize("batch, channels, multiplier, length, kernel_w, stride, dilation, padding, layout, dtype, "
+                         "block_m, block_k, strips", BANDED_ROWS)
+def test_banded_rows_match_torch(batch, channels, multiplier, length, kernel_w, stride, dilation, padding, layout,
+                                 dtype, block_m, block_k, strips, nan_filled_outputs, monkeypatch):
     """conv1d on the banded kernel, both tilings of its rows: one row's consecutive strips with the input loaded
     once and each band step's tile gathered from it (families.depthwise_gemm.strip_rows: a height-1 window at
-    stride 1, in NCHW wider than a strip), or strips of any rows, each step's tile loaded. Rows shorter than a
-    tile, halos past the row's end, several tiles a row, dilation, channel multipliers; every output written."""
+    stride 1), or strips of any rows, each step's tile loaded. Rows shorter than a tile or than the window,
+    halos past the row's end, several tiles a row, dilation, channel multipliers; every output written."""
     from gconvgen.autotune import choice
     from gconvgen.compiler.families.depthwise_gemm import strip_rows
     from gconvgen.compiler.lowering import Choice, KERNEL, KernelConfig
@@ -290,19 +292,23 @@ def test_banded_rows_match_torch(batch, channels, multiplier, length, kernel_w, 
     x = torch.randn(batch, channels, length, dtype=torch.float64)
     weight = torch.randn(channels * multiplier, 1, kernel_w, dtype=torch.float64)
     bias = torch.randn(channels * multiplier, dtype=torch.float64)
-    expected = F.conv1d(F.pad(x, padding), weight, bias, dilation=dilation, groups=channels)
+    expected = F.conv1d(F.pad(x, padding), weight, bias, stride=stride, dilation=dilation, groups=channels)
     config = KernelConfig(block_m, 2, block_k, num_warps=1, num_stages=1)
     launched = spy_on_kernels(monkeypatch, lambda desc: desc if desc.kind == "forward" else None)
     nlc = layout == "nhwc"
     with choice.overridden(lambda spec, kind, *_: Choice(KERNEL, config, "depthwise_gemm")):
         out = gconvgen.conv1d(x.to(torch_dtype).transpose(1, 2) if nlc else x.to(torch_dtype),
                               weight.to(torch_dtype).permute(2, 1, 0) if nlc else weight.to(torch_dtype),
-                              bias.to(torch_dtype), padding=padding, dilation=dilation, groups=channels,
-                              data_format="NLC" if nlc else "NCL")
+                              bias.to(torch_dtype), stride=stride, padding=padding, dilation=dilation,
+                              groups=channels, data_format="NLC" if nlc else "NCL")
     (desc,) = launched
     assert desc.family == "depthwise_gemm" and desc.weight_layout == "strided"
-    assert strip_rows(desc.spec, "forward", block_k) == strips and (desc.halo_tile > 0) == strips
-    assert_close(out.transpose(1, 2) if nlc else out, expected, torch_dtype)
+    assert strip_rows(desc.spec, "forward") == strips and (desc.halo_tile > 0) == strips
+    out = out.transpose(1, 2) if nlc else out
+    if torch_dtype == torch.float64:
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    else:
+        assert_close(out, expected, torch_dtype)
 
 
 def test_one_channel_rows_padded_past_the_width_are_not_read_as_vectors(nan_filled_outputs):

@@ -850,7 +850,7 @@ def banded_rows():
 def test_conv1d_forward_banded_rows(problem, nan_filled_outputs):
     """The banded kernel on 1-D rows: wide windows (up to 40 taps, dilated) over rows of up to 300 positions,
     where a tile of one row's strips loads its input once and gathers each band step's tile (strip_rows),
-    its halo from the next tile, and flat tiles at stride > 1 or narrower NCHW windows."""
+    its halo from the next tile, and flat tiles at stride > 1."""
     check_forward(problem)
 
 

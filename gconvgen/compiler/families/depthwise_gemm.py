@@ -53,17 +53,13 @@ def band_operand_bytes(config: KernelConfig, spec: ConvSpec) -> int:
     return config.num_stages * channels * tile * ELEMENT_BYTES[spec.dtype]
 
 
-def strip_rows(spec: ConvSpec, kind: str, block_k: int) -> bool:
+def strip_rows(spec: ConvSpec, kind: str) -> bool:
     """Whether the forward kernel's tile is consecutive strips of one output row ("strips" in the template),
     which lets it load its input once and gather each band step's tile from registers: a height-1 window (a
     1-D conv's, whose rows are long) at stride 1, where band step s of strip i reads what step 0 of strip i + s
-    reads. In NCHW only for windows wider than a strip (three band steps or more): there a step's tile is a
-    run of the row that the step before loaded, so the flat tiles' repeats are L1 hits, and for two steps the
-    gathers cost more instructions than the repeats (the sequence suite's k8 and k16 model 66% of their floor
-    flat, 47% in strips). Other windows take strips of any rows ("flat"): a 2-D map's rows are a few strips long."""
-    window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
-    return (kind == "forward" and spec.kernel_size[0] == 1 and spec.stride[1] == 1
-            and (band_dot(spec) == "channels" or window_width > block_k))
+    reads. Other windows take strips of any rows ("flat"): a 2-D map's rows are a few strips long, and at
+    stride s a step's tile is not another strip's."""
+    return kind == "forward" and spec.kernel_size[0] == 1 and spec.stride[1] == 1
 
 
 def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
@@ -142,6 +138,10 @@ class DepthwiseGemm(Family):
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 16), 16, num_stages=1)
         strip = 16 if spec.kernel_size[1] <= 16 else 32  # a band of two 16-column strips covers k <= 17
+        if band_dot(spec) == "rows" and strip_rows(spec, kind):
+            # one row's strips of 16 columns on 4 warps: on 8 the gathers of each band step's tile cost more
+            # instructions than the copy's pace allows (causal k8 modelled 47% of its floor on 8 warps, 96% on 4)
+            return KernelConfig(128, 1, 16, num_warps=4, num_stages=3)
         if band_dot(spec) == "rows":  # one channel's 2-D dot: 128 rows on 8 warps (wgmma, no spills at k7 and k31)
             config = KernelConfig(128, 1, strip, num_warps=8, num_stages=3)
             while config.num_stages > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
@@ -150,7 +150,7 @@ class DepthwiseGemm(Family):
         # channels_last: 8 channels for 16-byte loads; 8 warps hold the batched dot without spilling at k7 and k31.
         # One row's strips with more than STRIP_STEPS_AT_8_CHANNELS band steps, unrolled, take 4 (causal k256: 8
         # spilled 196 B at 255 registers; 4 take 213, no spill)
-        channels = 4 if strip_rows(spec, kind, strip) and band_steps(spec, strip, 0) > STRIP_STEPS_AT_8_CHANNELS else 8
+        channels = 4 if strip_rows(spec, kind) and band_steps(spec, strip, 0) > STRIP_STEPS_AT_8_CHANNELS else 8
         config = KernelConfig(32, pow2_between(spec.out_channels, 1, channels), strip, num_warps=8)
         while config.block_n > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
@@ -190,7 +190,7 @@ class DepthwiseGemm(Family):
         A grad-weight strip of 16 columns for output rows of 32 or fewer (32-column strips spilled 32-192 B on
         EfficientNet's dw5 at 28 x 28, ConvNeXt's dw7 at 7 x 7 and RepLKNet's dw27 at 14 x 14 in NCHW), in one
         stage (two spilled 64 B on EfficientNet's stride-2 dw5, for the same modelled time)."""
-        if strip_rows(spec, kind, config.block_k):
+        if strip_rows(spec, kind):
             strips = cdiv(pixels.width, config.block_k)
             return replace(config, block_m=min(config.block_m, pow2_between(strips, DOT_SIDES[0], 1 << 30)))
         if kind != "grad_weight" or pixels.width > 32:
@@ -209,7 +209,7 @@ class DepthwiseGemm(Family):
         if kind == "grad_weight":
             return (cdiv(spec.out_channels, config.block_n), splits)
         strips = cdiv(pixels.width, config.block_k)
-        if strip_rows(spec, kind, config.block_k):
+        if strip_rows(spec, kind):
             tiles = pixels.rows * cdiv(strips, config.block_m)
         else:
             tiles = cdiv(pixels.rows * strips, config.block_m)
@@ -245,7 +245,7 @@ class DepthwiseGemm(Family):
         power of two >= 16 columns (tl.dot's least side). The forward of one row's strips (strip_rows): the
         band_steps - 1 strips its band steps reach past the tile, loaded as one tile of a power of two strips,
         with at least one element a thread."""
-        if strip_rows(spec, kind, config.block_k):
+        if strip_rows(spec, kind):
             ahead = band_steps(spec, config.block_k, band_shift) - 1
             # at least an element a thread: Triton 3.6's gather from a smaller tile fails to compile
             channels = config.block_n if band_dot(spec) == "channels" else 1

@@ -272,6 +272,7 @@ BANDED_ROWS = [
     P(1, 2, 1, 300, 33, 1, 1, (16, 16), "nchw", "float32", 16, 16, True, id="strips-tiles-of-a-long-row"),
     P(2, 4, 1, 290, 20, 1, 1, (19, 0), "nhwc", "bfloat16", 16, 16, True, id="strips-tiles-channels-last"),
     P(2, 3, 1, 29, 9, 1, 2, (4, 4), "nchw", "float64", 16, 16, True, id="strips-float64"),
+    P(1, 2, 1, 64, 20, 1, 1, (5, 2), "nchw", "bfloat16", 16, 16, True, id="strips-aligned-rows-band-shift-3"),
     P(2, 3, 1, 59, 9, 2, 1, (4, 4), "nchw", "float16", 16, 16, False, id="flat-stride-2"),
     P(2, 4, 1, 45, 5, 3, 2, (3, 3), "nhwc", "float32", 32, 16, False, id="flat-stride-3-dilated"),
 ]
@@ -297,13 +298,16 @@ def test_banded_rows_match_torch(batch, channels, multiplier, length, kernel_w, 
     launched = spy_on_kernels(monkeypatch, lambda desc: desc if desc.kind == "forward" else None)
     nlc = layout == "nhwc"
     with choice.overridden(lambda spec, kind, *_: Choice(KERNEL, config, "depthwise_gemm")):
-        out = gconvgen.conv1d(x.to(torch_dtype).transpose(1, 2) if nlc else x.to(torch_dtype),
+        out = gconvgen.conv1d(x.to(torch_dtype).transpose(1, 2).contiguous() if nlc else x.to(torch_dtype),
                               weight.to(torch_dtype).permute(2, 1, 0) if nlc else weight.to(torch_dtype),
                               bias.to(torch_dtype), stride=stride, padding=padding, dilation=dilation,
                               groups=channels, data_format="NLC" if nlc else "NCL")
     (desc,) = launched
     assert desc.family == "depthwise_gemm" and desc.weight_layout == "strided"
     assert strip_rows(desc.spec, "forward") == strips and (desc.halo_tile > 0) == strips
+    assert desc.band_dot == ("channels" if nlc else "rows")  # channels_last memory: the dot batched over channels
+    # 16-byte aligned rows start each strip's band on an aligned column, band_shift columns early
+    assert desc.band_shift == (-padding[0] % desc.row_alignment if not nlc else 0)
     out = out.transpose(1, 2) if nlc else out
     if torch_dtype == torch.float64:
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

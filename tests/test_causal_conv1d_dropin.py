@@ -292,3 +292,74 @@ def test_conv1d_states_need_a_causal_depthwise_conv(bad, match):
     weight = torch.randn(8, 2, 4) if bad.get("groups") == 4 else torch.randn(8, 1, 4)
     with pytest.raises((TypeError, ValueError), match=match):
         gconvgen.conv1d(torch.randn(2, 8, 5), weight, groups=bad.pop("groups", 8), **bad)
+
+
+def _masked_reference(x, weight, seq_idx, silu):
+    """causal-conv1d's seq_idx semantics in float64: a tap reads x only within its output's sequence (equal ids),
+    outputs of negative ids are 0."""
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    columns = []
+    for t in range(seqlen):
+        value = torch.zeros(batch, dim, dtype=torch.float64)
+        for back in range(min(width, t + 1)):
+            same = (seq_idx[:, t - back] == seq_idx[:, t])[:, None]
+            value = value + torch.where(same, x[:, :, t - back].double() * weight[:, width - 1 - back].double(), 0.0)
+        value = F.silu(value) if silu else value
+        columns.append(torch.where((seq_idx[:, t] >= 0)[:, None], value, 0.0))
+    return torch.stack(columns, dim=-1)
+
+
+def test_non_finite_inputs_of_padding_and_other_sequences_leave_a_sequences_input_gradient_finite():
+    """NaN in padded slots and inf in another sequence: the outputs of a sequence, and the input gradient its
+    loss sends to its own inputs, stay finite (the activation is applied after the rewritten outputs, so its
+    derivative is never taken where the whole-row kernel read another sequence)."""
+    x = torch.randn(1, 2, 9)
+    x[..., 7:] = float("nan")   # padding
+    x[0, 1, 2] = float("inf")   # the last input of sequence 0
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1, -1]], dtype=torch.int32)
+    weight = torch.randn(2, 3)
+    x.requires_grad_()
+    out = causal_conv1d_fn(x, weight, seq_idx=seq_idx, activation="silu")
+    out[..., 3:7].sum().backward()  # a loss on sequence 1 alone
+    x64 = x.detach().double().requires_grad_()
+    expected = _masked_reference(x64, weight, seq_idx, silu=True)
+    expected[..., 3:7].sum().backward()
+    torch.testing.assert_close(out[..., 3:].double(), expected[..., 3:].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad[..., 3:7].double(), x64.grad[..., 3:7], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_and_initial_states_under_torch_func_and_compile():
+    """vmap, jacfwd and torch.compile(fullgraph=True) cannot sync with the host nor write in place: there the
+    conv runs as torch ops with the same results."""
+    x, weight, bias = torch.randn(2, 3, 7), torch.randn(3, 4), torch.randn(3)
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1, 0, -1], [2, 2, 2, 2, 3, 3, 3]], dtype=torch.int32)
+    initial = torch.randn(2, 3, 3)
+    packed = causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx)
+    stacked = torch.stack([x, 2 * x])
+    batched = torch.vmap(lambda v: causal_conv1d_fn(v, weight, bias, seq_idx=seq_idx))(stacked)
+    torch.testing.assert_close(batched[0], packed)
+    over_ids = torch.vmap(lambda ids: causal_conv1d_fn(x, weight, bias, seq_idx=ids))(torch.stack([seq_idx] * 2))
+    torch.testing.assert_close(over_ids[1], packed)
+    with_states = causal_conv1d_fn(x, weight, bias, initial_states=initial)
+    over_states = torch.vmap(lambda s: causal_conv1d_fn(x, weight, bias, initial_states=s))(torch.stack([initial] * 2))
+    torch.testing.assert_close(over_states[1], with_states)
+    jacobian = torch.func.jacfwd(lambda v: causal_conv1d_fn(v, weight, seq_idx=seq_idx))(x)
+    assert jacobian.shape == (2, 3, 7, 2, 3, 7)
+    assert jacobian[0, 0, 2, 0, 0, 1] == 0 and jacobian[0, 0, 1, 0, 0, 0] == weight[0, 2]  # 2 starts sequence 1
+    compiled = torch.compile(lambda v: causal_conv1d_fn(v, weight, bias, seq_idx=seq_idx), backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x), packed)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 3, 0), (2, 0, 5)])
+def test_empty_rows_batches_and_channels(shape):
+    x = torch.randn(shape)
+    weight = torch.randn(shape[1], 4)
+    for kwargs in ({}, {"seq_idx": torch.zeros(shape[0], shape[2], dtype=torch.int32)},
+                   {"initial_states": torch.randn(shape[0], shape[1], 3), "return_final_states": True}):
+        result = causal_conv1d_fn(x, weight, **kwargs)
+        out = result[0] if isinstance(result, tuple) else result
+        assert out.shape == shape
+        if isinstance(result, tuple):  # the last width - 1 inputs: the states when there is no input
+            assert torch.equal(result[1], torch.cat([kwargs["initial_states"], x], dim=-1)[..., -3:])

@@ -14,9 +14,12 @@ What runs where:
   reaches past what that pass saw are computed again and written over it (causal_depthwise): with
   ``initial_states`` the first width - 1 outputs, from the states and the first inputs; with ``seq_idx``
   (several sequences packed in one row) the outputs with a tap reaching into another sequence, that tap
-  masked, and 0 where seq_idx is negative (padding), as causal-conv1d's kernel does. Neither x nor the output
-  is copied for them; ``final_states`` are the last width - 1 inputs. When the weight's dtype differs from
-  x's, x is cast to it first (one copy).
+  masked, and 0 where seq_idx is negative (padding), as causal-conv1d's kernel does; with ``seq_idx`` the
+  SiLU then runs as a torch op (one pass over the output). Neither x nor the output is copied for them;
+  ``final_states`` are the last width - 1 inputs. When the weight's dtype differs from x's, x is cast to it
+  first (one copy). Finding the rewritten outputs syncs with the host once; under torch.compile and
+  torch.func transforms (vmap, jacfwd), which cannot, the conv runs as torch ops (states placed before x,
+  or one masked pass over x per tap).
 - ``causal_conv1d_update`` (decode: one or several new tokens per sequence from a rolling or circular
   state, a state pool indexed per request with -1 for a padded slot) and ``causal_conv1d_varlen_states`` are
   a few hundred kilobytes of gathers and length-``width`` dot products per step, written with torch ops.
@@ -134,30 +137,41 @@ def causal_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     dtype, the final states [batch, dim, width - 1] in x's dtype). Computed in the weight's precision.
 
     The generated kernel runs the causal conv over whole rows (zeros before t = 0), once. Only outputs whose
-    window reaches past what the kernel saw are computed again and written over its: the first width - 1
+    window reaches past what the kernel saw are computed again and written over it: the first width - 1
     with ``initial_states`` (from those states and the first inputs), the outputs reading another packed
     sequence with ``seq_idx`` (their taps into it masked); padded positions (negative seq_idx) are set to 0.
-    So neither x nor the output is copied for them (x is cast once where the weight is wider)."""
-    width = weight.shape[1]
+    So neither x nor the output is copied for them (x is cast once where the weight is wider). With
+    ``seq_idx`` the activation is applied after the rewrite, so that the backward never differentiates it
+    where the kernel read another sequence (an inf there would make silu's derivative NaN).
+    Finding the rewritten outputs syncs with the host; under torch.compile and torch.func transforms
+    (vmap, jacfwd), where it cannot, the conv runs as torch ops instead (_dense_causal)."""
+    width, seqlen = weight.shape[1], x.shape[-1]
     compute = _compute_dtype(x, weight)
     x_in = x.to(compute)
     weight_in = weight.to(compute)
     bias_in = None if bias is None else bias.to(compute)
     residual_in = None if residual is None else residual.to(compute)
-    out = _causal_conv(x_in, weight_in, bias_in, activation, residual_in, left=width - 1)
-    head = min(width - 1, x.shape[-1])
-    if initial_states is not None and head:
+    states_in = None if initial_states is None else initial_states.to(compute)
+    head = min(width - 1, seqlen)
+    history = x_in[..., seqlen - head:]
+    before = states_in if states_in is not None else x_in.new_zeros(*x.shape[:2], width - 1)
+    final_states = torch.cat([before, history], dim=-1)[..., head:].to(x.dtype)  # the last width - 1 inputs
+    if x.numel() == 0:
+        return x.new_zeros(x.shape), final_states
+    if _transformed(x, weight, bias, residual, seq_idx, initial_states):
+        out = _dense_causal(x_in, weight_in, bias_in, seq_idx, states_in, activation, residual_in)
+        return out.to(x.dtype), final_states
+    fused = activation if seq_idx is None else None
+    out = _causal_conv(x_in, weight_in, bias_in, fused, residual_in, left=width - 1)
+    if states_in is not None and head:
         # outputs t < width - 1 read the states: the unpadded conv of (states, their first inputs)
-        window = torch.cat([initial_states.to(compute), x_in[..., :head]], dim=-1)
-        out[..., :head] = _causal_conv(window, weight_in, bias_in, activation,
+        window = torch.cat([states_in, x_in[..., :head]], dim=-1)
+        out[..., :head] = _causal_conv(window, weight_in, bias_in, fused,
                                        None if residual_in is None else residual_in[..., :head], left=0)
     if seq_idx is not None:
-        _rewrite_packed(out, x_in, weight_in, bias_in, seq_idx, activation, residual_in)
-    states = x_in[..., x.shape[-1] - head:]
-    before = (initial_states.to(compute) if initial_states is not None
-              else x_in.new_zeros(*x.shape[:2], width - 1))
-    final_states = torch.cat([before, states], dim=-1)[..., head:]  # the last width - 1 inputs
-    return out.to(x.dtype), final_states.to(x.dtype)
+        _rewrite_packed(out, x_in, weight_in, bias_in, seq_idx, residual_in)
+        out = out if activation is None else F.silu(out)
+    return out.to(x.dtype), final_states
 
 
 def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str],
@@ -168,25 +182,59 @@ def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                   activation=activation, residual=None if residual is None else residual.unsqueeze(2)).squeeze(2)
 
 
+def _transformed(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the call is traced by torch.compile or runs under a torch.func transform (its tensors wrapped),
+    where the rewrite's host sync and in-place writes cannot run."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return torch.compiler.is_compiling() or any(t is not None and wrapped(t) for t in tensors)
+
+
+def _dense_causal(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor], activation: Optional[str],
+                  residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """causal_depthwise's output as torch ops without a host sync or an in-place write (torch.compile, vmap):
+    the states placed before x (a copy), or, with seq_idx, one masked pass over x per tap in the accumulator's
+    precision (float32, float64 for float64)."""
+    width, seqlen = weight.shape[1], x.shape[-1]
+    if seq_idx is None:
+        history = x if initial_states is None else torch.cat([initial_states, x], dim=-1)
+        return _causal_conv(history, weight, bias, activation, residual, left=0 if initial_states is not None
+                            else width - 1)
+    accumulator = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x_wide, weight_wide = x.to(accumulator), weight.to(accumulator)
+    out = x_wide.new_zeros(x.shape) if bias is None else bias.to(accumulator)[None, :, None].expand(x.shape).clone()
+    for back in range(min(width, seqlen)):  # tap width - 1 - back reads x[t - back]
+        same = seq_idx[:, back:] == seq_idx[:, :seqlen - back]  # [batch, seqlen - back]: same sequence
+        tap = x_wide[..., :seqlen - back] * weight_wide[:, width - 1 - back, None]
+        out = out + F.pad(torch.where(same[:, None, :], tap, 0.0), (back, 0))  # where, not *: inf x 0 is NaN
+    if residual is not None:
+        out = out + residual.to(accumulator)
+    if activation is not None:
+        out = F.silu(out)
+    return torch.where((seq_idx >= 0)[:, None, :], out, 0.0).to(x.dtype)
+
+
 # outputs of a packed row computed again a chunk at a time: at most this many window elements in float32
 _WINDOW_ELEMENTS = 1 << 24
 
 
 def _rewrite_packed(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    seq_idx: torch.Tensor, activation: Optional[str], residual: Optional[torch.Tensor]) -> None:
-    """Writes over ``out`` (the whole rows' causal conv) the outputs of a packed row that differ from it (see
-    causal_conv1d_fn): those of a tap reading another sequence (seq_idx differs), computed again with that tap
-    masked, and 0 where seq_idx is negative, as causal-conv1d's kernel does. In a row of a few sequences they
-    are a few width - 1 outputs after each start, found on seq_idx alone ([batch, seqlen] integers, width -
-    1 comparisons; one host sync). Windows accumulate in float32 (float64 for float64)."""
+                    seq_idx: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+    """Writes over ``out`` (the whole rows' causal conv + bias + residual, before any activation) the outputs of
+    a packed row that differ from it (see causal_conv1d_fn): those of a tap reading another sequence (seq_idx
+    differs), computed again with that tap masked, and 0 where seq_idx is negative. In a row of a few sequences
+    they are a few width - 1 outputs after each start, found on seq_idx alone ([batch, seqlen] integers,
+    width - 1 comparisons; one host sync). Windows accumulate in float32 (float64 for float64)."""
     width, seqlen = weight.shape[1], x.shape[-1]
     crossing = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
     for back in range(1, min(width, seqlen)):  # output t's tap width - 1 - back reads x[t - back]
         crossing[:, back:] |= seq_idx[:, back:] != seq_idx[:, :seqlen - back]
-    rows, times = (crossing & (seq_idx >= 0)).nonzero(as_tuple=True)
+    padded = seq_idx < 0
+    rows, times = (crossing | padded).nonzero(as_tuple=True)
     accumulator = torch.float64 if x.dtype == torch.float64 else torch.float32
     back = torch.arange(width, device=x.device)
     taps = weight.to(accumulator).flip(1).T  # [width, dim]: row `back` multiplies x[t - back]
+    by_position = out.transpose(1, 2)  # [batch, seqlen, dim]: written through two index tensors, no slice between
     chunk = max(1, _WINDOW_ELEMENTS // (width * x.shape[1]))
     for first in range(0, rows.numel(), chunk):
         row, time = rows[first:first + chunk], times[first:first + chunk]
@@ -198,11 +246,8 @@ def _rewrite_packed(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
             value = value + bias.to(accumulator)
         if residual is not None:
             value = value + residual[row, :, time].to(accumulator)
-        if activation is not None:
-            value = F.silu(value)
-        out[row, :, time] = value.to(out.dtype)
-    padded_rows, padded_times = (seq_idx < 0).nonzero(as_tuple=True)
-    out[padded_rows, :, padded_times] = 0
+        value = torch.where(padded[row, time][:, None], 0.0, value)
+        by_position[row, time] = value.to(out.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- decode

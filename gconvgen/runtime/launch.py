@@ -84,7 +84,7 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
 # how a launch derives an operand from the tensor it is given, by name (see Launch.derived)
 DERIVATIONS: dict[str, Callable[[torch.Tensor, KernelDesc], torch.Tensor]] = {
     "flipped": lambda tensor, desc: tensor.detach().flip((2, 3)),  # the transposed conv's weight
-    "weight_copy": lambda tensor, desc: weights.copied_for_kernel(tensor, desc),
+    "weight_copy": lambda tensor, desc: weights.hwio_copy(tensor),  # the only layout copied (weights.needs_copy)
     "channels_last": lambda tensor, desc: tensor.contiguous(memory_format=torch.channels_last),
 }
 
@@ -314,7 +314,7 @@ def prepare_forward(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor, bias:
     desc = describe(spec, "forward", (x, weight, out, residual), choice, pixels, target=target, epilogue=epilogue,
                     weight_memory=weights.layout_of(weight), rows=(((x, spec.in_channels),), (out,)))
     derived = (("weight", _weight_copy(weight, desc)), ("x", _staging(desc)))
-    weight = weights.for_kernel(weight, desc)
+    weight = weights.in_layout(weight, desc.weight_layout)
     x = staged(x, desc)
     return _prepared(desc, desc.grid(pixels),
                      {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}, out, "out",
@@ -344,7 +344,7 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,
                     weight_memory=weights.layout_of(weight), rows=(((grad_output, spec.out_channels),), (grad_x,)))
     derived = (("weight", _weight_copy(weight, desc)), ("grad_output", _staging(desc)))
-    weight = weights.for_kernel(weight, desc)
+    weight = weights.in_layout(weight, desc.weight_layout)
     grad_output = staged(grad_output, desc)
     return _prepared(desc, desc.grid(pixels),
                      {"grad_output": grad_output, "weight": weight, "grad_input": grad_x}, grad_x, "grad_input",

@@ -37,22 +37,12 @@ def layout_of(weight: torch.Tensor) -> str:
     return "strided"
 
 
-def for_kernel(weight: torch.Tensor, desc) -> torch.Tensor:
-    """``weight`` [C_out, ci, kh, kw] as the kernel of ``desc`` (a lowering.KernelDesc) reads it
-    (``in_layout``). Built per launch, never cached."""
-    return in_layout(weight, desc.weight_layout)
-
-
 def needs_copy(weight: torch.Tensor, desc) -> bool:
-    """Whether ``for_kernel`` copies ``weight``: where the weight is not in the layout the kernel reads at
-    literal strides. Depends only on the weight's shape and strides."""
+    """Whether ``in_layout`` copies ``weight`` for the kernel of ``desc`` (a lowering.KernelDesc): where the
+    weight is not in the layout the kernel reads at literal strides. Depends only on the weight's shape and
+    strides."""
     layout = desc.weight_layout
     return layout != "strided" and layout_of(weight) != layout
-
-
-def copied_for_kernel(weight: torch.Tensor, desc) -> torch.Tensor:
-    """``for_kernel``'s copy where ``needs_copy`` (a remembered launch knows it does): an hwio copy."""
-    return hwio_copy(weight)
 
 
 def in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:

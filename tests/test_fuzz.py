@@ -1220,6 +1220,18 @@ def _default_grad_weight_family(problem: ConvProblem) -> str:
     return next(name for name in plan(spec).grad_weight_families if family_named(name).suits(spec, "grad_weight", pixels))
 
 
+def _banded_grad_weight_tile(case) -> str:
+    """The tile of the banded grad-weight a case forced onto it runs: "columns" (strip_columns), "flat" or
+    "" where it is not forced there."""
+    if case.grad_weight_family != "depthwise_gemm":
+        return ""
+    problem = case.conv
+    pixels = PixelSpace.of("grad_weight", problem.batch, *problem.size, *output_size(problem))
+    desc = lower(plan(spec_of(problem)), "grad_weight", choice=Choice(KERNEL, case.grad_weight_config, "depthwise_gemm"),
+                 interpret=True, allow_tf32=False, pixels=pixels)
+    return "columns" if desc.step_rows else "flat"
+
+
 def _spec_family(problem: ConvProblem) -> str:
     return problem.family or plan(spec_of(problem)).family
 
@@ -1294,6 +1306,8 @@ GRADIENT_DOMAIN = [
     ("grad_weight with a small config", lambda c: c.grad_weight_config is not None),
     *[(f"grad_weight forced onto {f}", lambda c, f=f: c.grad_weight_family == f)
       for f in ("depthwise", "depthwise_gemm", "igemm")],
+    *[(f"grad_weight forced onto the banded kernel's {t} tile", lambda c, t=t: _banded_grad_weight_tile(c) == t)
+      for t in ("columns", "flat")],
     *[(f"grad_weight by default on {f}", lambda c, f=f: c.grad_weight_family is None
        and _default_grad_weight_family(c.conv) == f)
       for f in ("depthwise", "depthwise_gemm", "igemm")],

@@ -110,6 +110,8 @@ class KernelDesc:
     band_shift: int             # banded rows: input columns a strip's band starts before its window (an aligned column)
     tap_tile: int               # depthwise grad-weight: the taps (direct: all, padded to a power of two) or
     #                             kernel rows (banded) whose sums a program holds at once; else 0
+    step_rows: int              # banded grad-weight in columns of strips (strip_columns): the output rows of a
+    #                             step's BLOCK_M input rows; else 0
     config: KernelConfig
     groups_per_program: int
 
@@ -165,7 +167,7 @@ class KernelDesc:
 
     def reduction_units(self, pixels: PixelSpace) -> int:
         """What a split reduction over ``pixels`` sums: output pixels, or the banded grad-weight's strips."""
-        return family(self.family).reduction_units(self.config, pixels)
+        return family(self.family).reduction_units(self.spec, self.config, pixels)
 
 
 # ---------------------------------------------------------------------------------------------- lowering passes
@@ -308,10 +310,11 @@ def choose_row_alignment(fields: dict, ctx: Context) -> None:
 def choose_tap_tile(fields: dict, ctx: Context) -> None:
     """Depthwise grad-weight sums many taps from each grad_out tile it loads: the direct kernel every tap (a
     [taps, channels] accumulator of tap_tile rows), the banded kernel tap_tile kernel rows a pass, as many as
-    its accumulators allow at its config (Family.tap_tile)."""
-    spec = fields["spec"]
-    fields["tap_tile"] = (family(fields["family"]).tap_tile(spec, ctx.kind, fields["config"], fields["halo_tile"])
-                          if spec is not None else 0)
+    its accumulators allow at its config (Family.tap_tile), and when its tile is consecutive rows of a column,
+    the output rows of a step (Family.step_rows)."""
+    spec, owner = fields["spec"], family(fields["family"])
+    fields.update(tap_tile=owner.tap_tile(spec, ctx.kind, fields["config"], fields["halo_tile"]) if spec else 0,
+                  step_rows=owner.step_rows(spec, ctx.kind, fields["config"]) if spec else 0)
 
 
 def choose_tile_config(fields: dict, ctx: Context) -> None:

@@ -43,14 +43,20 @@ class PixelSpace:
 
     rows: int
     width: int
+    batch: int = 1  # rows is batch x image height
 
     @staticmethod
     def of(kind: str, batch: int, height: int, width: int, out_height: int, out_width: int) -> "PixelSpace":
         """Kernel ``kind``'s pixels for an input of [batch, ., height, width] and an output of out_height x
         out_width."""
         if kind == "grad_input":
-            return PixelSpace(batch * height, width)
-        return PixelSpace(batch * out_height, out_width)
+            return PixelSpace(batch * height, width, batch)
+        return PixelSpace(batch * out_height, out_width, batch)
+
+    @property
+    def height(self) -> int:
+        """The image's rows."""
+        return self.rows // max(self.batch, 1)
 
     @property
     def pixels(self) -> int:

@@ -68,7 +68,7 @@ class Family:
         """Units a split reduction (grad_weight, grad_bias) sums per step: a split's range is a multiple."""
         return config.block_m
 
-    def reduction_units(self, config: KernelConfig, pixels: PixelSpace) -> int:
+    def reduction_units(self, spec: Optional[ConvSpec], config: KernelConfig, pixels: PixelSpace) -> int:
         """What a split reduction sums over (the kernel's ``pixels`` argument): output pixels."""
         return pixels.pixels
 
@@ -96,6 +96,10 @@ class Family:
         return 0
 
     def tap_tile(self, spec: ConvSpec, kind: str, config: KernelConfig, halo_tile: int) -> int:
+        return 0
+
+    def step_rows(self, spec: ConvSpec, kind: str, config: KernelConfig) -> int:
+        """The output rows a step of a tile of one column's rows takes (KernelDesc.step_rows); 0 otherwise."""
         return 0
 
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",

@@ -18,9 +18,15 @@ ROW_TAPS = 4  # a height-1 window past this many taps runs on tensor cores in ha
 # grad-weight: fp32 accumulator registers a thread may give the kernel rows of a pass: a 2-D dot's ("rows") and
 # a dot batched over channels ("channels", whose mma.sync operands take more registers beside them)
 ACCUMULATOR_REGISTERS = {"rows": 64, "channels": 48}
+# ... and in columns of strips (strip_columns), where one input tile serves every kernel row of a pass and each row
+# adds only its rotated grad_out operand: a batched dot's accumulators may take 80 (EfficientNet's dw5 at 8
+# channels and ConvNeXt's dw7 at 4: every kernel row in one pass; RepLKNet's dw31 at 4: 6 rows a pass, where 8
+# spilled 512 B on Triton 3.6)
+COLUMNS_ACCUMULATOR_REGISTERS = 80
 MIN_GRAD_WEIGHT_ROW = 8  # grad-weight output rows narrower than this take the direct kernel by default
 STRIP_STEPS_AT_8_CHANNELS = 4  # channels_last forward: band steps a program of 8 channels' strips unrolls at most
 KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep operands in registers beside them
+COLUMNS_ROWS_AT_ONCE = 8  # in columns of strips (RepLKNet's dw31 at 16 rows a pass spilled 8 B in NCHW)
 
 
 def is_wide_window(spec: ConvSpec) -> bool:
@@ -62,6 +68,21 @@ def strip_rows(spec: ConvSpec, kind: str) -> bool:
     return kind == "forward" and spec.kernel_size[0] == 1 and spec.stride[1] == 1
 
 
+def strip_columns(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
+    """Whether the grad-weight tile is BLOCK_M consecutive rows of one column of strips ("columns" in the
+    template), which lets a pass load its input once for every kernel row: a window taller than one row at
+    stride 1, where kernel row r of output row i reads what kernel row 0 of output row i + r reads, and a tile of
+    at least twice the window's reach (its rows past the step's output rows, row_reach). Otherwise each kernel
+    row loads its own input tiles (kernel_h times the input)."""
+    return (kind == "grad_weight" and spec.kernel_size[0] > 1 and spec.stride[0] == 1
+            and config.block_m >= 2 * row_reach(spec))
+
+
+def row_reach(spec: ConvSpec) -> int:
+    """The input rows a window reads past its first: (kernel_h - 1) x dilation_h."""
+    return (spec.kernel_size[0] - 1) * spec.dilation[0]
+
+
 def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
     """How many [block_k, block_k] band matrices cover the input band of one strip of block_k output
     columns: band_shift columns read early (KernelDesc.band_shift), then (block_k - 1) x stride + the
@@ -72,11 +93,13 @@ def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
 
 def kernel_rows_at_once(spec: ConvSpec, config: KernelConfig, halo_tile: int) -> int:
     """The kernel rows a grad-weight pass holds (KernelDesc.tap_tile), so that one grad_out tile serves them
-    all: as many as ACCUMULATOR_REGISTERS allow, each [channels in flight, block_k, main tile + halo_tile]
+    all: as many as its accumulator budget allows, each [channels in flight, block_k, main tile + halo_tile]
     accumulators (two registers each in float64), up to KERNEL_ROWS_AT_ONCE (RepLKNet's k27 on a 14 x 14 map
-    took all 27 rows at 16-column strips and spilled 208 B); then the fewest rows a pass that keeps that many
-    passes (k7 at 5 a pass: 4 + 3)."""
-    at_once = max(1, min(KERNEL_ROWS_AT_ONCE, accumulator_budget(spec, config) // row_accumulators(spec, config, halo_tile)))
+    took all 27 rows at 16-column strips and spilled 208 B), COLUMNS_ROWS_AT_ONCE in columns of strips (whose
+    rows load no input tiles of their own); then the fewest rows a pass that keeps that many passes (k7 at 5 a
+    pass: 4 + 3)."""
+    cap = COLUMNS_ROWS_AT_ONCE if strip_columns(spec, "grad_weight", config) else KERNEL_ROWS_AT_ONCE
+    at_once = max(1, min(cap, accumulator_budget(spec, config) // row_accumulators(spec, config, halo_tile)))
     kernel_h = spec.kernel_size[0]
     return cdiv(kernel_h, cdiv(kernel_h, at_once))
 
@@ -90,8 +113,11 @@ def row_accumulators(spec: ConvSpec, config: KernelConfig, halo_tile: int) -> in
 
 
 def accumulator_budget(spec: ConvSpec, config: KernelConfig) -> int:
-    """ACCUMULATOR_REGISTERS of every thread of ``config``."""
-    return ACCUMULATOR_REGISTERS[band_dot(spec)] * 32 * config.num_warps
+    """ACCUMULATOR_REGISTERS (COLUMNS_ACCUMULATOR_REGISTERS for a batched dot in columns of strips) of every
+    thread of ``config``."""
+    dot = band_dot(spec)
+    columns = dot == "channels" and strip_columns(spec, "grad_weight", config)
+    return (COLUMNS_ACCUMULATOR_REGISTERS if columns else ACCUMULATOR_REGISTERS[dot]) * 32 * config.num_warps
 
 
 def grad_weight_main(spec: ConvSpec, block_k: int) -> int:
@@ -157,21 +183,29 @@ class DepthwiseGemm(Family):
         return config
 
     def _grad_weight_config(self, spec: ConvSpec, interpret: bool) -> KernelConfig:
-        """NCHW: one channel at a time, strips of 64 columns (narrower maps: fitted), 64 strips a step on 8
-        warps; channels_last: 8 channels (16-byte loads) of 16-column strips batched, one stage (two made
-        ptxas spill on Mamba's k4 at 64 registers and RepLKNet's k31 at 255, for the same modelled time).
+        """NCHW: one channel at a time, 64 strips a step on 8 warps; strips of 64 columns (narrower maps:
+        fitted), of 16 in columns of strips (strip_columns: ConvNeXt's dw7 modelled 22% of its floor at 64, whose
+        accumulators take 3 kernel rows a pass, and 51% at 16, all 7 rows in one pass).
+        channels_last: 8 channels (16-byte loads) of 16-column strips batched, one stage (two made ptxas spill
+        on Mamba's k4 at 64 registers and RepLKNet's k31 at 255, for the same modelled time), 32 strips a step;
+        in columns of strips 64 rows a step (ConvNeXt's dw7 at 56 x 56: 58 output rows a step against 26 at 32),
+        and 4 channels where 8 would not take every kernel row in one pass (dw7: 48% against 25% in two passes).
         Accumulators per kernel row: channels x strip x (strip x stride + halo) fp32."""
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 4), 16, num_stages=1)
+        columns = strip_columns(spec, "grad_weight", KernelConfig(64, 1, 16))
         if band_dot(spec) == "rows":
-            config = KernelConfig(64, 1, 64, num_warps=8, num_stages=2)
+            config = KernelConfig(64, 1, 16 if columns else 64, num_warps=8, num_stages=2)
             while config.block_k > DOT_SIDES[0] and self._row_accumulators(config, spec) > accumulator_budget(spec, config):
                 config = replace(config, block_k=config.block_k // 2)  # a wide window's halo (causal k256)
             return config
         # channel rows that are not whole 16-byte vectors (ShuffleNet's 116) load element by element, and 8
         # channels' element loads spilled 40 B: 4 channels then
         channels = 8 if spec.out_channels % 8 == 0 else 4
-        config = KernelConfig(32, pow2_between(spec.out_channels, 1, channels), 16, num_warps=8, num_stages=1)
+        config = KernelConfig(64 if columns else 32, pow2_between(spec.out_channels, 1, channels), 16, num_warps=8,
+                              num_stages=1)
+        if columns and spec.kernel_size[0] * self._row_accumulators(config, spec) > accumulator_budget(spec, config):
+            config = replace(config, block_n=min(config.block_n, 4))
         while config.block_n > 1 and self._row_accumulators(config, spec) > accumulator_budget(spec, config):
             config = replace(config, block_n=config.block_n // 2)  # a wide window's halo (causal k256)
         return config
@@ -189,11 +223,22 @@ class DepthwiseGemm(Family):
         least tl.dot's 16 rows): a short prompt's row would leave the rest of the tile idle.
         A grad-weight strip of 16 columns for output rows of 32 or fewer (32-column strips spilled 32-192 B on
         EfficientNet's dw5 at 28 x 28, ConvNeXt's dw7 at 7 x 7 and RepLKNet's dw27 at 14 x 14 in NCHW), in one
-        stage (two spilled 64 B on EfficientNet's stride-2 dw5, for the same modelled time)."""
+        stage (two spilled 64 B on EfficientNet's stride-2 dw5, for the same modelled time). A grad-weight tile of
+        one column's rows (strip_columns) no taller than the map and the window's reach (a power of two, at least
+        16); on a map shorter than the window's reach, a flat tile."""
         if strip_rows(spec, kind):
             strips = cdiv(pixels.width, config.block_k)
             return replace(config, block_m=min(config.block_m, pow2_between(strips, DOT_SIDES[0], 1 << 30)))
-        if kind != "grad_weight" or pixels.width > 32:
+        if kind != "grad_weight":
+            return config
+        if strip_columns(spec, kind, config):
+            rows = pow2_between(pixels.height + row_reach(spec), DOT_SIDES[0], 1 << 30)
+            if pixels.height < row_reach(spec):
+                # most of a column's step would be rows past the map (RepLKNet's dw27 on 14 rows: 64 rows a
+                # step, 4.4% of its floor modelled): the flat tile, whose rows are any strips
+                rows = max(DOT_SIDES[0], pow2_between(2 * row_reach(spec), 1, 1 << 30) // 2)
+            config = replace(config, block_m=min(config.block_m, rows))
+        if pixels.width > 32:
             return config
         return replace(config, block_k=DOT_SIDES[0], num_stages=1)
 
@@ -215,9 +260,13 @@ class DepthwiseGemm(Family):
             tiles = cdiv(pixels.rows * strips, config.block_m)
         return (tiles, 1, cdiv(spec.out_channels, config.block_n))
 
-    def reduction_units(self, config: KernelConfig, pixels: PixelSpace) -> int:
-        """grad-weight sums strips of BLOCK_K output columns, over every output row."""
-        return pixels.rows * cdiv(pixels.width, config.block_k)
+    def reduction_units(self, spec: Optional[ConvSpec], config: KernelConfig, pixels: PixelSpace) -> int:
+        """grad-weight sums strips of BLOCK_K output columns, over every output row; in columns of strips
+        (strip_columns), BLOCK_M units a step of BLOCK_M - row_reach output rows of one column."""
+        strips = cdiv(pixels.width, config.block_k)
+        if strip_columns(spec, "grad_weight", config):
+            return pixels.batch * strips * cdiv(pixels.height, config.block_m - row_reach(spec)) * config.block_m
+        return pixels.rows * strips
 
     def weight_layout(self, kind: str, weight_memory: str) -> str:
         return "strided"  # the forward builds its band blocks from the weight's rows in registers
@@ -238,6 +287,10 @@ class DepthwiseGemm(Family):
     def tap_tile(self, spec: ConvSpec, kind: str, config: KernelConfig, halo_tile: int) -> int:
         """grad-weight: the kernel rows a pass holds (kernel_rows_at_once)."""
         return kernel_rows_at_once(spec, config, halo_tile) if kind == "grad_weight" else 0
+
+    def step_rows(self, spec: ConvSpec, kind: str, config: KernelConfig) -> int:
+        """grad-weight in columns of strips (strip_columns): BLOCK_M - row_reach output rows a step."""
+        return config.block_m - row_reach(spec) if strip_columns(spec, kind, config) else 0
 
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
              band_shift: int = 0) -> tuple[tuple[int, int], int]:
@@ -266,14 +319,17 @@ class DepthwiseGemm(Family):
         return self._forward_requested(desc, problem, programs)
 
     def _grad_weight_requested(self, desc, problem, programs: int, arguments: dict):
-        """Per step and channel: in each pass over the kernel rows a [block_m, block_k] grad_out tile, and for
-        each kernel row the input band's main and halo tiles, each a dot with the grad_out tile."""
+        """Per step and channel: in each pass over the kernel rows a [block_m, block_k] grad_out tile, and the
+        input band's main and halo tiles of block_m rows, for each kernel row ("flat") or once a pass
+        (strip_columns); each kernel row a dot of the grad_out tile with its input tiles."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         band = grad_weight_main(spec, k) + desc.halo_tile
         steps = programs * n * -(-arguments.get("pixels_per_split", 0) // m)
         kernel_h = spec.kernel_size[0]
-        loaded = steps * (cdiv(kernel_h, desc.tap_tile) * m * k + kernel_h * m * band) * ELEMENT_BYTES[spec.dtype]
+        passes = cdiv(kernel_h, desc.tap_tile)
+        x_rows = (passes if desc.step_rows else kernel_h) * m
+        loaded = steps * (passes * m * k + x_rows * band) * ELEMENT_BYTES[spec.dtype]
         return loaded, steps * kernel_h * 2 * k * m * band
 
     def _forward_requested(self, desc, problem, programs: int):

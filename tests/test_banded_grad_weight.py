@@ -66,8 +66,9 @@ def test_a_family_without_that_grad_weight_kernel_is_refused():
 # channels, multiplier, (H, W), kernel, stride, padding (top, bottom, left, right), dilation, config: each row is
 # an edge of the kernel: a halo tile or none, stride 3 (a main tile past BLOCK_K x stride), dilation, a last pass
 # holding fewer kernel rows, one output column, a 1 x 1 map, a channel multiplier, strips past one row; in
-# columns of strips (stride 1 in height, strip_columns): columns of several row tiles, the last past the map,
-# dilation in height, one output row, a map shorter than the window
+# columns of strips (strip_columns): columns of several row tiles, the last past the map, dilation in height,
+# one output row, a map shorter than the window, stride 3 in height (rows 2 and 3 above take stride 2), stride
+# with dilation, a last pass holding fewer kernel rows
 CASES = [
     (5, 1, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), KernelConfig(16, 2, 16, num_stages=1)),
     (3, 1, (7, 40), (5, 5), (1, 2), (2, 2, 1, 1), (1, 1), KernelConfig(16, 2, 16, num_stages=1)),
@@ -81,6 +82,9 @@ CASES = [
     (2, 1, (11, 6), (5, 3), (1, 1), (2, 2, 1, 1), (2, 1), KernelConfig(16, 2, 16, num_stages=1)),
     (2, 1, (5, 7), (5, 3), (1, 1), (0, 0, 1, 1), (1, 1), None),
     (3, 1, (2, 5), (7, 3), (1, 1), (3, 3, 1, 1), (1, 1), KernelConfig(16, 1, 16, num_stages=1)),
+    (3, 1, (31, 9), (3, 3), (3, 1), (1, 2, 1, 1), (1, 1), KernelConfig(32, 2, 16, num_stages=1)),
+    (2, 1, (13, 7), (3, 3), (2, 1), (2, 2, 1, 1), (2, 1), KernelConfig(16, 2, 16, num_stages=1)),
+    (2, 1, (12, 6), (9, 3), (1, 1), (4, 4, 1, 1), (1, 1), KernelConfig(32, 2, 16, num_stages=1)),
 ]
 
 

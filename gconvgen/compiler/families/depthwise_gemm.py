@@ -69,13 +69,19 @@ def strip_rows(spec: ConvSpec, kind: str) -> bool:
 
 
 def strip_columns(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
-    """Whether the grad-weight tile is BLOCK_M consecutive rows of one column of strips ("columns" in the
-    template), which lets a pass load its input once for every kernel row: a window taller than one row at
-    stride 1, where kernel row r of output row i reads what kernel row 0 of output row i + r reads, and a tile of
-    at least twice the window's reach (its rows past the step's output rows, row_reach). Otherwise each kernel
-    row loads its own input tiles (kernel_h times the input)."""
-    return (kind == "grad_weight" and spec.kernel_size[0] > 1 and spec.stride[0] == 1
-            and config.block_m >= 2 * row_reach(spec))
+    """Whether the grad-weight tile is BLOCK_M consecutive input rows of one column of strips ("columns" in the
+    template), which lets a pass load its input once for every kernel row: a window taller than one row, where
+    kernel row r of output row i reads input row i x stride_h + r x dilation_h, and a tile of at least twice
+    the window's reach (row_reach). Otherwise each kernel row loads its own input tiles (kernel_h times the
+    input)."""
+    return kind == "grad_weight" and spec.kernel_size[0] > 1 and config.block_m >= 2 * row_reach(spec)
+
+
+def column_step_rows(spec: ConvSpec, config: KernelConfig) -> int:
+    """The output rows of a step of BLOCK_M input rows in columns of strips: (BLOCK_M - row_reach) // stride_h,
+    the most whose windows the tile holds, and few enough that the rows the template's rotation wraps around
+    are past them."""
+    return (config.block_m - row_reach(spec)) // spec.stride[0]
 
 
 def row_reach(spec: ConvSpec) -> int:
@@ -232,7 +238,7 @@ class DepthwiseGemm(Family):
         if kind != "grad_weight":
             return config
         if strip_columns(spec, kind, config):
-            rows = pow2_between(pixels.height + row_reach(spec), DOT_SIDES[0], 1 << 30)
+            rows = pow2_between(pixels.height * spec.stride[0] + row_reach(spec), DOT_SIDES[0], 1 << 30)
             if pixels.height < row_reach(spec):
                 # most of a column's step would be rows past the map (RepLKNet's dw27 on 14 rows: 64 rows a
                 # step, 4.4% of its floor modelled): the flat tile, whose rows are any strips
@@ -262,10 +268,10 @@ class DepthwiseGemm(Family):
 
     def reduction_units(self, spec: Optional[ConvSpec], config: KernelConfig, pixels: PixelSpace) -> int:
         """grad-weight sums strips of BLOCK_K output columns, over every output row; in columns of strips
-        (strip_columns), BLOCK_M units a step of BLOCK_M - row_reach output rows of one column."""
+        (strip_columns), BLOCK_M units a step of column_step_rows output rows of one column."""
         strips = cdiv(pixels.width, config.block_k)
         if strip_columns(spec, "grad_weight", config):
-            return pixels.batch * strips * cdiv(pixels.height, config.block_m - row_reach(spec)) * config.block_m
+            return pixels.batch * strips * cdiv(pixels.height, column_step_rows(spec, config)) * config.block_m
         return pixels.rows * strips
 
     def weight_layout(self, kind: str, weight_memory: str) -> str:
@@ -289,8 +295,8 @@ class DepthwiseGemm(Family):
         return kernel_rows_at_once(spec, config, halo_tile) if kind == "grad_weight" else 0
 
     def step_rows(self, spec: ConvSpec, kind: str, config: KernelConfig) -> int:
-        """grad-weight in columns of strips (strip_columns): BLOCK_M - row_reach output rows a step."""
-        return config.block_m - row_reach(spec) if strip_columns(spec, kind, config) else 0
+        """grad-weight in columns of strips (strip_columns): column_step_rows output rows a step."""
+        return column_step_rows(spec, config) if strip_columns(spec, kind, config) else 0
 
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
              band_shift: int = 0) -> tuple[tuple[int, int], int]:

@@ -315,6 +315,48 @@ def test_banded_rows_match_torch(batch, channels, multiplier, length, kernel_w, 
         assert_close(out, expected, torch_dtype)
 
 
+# batch, channels, multiplier, (H, W), kernel, stride, dilation, padding (top, bottom, left, right), block_m, rows
+DIRECT_ROWS = [
+    P(2, 5, 1, (6, 9), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 16, True, id="row-shorter-than-the-tile"),
+    P(1, 4, 1, (3, 1), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 16, True, id="row-one-pixel-wide"),
+    P(2, 3, 2, (5, 40), (2, 5), (2, 1), (1, 2), (0, 1, 4, 1), 16, True, id="row-tiles-dilated-multiplier"),
+    P(1, 6, 1, (4, 37), (1, 7), (1, 1), (1, 1), (0, 0, 6, 0), 32, True, id="row-halo-past-the-row"),
+    P(2, 4, 1, (3, 20), (3, 9), (1, 1), (1, 3), (1, 1, 12, 12), 16, True, id="row-halo-of-several-tiles"),
+    P(2, 4, 1, (7, 9), (3, 3), (1, 2), (1, 1), (1, 1, 1, 1), 16, False, id="flat-stride-2"),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("batch, channels, multiplier, size, kernel, stride, dilation, padding, block_m, rows",
+                         DIRECT_ROWS)
+def test_direct_depthwise_row_tiles_match_torch(batch, channels, multiplier, size, kernel, stride, dilation, padding,
+                                                block_m, rows, dtype, nan_filled_outputs, monkeypatch):
+    """The direct depthwise forward in channels_last, both tilings: one output row's consecutive pixels, each
+    kernel row's input loaded once and each tap's tile gathered from it (families.depthwise.row_tiles: stride 1
+    along the width), or pixels of any rows. Rows narrower than the tile, one pixel wide, halos past the row's
+    end and past several tiles, dilation, channel multipliers; every output written, NaN where torch's is."""
+    from gconvgen.autotune import choice
+    from gconvgen.compiler.families.depthwise import row_tiles
+    from gconvgen.compiler.lowering import Choice, KERNEL, KernelConfig
+    torch_dtype = getattr(torch, dtype)
+    x = torch.randn(batch, channels, *size, dtype=torch.float64)
+    x[0, 0, size[0] // 2, size[1] // 2] = float("nan")
+    x[-1, -1, 0, -1] = float("inf")
+    weight = torch.randn(channels * multiplier, 1, *kernel, dtype=torch.float64)
+    expected = F.conv2d(F.pad(x, (padding[2], padding[3], padding[0], padding[1])), weight, None, stride, 0, dilation,
+                        channels)
+    config = KernelConfig(block_m, 4, 0, num_warps=1, num_stages=1)
+    launched = spy_on_kernels(monkeypatch, lambda desc: desc if desc.kind == "forward" else None)
+    with choice.overridden(lambda spec, kind, *_: Choice(KERNEL, config, "depthwise")):
+        out = gconvgen.conv2d(x.to(torch_dtype).contiguous(memory_format=torch.channels_last),
+                              weight.to(torch_dtype), None, stride, padding, dilation, channels)
+    (desc,) = launched
+    assert desc.family == "depthwise" and row_tiles(desc.spec, "forward", desc.config) == rows and (desc.halo_tile > 0) == rows
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert_close(out[finite], expected[finite], torch_dtype)
+
+
 def test_one_channel_rows_padded_past_the_width_are_not_read_as_vectors(nan_filled_outputs):
     """A one-channel NCHW view whose rows are padded (row stride 64, width 57) has aligned row starts but not an
     aligned width: the banded kernel's vector loads would read the padding (NaN here), so the launch's row

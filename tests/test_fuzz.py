@@ -520,7 +520,7 @@ def special_values(most: int):
 @st.composite
 def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,), specials: bool = True,
                   max_channels: int = 16, kernel_sides: tuple = (1, 2, 3, 4, 5, 7), wide_odds: int = 4,
-                  transposable: bool = False,
+                  transposable: bool = False, layouts: tuple = (), max_iterations: int = MAX_ITERATIONS,
                   extents: tuple = ("small", "long_rows", "small", "long_rows", "large")) -> ConvProblem:
     """A coherent problem for one forward family (None: the planner's default): channels the family computes,
     a geometry at the edges the lowering branches on, a layout and view, a dtype, an epilogue, special values,
@@ -529,7 +529,9 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
     kernel is the planner's default. ``transposable``: a depthwise conv its own transpose (one output per
     channel, stride 1, padding within the window's reach), whose input gradient may run as a forward conv.
     ``extents``: the map sizes drawn ("tiny": at most 3 x 3, where outputs of 1 x 1 and of width 1 are common;
-    "sequence": a 1-D row of up to 300 positions, several of the banded kernel's tiles of 16 strips)."""
+    "sequence": a 1-D row of up to 300 positions, several of the banded kernel's tiles of 16 strips);
+    ``layouts``: the layouts drawn (empty: every one, NCHW most often); a forced config that would run more
+    than ``max_iterations`` interpreted iterations gives way to the family's default."""
     family = draw(st.sampled_from(tuple(f for f in families if f != "igemm") if transposable else families))
     depthwise = (transposable or family in ("depthwise", "depthwise_gemm", "depthwise1d")
                  or (family is None and draw(st.booleans())))
@@ -553,7 +555,7 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
 
     one_d = api == "conv1d"
     short_window = family == "depthwise1d"
-    layout = draw(st.sampled_from(("nchw",) * 4 + LAYOUTS[1:] if transposable else LAYOUT_DRAWS))
+    layout = draw(st.sampled_from(layouts or (("nchw",) * 4 + LAYOUTS[1:] if transposable else LAYOUT_DRAWS)))
     sides = st.sampled_from(kernel_sides)
     wide = not one_d and family is None and depthwise and wide_odds > 0 and draw(st.integers(1, wide_odds)) == 1
     kernel_h = 7 if wide else 1 if one_d or (short_window and layout != "nchw") else draw(sides)
@@ -613,7 +615,7 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
         desc = described(spec, "forward", family, config)
         assume(desc is not None)
         problem = dataclasses.replace(problem, family=family,
-                                      config=config if iterations(problem, desc) <= MAX_ITERATIONS else None)
+                                      config=config if iterations(problem, desc) <= max_iterations else None)
     return problem
 
 
@@ -858,6 +860,32 @@ def test_conv1d_forward_banded_rows(problem, nan_filled_outputs):
     """The banded kernel on 1-D rows: wide windows (up to 40 taps, dilated) over rows of up to 300 positions,
     where a tile of one row's strips loads its input once and gathers each band step's tile (strip_rows),
     its halo from the next tile, and flat tiles at stride > 1."""
+    check_forward(problem)
+
+
+@st.composite
+def direct_rows(draw):
+    """conv2d problems forced onto the direct depthwise kernel in channels_last, on maps of a few rows of up to
+    20 pixels, mostly in tiles of 8 or 16 pixels: tiles of one row's pixels (row_tiles), several a row, are a
+    program a row and tile (up to 6 x MAX_ITERATIONS interpreted iterations)."""
+    problem = draw(conv_problems(families=("depthwise",), layouts=("channels_last", "nhwc"), max_channels=8,
+                                 kernel_sides=(2, 3, 4, 5), extents=("tiny", "long_rows", "long_rows"),
+                                 max_iterations=6 * MAX_ITERATIONS))
+    if draw(st.integers(0, 3)):
+        config = KernelConfig(draw(st.sampled_from((8, 16))), draw(st.sampled_from((1, 2, 4, 8))), 0,
+                              num_warps=draw(st.sampled_from((1, 4))), num_stages=1)
+        desc = described(spec_of(problem), "forward", "depthwise", config)
+        if desc is not None and iterations(problem, desc) <= 6 * MAX_ITERATIONS:
+            problem = dataclasses.replace(problem, config=config)
+    return problem
+
+
+@settings(max_examples=budget(0.25))
+@given(problem=direct_rows())
+def test_conv2d_forward_direct_rows(problem, nan_filled_outputs):
+    """The direct depthwise kernel in channels_last, where a tile of one output row's pixels loads each kernel
+    row's input once and gathers each tap's tile (row_tiles), its halo past the tile and the row's end, and
+    flat tiles at stride > 1 along the width or in the interpreter's default 256-pixel tiles."""
     check_forward(problem)
 
 
@@ -1189,7 +1217,8 @@ def drawn(strategy, count: int) -> list:
 def drawn_problems():
     return {"conv2d": drawn(conv_problems(), 600), "conv1d": drawn(conv_problems(api="conv1d"), 200),
             "default": drawn(conv_problems(families=(None,)), 200),
-            "gradients": drawn(gradient_problems(), 300), "banded_rows": drawn(banded_rows(), 200)}
+            "gradients": drawn(gradient_problems(), 300), "banded_rows": drawn(banded_rows(), 200),
+            "direct_rows": drawn(direct_rows(), 200)}
 
 
 def _transposed_family(problem: ConvProblem) -> str | None:
@@ -1213,6 +1242,13 @@ def _strip_tiles(problem: ConvProblem) -> int:
     return -(-(-(-output_size(problem)[1] // desc.config.block_k)) // desc.config.block_m)
 
 
+def _pixel_row_tiles(problem: ConvProblem) -> int:
+    """How many tiles of one output row's pixels the direct depthwise forward launch of the problem has a row
+    (0: flat tiles)."""
+    desc = described(spec_of(problem), "forward", problem.family, problem.config)
+    return -(-output_size(problem)[1] // desc.config.block_m) if desc is not None and desc.halo_tile else 0
+
+
 def _default_grad_weight_family(problem: ConvProblem) -> str:
     """The grad-weight family an untuned launch runs: the first the plan offers that suits its pixels."""
     spec = dataclasses.replace(spec_of(problem), bias=False)
@@ -1221,15 +1257,17 @@ def _default_grad_weight_family(problem: ConvProblem) -> str:
 
 
 def _banded_grad_weight_tile(case) -> str:
-    """The tile of the banded grad-weight a case forced onto it runs: "columns" (strip_columns), "flat" or
-    "" where it is not forced there."""
+    """The tile of the banded grad-weight a case forced onto it runs: "columns" (strip_columns; "columns,
+    strided" at a stride in height), "flat" or "" where it is not forced there."""
     if case.grad_weight_family != "depthwise_gemm":
         return ""
     problem = case.conv
     pixels = PixelSpace.of("grad_weight", problem.batch, *problem.size, *output_size(problem))
     desc = lower(plan(spec_of(problem)), "grad_weight", choice=Choice(KERNEL, case.grad_weight_config, "depthwise_gemm"),
                  interpret=True, allow_tf32=False, pixels=pixels)
-    return "columns" if desc.step_rows else "flat"
+    if not desc.step_rows:
+        return "flat"
+    return "columns, strided" if problem.stride[0] > 1 else "columns"
 
 
 def _spec_family(problem: ConvProblem) -> str:
@@ -1287,6 +1325,12 @@ DOMAIN = [
     ("banded rows in several tiles of one row's strips", "banded_rows", lambda p: _strip_tiles(p) > 1),
     ("banded rows in flat tiles", "banded_rows", lambda p: _strip_tiles(p) == 0 and output_size(p)[1] > 16),
     ("banded rows with a NaN or inf input", "banded_rows", lambda p: bool(p.specials)),
+    ("direct depthwise in one row's pixel tiles", "direct_rows", lambda p: _pixel_row_tiles(p) > 0),
+    ("direct depthwise in several tiles of one row's pixels", "direct_rows", lambda p: _pixel_row_tiles(p) > 1),
+    ("direct depthwise in row tiles, dilated", "direct_rows", lambda p: _pixel_row_tiles(p) and p.dilation[1] > 1),
+    ("direct depthwise in row tiles with a NaN or inf input", "direct_rows",
+     lambda p: _pixel_row_tiles(p) and bool(p.specials)),
+    ("direct depthwise in flat tiles, channels_last", "direct_rows", lambda p: _pixel_row_tiles(p) == 0),
     ("an unbatched conv2d input", "conv2d", lambda p: p.unbatched),
     ("an unbatched conv1d input", "conv1d", lambda p: p.unbatched),
 ]
@@ -1307,7 +1351,7 @@ GRADIENT_DOMAIN = [
     *[(f"grad_weight forced onto {f}", lambda c, f=f: c.grad_weight_family == f)
       for f in ("depthwise", "depthwise_gemm", "igemm")],
     *[(f"grad_weight forced onto the banded kernel's {t} tile", lambda c, t=t: _banded_grad_weight_tile(c) == t)
-      for t in ("columns", "flat")],
+      for t in ("columns", "columns, strided", "flat")],
     *[(f"grad_weight by default on {f}", lambda c, f=f: c.grad_weight_family is None
        and _default_grad_weight_family(c.conv) == f)
       for f in ("depthwise", "depthwise_gemm", "igemm")],

@@ -13,7 +13,7 @@ from typing import Callable
 import networkx as nx
 
 from .. import knobs
-from .families import backward_family, forward_families, grad_weight_families
+from .families import backward_family, family, forward_families, grad_weight_families
 from ..ir import ConvSpec, check, fail
 from ..memo import memoized
 
@@ -250,12 +250,16 @@ def grad_input_as_forward(spec: ConvSpec, padding_budget: float) -> ConvSpec | N
     """The transposed conv (``transposed_conv``) where, untuned, its forward kernel serves ``spec``'s input
     gradient better than the direct grad-input kernel; else None. Worth it where that forward's default
     family is not the direct kernel, which is what the grad-input kernel is: NCHW short windows
-    (depthwise1d: rows read once as vectors) and half-precision wide windows (the banded kernel)."""
+    (depthwise1d: rows read once as vectors) and half-precision wide windows (the banded kernel); and where
+    the direct family's forward beats its own grad-input kernel (Family.forward_serves_input_gradient: the
+    channels_last row tiles)."""
     transposed = transposed_conv(spec)
     if transposed is None:
         return None
     transposed_plan = planned(transposed, padding_budget)
-    return transposed if transposed_plan.family != transposed_plan.backward_family else None
+    if transposed_plan.family != transposed_plan.backward_family:
+        return transposed
+    return transposed if family(transposed_plan.family).forward_serves_input_gradient(transposed) else None
 
 
 @memoized(1024)

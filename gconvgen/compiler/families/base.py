@@ -98,6 +98,11 @@ class Family:
     def tap_tile(self, spec: ConvSpec, kind: str, config: KernelConfig, halo_tile: int) -> int:
         return 0
 
+    def forward_serves_input_gradient(self, spec: ConvSpec) -> bool:
+        """Whether this family's forward kernel on ``spec`` (a transposed conv) serves an input gradient
+        better than the family's own grad-input kernel, untuned (plan.grad_input_as_forward)."""
+        return False
+
     def step_rows(self, spec: ConvSpec, kind: str, config: KernelConfig) -> int:
         """The output rows a step of a tile of one column's rows takes (KernelDesc.step_rows); 0 otherwise."""
         return 0

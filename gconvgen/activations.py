@@ -3,7 +3,8 @@
 A row gives the activation's torch reference (what the kernels' epilogue must equal, NaN and inf included),
 its Triton expression over the fp32 (fp64) accumulator ``acc``, the gradient of its input from the output's
 (torch's own backward ops, so kinks, NaN and half-precision rounding are eager's, and double backward and
-forward-mode AD work through them), whether that gradient needs only the output (nothing else is kept for the backward),
+forward-mode AD work through them; hardswish's is NaN at a NaN input, where torch's own kernel gives NaN or
+not by the element's place), whether that gradient needs only the output (nothing else is kept for the backward),
 the nn modules that compute it and the functions a traced graph calls it by.
 
 The Triton expressions propagate NaN as torch does: a NaN stays NaN (``tl.maximum`` would drop it on a GPU,
@@ -57,6 +58,14 @@ def _silu_gradient(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     return (grad.to(compute) * sigmoid * (1 + pre_wide * (1 - sigmoid))).to(grad.dtype)
 
 
+def _hardswish_gradient(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """aten.hardswish_backward, NaN where the pre-activation is NaN. For a NaN input torch's own kernel
+    returns NaN or passes the gradient through depending on the element's place and dtype (float64's
+    vectorised loop gives NaN; its scalar tail, float32's loops and CUDA's kernel pass the gradient); here a
+    NaN pre-activation always gives a NaN gradient, as it does in every other activation's gradient."""
+    return torch.where(torch.isnan(pre), pre.to(grad.dtype), aten.hardswish_backward(grad, pre))
+
+
 _ROWS = (
     Activation("relu", F.relu, lambda grad, out: aten.threshold_backward(grad, out, 0), True,
                "tl.where(acc < 0.0, 0.0, acc)",
@@ -75,7 +84,7 @@ _ROWS = (
                lambda grad, pre: aten.gelu_backward(grad, pre, approximate="tanh"), False,
                "acc / (1.0 + tl.exp(-1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)))",
                ((nn.GELU, {"approximate": "tanh"}),), ()),
-    Activation("hardswish", F.hardswish, lambda grad, pre: aten.hardswish_backward(grad, pre), False,
+    Activation("hardswish", F.hardswish, _hardswish_gradient, False,
                "acc * tl.where(acc + 3.0 < 0.0, 0.0, tl.where(acc + 3.0 > 6.0, 6.0, acc + 3.0)) / 6.0",
                ((nn.Hardswish, {}),), (F.hardswish, *_targets("hardswish", "hardswish_"))),
 )

@@ -360,10 +360,27 @@ def call_gconvgen(problem: ConvProblem, t: Tensors) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- references
 
 
+class _Hardswish(torch.autograd.Function):
+    """F.hardswish whose gradient is NaN where its input is NaN. torch's own backward kernel returns NaN there
+    or passes the gradient through depending on the element's place (float64's vectorised loop or its scalar
+    tail), so the reference takes NaN, as gconvgen does (activations._hardswish_gradient)."""
+
+    @staticmethod
+    def forward(ctx, pre):
+        ctx.save_for_backward(pre)
+        return F.hardswish(pre)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (pre,) = ctx.saved_tensors
+        return torch.where(pre.isnan(), pre, torch.ops.aten.hardswish_backward(grad, pre))
+
+
 def activation_reference(pre: torch.Tensor, activation: str) -> torch.Tensor:
-    """torch's own activations: what the fused epilogue must equal, NaN and inf included."""
+    """torch's own activations: what the fused epilogue must equal, NaN and inf included (hardswish's gradient
+    NaN at a NaN input, _Hardswish)."""
     functions = {"none": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
-                 "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "hardswish": F.hardswish}
+                 "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "hardswish": _Hardswish.apply}
     return functions[activation](pre)
 
 
@@ -944,6 +961,15 @@ def test_conv1d_forward(problem, nan_filled_outputs):
 @example(case=GradientProblem(_known(in_channels=4, out_channels=4, groups=2, size=(3, 3), kernel=(3, 3),
                                      padding=(1, 1, 1, 1), bias=True, activation="hardswish"), grad_input="direct",
                               at_kinks=True))
+# 5. hardswish at a NaN pre-activation (found by the long profile): torch's own backward kernel passes the
+# gradient through or returns NaN depending on the element's place; the gradient of x must be NaN there, in
+# one group and in packed groups (whose forward spreads the NaN to the other group's pre-activation)
+@example(case=GradientProblem(_known(batch=3, in_channels=2, out_channels=1, groups=1, size=(2, 2), kernel=(1, 1),
+                                     padding=(0, 0, 0, 1), family="igemm", activation="hardswish"),
+                              specials=((0, float("nan")),)))
+@example(case=GradientProblem(_known(batch=3, in_channels=3, out_channels=2, groups=2, size=(1, 2), kernel=(1, 1),
+                                     dilation=(1, 2), policy="pad", family="igemm", activation="hardswish"),
+                              grad_weight_family="igemm", specials=((0, float("nan")),)))
 # split reductions: grad-weight and grad-bias sum several pixel ranges in a fixed order (as on a GPU)
 @example(case=GradientProblem(_known(batch=2, in_channels=4, out_channels=6, groups=2, size=(8, 8), kernel=(3, 3),
                                      padding=(1, 1, 1, 1), bias=True),

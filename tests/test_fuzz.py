@@ -1382,7 +1382,7 @@ GRADIENT_DOMAIN = [
        and _default_grad_weight_family(c.conv) == f)
       for f in ("depthwise", "depthwise_gemm", "igemm")],
     *[(f"the transposed grad_input by default, as {f}", lambda c, f=f: c.grad_input == "default"
-       and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm")],
+       and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm", "depthwise")],
     *[(f"backward family {f}", lambda c, f=f: plan(spec_of(c.conv)).backward_family == f)
       for f in ("igemm", "depthwise")],
     ("hardswish at its kinks", lambda c: c.at_kinks and c.conv.activation == "hardswish"),

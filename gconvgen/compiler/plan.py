@@ -257,9 +257,9 @@ def grad_input_as_forward(spec: ConvSpec, padding_budget: float) -> ConvSpec | N
     if transposed is None:
         return None
     transposed_plan = planned(transposed, padding_budget)
-    if transposed_plan.family != transposed_plan.backward_family:
-        return transposed
-    return transposed if family(transposed_plan.family).forward_serves_input_gradient(transposed) else None
+    serves = (transposed_plan.family != transposed_plan.backward_family
+              or family(transposed_plan.family).forward_serves_input_gradient(transposed))
+    return transposed if serves else None
 
 
 @memoized(1024)

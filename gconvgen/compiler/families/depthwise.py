@@ -36,6 +36,17 @@ def row_tiles(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
             and config.block_m <= ROW_TILE_PIXELS)
 
 
+def row_tiles_by_default(spec: ConvSpec) -> bool:
+    """Whether the forward's default tile is one row's pixels (row_tiles at the widest such tile)."""
+    return row_tiles(spec, "forward", KernelConfig(ROW_TILE_PIXELS, 8, 0))
+
+
+def _gather_rows(config: KernelConfig) -> int:
+    """The fewest pixels a row tile (or its halo tile) of ``config`` holds: an element a thread (Triton 3.6's
+    gather from a smaller tile fails to compile)."""
+    return cdiv(32 * config.num_warps, config.block_n)
+
+
 def depthwise_grad_weight_config(spec: ConvSpec, *, interpret: bool) -> KernelConfig:
     """Depthwise grad-weight tiles (pixels per step, channels): the [taps, channels] accumulator holds every
     tap, so the channel tile narrows as the window grows (at most 32 accumulators a thread at 4 warps, 8
@@ -76,7 +87,7 @@ class Depthwise(Family):
         # the window's columns are unrolled: past 16 of them, 8 warps share the loads in flight, on tiles of at
         # most 32 x 32 (32 x 64 spilled 24 bytes on RepLKNet's k27 grad-input at 14 x 14)
         warps = 8 if spec.kernel_size[1] > 16 else 4
-        if row_tiles(spec, kind, KernelConfig(ROW_TILE_PIXELS, 8, 0)) and spec.kernel_size[1] <= 16:
+        if kind == "forward" and row_tiles_by_default(spec) and spec.kernel_size[1] <= 16:
             # one row's pixels on 2 warps: each thread holds more of the pixels each tap's tile is gathered along
             # (MobileNetV2's dw3 modelled 36.7% of its floor at 64 x 32 on 2 warps, 25.6% at 32 x 64 on 4)
             return KernelConfig(64, pow2_between(channels, 8, 32), 0, num_warps=2)
@@ -88,7 +99,7 @@ class Depthwise(Family):
         """Where the forward takes tiles of one row's pixels (row_tiles at its default tile), it loads each
         input row once a kernel row, the grad-input kernel every tap's tile (MobileNetV2's dw3 channels_last:
         36.7% of the floor modelled against 15.0%, EfficientNet's dw5 15.3% against 7.0%)."""
-        return row_tiles(spec, "forward", KernelConfig(ROW_TILE_PIXELS, 8, 0))
+        return row_tiles_by_default(spec)
 
     def keeps_floor(self, config: KernelConfig, spec: ConvSpec) -> bool:
         """Channels_last channel tiles of whole 16-byte vectors, and one load a thread at least (a 16-byte
@@ -106,22 +117,20 @@ class Depthwise(Family):
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """A tile of one row's pixels (row_tiles) no wider than the row (a power of two), with at least an
-        element a thread (Triton 3.6's gather from a smaller tile fails to compile)."""
+        element a thread (_gather_rows)."""
         if not row_tiles(spec, kind, config):
             return config
-        least = cdiv(32 * config.num_warps, config.block_n)
-        return replace(config, block_m=min(config.block_m, pow2_between(pixels.width, least, 1 << 30)))
+        return replace(config, block_m=min(config.block_m, pow2_between(pixels.width, _gather_rows(config), 1 << 30)))
 
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
              band_shift: int = 0) -> tuple[tuple[int, int], int]:
         """A tile of one row's pixels (row_tiles): the (kernel_w - 1) x dilation_w input pixels its taps read
-        past the tile, loaded as one tile of a power of two pixels, with at least an element a thread (Triton
-        3.6's gather from a smaller tile fails to compile)."""
+        past the tile, loaded as one tile of a power of two pixels, with at least an element a thread
+        (_gather_rows)."""
         if not row_tiles(spec, kind, config):
             return (0, 0), 0
         reach = (spec.kernel_size[1] - 1) * spec.dilation[1]
-        least = cdiv(32 * config.num_warps, config.block_n)
-        return (0, reach), pow2_between(reach, least, 1 << 30)
+        return (0, reach), pow2_between(reach, _gather_rows(config), 1 << 30)
 
     def weight_layout(self, kind: str, weight_memory: str) -> str:
         """A row of output channels per tap: hwio memory makes it one vector load."""

@@ -303,30 +303,45 @@ def _masked_reference(x, weight, seq_idx, silu):
     for t in range(seqlen):
         value = torch.zeros(batch, dim, dtype=torch.float64)
         for back in range(min(width, t + 1)):
-            same = (seq_idx[:, t - back] == seq_idx[:, t])[:, None]
-            value = value + torch.where(same, x[:, :, t - back].double() * weight[:, width - 1 - back].double(), 0.0)
+            own = ((seq_idx[:, t - back] == seq_idx[:, t]) & (seq_idx[:, t] >= 0))[:, None]
+            # masked before the product and after it: no 0 x inf in the value or in either gradient
+            tap = torch.where(own, x[:, :, t - back].double(), 0.0) * weight[:, width - 1 - back].double()
+            value = value + torch.where(own, tap, 0.0)
         value = F.silu(value) if silu else value
         columns.append(torch.where((seq_idx[:, t] >= 0)[:, None], value, 0.0))
     return torch.stack(columns, dim=-1)
 
 
-def test_non_finite_inputs_of_padding_and_other_sequences_leave_a_sequences_input_gradient_finite():
-    """NaN in padded slots and inf in another sequence: the outputs of a sequence, and the input gradient its
-    loss sends to its own inputs, stay finite (the activation is applied after the rewritten outputs, so its
-    derivative is never taken where the whole-row kernel read another sequence)."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["kernel", "torch-ops"])
+def test_non_finite_inputs_of_padding_and_other_sequences_leave_a_sequences_gradients_as_torchs(compiled):
+    """NaN in padded slots and inf in another sequence: the outputs of a sequence, the input gradient its
+    loss sends to its own inputs, and the weight's and bias's gradients are torch's (the activation is applied
+    after the rewritten outputs, so its derivative is never taken where the whole-row kernel read another
+    sequence; a masked tap's input has no gradient, not 0 x inf). ``compiled``: the torch ops that
+    torch.compile traces."""
     x = torch.randn(1, 2, 9)
     x[..., 7:] = float("nan")   # padding
     x[0, 1, 2] = float("inf")   # the last input of sequence 0
     seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1, -1]], dtype=torch.int32)
-    weight = torch.randn(2, 3)
-    x.requires_grad_()
-    out = causal_conv1d_fn(x, weight, seq_idx=seq_idx, activation="silu")
+    weight, bias = torch.randn(2, 3), torch.randn(2)
+    for leaf in (x, weight, bias):
+        leaf.requires_grad_()
+    run = (torch.compile(causal_conv1d_fn, backend="aot_eager", fullgraph=True, dynamic=False) if compiled
+           else causal_conv1d_fn)
+    out = run(x, weight, bias, seq_idx=seq_idx, activation="silu")
     out[..., 3:7].sum().backward()  # a loss on sequence 1 alone
-    x64 = x.detach().double().requires_grad_()
-    expected = _masked_reference(x64, weight, seq_idx, silu=True)
+    leaves64 = [leaf.detach().double().requires_grad_() for leaf in (x, weight, bias)]
+    x64, weight64, bias64 = leaves64
+    expected = _masked_reference(x64, weight64, seq_idx, silu=False) + bias64[:, None]
+    expected = torch.where(seq_idx[:, None, :] >= 0, F.silu(expected), 0.0)
     expected[..., 3:7].sum().backward()
     torch.testing.assert_close(out[..., 3:].double(), expected[..., 3:].detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad[..., 3:7].double(), x64.grad[..., 3:7], rtol=1e-5, atol=1e-5)
+    # channel 1's weight and bias gradients are NaN in torch too: output 2 reads the inf through its own tap
+    # (0 x inf, and SiLU's derivative at inf); channel 0 reads NaN only through the padded outputs' masked taps
+    assert torch.isfinite(weight64.grad[0]).all() and torch.isfinite(bias64.grad[0])
+    for ours, reference in ((weight.grad, weight64.grad), (bias.grad, bias64.grad)):
+        torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 def test_packed_and_initial_states_under_torch_func_and_compile():

@@ -1109,7 +1109,8 @@ class SequenceProblem:
     id a padded position whose output is 0: runs of ids along the row after leading padding, or with
     ``scattered_ids`` any id of -1..2 at each position, so one sequence may resume after another); a float32
     weight and bias with half input (``wide_weight``); ``nonfinite`` puts an inf and a NaN in x; ``grad``
-    also checks the gradients of x, the weight, the bias and the initial states (finite x only)."""
+    also checks the gradients of x, the weight, the bias and the initial states (with a non-finite x in
+    ``seq_idx`` mode only: the masked taps and padded outputs send no gradient, so no 0 x inf)."""
 
     batch: int
     channels: int
@@ -1154,7 +1155,8 @@ def test_conv1d_sequence_states(case, nan_filled_outputs):
     generator = torch.Generator().manual_seed(case.seed)
     n, c, length, k = case.batch, case.channels, case.length, case.kernel
     x = torch.randn(n, c, length, generator=generator).to(dtype)
-    grad = case.grad and not case.nonfinite
+    # non-finite inputs with gradients in packed rows: padding's and other sequences' inputs have none
+    grad = case.grad and (not case.nonfinite or case.mode == "seq_idx")
     if case.nonfinite:
         x.view(-1)[torch.randint(x.numel(), (2,), generator=generator)] = torch.tensor([float("inf"), float("nan")],
                                                                                       dtype=dtype)
@@ -1194,9 +1196,10 @@ def test_conv1d_sequence_states(case, nan_filled_outputs):
         for tap in range(k):
             source = t - (k - 1 - tap)
             term = weight64[:, 0, tap] * history[:, :, source + k - 1]
-            if seq_idx is not None:  # another sequence's input (or before the row) reads as zero
-                same = (source >= 0) & (seq_idx[:, max(source, 0)] == seq_idx[:, t])
-                term = torch.where(same[:, None], term, 0.0)  # where, not *: inf x 0 is NaN
+            if seq_idx is not None:  # another sequence's input reads as zero, padding's outputs read nothing
+                own = (((source < 0) | (seq_idx[:, max(source, 0)] == seq_idx[:, t])) & (seq_idx[:, t] >= 0))[:, None]
+                # where, not *: inf x 0 is NaN; masked before the product too, or its weight gradient is 0 x inf
+                term = torch.where(own, weight64[:, 0, tap] * torch.where(own, history[:, :, source + k - 1], 0.0), 0.0)
             value = value + term
         value = value + (0 if residual is None else residual[:, :, t].double())
         value = F.silu(value) if case.activation in ("silu", "swish") else value

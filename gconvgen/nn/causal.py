@@ -19,7 +19,10 @@ What runs where:
   ``final_states`` are the last width - 1 inputs. When the weight's dtype differs from x's, x is cast to it
   first (one copy). Finding the rewritten outputs syncs with the host once; under torch.compile and
   torch.func transforms (vmap, jacfwd), which cannot, the conv runs as torch ops (states placed before x,
-  or one masked pass over x per tap).
+  or one masked pass over x per tap). When the weight needs its gradient, a second sync asks whether the
+  whole-row pass read an inf or NaN for an output it rewrote (padding, a sequence's first width - 1): its
+  weight gradient would multiply it by that output's zero gradient (0 x inf = NaN), so that call runs as
+  the masked torch ops instead, whose masked taps have no gradient.
 - ``causal_conv1d_update`` (decode: one or several new tokens per sequence from a rolling or circular
   state, a state pool indexed per request with -1 for a padded slot) and ``causal_conv1d_varlen_states`` are
   a few hundred kilobytes of gathers and length-``width`` dot products per step, written with torch ops.
@@ -169,7 +172,12 @@ def causal_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         out[..., :head] = _causal_conv(window, weight_in, bias_in, fused,
                                        None if residual_in is None else residual_in[..., :head], left=0)
     if seq_idx is not None:
-        _rewrite_packed(out, x_in, weight_in, bias_in, seq_idx, residual_in)
+        rewritten_nonfinite = _rewrite_packed(out, x_in, weight_in, bias_in, seq_idx, residual_in)
+        if torch.is_grad_enabled() and weight_in.requires_grad and rewritten_nonfinite.item():
+            # the kernel's weight gradient would be NaN where it read an inf or NaN for a rewritten output (its
+            # zero gradient times that input): the masked torch ops take no such product
+            out = _dense_causal(x_in, weight_in, bias_in, seq_idx, None, activation, residual_in)
+            return out.to(x.dtype), final_states
         out = out if activation is None else F.silu(out)
     return out.to(x.dtype), final_states
 
@@ -203,10 +211,12 @@ def _dense_causal(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     accumulator = torch.float64 if x.dtype == torch.float64 else torch.float32
     x_wide, weight_wide = x.to(accumulator), weight.to(accumulator)
     out = x_wide.new_zeros(x.shape) if bias is None else bias.to(accumulator)[None, :, None].expand(x.shape).clone()
-    for back in range(min(width, seqlen)):  # tap width - 1 - back reads x[t - back]
-        same = seq_idx[:, back:] == seq_idx[:, :seqlen - back]  # [batch, seqlen - back]: same sequence
-        tap = x_wide[..., :seqlen - back] * weight_wide[:, width - 1 - back, None]
-        out = out + F.pad(torch.where(same[:, None, :], tap, 0.0), (back, 0))  # where, not *: inf x 0 is NaN
+    position = torch.arange(seqlen, device=x.device)
+    for back in range(width):  # tap width - 1 - back reads x[t - back]: zeros before the row, as conv's padding
+        read = F.pad(x_wide, (back, 0))[..., :seqlen]
+        # [batch, seqlen]: the tap reads before the row or its output's own sequence, and that output is not padding
+        own = ((position < back) | (seq_idx == F.pad(seq_idx, (back, 0))[:, :seqlen])) & (seq_idx >= 0)
+        out = out + _masked_product(own[:, None, :], read, weight_wide[:, width - 1 - back, None])
     if residual is not None:
         out = out + residual.to(accumulator)
     if activation is not None:
@@ -214,17 +224,26 @@ def _dense_causal(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return torch.where((seq_idx >= 0)[:, None, :], out, 0.0).to(x.dtype)
 
 
+def _masked_product(keep: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x * weight where ``keep``, else 0, with no inf or NaN of a masked element in the value or in either
+    gradient: where, not *, since inf x 0 is NaN; and masked before the product as well as after it, since the
+    product's backward multiplies the gradient 0 by the masked element."""
+    return torch.where(keep, torch.where(keep, x, 0.0) * weight, 0.0)
+
+
 # outputs of a packed row computed again a chunk at a time: at most this many window elements in float32
 _WINDOW_ELEMENTS = 1 << 24
 
 
 def _rewrite_packed(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    seq_idx: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+                    seq_idx: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
     """Writes over ``out`` (the whole rows' causal conv + bias + residual, before any activation) the outputs of
     a packed row that differ from it (see causal_conv1d_fn): those of a tap reading another sequence (seq_idx
     differs), computed again with that tap masked, and 0 where seq_idx is negative. In a row of a few sequences
     they are a few width - 1 outputs after each start, found on seq_idx alone ([batch, seqlen] integers,
-    width - 1 comparisons; one host sync). Windows accumulate in float32 (float64 for float64)."""
+    width - 1 comparisons; one host sync). Windows accumulate in float32 (float64 for float64).
+    Returns (on the device, unsynced) whether the whole-row kernel read an inf or NaN for an output rewritten
+    here: its weight gradient multiplies it by that output's zero gradient (0 x inf = NaN)."""
     width, seqlen = weight.shape[1], x.shape[-1]
     crossing = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
     for back in range(1, min(width, seqlen)):  # output t's tap width - 1 - back reads x[t - back]
@@ -236,18 +255,25 @@ def _rewrite_packed(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
     taps = weight.to(accumulator).flip(1).T  # [width, dim]: row `back` multiplies x[t - back]
     by_position = out.transpose(1, 2)  # [batch, seqlen, dim]: written through two index tensors, no slice between
     chunk = max(1, _WINDOW_ELEMENTS // (width * x.shape[1]))
+    rewritten_nonfinite = torch.zeros((), dtype=torch.bool, device=x.device)
     for first in range(0, rows.numel(), chunk):
         row, time = rows[first:first + chunk], times[first:first + chunk]
         source = time[:, None] - back[None, :]  # [outputs, width]
-        own = (source >= 0) & (seq_idx[row[:, None], source.clamp(min=0)] == seq_idx[row, time][:, None])
+        before = source < 0  # zeros before the row, as the kernel's padding (a NaN gradient times 0 is NaN)
+        same = seq_idx[row[:, None], source.clamp(min=0)] == seq_idx[row, time][:, None]
+        own = (before | same) & ~padded[row, time][:, None]
         window = x[row[:, None], :, source.clamp(min=0)].to(accumulator)  # [outputs, width, dim]
-        value = torch.where(own[..., None], window * taps, 0.0).sum(1)  # where, not *: inf x 0 is NaN
+        window = torch.where(before[..., None], 0.0, window)
+        value = _masked_product(own[..., None], window, taps).sum(1)
+        # the whole-row kernel read these for outputs whose gradient it is given as 0
+        rewritten_nonfinite |= (~before[..., None] & ~torch.isfinite(window)).any()
         if bias is not None:
             value = value + bias.to(accumulator)
         if residual is not None:
             value = value + residual[row, :, time].to(accumulator)
         value = torch.where(padded[row, time][:, None], 0.0, value)
         by_position[row, time] = value.to(out.dtype)
+    return rewritten_nonfinite
 
 
 # ---------------------------------------------------------------------------------------------- decode

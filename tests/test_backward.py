@@ -418,3 +418,34 @@ def test_nchw_depthwise_grad_input_runs_the_transposed_forward(kernel, padding, 
                                     grad.double())
     assert_close(grad_x, expected, torch.float32)
     assert loaded == [("forward", "depthwise1d"), ("forward", "depthwise1d")]  # the conv, then its gradient
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding, dilation, multiplier", [
+    pytest.param((9, 7), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, id="k3-s2-odd-map"),       # MobileNetV2's s2
+    pytest.param((11, 6), (5, 5), (2, 2), (2, 2, 2, 2), (1, 1), 1, id="k5-s2"),             # EfficientNet's s2
+    pytest.param((8, 10), (3, 2), (3, 2), (0, 2, 1, 0), (2, 1), 2, id="s3x2-dilated-multiplier"),
+    pytest.param((7, 1), (3, 1), (2, 1), (1, 1, 0, 0), (1, 1), 1, id="s2x1-width-1"),
+    pytest.param((2, 3), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, id="map-under-the-window"),
+])
+def test_strided_channels_last_depthwise_grad_input_takes_one_phase_a_program(size, kernel, stride, padding,
+                                                                               dilation, multiplier, monkeypatch,
+                                                                               nan_filled_outputs):
+    """A strided channels_last depthwise input gradient runs the direct kernel in phases of the stride
+    (Depthwise.phases: each program's pixels share their rows and columns modulo the stride, and the taps
+    reaching none of them are skipped), on tiles that cross the phases' rows and the batch, and matches
+    F.conv2d's gradient with every element written."""
+    loaded = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family, desc.phases))
+    channels = 5
+    x = torch.randn(3, channels, *size).to(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(channels * multiplier, 1, *kernel)
+    small = Choice(KERNEL, KernelConfig(4, 4, 0, num_stages=1), "depthwise")
+    with gconvgen.autotune.choice.overridden(lambda spec, kind, *rest: small if kind == "grad_input" else
+                                             gconvgen.autotune.choice.DEFAULT):
+        out = gconvgen.conv2d(x, weight, None, stride, padding, dilation, channels)
+        grad = torch.randn_like(out)
+        grad_x, = torch.autograd.grad(out, x, grad)
+    x64, weight64 = x.detach().double().requires_grad_(), weight.double()
+    expected, = torch.autograd.grad(reference_conv2d(x64, weight64, None, stride, padding, dilation, channels), x64,
+                                    grad.double())
+    assert_close(grad_x, expected, torch.float32)
+    assert ("grad_input", "depthwise", stride[0] * stride[1]) in loaded

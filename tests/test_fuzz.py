@@ -1299,6 +1299,19 @@ def _banded_grad_weight_tile(case) -> str:
     return "columns, strided" if problem.stride[0] > 1 else "columns"
 
 
+def _grad_input_phases(case) -> int:
+    """The stride's phases the direct depthwise grad-input kernel's programs of a case take one of (desc.phases;
+    0 where the case's input gradient runs another kernel)."""
+    spec = dataclasses.replace(spec_of(case.conv), bias=False)
+    direct = case.grad_input == "direct" or (case.grad_input == "default" and _transposed_family(case.conv) is None)
+    if not direct or plan(spec).backward_family != "depthwise":
+        return 0
+    pixels = PixelSpace.of("grad_input", case.conv.batch, *case.conv.size, *output_size(case.conv))
+    desc = lower(plan(spec), "grad_input", choice=Choice(KERNEL, case.grad_input_config, None), interpret=True,
+                 allow_tf32=False, pixels=pixels)
+    return desc.phases
+
+
 def _spec_family(problem: ConvProblem) -> str:
     return problem.family or plan(spec_of(problem)).family
 
@@ -1388,6 +1401,15 @@ GRADIENT_DOMAIN = [
        and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm", "depthwise")],
     *[(f"backward family {f}", lambda c, f=f: plan(spec_of(c.conv)).backward_family == f)
       for f in ("igemm", "depthwise")],
+    ("depthwise grad_input in phases of the stride", lambda c: _grad_input_phases(c) > 1),
+    ("depthwise grad_input in phases, a height the stride does not divide",
+     lambda c: _grad_input_phases(c) > 1 and c.conv.size[0] % c.conv.stride[0]),
+    ("depthwise grad_input in phases of a stride of 3", lambda c: _grad_input_phases(c) > 1 and 3 in c.conv.stride),
+    ("depthwise grad_input in phases, dilated", lambda c: _grad_input_phases(c) > 1 and max(c.conv.dilation) > 1),
+    ("depthwise grad_input in phases over several programs", lambda c: _grad_input_phases(c) > 1
+     and c.grad_input_config is not None),
+    ("depthwise grad_input in phases with a NaN or inf input", lambda c: _grad_input_phases(c) > 1 and c.specials),
+    ("depthwise grad_input in one phase, strided NCHW", lambda c: _grad_input_phases(c) == 1 and max(c.conv.stride) > 1),
     ("hardswish at its kinks", lambda c: c.at_kinks and c.conv.activation == "hardswish"),
     ("relu6 at its kinks", lambda c: c.at_kinks and c.conv.activation == "relu6"),
     *[(f"a {v} input through the backward", lambda c, v=v: any(str(s) == str(v) for _, s in c.specials))

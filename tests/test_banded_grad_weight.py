@@ -29,8 +29,10 @@ def test_half_precision_depthwise_weight_gradients_default_to_tensor_cores():
     assert plan(ConvSpec(8, 8, 2, (3, 3), dtype="bfloat16")).grad_weight_families == ("igemm",)
 
 
-@pytest.mark.parametrize("width, family", [(7, "depthwise"), (8, "depthwise_gemm"), (1, "depthwise")])
-def test_rows_narrower_than_a_half_strip_take_the_direct_kernel_by_default(width, family):
+@pytest.mark.parametrize("width, family", [(6, "depthwise"), (7, "depthwise_gemm"), (1, "depthwise")])
+def test_rows_narrower_than_seven_columns_take_the_direct_kernel_by_default(width, family):
+    """The banded grad-weight takes rows of 7 columns (the last stages' 7 x 7 maps) and more by default
+    (families.depthwise_gemm.MIN_GRAD_WEIGHT_ROW); narrower ones the direct kernel."""
     spec = ConvSpec(8, 8, 8, (1, 3), padding=(0, 0, 1, 1), dtype="bfloat16")
     x, grad_out = torch.randn(2, 8, 3, width).bfloat16(), torch.randn(2, 8, 3, width).bfloat16()
     prepared = launch.prepare_grad_weight(spec, x, grad_out, torch.empty(8, 1, 1, 3, dtype=torch.bfloat16))

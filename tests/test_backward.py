@@ -427,16 +427,17 @@ def test_nchw_depthwise_grad_input_runs_the_transposed_forward(kernel, padding, 
     pytest.param((7, 1), (3, 1), (2, 1), (1, 1, 0, 0), (1, 1), 1, id="s2x1-width-1"),
     pytest.param((2, 3), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, id="map-under-the-window"),
 ])
-def test_strided_channels_last_depthwise_grad_input_takes_one_phase_a_program(size, kernel, stride, padding,
-                                                                               dilation, multiplier, monkeypatch,
-                                                                               nan_filled_outputs):
-    """A strided channels_last depthwise input gradient runs the direct kernel in phases of the stride
-    (Depthwise.phases: each program's pixels share their rows and columns modulo the stride, and the taps
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_strided_depthwise_grad_input_takes_one_phase_a_program(size, kernel, stride, padding, dilation, multiplier,
+                                                                channels_last, monkeypatch, nan_filled_outputs):
+    """A strided depthwise input gradient runs the direct kernel in phases of the stride (Depthwise.phases:
+    each program's pixels share their rows modulo the stride, in channels_last their columns too, and the taps
     reaching none of them are skipped), on tiles that cross the phases' rows and the batch, and matches
     F.conv2d's gradient with every element written."""
     loaded = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family, desc.phases))
     channels = 5
-    x = torch.randn(3, channels, *size).to(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(3, channels, *size)
+    x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
     weight = torch.randn(channels * multiplier, 1, *kernel)
     small = Choice(KERNEL, KernelConfig(4, 4, 0, num_stages=1), "depthwise")
     with gconvgen.autotune.choice.overridden(lambda spec, kind, *rest: small if kind == "grad_input" else
@@ -448,4 +449,4 @@ def test_strided_channels_last_depthwise_grad_input_takes_one_phase_a_program(si
     expected, = torch.autograd.grad(reference_conv2d(x64, weight64, None, stride, padding, dilation, channels), x64,
                                     grad.double())
     assert_close(grad_x, expected, torch.float32)
-    assert ("grad_input", "depthwise", stride[0] * stride[1]) in loaded
+    assert ("grad_input", "depthwise", stride if channels_last else (stride[0], 1)) in loaded

@@ -1300,8 +1300,8 @@ def _banded_grad_weight_tile(case) -> str:
 
 
 def _grad_input_phases(case) -> int:
-    """The stride's phases the direct depthwise grad-input kernel's programs of a case take one of (desc.phases;
-    0 where the case's input gradient runs another kernel)."""
+    """The stride's phases the direct depthwise grad-input kernel's programs of a case take one of (the
+    product of desc.phases; 0 where the case's input gradient runs another kernel)."""
     spec = dataclasses.replace(spec_of(case.conv), bias=False)
     direct = case.grad_input == "direct" or (case.grad_input == "default" and _transposed_family(case.conv) is None)
     if not direct or plan(spec).backward_family != "depthwise":
@@ -1309,7 +1309,7 @@ def _grad_input_phases(case) -> int:
     pixels = PixelSpace.of("grad_input", case.conv.batch, *case.conv.size, *output_size(case.conv))
     desc = lower(plan(spec), "grad_input", choice=Choice(KERNEL, case.grad_input_config, None), interpret=True,
                  allow_tf32=False, pixels=pixels)
-    return desc.phases
+    return math.prod(desc.phases)
 
 
 def _spec_family(problem: ConvProblem) -> str:
@@ -1409,7 +1409,8 @@ GRADIENT_DOMAIN = [
     ("depthwise grad_input in phases over several programs", lambda c: _grad_input_phases(c) > 1
      and c.grad_input_config is not None),
     ("depthwise grad_input in phases with a NaN or inf input", lambda c: _grad_input_phases(c) > 1 and c.specials),
-    ("depthwise grad_input in one phase, strided NCHW", lambda c: _grad_input_phases(c) == 1 and max(c.conv.stride) > 1),
+    ("depthwise grad_input in phases of rows alone, strided NCHW", lambda c: _grad_input_phases(c) > 1
+     and c.conv.layout == "nchw" and c.conv.stride[1] > 1),
     ("hardswish at its kinks", lambda c: c.at_kinks and c.conv.activation == "hardswish"),
     ("relu6 at its kinks", lambda c: c.at_kinks and c.conv.activation == "relu6"),
     *[(f"a {v} input through the backward", lambda c, v=v: any(str(s) == str(v) for _, s in c.specials))

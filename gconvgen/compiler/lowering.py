@@ -112,7 +112,8 @@ class KernelDesc:
     #                             kernel rows (banded) whose sums a program holds at once; else 0
     step_rows: int              # banded grad-weight in columns of strips (strip_columns): the output rows of a
     #                             step's BLOCK_M input rows; else 0
-    phases: int                 # depthwise grad-input: the stride's phases, one a program (Family.phases); else 1
+    phases: tuple[int, int]     # depthwise grad-input: (row, column) phases of the stride, one a program
+    #                             (Family.phases); else (1, 1)
     config: KernelConfig
     groups_per_program: int
 
@@ -317,7 +318,7 @@ def choose_tap_tile(fields: dict, ctx: Context) -> None:
     spec, owner = fields["spec"], family(fields["family"])
     fields.update(tap_tile=owner.tap_tile(spec, ctx.kind, fields["config"], fields["halo_tile"]) if spec else 0,
                   step_rows=owner.step_rows(spec, ctx.kind, fields["config"]) if spec else 0,
-                  phases=owner.phases(spec, ctx.kind) if spec else 1)
+                  phases=owner.phases(spec, ctx.kind) if spec else (1, 1))
 
 
 def choose_tile_config(fields: dict, ctx: Context) -> None:

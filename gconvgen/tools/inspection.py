@@ -223,8 +223,9 @@ def issued_flops(desc: KernelDesc, problem: Problem, programs: int, arguments: d
     those tiles issue, on whatever unit the SASS uses (a float32 dot without TF32 is FMAs). Otherwise, on
     tensor cores: the useful FLOPs, with a note; on CUDA-core FMAs: every program's whole tile, masked lanes
     included, 2 FLOPs a multiply-add: block_m x block_n outputs, each multiplied tile_depth deep
-    (Family.tile_depth) once per tap (grad-input: per tap and channel of its group) or, for grad-weight, once
-    per step of block_m of its pixels_per_split."""
+    (Family.tile_depth) once per tap (grad-input: per tap and channel of its group, of the taps only those
+    reaching the program's phase of the stride, KernelDesc.phases: the others' code is branched over) or, for
+    grad-weight, once per step of block_m of its pixels_per_split."""
     useful = ideal_bytes_and_flops(problem)[1]
     if issued_over_useful is not None:
         return issued_over_useful * useful, ()
@@ -232,7 +233,7 @@ def issued_flops(desc: KernelDesc, problem: Problem, programs: int, arguments: d
         return useful, ("flops: the useful FLOPs (the family models no tensor-core tiles)",)
     spec, config = desc.spec, desc.config
     taps = spec.kernel_size[0] * spec.kernel_size[1]
-    passes = {"forward": taps, "grad_input": taps * spec.out_channels_per_group,
+    passes = {"forward": taps, "grad_input": taps * spec.out_channels_per_group / math.prod(desc.phases),
               "grad_weight": cdiv(arguments.get("pixels_per_split", 0), config.block_m)}[desc.kind]
     depth = family(desc.family).tile_depth(config, spec, desc.kind)
     return 2.0 * programs * config.block_m * config.block_n * depth * passes, ()

@@ -103,10 +103,10 @@ class Family:
         better than the family's own grad-input kernel, untuned (plan.grad_input_as_forward)."""
         return False
 
-    def phases(self, spec: ConvSpec, kind: str) -> int:
-        """The phases of the stride (input rows and columns modulo it) that kernel ``kind``'s programs each take
-        one of (KernelDesc.phases); 1: every program takes any pixels."""
-        return 1
+    def phases(self, spec: ConvSpec, kind: str) -> tuple[int, int]:
+        """(row phases, column phases): kernel ``kind``'s programs each take input pixels of one phase, their
+        rows and columns modulo these (KernelDesc.phases); (1, 1): any pixels."""
+        return (1, 1)
 
     def step_rows(self, spec: ConvSpec, kind: str, config: KernelConfig) -> int:
         """The output rows a step of a tile of one column's rows takes (KernelDesc.step_rows); 0 otherwise."""

@@ -3,6 +3,8 @@ depthwise_grad_weight.py.jinja): one input channel per group, fp32 FMAs, each ta
 vector load of an HWIO weight. It computes every depthwise conv's gradients."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import replace
 from typing import Optional
 
@@ -95,14 +97,15 @@ class Depthwise(Family):
             return KernelConfig(32, pow2_between(channels, 8, 32 if warps == 8 else 64), 0, num_warps=warps)
         return KernelConfig(128, pow2_between(channels, 1, 8), 0, num_warps=warps)
 
-    def phases(self, spec: ConvSpec, kind: str) -> int:
-        """A channels_last grad-input at a stride: each program takes input pixels of one phase, their rows and
-        columns modulo the stride, so whether a tap reaches an output pixel is the program's and the taps that
-        reach none are skipped rather than loaded masked (MobileNetV2's dw3 at stride 2: 10.7x the ideal bytes
-        requested with every tap loaded, 3.3x by phases; EfficientNet's dw5: 28.3x, 7.7x). NCHW keeps one
-        phase: a phase's pixels are every other column, which its stores could not write as vectors, and the
-        model, which counts the skipped taps' code as run, made MobileNetV2's dw3 slower (10.3% -> 8.0%)."""
-        return spec.stride[0] * spec.stride[1] if kind == "grad_input" and spec.layout == "nhwc" else 1
+    def phases(self, spec: ConvSpec, kind: str) -> tuple[int, int]:
+        """A strided grad-input's programs each take input pixels of one phase, their rows modulo the stride
+        (and in channels_last their columns), so whether a tap reaches them is the program's and the taps that
+        reach none are skipped rather than loaded masked (MobileNetV2's dw3 at stride 2 in channels_last: 10.7x
+        the ideal bytes requested with every tap loaded, 3.3x by phases). An NCHW phase keeps whole rows, so its
+        stores stay along the width."""
+        if kind != "grad_input":
+            return (1, 1)
+        return (spec.stride[0], spec.stride[1] if spec.layout == "nhwc" else 1)
 
     def forward_serves_input_gradient(self, spec: ConvSpec) -> bool:
         """Where the forward takes tiles of one row's pixels (row_tiles at its default tile), it loads each
@@ -122,9 +125,10 @@ class Depthwise(Family):
             return (cdiv(spec.out_channels, config.block_n), splits)
         if row_tiles(spec, kind, config):
             return (pixels.rows * cdiv(pixels.width, config.block_m), cdiv(spec.out_channels, config.block_n))
-        if self.phases(spec, kind) > 1:  # each phase's pixels: every stride_h-th row, every stride_w-th column
-            phase_pixels = pixels.batch * cdiv(pixels.height, spec.stride[0]) * cdiv(pixels.width, spec.stride[1])
-            return (self.phases(spec, kind) * cdiv(phase_pixels, config.block_m), cdiv(spec.in_channels, config.block_n))
+        rows, columns = self.phases(spec, kind)
+        if rows * columns > 1:  # each phase's pixels: every rows-th row, every columns-th column
+            phase_pixels = pixels.batch * cdiv(pixels.height, rows) * cdiv(pixels.width, columns)
+            return (rows * columns * cdiv(phase_pixels, config.block_m), cdiv(spec.in_channels, config.block_n))
         return super().grid(kind, spec, config, packed, pixels)
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
@@ -168,4 +172,4 @@ class Depthwise(Family):
             return programs * steps * m * n * (1 + taps) * element, None
         # grad-input: per channel multiple and tap, a [pixels, channels] grad_out tile and a weight row; each
         # tap reaches one phase of the stride's, whose programs are as many as each other phase's
-        return programs * spec.out_channels_per_group * taps / desc.phases * (m * n + n) * element, None
+        return programs * spec.out_channels_per_group * taps / math.prod(desc.phases) * (m * n + n) * element, None

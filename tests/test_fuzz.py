@@ -1247,7 +1247,7 @@ def drawn_problems():
     return {"conv2d": drawn(conv_problems(), 600), "conv1d": drawn(conv_problems(api="conv1d"), 200),
             "default": drawn(conv_problems(families=(None,)), 200),
             "gradients": drawn(gradient_problems(), 300), "banded_rows": drawn(banded_rows(), 200),
-            "direct_rows": drawn(direct_rows(), 200)}
+            "direct_rows": drawn(direct_rows(), 200), "sequences": drawn(sequence_problems(), 200)}
 
 
 def _transposed_family(problem: ConvProblem) -> str | None:
@@ -1373,6 +1373,10 @@ DOMAIN = [
     ("direct depthwise in row tiles with a NaN or inf input", "direct_rows",
      lambda p: _pixel_row_tiles(p) and bool(p.specials)),
     ("direct depthwise in flat tiles, channels_last", "direct_rows", lambda p: _pixel_row_tiles(p) == 0),
+    *[(f"packed sequences (seq_idx) with {ids}, an inf and a NaN in x and gradients", "sequences",
+       lambda p, scattered=scattered: p.mode == "seq_idx" and p.scattered_ids == scattered and p.nonfinite and p.grad)
+      for ids, scattered in (("runs of ids", False), ("scattered ids", True))],
+    ("initial states with gradients", "sequences", lambda p: p.mode == "initial_states" and p.grad),
     ("an unbatched conv2d input", "conv2d", lambda p: p.unbatched),
     ("an unbatched conv1d input", "conv1d", lambda p: p.unbatched),
 ]

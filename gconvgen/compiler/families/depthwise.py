@@ -4,7 +4,6 @@ vector load of an HWIO weight. It computes every depthwise conv's gradients."""
 from __future__ import annotations
 
 import math
-
 from dataclasses import replace
 from typing import Optional
 

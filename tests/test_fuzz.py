@@ -119,7 +119,8 @@ class ConvProblem:
     'valid' (conv1d, whose ``size`` is (1, L) and ``kernel`` (1, k)). ``family`` None runs the planner's
     default (untuned); else that family is forced, with ``config`` (None: the family's default config).
     ``specials`` are (flat index into the input's values, NaN or +-inf) put into a second run, with
-    ``residual_specials`` into the residual's. ``unbatched``: the API is given [C, H, W] ([C, L]) tensors."""
+    ``residual_specials`` into the residual's. ``unbatched``: the API is given [C, H, W] ([C, L]) tensors.
+    ``wide_index``: every launch takes its kernels' 64-bit offset variant (as one past 2**31 elements would)."""
 
     api: str
     batch: int
@@ -146,6 +147,7 @@ class ConvProblem:
     specials: tuple = ()
     residual_specials: tuple = ()
     unbatched: bool = False
+    wide_index: bool = False
     seed: int = 0
 
 
@@ -462,6 +464,15 @@ def kernels_launched():
         yield spy_on_kernels(patch)
 
 
+@contextlib.contextmanager
+def index_width(problem: ConvProblem):
+    """Inside the block, launches take the 64-bit offset variant of their kernels where ``problem.wide_index``
+    (launch.needs_wide_index answers yes; the tensors stay small), else what their sizes need."""
+    with unittest.mock.patch.object(launch, "needs_wide_index", lambda *_: True) if problem.wide_index \
+            else contextlib.nullcontext():
+        yield
+
+
 def forward_choice(problem: ConvProblem) -> Choice:
     return DEFAULT if problem.family is None else Choice(KERNEL, problem.config, problem.family)
 
@@ -619,7 +630,7 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
         specials=draw(special_values(3)) if specials else (),
         seed=draw(st.integers(0, 2**31 - 1)))
     problem = dataclasses.replace(
-        problem, unbatched=batch == 1 and draw(st.booleans()),
+        problem, unbatched=batch == 1 and draw(st.booleans()), wide_index=draw(st.integers(0, 4)) == 0,
         residual_specials=draw(special_values(2)) if specials and problem.residual else ())
     try:
         spec = spec_of(problem)
@@ -682,7 +693,7 @@ def check_forward(problem: ConvProblem) -> None:
     dtype = DTYPES[problem.dtype]
     special = problem.specials or problem.residual_specials
     # the second run, under the same provider, takes the warm path (the first's launch, refilled)
-    with forced_choices(forward=forward_choice(problem)):
+    with forced_choices(forward=forward_choice(problem)), index_width(problem):
         for specials, residual_specials in [((), ())] + ([(problem.specials, problem.residual_specials)]
                                                          if special else []):
             t = make_tensors(problem, specials, residual_specials)
@@ -692,6 +703,7 @@ def check_forward(problem: ConvProblem) -> None:
             assert out.dtype == dtype
             ran = [desc for desc in launched if desc.kind == "forward"]
             assert [desc.family for desc in ran] == [family], f"forced {family}, ran {[d.family for d in ran]}"
+            assert not problem.wide_index or all(desc.wide_index for desc in launched), "64-bit offsets not taken"
             if not (specials or residual_specials):  # outputs were NaN before the launch: NaN is an unwritten one
                 assert_matches(out, expected, dtype, reduction, what="output")
             else:  # NaN / inf inputs: the run before proved every element written
@@ -725,13 +737,14 @@ def check_gradients(case: GradientProblem) -> None:
     grad_weight = (DEFAULT if case.grad_weight_family is None
                    else Choice(KERNEL, case.grad_weight_config, case.grad_weight_family))
     with forced_choices(forward_choice(problem), grad_input, grad_weight), kernels_launched() as launched, \
-            grad_input_launches() as prepared, \
+            grad_input_launches() as prepared, index_width(problem), \
             unittest.mock.patch.object(launch, "target_programs", lambda device: case.programs):
         out = call_gconvgen(problem, Tensors(leaves["x"], leaves["weight"], leaves.get("bias"),
                                              leaves.get("residual")))
         grads = torch.autograd.grad(out, list(leaves.values()), grad_output)
 
     kinds = [desc.kind for desc in launched]
+    assert not problem.wide_index or all(desc.wide_index for desc in launched), "64-bit offsets not taken"
     assert len(prepared) == 1, f"grad-input prepared {len(prepared)} times"
     (spec, choice), = prepared
     assert choice == grad_input, f"grad-input ran {choice}, the provider said {grad_input}"
@@ -1377,6 +1390,9 @@ DOMAIN = [
        lambda p, scattered=scattered: p.mode == "seq_idx" and p.scattered_ids == scattered and p.nonfinite and p.grad)
       for ids, scattered in (("runs of ids", False), ("scattered ids", True))],
     ("initial states with gradients", "sequences", lambda p: p.mode == "initial_states" and p.grad),
+    *[(f"family {f} forced, 64-bit offsets", "conv2d", lambda p, f=f: p.family == f and p.wide_index)
+      for f in FAMILIES],
+    ("conv1d with 64-bit offsets", "conv1d", lambda p: p.wide_index),
     ("an unbatched conv2d input", "conv2d", lambda p: p.unbatched),
     ("an unbatched conv1d input", "conv1d", lambda p: p.unbatched),
 ]
@@ -1415,6 +1431,11 @@ GRADIENT_DOMAIN = [
     ("depthwise grad_input in phases with a NaN or inf input", lambda c: _grad_input_phases(c) > 1 and c.specials),
     ("depthwise grad_input in phases of rows alone, strided NCHW", lambda c: _grad_input_phases(c) > 1
      and c.conv.layout == "nchw" and c.conv.stride[1] > 1),
+    *[(f"grad_input {route} with 64-bit offsets", lambda c, route=route: c.grad_input == route and c.conv.wide_index)
+      for route in ("direct", "default")],
+    ("depthwise grad_input in phases with 64-bit offsets", lambda c: _grad_input_phases(c) > 1 and c.conv.wide_index),
+    *[(f"grad_weight forced onto {f} with 64-bit offsets", lambda c, f=f: c.grad_weight_family == f
+       and c.conv.wide_index) for f in ("depthwise", "depthwise_gemm", "igemm")],
     ("hardswish at its kinks", lambda c: c.at_kinks and c.conv.activation == "hardswish"),
     ("relu6 at its kinks", lambda c: c.at_kinks and c.conv.activation == "relu6"),
     *[(f"a {v} input through the backward", lambda c, v=v: any(str(s) == str(v) for _, s in c.specials))

@@ -172,8 +172,9 @@ def causal_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         out[..., :head] = _causal_conv(window, weight_in, bias_in, fused,
                                        None if residual_in is None else residual_in[..., :head], left=0)
     if seq_idx is not None:
-        rewritten_nonfinite = _rewrite_packed(out, x_in, weight_in, bias_in, seq_idx, residual_in)
-        if torch.is_grad_enabled() and weight_in.requires_grad and rewritten_nonfinite.item():
+        weight_gradient = torch.is_grad_enabled() and weight_in.requires_grad
+        rewritten_nonfinite = _rewrite_packed(out, x_in, weight_in, bias_in, seq_idx, residual_in, weight_gradient)
+        if weight_gradient and rewritten_nonfinite.item():
             # the kernel's weight gradient would be NaN where it read an inf or NaN for a rewritten output (its
             # zero gradient times that input): the masked torch ops take no such product
             out = _dense_causal(x_in, weight_in, bias_in, seq_idx, None, activation, residual_in)
@@ -236,14 +237,15 @@ _WINDOW_ELEMENTS = 1 << 24
 
 
 def _rewrite_packed(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    seq_idx: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+                    seq_idx: torch.Tensor, residual: Optional[torch.Tensor], find_nonfinite: bool) -> torch.Tensor:
     """Writes over ``out`` (the whole rows' causal conv + bias + residual, before any activation) the outputs of
     a packed row that differ from it (see causal_conv1d_fn): those of a tap reading another sequence (seq_idx
     differs), computed again with that tap masked, and 0 where seq_idx is negative. In a row of a few sequences
     they are a few width - 1 outputs after each start, found on seq_idx alone ([batch, seqlen] integers,
     width - 1 comparisons; one host sync). Windows accumulate in float32 (float64 for float64).
-    Returns (on the device, unsynced) whether the whole-row kernel read an inf or NaN for an output rewritten
-    here: its weight gradient multiplies it by that output's zero gradient (0 x inf = NaN)."""
+    With ``find_nonfinite``, returns (on the device, unsynced) whether the whole-row kernel read an inf or NaN
+    for an output rewritten here: its weight gradient multiplies it by that output's zero gradient
+    (0 x inf = NaN); without (no weight gradient wanted), False unlooked."""
     width, seqlen = weight.shape[1], x.shape[-1]
     crossing = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
     for back in range(1, min(width, seqlen)):  # output t's tap width - 1 - back reads x[t - back]
@@ -265,8 +267,8 @@ def _rewrite_packed(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
         window = x[row[:, None], :, source.clamp(min=0)].to(accumulator)  # [outputs, width, dim]
         window = torch.where(before[..., None], 0.0, window)
         value = _masked_product(own[..., None], window, taps).sum(1)
-        # the whole-row kernel read these for outputs whose gradient it is given as 0
-        rewritten_nonfinite |= (~before[..., None] & ~torch.isfinite(window)).any()
+        if find_nonfinite:  # the whole-row kernel read these for outputs whose gradient it is given as 0
+            rewritten_nonfinite |= (~before[..., None] & ~torch.isfinite(window)).any()
         if bias is not None:
             value = value + bias.to(accumulator)
         if residual is not None:

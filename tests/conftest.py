@@ -118,10 +118,12 @@ def nan_filled_outputs():
 
 
 def reference_conv2d(x, weight, bias, stride, padding, dilation, groups):
-    """torch.nn.functional.conv2d in float64 with four-sided padding (top, bottom, left, right)."""
+    """torch.nn.functional.conv2d in float64 with four-sided padding (top, bottom, left, right), on contiguous
+    copies (torch's float64 CPU backward refuses some channels_last operands)."""
     top, bottom, left, right = padding
-    x64 = F.pad(x.double(), (left, right, top, bottom))
-    return F.conv2d(x64, weight.double(), None if bias is None else bias.double(), stride, 0, dilation, groups)
+    x64 = F.pad(x.double(), (left, right, top, bottom)).contiguous()
+    return F.conv2d(x64, weight.double().contiguous(), None if bias is None else bias.double(), stride, 0,
+                    dilation, groups)
 
 
 def assert_close(actual, expected, dtype):

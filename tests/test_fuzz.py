@@ -390,12 +390,14 @@ def reference_conv(x, weight, bias, stride, sides, dilation, groups):
     """F.conv2d in float64 (differentiable) under the channel_policy='pad' definition, which is F.conv2d's
     own where the groups divide the channels: group g reads input channels [g*ci, (g+1)*ci) of the input
     zero-padded to groups * ci channels and writes outputs [g*co, (g+1)*co) clipped to C_out. Written as one
-    grouped conv, so a NaN or inf reaches only the outputs of its own group (as in torch)."""
+    grouped conv, so a NaN or inf reaches only the outputs of its own group (as in torch). It reads contiguous
+    copies: memory format does not change a conv's values, and torch's float64 CPU backward refuses some
+    channels_last operands (slow_conv2d: "grad_weight must be contiguous", a 1 x 1 output of an hwio weight)."""
     in_channels, out_channels = x.shape[1], weight.shape[0]
     ci, co = math.ceil(in_channels / groups), math.ceil(out_channels / groups)
     top, bottom, left, right = sides
-    x64 = F.pad(x.double(), (left, right, top, bottom, 0, ci * groups - in_channels))
-    weight64 = F.pad(weight.double(), (0, 0, 0, 0, 0, 0, 0, co * groups - out_channels))
+    x64 = F.pad(x.double(), (left, right, top, bottom, 0, ci * groups - in_channels)).contiguous()
+    weight64 = F.pad(weight.double(), (0, 0, 0, 0, 0, 0, 0, co * groups - out_channels)).contiguous()
     bias64 = None if bias is None else F.pad(bias.double(), (0, co * groups - out_channels))
     return F.conv2d(x64, weight64, bias64, stride, 0, dilation, groups)[:, :out_channels]
 
@@ -990,6 +992,11 @@ def test_conv1d_forward(problem, nan_filled_outputs):
 @example(case=GradientProblem(_known(batch=2, in_channels=4, out_channels=4, groups=4, size=(8, 8), kernel=(3, 3),
                                      padding=(1, 1, 1, 1), bias=True),
                               grad_weight_config=KernelConfig(8, 4, 0, num_warps=1, num_stages=1), programs=64))
+# 6. a 1 x 1 output of a channels_last input and an hwio weight (found by CI): torch's float64 CPU backward
+# refuses those operands, so the reference must read contiguous copies
+@example(case=GradientProblem(_known(batch=2, in_channels=2, out_channels=1, groups=1, size=(1, 2), kernel=(1, 2),
+                                     layout="channels_last", weight_memory="hwio", bias=True, activation="relu",
+                                     wide_index=True), at_kinks=True))
 def test_gradients(case, nan_filled_outputs):
     check_gradients(case)
 

@@ -25,17 +25,41 @@ def test_half_precision_depthwise_weight_gradients_default_to_tensor_cores():
     depthwise = dict(in_channels=8, out_channels=8, groups=8, kernel_size=(3, 3))
     assert plan(ConvSpec(**depthwise, dtype="bfloat16")).grad_weight_families == ("depthwise_gemm", "depthwise")
     assert plan(ConvSpec(**depthwise, dtype="float16")).grad_weight_families[0] == "depthwise_gemm"
-    assert plan(ConvSpec(**depthwise, dtype="float32")).grad_weight_families == ("depthwise", "depthwise_gemm")
     assert plan(ConvSpec(8, 8, 2, (3, 3), dtype="bfloat16")).grad_weight_families == ("igemm",)
 
 
-@pytest.mark.parametrize("width, family", [(6, "depthwise"), (7, "depthwise_gemm"), (1, "depthwise")])
-def test_rows_narrower_than_seven_columns_take_the_direct_kernel_by_default(width, family):
+@pytest.mark.parametrize("kernel, stride, layout, dtype, first", [
+    ((3, 3), (1, 1), "nchw", "float32", "depthwise_gemm"),
+    ((1, 4), (1, 1), "nchw", "float32", "depthwise_gemm"),    # Mamba's k4
+    ((1, 64), (1, 1), "nchw", "float32", "depthwise_gemm"),
+    ((1, 2), (1, 1), "nchw", "float32", "depthwise"),         # too few taps for the band's waste
+    ((1, 65), (1, 1), "nchw", "float32", "depthwise"),        # wider windows spilled (k256: 56 B)
+    ((9, 9), (1, 1), "nchw", "float32", "depthwise"),
+    ((3, 3), (2, 2), "nchw", "float32", "depthwise"),         # stride 2 spilled (956 B)
+    ((3, 3), (1, 1), "nhwc", "float32", "depthwise"),         # the batched dot spilled KBs
+    ((3, 3), (1, 1), "strided", "float32", "depthwise"),
+    ((3, 3), (1, 1), "nchw", "float64", "depthwise"),
+])
+def test_float32_nchw_depthwise_weight_gradients_at_stride_1_take_the_band_by_default(kernel, stride, layout, dtype,
+                                                                                       first):
+    """Float32 NCHW windows of 3 to 64 taps at stride 1 (families.depthwise_gemm.FLOAT32_GRAD_WEIGHT_TAPS):
+    the direct kernel's loop is issue-bound there, and the band's dot (FFMA, or TF32 where torch allows it)
+    models 1.3-11x better."""
+    spec = ConvSpec(8, 8, 8, kernel, stride, dtype=dtype, layout=layout)
+    assert plan(spec).grad_weight_families[0] == first
+    assert set(plan(spec).grad_weight_families) == {"depthwise", "depthwise_gemm"}
+
+
+@pytest.mark.parametrize("dtype, width, family", [
+    ("bfloat16", 6, "depthwise"), ("bfloat16", 7, "depthwise_gemm"), ("bfloat16", 1, "depthwise"),
+    ("float32", 7, "depthwise"), ("float32", 8, "depthwise_gemm")])
+def test_rows_narrower_than_seven_columns_take_the_direct_kernel_by_default(dtype, width, family):
     """The banded grad-weight takes rows of 7 columns (the last stages' 7 x 7 maps) and more by default
-    (families.depthwise_gemm.MIN_GRAD_WEIGHT_ROW); narrower ones the direct kernel."""
-    spec = ConvSpec(8, 8, 8, (1, 3), padding=(0, 0, 1, 1), dtype="bfloat16")
-    x, grad_out = torch.randn(2, 8, 3, width).bfloat16(), torch.randn(2, 8, 3, width).bfloat16()
-    prepared = launch.prepare_grad_weight(spec, x, grad_out, torch.empty(8, 1, 1, 3, dtype=torch.bfloat16))
+    (families.depthwise_gemm.MIN_GRAD_WEIGHT_ROW), in float32 of 8 (MIN_FLOAT32_GRAD_WEIGHT_ROW); narrower ones
+    the direct kernel."""
+    spec = ConvSpec(8, 8, 8, (1, 3), padding=(0, 0, 1, 1), dtype=dtype)
+    x, grad_out = (torch.randn(2, 8, 3, width).to(DTYPES[dtype]) for _ in range(2))
+    prepared = launch.prepare_grad_weight(spec, x, grad_out, torch.empty(8, 1, 1, 3, dtype=DTYPES[dtype]))
     assert prepared.desc.family == family
 
 

@@ -24,6 +24,8 @@ ACCUMULATOR_REGISTERS = {"rows": 64, "channels": 48}
 # spilled 512 B on Triton 3.6)
 COLUMNS_ACCUMULATOR_REGISTERS = 80
 MIN_GRAD_WEIGHT_ROW = 7  # grad-weight output rows narrower than this take the direct kernel by default
+MIN_FLOAT32_GRAD_WEIGHT_ROW = 8  # ... in float32 (ConvNeXt's dw7 at 7 x 7: 2.7% of its floor here, 4.0% direct)
+FLOAT32_GRAD_WEIGHT_TAPS = (3, 64)  # float32 grad-weight windows the band takes by default (grad_weight_rank)
 STRIP_STEPS_AT_8_CHANNELS = 4  # channels_last forward: band steps a program of 8 channels' strips unrolls at most
 KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep operands in registers beside them
 COLUMNS_ROWS_AT_ONCE = 8  # in columns of strips (RepLKNet's dw31 at 16 rows a pass spilled 8 B in NCHW)
@@ -150,19 +152,29 @@ class DepthwiseGemm(Family):
         return 0 if is_wide_window(spec) else 2
 
     def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
-        """Every depthwise conv; the default in half precision, where the tensor cores take the products
-        (a float32 or float64 dot is no faster than the direct kernel's FMAs)."""
+        """Every depthwise conv; the default in half precision, where the tensor cores take the products, and in
+        float32 NCHW at stride 1 for windows of FLOAT32_GRAD_WEIGHT_TAPS taps. A float32 dot is no faster than
+        the direct kernel's FMAs (TF32 where torch allows it), but the direct kernel's loop is issue-bound
+        there: at batch 64 the band modelled MobileNetV2's dw3 24.2% of its floor against 6.3%, EfficientNet's
+        dw5 15.3 against 7.1, ConvNeXt's dw7 12.7 against 4.0, Mamba's k4 50.1 against 40.0, a causal k64 35.8
+        against 3.1. Outside that it spilled (stride 2: 956 B on MobileNetV2's dw3; RepLKNet's dw31 1272 B, a
+        causal k256 56 B; channels_last 3-20 KB) or modelled worse (a causal k2: 49.1 against 64.6); float64
+        stays direct."""
         if not spec.is_depthwise:
             return None
-        return 0 if spec.dtype in ("float16", "bfloat16") else 2
+        kernel_h, kernel_w = spec.kernel_size
+        float32_band = (spec.dtype == "float32" and spec.layout == "nchw" and spec.stride == (1, 1)
+                        and FLOAT32_GRAD_WEIGHT_TAPS[0] <= kernel_h * kernel_w <= FLOAT32_GRAD_WEIGHT_TAPS[1])
+        return 0 if spec.dtype in ("float16", "bfloat16") or float32_band else 2
 
     def suits(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
         """grad-weight: output rows of at least MIN_GRAD_WEIGHT_ROW columns, so a strip (16 at the least) is
         near half full or more. A one-token row modelled 0.2-0.4% of its floor against the direct kernel's
         2.3-3.7%; the last stages' 7 x 7 maps (ConvNeXt's dw7, MobileNetV2's dw3, EfficientNet's dw5 at batch
         64) model 6.9-12.8% here against 2.1-9.9% on the direct kernel; 4 to 6 columns are mixed (dw3 in
-        channels_last: 6.4-9.2% here, 10.0-11.5% there)."""
-        return kind != "grad_weight" or pixels.width >= MIN_GRAD_WEIGHT_ROW
+        channels_last: 6.4-9.2% here, 10.0-11.5% there); in float32 from MIN_FLOAT32_GRAD_WEIGHT_ROW."""
+        least = MIN_FLOAT32_GRAD_WEIGHT_ROW if spec.dtype == "float32" else MIN_GRAD_WEIGHT_ROW
+        return kind != "grad_weight" or pixels.width >= least
 
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         """(output rows, channels, column strip); accumulators: block_n x block_m x block_k.

@@ -72,7 +72,7 @@ def test_plan_explains_the_passes_and_prints_the_kernel():
     layer = ("--in-channels", "11", "--out-channels", "12", "--groups", "3")
     output = _run("plan", *layer, "--kernel", "3", "--padding", "1", "--channel-policy", "pad").output
     assert "PadInputChannels" in output and "mask_input_channels=True" in output
-    assert "kernel: igemm_ci11_co12_g3_k3x3" in output and "@triton.jit" in output and "tl.dot" in output
+    assert "kernel: igemm_rows_ci11_co12_g3_k3x3" in output and "@triton.jit" in output and "tl.dot" in output
     depthwise = ("--in-channels", "96", "--out-channels", "96", "--groups", "96")
     banded = _run("plan", *depthwise, "--kernel", "7", "--padding", "3", "--family", "depthwise").output
     assert "families=('depthwise_gemm', 'depthwise')" in banded and "kernel: depthwise_ci96" in banded

@@ -53,7 +53,7 @@ def test_tuner_rejects_wrong_candidates_and_drops_failing_ones():
     status = {trial.name: trial for trial in result.trials}
     assert status["zeros"].status == "wrong" and status["zeros"].time_ms is None
     assert status["one-element-off"].status == "wrong", status["one-element-off"]
-    assert status["igemm m48 n16 k16 w4 s2"].status == "failed", status["igemm m48 n16 k16 w4 s2"]
+    assert status["igemm_rows m48 n16 k16 w4 s2"].status == "failed", status["igemm_rows m48 n16 k16 w4 s2"]
     assert status[ATEN].status == "ok" and status["default"].status == "ok"
     correct = [trial for trial in result.trials if trial.status == "ok"]
     assert len(correct) >= 3 and all(trial.time_ms > 0 for trial in correct)

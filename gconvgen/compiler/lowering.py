@@ -194,10 +194,10 @@ class Context:
 
 
 def choose_family(fields: dict, ctx: Context) -> None:
-    """Forward and grad-weight: the choice's family, else the planner's default (an untuned grad-weight: the
-    first offered that suits the launch's pixels, Family.suits; a config without a family: the first
-    offered, which choice._usable checked it against); grad-input: the plan's backward family (its transposed
-    route is a forward launch)."""
+    """Forward and grad-weight: the choice's family, else the planner's default (untuned: the first offered
+    that suits the launch's pixels, Family.suits; a config without a family: the first offered, which
+    choice._usable checked it against); grad-input: the plan's backward family (its transposed route is a
+    forward launch)."""
     if ctx.kind == "grad_bias":
         fields.update(family=GRAD_BIAS_FAMILY, template=TEMPLATES["grad_bias", GRAD_BIAS_FAMILY], spec=None)
         return
@@ -211,8 +211,9 @@ def choose_family(fields: dict, ctx: Context) -> None:
         return
     offered = conv_plan.families if ctx.kind == "forward" else conv_plan.grad_weight_families
     default = conv_plan.family if ctx.kind == "forward" else offered[0]
-    if ctx.kind == "grad_weight" and ctx.choice.config is None and ctx.pixels is not None:
-        default = suiting_first(offered, conv_plan.spec, ctx.kind, ctx.pixels)[0]  # untuned: the first that suits
+    if ctx.choice.config is None and ctx.pixels is not None:  # untuned: the first that suits, the plan's first
+        ordered = (default, *(name for name in offered if name != default))
+        default = suiting_first(ordered, conv_plan.spec, ctx.kind, ctx.pixels)[0]
     chosen = ctx.choice.family or default
     check(chosen in offered,
           f"family={chosen!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; use one of {offered}")

@@ -20,11 +20,12 @@ from .depthwise import Depthwise
 from .depthwise1d import Depthwise1d
 from .depthwise_gemm import DepthwiseGemm
 from .igemm import Igemm
+from .igemm_rows import IgemmRows
 from .reduce import Reduce
 
 # registry order breaks ties between families the planner ranks alike
 FAMILIES: dict[str, Family] = {family.name: family for family in (
-    Igemm(), Depthwise(), DepthwiseGemm(), Depthwise1d(), Reduce())}
+    Igemm(), IgemmRows(), Depthwise(), DepthwiseGemm(), Depthwise1d(), Reduce())}
 
 
 def family(name: str) -> Family:

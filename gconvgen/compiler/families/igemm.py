@@ -37,8 +37,9 @@ class Igemm(Family):
     limits = {"block_m": DOT_SIDES, "block_n": DOT_SIDES, "block_k": DOT_SIDES}
 
     def rank(self, spec: ConvSpec) -> Optional[int]:
-        """Every conv wider than one input channel per group."""
-        return None if spec.is_depthwise else 0
+        """Every conv wider than one input channel per group; the default but where igemm_rows ranks first
+        (taller windows of narrow groups: it reads each input row once for every kernel row)."""
+        return None if spec.is_depthwise else 1
 
     def computes_backward(self, spec: ConvSpec) -> bool:
         return not spec.is_depthwise

@@ -1,0 +1,124 @@
+"""The implicit GEMM that slides down the output rows (templates/grouped_igemm_rows.py.jinja): the igemm forward
+whose program takes a tile of (batch, column) pixels of up to MAX_ROWS consecutive output rows and reads each input
+row of their windows once. The flat igemm tile re-reads an input row for every kernel row that reaches it (3 x 3:
+nine [pixels, channels] tiles a step, three of each row); here kernel row i of input row q adds into the
+accumulator of output row (q - i * dilation) / stride, and the program keeps one accumulator for each output row
+still open: (kernel_h - 1) * dilation // stride_h + 1 of them, the oldest stored and a fresh one opened a step.
+Packing of narrow groups, channel masks, weight tiles and the epilogue are the flat igemm's (families.igemm)."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional
+
+from ...ir import ConvSpec
+from ..tiles import (DEFAULT_SHARED_MEMORY_BYTES, DEFAULT_WAVES, ELEMENT_BYTES, H200_SMS, KernelConfig, PixelSpace,
+                     cdiv)
+from .igemm import Igemm
+
+MAX_ROWS = 8  # output rows a program slides over at most: (8 + 2) input rows for 3 x 3 windows, against 24 flat
+WGMMA_ROWS = 64  # a wgmma tile's least rows: a default tile shrunk under it runs mma.sync
+MAX_DEFAULT_GROUP_OUTPUTS = 32  # wider groups take the flat igemm by default (IgemmRows.rank)
+# A program's open accumulators (open_rows x block_m x block_n fp32) at most: 3 x [128, 32] on 4 warps, or
+# 3 x [128, 64] on 8 (96 registers a thread)
+ACCUMULATOR_ELEMENTS = 3 * 128 * 64
+
+
+def open_rows(spec: ConvSpec) -> int:
+    """The output rows whose accumulators a program holds at once: an input row reaches the output rows of
+    the kernel rows above it, (kernel_h - 1) * dilation_h // stride_h + 1 of them."""
+    return (spec.kernel_size[0] - 1) * spec.dilation[0] // spec.stride[0] + 1
+
+
+def row_phases(spec: ConvSpec) -> dict[int, list[int]]:
+    """The input rows a step reads, as phases p of the stride (input row t * stride_h + p at step t), each with
+    the kernel rows i that read it, (p - i * dilation_h) % stride_h == 0: a phase no kernel row reads is not
+    loaded."""
+    stride, dilation = spec.stride[0], spec.dilation[0]
+    phases = {p: [i for i in range(spec.kernel_size[0]) if (p - i * dilation) % stride == 0] for p in range(stride)}
+    return {p: rows for p, rows in phases.items() if rows}
+
+
+def rows_per_program(out_height: int) -> int:
+    """The output rows a program takes: the height split evenly into programs of at most MAX_ROWS (14 rows: two
+    of 7, not 8 and 6). The kernel takes cdiv(out_height, row blocks) from its grid, the same."""
+    return cdiv(out_height, cdiv(out_height, MAX_ROWS))
+
+
+class IgemmRows(Igemm):
+    name = "igemm_rows"
+    templates = {"forward": "grouped_igemm_rows.py.jinja"}
+
+    def rank(self, spec: ConvSpec) -> Optional[int]:
+        """Every conv the flat igemm computes; the default for windows taller than one row, where the flat tile
+        re-reads input rows (a one-row window reads each once either way), of groups of at most
+        MAX_DEFAULT_GROUP_OUTPUTS output channels: a step re-reads every tap's weight tile, which for wider
+        groups outweighs the input rows it saves (RegNetY-8GF's 56 a group modelled 14.7% of its floor
+        against the flat tile's 16.7%; ResNeXt's 4-16 and RegNetY-1.6GF's 24 gain)."""
+        if spec.is_depthwise:
+            return None
+        return 0 if spec.kernel_size[0] > 1 and spec.out_channels_per_group <= MAX_DEFAULT_GROUP_OUTPUTS else 2
+
+    def suits(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
+        """Launches whose grid at a 64-pixel tile (wgmma's least) fills DEFAULT_WAVES waves of the H200's SMs, so
+        that filling the device (families.filled) leaves the tile on wgmma. A program takes up to MAX_ROWS rows,
+        so its grid is that many times smaller than the flat tile's: on RegNetY-1.6GF's stage 4 (7 x 7 map,
+        batch 32) filling shrank it to 16 pixels, 5.8% of the floor modelled against the flat tile's 13.9%."""
+        config = self.default_config(spec, kind, interpret=False)
+        config = self.refit(replace(config, block_m=min(config.block_m, WGMMA_ROWS)), spec, kind)
+        grid = self.grid(kind, spec, config, self.groups_per_program(spec, config, kind), pixels)
+        return math.prod(grid) >= DEFAULT_WAVES * H200_SMS
+
+    def computes_backward(self, spec: ConvSpec) -> bool:
+        return False  # the gradients run the flat igemm's kernels
+
+    def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
+        """The flat igemm's forward tile, block_m pixels of (batch, column) a row, halved while the open rows'
+        accumulators pass ACCUMULATOR_ELEMENTS; in fewer stages while its operands pass the shared memory of
+        DEFAULT_SHARED_MEMORY_BYTES."""
+        config = super().default_config(spec, kind, interpret=interpret)
+        while config.block_m > 16 and open_rows(spec) * config.block_m * config.block_n > ACCUMULATOR_ELEMENTS:
+            config = self.refit(replace(config, block_m=config.block_m // 2), spec, kind)
+        while config.num_stages > 1 and self.operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
+            config = replace(config, num_stages=config.num_stages - 1)
+        return config
+
+    def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
+        """The flat igemm's refit, in the stages the operands' shared memory allows."""
+        refitted = super().refit(config, spec, kind)
+        return replace(refitted, num_stages=min(refitted.num_stages, config.num_stages))
+
+    def tile_depth(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
+        return open_rows(spec)  # an accumulator a row still open
+
+    def operand_bytes(self, config: KernelConfig, spec: ConvSpec) -> int:
+        """num_stages x a step's operands: for each channel step, an input tile per input row and kernel column,
+        and a weight tile per tap (packed groups as the channel tile holds them)."""
+        packed = self.groups_per_program(spec, config, "forward")
+        channel_steps = math.ceil(packed * spec.in_channels_per_group / config.block_k)
+        tiles = (len(row_phases(spec)) * spec.kernel_size[1] * config.block_m * config.block_k
+                 + self.taps(spec) * config.block_k * config.block_n)
+        return config.num_stages * channel_steps * tiles * ELEMENT_BYTES[spec.dtype]
+
+    def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
+             splits: int = 1, channels: int = 0) -> tuple[int, ...]:
+        """(tiles of block_m (batch, column) pixels x the programs down the output rows, channel tiles, group
+        blocks)."""
+        out_height = pixels.rows // pixels.batch
+        row_blocks = cdiv(out_height, rows_per_program(out_height))
+        return (cdiv(pixels.batch * pixels.width, config.block_m) * row_blocks,
+                cdiv(packed * spec.out_channels_per_group, config.block_n), cdiv(spec.groups, packed))
+
+    def requested(self, desc, problem, programs: int, arguments: dict):
+        """Per program and step (output rows + open_rows - 1 of them), each channel step: a [block_m, block_k]
+        input tile for each input row of the step (stride_h of them) and kernel column, and a [block_k, block_n]
+        weight tile and a dot for each tap."""
+        spec, config = problem.spec, desc.config
+        m, n, k = config.block_m, config.block_n, config.block_k
+        out_height = problem.output_size[0]
+        steps = rows_per_program(out_height) + open_rows(spec) - 1
+        channel_steps = math.ceil(desc.groups_per_program * spec.in_channels_per_group / k)
+        inputs = len(row_phases(spec)) * spec.kernel_size[1] * m * k
+        taps = self.taps(spec)
+        per_step = channel_steps * (inputs + taps * k * n) * ELEMENT_BYTES[spec.dtype]
+        return programs * steps * per_step, programs * steps * channel_steps * taps * 2 * m * n * k

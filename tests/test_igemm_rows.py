@@ -1,0 +1,149 @@
+"""The implicit GEMM that slides down the output rows (families/igemm_rows.py, templates/grouped_igemm_rows.py.jinja):
+its named edges against torch's float64 conv (every output element written), its sums against the flat igemm's,
+when it is the default, and, compiled for sm_90 as a launch would specialise it, what it saves. The
+property-based fuzz (tests/test_fuzz.py test_conv2d_forward_igemm_rows) forces it too, on programs of 1 to 3
+rows."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from conftest import reference_conv2d
+from gconvgen.compiler.families import igemm_rows
+from gconvgen.compiler.lowering import KERNEL, Choice
+from gconvgen.compiler.tiles import KernelConfig
+from gconvgen.ir import ConvSpec
+from gconvgen.runtime import launch
+from test_sm90_compile import compiled_rows
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+SMALL = KernelConfig(16, 16, 16, num_stages=1)
+
+# in, out, groups, (H, W), kernel, stride, padding (top, bottom, left, right), dilation, config: each row is an edge
+# of the sliding rows: more rows than a program takes (three programs of 7 rows for 19, the last short), a
+# stride in height (two input rows a step) and one past the window (a phase no kernel row reads), dilation in
+# height (open rows no kernel row of a phase reaches), padding past the map, one output row, a map shorter than
+# the window, a one-row window, packed groups over two channel steps, uneven groups under 'pad'
+CASES = [
+    (8, 8, 2, (19, 5), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "strict", SMALL),
+    (8, 12, 4, (11, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "strict", None),
+    (6, 6, 3, (19, 4), (3, 2), (2, 1), (1, 2, 0, 1), (1, 1), "strict", SMALL),
+    (4, 6, 2, (9, 9), (2, 3), (3, 2), (0, 1, 1, 1), (2, 1), "strict", None),
+    (4, 4, 1, (10, 3), (5, 1), (1, 1), (2, 2, 0, 0), (2, 1), "strict", SMALL),
+    (6, 4, 2, (3, 3), (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), "strict", None),
+    (6, 4, 2, (1, 4), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "strict", None),
+    (9, 6, 3, (5, 5), (1, 3), (1, 1), (0, 0, 1, 1), (1, 1), "strict", None),
+    (40, 40, 2, (17, 3), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "strict", KernelConfig(16, 32, 16, num_stages=1)),
+    (7, 5, 2, (12, 7), (3, 3), (1, 1), (2, 2, 1, 1), (1, 1), "pad", SMALL),
+]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("in_c, out_c, groups, size, kernel, stride, padding, dilation, policy, config", CASES)
+def test_sliding_rows_match_torch(in_c, out_c, groups, size, kernel, stride, padding, dilation, policy, config,
+                                  dtype, layout):
+    generator = torch.Generator().manual_seed(hash((in_c, size, kernel, stride)) % 2**31)
+    ci = -(-in_c // groups)
+    x = torch.randn(2, in_c, *size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    weight = torch.randn(out_c, ci, *kernel, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    bias = torch.randn(out_c, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    spec = ConvSpec(in_c, out_c, groups, kernel, stride, padding, dilation, True, dtype, layout, policy)
+    padded_x = torch.nn.functional.pad(x.double(), (0, 0, 0, 0, 0, ci * groups - in_c))
+    padded_w = torch.nn.functional.pad(weight.double(), (0, 0, 0, 0, 0, 0, 0, -(-out_c // groups) * groups - out_c))
+    padded_b = torch.nn.functional.pad(bias.double(), (0, padded_w.shape[0] - out_c))
+    expected = reference_conv2d(padded_x, padded_w, padded_b, stride, padding, dilation, groups)[:, :out_c]
+    out = torch.full(expected.shape, float("nan"), dtype=DTYPES[dtype])
+    prepared = launch.prepare_forward(spec, x, weight, bias, out, Choice(KERNEL, config, "igemm_rows"))
+    assert prepared.desc.family == "igemm_rows"
+    launch.run(prepared)
+    assert not out.isnan().any(), "an output element was not written"
+    tolerance = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    assert (out.double() - expected).abs().max().item() <= tolerance * (expected.abs().max().item() + 1.0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_each_output_row_sums_its_taps_as_the_flat_igemm_does(layout):
+    """One channel step a tap: kernel row by kernel row, column by column, the flat kernel's order, so the two
+    agree bitwise in float32."""
+    spec = ConvSpec(8, 8, 2, (3, 3), (1, 1), (1, 1, 1, 1), layout=layout)
+    x, weight = torch.randn(2, 8, 13, 6), torch.randn(8, 4, 3, 3)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    outputs = []
+    for family in ("igemm", "igemm_rows"):
+        out = torch.full((2, 8, 13, 6), float("nan"))
+        launch.forward(spec, x, weight, None, out, Choice(KERNEL, SMALL, family))
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("in_c, groups, batch, size, kernel, first", [
+    (128, 32, 64, 56, (3, 3), "igemm_rows"),   # ResNeXt-50 layer 1
+    (336, 14, 64, 14, (3, 3), "igemm_rows"),   # RegNetY-1.6GF stage 3: 24 channels a group
+    (896, 16, 64, 14, (3, 3), "igemm"),        # RegNetY-8GF stage 3: 56 a group, wider than MAX_DEFAULT_GROUP_OUTPUTS
+    (888, 37, 32, 7, (3, 3), "igemm"),         # RegNetY-1.6GF stage 4: its grid at 64 pixels would not fill an H200
+    (128, 32, 64, 56, (1, 3), "igemm"),        # a one-row window reads each input row once either way
+])
+def test_the_default_slides_down_rows_of_narrow_groups_on_maps_that_fill_the_device(in_c, groups, batch, size,
+                                                                                    kernel, first):
+    spec = ConvSpec(in_c, in_c, groups, kernel, padding=(kernel[0] // 2,) * 2 + (kernel[1] // 2,) * 2,
+                    dtype="bfloat16", layout="nhwc")
+    x = torch.empty(batch, in_c, size, size, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    weight = torch.empty(in_c, in_c // groups, *kernel, dtype=torch.bfloat16)
+    out = torch.empty(batch, in_c, size, size, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert launch.prepare_forward(spec, x, weight, None, out).desc.family == first
+
+
+def test_a_program_takes_the_height_in_even_parts_of_at_most_max_rows():
+    assert [igemm_rows.rows_per_program(h) for h in (1, 7, 8, 9, 14, 19, 56)] == [1, 7, 8, 5, 7, 7, 8]
+    assert igemm_rows.open_rows(ConvSpec(4, 4, 2, (3, 3))) == 3
+    assert igemm_rows.open_rows(ConvSpec(4, 4, 2, (3, 3), (2, 2))) == 2
+    assert igemm_rows.open_rows(ConvSpec(4, 4, 2, (5, 1), dilation=(2, 1))) == 9
+
+
+SCRIPT = textwrap.dedent("""
+    import json
+    from gconvgen.autotune import suites
+    from gconvgen.tools.inspection import inspect_problem
+    rows = []
+    for layer in suites.load_suite("headline").layers:
+        if not layer.id.startswith("resnext50"):
+            continue
+        for layout in ("nchw", "nhwc"):
+            row = inspect_problem(layer.problem("bfloat16", layout))
+            rows.append({"id": layer.id, "layout": layout, "family": row.family, "spill": row.figures.spill_bytes,
+                         "tensor_core": row.figures.tensor_core, "bytes": row.requested_over_ideal_bytes,
+                         "percent": row.model.percent_of_floor})
+    print(json.dumps(rows))
+""")
+
+
+def test_resnext_forwards_slide_down_rows_on_wgmma_for_sm90():
+    """ResNeXt-50's grouped 3 x 3 forwards as inspect compiles them: the sliding rows on wgmma, no spill, at
+    most 3.5x the ideal bytes in channels_last (the flat tile requested 5.6x) and 4.5x in NCHW (6.6x, the
+    staging copy counted)."""
+    rows = compiled_rows(SCRIPT)
+    assert len(rows) == 6
+    for row in rows:
+        assert row["family"] == "igemm_rows" and row["spill"] == 0 and row["tensor_core"] == "wgmma", row
+        assert row["bytes"] <= (3.5 if row["layout"] == "nhwc" else 4.5), row
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 8])
+def test_a_program_takes_its_rows_from_the_grid(max_rows, monkeypatch):
+    """The kernel splits the height into as many row blocks as its grid has (not by a constant of its own), so a
+    description memoised under one MAX_ROWS still writes every row under another (the fuzz draws several)."""
+    spec = ConvSpec(8, 8, 2, (3, 3), (1, 1), (1, 1, 1, 1))
+    x, weight = torch.randn(2, 8, 9, 5), torch.randn(8, 4, 3, 3)
+    expected = reference_conv2d(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 2)
+    for rows in (max_rows, igemm_rows.MAX_ROWS):
+        monkeypatch.setattr(igemm_rows, "MAX_ROWS", rows)
+        out = torch.full((2, 8, 9, 5), float("nan"))
+        launch.forward(spec, x, weight, None, out, Choice(KERNEL, SMALL, "igemm_rows"))
+        assert not out.isnan().any(), f"rows not written at MAX_ROWS {rows}"
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

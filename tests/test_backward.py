@@ -2,6 +2,7 @@
 float64, the split-K reduction and its determinism, only the needed gradients, opcheck, the aten fallback."""
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -17,7 +18,7 @@ from gconvgen import knobs
 from gconvgen.tools.bench_backward import format_table, time_forward_backward
 from gconvgen.compiler.lowering import KERNEL, Choice, KernelConfig, lower
 from gconvgen.compiler.plan import plan
-from gconvgen.runtime import launch
+from gconvgen.runtime import launch, weights
 from gconvgen.ops.backward import conv2d_grad_bias_op, conv2d_grad_input_op, conv2d_grad_weight_op
 from gconvgen.runtime.launch import split_pixels
 from gconvgen.ops.conv2d import conv2d_op
@@ -374,9 +375,9 @@ def test_backward_kernels_are_named_by_kind():
     conv_plan = plan(gconvgen.ConvSpec(8, 8, 2, (3, 3), padding=(1, 1, 1, 1), layout="nhwc", dtype="bfloat16"))
     descs = {kind: lower(conv_plan, kind, interpret=False, allow_tf32=False)
              for kind in ("forward", "grad_input", "grad_weight")}
-    name = "igemm_ci8_co8_g2_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16_"
-    for kind, desc in descs.items():
-        assert desc.uri.startswith(name if kind == "forward" else f"{kind}_{name}"), desc.uri
+    name = "ci8_co8_g2_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16_"
+    for kind, desc in descs.items():  # the forward slides down the rows (igemm_rows), the gradients are igemm's
+        assert desc.uri.startswith(f"igemm_rows_{name}" if kind == "forward" else f"{kind}_igemm_{name}"), desc.uri
     for kind, desc in descs.items():
         assert f"def {desc.kernel_name}(" in codegen.render(desc), kind
     grad_bias = lower(None, "grad_bias", dtype="bfloat16", interpret=True, allow_tf32=False)
@@ -418,6 +419,44 @@ def test_nchw_depthwise_grad_input_runs_the_transposed_forward(kernel, padding, 
                                     grad.double())
     assert_close(grad_x, expected, torch.float32)
     assert loaded == [("forward", "depthwise1d"), ("forward", "depthwise1d")]  # the conv, then its gradient
+
+
+@pytest.mark.parametrize("in_c, out_c, groups, kernel, padding, dilation", [
+    pytest.param(8, 8, 2, (3, 3), (1, 1, 1, 1), (1, 1), id="resnext-like"),
+    pytest.param(6, 9, 3, (3, 2), (2, 0, 1, 0), (1, 2), id="more-outputs-uneven-sides-dilated"),
+    pytest.param(12, 8, 4, (2, 3), (0, 0, 0, 0), (2, 1), id="fewer-outputs-valid"),
+    pytest.param(6, 6, 1, (3, 3), (1, 1, 1, 1), (1, 1), id="one-group"),
+])
+@pytest.mark.parametrize("family", ["igemm_rows", "igemm"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_grouped_grad_input_as_the_transposed_forward(in_c, out_c, groups, kernel, padding, dilation, family,
+                                                      channels_last, monkeypatch, nan_filled_outputs):
+    """A stride-1 grouped conv's input gradient is the forward conv of the output gradient with each group's
+    weight transposed and flipped (plan.transposed_conv, weights.transposed): run on each igemm family's
+    forward, it matches F.conv2d's gradient with every element written."""
+    loaded = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family, desc.spec.in_channels))
+    x = torch.randn(2, in_c, 7, 6)
+    x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    weight = torch.randn(out_c, in_c // groups, *kernel)
+    transposed = Choice(KERNEL, None, family, transposed=True)
+    with gconvgen.autotune.choice.overridden(lambda spec, kind, *rest: transposed if kind == "grad_input" else
+                                             gconvgen.autotune.choice.DEFAULT):
+        out = gconvgen.conv2d(x, weight, None, 1, padding, dilation, groups)
+        grad = torch.randn_like(out)
+        grad_x, = torch.autograd.grad(out, x, grad)
+    x64, weight64 = x.detach().double().requires_grad_(), weight.double()
+    expected, = torch.autograd.grad(reference_conv2d(x64, weight64, None, 1, padding, dilation, groups), x64,
+                                    grad.double())
+    assert_close(grad_x, expected, torch.float32)
+    assert ("forward", family, out_c) in loaded and not any(kind == "grad_input" for kind, *_ in loaded), loaded
+
+
+def test_the_transposed_weight_swaps_each_groups_channels_and_flips_its_window():
+    weight = torch.randn(6, 2, 3, 2)  # 3 groups of 2 outputs from 2 inputs
+    transposed = weights.transposed(weight, 3)
+    assert transposed.shape == (6, 2, 3, 2) and weights.layout_of(transposed) == "hwio"
+    for g, o, c in itertools.product(range(3), range(2), range(2)):
+        assert torch.equal(transposed[g * 2 + c, o], weight[g * 2 + o, c].flip((0, 1)))
 
 
 @pytest.mark.parametrize("size, kernel, stride, padding, dilation, multiplier", [

@@ -190,14 +190,14 @@ def test_rendered_module_lands_in_cache_and_warm_call_does_no_work(monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate", "garble", "empty"])
 def test_corrupt_entry_is_rebuilt_not_trusted(damage):
     spec = ConvSpec(6, 6, 3, (3, 3), padding=(1, 1, 1, 1))
-    desc = lower(gconvgen.plan(spec), "forward", interpret=True, allow_tf32=False)  # what conv2d runs on the CPU
+    x, weight = torch.randn(2, 6, 5, 5), torch.randn(6, 2, 3, 3)
+    desc = launch.prepare_forward(spec, x, weight, None, torch.empty(2, 6, 5, 5)).desc  # what conv2d runs here
     launch.kernel_of(desc, "interpreter")
     path = cache.kernel_dir("interpreter") / f"{desc.uri}.py"
     text = path.read_text()
     path.write_text({"truncate": text[: len(text) // 2], "garble": text.replace("tl.dot", "tl.dotx"),
                      "empty": ""}[damage])
     launch.clear_memo()
-    x, weight = torch.randn(2, 6, 5, 5), torch.randn(6, 2, 3, 3)
     torch.testing.assert_close(gconvgen.conv2d(x, weight, None, 1, 1, 1, 3),
                                torch.nn.functional.conv2d(x, weight, None, 1, 1, 1, 3), atol=1e-4, rtol=1e-4)
     assert path.read_text() == text  # the call's own load rewrote the damaged copy

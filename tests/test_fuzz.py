@@ -570,15 +570,17 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
     a geometry at the edges the lowering branches on, a layout and view, a dtype, an epilogue, special values,
     and a tile config the lowering accepts. Shrinks toward one image, few channels, 1 x 1 outputs, NCHW.
     One default depthwise problem in ``wide_odds`` (0: none) is 7 x 7 in half precision, where the banded
-    kernel is the planner's default. ``transposable``: a depthwise conv its own transpose (one output per
-    channel, stride 1, padding within the window's reach), whose input gradient may run as a forward conv.
+    kernel is the planner's default. ``transposable``: a conv with a transpose (plan.transposed_conv: stride 1,
+    padding within the window's reach, channels its groups divide, one output a channel if depthwise), whose
+    input gradient may run as a forward conv.
     ``extents``: the map sizes drawn ("tiny": at most 3 x 3, where outputs of 1 x 1 and of width 1 are common;
     "sequence": a 1-D row of up to 300 positions, several of the banded kernel's tiles of 16 strips);
     ``layouts``: the layouts drawn (empty: every one, NCHW most often); a forced config that would run more
     than ``max_iterations`` interpreted iterations gives way to the family's default."""
-    family = draw(st.sampled_from(tuple(f for f in families if f not in IGEMM) if transposable else families))
-    depthwise = (transposable or family in ("depthwise", "depthwise_gemm", "depthwise1d")
-                 or (family is None and draw(st.booleans())))
+    family = draw(st.sampled_from(families))
+    # a transposable problem is grouped a third of the time (a transpose at stride 1 only), else depthwise
+    depthwise = (family in ("depthwise", "depthwise_gemm", "depthwise1d")
+                 or (family is None and draw(st.integers(0, 2) if transposable else st.integers(0, 1)) > 0))
     policy = "strict" if transposable else draw(st.sampled_from(("strict", "pad")))
     if depthwise:  # groups = in_channels; a channel multiplier, or uneven outputs under 'pad'
         # now and then more channels than a default channel tile (64 in the interpreter) holds
@@ -678,7 +680,8 @@ def gradient_problems(draw) -> GradientProblem:
     spec = spec_of(problem)
     backward = plan(spec).backward_family
     bias_free = dataclasses.replace(spec, bias=False)
-    routes = ("default", "direct") + (("transposed",) if transposed_conv(dataclasses.replace(spec, bias=False)) else ())
+    # the transposed route twice as often where there is one: grouped convs have one only at stride 1
+    routes = ("default", "direct") + (("transposed",) * 2 if transposed_conv(bias_free) else ())
     direct = "default" if problem.kernel == (7, 7) else draw(st.sampled_from(routes))
     grad_weight_family = draw(st.sampled_from((None, *plan(bias_free).grad_weight_families)))
     families = {"grad_input": backward, "grad_weight": grad_weight_family}
@@ -750,8 +753,9 @@ def check_gradients(case: GradientProblem) -> None:
         grad_output[near_a_kink(problem, leaves64, dtype)] = 0
     wanted = torch.autograd.grad(expected, list(leaves64.values()), grad_output.double())
 
-    grad_input = {"direct": Choice(KERNEL, case.grad_input_config, None), "default": DEFAULT,
-                  "transposed": Choice(KERNEL, None, "depthwise", transposed=True)}[case.grad_input]
+    grad_input = (DEFAULT if case.grad_input == "default" else Choice(KERNEL, case.grad_input_config, None)
+                  if case.grad_input == "direct" else
+                  Choice(KERNEL, None, _transposed_forced_family(problem), transposed=True))
     grad_weight = (DEFAULT if case.grad_weight_family is None
                    else Choice(KERNEL, case.grad_weight_config, case.grad_weight_family))
     with forced_choices(forward_choice(problem), grad_input, grad_weight), kernels_launched() as launched, \
@@ -1298,14 +1302,27 @@ def drawn(strategy, count: int) -> list:
 def drawn_problems():
     return {"conv2d": drawn(conv_problems(), 600), "conv1d": drawn(conv_problems(api="conv1d"), 200),
             "default": drawn(conv_problems(families=(None,)), 200),
-            "gradients": drawn(gradient_problems(), 300), "banded_rows": drawn(banded_rows(), 200),
+            "gradients": drawn(gradient_problems(), 400), "banded_rows": drawn(banded_rows(), 200),
             "direct_rows": drawn(direct_rows(), 200), "sequences": drawn(sequence_problems(), 200)}
 
 
+def _transposed_forced_family(problem: ConvProblem) -> str:
+    """The forward family a case forced onto the transposed route runs: the direct depthwise kernel where the
+    transposed conv is depthwise (a grouped conv of one output a group transposes to a depthwise conv with a
+    channel multiplier), else the igemm that slides down the rows."""
+    transposed = transposed_conv(dataclasses.replace(spec_of(problem), bias=False))
+    return "depthwise" if transposed.is_depthwise else "igemm_rows"
+
+
 def _transposed_family(problem: ConvProblem) -> str | None:
-    """The family of the forward conv that computes the problem's input gradient by default, if one does."""
+    """The family of the forward conv that computes the problem's input gradient by default, if one does: the
+    first the transposed conv's plan offers that suits the launch's pixels."""
     transposed = grad_input_as_forward(dataclasses.replace(spec_of(problem), bias=False), knobs.padding_budget())
-    return None if transposed is None else plan(transposed).family
+    if transposed is None:
+        return None
+    out_h, out_w = output_size(problem)
+    pixels = PixelSpace.of("forward", problem.batch, out_h, out_w, *problem.size)
+    return next(name for name in plan(transposed).families if family_named(name).suits(transposed, "forward", pixels))
 
 
 def _programs(problem: ConvProblem) -> int:
@@ -1485,7 +1502,13 @@ GRADIENT_DOMAIN = [
        and _default_grad_weight_family(c.conv) == f)
       for f in ("depthwise", "depthwise_gemm", "igemm")],
     *[(f"the transposed grad_input by default, as {f}", lambda c, f=f: c.grad_input == "default"
-       and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm", "depthwise")],
+       and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm", "depthwise", "igemm")],
+    ("grad_input forced onto the transposed forward of a grouped conv", lambda c: c.grad_input == "transposed"
+     and c.conv.groups < c.conv.in_channels),
+    ("grad_input forced onto the transposed forward, a depthwise one with a multiplier", lambda c: c.grad_input ==
+     "transposed" and c.conv.groups < c.conv.in_channels and c.conv.out_channels == c.conv.groups),
+    ("grad_input forced onto the transposed forward of a grouped conv, dilated", lambda c: c.grad_input == "transposed"
+     and c.conv.groups < c.conv.in_channels and max(c.conv.dilation) > 1),
     *[(f"backward family {f}", lambda c, f=f: plan(spec_of(c.conv)).backward_family == f)
       for f in ("igemm", "depthwise")],
     ("depthwise grad_input in phases of the stride", lambda c: _grad_input_phases(c) > 1),

@@ -87,9 +87,11 @@ def test_group_without_input_channels_is_refused():
 def test_kernel_family():
     assert plan(spec(8, 16, 8, policy="strict")).family == "depthwise1d"  # multiplier 2, NCHW: row by row
     assert plan(spec(7, 13, 7)).families[1] == "depthwise"                # uneven outputs, one input per group
-    assert plan(spec(12, 12, 3, policy="strict")).family == "igemm"
+    assert plan(spec(12, 12, 3, policy="strict")).family == "igemm_rows"  # 3 x 3 windows slide down the rows
     grouped = plan(spec(12, 12, 3))
-    assert grouped.families == ("igemm",) and grouped.backward_family == "igemm"
+    assert grouped.families == ("igemm_rows", "igemm") and grouped.backward_family == "igemm"
+    assert plan(ConvSpec(12, 12, 3, (1, 3))).families == ("igemm", "igemm_rows")  # one-row windows: flat tiles
+    assert plan(ConvSpec(192, 192, 3, (3, 3))).families == ("igemm", "igemm_rows")  # 64 outputs a group
 
 
 def test_depthwise_offers_both_forward_families_and_wide_windows_default_to_tensor_cores():
@@ -193,7 +195,7 @@ def test_uri_changes_with_every_source_decision_and_with_no_launch_setting():
         "maskin": dataclasses.replace(base, mask_input_channels=True),
         "maskout": dataclasses.replace(base, mask_output_channels=True),
     }
-    readable = "igemm_ci12_co12_g3_k3x3_s1x1_d1x1_p1_1_1_1_nchw_float32_"
+    readable = "igemm_rows_ci12_co12_g3_k3x3_s1x1_d1x1_p1_1_1_1_nchw_float32_"
     assert base.uri.startswith(readable) and len(base.uri) == len(readable) + 16  # + a 64-bit hash of the fields
     uris = {base.uri} | {desc.uri for desc in variants.values()}
     assert len(uris) == len(variants) + 1 and all(uri.startswith(readable) for uri in uris)

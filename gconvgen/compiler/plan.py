@@ -233,16 +233,22 @@ def planned(spec: ConvSpec, padding_budget: float, family: str | None = None) ->
 def transposed_conv(spec: ConvSpec) -> ConvSpec | None:
     """The forward conv whose output is ``spec``'s input gradient, where one exists; else None.
 
-    A depthwise conv with one output per channel at stride 1 is its own transpose: the input gradient is
-    the same depthwise conv run on the output gradient with the window flipped (the runtime flips the
-    weight) and each side's padding replaced by the window's reach minus it (padding past the reach would
-    crop, not pad: no such conv)."""
-    if not (spec.is_depthwise and spec.out_channels == spec.in_channels and spec.stride == (1, 1)):
+    At stride 1, the input gradient of a grouped conv whose groups divide its channels is the grouped conv of
+    the output gradient with each group's weight transposed (its input and output channels swapped) and its
+    window flipped (runtime/weights.py ``transposed``), each side's padding replaced by the window's reach
+    minus it (padding past the reach would crop, not pad: no such conv). A depthwise conv with one output
+    per channel is its own transpose; with a channel multiplier the transpose would be a grouped conv of one
+    output a group, which the depthwise grad-input kernel serves better, so it has none here."""
+    divides = spec.in_channels % spec.groups == 0 and spec.out_channels % spec.groups == 0
+    multiplier = spec.is_depthwise and spec.out_channels != spec.in_channels
+    if spec.stride != (1, 1) or not divides or multiplier:
         return None
     reach_h, reach_w = ((k - 1) * d for k, d in zip(spec.kernel_size, spec.dilation))
     top, bottom, left, right = spec.padding
     padding = (reach_h - top, reach_h - bottom, reach_w - left, reach_w - right)
-    return None if min(padding) < 0 else dataclasses.replace(spec, padding=padding, bias=False)
+    return None if min(padding) < 0 else dataclasses.replace(spec, in_channels=spec.out_channels,
+                                                             out_channels=spec.in_channels, padding=padding,
+                                                             bias=False)
 
 
 @memoized(1024)
@@ -250,7 +256,8 @@ def grad_input_as_forward(spec: ConvSpec, padding_budget: float) -> ConvSpec | N
     """The transposed conv (``transposed_conv``) where, untuned, its forward kernel serves ``spec``'s input
     gradient better than the direct grad-input kernel; else None. Worth it where that forward's default
     family is not the direct kernel, which is what the grad-input kernel is: NCHW short windows
-    (depthwise1d: rows read once as vectors) and half-precision wide windows (the banded kernel); and where
+    (depthwise1d: rows read once as vectors), half-precision wide windows (the banded kernel) and taller
+    windows of narrow groups (igemm_rows: each input row read once for every kernel row); and where
     the direct family's forward beats its own grad-input kernel (Family.forward_serves_input_gradient: the
     channels_last row tiles)."""
     transposed = transposed_conv(spec)

@@ -83,7 +83,7 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
 
 # how a launch derives an operand from the tensor it is given, by name (see Launch.derived)
 DERIVATIONS: dict[str, Callable[[torch.Tensor, KernelDesc], torch.Tensor]] = {
-    "flipped": lambda tensor, desc: tensor.detach().flip((2, 3)),  # the transposed conv's weight
+    "transposed": lambda tensor, desc: weights.transposed(tensor, desc.spec.groups),  # the transposed conv's
     "weight_copy": lambda tensor, desc: weights.hwio_copy(tensor),  # the only layout copied (weights.needs_copy)
     "channels_last": lambda tensor, desc: tensor.contiguous(memory_format=torch.channels_last),
 }
@@ -336,10 +336,10 @@ def prepare_grad_input(spec: ConvSpec, grad_output: torch.Tensor, weight: torch.
         check(transposed is not None or not choice.transposed,
               f"a transposed grad-input choice for {spec}, which is not its own transpose")
     if transposed is not None:
-        flipped = DERIVATIONS["flipped"](weight, None)
         forward_choice = DEFAULT if choice == DEFAULT else replace(choice, transposed=False)
-        prepared = prepare_forward(transposed, grad_output, flipped, None, grad_x, forward_choice, target)
-        return None if prepared is None else prepared.deriving("weight", "flipped").deriving("x", source="grad_output")
+        prepared = prepare_forward(transposed, grad_output, weights.transposed(weight, spec.groups), None, grad_x,
+                                   forward_choice, target)
+        return None if prepared is None else prepared.deriving("weight", "transposed").deriving("x", source="grad_output")
     pixels = PixelSpace.of("grad_input", batch, height, width, grad_output.shape[2], grad_output.shape[3])
     desc = describe(spec, "grad_input", (grad_output, weight, grad_x), choice, pixels, target=target,
                     weight_memory=weights.layout_of(weight), rows=(((grad_output, spec.out_channels),), (grad_x,)))

@@ -61,6 +61,16 @@ def hwio_copy(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
+def transposed(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The weight of the conv transposed to ``weight``'s [C_out, ci, kh, kw] at stride 1 (plan.transposed_conv):
+    [C_in, co, kh, kw], each group's input and output channels swapped and its window flipped, as an
+    OIHW-indexed view of hwio memory (one copy, in the layout the direct and igemm kernels read)."""
+    out_channels, per_group, kernel_h, kernel_w = weight.shape
+    by_group = weight.detach().reshape(groups, out_channels // groups, per_group, kernel_h, kernel_w)
+    hwio = by_group.permute(3, 4, 1, 0, 2).flip((0, 1))  # [kh, kw, co, groups, ci], a fresh contiguous copy
+    return hwio.reshape(kernel_h, kernel_w, out_channels // groups, groups * per_group).permute(3, 2, 0, 1)
+
+
 def _has_strides(weight: torch.Tensor, wanted: tuple[int, ...]) -> bool:
     """Whether ``weight`` has the strides ``wanted`` (dimensions of size 1 may have any stride): what a kernel
     reading that layout writes as literals."""

@@ -88,7 +88,7 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
         if each == "forward":
             planned_for, lowered_kind, choice = conv_plan, "forward", Choice("default", None, family)
         elif each == "grad_input" and transposed is not None:
-            click.echo(f"grad_input runs as the forward kernel of the transposed conv {transposed} (weight flipped):")
+            click.echo(f"grad_input runs as the forward kernel of the transposed conv {transposed} (weight transposed and flipped):")
             planned_for, lowered_kind, choice = plan_spec(transposed, padding_budget=padding_budget), "forward", Choice("default")
         else:
             planned_for = None if each == "grad_bias" else plan_spec(backward_spec, padding_budget=padding_budget)

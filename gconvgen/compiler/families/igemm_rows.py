@@ -63,7 +63,7 @@ class IgemmRows(Igemm):
         """Launches whose grid at a 64-pixel tile (wgmma's least) fills DEFAULT_WAVES waves of the H200's SMs, so
         that filling the device (families.filled) leaves the tile on wgmma. A program takes up to MAX_ROWS rows,
         so its grid is that many times smaller than the flat tile's: on RegNetY-1.6GF's stage 4 (7 x 7 map,
-        batch 32) filling shrank it to 16 pixels, 5.8% of the floor modelled against the flat tile's 13.9%."""
+        batch 32) filling shrank it to 16 pixels, 5.8% of the floor modelled against the flat tile's 12.6%."""
         config = self.default_config(spec, kind, interpret=False)
         config = self.refit(replace(config, block_m=min(config.block_m, WGMMA_ROWS)), spec, kind)
         grid = self.grid(kind, spec, config, self.groups_per_program(spec, config, kind), pixels)
@@ -111,8 +111,8 @@ class IgemmRows(Igemm):
 
     def requested(self, desc, problem, programs: int, arguments: dict):
         """Per program and step (output rows + open_rows - 1 of them), each channel step: a [block_m, block_k]
-        input tile for each input row of the step (stride_h of them) and kernel column, and a [block_k, block_n]
-        weight tile and a dot for each tap."""
+        input tile for each input row of the step that a kernel row reads (row_phases) and kernel column, and a
+        [block_k, block_n] weight tile and a dot for each tap."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         out_height = problem.output_size[0]

@@ -451,6 +451,28 @@ def test_grouped_grad_input_as_the_transposed_forward(in_c, out_c, groups, kerne
     assert ("forward", family, out_c) in loaded and not any(kind == "grad_input" for kind, *_ in loaded), loaded
 
 
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_one_output_a_group_transposes_to_a_depthwise_conv_with_a_multiplier(channels_last, monkeypatch,
+                                                                              nan_filled_outputs):
+    """12 inputs to 4 outputs in 4 groups: its transpose is the depthwise conv of 4 channels with 3 outputs each,
+    which the depthwise families' forward computes."""
+    loaded = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family, desc.spec.out_channels))
+    x = torch.randn(2, 12, 6, 5)
+    x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    weight = torch.randn(4, 3, 3, 3)
+    transposed = Choice(KERNEL, None, "depthwise", transposed=True)
+    with gconvgen.autotune.choice.overridden(lambda spec, kind, *rest: transposed if kind == "grad_input" else
+                                             gconvgen.autotune.choice.DEFAULT):
+        out = gconvgen.conv2d(x, weight, None, 1, (1, 0, 2, 1), 1, 4)
+        grad = torch.randn_like(out)
+        grad_x, = torch.autograd.grad(out, x, grad)
+    x64 = x.detach().double().requires_grad_()
+    expected, = torch.autograd.grad(reference_conv2d(x64, weight.double(), None, 1, (1, 0, 2, 1), (1, 1), 4), x64,
+                                    grad.double())
+    assert_close(grad_x, expected, torch.float32)
+    assert ("forward", "depthwise", 12) in loaded, loaded
+
+
 def test_the_transposed_weight_swaps_each_groups_channels_and_flips_its_window():
     weight = torch.randn(6, 2, 3, 2)  # 3 groups of 2 outputs from 2 inputs
     transposed = weights.transposed(weight, 3)

@@ -1505,8 +1505,6 @@ GRADIENT_DOMAIN = [
        and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm", "depthwise", "igemm")],
     ("grad_input forced onto the transposed forward of a grouped conv", lambda c: c.grad_input == "transposed"
      and c.conv.groups < c.conv.in_channels),
-    ("grad_input forced onto the transposed forward, a depthwise one with a multiplier", lambda c: c.grad_input ==
-     "transposed" and c.conv.groups < c.conv.in_channels and c.conv.out_channels == c.conv.groups),
     ("grad_input forced onto the transposed forward of a grouped conv, dilated", lambda c: c.grad_input == "transposed"
      and c.conv.groups < c.conv.in_channels and max(c.conv.dilation) > 1),
     *[(f"backward family {f}", lambda c, f=f: plan(spec_of(c.conv)).backward_family == f)

@@ -62,8 +62,7 @@ from hypothesis import strategies as st
 import gconvgen
 from gconvgen import knobs
 from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
-from gconvgen.compiler.families import family as family_named
-from gconvgen.compiler.families import igemm_rows
+from gconvgen.compiler.families import igemm_rows, suiting_first
 from gconvgen.compiler.families.igemm_rows import open_rows, rows_per_program
 from gconvgen.compiler.plan import grad_input_as_forward, plan, transposed_conv
 from gconvgen.autotune import choice
@@ -1322,7 +1321,7 @@ def _transposed_family(problem: ConvProblem) -> str | None:
         return None
     out_h, out_w = output_size(problem)
     pixels = PixelSpace.of("forward", problem.batch, out_h, out_w, *problem.size)
-    return next(name for name in plan(transposed).families if family_named(name).suits(transposed, "forward", pixels))
+    return suiting_first(plan(transposed).families, transposed, "forward", pixels)[0]
 
 
 def _programs(problem: ConvProblem) -> int:
@@ -1361,7 +1360,7 @@ def _default_grad_weight_family(problem: ConvProblem) -> str:
     """The grad-weight family an untuned launch runs: the first the plan offers that suits its pixels."""
     spec = dataclasses.replace(spec_of(problem), bias=False)
     pixels = PixelSpace.of("grad_weight", problem.batch, *problem.size, *output_size(problem))
-    return next(name for name in plan(spec).grad_weight_families if family_named(name).suits(spec, "grad_weight", pixels))
+    return suiting_first(plan(spec).grad_weight_families, spec, "grad_weight", pixels)[0]
 
 
 def _banded_grad_weight_tile(case) -> str:
@@ -1400,7 +1399,7 @@ def _default_forward_family(problem: ConvProblem) -> str:
     """The forward family an untuned launch runs: the first the plan offers that suits its pixels."""
     spec = spec_of(problem)
     pixels = PixelSpace.of("forward", problem.batch, *problem.size, *output_size(problem))
-    return next(name for name in plan(spec).families if family_named(name).suits(spec, "forward", pixels))
+    return suiting_first(plan(spec).families, spec, "forward", pixels)[0]
 
 
 DOMAIN = [

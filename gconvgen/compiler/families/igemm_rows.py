@@ -92,13 +92,17 @@ class IgemmRows(Igemm):
         return open_rows(spec)  # an accumulator a row still open
 
     def operand_bytes(self, config: KernelConfig, spec: ConvSpec) -> int:
-        """num_stages x a step's operands: for each channel step, an input tile per input row and kernel column,
-        and a weight tile per tap (packed groups as the channel tile holds them)."""
-        packed = self.groups_per_program(spec, config, "forward")
+        """num_stages x a step's operands (step_operands)."""
+        inputs, weights = self.step_operands(spec, config, self.groups_per_program(spec, config, "forward"))
+        return config.num_stages * (inputs + weights) * ELEMENT_BYTES[spec.dtype]
+
+    def step_operands(self, spec: ConvSpec, config: KernelConfig, packed: int) -> tuple[int, int]:
+        """The elements a step loads, (input, weight): for each channel step of ``packed`` groups, a
+        [block_m, block_k] input tile for each input row of the step that a kernel row reads (row_phases) and
+        kernel column, and a [block_k, block_n] weight tile for each tap."""
         channel_steps = math.ceil(packed * spec.in_channels_per_group / config.block_k)
-        tiles = (len(row_phases(spec)) * spec.kernel_size[1] * config.block_m * config.block_k
-                 + self.taps(spec) * config.block_k * config.block_n)
-        return config.num_stages * channel_steps * tiles * ELEMENT_BYTES[spec.dtype]
+        inputs = len(row_phases(spec)) * spec.kernel_size[1] * config.block_m * config.block_k
+        return channel_steps * inputs, channel_steps * self.taps(spec) * config.block_k * config.block_n
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
@@ -110,15 +114,10 @@ class IgemmRows(Igemm):
                 cdiv(packed * spec.out_channels_per_group, config.block_n), cdiv(spec.groups, packed))
 
     def requested(self, desc, problem, programs: int, arguments: dict):
-        """Per program and step (output rows + open_rows - 1 of them), each channel step: a [block_m, block_k]
-        input tile for each input row of the step that a kernel row reads (row_phases) and kernel column, and a
-        [block_k, block_n] weight tile and a dot for each tap."""
+        """Per program and step (output rows + open_rows - 1 of them): the step's operands (step_operands), and
+        a dot of each weight tile with its input tile."""
         spec, config = problem.spec, desc.config
-        m, n, k = config.block_m, config.block_n, config.block_k
-        out_height = problem.output_size[0]
-        steps = rows_per_program(out_height) + open_rows(spec) - 1
-        channel_steps = math.ceil(desc.groups_per_program * spec.in_channels_per_group / k)
-        inputs = len(row_phases(spec)) * spec.kernel_size[1] * m * k
-        taps = self.taps(spec)
-        per_step = channel_steps * (inputs + taps * k * n) * ELEMENT_BYTES[spec.dtype]
-        return programs * steps * per_step, programs * steps * channel_steps * taps * 2 * m * n * k
+        steps = rows_per_program(problem.output_size[0]) + open_rows(spec) - 1
+        inputs, weights = self.step_operands(spec, config, desc.groups_per_program)
+        return (programs * steps * (inputs + weights) * ELEMENT_BYTES[spec.dtype],
+                programs * steps * weights * 2 * config.block_m)

@@ -481,6 +481,41 @@ def test_the_transposed_weight_swaps_each_groups_channels_and_flips_its_window()
         assert torch.equal(transposed[g * 2 + c, o], weight[g * 2 + o, c].flip((0, 1)))
 
 
+@pytest.mark.parametrize("size, kernel, stride, padding, dilation, groups, per_group", [
+    pytest.param((9, 7), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 2, (4, 4), id="k3-s2-odd-map"),  # ResNeXt's s2
+    pytest.param((5, 6), (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 3, (2, 3), id="k1-s2-pixels-no-tap-reaches"),
+    pytest.param((9, 8), (3, 3), (2, 2), (2, 1, 2, 0), (2, 2), 2, (3, 2), id="s2-dilated-2-phases-no-tap-reaches"),
+    pytest.param((8, 10), (3, 5), (3, 2), (0, 2, 1, 3), (2, 1), 2, (2, 5), id="s3x2-dilated-uneven-sides"),
+    pytest.param((7, 1), (3, 1), (2, 1), (1, 1, 0, 0), (1, 1), 2, (2, 2), id="s2x1-width-1"),
+    pytest.param((2, 3), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 2, (2, 2), id="map-under-the-window"),
+])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_strided_grouped_grad_input_takes_one_phase_a_program(size, kernel, stride, padding, dilation, groups,
+                                                              per_group, channels_last, monkeypatch,
+                                                              nan_filled_outputs):
+    """A strided grouped input gradient runs the implicit GEMM in phases of the stride (Igemm.phases: each
+    program's pixels share their rows modulo the stride, in channels_last their columns too, and it reduces
+    over the taps reaching them alone, none where a dilation the stride shares leaves a phase unreached), on
+    16-pixel tiles that cross the phases' rows and the batch, and matches F.conv2d's gradient with every
+    element written."""
+    loaded = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family, desc.phases))
+    in_per_group, out_per_group = per_group
+    x = torch.randn(3, groups * in_per_group, *size)
+    x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    weight = torch.randn(groups * out_per_group, in_per_group, *kernel)
+    small = Choice(KERNEL, KernelConfig(16, 16, 16, num_stages=1), "igemm")
+    with gconvgen.autotune.choice.overridden(lambda spec, kind, *rest: small if kind == "grad_input" else
+                                             gconvgen.autotune.choice.DEFAULT):
+        out = gconvgen.conv2d(x, weight, None, stride, padding, dilation, groups)
+        grad = torch.randn_like(out)
+        grad_x, = torch.autograd.grad(out, x, grad)
+    x64, weight64 = x.detach().double().requires_grad_(), weight.double()
+    expected, = torch.autograd.grad(reference_conv2d(x64, weight64, None, stride, padding, dilation, groups), x64,
+                                    grad.double())
+    assert_close(grad_x, expected, torch.float32)
+    assert ("grad_input", "igemm", stride if channels_last else (stride[0], 1)) in loaded
+
+
 @pytest.mark.parametrize("size, kernel, stride, padding, dilation, multiplier", [
     pytest.param((9, 7), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, id="k3-s2-odd-map"),       # MobileNetV2's s2
     pytest.param((11, 6), (5, 5), (2, 2), (2, 2, 2, 2), (1, 1), 1, id="k5-s2"),             # EfficientNet's s2

@@ -535,8 +535,9 @@ def iterations(problem: ConvProblem, desc) -> int:
     taps = problem.kernel[0] * problem.kernel[1]
     if desc.kind == "grad_weight":
         return math.prod(desc.grid(pixels)) * -(-desc.reduction_units(pixels) // desc.reduction_block)
-    if desc.family == "igemm":
-        return math.prod(desc.grid(pixels)) * taps * -(-desc.spec.in_channels_per_group // desc.config.block_k)
+    if desc.family == "igemm":  # a strided grad-input's program takes the taps reaching its phase
+        return (math.prod(desc.grid(pixels)) * -(-taps // math.prod(desc.phases))
+                * -(-desc.spec.in_channels_per_group // desc.config.block_k))
     if desc.family == "igemm_rows":  # out_rows + open_rows - 1 steps, each every tap's dot
         steps = rows_per_program(out_h) + open_rows(desc.spec) - 1
         return math.prod(desc.grid(pixels)) * steps * taps * -(-desc.spec.in_channels_per_group // desc.config.block_k)
@@ -1377,12 +1378,13 @@ def _banded_grad_weight_tile(case) -> str:
     return "columns, strided" if problem.stride[0] > 1 else "columns"
 
 
-def _grad_input_phases(case) -> int:
-    """The stride's phases the direct depthwise grad-input kernel's programs of a case take one of (the
-    product of desc.phases; 0 where the case's input gradient runs another kernel)."""
+def _grad_input_phases(case, family: str) -> int:
+    """The stride's phases the grad-input kernel of ``family`` (depthwise: the direct kernel, igemm: the
+    implicit GEMM) takes one of a program for a case (the product of desc.phases; 0 where the case's input
+    gradient runs another kernel)."""
     spec = dataclasses.replace(spec_of(case.conv), bias=False)
     direct = case.grad_input == "direct" or (case.grad_input == "default" and _transposed_family(case.conv) is None)
-    if not direct or plan(spec).backward_family != "depthwise":
+    if not direct or plan(spec).backward_family != family:
         return 0
     pixels = PixelSpace.of("grad_input", case.conv.batch, *case.conv.size, *output_size(case.conv))
     desc = lower(plan(spec), "grad_input", choice=Choice(KERNEL, case.grad_input_config, None), interpret=True,
@@ -1508,19 +1510,24 @@ GRADIENT_DOMAIN = [
      and c.conv.groups < c.conv.in_channels and max(c.conv.dilation) > 1),
     *[(f"backward family {f}", lambda c, f=f: plan(spec_of(c.conv)).backward_family == f)
       for f in ("igemm", "depthwise")],
-    ("depthwise grad_input in phases of the stride", lambda c: _grad_input_phases(c) > 1),
-    ("depthwise grad_input in phases, a height the stride does not divide",
-     lambda c: _grad_input_phases(c) > 1 and c.conv.size[0] % c.conv.stride[0]),
-    ("depthwise grad_input in phases of a stride of 3", lambda c: _grad_input_phases(c) > 1 and 3 in c.conv.stride),
-    ("depthwise grad_input in phases, dilated", lambda c: _grad_input_phases(c) > 1 and max(c.conv.dilation) > 1),
-    ("depthwise grad_input in phases over several programs", lambda c: _grad_input_phases(c) > 1
-     and c.grad_input_config is not None),
-    ("depthwise grad_input in phases with a NaN or inf input", lambda c: _grad_input_phases(c) > 1 and c.specials),
-    ("depthwise grad_input in phases of rows alone, strided NCHW", lambda c: _grad_input_phases(c) > 1
-     and c.conv.layout == "nchw" and c.conv.stride[1] > 1),
+    *[entry for f in ("depthwise", "igemm") for entry in (
+        (f"{f} grad_input in phases of the stride", lambda c, f=f: _grad_input_phases(c, f) > 1),
+        (f"{f} grad_input in phases, a height the stride does not divide",
+         lambda c, f=f: _grad_input_phases(c, f) > 1 and c.conv.size[0] % c.conv.stride[0]),
+        (f"{f} grad_input in phases of a stride of 3", lambda c, f=f: _grad_input_phases(c, f) > 1
+         and 3 in c.conv.stride),
+        (f"{f} grad_input in phases, dilated", lambda c, f=f: _grad_input_phases(c, f) > 1
+         and max(c.conv.dilation) > 1),
+        (f"{f} grad_input in phases over several programs", lambda c, f=f: _grad_input_phases(c, f) > 1
+         and c.grad_input_config is not None),
+        (f"{f} grad_input in phases with a NaN or inf input", lambda c, f=f: _grad_input_phases(c, f) > 1
+         and c.specials),
+        (f"{f} grad_input in phases of rows alone, strided NCHW", lambda c, f=f: _grad_input_phases(c, f) > 1
+         and c.conv.layout == "nchw" and c.conv.stride[1] > 1),
+        (f"{f} grad_input in phases with 64-bit offsets", lambda c, f=f: _grad_input_phases(c, f) > 1
+         and c.conv.wide_index))],
     *[(f"grad_input {route} with 64-bit offsets", lambda c, route=route: c.grad_input == route and c.conv.wide_index)
       for route in ("direct", "default")],
-    ("depthwise grad_input in phases with 64-bit offsets", lambda c: _grad_input_phases(c) > 1 and c.conv.wide_index),
     *[(f"grad_weight forced onto {f} with 64-bit offsets", lambda c, f=f: c.grad_weight_family == f
        and c.conv.wide_index) for f in ("depthwise", "depthwise_gemm", "igemm")],
     ("hardswish at its kinks", lambda c: c.at_kinks and c.conv.activation == "hardswish"),

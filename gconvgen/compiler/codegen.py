@@ -7,6 +7,7 @@ signature comes from the kind's argument table (arguments.py). Loading and cachi
 from __future__ import annotations
 
 import hashlib
+import math
 from importlib import metadata
 
 import jinja2
@@ -31,14 +32,17 @@ def gconvgen_version() -> str:
 
 @memoized()
 def environment() -> jinja2.Environment:
-    """The one Jinja environment: undefined names are errors, never empty strings."""
-    return jinja2.Environment(
+    """The one Jinja environment: undefined names are errors, never empty strings; ``gcd`` is math.gcd (the
+    period of the taps reaching a phase of the stride)."""
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(data_dir("templates")),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    env.globals["gcd"] = math.gcd
+    return env
 
 
 @memoized()

@@ -81,6 +81,16 @@ class Igemm(Family):
         """The reduction step follows the packed groups, the warps the tile."""
         return self._config(spec, kind, config.block_m, config.block_n, interpret=False)
 
+    def phases(self, spec: ConvSpec, kind: str) -> tuple[int, int]:
+        """A strided grad-input's programs each take input pixels of one phase of the stride, their rows
+        modulo stride_h (and in channels_last their columns modulo stride_w), and reduce over the taps that
+        reach that phase alone (ResNeXt-50's layer2.0 3 x 3 at stride 2 in channels_last: every tap loaded
+        and multiplied for every pixel, 8.9x the ideal bytes requested and 8x the useful FLOPs issued). An NCHW
+        phase keeps whole rows, so that its stores stay 16-byte vectors along the width."""
+        if kind != "grad_input":
+            return (1, 1)
+        return (spec.stride[0], spec.stride[1] if spec.layout == "nhwc" else 1)
+
     def groups_per_program(self, spec: ConvSpec, config: KernelConfig, kind: str) -> int:
         """As many consecutive groups as fill the channel tile (block_n for the forward and grad-input,
         block_m for grad-weight), so that narrow groups (ResNeXt's 4 channels) fill a tensor-core tile and
@@ -94,8 +104,12 @@ class Igemm(Family):
             columns = packed * spec.in_channels_per_group * self.taps(spec)
             return (cdiv(packed * spec.out_channels_per_group, config.block_m) * cdiv(columns, config.block_n),
                     cdiv(spec.groups, packed), splits)
-        return (cdiv(pixels.pixels, config.block_m), cdiv(packed * packed_channels(spec, kind), config.block_n),
-                cdiv(spec.groups, packed))
+        tiles = cdiv(pixels.pixels, config.block_m)
+        rows, columns = self.phases(spec, kind)
+        if rows * columns > 1:  # each phase's pixels: every rows-th row, every columns-th column
+            phase_pixels = pixels.batch * cdiv(pixels.height, rows) * cdiv(pixels.width, columns)
+            tiles = rows * columns * cdiv(phase_pixels, config.block_m)
+        return tiles, cdiv(packed * packed_channels(spec, kind), config.block_n), cdiv(spec.groups, packed)
 
     def reduction_block(self, config: KernelConfig) -> int:
         return config.block_k
@@ -121,7 +135,8 @@ class Igemm(Family):
         reduction = {"forward": packed * spec.in_channels_per_group * taps,
                      "grad_input": packed * spec.out_channels_per_group * taps,
                      "grad_weight": arguments.get("pixels_per_split", 0)}[desc.kind]
-        # forward and grad-input reduce tap by tap: each tap's channels take whole steps
-        steps = (taps * math.ceil(reduction / taps / k) if desc.reduction_order == "tap_major"
+        # forward and grad-input reduce tap by tap: each tap's channels take whole steps; a phase of the stride
+        # takes the taps reaching it, each tap one phase's (as many programs as any other phase's)
+        steps = (taps * math.ceil(reduction / taps / k) / math.prod(desc.phases) if desc.reduction_order == "tap_major"
                  else math.ceil(reduction / k))
         return programs * steps * (m * k + k * n) * ELEMENT_BYTES[spec.dtype], programs * steps * 2 * m * n * k

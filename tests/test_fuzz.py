@@ -101,6 +101,7 @@ SMALL_TILES = {
     ("grad_input", "igemm"): ((16, 32, 64), (16,), (16, 32), (1, 4)),
     ("grad_input", "depthwise"): ((8, 16, 32, 64), (1, 2, 8), (0,), (1, 4)),
     ("grad_weight", "igemm"): ((16,), (16, 32), (16, 32), (1, 4)),
+    ("grad_weight", "igemm_rows"): ((16,), (16, 32), (16, 32), (1, 4)),
     ("grad_weight", "depthwise"): ((1, 4, 16, 32), (1, 2, 8), (0,), (1, 4)),
     ("grad_weight", "depthwise_gemm"): ((16, 32), (1, 2, 4), (16, 32), (1, 4)),
 }
@@ -491,8 +492,10 @@ def forward_choice(problem: ConvProblem) -> Choice:
 
 def tolerates_nonfinite_spread(desc) -> bool:
     """The README's known limit: the banded kernel and packed narrow igemm groups (several groups in one
-    program's block-diagonal weight tile) may spread an inf or NaN input to neighbouring outputs as NaN."""
-    return desc.family == "depthwise_gemm" or (desc.family in IGEMM and desc.groups_per_program > 1)
+    program's block-diagonal weight tile) may spread an inf or NaN input to neighbouring outputs as NaN. The
+    igemm grad-weights keep only the diagonal blocks of their products, so packing spreads nothing there."""
+    return desc.family == "depthwise_gemm" or (desc.family in IGEMM and desc.groups_per_program > 1
+                                               and desc.kind != "grad_weight")
 
 
 # ---------------------------------------------------------------------------------------------- strategies
@@ -533,6 +536,9 @@ def iterations(problem: ConvProblem, desc) -> int:
     out_h, out_w = output_size(problem)
     pixels = PixelSpace.of(desc.kind, problem.batch, *problem.size, out_h, out_w)
     taps = problem.kernel[0] * problem.kernel[1]
+    if desc.kind == "grad_weight" and desc.family == "igemm_rows":  # each tile out_rows + open_rows - 1 steps
+        steps = rows_per_program(out_h) + open_rows(desc.spec) - 1
+        return math.prod(desc.grid(pixels)) * -(-desc.reduction_units(pixels) // desc.reduction_block) * steps
     if desc.kind == "grad_weight":
         return math.prod(desc.grid(pixels)) * -(-desc.reduction_units(pixels) // desc.reduction_block)
     if desc.family == "igemm":  # a strided grad-input's program takes the taps reaching its phase
@@ -1496,12 +1502,18 @@ GRADIENT_DOMAIN = [
     ("grad_input forced onto the transposed forward", lambda c: c.grad_input == "transposed"),
     ("grad_weight with a small config", lambda c: c.grad_weight_config is not None),
     *[(f"grad_weight forced onto {f}", lambda c, f=f: c.grad_weight_family == f)
-      for f in ("depthwise", "depthwise_gemm", "igemm")],
+      for f in ("depthwise", "depthwise_gemm", "igemm", "igemm_rows")],
+    ("grad_weight forced onto igemm_rows, several row blocks", lambda c: c.grad_weight_family == "igemm_rows"
+     and c.conv.max_rows and output_size(c.conv)[0] > c.conv.max_rows),
+    ("grad_weight forced onto igemm_rows, strided or dilated in height", lambda c: c.grad_weight_family == "igemm_rows"
+     and (c.conv.stride[0] > 1 or c.conv.dilation[0] > 1)),
+    ("grad_weight on igemm_rows with a NaN or inf input", lambda c: c.specials
+     and (c.grad_weight_family or _default_grad_weight_family(c.conv)) == "igemm_rows"),
     *[(f"grad_weight forced onto the banded kernel's {t} tile", lambda c, t=t: _banded_grad_weight_tile(c) == t)
       for t in ("columns", "columns, strided", "flat")],
     *[(f"grad_weight by default on {f}", lambda c, f=f: c.grad_weight_family is None
        and _default_grad_weight_family(c.conv) == f)
-      for f in ("depthwise", "depthwise_gemm", "igemm")],
+      for f in ("depthwise", "depthwise_gemm", "igemm", "igemm_rows")],
     *[(f"the transposed grad_input by default, as {f}", lambda c, f=f: c.grad_input == "default"
        and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm", "depthwise", "igemm")],
     ("grad_input forced onto the transposed forward of a grouped conv", lambda c: c.grad_input == "transposed"
@@ -1528,8 +1540,9 @@ GRADIENT_DOMAIN = [
          and c.conv.wide_index))],
     *[(f"grad_input {route} with 64-bit offsets", lambda c, route=route: c.grad_input == route and c.conv.wide_index)
       for route in ("direct", "default")],
-    *[(f"grad_weight forced onto {f} with 64-bit offsets", lambda c, f=f: c.grad_weight_family == f
-       and c.conv.wide_index) for f in ("depthwise", "depthwise_gemm", "igemm")],
+    *[(f"grad_weight on {f} with 64-bit offsets", lambda c, f=f: c.conv.wide_index
+       and (c.grad_weight_family or _default_grad_weight_family(c.conv)) == f)
+      for f in ("depthwise", "depthwise_gemm", "igemm", "igemm_rows")],
     ("hardswish at its kinks", lambda c: c.at_kinks and c.conv.activation == "hardswish"),
     ("relu6 at its kinks", lambda c: c.at_kinks and c.conv.activation == "relu6"),
     *[(f"a {v} input through the backward", lambda c, v=v: any(str(s) == str(v) for _, s in c.specials))

@@ -1,10 +1,11 @@
 """The implicit GEMM that slides down the output rows (families/igemm_rows.py, templates/grouped_igemm_rows.py.jinja):
 its named edges against torch's float64 conv (every output element written), its sums against the flat igemm's,
-when it is the default, and, compiled for sm_90 as a launch would specialise it, what it saves. The
-property-based fuzz (tests/test_fuzz.py test_conv2d_forward_igemm_rows) forces it too, on programs of 1 to 3
-rows."""
+when it is the default, and, compiled for sm_90 as a launch would specialise it, what it saves; the same for its
+grad-weight (templates/grouped_igemm_rows_grad_weight.py.jinja). The property-based fuzz (tests/test_fuzz.py
+test_conv2d_forward_igemm_rows, test_gradients) forces both too, on programs of 1 to 3 rows."""
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from conftest import reference_conv2d
 from gconvgen.compiler.families import igemm_rows
 from gconvgen.compiler.lowering import KERNEL, Choice
+from gconvgen.compiler.plan import plan
 from gconvgen.compiler.tiles import KernelConfig
 from gconvgen.ir import ConvSpec
 from gconvgen.runtime import launch
@@ -147,3 +149,109 @@ def test_a_program_takes_its_rows_from_the_grid(max_rows, monkeypatch):
         launch.forward(spec, x, weight, None, out, Choice(KERNEL, SMALL, "igemm_rows"))
         assert not out.isnan().any(), f"rows not written at MAX_ROWS {rows}"
         torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def _grad_weight_of(in_c, out_c, groups, size, kernel, stride, padding, dilation, policy, dtype, layout):
+    """(spec, x, grad_out, torch's float64 weight gradient) of a CASES row, the last two from the channel-padded
+    conv the plan computes, its padded output channels dropped."""
+    generator = torch.Generator().manual_seed(hash((in_c, size, kernel, stride, "grad_weight")) % 2**31)
+    ci, co = -(-in_c // groups), -(-out_c // groups)
+    x = torch.randn(2, in_c, *size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    spec = ConvSpec(in_c, out_c, groups, kernel, stride, padding, dilation, False, dtype, layout, policy)
+    padded_x = torch.nn.functional.pad(x.double(), (0, 0, 0, 0, 0, ci * groups - in_c))
+    weight64 = torch.randn(co * groups, ci, *kernel, generator=generator, dtype=torch.float64, requires_grad=True)
+    out64 = reference_conv2d(padded_x, weight64, None, stride, padding, dilation, groups)
+    grad_out = torch.randn(out64.shape, generator=generator, dtype=torch.float64)[:, :out_c].to(DTYPES[dtype])
+    expected, = torch.autograd.grad(out64[:, :out_c], weight64, grad_out.double())
+    return spec, x, grad_out, expected[:out_c]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("in_c, out_c, groups, size, kernel, stride, padding, dilation, policy, config",
+                         [case for case in CASES if case[4][0] > 1])  # a one-row window has no sliding grad-weight
+def test_sliding_rows_grad_weight_matches_torch(in_c, out_c, groups, size, kernel, stride, padding, dilation, policy,
+                                                config, dtype, layout, splits):
+    """The grad-weight sliding down the rows, at the forward's edges (CASES), in one split or three (the units of
+    a split cross row blocks and images), every weight element written."""
+    spec, x, grad_out, expected = _grad_weight_of(in_c, out_c, groups, size, kernel, stride, padding, dilation,
+                                                  policy, dtype, layout)
+    config = None if config is None else dataclasses.replace(config, block_k=16)
+    grad_w = torch.full(expected.shape, float("nan"), dtype=DTYPES[dtype])
+    prepared = launch.prepare_grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, config, "igemm_rows"), splits)
+    assert prepared.desc.family == "igemm_rows"
+    launch.run(prepared)
+    assert not grad_w.isnan().any(), "a weight element was not written"
+    tolerance = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    assert (grad_w.double() - expected).abs().max().item() <= tolerance * (expected.abs().max().item() + 1.0)
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 8])
+def test_the_grad_weight_takes_its_row_blocks_from_its_units(max_rows, monkeypatch):
+    """The grad-weight kernel reads how many row blocks there are from its units (IgemmRows.reduction_units),
+    not from a constant of its own, so a description memoised under one MAX_ROWS sums every row under
+    another."""
+    spec, x, grad_out, expected = _grad_weight_of(8, 8, 2, (9, 5), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "strict",
+                                                  "float32", "nchw")
+    for rows in (max_rows, igemm_rows.MAX_ROWS):
+        monkeypatch.setattr(igemm_rows, "MAX_ROWS", rows)
+        grad_w = torch.full(expected.shape, float("nan"))
+        launch.grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, SMALL, "igemm_rows"), 2)
+        torch.testing.assert_close(grad_w.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_c, groups, kernel, first", [
+    (128, 32, (3, 3), "igemm_rows"),   # ResNeXt-50 layer 1: 4 channels a group, four groups packed
+    (336, 14, (3, 3), "igemm_rows"),   # RegNetY-1.6GF stage 3: 24 channels a group
+    (896, 16, (3, 3), "igemm"),        # RegNetY-8GF stage 3: 9 taps of 64 x 64 accumulators would not fit
+    (128, 32, (1, 3), "igemm"),        # a one-row window: no rows to slide down
+])
+def test_the_default_grad_weight_slides_down_rows_where_its_tap_accumulators_fit(in_c, groups, kernel, first):
+    spec = ConvSpec(in_c, in_c, groups, kernel, dtype="bfloat16", layout="nhwc")
+    assert plan(spec).grad_weight_families[0] == first
+
+
+GRAD_WEIGHT_SCRIPT = SCRIPT.replace('layer.problem("bfloat16", layout)',
+                                    'layer.problem("bfloat16", layout).backward("grad_weight")')
+
+
+def test_resnext_grad_weights_slide_down_rows_without_spills_for_sm90():
+    """ResNeXt-50's grouped 3 x 3 weight gradients as inspect compiles them: the sliding rows, no spill, at most
+    2.7x the ideal bytes in channels_last (the flat kernel requested 3.0-7.6x) and 4.7x in NCHW (5.0-9.6x, the
+    staging copies counted)."""
+    rows = compiled_rows(GRAD_WEIGHT_SCRIPT)
+    assert len(rows) == 6
+    for row in rows:
+        assert row["family"] == "igemm_rows" and row["spill"] == 0, row
+        assert row["bytes"] <= (2.7 if row["layout"] == "nhwc" else 4.7), row
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("row", [0, 1, -2, -1])
+@pytest.mark.parametrize("stride, padding", [((1, 1), (1, 1, 1, 1)), ((1, 1), (0, 0, 0, 0)), ((2, 1), (1, 0, 1, 1))])
+def test_an_inf_or_nan_input_reaches_the_taps_torch_reaches(value, row, stride, padding):
+    """A non-finite input on the first or last rows of the map, where the blocks' first and last steps pair input
+    rows with open rows outside the block (rows before the map's first output row or past its last): those
+    pairs are skipped, not multiplied by a zero grad_out, so a tap whose every real pair misses the value stays
+    finite, as torch's does (three blocks of 3 rows, so the value sits at a block's edge too)."""
+    spec, x, grad_out, _ = _grad_weight_of(8, 8, 2, (9, 5), (3, 3), stride, padding, (1, 1), "strict", "float32",
+                                           "nchw")
+    x = x.clone()
+    x[1, 3, row, 2] = value
+    weight64 = torch.zeros(8, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    out64 = reference_conv2d(x.double(), weight64, None, stride, padding, (1, 1), 2)
+    expected, = torch.autograd.grad(out64, weight64, grad_out.double())
+    monkey_rows = igemm_rows.MAX_ROWS
+    try:
+        igemm_rows.MAX_ROWS = 3
+        grad_w = torch.full(expected.shape, 7.0)
+        launch.grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, SMALL, "igemm_rows"), 2)
+    finally:
+        igemm_rows.MAX_ROWS = monkey_rows
+    assert torch.equal(grad_w.isnan(), expected.isnan()) and torch.equal(grad_w.isinf(), expected.isinf())
+    finite = expected.isfinite()  # all finite where no output reads the row (stride 2, the last row)
+    assert finite.any()
+    torch.testing.assert_close(grad_w.double()[finite], expected[finite], atol=1e-5, rtol=1e-5)

@@ -4,7 +4,12 @@ row of their windows once. The flat igemm tile re-reads an input row for every k
 nine [pixels, channels] tiles a step, three of each row); here kernel row i of input row q adds into the
 accumulator of output row (q - i * dilation) / stride, and the program keeps one accumulator for each output row
 still open: (kernel_h - 1) * dilation // stride_h + 1 of them, the oldest stored and a fresh one opened a step.
-Packing of narrow groups, channel masks, weight tiles and the epilogue are the flat igemm's (families.igemm)."""
+Its grad-weight (templates/grouped_igemm_rows_grad_weight.py.jinja) slides the same way, holding the open rows'
+grad_out tiles and one accumulator a tap: a step loads one grad_out tile and an input tile for each input row and
+kernel column, where the flat grad-weight loads an input tile for every tap and a grad_out tile for every tile of
+weight columns. Packing of narrow groups, channel masks, weight tiles and the epilogue are the flat igemm's
+(families.igemm); the input gradient runs the flat igemm's kernel (or, at stride 1, this family's forward of the
+transposed conv)."""
 from __future__ import annotations
 
 import math
@@ -13,7 +18,7 @@ from typing import Optional
 
 from ...ir import ConvSpec
 from ..tiles import (DEFAULT_SHARED_MEMORY_BYTES, DEFAULT_WAVES, ELEMENT_BYTES, H200_SMS, KernelConfig, PixelSpace,
-                     cdiv)
+                     cdiv, pow2_between)
 from .igemm import Igemm
 
 MAX_ROWS = 8  # output rows a program slides over at most: (8 + 2) input rows for 3 x 3 windows, against 24 flat
@@ -22,6 +27,12 @@ MAX_DEFAULT_GROUP_OUTPUTS = 32  # wider groups take the flat igemm by default (I
 # A program's open accumulators (open_rows x block_m x block_n fp32) at most: 3 x [128, 32] on 4 warps, or
 # 3 x [128, 64] on 8 (96 registers a thread)
 ACCUMULATOR_ELEMENTS = 3 * 128 * 64
+# The grad-weight's accumulators, one [block_m, block_n] a tap, at most: 9 taps of [32, 32] on 4 warps (72
+# registers a thread); wider windows or groups take the flat grad-weight
+GRAD_WEIGHT_ACCUMULATOR_ELEMENTS = 9 * 32 * 32
+# The grad-weight's step, block_m x block_n x block_k products a tap, at most: 16 x 16 x 64 (ResNeXt: 214
+# registers on 4 warps); 32 x 32 x 32 spilled 48 B on RegNetY-1.6GF (24 channels a group), 32 x 32 x 16 none
+GRAD_WEIGHT_STEP_PRODUCTS = 16 * 16 * 64
 
 
 def open_rows(spec: ConvSpec) -> int:
@@ -47,7 +58,7 @@ def rows_per_program(out_height: int) -> int:
 
 class IgemmRows(Igemm):
     name = "igemm_rows"
-    templates = {"forward": "grouped_igemm_rows.py.jinja"}
+    templates = {"forward": "grouped_igemm_rows.py.jinja", "grad_weight": "grouped_igemm_rows_grad_weight.py.jinja"}
 
     def rank(self, spec: ConvSpec) -> Optional[int]:
         """Every conv the flat igemm computes; the default for windows taller than one row, where the flat tile
@@ -59,11 +70,24 @@ class IgemmRows(Igemm):
             return None
         return 0 if spec.kernel_size[0] > 1 and spec.out_channels_per_group <= MAX_DEFAULT_GROUP_OUTPUTS else 2
 
+    def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
+        """The default grad-weight for windows taller than one row whose accumulators, one a tap at the
+        default tile, fit GRAD_WEIGHT_ACCUMULATOR_ELEMENTS (ResNeXt's 3 x 3 over groups of 4-16 channels, RegNetY-1.6GF's
+        24); None elsewhere."""
+        if spec.is_depthwise or spec.kernel_size[0] == 1:
+            return None
+        config = self.default_config(spec, "grad_weight", interpret=False)
+        fits = self.taps(spec) * config.block_m * config.block_n <= GRAD_WEIGHT_ACCUMULATOR_ELEMENTS
+        return 0 if fits else None
+
     def suits(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
         """Launches whose grid at a 64-pixel tile (wgmma's least) fills DEFAULT_WAVES waves of the H200's SMs, so
         that filling the device (families.filled) leaves the tile on wgmma. A program takes up to MAX_ROWS rows,
         so its grid is that many times smaller than the flat tile's: on RegNetY-1.6GF's stage 4 (7 x 7 map,
-        batch 32) filling shrank it to 16 pixels, 5.8% of the floor modelled against the flat tile's 12.6%."""
+        batch 32) filling shrank it to 16 pixels, 5.8% of the floor modelled against the flat tile's 12.6%.
+        Grad-weight: any launch (its splits fill the device)."""
+        if kind == "grad_weight":
+            return True
         config = self.default_config(spec, kind, interpret=False)
         config = self.refit(replace(config, block_m=min(config.block_m, WGMMA_ROWS)), spec, kind)
         grid = self.grid(kind, spec, config, self.groups_per_program(spec, config, kind), pixels)
@@ -75,7 +99,14 @@ class IgemmRows(Igemm):
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         """The flat igemm's forward tile, block_m pixels of (batch, column) a row, halved while the open rows'
         accumulators pass ACCUMULATOR_ELEMENTS; in fewer stages while its operands pass the shared memory of
-        DEFAULT_SHARED_MEMORY_BYTES."""
+        DEFAULT_SHARED_MEMORY_BYTES. Grad-weight: (the packed groups' output channels, their input channels,
+        pixels a step up to GRAD_WEIGHT_STEP_PRODUCTS), groups packed as the output-channel tile allows."""
+        if kind == "grad_weight":
+            block_m = pow2_between(spec.out_channels_per_group, 16, 64)
+            packed = min(spec.groups, max(1, block_m // spec.out_channels_per_group))
+            block_n = pow2_between(packed * spec.in_channels_per_group, 16, 64)
+            block_k = pow2_between(GRAD_WEIGHT_STEP_PRODUCTS // (block_m * block_n), 16, 64)
+            return KernelConfig(block_m, block_n, block_k, num_warps=4, num_stages=1 if interpret else 2)
         config = super().default_config(spec, kind, interpret=interpret)
         while config.block_m > 16 and open_rows(spec) * config.block_m * config.block_n > ACCUMULATOR_ELEMENTS:
             config = self.refit(replace(config, block_m=config.block_m // 2), spec, kind)
@@ -85,11 +116,14 @@ class IgemmRows(Igemm):
 
     def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
         """The flat igemm's refit, in the stages the operands' shared memory allows."""
+        if kind == "grad_weight":
+            return config
         refitted = super().refit(config, spec, kind)
         return replace(refitted, num_stages=min(refitted.num_stages, config.num_stages))
 
     def tile_depth(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
-        return open_rows(spec)  # an accumulator a row still open
+        """An accumulator a row still open; grad-weight: one a tap."""
+        return self.taps(spec) if kind == "grad_weight" else open_rows(spec)
 
     def operand_bytes(self, config: KernelConfig, spec: ConvSpec) -> int:
         """num_stages x a step's operands (step_operands)."""
@@ -107,16 +141,35 @@ class IgemmRows(Igemm):
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
         """(tiles of block_m (batch, column) pixels x the programs down the output rows, channel tiles, group
-        blocks)."""
+        blocks); grad-weight: (output-channel tiles x input-channel tiles, group blocks, splits)."""
+        if kind == "grad_weight":
+            return (cdiv(packed * spec.out_channels_per_group, config.block_m)
+                    * cdiv(packed * spec.in_channels_per_group, config.block_n), cdiv(spec.groups, packed), splits)
         out_height = pixels.rows // pixels.batch
         row_blocks = cdiv(out_height, rows_per_program(out_height))
         return (cdiv(pixels.batch * pixels.width, config.block_m) * row_blocks,
                 cdiv(packed * spec.out_channels_per_group, config.block_n), cdiv(spec.groups, packed))
 
+    def reduction_units(self, spec: Optional[ConvSpec], config: KernelConfig, pixels: PixelSpace) -> int:
+        """Grad-weight sums tiles of block_k (batch, output column) pixels over a block of rows_per_program output
+        rows, block_k units a tile: (row blocks x tiles) x block_k. The kernel takes the row blocks from it."""
+        out_height = pixels.rows // max(pixels.batch, 1)
+        row_blocks = cdiv(out_height, rows_per_program(out_height)) if out_height else 0
+        return row_blocks * cdiv(pixels.batch * pixels.width, config.block_k) * config.block_k
+
     def requested(self, desc, problem, programs: int, arguments: dict):
         """Per program and step (output rows + open_rows - 1 of them): the step's operands (step_operands), and
-        a dot of each weight tile with its input tile."""
+        a dot of each weight tile with its input tile. Grad-weight: per tile of its split's units and step, a
+        [block_m, block_k] grad_out tile and a [block_k, block_n] input tile for each input row that a kernel
+        row reads (row_phases) and kernel column, and a dot for each tap."""
         spec, config = problem.spec, desc.config
+        if desc.kind == "grad_weight":
+            m, n, k = config.block_m, config.block_n, config.block_k
+            steps = (-(-arguments.get("pixels_per_split", 0) // k)
+                     * (rows_per_program(problem.output_size[0]) + open_rows(spec) - 1))
+            loads = m * k + len(row_phases(spec)) * spec.kernel_size[1] * k * n
+            return (programs * steps * loads * ELEMENT_BYTES[spec.dtype],
+                    programs * steps * self.taps(spec) * 2 * m * n * k)
         steps = rows_per_program(problem.output_size[0]) + open_rows(spec) - 1
         inputs, weights = self.step_operands(spec, config, desc.groups_per_program)
         return (programs * steps * (inputs + weights) * ELEMENT_BYTES[spec.dtype],

@@ -206,7 +206,8 @@ def test_the_grad_weight_takes_its_row_blocks_from_its_units(max_rows, monkeypat
 @pytest.mark.parametrize("in_c, groups, kernel, first", [
     (128, 32, (3, 3), "igemm_rows"),   # ResNeXt-50 layer 1: 4 channels a group, four groups packed
     (336, 14, (3, 3), "igemm_rows"),   # RegNetY-1.6GF stage 3: 24 channels a group
-    (896, 16, (3, 3), "igemm"),        # RegNetY-8GF stage 3: 9 taps of 64 x 64 accumulators would not fit
+    (896, 16, (3, 3), "igemm_rows"),   # RegNetY-8GF stage 3: 56 a group, in 32 x 32 channel tiles
+    (128, 32, (7, 7), "igemm"),        # 49 taps of 16 x 16 accumulators would not fit
     (128, 32, (1, 3), "igemm"),        # a one-row window: no rows to slide down
 ])
 def test_the_default_grad_weight_slides_down_rows_where_its_tap_accumulators_fit(in_c, groups, kernel, first):

@@ -28,7 +28,7 @@ MAX_DEFAULT_GROUP_OUTPUTS = 32  # wider groups take the flat igemm by default (I
 # 3 x [128, 64] on 8 (96 registers a thread)
 ACCUMULATOR_ELEMENTS = 3 * 128 * 64
 # The grad-weight's accumulators, one [block_m, block_n] a tap, at most: 9 taps of [32, 32] on 4 warps (72
-# registers a thread); wider windows or groups take the flat grad-weight
+# registers a thread); wider groups take several channel tiles, windows of more taps the flat grad-weight
 GRAD_WEIGHT_ACCUMULATOR_ELEMENTS = 9 * 32 * 32
 # The grad-weight's step, block_m x block_n x block_k products a tap, at most: 16 x 16 x 64 (ResNeXt: 214
 # registers on 4 warps); 32 x 32 x 32 spilled 48 B on RegNetY-1.6GF (24 channels a group), 32 x 32 x 16 none
@@ -72,8 +72,8 @@ class IgemmRows(Igemm):
 
     def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
         """The default grad-weight for windows taller than one row whose accumulators, one a tap at the
-        default tile, fit GRAD_WEIGHT_ACCUMULATOR_ELEMENTS (ResNeXt's 3 x 3 over groups of 4-16 channels, RegNetY-1.6GF's
-        24); None elsewhere."""
+        default tile, fit GRAD_WEIGHT_ACCUMULATOR_ELEMENTS (every 3 x 3 window: ResNeXt's groups of 4-64
+        channels, RegNetY's 24 and 56, in tiles of at most 32 x 32 channels); None elsewhere (7 x 7)."""
         if spec.is_depthwise or spec.kernel_size[0] == 1:
             return None
         config = self.default_config(spec, "grad_weight", interpret=False)
@@ -100,11 +100,12 @@ class IgemmRows(Igemm):
         """The flat igemm's forward tile, block_m pixels of (batch, column) a row, halved while the open rows'
         accumulators pass ACCUMULATOR_ELEMENTS; in fewer stages while its operands pass the shared memory of
         DEFAULT_SHARED_MEMORY_BYTES. Grad-weight: (the packed groups' output channels, their input channels,
-        pixels a step up to GRAD_WEIGHT_STEP_PRODUCTS), groups packed as the output-channel tile allows."""
+        each at most 32 (RegNetY-8GF's 56 a group: 9 accumulators of 64 x 64 would not fit), pixels a step up to
+        GRAD_WEIGHT_STEP_PRODUCTS), groups packed as the output-channel tile allows."""
         if kind == "grad_weight":
-            block_m = pow2_between(spec.out_channels_per_group, 16, 64)
+            block_m = pow2_between(spec.out_channels_per_group, 16, 32)
             packed = min(spec.groups, max(1, block_m // spec.out_channels_per_group))
-            block_n = pow2_between(packed * spec.in_channels_per_group, 16, 64)
+            block_n = pow2_between(packed * spec.in_channels_per_group, 16, 32)
             block_k = pow2_between(GRAD_WEIGHT_STEP_PRODUCTS // (block_m * block_n), 16, 64)
             return KernelConfig(block_m, block_n, block_k, num_warps=4, num_stages=1 if interpret else 2)
         config = super().default_config(spec, kind, interpret=interpret)

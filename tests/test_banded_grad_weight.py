@@ -25,7 +25,7 @@ def test_half_precision_depthwise_weight_gradients_default_to_tensor_cores():
     depthwise = dict(in_channels=8, out_channels=8, groups=8, kernel_size=(3, 3))
     assert plan(ConvSpec(**depthwise, dtype="bfloat16")).grad_weight_families == ("depthwise_gemm", "depthwise")
     assert plan(ConvSpec(**depthwise, dtype="float16")).grad_weight_families[0] == "depthwise_gemm"
-    assert plan(ConvSpec(8, 8, 2, (3, 3), dtype="bfloat16")).grad_weight_families == ("igemm",)
+    assert plan(ConvSpec(8, 8, 2, (3, 3), dtype="bfloat16")).grad_weight_families == ("igemm_rows", "igemm")
 
 
 @pytest.mark.parametrize("kernel, stride, layout, dtype, first", [

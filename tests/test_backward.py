@@ -483,6 +483,19 @@ def test_the_transposed_weight_swaps_each_groups_channels_and_flips_its_window()
         assert torch.equal(transposed[g * 2 + c, o], weight[g * 2 + o, c].flip((0, 1)))
 
 
+def _grad_input_under(config: Choice, x, weight, stride, padding, dilation, groups):
+    """(gconvgen's input gradient with ``config`` forced on the grad-input kernel, F.conv2d's in float64)."""
+    with gconvgen.autotune.choice.overridden(lambda spec, kind, *rest: config if kind == "grad_input" else
+                                             gconvgen.autotune.choice.DEFAULT):
+        out = gconvgen.conv2d(x, weight, None, stride, padding, dilation, groups)
+        grad = torch.randn_like(out)
+        grad_x, = torch.autograd.grad(out, x, grad)
+    x64, weight64 = x.detach().double().requires_grad_(), weight.double()
+    expected, = torch.autograd.grad(reference_conv2d(x64, weight64, None, stride, padding, dilation, groups), x64,
+                                    grad.double())
+    return grad_x, expected
+
+
 @pytest.mark.parametrize("size, kernel, stride, padding, dilation, groups, per_group", [
     pytest.param((9, 7), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 2, (4, 4), id="k3-s2-odd-map"),  # ResNeXt's s2
     pytest.param((5, 6), (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 3, (2, 3), id="k1-s2-pixels-no-tap-reaches"),
@@ -506,14 +519,7 @@ def test_strided_grouped_grad_input_takes_one_phase_a_program(size, kernel, stri
     x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
     weight = torch.randn(groups * out_per_group, in_per_group, *kernel)
     small = Choice(KERNEL, KernelConfig(16, 16, 16, num_stages=1), "igemm")
-    with gconvgen.autotune.choice.overridden(lambda spec, kind, *rest: small if kind == "grad_input" else
-                                             gconvgen.autotune.choice.DEFAULT):
-        out = gconvgen.conv2d(x, weight, None, stride, padding, dilation, groups)
-        grad = torch.randn_like(out)
-        grad_x, = torch.autograd.grad(out, x, grad)
-    x64, weight64 = x.detach().double().requires_grad_(), weight.double()
-    expected, = torch.autograd.grad(reference_conv2d(x64, weight64, None, stride, padding, dilation, groups), x64,
-                                    grad.double())
+    grad_x, expected = _grad_input_under(small, x, weight, stride, padding, dilation, groups)
     assert_close(grad_x, expected, torch.float32)
     assert ("grad_input", "igemm", stride if channels_last else (stride[0], 1)) in loaded
 
@@ -538,13 +544,6 @@ def test_strided_depthwise_grad_input_takes_one_phase_a_program(size, kernel, st
     x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
     weight = torch.randn(channels * multiplier, 1, *kernel)
     small = Choice(KERNEL, KernelConfig(4, 4, 0, num_stages=1), "depthwise")
-    with gconvgen.autotune.choice.overridden(lambda spec, kind, *rest: small if kind == "grad_input" else
-                                             gconvgen.autotune.choice.DEFAULT):
-        out = gconvgen.conv2d(x, weight, None, stride, padding, dilation, channels)
-        grad = torch.randn_like(out)
-        grad_x, = torch.autograd.grad(out, x, grad)
-    x64, weight64 = x.detach().double().requires_grad_(), weight.double()
-    expected, = torch.autograd.grad(reference_conv2d(x64, weight64, None, stride, padding, dilation, channels), x64,
-                                    grad.double())
+    grad_x, expected = _grad_input_under(small, x, weight, stride, padding, dilation, channels)
     assert_close(grad_x, expected, torch.float32)
     assert ("grad_input", "depthwise", stride if channels_last else (stride[0], 1)) in loaded

@@ -127,17 +127,20 @@ class IgemmRows(Igemm):
         return self.taps(spec) if kind == "grad_weight" else open_rows(spec)
 
     def operand_bytes(self, config: KernelConfig, spec: ConvSpec) -> int:
-        """num_stages x a step's operands (step_operands)."""
-        inputs, weights = self.step_operands(spec, config, self.groups_per_program(spec, config, "forward"))
-        return config.num_stages * (inputs + weights) * ELEMENT_BYTES[spec.dtype]
+        """num_stages x a step's operands, and the weights held through the rows (step_operands)."""
+        inputs, weights, held = self.step_operands(spec, config, self.groups_per_program(spec, config, "forward"))
+        return (config.num_stages * (inputs + weights) + held) * ELEMENT_BYTES[spec.dtype]
 
-    def step_operands(self, spec: ConvSpec, config: KernelConfig, packed: int) -> tuple[int, int]:
-        """The elements a step loads, (input, weight): for each channel step of ``packed`` groups, a
-        [block_m, block_k] input tile for each input row of the step that a kernel row reads (row_phases) and
-        kernel column, and a [block_k, block_n] weight tile for each tap."""
+    def step_operands(self, spec: ConvSpec, config: KernelConfig, packed: int) -> tuple[int, int, int]:
+        """The elements a step loads, (input, weight), and the weights loaded once before the rows: for each
+        channel step of ``packed`` groups, a [block_m, block_k] input tile for each input row of the step that
+        a kernel row reads (row_phases) and kernel column, and a [block_k, block_n] weight tile for each tap.
+        With one channel step (ResNeXt's packed groups, RegNetY-1.6GF's 24 channels) the weight tiles are the
+        same every step: the kernel loads them once and holds them (0 a step)."""
         channel_steps = math.ceil(packed * spec.in_channels_per_group / config.block_k)
-        inputs = len(row_phases(spec)) * spec.kernel_size[1] * config.block_m * config.block_k
-        return channel_steps * inputs, channel_steps * self.taps(spec) * config.block_k * config.block_n
+        inputs = channel_steps * len(row_phases(spec)) * spec.kernel_size[1] * config.block_m * config.block_k
+        weights = channel_steps * self.taps(spec) * config.block_k * config.block_n
+        return (inputs, 0, weights) if channel_steps == 1 else (inputs, weights, 0)
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
@@ -159,8 +162,8 @@ class IgemmRows(Igemm):
         return row_blocks * cdiv(pixels.batch * pixels.width, config.block_k) * config.block_k
 
     def requested(self, desc, problem, programs: int, arguments: dict):
-        """Per program and step (output rows + open_rows - 1 of them): the step's operands (step_operands), and
-        a dot of each weight tile with its input tile. Grad-weight: per tile of its split's units and step, a
+        """Per program and step (output rows + open_rows - 1 of them): the step's operands, the held weights once
+        (step_operands), and a dot of each weight tile with its input tile. Grad-weight: per tile of its split's units and step, a
         [block_m, block_k] grad_out tile and a [block_k, block_n] input tile for each input row that a kernel
         row reads (row_phases) and kernel column, and a dot for each tap."""
         spec, config = problem.spec, desc.config
@@ -172,6 +175,6 @@ class IgemmRows(Igemm):
             return (programs * steps * loads * ELEMENT_BYTES[spec.dtype],
                     programs * steps * self.taps(spec) * 2 * m * n * k)
         steps = rows_per_program(problem.output_size[0]) + open_rows(spec) - 1
-        inputs, weights = self.step_operands(spec, config, desc.groups_per_program)
-        return (programs * steps * (inputs + weights) * ELEMENT_BYTES[spec.dtype],
-                programs * steps * weights * 2 * config.block_m)
+        inputs, weights, held = self.step_operands(spec, config, desc.groups_per_program)
+        return (programs * (steps * (inputs + weights) + held) * ELEMENT_BYTES[spec.dtype],
+                programs * steps * (weights + held) * 2 * config.block_m)

@@ -39,6 +39,7 @@ CASES = [
     (9, 6, 3, (5, 5), (1, 3), (1, 1), (0, 0, 1, 1), (1, 1), "strict", None),
     (40, 40, 2, (17, 3), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "strict", KernelConfig(16, 32, 16, num_stages=1)),
     (7, 5, 2, (12, 7), (3, 3), (1, 1), (2, 2, 1, 1), (1, 1), "pad", SMALL),
+    (112, 112, 2, (6, 5), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "strict", None),  # 56 a group: one step of 64, held
 ]
 
 
@@ -87,7 +88,8 @@ def test_each_output_row_sums_its_taps_as_the_flat_igemm_does(layout):
 @pytest.mark.parametrize("in_c, groups, batch, size, kernel, first", [
     (128, 32, 64, 56, (3, 3), "igemm_rows"),   # ResNeXt-50 layer 1
     (336, 14, 64, 14, (3, 3), "igemm_rows"),   # RegNetY-1.6GF stage 3: 24 channels a group
-    (896, 16, 64, 14, (3, 3), "igemm"),        # RegNetY-8GF stage 3: 56 a group, wider than MAX_DEFAULT_GROUP_OUTPUTS
+    (896, 16, 64, 14, (3, 3), "igemm_rows"),   # RegNetY-8GF stage 3: 56 a group, its weights held (one step)
+    (2048, 16, 64, 14, (3, 3), "igemm"),       # 128 a group: weights re-read every step, wider than 32 outputs
     (888, 37, 32, 7, (3, 3), "igemm"),         # RegNetY-1.6GF stage 4: its grid at 64 pixels would not fill an H200
     (128, 32, 64, 56, (1, 3), "igemm"),        # a one-row window reads each input row once either way
 ])

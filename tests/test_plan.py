@@ -91,7 +91,8 @@ def test_kernel_family():
     grouped = plan(spec(12, 12, 3))
     assert grouped.families == ("igemm_rows", "igemm") and grouped.backward_family == "igemm"
     assert plan(ConvSpec(12, 12, 3, (1, 3))).families == ("igemm", "igemm_rows")  # one-row windows: flat tiles
-    assert plan(ConvSpec(192, 192, 3, (3, 3))).families == ("igemm", "igemm_rows")  # 64 outputs a group
+    assert plan(ConvSpec(192, 192, 3, (3, 3))).families == ("igemm_rows", "igemm")  # 64 a group: weights held
+    assert plan(ConvSpec(384, 384, 3, (3, 3))).families == ("igemm", "igemm_rows")  # 128 a group: re-read
 
 
 def test_depthwise_offers_both_forward_families_and_wide_windows_default_to_tensor_cores():

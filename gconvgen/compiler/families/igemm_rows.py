@@ -23,7 +23,10 @@ from .igemm import Igemm
 
 MAX_ROWS = 8  # output rows a program slides over at most: (8 + 2) input rows for 3 x 3 windows, against 24 flat
 WGMMA_ROWS = 64  # a wgmma tile's least rows: a default tile shrunk under it runs mma.sync
-MAX_DEFAULT_GROUP_OUTPUTS = 32  # wider groups take the flat igemm by default (IgemmRows.rank)
+MAX_DEFAULT_GROUP_OUTPUTS = 32  # wider groups take the flat igemm by default unless held (IgemmRows.rank)
+# The packed groups' input channels a program reduces in one step at most (its block_k): with one step, every
+# tap's weight tile is loaded once and held through the rows (9 x [64, 64] for RegNetY-8GF's 56 a group)
+HELD_CHANNELS = 64
 # A program's open accumulators (open_rows x block_m x block_n fp32) at most: 3 x [128, 32] on 4 warps, or
 # 3 x [128, 64] on 8 (96 registers a thread)
 ACCUMULATOR_ELEMENTS = 3 * 128 * 64
@@ -63,12 +66,15 @@ class IgemmRows(Igemm):
     def rank(self, spec: ConvSpec) -> Optional[int]:
         """Every conv the flat igemm computes; the default for windows taller than one row, where the flat tile
         re-reads input rows (a one-row window reads each once either way), of groups of at most
-        MAX_DEFAULT_GROUP_OUTPUTS output channels: a step re-reads every tap's weight tile, which for wider
-        groups outweighs the input rows it saves (RegNetY-8GF's 56 a group modelled 14.7% of its floor
-        against the flat tile's 16.7%; ResNeXt's 4-16 and RegNetY-1.6GF's 24 gain)."""
-        if spec.is_depthwise:
-            return None
-        return 0 if spec.kernel_size[0] > 1 and spec.out_channels_per_group <= MAX_DEFAULT_GROUP_OUTPUTS else 2
+        MAX_DEFAULT_GROUP_OUTPUTS output channels, or of at most 64 whose input channels are one step
+        (HELD_CHANNELS): a step re-reading every tap's weight tile outweighs the input rows it saves for wider
+        groups (RegNetY-8GF's 56 a group, weights re-read: 14.7% of its floor modelled against the flat tile's
+        16.7%; held: 39.9%)."""
+        if spec.is_depthwise or spec.kernel_size[0] == 1:
+            return 2 if not spec.is_depthwise else None
+        outputs, inputs = spec.out_channels_per_group, spec.in_channels_per_group
+        held = outputs <= 64 and inputs <= HELD_CHANNELS
+        return 0 if outputs <= MAX_DEFAULT_GROUP_OUTPUTS or held else 2
 
     def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
         """The default grad-weight for windows taller than one row whose accumulators, one a tap at the
@@ -114,6 +120,19 @@ class IgemmRows(Igemm):
         while config.num_stages > 1 and self.operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
             config = replace(config, num_stages=config.num_stages - 1)
         return config
+
+    def _config(self, spec: ConvSpec, kind: str, block_m: int, block_n: int, *, interpret: bool) -> KernelConfig:
+        """The flat igemm's tile, with a reduction step of every input channel of the packed groups where they
+        are at most HELD_CHANNELS: one channel step, whose weight tiles the kernel loads once and holds
+        (step_operands); held tiles of 64 x 64 on 8 warps (ResNeXt-101's layer 4 in NCHW spilled 48 B on 4 in
+        Triton 3.6)."""
+        config = super()._config(spec, kind, block_m, block_n, interpret=interpret)
+        channels = self.groups_per_program(spec, config, kind) * spec.in_channels_per_group
+        if channels > HELD_CHANNELS:
+            return config
+        config = replace(config, block_k=pow2_between(channels, 16, HELD_CHANNELS))
+        wide = config.block_k * config.block_n >= 64 * 64 and not interpret
+        return replace(config, num_warps=8) if wide else config
 
     def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
         """The flat igemm's refit, in the stages the operands' shared memory allows."""

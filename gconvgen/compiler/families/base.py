@@ -108,6 +108,11 @@ class Family:
         rows and columns modulo these (KernelDesc.phases); (1, 1): any pixels."""
         return (1, 1)
 
+    def held_weights(self, kind: str) -> int:
+        """The most weight elements a program of kernel ``kind`` loads once and holds (KernelDesc.held_weights);
+        0: none."""
+        return 0
+
     def step_rows(self, spec: ConvSpec, kind: str, config: KernelConfig) -> int:
         """The output rows a step of a tile of one column's rows takes (KernelDesc.step_rows); 0 otherwise."""
         return 0

@@ -25,8 +25,10 @@ MAX_ROWS = 8  # output rows a program slides over at most: (8 + 2) input rows fo
 WGMMA_ROWS = 64  # a wgmma tile's least rows: a default tile shrunk under it runs mma.sync
 MAX_DEFAULT_GROUP_OUTPUTS = 32  # wider groups take the flat igemm by default unless held (IgemmRows.rank)
 # The packed groups' input channels a program reduces in one step at most (its block_k): with one step, every
-# tap's weight tile is loaded once and held through the rows (9 x [64, 64] for RegNetY-8GF's 56 a group)
+# tap's weight tile is loaded once and held through the rows (9 x [64, 64] for RegNetY-8GF's 56 a group), up to
+# HELD_WEIGHT_ELEMENTS (a 1 x 128 window's 128 taps of [64, 64] would take 1 MiB of shared memory)
 HELD_CHANNELS = 64
+HELD_WEIGHT_ELEMENTS = 9 * 64 * 64
 # A program's open accumulators (open_rows x block_m x block_n fp32) at most: 3 x [128, 32] on 4 warps, or
 # 3 x [128, 64] on 8 (96 registers a thread)
 ACCUMULATOR_ELEMENTS = 3 * 128 * 64
@@ -128,11 +130,22 @@ class IgemmRows(Igemm):
         Triton 3.6)."""
         config = super()._config(spec, kind, block_m, block_n, interpret=interpret)
         channels = self.groups_per_program(spec, config, kind) * spec.in_channels_per_group
-        if channels > HELD_CHANNELS:
+        held = replace(config, block_k=pow2_between(channels, 16, HELD_CHANNELS))
+        if channels > HELD_CHANNELS or not self.holds_weights(held, spec):
             return config
-        config = replace(config, block_k=pow2_between(channels, 16, HELD_CHANNELS))
-        wide = config.block_k * config.block_n >= 64 * 64 and not interpret
-        return replace(config, num_warps=8) if wide else config
+        wide = held.block_k * held.block_n >= 64 * 64 and not interpret
+        return replace(held, num_warps=8) if wide else held
+
+    def held_weights(self, kind: str) -> int:
+        return HELD_WEIGHT_ELEMENTS if kind == "forward" else 0
+
+    def holds_weights(self, config: KernelConfig, spec: ConvSpec) -> bool:
+        """Whether the forward at ``config`` loads its weight tiles once and holds them through the rows: one
+        channel step of the packed groups, and every tap's tile within HELD_WEIGHT_ELEMENTS (the template's
+        constexpr `hold`)."""
+        packed = self.groups_per_program(spec, config, "forward")
+        one_step = packed * spec.in_channels_per_group <= config.block_k
+        return one_step and self.taps(spec) * config.block_k * config.block_n <= HELD_WEIGHT_ELEMENTS
 
     def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
         """The flat igemm's refit, in the stages the operands' shared memory allows."""
@@ -154,12 +167,13 @@ class IgemmRows(Igemm):
         """The elements a step loads, (input, weight), and the weights loaded once before the rows: for each
         channel step of ``packed`` groups, a [block_m, block_k] input tile for each input row of the step that
         a kernel row reads (row_phases) and kernel column, and a [block_k, block_n] weight tile for each tap.
-        With one channel step (ResNeXt's packed groups, RegNetY-1.6GF's 24 channels) the weight tiles are the
-        same every step: the kernel loads them once and holds them (0 a step)."""
+        With one channel step (ResNeXt's packed groups, RegNetY's 24 and 56 channels) the weight tiles are the
+        same every step: the kernel loads them once and holds them (0 a step), up to HELD_WEIGHT_ELEMENTS."""
         channel_steps = math.ceil(packed * spec.in_channels_per_group / config.block_k)
         inputs = channel_steps * len(row_phases(spec)) * spec.kernel_size[1] * config.block_m * config.block_k
         weights = channel_steps * self.taps(spec) * config.block_k * config.block_n
-        return (inputs, 0, weights) if channel_steps == 1 else (inputs, weights, 0)
+        held = channel_steps == 1 and self.taps(spec) * config.block_k * config.block_n <= HELD_WEIGHT_ELEMENTS
+        return (inputs, 0, weights) if held else (inputs, weights, 0)
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:

@@ -68,14 +68,16 @@ class IgemmRows(Igemm):
     def rank(self, spec: ConvSpec) -> Optional[int]:
         """Every conv the flat igemm computes; the default for windows taller than one row, where the flat tile
         re-reads input rows (a one-row window reads each once either way), of groups of at most
-        MAX_DEFAULT_GROUP_OUTPUTS output channels, or of at most 64 whose input channels are one step
-        (HELD_CHANNELS): a step re-reading every tap's weight tile outweighs the input rows it saves for wider
-        groups (RegNetY-8GF's 56 a group, weights re-read: 14.7% of its floor modelled against the flat tile's
+        MAX_DEFAULT_GROUP_OUTPUTS output channels, or of at most HELD_CHANNELS whose default tile holds its
+        weights (holds_weights): a step re-reading every tap's weight tile outweighs the input rows it saves for
+        wider groups (RegNetY-8GF's 56 a group, weights re-read: 14.7% of its floor modelled against the flat tile's
         16.7%; held: 39.9%)."""
-        if spec.is_depthwise or spec.kernel_size[0] == 1:
-            return 2 if not spec.is_depthwise else None
-        outputs, inputs = spec.out_channels_per_group, spec.in_channels_per_group
-        held = outputs <= 64 and inputs <= HELD_CHANNELS
+        if spec.is_depthwise:
+            return None
+        if spec.kernel_size[0] == 1:
+            return 2
+        outputs, config = spec.out_channels_per_group, self.default_config(spec, "forward", interpret=False)
+        held = outputs <= HELD_CHANNELS and self.holds_weights(config, spec)
         return 0 if outputs <= MAX_DEFAULT_GROUP_OUTPUTS or held else 2
 
     def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
@@ -139,11 +141,11 @@ class IgemmRows(Igemm):
     def held_weights(self, kind: str) -> int:
         return HELD_WEIGHT_ELEMENTS if kind == "forward" else 0
 
-    def holds_weights(self, config: KernelConfig, spec: ConvSpec) -> bool:
-        """Whether the forward at ``config`` loads its weight tiles once and holds them through the rows: one
-        channel step of the packed groups, and every tap's tile within HELD_WEIGHT_ELEMENTS (the template's
-        constexpr `hold`)."""
-        packed = self.groups_per_program(spec, config, "forward")
+    def holds_weights(self, config: KernelConfig, spec: ConvSpec, packed: Optional[int] = None) -> bool:
+        """Whether the forward at ``config`` (``packed`` groups a program, by default as many as it packs)
+        loads its weight tiles once and holds them through the rows: one channel step of the packed groups,
+        and every tap's tile within HELD_WEIGHT_ELEMENTS (the template's constexpr `hold`)."""
+        packed = self.groups_per_program(spec, config, "forward") if packed is None else packed
         one_step = packed * spec.in_channels_per_group <= config.block_k
         return one_step and self.taps(spec) * config.block_k * config.block_n <= HELD_WEIGHT_ELEMENTS
 
@@ -172,8 +174,7 @@ class IgemmRows(Igemm):
         channel_steps = math.ceil(packed * spec.in_channels_per_group / config.block_k)
         inputs = channel_steps * len(row_phases(spec)) * spec.kernel_size[1] * config.block_m * config.block_k
         weights = channel_steps * self.taps(spec) * config.block_k * config.block_n
-        held = channel_steps == 1 and self.taps(spec) * config.block_k * config.block_n <= HELD_WEIGHT_ELEMENTS
-        return (inputs, 0, weights) if held else (inputs, weights, 0)
+        return (inputs, 0, weights) if self.holds_weights(config, spec, packed) else (inputs, weights, 0)
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
@@ -196,9 +197,9 @@ class IgemmRows(Igemm):
 
     def requested(self, desc, problem, programs: int, arguments: dict):
         """Per program and step (output rows + open_rows - 1 of them): the step's operands, the held weights once
-        (step_operands), and a dot of each weight tile with its input tile. Grad-weight: per tile of its split's units and step, a
-        [block_m, block_k] grad_out tile and a [block_k, block_n] input tile for each input row that a kernel
-        row reads (row_phases) and kernel column, and a dot for each tap."""
+        (step_operands), and a dot of each weight tile with its input tile. Grad-weight: per tile of its split's
+        units and step, a [block_m, block_k] grad_out tile and a [block_k, block_n] input tile for each input
+        row that a kernel row reads (row_phases) and kernel column, and a dot for each tap."""
         spec, config = problem.spec, desc.config
         if desc.kind == "grad_weight":
             m, n, k = config.block_m, config.block_n, config.block_k

@@ -536,17 +536,15 @@ def iterations(problem: ConvProblem, desc) -> int:
     out_h, out_w = output_size(problem)
     pixels = PixelSpace.of(desc.kind, problem.batch, *problem.size, out_h, out_w)
     taps = problem.kernel[0] * problem.kernel[1]
-    if desc.kind == "grad_weight" and desc.family == "igemm_rows":  # each tile out_rows + open_rows - 1 steps
-        steps = rows_per_program(out_h) + open_rows(desc.spec) - 1
-        return math.prod(desc.grid(pixels)) * -(-desc.reduction_units(pixels) // desc.reduction_block) * steps
-    if desc.kind == "grad_weight":
-        return math.prod(desc.grid(pixels)) * -(-desc.reduction_units(pixels) // desc.reduction_block)
+    rows_steps = rows_per_program(out_h) + open_rows(desc.spec) - 1 if desc.family == "igemm_rows" else 1
+    if desc.kind == "grad_weight":  # igemm_rows: each tile out_rows + open_rows - 1 steps
+        return math.prod(desc.grid(pixels)) * -(-desc.reduction_units(pixels) // desc.reduction_block) * rows_steps
     if desc.family == "igemm":  # a strided grad-input's program takes the taps reaching its phase
         return (math.prod(desc.grid(pixels)) * -(-taps // math.prod(desc.phases))
                 * -(-desc.spec.in_channels_per_group // desc.config.block_k))
     if desc.family == "igemm_rows":  # out_rows + open_rows - 1 steps, each every tap's dot
-        steps = rows_per_program(out_h) + open_rows(desc.spec) - 1
-        return math.prod(desc.grid(pixels)) * steps * taps * -(-desc.spec.in_channels_per_group // desc.config.block_k)
+        return (math.prod(desc.grid(pixels)) * rows_steps * taps
+                * -(-desc.spec.in_channels_per_group // desc.config.block_k))
     if desc.family == "depthwise_gemm":
         return math.prod(desc.grid(pixels)) * problem.kernel[0] * band_steps(desc.spec, desc.config.block_k,
                                                                             desc.band_shift)

@@ -63,6 +63,14 @@ class PixelSpace:
         """rows x width: the flattened (batch, row, column) index's range."""
         return self.rows * self.width
 
+    def tiles(self, block: int, phases: tuple[int, int] = (1, 1)) -> int:
+        """Tiles of ``block`` pixels, one phase of the stride a tile where ``phases`` (rows, columns) is not
+        (1, 1) (KernelDesc.phases): each phase's pixels are every rows-th row and every columns-th column."""
+        rows, columns = phases
+        if rows * columns == 1:
+            return cdiv(self.pixels, block)
+        return rows * columns * cdiv(self.batch * cdiv(self.height, rows) * cdiv(self.width, columns), block)
+
 
 NUM_WARPS = (1, 2, 4, 8, 16)
 MAX_STAGES = 8

@@ -62,7 +62,7 @@ class Family:
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
         """The launch grid (see families.grid_of)."""
         channels = spec.in_channels if kind == "grad_input" else spec.out_channels
-        return (cdiv(pixels.pixels, config.block_m), cdiv(channels, config.block_n))
+        return (pixels.tiles(config.block_m, self.phases(spec, kind)), cdiv(channels, config.block_n))
 
     def reduction_block(self, config: KernelConfig) -> int:
         """Units a split reduction (grad_weight, grad_bias) sums per step: a split's range is a multiple."""

@@ -124,11 +124,7 @@ class Depthwise(Family):
             return (cdiv(spec.out_channels, config.block_n), splits)
         if row_tiles(spec, kind, config):
             return (pixels.rows * cdiv(pixels.width, config.block_m), cdiv(spec.out_channels, config.block_n))
-        rows, columns = self.phases(spec, kind)
-        if rows * columns > 1:  # each phase's pixels: every rows-th row, every columns-th column
-            phase_pixels = pixels.batch * cdiv(pixels.height, rows) * cdiv(pixels.width, columns)
-            return (rows * columns * cdiv(phase_pixels, config.block_m), cdiv(spec.in_channels, config.block_n))
-        return super().grid(kind, spec, config, packed, pixels)
+        return super().grid(kind, spec, config, packed, pixels)  # a strided grad-input in phases (Depthwise.phases)
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """A tile of one row's pixels (row_tiles) no wider than the row (a power of two), with at least an

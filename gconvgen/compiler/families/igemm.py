@@ -104,12 +104,8 @@ class Igemm(Family):
             columns = packed * spec.in_channels_per_group * self.taps(spec)
             return (cdiv(packed * spec.out_channels_per_group, config.block_m) * cdiv(columns, config.block_n),
                     cdiv(spec.groups, packed), splits)
-        tiles = cdiv(pixels.pixels, config.block_m)
-        rows, columns = self.phases(spec, kind)
-        if rows * columns > 1:  # each phase's pixels: every rows-th row, every columns-th column
-            phase_pixels = pixels.batch * cdiv(pixels.height, rows) * cdiv(pixels.width, columns)
-            tiles = rows * columns * cdiv(phase_pixels, config.block_m)
-        return tiles, cdiv(packed * packed_channels(spec, kind), config.block_n), cdiv(spec.groups, packed)
+        return (pixels.tiles(config.block_m, self.phases(spec, kind)),
+                cdiv(packed * packed_channels(spec, kind), config.block_n), cdiv(spec.groups, packed))
 
     def reduction_block(self, config: KernelConfig) -> int:
         return config.block_k

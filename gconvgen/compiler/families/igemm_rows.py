@@ -201,14 +201,13 @@ class IgemmRows(Igemm):
         units and step, a [block_m, block_k] grad_out tile and a [block_k, block_n] input tile for each input
         row that a kernel row reads (row_phases) and kernel column, and a dot for each tap."""
         spec, config = problem.spec, desc.config
+        steps = rows_per_program(problem.output_size[0]) + open_rows(spec) - 1  # a row block's (a tile's)
         if desc.kind == "grad_weight":
             m, n, k = config.block_m, config.block_n, config.block_k
-            steps = (-(-arguments.get("pixels_per_split", 0) // k)
-                     * (rows_per_program(problem.output_size[0]) + open_rows(spec) - 1))
+            steps *= cdiv(arguments.get("pixels_per_split", 0), k)
             loads = m * k + len(row_phases(spec)) * spec.kernel_size[1] * k * n
             return (programs * steps * loads * ELEMENT_BYTES[spec.dtype],
                     programs * steps * self.taps(spec) * 2 * m * n * k)
-        steps = rows_per_program(problem.output_size[0]) + open_rows(spec) - 1
         inputs, weights, held = self.step_operands(spec, config, desc.groups_per_program)
         return (programs * (steps * (inputs + weights) + held) * ELEMENT_BYTES[spec.dtype],
                 programs * steps * (weights + held) * 2 * config.block_m)

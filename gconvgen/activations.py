@@ -50,12 +50,25 @@ def _targets(*names: str) -> tuple:
 
 
 def _silu_gradient(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """aten.silu_backward's formula, in its float32 (float64) arithmetic rounded once, written out because
-    aten.silu_backward has no forward-mode derivative (a Hessian through it would fail)."""
+    """torch's own rule for silu's gradient: aten.silu_backward, bit for bit eager's, where nothing will
+    differentiate the gradient (grad mode off, plain tensors); else aten's formula written out in its float32
+    (float64) arithmetic rounded once, which is differentiable where aten.silu_backward is not (it has no
+    forward-mode derivative, so a Hessian through it would fail). torch's silu decides by grad mode alone;
+    the formula is also taken under torch.func transforms and for dual tensors, which need it whatever
+    the grad mode."""
+    if not (torch.is_grad_enabled() or _traced(grad) or _traced(pre)):
+        return aten.silu_backward(grad, pre)
     compute = torch.promote_types(grad.dtype, torch.float32)
     pre_wide = pre.to(compute)
     sigmoid = torch.sigmoid(pre_wide)
     return (grad.to(compute) * sigmoid * (1 + pre_wide * (1 - sigmoid))).to(grad.dtype)
+
+
+def _traced(tensor: torch.Tensor) -> bool:
+    """Whether a derivative of ``tensor`` may be taken although grad mode is off: a torch.func transform's
+    wrapper, or a forward-mode dual tensor."""
+    return (torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+            or torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None)
 
 
 def _hardswish_gradient(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:

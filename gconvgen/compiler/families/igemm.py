@@ -30,6 +30,13 @@ def _uneven(channels: int) -> bool:
     return channels & (channels - 1) != 0
 
 
+def _reduction_step(channels: int, widest: int) -> int:
+    """The channels of a reduction step (at least tl.dot's 16, at most ``widest``): the widest power of two that
+    pads ``channels`` to the fewest (48 channels take 3 steps of 16, not 2 of 32 with a third of them masked)."""
+    steps = [1 << bits for bits in range(4, widest.bit_length())]
+    return min(reversed(steps), key=lambda step: cdiv(channels, step) * step)
+
+
 class Igemm(Family):
     name = "igemm"
     templates = {"forward": "grouped_igemm.py.jinja", "grad_input": "grouped_igemm_grad_input.py.jinja",
@@ -49,13 +56,28 @@ class Igemm(Family):
         grad-weight (output channels, weight columns, pixels)."""
         stages = 1 if interpret else 3
         if kind == "grad_weight":  # NCHW activations are staged channels_last as well
-            taps = self.taps(spec)
-            return KernelConfig(pow2_between(spec.out_channels_per_group, 16, 64),
-                                pow2_between(spec.in_channels_per_group * taps, 16, 64), 256 if interpret else 64,
-                                num_warps=8 if _uneven(spec.out_channels_per_group) and not interpret else 4,
-                                num_stages=stages)
+            return self._grad_weight_config(spec, interpret)
         channels = pow2_between(packed_channels(spec, kind), 16, 128)
-        return self._config(spec, kind, 256 if interpret else 128, channels, interpret=interpret)
+        return self._config(spec, kind, self.default_pixels(channels, interpret), channels, interpret=interpret)
+
+    def default_pixels(self, channels: int, interpret: bool) -> int:
+        """The forward and grad-input tile's pixels at ``channels`` channels: each program reads the weight
+        tile of every step, so up to 64 channels 256 pixels halve those reads (wav2vec2's positional conv, 128
+        taps of 48 channels a group: 13.0% of its floor modelled at 128 pixels, 20.3% at 256; ResNeXt-101's
+        strided grad-input 28.8 against 32.5% in channels_last)."""
+        return 256 if interpret or channels <= 64 else 128
+
+    def _grad_weight_config(self, spec: ConvSpec, interpret: bool) -> KernelConfig:
+        """(output channels, weight columns, pixels a step): up to 64 x 64 accumulators on 4 warps; columns of
+        many taps (wider than 64) up to 256 on 8 warps, so that each grad_out tile serves more of them, in steps
+        of 32 pixels (wav2vec2's positional conv, 48 x 128 columns a group: 13.0% of its floor modelled at 64
+        columns, 20.6% at 256)."""
+        outputs = pow2_between(spec.out_channels_per_group, 16, 64)
+        columns = pow2_between(spec.in_channels_per_group * self.taps(spec), 16, 64 if interpret else 256)
+        wide = columns > 64
+        warps = 8 if (wide or _uneven(spec.out_channels_per_group)) and not interpret else 4
+        step = 256 if interpret else 32 if wide else 64
+        return KernelConfig(outputs, columns, step, num_warps=warps, num_stages=1 if interpret else 3)
 
     def _config(self, spec: ConvSpec, kind: str, block_m: int, block_n: int, *, interpret: bool) -> KernelConfig:
         """The forward or grad-input config of tile (block_m pixels, block_n channels of the packed groups):
@@ -66,9 +88,12 @@ class Igemm(Family):
         tile = KernelConfig(block_m, block_n, 16, num_stages=1 if interpret else 3)
         packed = self.groups_per_program(spec, tile, kind)
         wide_store = spec.layout != "nhwc" and block_m * block_n >= 128 * 64 and not interpret
-        warps = min(8 if wide_store or (_uneven(reduced) and not interpret) else 4,
+        # past 128 x 64 accumulators, 4 warps would hold 128 fp32 registers of them a thread
+        wide = block_m * block_n > 128 * 64 and not interpret
+        warps = min(8 if wide or wide_store or (_uneven(reduced) and not interpret) else 4,
                     max(1, block_m * block_n // _ACCUMULATOR_ELEMENTS_PER_WARP))
-        return replace(tile, block_k=pow2_between(packed * reduced, 16, 64 if interpret else 32), num_warps=warps)
+        step = pow2_between(packed * reduced, 16, 64) if interpret else _reduction_step(packed * reduced, 32)
+        return replace(tile, block_k=step, num_warps=warps)
 
     def reads_aligned_rows(self, spec: ConvSpec, band_dot: str, kind: str = "forward") -> bool:
         """Every igemm kernel reads channels_last pixels as vectors when the launch's pixel starts are known

@@ -235,6 +235,22 @@ def test_resnext_grad_weights_slide_down_rows_without_spills_for_sm90():
         assert row["bytes"] <= (2.7 if row["layout"] == "nhwc" else 4.7), row
 
 
+WIDE_GROUPS_SCRIPT = (GRAD_WEIGHT_SCRIPT.replace('layer.id.startswith("resnext50")', 'layer.id == "regnety8gf-s3"')
+                      .replace('"family": row.family,', '"family": row.family, "config": row.config,'))
+
+
+def test_a_wide_groups_grad_weight_takes_its_output_channels_in_one_tile_for_sm90():
+    """RegNetY-8GF's 56 channels a group: the grad-weight tile holds a group's 64 output channels (its input is
+    read once, not twice) by 16 input channels on 8 warps, without a spill, at most 5.3x the ideal bytes in
+    channels_last and 7.3x in NCHW (32 x 32 tiles on 4 warps requested 6.2x and 8.2x)."""
+    rows = compiled_rows(WIDE_GROUPS_SCRIPT)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["family"] == "igemm_rows" and row["spill"] == 0, row
+        assert row["config"].startswith("m64 n16"), row
+        assert row["bytes"] <= (5.3 if row["layout"] == "nhwc" else 7.3), row
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("row", [0, 1, -2, -1])
 @pytest.mark.parametrize("stride, padding", [((1, 1), (1, 1, 1, 1)), ((1, 1), (0, 0, 0, 0)), ((2, 1), (1, 0, 1, 1))])

@@ -926,6 +926,38 @@ def test_conv1d_forward_banded_rows(problem, nan_filled_outputs):
 
 
 @st.composite
+def banded_columns(draw):
+    """conv2d problems forced onto the banded kernel in channels_last with windows of 16 to 18 rows (dilated
+    now and then) over maps of 17 to 40 output rows: tiles of one column of strips' rows (column_rows), one or
+    two down a column, the halo past the tile, the map's last rows and its padding."""
+    problem = draw(conv_problems(families=("depthwise_gemm",), layouts=("channels_last", "nhwc"), max_channels=6,
+                                 kernel_sides=(1, 2, 3, 5), extents=("tiny", "small", "long_rows")))
+    kernel_h, dilation_h = draw(st.sampled_from((16, 17, 18))), draw(st.sampled_from((1, 1, 2)))
+    reach = (kernel_h - 1) * dilation_h
+    top, bottom = draw(st.integers(0, reach + 2)), draw(st.integers(0, reach + 2))
+    height = draw(st.integers(17, 40)) + reach - top - bottom  # the output rows drawn, at stride 1
+    assume(height >= 1)
+    left, right = (problem.padding[2:] if isinstance(problem.padding, tuple)
+                   else ((problem.kernel[1] - 1) * problem.dilation[1] // 2,) * 2)
+    problem = dataclasses.replace(problem, kernel=(kernel_h, problem.kernel[1]), stride=(1, problem.stride[1]),
+                                  dilation=(dilation_h, problem.dilation[1]), size=(height, problem.size[1]),
+                                  padding=(top, bottom, left, right), max_rows=0,
+                                  config=KernelConfig(draw(st.sampled_from((32, 64))),
+                                                      draw(st.sampled_from((1, 2, 4))), 16, num_stages=1))
+    assume(output_size(problem)[1] >= 1)
+    return problem
+
+
+@settings(max_examples=budget(0.1))
+@given(problem=banded_columns())
+def test_conv2d_forward_banded_columns(problem, nan_filled_outputs):
+    """The banded kernel in channels_last on windows of at least COLUMN_KERNEL_ROWS rows, where a tile of one
+    column of strips' output rows loads each band step's input once and gathers each kernel row's tile
+    (column_rows): its halo past the tile, rows past the map, dilated heights, non-finite inputs."""
+    check_forward(problem)
+
+
+@st.composite
 def direct_rows(draw):
     """conv2d problems forced onto the direct depthwise kernel in channels_last, on maps of a few rows of up to
     20 pixels, mostly in tiles of 8 or 16 pixels: tiles of one row's pixels (row_tiles), several a row, are a
@@ -1307,7 +1339,8 @@ def drawn_problems():
     return {"conv2d": drawn(conv_problems(), 600), "conv1d": drawn(conv_problems(api="conv1d"), 200),
             "default": drawn(conv_problems(families=(None,)), 200),
             "gradients": drawn(gradient_problems(), 400), "banded_rows": drawn(banded_rows(), 200),
-            "direct_rows": drawn(direct_rows(), 200), "sequences": drawn(sequence_problems(), 200)}
+            "direct_rows": drawn(direct_rows(), 200), "sequences": drawn(sequence_problems(), 200),
+            "banded_columns": drawn(banded_columns(), 100)}
 
 
 def _transposed_forced_family(problem: ConvProblem) -> str:
@@ -1343,6 +1376,16 @@ def _strip_tiles(problem: ConvProblem) -> int:
     if not desc.halo_tile:
         return 0
     return -(-(-(-output_size(problem)[1] // desc.config.block_k)) // desc.config.block_m)
+
+
+def _column_tiles(problem: ConvProblem) -> int:
+    """How many tiles of one column of strips' rows the banded forward launch of the problem has down a column
+    (0: flat tiles)."""
+    with launch_variant(problem):
+        pixels = PixelSpace.of("forward", problem.batch, *problem.size, *output_size(problem))
+        desc = lower(plan(spec_of(problem)), "forward", choice=Choice(KERNEL, problem.config, problem.family),
+                     interpret=True, allow_tf32=False, pixels=pixels)
+    return -(-output_size(problem)[0] // desc.step_rows) if desc.step_rows else 0
 
 
 def _row_blocks(problem: ConvProblem) -> int:
@@ -1469,6 +1512,13 @@ DOMAIN = [
     ("banded rows in several tiles of one row's strips", "banded_rows", lambda p: _strip_tiles(p) > 1),
     ("banded rows in flat tiles", "banded_rows", lambda p: _strip_tiles(p) == 0 and output_size(p)[1] > 16),
     ("banded rows with a NaN or inf input", "banded_rows", lambda p: bool(p.specials)),
+    ("banded columns in one tile down a column", "banded_columns", lambda p: _column_tiles(p) == 1),
+    ("banded columns in several tiles down a column", "banded_columns", lambda p: _column_tiles(p) > 1),
+    ("banded columns, dilated in height", "banded_columns", lambda p: _column_tiles(p) and p.dilation[0] > 1),
+    ("banded columns with a NaN or inf input", "banded_columns", lambda p: _column_tiles(p) and bool(p.specials)),
+    ("banded columns with 64-bit offsets", "banded_columns", lambda p: _column_tiles(p) and p.wide_index),
+    *[(f"banded columns in {dtype}", "banded_columns", lambda p, dtype=dtype: _column_tiles(p) and p.dtype == dtype)
+      for dtype in DTYPES],
     ("direct depthwise in one row's pixel tiles", "direct_rows", lambda p: _pixel_row_tiles(p) > 0),
     ("direct depthwise in several tiles of one row's pixels", "direct_rows", lambda p: _pixel_row_tiles(p) > 1),
     ("direct depthwise in row tiles, dilated", "direct_rows", lambda p: _pixel_row_tiles(p) and p.dilation[1] > 1),

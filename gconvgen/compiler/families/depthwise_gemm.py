@@ -29,6 +29,8 @@ FLOAT32_GRAD_WEIGHT_TAPS = (3, 64)  # float32 grad-weight windows the band takes
 STRIP_STEPS_AT_8_CHANNELS = 4  # channels_last forward: band steps a program of 8 channels' strips unrolls at most
 KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep operands in registers beside them
 COLUMNS_ROWS_AT_ONCE = 8  # in columns of strips (RepLKNet's dw31 at 16 rows a pass spilled 8 B in NCHW)
+COLUMN_KERNEL_ROWS = 16  # channels_last forward windows of this many rows or more take tiles of one column's rows
+COLUMN_ROWS = 32  # ... of this many rows at least
 
 
 def is_wide_window(spec: ConvSpec) -> bool:
@@ -68,6 +70,21 @@ def strip_rows(spec: ConvSpec, kind: str) -> bool:
     reads. Other windows take strips of any rows ("flat"): a 2-D map's rows are a few strips long, and at
     stride s a step's tile is not another strip's."""
     return kind == "forward" and spec.kernel_size[0] == 1 and spec.stride[1] == 1
+
+
+def column_rows(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
+    """Whether the forward kernel's tile is BLOCK_M consecutive output rows of one column of strips ("columns"
+    in the template), which lets it load each band step's input once for every kernel row and gather each
+    kernel row's tile from registers: a channels_last window of at least COLUMN_KERNEL_ROWS rows at stride 1
+    along the height, where kernel row r of output row i reads what kernel row 0 of output row i + r x
+    dilation_h reads. Otherwise ("flat") every kernel row and band step loads its own input tile: RepLKNet's
+    dw31 requested 38x the ideal bytes (6.9% of its floor modelled; 11.6% in columns, bound by the gathers'
+    instructions). Shorter windows and NCHW's one-channel dots gain less from the loads than the gathers cost
+    (ConvNeXt's dw7: 11.1% flat, 7.6% in columns; RepLKNet's dw31 in NCHW 7.2% flat, 5.0%), and so do tiles
+    of fewer than COLUMN_ROWS rows (RepLKNet's dw27 on 14 rows: 3.0% flat, 2.5% in columns of 16): a map
+    that short takes the flat tile (fitted)."""
+    return (kind == "forward" and spec.kernel_size[0] >= COLUMN_KERNEL_ROWS and spec.stride[0] == 1
+            and band_dot(spec) == "channels" and config.block_m >= COLUMN_ROWS)
 
 
 def strip_columns(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
@@ -249,6 +266,9 @@ class DepthwiseGemm(Family):
         if strip_rows(spec, kind):
             strips = cdiv(pixels.width, config.block_k)
             return replace(config, block_m=min(config.block_m, pow2_between(strips, DOT_SIDES[0], 1 << 30)))
+        if column_rows(spec, kind, config):  # a map of fewer rows: the flat tile (shrunk below COLUMN_ROWS)
+            rows = pow2_between(pixels.height, DOT_SIDES[0], 1 << 30)
+            return replace(config, block_m=min(config.block_m, rows if rows >= COLUMN_ROWS else COLUMN_ROWS // 2))
         if kind != "grad_weight":
             return config
         if strip_columns(spec, kind, config):
@@ -276,6 +296,8 @@ class DepthwiseGemm(Family):
         strips = cdiv(pixels.width, config.block_k)
         if strip_rows(spec, kind):
             tiles = pixels.rows * cdiv(strips, config.block_m)
+        elif column_rows(spec, kind, config):
+            tiles = pixels.batch * strips * cdiv(pixels.height, config.block_m)
         else:
             tiles = cdiv(pixels.rows * strips, config.block_m)
         return (tiles, 1, cdiv(spec.out_channels, config.block_n))
@@ -309,17 +331,21 @@ class DepthwiseGemm(Family):
         return kernel_rows_at_once(spec, config, halo_tile) if kind == "grad_weight" else 0
 
     def step_rows(self, spec: ConvSpec, kind: str, config: KernelConfig) -> int:
-        """grad-weight in columns of strips (strip_columns): column_step_rows output rows a step."""
+        """grad-weight in columns of strips (strip_columns): column_step_rows output rows a step; the forward
+        in columns (column_rows): its BLOCK_M output rows."""
+        if column_rows(spec, kind, config):
+            return config.block_m
         return column_step_rows(spec, config) if strip_columns(spec, kind, config) else 0
 
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
              band_shift: int = 0) -> tuple[tuple[int, int], int]:
         """grad-weight: the input columns past a strip's main tile (grad_weight_halo), loaded as one tile of a
         power of two >= 16 columns (tl.dot's least side). The forward of one row's strips (strip_rows): the
-        band_steps - 1 strips its band steps reach past the tile, loaded as one tile of a power of two strips,
-        with at least one element a thread."""
-        if strip_rows(spec, kind):
-            ahead = band_steps(spec, config.block_k, band_shift) - 1
+        band_steps - 1 strips its band steps reach past the tile; in columns (column_rows), the row_reach input
+        rows its kernel rows read past its rows; either loaded as one tile of a power of two, with at least one
+        element a thread."""
+        if strip_rows(spec, kind) or column_rows(spec, kind, config):
+            ahead = band_steps(spec, config.block_k, band_shift) - 1 if strip_rows(spec, kind) else row_reach(spec)
             # at least an element a thread: Triton 3.6's gather from a smaller tile fails to compile
             channels = config.block_n if band_dot(spec) == "channels" else 1
             least = cdiv(32 * config.num_warps, config.block_k * channels)
@@ -354,11 +380,15 @@ class DepthwiseGemm(Family):
 
     def _forward_requested(self, desc, problem, programs: int):
         """Per channel and kernel row: the input, each band step's tile ("flat") or the main and halo tiles
-        once (strip_rows), and each band step's weight segment."""
+        once (strip_rows), and each band step's weight segment; in columns (column_rows) the main and halo tiles
+        of each band step once for every kernel row."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         steps = band_steps(spec, k, desc.band_shift)
         rows = programs * n * spec.kernel_size[0]
-        tiles = (m + desc.halo_tile) * k if desc.halo_tile else steps * m * k
+        if desc.step_rows:
+            tiles = steps * (m + desc.halo_tile) * k / spec.kernel_size[0]
+        else:
+            tiles = (m + desc.halo_tile) * k if desc.halo_tile else steps * m * k
         segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
         return rows * (tiles + steps * segment) * ELEMENT_BYTES[spec.dtype], rows * steps * 2 * m * k * k

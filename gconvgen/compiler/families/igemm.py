@@ -54,7 +54,6 @@ class Igemm(Family):
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         """Forward (pixels, output channels, reduction); grad-input (input pixels, input channels, reduction);
         grad-weight (output channels, weight columns, pixels)."""
-        stages = 1 if interpret else 3
         if kind == "grad_weight":  # NCHW activations are staged channels_last as well
             return self._grad_weight_config(spec, interpret)
         channels = pow2_between(packed_channels(spec, kind), 16, 128)

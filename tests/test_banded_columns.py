@@ -1,0 +1,95 @@
+"""The banded depthwise forward in tiles of one column of strips' rows (families/depthwise_gemm.py column_rows,
+templates/depthwise_gemm.py.jinja "columns"): channels_last windows of at least COLUMN_KERNEL_ROWS rows load each
+band step's input once for every kernel row. Its named edges against torch's float64 conv (every output element
+written), when the default takes it, and what it saves for sm_90. The property-based fuzz forces it too
+(tests/test_fuzz.py test_conv2d_forward_banded_columns)."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from conftest import assert_close, reference_conv2d
+from gconvgen.compiler.families import default_config, depthwise_gemm
+from gconvgen.compiler.lowering import KERNEL, Choice
+from gconvgen.compiler.plan import plan
+from gconvgen.compiler.tiles import KernelConfig, PixelSpace
+from gconvgen.ir import ConvSpec
+from gconvgen.runtime import launch
+from test_sm90_compile import compiled_rows
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# channels, multiplier, (H, W), kernel, padding (top, bottom, left, right), dilation, config: a tile of more rows
+# than the output's (20 of 32), with the halo past the map; two tiles down a column (40 rows of 32); a window
+# taller than the map (out rows from the padding alone); dilated rows; a window as wide as a strip
+CASES = [
+    (4, 1, (20, 9), (17, 3), (8, 8, 1, 1), (1, 1), KernelConfig(32, 4, 16, num_stages=1)),
+    (3, 2, (40, 7), (16, 5), (7, 8, 2, 2), (1, 1), KernelConfig(32, 2, 16, num_stages=1)),
+    (2, 1, (6, 5), (18, 1), (16, 17, 0, 0), (1, 1), KernelConfig(32, 2, 16, num_stages=1)),
+    (4, 1, (40, 6), (17, 2), (3, 0, 0, 1), (2, 1), KernelConfig(64, 4, 16, num_stages=1)),
+    (5, 1, (33, 20), (16, 16), (15, 0, 7, 8), (1, 1), KernelConfig(32, 4, 32, num_stages=1)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("channels, multiplier, size, kernel, padding, dilation, config", CASES)
+def test_tiles_of_a_columns_rows_match_torch(channels, multiplier, size, kernel, padding, dilation, config, dtype,
+                                             nan_filled_outputs):
+    generator = torch.Generator().manual_seed(hash((channels, size, kernel)) % 2**31)
+    x = torch.randn(2, channels, *size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels * multiplier, 1, *kernel, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    bias = torch.randn(channels * multiplier, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    spec = ConvSpec(channels, channels * multiplier, channels, kernel, (1, 1), padding, dilation, True, dtype, "nhwc")
+    expected = reference_conv2d(x.double(), weight.double(), bias.double(), (1, 1), padding, dilation, channels)
+    out = torch.empty(expected.shape, dtype=DTYPES[dtype]).contiguous(memory_format=torch.channels_last)
+    prepared = launch.prepare_forward(spec, x, weight, bias, out, Choice(KERNEL, config, "depthwise_gemm"))
+    assert prepared.desc.step_rows == config.block_m, "not the tile of a column's rows"
+    launch.run(prepared)
+    assert_close(out, expected, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("kernel, layout, rows, batch, columns", [
+    ((31, 31), "nhwc", 56, 64, True),
+    ((17, 3), "nhwc", 20, 64, True),
+    ((31, 31), "nhwc", 14, 64, False),  # fewer than COLUMN_ROWS output rows: the flat tile
+    ((31, 31), "nhwc", 56, 1, False),  # a tile halved under COLUMN_ROWS to fill the device: the flat tile
+    ((15, 15), "nhwc", 56, 64, False),  # a window of fewer than COLUMN_KERNEL_ROWS rows
+    ((31, 31), "nchw", 56, 64, False),  # one channel's dot at a time
+])
+def test_tall_channels_last_windows_take_a_columns_rows_on_a_gpu_by_default(kernel, layout, rows, batch, columns):
+    spec = ConvSpec(128, 128, 128, kernel, padding=tuple(k // 2 for k in kernel for _ in (0, 1)), dtype="bfloat16",
+                    layout=layout)
+    assert plan(spec).families[0] == "depthwise_gemm"
+    config = default_config(spec, "depthwise_gemm", "forward", interpret=False,
+                            pixels=PixelSpace.of("forward", batch, rows, 56, rows, 56))
+    assert depthwise_gemm.column_rows(spec, "forward", config) == columns, config
+
+
+SCRIPT = textwrap.dedent("""
+    import json
+    from gconvgen.autotune import suites
+    from gconvgen.tools.inspection import inspect_problem, prepared_launch
+    rows = []
+    layer = next(layer for layer in suites.load_suite("headline").layers if layer.id == "replknet-dw31")
+    forward = layer.problem("bfloat16", "nhwc")
+    for problem in (forward, forward.backward("grad_input")):
+        row = inspect_problem(problem)
+        rows.append({"kind": problem.kind, "family": row.family, "spill": row.figures.spill_bytes,
+                     "columns": prepared_launch(forward).desc.step_rows, "bytes": row.requested_over_ideal_bytes,
+                     "percent": row.model.percent_of_floor})
+    print(json.dumps(rows))
+""")
+
+
+def test_replknet_forward_reads_its_input_once_a_band_step_for_sm90():
+    """RepLKNet's dw31 in channels_last as inspect compiles it, forward and its grad-input (the transposed
+    forward): tiles of a column's rows, no spill, at most 6x the ideal bytes (flat tiles: 38x) and at least 11%
+    of the floor modelled (flat: 6.9%)."""
+    rows = compiled_rows(SCRIPT)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["family"] == "depthwise_gemm" and row["columns"] > 0 and row["spill"] == 0, row
+        assert row["bytes"] <= 6 and row["percent"] >= 11, row

@@ -496,6 +496,24 @@ def _grad_input_under(config: Choice, x, weight, stride, padding, dilation, grou
     return grad_x, expected
 
 
+@pytest.mark.parametrize("kernel, padding", [((3, 3), (1, 1, 1, 1)), ((5, 5), (2, 2, 2, 2))], ids=["k3", "k5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_strided_nchw_depthwise_grad_input_at_its_gpu_tile(kernel, padding, dtype, nan_filled_outputs):
+    """The direct depthwise grad-input's GPU default for NCHW (Depthwise.default_config: 64 pixels by up to 16
+    channels on 2 warps), run under the interpreter: every phase's pixels, a last channel tile part full."""
+    from gconvgen.compiler.families.depthwise import Depthwise
+    from gconvgen.ir import ConvSpec
+    channels = 20
+    spec = ConvSpec(channels, channels, channels, kernel, (2, 2), padding, dtype=str(dtype).removeprefix("torch."))
+    config = Depthwise().default_config(spec, "grad_input", interpret=False)
+    assert (config.block_m, config.num_warps) == (64, 2)
+    x = torch.randn(3, channels, 9, 11, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = torch.randn(channels, 1, *kernel, dtype=torch.float64).to(dtype)
+    grad_x, expected = _grad_input_under(Choice(KERNEL, config, "depthwise"), x, weight, (2, 2), padding, (1, 1),
+                                         channels)
+    assert_close(grad_x, expected, dtype)
+
+
 @pytest.mark.parametrize("size, kernel, stride, padding, dilation, groups, per_group", [
     pytest.param((9, 7), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 2, (4, 4), id="k3-s2-odd-map"),  # ResNeXt's s2
     pytest.param((5, 6), (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 3, (2, 3), id="k1-s2-pixels-no-tap-reaches"),

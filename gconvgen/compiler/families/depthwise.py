@@ -94,6 +94,12 @@ class Depthwise(Family):
             return KernelConfig(64, pow2_between(channels, 8, 32), 0, num_warps=2)
         if spec.layout == "nhwc":  # channels are contiguous: wide channel tiles
             return KernelConfig(32, pow2_between(channels, 8, 32 if warps == 8 else 64), 0, num_warps=warps)
+        if kind == "grad_input":
+            # 64 pixels on 2 warps, 16 outputs a thread up to 3 x 3 windows, 8 past them: each thread's gathers
+            # of grad_out share more of their index arithmetic (MobileNetV2's dw3 at stride 2: 11.1% of its floor
+            # modelled at 128 x 8 on 4 warps, 17.4% here; EfficientNet's dw5 at stride 2 6.5 and 6.6%, where 16
+            # outputs a thread took 239 registers for 6.3%)
+            return KernelConfig(64, pow2_between(channels, 1, 16 if self.taps(spec) <= 9 else 8), 0, num_warps=2)
         return KernelConfig(128, pow2_between(channels, 1, 8), 0, num_warps=warps)
 
     def phases(self, spec: ConvSpec, kind: str) -> tuple[int, int]:

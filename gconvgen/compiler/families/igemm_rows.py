@@ -111,8 +111,8 @@ class IgemmRows(Igemm):
         accumulators pass ACCUMULATOR_ELEMENTS; in fewer stages while its operands pass the shared memory of
         DEFAULT_SHARED_MEMORY_BYTES. Grad-weight: (the packed groups' output channels, up to 64, their input
         channels, up to 32 and as the taps' accumulators allow (GRAD_WEIGHT_ACCUMULATOR_ELEMENTS for a 3 x 3
-        window), pixels a step up to GRAD_WEIGHT_STEP_PRODUCTS a 4 warps), groups packed as the output-channel
-        tile allows; 8 warps for 64 output channels. A group's output channels in one tile read its input once
+        window), pixels a step up to GRAD_WEIGHT_STEP_PRODUCTS for each 4 warps), groups packed as the
+        output-channel tile allows; 8 warps for 64 output channels. A group's output channels in one tile read its input once
         (RegNetY-8GF's 56 a group: 21.7% of its floor modelled at 32 x 32, 25.9% at 64 x 16)."""
         if kind == "grad_weight":
             block_m = pow2_between(spec.out_channels_per_group, 16, 64)

@@ -91,8 +91,12 @@ class Igemm(Family):
         wide = block_m * block_n > 128 * 64 and not interpret
         warps = min(8 if wide or wide_store or (_uneven(reduced) and not interpret) else 4,
                     max(1, block_m * block_n // _ACCUMULATOR_ELEMENTS_PER_WARP))
-        step = pow2_between(packed * reduced, 16, 64) if interpret else _reduction_step(packed * reduced, 32)
-        return replace(tile, block_k=step, num_warps=warps)
+        return replace(tile, block_k=self.reduction_step(packed * reduced, interpret), num_warps=warps)
+
+    def reduction_step(self, channels: int, interpret: bool) -> int:
+        """The channels of a forward or grad-input reduction step over ``channels`` channels of the packed
+        groups: on a GPU the power of two up to 32 that pads them least (_reduction_step)."""
+        return pow2_between(channels, 16, 64) if interpret else _reduction_step(channels, 32)
 
     def reads_aligned_rows(self, spec: ConvSpec, band_dot: str, kind: str = "forward") -> bool:
         """Every igemm kernel reads channels_last pixels as vectors when the launch's pixel starts are known

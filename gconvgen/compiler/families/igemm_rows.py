@@ -135,6 +135,13 @@ class IgemmRows(Igemm):
         198 to 221 registers on 4 warps for 1.4% less modelled time)."""
         return 256 if interpret else 128
 
+    def reduction_step(self, channels: int, interpret: bool) -> int:
+        """The next power of two up to 32 (64 under the interpreter), not the flat igemm's least-padding step: a
+        row's step unrolls its taps, and a window of many taps compiles for minutes (a 128-tap conv1d in float32
+        took over 150 s at 32 or 16 channels a step; in more, smaller steps the sm_90 check of every variant,
+        tests/test_sm90_compile.py, ran past 20 minutes)."""
+        return pow2_between(channels, 16, 64 if interpret else 32)
+
     def _config(self, spec: ConvSpec, kind: str, block_m: int, block_n: int, *, interpret: bool) -> KernelConfig:
         """The flat igemm's tile, with a reduction step of every input channel of the packed groups where they
         are at most HELD_CHANNELS: one channel step, whose weight tiles the kernel loads once and holds

@@ -30,14 +30,16 @@ CASES = [
 
 
 def test_a_reduction_step_pads_the_channels_least():
-    assert [_reduction_step(c, 32) for c in (4, 16, 24, 32, 48, 56, 64, 96, 112)] == [16, 16, 32, 32, 16, 32, 32, 32, 16]
+    channels = (4, 16, 24, 32, 48, 56, 64, 96, 112)
+    assert [_reduction_step(c, 32) for c in channels] == [16, 16, 32, 32, 16, 32, 32, 32, 16]
 
 
 def test_the_positional_conv_takes_256_pixels_and_256_weight_columns():
     spec = ConvSpec(768, 768, 16, (1, 128), (1, 1), (0, 0, 64, 64), bias=True, dtype="bfloat16")
     igemm = Igemm()
-    assert igemm.default_config(spec, "forward", interpret=False) == KernelConfig(256, 64, 16, num_warps=8, num_stages=3)
-    assert igemm.default_config(spec, "grad_weight", interpret=False) == KernelConfig(64, 256, 32, num_warps=8, num_stages=3)
+    forward, grad_weight = (igemm.default_config(spec, kind, interpret=False) for kind in ("forward", "grad_weight"))
+    assert forward == KernelConfig(256, 64, 16, num_warps=8, num_stages=3)
+    assert grad_weight == KernelConfig(64, 256, 32, num_warps=8, num_stages=3)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

@@ -96,7 +96,9 @@ class Igemm(Family):
     def reduction_step(self, channels: int, interpret: bool) -> int:
         """The channels of a forward or grad-input reduction step over ``channels`` channels of the packed
         groups: on a GPU the power of two up to 32 that pads them least (_reduction_step)."""
-        return pow2_between(channels, 16, 64) if interpret else _reduction_step(channels, 32)
+        if interpret:  # few, large steps
+            return pow2_between(channels, 16, 64)
+        return _reduction_step(channels, 32)
 
     def reads_aligned_rows(self, spec: ConvSpec, band_dot: str, kind: str = "forward") -> bool:
         """Every igemm kernel reads channels_last pixels as vectors when the launch's pixel starts are known

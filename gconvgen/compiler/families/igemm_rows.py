@@ -112,8 +112,8 @@ class IgemmRows(Igemm):
         DEFAULT_SHARED_MEMORY_BYTES. Grad-weight: (the packed groups' output channels, up to 64, their input
         channels, up to 32 and as the taps' accumulators allow (GRAD_WEIGHT_ACCUMULATOR_ELEMENTS for a 3 x 3
         window), pixels a step up to GRAD_WEIGHT_STEP_PRODUCTS for each 4 warps), groups packed as the
-        output-channel tile allows; 8 warps for 64 output channels. A group's output channels in one tile read its input once
-        (RegNetY-8GF's 56 a group: 21.7% of its floor modelled at 32 x 32, 25.9% at 64 x 16)."""
+        output-channel tile allows; 8 warps for 64 output channels. A group's output channels in one tile read
+        its input once (RegNetY-8GF's 56 a group: 21.7% of its floor modelled at 32 x 32, 25.9% at 64 x 16)."""
         if kind == "grad_weight":
             block_m = pow2_between(spec.out_channels_per_group, 16, 64)
             packed = min(spec.groups, max(1, block_m // spec.out_channels_per_group))
@@ -136,11 +136,11 @@ class IgemmRows(Igemm):
         return 256 if interpret else 128
 
     def reduction_step(self, channels: int, interpret: bool) -> int:
-        """The next power of two up to 32 (64 under the interpreter), not the flat igemm's least-padding step: a
-        row's step unrolls its taps, and a window of many taps compiles for minutes (a 128-tap conv1d in float32
+        """On a GPU the next power of two up to 32, not the flat igemm's least-padding step: a row's step unrolls
+        its taps, and a window of many taps compiles for minutes (a 128-tap conv1d in float32
         took over 150 s at 32 or 16 channels a step; in more, smaller steps the sm_90 check of every variant,
         tests/test_sm90_compile.py, ran past 20 minutes)."""
-        return pow2_between(channels, 16, 64 if interpret else 32)
+        return super().reduction_step(channels, interpret) if interpret else pow2_between(channels, 16, 32)
 
     def _config(self, spec: ConvSpec, kind: str, block_m: int, block_n: int, *, interpret: bool) -> KernelConfig:
         """The flat igemm's tile, with a reduction step of every input channel of the packed groups where they

@@ -63,6 +63,7 @@ import gconvgen
 from gconvgen import knobs
 from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
 from gconvgen.compiler.families import igemm_rows, suiting_first
+from gconvgen.compiler.families.depthwise_gemm import SLIDING_OPEN_ROWS, sliding_block_rows
 from gconvgen.compiler.families.igemm_rows import open_rows, rows_per_program
 from gconvgen.compiler.plan import grad_input_as_forward, plan, transposed_conv
 from gconvgen.autotune import choice
@@ -545,9 +546,12 @@ def iterations(problem: ConvProblem, desc) -> int:
     if desc.family == "igemm_rows":  # out_rows + open_rows - 1 steps, each every tap's dot
         return (math.prod(desc.grid(pixels)) * rows_steps * taps
                 * -(-desc.spec.in_channels_per_group // desc.config.block_k))
-    if desc.family == "depthwise_gemm":
-        return math.prod(desc.grid(pixels)) * problem.kernel[0] * band_steps(desc.spec, desc.config.block_k,
-                                                                            desc.band_shift)
+    if desc.family == "depthwise_gemm":  # sliding down the rows: each step every kernel row's dots
+        reach = (problem.kernel[0] - 1) * problem.dilation[0]
+        pairs = problem.batch * -(-out_w // desc.config.block_k)
+        slides = sliding_block_rows(out_h, pairs, desc.config.block_m) + reach if desc.slide_rows else 1
+        return (math.prod(desc.grid(pixels)) * problem.kernel[0] * slides
+                * band_steps(desc.spec, desc.config.block_k, desc.band_shift))
     return math.prod(desc.grid(pixels)) * taps
 
 
@@ -958,6 +962,45 @@ def test_conv2d_forward_banded_columns(problem, nan_filled_outputs):
 
 
 @st.composite
+def banded_sliding(draw):
+    """conv2d problems forced onto the banded kernel with windows of 2 to 7 rows (dilated now and then) that reach
+    at most 6 rows at stride 1 along the height, in either layout, over maps of 1 to 40 output rows: tiles of
+    (batch, block of rows, strip) triples sliding down the rows (sliding_rows), one to three blocks down the
+    rows, the window's reach before and past a block's rows and the map, strided widths, several tiles."""
+    problem = draw(conv_problems(families=("depthwise_gemm",), max_channels=4, kernel_sides=(1, 2, 3, 5, 7),
+                                 extents=("tiny", "small", "long_rows")))
+    kernel_h, dilation_h = draw(st.integers(2, 7)), draw(st.sampled_from((1, 1, 2)))
+    reach = (kernel_h - 1) * dilation_h
+    assume(reach < SLIDING_OPEN_ROWS)
+    top, bottom = draw(st.integers(0, reach + 1)), draw(st.integers(0, reach + 1))
+    out_rows = draw(st.sampled_from((1, 2, 5, 16, 17, 33, 40)))
+    height = out_rows + reach - top - bottom  # the output rows drawn, at stride 1
+    assume(height >= 1)
+    left, right = (problem.padding[2:] if isinstance(problem.padding, tuple)
+                   else ((problem.kernel[1] - 1) * problem.dilation[1] // 2,) * 2)
+    width, batch = problem.size[1], problem.batch
+    if draw(st.integers(0, 3)) == 0:  # rows of 6 or 7 strips of 16 in 3 images: two tiles of 16 triples or more
+        width, batch = draw(st.integers(81, 100)), 3
+    problem = dataclasses.replace(problem, kernel=(kernel_h, problem.kernel[1]), stride=(1, problem.stride[1]),
+                                  dilation=(dilation_h, problem.dilation[1]), size=(height, width), batch=batch,
+                                  unbatched=problem.unbatched and batch == 1, padding=(top, bottom, left, right),
+                                  max_rows=0, config=KernelConfig(16, draw(st.sampled_from((1, 2, 4))), 16,
+                                                                  num_stages=1))
+    assume(output_size(problem)[1] >= 1)
+    return problem
+
+
+@settings(max_examples=budget(0.15))
+@given(problem=banded_sliding())
+def test_conv2d_forward_banded_sliding(problem, nan_filled_outputs):
+    """The banded kernel on windows of a few rows at stride 1 along the height, whose tile of (batch, block of
+    rows, strip) triples slides down the output rows and holds its band blocks (sliding_rows): rows before and
+    past a block's, several blocks down the rows, several tiles, dilated heights, non-finite inputs, both
+    layouts."""
+    check_forward(problem)
+
+
+@st.composite
 def direct_rows(draw):
     """conv2d problems forced onto the direct depthwise kernel in channels_last, on maps of a few rows of up to
     20 pixels, mostly in tiles of 8 or 16 pixels: tiles of one row's pixels (row_tiles), several a row, are a
@@ -1340,7 +1383,7 @@ def drawn_problems():
             "default": drawn(conv_problems(families=(None,)), 200),
             "gradients": drawn(gradient_problems(), 400), "banded_rows": drawn(banded_rows(), 200),
             "direct_rows": drawn(direct_rows(), 200), "sequences": drawn(sequence_problems(), 200),
-            "banded_columns": drawn(banded_columns(), 100)}
+            "banded_columns": drawn(banded_columns(), 100), "banded_sliding": drawn(banded_sliding(), 100)}
 
 
 def _transposed_forced_family(problem: ConvProblem) -> str:
@@ -1386,6 +1429,18 @@ def _column_tiles(problem: ConvProblem) -> int:
         desc = lower(plan(spec_of(problem)), "forward", choice=Choice(KERNEL, problem.config, problem.family),
                      interpret=True, allow_tf32=False, pixels=pixels)
     return -(-output_size(problem)[0] // desc.step_rows) if desc.step_rows else 0
+
+
+def _sliding_blocks(problem: ConvProblem) -> tuple[int, int]:
+    """(tiles of triples, blocks down the rows) of the banded forward launch of the problem sliding down the
+    output rows ((0, 0): another tile)."""
+    with launch_variant(problem):
+        desc = described(spec_of(problem), "forward", problem.family, problem.config)
+        if desc is None or not desc.slide_rows:
+            return 0, 0
+        out_h, out_w = output_size(problem)
+        rows = sliding_block_rows(out_h, problem.batch * -(-out_w // desc.config.block_k), desc.config.block_m)
+        return desc.grid(PixelSpace.of("forward", problem.batch, *problem.size, out_h, out_w))[0], -(-out_h // rows)
 
 
 def _row_blocks(problem: ConvProblem) -> int:
@@ -1518,6 +1573,17 @@ DOMAIN = [
     ("banded columns with a NaN or inf input", "banded_columns", lambda p: _column_tiles(p) and bool(p.specials)),
     ("banded columns with 64-bit offsets", "banded_columns", lambda p: _column_tiles(p) and p.wide_index),
     *[(f"banded columns in {dtype}", "banded_columns", lambda p, dtype=dtype: _column_tiles(p) and p.dtype == dtype)
+      for dtype in DTYPES],
+    ("banded sliding in one block down the rows", "banded_sliding", lambda p: _sliding_blocks(p)[1] == 1),
+    ("banded sliding in several blocks down the rows", "banded_sliding", lambda p: _sliding_blocks(p)[1] > 1),
+    ("banded sliding in several tiles of triples", "banded_sliding", lambda p: _sliding_blocks(p)[0] > 1),
+    ("banded sliding, dilated in height", "banded_sliding", lambda p: _sliding_blocks(p)[1] and p.dilation[0] > 1),
+    ("banded sliding, strided in width", "banded_sliding", lambda p: _sliding_blocks(p)[1] and p.stride[1] > 1),
+    ("banded sliding with a NaN or inf input", "banded_sliding", lambda p: _sliding_blocks(p)[1] and bool(p.specials)),
+    ("banded sliding with 64-bit offsets", "banded_sliding", lambda p: _sliding_blocks(p)[1] and p.wide_index),
+    *[(f"banded sliding, {layout}", "banded_sliding", lambda p, layout=layout: _sliding_blocks(p)[1] and
+       p.layout == layout) for layout in ("nchw", "channels_last")],
+    *[(f"banded sliding in {dtype}", "banded_sliding", lambda p, dtype=dtype: _sliding_blocks(p)[1] and p.dtype == dtype)
       for dtype in DTYPES],
     ("direct depthwise in one row's pixel tiles", "direct_rows", lambda p: _pixel_row_tiles(p) > 0),
     ("direct depthwise in several tiles of one row's pixels", "direct_rows", lambda p: _pixel_row_tiles(p) > 1),

@@ -96,12 +96,17 @@ def test_kernel_family():
 
 
 def test_depthwise_offers_both_forward_families_and_wide_windows_default_to_tensor_cores():
-    narrow = plan(ConvSpec(8, 8, 8, (5, 5), dtype="bfloat16", layout="nhwc"))  # 25 taps: memory-bound on CUDA cores
+    # 25 taps at stride 2: memory-bound on CUDA cores
+    narrow = plan(ConvSpec(8, 8, 8, (5, 5), (2, 2), dtype="bfloat16", layout="nhwc"))
     wide = plan(ConvSpec(8, 8, 8, (7, 7), dtype="bfloat16", layout="nhwc"))    # 49 taps: CUDA-core bound
+    # stride 1 in height: the band slides down the rows, each input row read once (sliding_rows)
+    sliding = plan(ConvSpec(8, 8, 8, (3, 3), dtype="float16", layout="nchw"))
     assert plan(ConvSpec(8, 8, 8, (7, 7), dtype="float32", layout="nhwc")).family == "depthwise"  # no faster dot
+    assert plan(ConvSpec(8, 8, 8, (3, 3), dtype="float32", layout="nhwc")).family == "depthwise"
     assert narrow.families == ("depthwise", "depthwise_gemm")
     assert wide.families == ("depthwise_gemm", "depthwise")
-    assert narrow.backward_family == wide.backward_family == "depthwise"
+    assert sliding.families[0] == "depthwise_gemm"
+    assert narrow.backward_family == wide.backward_family == sliding.backward_family == "depthwise"
     chosen = plan(ConvSpec(8, 8, 8, (5, 5)), family="depthwise_gemm")  # as a tuning result picks it
     assert chosen.family == "depthwise_gemm" and "family=depthwise_gemm" in chosen.explain()
     with pytest.raises(ValueError, match=r"family='igemm' cannot compute .*; use one of \('depthwise1d', 'depthwise', "):

@@ -48,7 +48,8 @@ CASES = [
     P("forward", _depthwise(240, 5, "nhwc", "float32"), (1, 28, 28), "depthwise", None,
       id="effb0-dw5-n1-fp32"),                                                  # 4-float vectors: a floor of 8 x 64
     P("forward", _depthwise(96, 7, "nhwc"), (1, 56, 56), "depthwise_gemm", (16, 8), id="convnext-dw7-n1-floor"),
-    P("forward", _depthwise(96, 7, "nchw"), (1, 56, 56), "depthwise_gemm", None, id="convnext-dw7-n1-nchw"),
+    P("forward", _depthwise(96, 7, "nchw"), (1, 56, 56), "depthwise_gemm", (16, 1),
+      id="convnext-dw7-n1-nchw"),                                               # sliding down the rows: 96 programs
     P("forward", _depthwise(96, 7, "nhwc", "float32"), (1, 56, 56), "depthwise_gemm", None,
       id="convnext-dw7-n1-fp32"),                                               # strips of 16: two waves at 16 x 4
     P("forward", _depthwise(768, 7, "nhwc"), (64, 7, 7), "depthwise_gemm", None, id="convnext-dw7-768-n64"),

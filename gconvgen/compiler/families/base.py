@@ -117,6 +117,11 @@ class Family:
         """The output rows a step of a tile of one column's rows takes (KernelDesc.step_rows); 0 otherwise."""
         return 0
 
+    def slide_rows(self, spec: ConvSpec, kind: str, config: KernelConfig, pixels: Optional[PixelSpace]) -> int:
+        """The most output rows a block of a forward tile sliding down them takes (KernelDesc.slide_rows), for a
+        launch over ``pixels`` (None: not known); 0: the tile does not slide."""
+        return 0
+
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
              band_shift: int = 0) -> tuple[tuple[int, int], int]:
         """(positions read before and after the main tile, the side of the tiles holding them)."""

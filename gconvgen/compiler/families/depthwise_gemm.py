@@ -9,7 +9,8 @@ from dataclasses import replace
 from typing import Optional
 
 from ...ir import ConvSpec
-from ..tiles import DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv, pow2_between
+from ..tiles import (DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, H200_SMS, KernelConfig, PixelSpace, cdiv,
+                     pow2_between)
 from .base import Family
 from .igemm import DOT_SIDES
 
@@ -31,19 +32,26 @@ KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep oper
 COLUMNS_ROWS_AT_ONCE = 8  # in columns of strips (RepLKNet's dw31 at 16 rows a pass spilled 8 B in NCHW)
 COLUMN_KERNEL_ROWS = 16  # channels_last forward windows of this many rows or more take tiles of one column's rows
 COLUMN_ROWS = 32  # ... of this many rows at least
+SLIDING_OPEN_ROWS = 7  # forward windows of at most this many open rows (row_reach + 1) slide down them (sliding_rows)
+SLIDING_ROWS = 16  # ... in blocks of this many output rows at most
+SLIDING_LEAST_PROGRAMS = H200_SMS // 2  # ... in grids of this many programs, where a flat one would have more
 
 
 def is_wide_window(spec: ConvSpec) -> bool:
-    """Direct costs 2 * kh * kw flop per output element against about 4 bytes moved in half precision, so
-    from kh * kw = 49 (k7) it is bound by the CUDA cores' FMA rate rather than by memory, and the banded
-    form is the default for float16 and bfloat16 (in float32 and float64 a dot is no faster than FMAs, so
-    the band's waste would only cost). A height-1 window (conv1d) goes there past ROW_TAPS: depthwise1d
-    forms each tap with gathers, about 32 sm_90 instructions an output at k4 but about 130 at k8, where a
-    copy's pace allows about 27, while the band's rows are strips along the length (a few wasted FLOPs a
-    tap, on tensor cores)."""
+    """Whether half precision runs on the band by default. Direct costs 2 * kh * kw flop per output element
+    against about 4 bytes moved in half precision, so from kh * kw = 49 (k7) it is bound by the CUDA cores' FMA
+    rate rather than by memory, and the banded form is the default for float16 and bfloat16 (in float32 and
+    float64 a dot is no faster than FMAs, so the band's waste would only cost). A height-1 window (conv1d) goes
+    there past ROW_TAPS: depthwise1d forms each tap with gathers, about 32 sm_90 instructions an output at k4 but
+    about 130 at k8, where a copy's pace allows about 27, while the band's rows are strips along the length (a
+    few wasted FLOPs a tap, on tensor cores). So does every window the band's forward takes sliding down the rows
+    (sliding_rows), which reads each input row once and builds its band blocks once a program: MobileNetV2's dw3
+    at 80.0% of its floor modelled in channels_last (36.7% direct), 55.1% in NCHW (30.5% on depthwise1d);
+    EfficientNet's dw5 68.1 / 54.0% (15.3 / 14.3)."""
     kernel_h, kernel_w = spec.kernel_size
     return spec.dtype in ("float16", "bfloat16") and (kernel_h * kernel_w >= WIDE_DEPTHWISE_TAPS
-                                                       or (kernel_h == 1 and kernel_w > ROW_TAPS))
+                                                       or (kernel_h == 1 and kernel_w > ROW_TAPS)
+                                                       or sliding_rows(spec, "forward"))
 
 
 def band_dot(spec: ConvSpec) -> str:
@@ -85,6 +93,42 @@ def column_rows(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
     that short takes the flat tile (fitted)."""
     return (kind == "forward" and spec.kernel_size[0] >= COLUMN_KERNEL_ROWS and spec.stride[0] == 1
             and band_dot(spec) == "channels" and config.block_m >= COLUMN_ROWS)
+
+
+def sliding_rows(spec: ConvSpec, kind: str, config: Optional[KernelConfig] = None,
+                 pixels: Optional[PixelSpace] = None) -> bool:
+    """Whether the forward kernel's tile is BLOCK_M (batch, block of up to SLIDING_ROWS output rows, strip)
+    triples that slide down their rows ("sliding" in the template), loading each input row once for every kernel
+    row and holding every band block through the rows: a window of 2 to SLIDING_OPEN_ROWS rows' reach at stride
+    1 along the height, whose open rows' accumulators (one a row of the reach, and one) the registers hold. The
+    flat tile loads an input tile and builds a band block for every kernel row and band step of every tile
+    (ConvNeXt's dw7: 9.0x the ideal bytes, 11.1% of its floor modelled in channels_last; sliding, 1.7x and
+    48.7%, bound by mma.sync's FLOPs). Taller windows take the flat tile or columns (column_rows).
+    With the launch's ``pixels`` (and the ``config``): the flat tile where its grid has SLIDING_LEAST_PROGRAMS
+    programs or more and the sliding grid fewer. Each sliding program steps through a block's rows and the
+    window's reach one after another, where a flat program takes a tile of rows: on a small batch the flat tile
+    keeps more of the device busy (ConvNeXt's dw7 at batch 1 in channels_last: 12 sliding programs, 4.6% of the
+    floor modelled; 168 flat ones, 10.6%; in NCHW 96 sliding ones, 36.8%, against 8.9%)."""
+    reach = row_reach(spec)
+    if not (kind == "forward" and 0 < reach < SLIDING_OPEN_ROWS and spec.stride[0] == 1):
+        return False
+    if pixels is None or config is None:
+        return True
+    strips, channel_tiles = cdiv(pixels.width, config.block_k), cdiv(spec.out_channels, config.block_n)
+    rows = sliding_block_rows(pixels.height, pixels.batch * strips, config.block_m)
+    sliding = cdiv(pixels.batch * cdiv(pixels.height, rows) * strips, config.block_m) * channel_tiles
+    flat = cdiv(pixels.rows * strips, config.block_m) * channel_tiles
+    return sliding >= SLIDING_LEAST_PROGRAMS or flat < SLIDING_LEAST_PROGRAMS
+
+
+def sliding_block_rows(out_height: int, pairs: int, block_m: int) -> int:
+    """The output rows of a block of a sliding forward (sliding_rows), as its template splits the height: evenly
+    into blocks of at most SLIDING_ROWS rows, or into more where that many blocks of the launch's ``pairs``
+    (batch, strip) pairs would leave a tile of ``block_m`` triples part empty: as many as fill one, up to a
+    block a row (ConvNeXt's dw7 on a 7 x 7 map at batch 1: one pair; 16-row blocks modelled 4.6% of its floor,
+    blocks of a row as many as the flat tile)."""
+    blocks = min(out_height, max(cdiv(out_height, SLIDING_ROWS), cdiv(block_m, pairs)))
+    return cdiv(out_height, blocks)
 
 
 def strip_columns(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
@@ -205,6 +249,10 @@ class DepthwiseGemm(Family):
             # one row's strips of 16 columns on 4 warps: on 8 the gathers of each band step's tile cost more
             # instructions than the copy's pace allows (causal k8 modelled 47% of its floor on 8 warps, 96% on 4)
             return KernelConfig(128, 1, 16, num_warps=4, num_stages=3)
+        if band_dot(spec) == "rows" and sliding_rows(spec, kind):
+            # 64 pairs on 4 warps, one stage: ConvNeXt's dw7 44.8% of its floor modelled (128 on 8 warps: 34.7;
+            # 128 on 4 spilled 328 B), EfficientNet's dw5 54.0 (41.9), MobileNetV2's dw3 55.1 (55.3)
+            return KernelConfig(64, 1, strip, num_warps=4, num_stages=1)
         if band_dot(spec) == "rows":  # one channel's 2-D dot: 128 rows on 8 warps (wgmma, no spills at k7 and k31)
             config = KernelConfig(128, 1, strip, num_warps=8, num_stages=3)
             while config.num_stages > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
@@ -289,8 +337,9 @@ class DepthwiseGemm(Family):
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
-        """(tiles of BLOCK_M strips of BLOCK_K output columns over every output row, or of each row's strips
-        (strip_rows), 1, channel tiles); grad-weight: (channel tiles, splits of the strips)."""
+        """(tiles of BLOCK_M strips of BLOCK_K output columns over every output row, of each row's strips
+        (strip_rows), of a column's rows (column_rows), or of (batch, row block, strip) triples (sliding_rows), 1,
+        channel tiles); grad-weight: (channel tiles, splits of the strips)."""
         if kind == "grad_weight":
             return (cdiv(spec.out_channels, config.block_n), splits)
         strips = cdiv(pixels.width, config.block_k)
@@ -298,6 +347,9 @@ class DepthwiseGemm(Family):
             tiles = pixels.rows * cdiv(strips, config.block_m)
         elif column_rows(spec, kind, config):
             tiles = pixels.batch * strips * cdiv(pixels.height, config.block_m)
+        elif sliding_rows(spec, kind, config, pixels):
+            rows = sliding_block_rows(pixels.height, pixels.batch * strips, config.block_m)
+            tiles = cdiv(pixels.batch * cdiv(pixels.height, rows) * strips, config.block_m)
         else:
             tiles = cdiv(pixels.rows * strips, config.block_m)
         return (tiles, 1, cdiv(spec.out_channels, config.block_n))
@@ -337,6 +389,10 @@ class DepthwiseGemm(Family):
             return config.block_m
         return column_step_rows(spec, config) if strip_columns(spec, kind, config) else 0
 
+    def slide_rows(self, spec: ConvSpec, kind: str, config: KernelConfig, pixels: Optional[PixelSpace]) -> int:
+        """The forward sliding down the output rows (sliding_rows): SLIDING_ROWS, the most a block has."""
+        return SLIDING_ROWS if sliding_rows(spec, kind, config, pixels) else 0
+
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
              band_shift: int = 0) -> tuple[tuple[int, int], int]:
         """grad-weight: the input columns past a strip's main tile (grad_weight_halo), loaded as one tile of a
@@ -362,7 +418,7 @@ class DepthwiseGemm(Family):
     def requested(self, desc, problem, programs: int, arguments: dict):
         if desc.kind == "grad_weight":
             return self._grad_weight_requested(desc, problem, programs, arguments)
-        return self._forward_requested(desc, problem, programs)
+        return self._forward_requested(desc, problem, programs, arguments)
 
     def _grad_weight_requested(self, desc, problem, programs: int, arguments: dict):
         """Per step and channel: in each pass over the kernel rows a [block_m, block_k] grad_out tile, and the
@@ -378,10 +434,13 @@ class DepthwiseGemm(Family):
         loaded = steps * (passes * m * k + x_rows * band) * ELEMENT_BYTES[spec.dtype]
         return loaded, steps * kernel_h * 2 * k * m * band
 
-    def _forward_requested(self, desc, problem, programs: int):
+    def _forward_requested(self, desc, problem, programs: int, arguments: dict):
         """Per channel and kernel row: the input, each band step's tile ("flat") or the main and halo tiles
         once (strip_rows), and each band step's weight segment; in columns (column_rows) the main and halo tiles
-        of each band step once for every kernel row."""
+        of each band step once for every kernel row; sliding down the rows (sliding_rows) each band step's tile
+        of an input row once for every kernel row, a program's rows and the window's reach past them."""
+        if desc.slide_rows:
+            return self._sliding_requested(desc, problem, programs, arguments)
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         steps = band_steps(spec, k, desc.band_shift)
@@ -392,3 +451,21 @@ class DepthwiseGemm(Family):
             tiles = (m + desc.halo_tile) * k if desc.halo_tile else steps * m * k
         segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
         return rows * (tiles + steps * segment) * ELEMENT_BYTES[spec.dtype], rows * steps * 2 * m * k * k
+
+    def _sliding_requested(self, desc, problem, programs: int, arguments: dict):
+        """Sliding down the rows (sliding_rows): per program and channel, the band blocks of every kernel row and
+        band step built once (a weight segment each); at each step (the program's rows and the window's reach past
+        them) each band step's tile of the input row, the columns some tap reaches (row_alignment vectors), and
+        a dot of it for every kernel row."""
+        spec, config = problem.spec, desc.config
+        m, n, k = config.block_m, config.block_n, config.block_k
+        steps = band_steps(spec, k, desc.band_shift)
+        window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
+        reached = [min(k, cdiv(max(0, window_width + desc.band_shift - spec.stride[1] + k * (spec.stride[1] - step)),
+                               desc.row_alignment) * desc.row_alignment) if step else k for step in range(steps)]
+        channels = programs * n
+        strips = cdiv(arguments["out_width"], k)
+        rows = sliding_block_rows(arguments["out_height"], arguments["batch"] * strips, m) + row_reach(spec)
+        segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
+        loaded = channels * (rows * m * sum(reached) + spec.kernel_size[0] * steps * segment)
+        return loaded * ELEMENT_BYTES[spec.dtype], channels * rows * spec.kernel_size[0] * steps * 2 * m * k * k

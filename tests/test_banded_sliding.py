@@ -75,6 +75,22 @@ def test_an_inf_past_a_band_blocks_reach_stays_out_of_the_sum(nan_filled_outputs
     assert_close(out[..., :16], expected[..., :16], torch.float32)
 
 
+def test_a_window_that_could_slide_takes_the_flat_tile_where_the_flat_grid_keeps_more_sms_busy(nan_filled_outputs):
+    """One image of 600 rows of 10 columns: 3 sliding programs (38 blocks of 16 rows, 16 a tile) against 38 flat
+    ones (SLIDING_LEAST_PROGRAMS or more), so the flat tile, whose tiles are any rows' strips; against torch."""
+    x = torch.randn(1, 1, 600, 10, dtype=torch.float64)
+    weight = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    spec = ConvSpec(1, 1, 1, (3, 3), (1, 1), (1, 1, 1, 1), dtype="float32", layout="nhwc")
+    expected = reference_conv2d(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    out = torch.empty(expected.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    prepared = launch.prepare_forward(spec, x.float().contiguous(memory_format=torch.channels_last), weight.float(),
+                                      None, out, Choice(KERNEL, KernelConfig(16, 1, 16, num_stages=1),
+                                                        "depthwise_gemm"))
+    assert not prepared.desc.slide_rows and prepared.grid[0] == 38 >= depthwise_gemm.SLIDING_LEAST_PROGRAMS
+    launch.run(prepared)
+    assert_close(out, expected, torch.float32)
+
+
 @pytest.mark.parametrize("kernel, stride, dilation, dtype, sliding", [
     ((3, 3), (1, 1), (1, 1), "bfloat16", True),   # MobileNetV2's dw3
     ((5, 5), (1, 1), (1, 1), "float16", True),    # EfficientNet's dw5

@@ -34,7 +34,7 @@ COLUMN_KERNEL_ROWS = 16  # channels_last forward windows of this many rows or mo
 COLUMN_ROWS = 32  # ... of this many rows at least
 SLIDING_OPEN_ROWS = 7  # forward windows of at most this many open rows (row_reach + 1) slide down them (sliding_rows)
 SLIDING_ROWS = 16  # ... in blocks of this many output rows at most
-SLIDING_LEAST_PROGRAMS = H200_SMS // 2  # ... in grids of this many programs, where a flat one would have more
+SLIDING_LEAST_PROGRAMS = H200_SMS // 4  # ... in grids of this many programs, where a flat one would have more
 
 
 def is_wide_window(spec: ConvSpec) -> bool:
@@ -108,7 +108,8 @@ def sliding_rows(spec: ConvSpec, kind: str, config: Optional[KernelConfig] = Non
     programs or more and the sliding grid fewer. Each sliding program steps through a block's rows and the
     window's reach one after another, where a flat program takes a tile of rows: on a small batch the flat tile
     keeps more of the device busy (ConvNeXt's dw7 at batch 1 in channels_last: 12 sliding programs, 4.6% of the
-    floor modelled; 168 flat ones, 10.6%; in NCHW 96 sliding ones, 36.8%, against 8.9%)."""
+    floor modelled; 168 flat ones, 10.6%). A quarter of the SMs busy is enough for sliding to win: in NCHW the
+    same layer's 96 sliding programs model 36.8% against the flat tile's 8.9%."""
     reach = row_reach(spec)
     if not (kind == "forward" and 0 < reach < SLIDING_OPEN_ROWS and spec.stride[0] == 1):
         return False
@@ -262,6 +263,11 @@ class DepthwiseGemm(Family):
         # One row's strips with more than STRIP_STEPS_AT_8_CHANNELS band steps, unrolled, take 4 (causal k256: 8
         # spilled 196 B at 255 registers; 4 take 213, no spill)
         channels = 4 if strip_rows(spec, kind) and band_steps(spec, strip, 0) > STRIP_STEPS_AT_8_CHANNELS else 8
+        if sliding_rows(spec, kind) and spec.out_channels % 8:
+            # channel rows that are not whole 16-byte vectors load in narrower pieces: 4 channels, twice the
+            # programs (ShuffleNetV2's 116 channels, 14 x 14 at batch 64: 8 kept 30 sliding programs, too few, and
+            # the flat tile modelled 11.1% of its floor; 4 channels, sliding, 38.0%; direct before, 19.7%)
+            channels = 4
         config = KernelConfig(32, pow2_between(spec.out_channels, 1, channels), strip, num_warps=8)
         while config.block_n > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
@@ -331,8 +337,11 @@ class DepthwiseGemm(Family):
         return replace(config, block_k=DOT_SIDES[0], num_stages=1)
 
     def keeps_floor(self, config: KernelConfig, spec: ConvSpec) -> bool:
-        """tl.dot's 16 rows, and channels_last channel tiles of whole 16-byte vectors."""
+        """tl.dot's 16 rows, and channels_last channel tiles of whole 16-byte vectors, or where a pixel's
+        channels are not a multiple of them, of the widest power of two that divides them (ShuffleNetV2's 116
+        channels: 4)."""
         vector = 16 // ELEMENT_BYTES[spec.dtype] if spec.layout == "nhwc" else 1
+        vector = min(vector, spec.out_channels & -spec.out_channels)
         return config.block_m >= DOT_SIDES[0] and config.block_n >= vector
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,

@@ -963,25 +963,29 @@ def test_conv2d_forward_banded_columns(problem, nan_filled_outputs):
 
 @st.composite
 def banded_sliding(draw):
-    """conv2d problems forced onto the banded kernel with windows of 2 to 7 rows (dilated now and then) that reach
-    at most 6 rows at stride 1 along the height, in either layout, over maps of 1 to 40 output rows: tiles of
-    (batch, block of rows, strip) triples sliding down the rows (sliding_rows), one to three blocks down the
-    rows, the window's reach before and past a block's rows and the map, strided widths, several tiles."""
+    """conv2d problems forced onto the banded kernel with windows of 2 to 7 rows (dilated now and then) of at most
+    SLIDING_OPEN_ROWS open rows, at strides 1 to 3 along the height, in either layout, over maps of 1 to 40 output
+    rows: tiles of (batch, block of rows, strip) triples sliding down the rows (sliding_rows), one to three blocks
+    down the rows, the window's reach before and past a block's rows and the map, phases of the stride no kernel
+    row reads, strided widths, several tiles."""
     problem = draw(conv_problems(families=("depthwise_gemm",), max_channels=4, kernel_sides=(1, 2, 3, 5, 7),
                                  extents=("tiny", "small", "long_rows")))
     kernel_h, dilation_h = draw(st.integers(2, 7)), draw(st.sampled_from((1, 1, 2)))
+    stride_h = draw(st.sampled_from((1, 1, 2, 3)))
     reach = (kernel_h - 1) * dilation_h
-    assume(reach < SLIDING_OPEN_ROWS)
+    assume(reach // stride_h + 1 <= SLIDING_OPEN_ROWS)
     top, bottom = draw(st.integers(0, reach + 1)), draw(st.integers(0, reach + 1))
     out_rows = draw(st.sampled_from((1, 2, 5, 16, 17, 33, 40)))
-    height = out_rows + reach - top - bottom  # the output rows drawn, at stride 1
+    # the output rows drawn, and now and then rows past the last window's
+    height = (out_rows - 1) * stride_h + reach + 1 - top - bottom + draw(st.integers(0, stride_h - 1))
     assume(height >= 1)
     left, right = (problem.padding[2:] if isinstance(problem.padding, tuple)
                    else ((problem.kernel[1] - 1) * problem.dilation[1] // 2,) * 2)
     width, batch = problem.size[1], problem.batch
     if draw(st.integers(0, 3)) == 0:  # rows of 6 or 7 strips of 16 in 3 images: two tiles of 16 triples or more
         width, batch = draw(st.integers(81, 100)), 3
-    problem = dataclasses.replace(problem, kernel=(kernel_h, problem.kernel[1]), stride=(1, problem.stride[1]),
+    problem = dataclasses.replace(problem, kernel=(kernel_h, problem.kernel[1]),
+                                  stride=(stride_h, problem.stride[1]),
                                   dilation=(dilation_h, problem.dilation[1]), size=(height, width), batch=batch,
                                   unbatched=problem.unbatched and batch == 1, padding=(top, bottom, left, right),
                                   max_rows=0, config=KernelConfig(16, draw(st.sampled_from((1, 2, 4))), 16,
@@ -993,10 +997,9 @@ def banded_sliding(draw):
 @settings(max_examples=budget(0.15))
 @given(problem=banded_sliding())
 def test_conv2d_forward_banded_sliding(problem, nan_filled_outputs):
-    """The banded kernel on windows of a few rows at stride 1 along the height, whose tile of (batch, block of
-    rows, strip) triples slides down the output rows and holds its band blocks (sliding_rows): rows before and
-    past a block's, several blocks down the rows, several tiles, dilated heights, non-finite inputs, both
-    layouts."""
+    """The banded kernel on windows of a few rows, whose tile of (batch, block of rows, strip) triples slides down
+    the output rows and holds its band blocks (sliding_rows): rows before and past a block's, several blocks down
+    the rows, several tiles, dilated and strided heights, non-finite inputs, both layouts."""
     check_forward(problem)
 
 
@@ -1579,12 +1582,16 @@ DOMAIN = [
     ("banded sliding in several tiles of triples", "banded_sliding", lambda p: _sliding_blocks(p)[0] > 1),
     ("banded sliding, dilated in height", "banded_sliding", lambda p: _sliding_blocks(p)[1] and p.dilation[0] > 1),
     ("banded sliding, strided in width", "banded_sliding", lambda p: _sliding_blocks(p)[1] and p.stride[1] > 1),
+    *[(f"banded sliding at stride {s} in height", "banded_sliding",
+       lambda p, s=s: _sliding_blocks(p)[1] and p.stride[0] == s) for s in (2, 3)],
+    ("banded sliding, strided in height, several blocks", "banded_sliding",
+     lambda p: _sliding_blocks(p)[1] > 1 and p.stride[0] > 1),
     ("banded sliding with a NaN or inf input", "banded_sliding", lambda p: _sliding_blocks(p)[1] and bool(p.specials)),
     ("banded sliding with 64-bit offsets", "banded_sliding", lambda p: _sliding_blocks(p)[1] and p.wide_index),
     *[(f"banded sliding, {layout}", "banded_sliding", lambda p, layout=layout: _sliding_blocks(p)[1] and
        p.layout == layout) for layout in ("nchw", "channels_last")],
-    *[(f"banded sliding in {dtype}", "banded_sliding", lambda p, dtype=dtype: _sliding_blocks(p)[1] and p.dtype == dtype)
-      for dtype in DTYPES],
+    *[(f"banded sliding in {dtype}", "banded_sliding",
+       lambda p, dtype=dtype: _sliding_blocks(p)[1] and p.dtype == dtype) for dtype in DTYPES],
     ("direct depthwise in one row's pixel tiles", "direct_rows", lambda p: _pixel_row_tiles(p) > 0),
     ("direct depthwise in several tiles of one row's pixels", "direct_rows", lambda p: _pixel_row_tiles(p) > 1),
     ("direct depthwise in row tiles, dilated", "direct_rows", lambda p: _pixel_row_tiles(p) and p.dilation[1] > 1),

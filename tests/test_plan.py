@@ -96,11 +96,11 @@ def test_kernel_family():
 
 
 def test_depthwise_offers_both_forward_families_and_wide_windows_default_to_tensor_cores():
-    # 25 taps at stride 2: memory-bound on CUDA cores
-    narrow = plan(ConvSpec(8, 8, 8, (5, 5), (2, 2), dtype="bfloat16", layout="nhwc"))
+    # 25 taps reaching 8 rows: memory-bound on CUDA cores, and more open rows than the band slides with
+    narrow = plan(ConvSpec(8, 8, 8, (5, 5), dilation=(2, 2), dtype="bfloat16", layout="nhwc"))
     wide = plan(ConvSpec(8, 8, 8, (7, 7), dtype="bfloat16", layout="nhwc"))    # 49 taps: CUDA-core bound
-    # stride 1 in height: the band slides down the rows, each input row read once (sliding_rows)
-    sliding = plan(ConvSpec(8, 8, 8, (3, 3), dtype="float16", layout="nchw"))
+    # a few rows: the band slides down them, each input row read once (sliding_rows)
+    sliding = plan(ConvSpec(8, 8, 8, (3, 3), (2, 2), dtype="float16", layout="nchw"))
     assert plan(ConvSpec(8, 8, 8, (7, 7), dtype="float32", layout="nhwc")).family == "depthwise"  # no faster dot
     assert plan(ConvSpec(8, 8, 8, (3, 3), dtype="float32", layout="nhwc")).family == "depthwise"
     assert narrow.families == ("depthwise", "depthwise_gemm")

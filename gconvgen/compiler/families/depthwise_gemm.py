@@ -13,6 +13,7 @@ from ..tiles import (DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, H200_SMS, Kerne
                      pow2_between)
 from .base import Family
 from .igemm import DOT_SIDES
+from .igemm_rows import open_rows, row_phases
 
 WIDE_DEPTHWISE_TAPS = 49  # kh * kw from which half-precision depthwise runs on tensor cores by default
 ROW_TAPS = 4  # a height-1 window past this many taps runs on tensor cores in half precision
@@ -32,7 +33,7 @@ KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep oper
 COLUMNS_ROWS_AT_ONCE = 8  # in columns of strips (RepLKNet's dw31 at 16 rows a pass spilled 8 B in NCHW)
 COLUMN_KERNEL_ROWS = 16  # channels_last forward windows of this many rows or more take tiles of one column's rows
 COLUMN_ROWS = 32  # ... of this many rows at least
-SLIDING_OPEN_ROWS = 7  # forward windows of at most this many open rows (row_reach + 1) slide down them (sliding_rows)
+SLIDING_OPEN_ROWS = 7  # forward windows of at most this many open rows (igemm_rows.open_rows) slide down them
 SLIDING_ROWS = 16  # ... in blocks of this many output rows at most
 SLIDING_LEAST_PROGRAMS = H200_SMS // 4  # ... in grids of this many programs, where a flat one would have more
 
@@ -47,7 +48,7 @@ def is_wide_window(spec: ConvSpec) -> bool:
     few wasted FLOPs a tap, on tensor cores). So does every window the band's forward takes sliding down the rows
     (sliding_rows), which reads each input row once and builds its band blocks once a program: MobileNetV2's dw3
     at 80.0% of its floor modelled in channels_last (36.7% direct), 55.1% in NCHW (30.5% on depthwise1d);
-    EfficientNet's dw5 68.1 / 54.0% (15.3 / 14.3)."""
+    EfficientNet's dw5 68.1 / 50.1% (15.3 / 14.3); at stride 2, MobileNetV2's dw3 81.4 / 69.8% (37.4 / 53.8)."""
     kernel_h, kernel_w = spec.kernel_size
     return spec.dtype in ("float16", "bfloat16") and (kernel_h * kernel_w >= WIDE_DEPTHWISE_TAPS
                                                        or (kernel_h == 1 and kernel_w > ROW_TAPS)
@@ -99,19 +100,19 @@ def sliding_rows(spec: ConvSpec, kind: str, config: Optional[KernelConfig] = Non
                  pixels: Optional[PixelSpace] = None) -> bool:
     """Whether the forward kernel's tile is BLOCK_M (batch, block of up to SLIDING_ROWS output rows, strip)
     triples that slide down their rows ("sliding" in the template), loading each input row once for every kernel
-    row and holding every band block through the rows: a window of 2 to SLIDING_OPEN_ROWS rows' reach at stride
-    1 along the height, whose open rows' accumulators (one a row of the reach, and one) the registers hold. The
-    flat tile loads an input tile and builds a band block for every kernel row and band step of every tile
-    (ConvNeXt's dw7: 9.0x the ideal bytes, 11.1% of its floor modelled in channels_last; sliding, 1.7x and
-    48.7%, bound by mma.sync's FLOPs). Taller windows take the flat tile or columns (column_rows).
+    row and holding every band block through the rows: a window taller than one row whose open rows
+    (igemm_rows.open_rows, an accumulator each) are at most SLIDING_OPEN_ROWS; at a stride along the height a
+    step reads an input row of each phase of the stride some kernel row reads, as igemm_rows does. The flat tile
+    loads an input tile and builds a band block for every kernel row and band step of every tile (ConvNeXt's
+    dw7: 9.0x the ideal bytes, 11.1% of its floor modelled in channels_last; sliding, 1.7x and 48.7%, bound by
+    mma.sync's FLOPs). Taller windows take the flat tile or columns (column_rows).
     With the launch's ``pixels`` (and the ``config``): the flat tile where its grid has SLIDING_LEAST_PROGRAMS
     programs or more and the sliding grid fewer. Each sliding program steps through a block's rows and the
     window's reach one after another, where a flat program takes a tile of rows: on a small batch the flat tile
     keeps more of the device busy (ConvNeXt's dw7 at batch 1 in channels_last: 12 sliding programs, 4.6% of the
     floor modelled; 168 flat ones, 10.6%). A quarter of the SMs busy is enough for sliding to win: in NCHW the
     same layer's 96 sliding programs model 36.8% against the flat tile's 8.9%."""
-    reach = row_reach(spec)
-    if not (kind == "forward" and 0 < reach < SLIDING_OPEN_ROWS and spec.stride[0] == 1):
+    if not (kind == "forward" and spec.kernel_size[0] > 1 and open_rows(spec) <= SLIDING_OPEN_ROWS):
         return False
     if pixels is None or config is None:
         return True
@@ -463,9 +464,9 @@ class DepthwiseGemm(Family):
 
     def _sliding_requested(self, desc, problem, programs: int, arguments: dict):
         """Sliding down the rows (sliding_rows): per program and channel, the band blocks of every kernel row and
-        band step built once (a weight segment each); at each step (the program's rows and the window's reach past
-        them) each band step's tile of the input row, the columns some tap reaches (row_alignment vectors), and
-        a dot of it for every kernel row."""
+        band step built once (a weight segment each); at each step (the block's rows and the open rows past them)
+        each band step's tile of the step's input row of every phase of the stride some kernel row reads
+        (row_phases), the columns some tap reaches (row_alignment vectors), and a dot for every kernel row."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         steps = band_steps(spec, k, desc.band_shift)
@@ -474,7 +475,7 @@ class DepthwiseGemm(Family):
                                desc.row_alignment) * desc.row_alignment) if step else k for step in range(steps)]
         channels = programs * n
         strips = cdiv(arguments["out_width"], k)
-        rows = sliding_block_rows(arguments["out_height"], arguments["batch"] * strips, m) + row_reach(spec)
+        rows = sliding_block_rows(arguments["out_height"], arguments["batch"] * strips, m) + open_rows(spec) - 1
         segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
-        loaded = channels * (rows * m * sum(reached) + spec.kernel_size[0] * steps * segment)
+        loaded = channels * (rows * len(row_phases(spec)) * m * sum(reached) + spec.kernel_size[0] * steps * segment)
         return loaded * ELEMENT_BYTES[spec.dtype], channels * rows * spec.kernel_size[0] * steps * 2 * m * k * k

@@ -967,7 +967,8 @@ def banded_sliding(draw):
     SLIDING_OPEN_ROWS open rows, at strides 1 to 3 along the height, in either layout, over maps of 1 to 40 output
     rows: tiles of (batch, block of rows, strip) triples sliding down the rows (sliding_rows), one to three blocks
     down the rows, the window's reach before and past a block's rows and the map, phases of the stride no kernel
-    row reads, strided widths, several tiles."""
+    row reads, strided widths, several tiles, strips of 16 and 32 columns (fewer band steps than the template
+    unrolls for 16)."""
     problem = draw(conv_problems(families=("depthwise_gemm",), max_channels=4, kernel_sides=(1, 2, 3, 5, 7),
                                  extents=("tiny", "small", "long_rows")))
     kernel_h, dilation_h = draw(st.integers(2, 7)), draw(st.sampled_from((1, 1, 2)))
@@ -988,8 +989,8 @@ def banded_sliding(draw):
                                   stride=(stride_h, problem.stride[1]),
                                   dilation=(dilation_h, problem.dilation[1]), size=(height, width), batch=batch,
                                   unbatched=problem.unbatched and batch == 1, padding=(top, bottom, left, right),
-                                  max_rows=0, config=KernelConfig(16, draw(st.sampled_from((1, 2, 4))), 16,
-                                                                  num_stages=1))
+                                  max_rows=0, config=KernelConfig(16, draw(st.sampled_from((1, 2, 4))),
+                                                                  draw(st.sampled_from((16, 16, 32))), num_stages=1))
     assume(output_size(problem)[1] >= 1)
     return problem
 
@@ -1582,6 +1583,8 @@ DOMAIN = [
     ("banded sliding in several tiles of triples", "banded_sliding", lambda p: _sliding_blocks(p)[0] > 1),
     ("banded sliding, dilated in height", "banded_sliding", lambda p: _sliding_blocks(p)[1] and p.dilation[0] > 1),
     ("banded sliding, strided in width", "banded_sliding", lambda p: _sliding_blocks(p)[1] and p.stride[1] > 1),
+    ("banded sliding in strips of 32 columns", "banded_sliding",
+     lambda p: _sliding_blocks(p)[1] and p.config.block_k == 32),
     *[(f"banded sliding at stride {s} in height", "banded_sliding",
        lambda p, s=s: _sliding_blocks(p)[1] and p.stride[0] == s) for s in (2, 3)],
     ("banded sliding, strided in height, several blocks", "banded_sliding",

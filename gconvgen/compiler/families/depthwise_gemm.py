@@ -35,6 +35,7 @@ COLUMN_KERNEL_ROWS = 16  # channels_last forward windows of this many rows or mo
 COLUMN_ROWS = 32  # ... of this many rows at least
 SLIDING_OPEN_ROWS = 7  # forward windows of at most this many open rows (igemm_rows.open_rows) slide down them
 SLIDING_ROWS = 16  # ... in blocks of this many output rows at most
+NARROW_BAND_COLUMNS = 3  # ... and NCHW windows of at most this many columns slide in strips of 32 columns
 SLIDING_LEAST_PROGRAMS = H200_SMS // 4  # ... in grids of this many programs, where a flat one would have more
 
 
@@ -252,9 +253,14 @@ class DepthwiseGemm(Family):
             # instructions than the copy's pace allows (causal k8 modelled 47% of its floor on 8 warps, 96% on 4)
             return KernelConfig(128, 1, 16, num_warps=4, num_stages=3)
         if band_dot(spec) == "rows" and sliding_rows(spec, kind):
-            # 64 pairs on 4 warps, one stage: ConvNeXt's dw7 44.8% of its floor modelled (128 on 8 warps: 34.7;
-            # 128 on 4 spilled 328 B), EfficientNet's dw5 54.0 (41.9), MobileNetV2's dw3 55.1 (55.3)
-            return KernelConfig(64, 1, strip, num_warps=4, num_stages=1)
+            # 64 triples on 4 warps, one stage: ConvNeXt's dw7 44.8% of its floor modelled (128 on 8 warps: 34.7;
+            # 128 on 4 spilled 328 B), EfficientNet's dw5 54.0 (41.9). A window of up to NARROW_BAND_COLUMNS
+            # columns takes strips of 32: each strip's band starts band_shift columns early, on an aligned one,
+            # and its second band step reads whole vectors, a share of the input that a wider strip halves
+            # (MobileNetV2's dw3: 1.8x the ideal bytes, 55.1%, at 16; 1.5x, 67.2%, at 32; at stride 2 69.8 ->
+            # 76.3); wider windows' band FLOPs and registers grow more (ConvNeXt's dw7: 41.0% and 232 B spilled)
+            narrow = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1 <= NARROW_BAND_COLUMNS
+            return KernelConfig(64, 1, 32 if narrow else strip, num_warps=4, num_stages=1)
         if band_dot(spec) == "rows":  # one channel's 2-D dot: 128 rows on 8 warps (wgmma, no spills at k7 and k31)
             config = KernelConfig(128, 1, strip, num_warps=8, num_stages=3)
             while config.num_stages > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
@@ -317,7 +323,11 @@ class DepthwiseGemm(Family):
         EfficientNet's dw5 at 28 x 28, ConvNeXt's dw7 at 7 x 7 and RepLKNet's dw27 at 14 x 14 in NCHW), in one
         stage (two spilled 64 B on EfficientNet's stride-2 dw5, for the same modelled time). A grad-weight tile of
         one column's rows (strip_columns) no taller than the map and the window's reach (a power of two, at least
-        16); on a map shorter than the window's reach, a flat tile."""
+        16); on a map shorter than the window's reach, a flat tile. A sliding forward's strip no wider than its
+        rows' power of two, at least 16 (ShuffleNetV2's dw3 on 14 columns in NCHW: 22.6% in strips of 32,
+        74.3% in 16)."""
+        if kind == "forward" and sliding_rows(spec, kind):
+            return replace(config, block_k=min(config.block_k, pow2_between(pixels.width, DOT_SIDES[0], 1 << 30)))
         if strip_rows(spec, kind):
             strips = cdiv(pixels.width, config.block_k)
             return replace(config, block_m=min(config.block_m, pow2_between(strips, DOT_SIDES[0], 1 << 30)))

@@ -423,6 +423,26 @@ def test_nchw_depthwise_grad_input_runs_the_transposed_forward(kernel, padding, 
     assert loaded == [("forward", "depthwise1d"), ("forward", "depthwise1d")]  # the conv, then its gradient
 
 
+@pytest.mark.parametrize("dtype, family", [(torch.float32, "depthwise"), (torch.bfloat16, "depthwise_gemm")])
+def test_channels_last_depthwise_grad_input_runs_the_transposed_forward(dtype, family, monkeypatch,
+                                                                        nan_filled_outputs):
+    """In channels_last a stride-1 depthwise conv's untuned input gradient runs its own forward kernel on the
+    output gradient with the window flipped (plan.grad_input_as_forward): in float32 the direct kernel's row
+    tiles (Depthwise.forward_serves_input_gradient), in half precision the band sliding down the rows
+    (depthwise_gemm.sliding_rows); it matches F.conv2d's gradient."""
+    loaded = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family))
+    x = torch.randn(2, 8, 7, 9).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(8, 1, 3, 3).to(dtype)
+    out = gconvgen.conv2d(x, weight, None, 1, 1, 1, 8)
+    grad = torch.randn_like(out)
+    grad_x, = torch.autograd.grad(out, x, grad)
+    x64 = x.detach().double().requires_grad_()
+    expected, = torch.autograd.grad(reference_conv2d(x64, weight.double(), None, 1, (1, 1, 1, 1), 1, 8), x64,
+                                    grad.double())
+    assert_close(grad_x, expected, dtype)
+    assert loaded == [("forward", family), ("forward", family)]  # the conv, then its gradient
+
+
 @pytest.mark.parametrize("in_c, out_c, groups, kernel, padding, dilation", [
     pytest.param(8, 8, 2, (3, 3), (1, 1, 1, 1), (1, 1), id="resnext-like"),
     pytest.param(6, 9, 3, (3, 2), (2, 0, 1, 0), (1, 2), id="more-outputs-uneven-sides-dilated"),

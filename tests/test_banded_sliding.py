@@ -104,6 +104,7 @@ def test_a_window_that_could_slide_takes_the_flat_tile_where_the_flat_grid_keeps
     ((5, 5), (2, 2), (3, 3), "bfloat16", True),   # a reach of 12 rows at stride 2: 7 open rows
     ((3, 3), (1, 1), (4, 4), "bfloat16", False),  # a reach of 8 rows: more open rows than the registers hold
     ((9, 9), (1, 1), (1, 1), "bfloat16", False),  # flat band tiles
+    ((7, 31), (1, 1), (1, 1), "bfloat16", False),  # 7 rows x 3 band steps: more band blocks than it holds
     ((3, 3), (1, 1), (1, 1), "float32", False),   # no faster dot: the direct kernel
 ])
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])

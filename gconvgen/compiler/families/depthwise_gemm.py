@@ -35,6 +35,7 @@ COLUMN_KERNEL_ROWS = 16  # channels_last forward windows of this many rows or mo
 COLUMN_ROWS = 32  # ... of this many rows at least
 SLIDING_OPEN_ROWS = 7  # forward windows of at most this many open rows (igemm_rows.open_rows) slide down them
 SLIDING_ROWS = 16  # ... in blocks of this many output rows at most
+SLIDING_BAND_BLOCKS = 15  # ... holding at most this many band blocks (kernel rows x band steps)
 NARROW_BAND_COLUMNS = 3  # ... and NCHW windows of at most this many columns slide in strips of 32 columns
 SLIDING_LEAST_PROGRAMS = H200_SMS // 4  # ... in grids of this many programs, where a flat one would have more
 
@@ -102,18 +103,21 @@ def sliding_rows(spec: ConvSpec, kind: str, config: Optional[KernelConfig] = Non
     """Whether the forward kernel's tile is BLOCK_M (batch, block of up to SLIDING_ROWS output rows, strip)
     triples that slide down their rows ("sliding" in the template), loading each input row once for every kernel
     row and holding every band block through the rows: a window taller than one row whose open rows
-    (igemm_rows.open_rows, an accumulator each) are at most SLIDING_OPEN_ROWS; at a stride along the height a
-    step reads an input row of each phase of the stride some kernel row reads, as igemm_rows does. The flat tile
-    loads an input tile and builds a band block for every kernel row and band step of every tile (ConvNeXt's
-    dw7: 9.0x the ideal bytes, 11.1% of its floor modelled in channels_last; sliding, 1.7x and 48.7%, bound by
-    mma.sync's FLOPs). Taller windows take the flat tile or columns (column_rows).
+    (igemm_rows.open_rows, an accumulator each) are at most SLIDING_OPEN_ROWS and whose band blocks (kernel rows
+    x band steps) at most SLIDING_BAND_BLOCKS (ConvNeXt's dw7: 14, at 216-246 registers); at a stride along the
+    height a step reads an input row of each phase of the stride some kernel row reads, as igemm_rows does. The
+    flat tile loads an input tile and builds a band block for every kernel row and band step of every tile
+    (ConvNeXt's dw7: 9.0x the ideal bytes, 11.1% of its floor modelled in channels_last; sliding, 1.7x and
+    48.7%, bound by mma.sync's FLOPs). Taller or wider windows take the flat tile or columns (column_rows).
     With the launch's ``pixels`` (and the ``config``): the flat tile where its grid has SLIDING_LEAST_PROGRAMS
     programs or more and the sliding grid fewer. Each sliding program steps through a block's rows and the
     window's reach one after another, where a flat program takes a tile of rows: on a small batch the flat tile
     keeps more of the device busy (ConvNeXt's dw7 at batch 1 in channels_last: 12 sliding programs, 4.6% of the
     floor modelled; 168 flat ones, 10.6%). A quarter of the SMs busy is enough for sliding to win: in NCHW the
     same layer's 96 sliding programs model 36.8% against the flat tile's 8.9%."""
-    if not (kind == "forward" and spec.kernel_size[0] > 1 and open_rows(spec) <= SLIDING_OPEN_ROWS):
+    held = spec.kernel_size[0] * band_steps(spec, DOT_SIDES[0], 0)  # band blocks held, at the narrowest strip
+    if not (kind == "forward" and spec.kernel_size[0] > 1 and open_rows(spec) <= SLIDING_OPEN_ROWS
+            and held <= SLIDING_BAND_BLOCKS):
         return False
     if pixels is None or config is None:
         return True

@@ -121,11 +121,17 @@ def sliding_rows(spec: ConvSpec, kind: str, config: Optional[KernelConfig] = Non
         return False
     if pixels is None or config is None:
         return True
-    strips, channel_tiles = cdiv(pixels.width, config.block_k), cdiv(spec.out_channels, config.block_n)
-    rows = sliding_block_rows(pixels.height, pixels.batch * strips, config.block_m)
-    sliding = cdiv(pixels.batch * cdiv(pixels.height, rows) * strips, config.block_m) * channel_tiles
-    flat = cdiv(pixels.rows * strips, config.block_m) * channel_tiles
+    channel_tiles = cdiv(spec.out_channels, config.block_n)
+    sliding = sliding_tiles(config, pixels) * channel_tiles
+    flat = cdiv(pixels.rows * cdiv(pixels.width, config.block_k), config.block_m) * channel_tiles
     return sliding >= SLIDING_LEAST_PROGRAMS or flat < SLIDING_LEAST_PROGRAMS
+
+
+def sliding_tiles(config: KernelConfig, pixels: PixelSpace) -> int:
+    """The tiles of BLOCK_M (batch, block of rows, strip) triples of a sliding forward over ``pixels``."""
+    strips = cdiv(pixels.width, config.block_k)
+    rows = sliding_block_rows(pixels.height, pixels.batch * strips, config.block_m)
+    return cdiv(pixels.batch * cdiv(pixels.height, rows) * strips, config.block_m)
 
 
 def sliding_block_rows(out_height: int, pairs: int, block_m: int) -> int:
@@ -372,8 +378,7 @@ class DepthwiseGemm(Family):
         elif column_rows(spec, kind, config):
             tiles = pixels.batch * strips * cdiv(pixels.height, config.block_m)
         elif sliding_rows(spec, kind, config, pixels):
-            rows = sliding_block_rows(pixels.height, pixels.batch * strips, config.block_m)
-            tiles = cdiv(pixels.batch * cdiv(pixels.height, rows) * strips, config.block_m)
+            tiles = sliding_tiles(config, pixels)
         else:
             tiles = cdiv(pixels.rows * strips, config.block_m)
         return (tiles, 1, cdiv(spec.out_channels, config.block_n))

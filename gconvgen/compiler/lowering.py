@@ -199,29 +199,23 @@ class Context:
 
 
 def choose_family(fields: dict, ctx: Context) -> None:
-    """Forward and grad-weight: the choice's family, else the planner's default (untuned: the first offered
-    that suits the launch's pixels, Family.suits; a config without a family: the first offered, which
-    choice._usable checked it against); grad-input: the plan's backward family (its transposed route is a
-    forward launch)."""
+    """The choice's family, else the planner's default (untuned: the first offered that suits the launch's
+    pixels, Family.suits; a config without a family: the first offered, which choice._usable checked it
+    against). A grad-input's transposed route is a forward launch."""
     if ctx.kind == "grad_bias":
         fields.update(family=GRAD_BIAS_FAMILY, template=TEMPLATES["grad_bias", GRAD_BIAS_FAMILY], spec=None)
         return
     conv_plan = ctx.plan
-    if ctx.kind == "grad_input":  # the direct kernel; a transposed choice is a forward launch
-        direct = conv_plan.backward_family
-        check(ctx.choice.family in (None, direct),
-              f"family={ctx.choice.family!r} has no grad_input kernel for {conv_plan.spec}; use {direct!r}, or a "
-              f"transposed choice of a forward family (plan.grad_input_offers)")
-        fields.update(family=direct, template=TEMPLATES["grad_input", direct], spec=conv_plan.spec)
-        return
-    offered = conv_plan.families if ctx.kind == "forward" else conv_plan.grad_weight_families
+    offered = {"forward": conv_plan.families, "grad_input": conv_plan.grad_input_families,
+               "grad_weight": conv_plan.grad_weight_families}[ctx.kind]
     default = conv_plan.family if ctx.kind == "forward" else offered[0]
     if ctx.choice.config is None and ctx.pixels is not None:  # untuned: the first that suits, the plan's first
         ordered = (default, *(name for name in offered if name != default))
         default = suiting_first(ordered, conv_plan.spec, ctx.kind, ctx.pixels)[0]
     chosen = ctx.choice.family or default
+    transposed = " (or a transposed choice of a forward family, plan.grad_input_offers)" if ctx.kind == "grad_input" else ""
     check(chosen in offered,
-          f"family={chosen!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; use one of {offered}")
+          f"family={chosen!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; use one of {offered}{transposed}")
     fields.update(family=chosen, template=TEMPLATES[ctx.kind, chosen], spec=conv_plan.spec)
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 import networkx as nx
 
 from .. import knobs
-from .families import backward_family, family, forward_families, grad_weight_families
+from .families import backward_family, family, forward_families, grad_input_families, grad_weight_families
 from ..ir import ConvSpec, check, fail
 from ..memo import memoized
 
@@ -110,7 +110,7 @@ def select_kernel_family(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> No
     conv = graph.nodes[CONV]
     families = forward_families(spec)
     conv.update(family=families[0], families=families, backward_family=backward_family(spec),
-                grad_weight_families=grad_weight_families(spec))
+                grad_input_families=grad_input_families(spec), grad_weight_families=grad_weight_families(spec))
 
 
 def lower_padding_to_masks(graph: nx.DiGraph, spec: ConvSpec, budget: float) -> None:
@@ -165,6 +165,12 @@ class Plan:
     def backward_family(self) -> str:
         """The family of the backward kernels: 'igemm' or 'depthwise'."""
         return self.lowered.nodes[CONV]["backward_family"]
+
+    @property
+    def grad_input_families(self) -> tuple[str, ...]:
+        """Every family whose grad-input kernel computes this conv, the default first (the backward family's,
+        or the banded one's at a stride): with grad_input_offers' transposed forwards, what the tuner times."""
+        return self.lowered.nodes[CONV]["grad_input_families"]
 
     @property
     def grad_weight_families(self) -> tuple[str, ...]:
@@ -275,7 +281,7 @@ def grad_input_offers(spec: ConvSpec, padding_budget: float) -> tuple[tuple[str,
     backward spec), the one an untuned call runs first: the direct grad-input kernel of the plan's backward
     family, and where the conv is its own transpose (``transposed_conv``), the forward kernel of each
     family the transposed conv's plan offers. What the tuner times and a tuning record may name."""
-    direct = ((planned(spec, padding_budget).backward_family, False),)
+    direct = tuple((family, False) for family in planned(spec, padding_budget).grad_input_families)
     transposed = transposed_conv(spec)
     if transposed is None:
         return direct

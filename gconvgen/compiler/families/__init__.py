@@ -49,6 +49,13 @@ def forward_families(spec: ConvSpec) -> tuple[str, ...]:
     return tuple(name for _, _, name in sorted(ranked))
 
 
+def grad_input_families(spec: ConvSpec) -> tuple[str, ...]:
+    """The families whose grad-input kernel computes ``spec``, the default first (Family.grad_input_rank)."""
+    ranked = [(rank, index, name) for index, (name, candidate) in enumerate(FAMILIES.items())
+              if (rank := candidate.grad_input_rank(spec)) is not None and "grad_input" in candidate.templates]
+    return tuple(name for _, _, name in sorted(ranked))
+
+
 def grad_weight_families(spec: ConvSpec) -> tuple[str, ...]:
     """The families whose grad-weight kernel computes ``spec``, the default first (Family.grad_weight_rank)."""
     ranked = [(rank, index, name) for index, (name, candidate) in enumerate(FAMILIES.items())

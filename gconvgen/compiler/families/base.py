@@ -29,6 +29,11 @@ class Family:
         """Whether this family's grad-input and grad-weight kernels are the ones for ``spec``."""
         return False
 
+    def grad_input_rank(self, spec: ConvSpec) -> Optional[int]:
+        """None when this family has no grad-input kernel for ``spec``; else its place among those that do
+        (0 first: the default). The backward family's kernel ranks 1."""
+        return 1 if self.computes_backward(spec) else None
+
     def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
         """None when this family has no grad-weight kernel for ``spec``; else its place among those that do
         (0 first: the default). The backward family's kernel ranks 1."""

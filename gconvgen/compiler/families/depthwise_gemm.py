@@ -134,14 +134,74 @@ def sliding_tiles(config: KernelConfig, pixels: PixelSpace) -> int:
     return cdiv(pixels.batch * cdiv(pixels.height, rows) * strips, config.block_m)
 
 
-def sliding_block_rows(out_height: int, pairs: int, block_m: int) -> int:
+def grad_input_tiles(spec: ConvSpec, config: KernelConfig, pixels: PixelSpace) -> int:
+    """The tiles of BLOCK_M (batch, block of row groups, strip) triples of a banded grad-input over ``pixels``
+    (grad_x's)."""
+    strips = cdiv(pixels.width, config.block_k)
+    groups = grad_input_groups(spec, pixels.height)
+    rows = sliding_block_rows(groups, pixels.batch * strips, config.block_m, grad_input_block_groups(spec))
+    return cdiv(pixels.batch * cdiv(groups, rows) * strips, config.block_m)
+
+
+def grad_input_block_groups(spec: ConvSpec) -> int:
+    """The most row groups a block of a banded grad-input takes: SLIDING_ROWS grad_x rows."""
+    return max(1, SLIDING_ROWS // spec.stride[0])
+
+
+def sliding_block_rows(out_height: int, pairs: int, block_m: int, most: int = SLIDING_ROWS) -> int:
     """The output rows of a block of a sliding forward (sliding_rows), as its template splits the height: evenly
     into blocks of at most SLIDING_ROWS rows, or into more where that many blocks of the launch's ``pairs``
     (batch, strip) pairs would leave a tile of ``block_m`` triples part empty: as many as fill one, up to a
     block a row (ConvNeXt's dw7 on a 7 x 7 map at batch 1: one pair; 16-row blocks modelled 4.6% of its floor,
     blocks of a row as many as the flat tile)."""
-    blocks = min(out_height, max(cdiv(out_height, SLIDING_ROWS), cdiv(block_m, pairs)))
+    blocks = min(out_height, max(cdiv(out_height, most), cdiv(block_m, pairs)))
     return cdiv(out_height, blocks)
+
+
+def strided_grad_input(spec: ConvSpec) -> bool:
+    """Whether the banded grad-input kernel (depthwise_gemm_grad_input.py.jinja) computes ``spec``'s input
+    gradient: a depthwise conv of one output a channel at a stride (at stride 1 the input gradient is the forward
+    of the transposed conv, plan.transposed_conv), along the width a power of two up to 16 (its strips of
+    BLOCK_K >= 16 columns start BLOCK_K / stride_w grad_out columns apart), holding at most SLIDING_OPEN_ROWS
+    open rows (grad_input_slots) and SLIDING_BAND_BLOCKS band blocks (kernel rows x band steps at 16-column
+    strips)."""
+    stride_w = spec.stride[1]
+    if not (spec.is_depthwise and spec.out_channels == spec.in_channels and spec.stride != (1, 1)
+            and stride_w <= 16 and stride_w & (stride_w - 1) == 0):
+        return False
+    held = spec.kernel_size[0] * cdiv(grad_input_span(spec, DOT_SIDES[0], 1), DOT_SIDES[0])
+    return grad_input_slots(spec) <= SLIDING_OPEN_ROWS and held <= SLIDING_BAND_BLOCKS
+
+
+def grad_input_slots(spec: ConvSpec) -> int:
+    """The open grad_x rows of the banded grad-input, an accumulator each: the window's reach and its first row,
+    or a row group (stride_h rows) where that is more."""
+    return max(row_reach(spec) + 1, spec.stride[0])
+
+
+def grad_input_lead(spec: ConvSpec, alignment: int) -> int:
+    """The grad_out columns a banded grad-input strip reads before its first grad_x column's (over stride_w):
+    how far back the window reaches, rounded up to a multiple of ``alignment`` (the template's lead)."""
+    window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
+    return cdiv((window_width - 1 - spec.padding[2]) // spec.stride[1], alignment) * alignment
+
+
+def grad_input_span(spec: ConvSpec, block_k: int, alignment: int) -> int:
+    """The grad_out columns a banded grad-input strip of block_k grad_x columns reads (the template's SPAN)."""
+    return (block_k - 1 + spec.padding[2]) // spec.stride[1] + grad_input_lead(spec, alignment) + 1
+
+
+def grad_input_alignment(spec: ConvSpec, row_alignment: int) -> int:
+    """What the banded grad-input's bands start on: the launch's row alignment, at most 16 / stride_w (strips
+    start a multiple of that many grad_out columns apart)."""
+    return min(row_alignment, 16 // spec.stride[1])
+
+
+def grad_input_groups(spec: ConvSpec, height: int) -> int:
+    """The row groups of a banded grad-input over grad_x's ``height`` rows: group g is the stride_h rows from
+    g x stride_h - pad_top, from the group holding row 0 to the one holding the last."""
+    stride_h, pad_top = spec.stride[0], spec.padding[0]
+    return (height - 1 + pad_top) // stride_h - pad_top // stride_h + 1
 
 
 def strip_columns(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
@@ -216,7 +276,8 @@ def grad_weight_halo(spec: ConvSpec, block_k: int, band_shift: int) -> int:
 
 class DepthwiseGemm(Family):
     name = "depthwise_gemm"
-    templates = {"forward": "depthwise_gemm.py.jinja", "grad_weight": "depthwise_gemm_grad_weight.py.jinja"}
+    templates = {"forward": "depthwise_gemm.py.jinja", "grad_input": "depthwise_gemm_grad_input.py.jinja",
+                 "grad_weight": "depthwise_gemm_grad_weight.py.jinja"}
     limits = {"block_m": DOT_SIDES, "block_n": (1, 64), "block_k": DOT_SIDES}
 
     def rank(self, spec: ConvSpec) -> Optional[int]:
@@ -224,6 +285,14 @@ class DepthwiseGemm(Family):
         if not spec.is_depthwise:
             return None
         return 0 if is_wide_window(spec) else 2
+
+    def grad_input_rank(self, spec: ConvSpec) -> Optional[int]:
+        """Depthwise convs at a stride (strided_grad_input); the default in half precision, where the direct
+        kernel's FMAs gather every tap of every phase: MobileNetV2's dw3 at stride 2 modelled 30.5% of its floor
+        in channels_last and 17.4% in NCHW there, issue-bound on its index arithmetic."""
+        if not strided_grad_input(spec):
+            return None
+        return 0 if spec.dtype in ("float16", "bfloat16") else 2
 
     def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
         """Every depthwise conv; the default in half precision, where the tensor cores take the products, and in
@@ -257,6 +326,8 @@ class DepthwiseGemm(Family):
             return self._grad_weight_config(spec, interpret)
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 16), 16, num_stages=1)
+        if kind == "grad_input":
+            return self._grad_input_config(spec)
         strip = 16 if spec.kernel_size[1] <= 16 else 32  # a band of two 16-column strips covers k <= 17
         if band_dot(spec) == "rows" and strip_rows(spec, kind):
             # one row's strips of 16 columns on 4 warps: on 8 the gathers of each band step's tile cost more
@@ -289,6 +360,16 @@ class DepthwiseGemm(Family):
         while config.block_n > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
             config = replace(config, block_n=config.block_n // 2)  # float32 and float64 tiles are larger
         return config
+
+    def _grad_input_config(self, spec: ConvSpec) -> KernelConfig:
+        """The sliding forward's tiles (strided_grad_input slides as it does): NCHW 64 triples of one channel on
+        4 warps, strips of 32 columns (a 16-column strip's band at stride 2 starts 8 aligned columns early and
+        takes two band steps); channels_last 32 triples of 8 channels (4 where rows are not whole 16-byte
+        vectors) on 8 warps."""
+        if band_dot(spec) == "rows":
+            return KernelConfig(64, 1, 32, num_warps=4, num_stages=1)
+        channels = 8 if spec.out_channels % 8 == 0 else 4
+        return KernelConfig(32, pow2_between(spec.out_channels, 1, channels), 16, num_warps=8, num_stages=1)
 
     def _grad_weight_config(self, spec: ConvSpec, interpret: bool) -> KernelConfig:
         """NCHW: one channel at a time, 64 strips a step on 8 warps; strips of 64 columns (narrower maps:
@@ -336,7 +417,7 @@ class DepthwiseGemm(Family):
         16); on a map shorter than the window's reach, a flat tile. A sliding forward's strip no wider than its
         rows' power of two, at least 16 (ShuffleNetV2's dw3 on 14 columns in NCHW: 22.6% in strips of 32,
         74.3% in 16)."""
-        if kind == "forward" and sliding_rows(spec, kind):
+        if kind == "grad_input" or (kind == "forward" and sliding_rows(spec, kind)):
             return replace(config, block_k=min(config.block_k, pow2_between(pixels.width, DOT_SIDES[0], 1 << 30)))
         if strip_rows(spec, kind):
             strips = cdiv(pixels.width, config.block_k)
@@ -373,7 +454,9 @@ class DepthwiseGemm(Family):
         if kind == "grad_weight":
             return (cdiv(spec.out_channels, config.block_n), splits)
         strips = cdiv(pixels.width, config.block_k)
-        if strip_rows(spec, kind):
+        if kind == "grad_input":
+            tiles = grad_input_tiles(spec, config, pixels)
+        elif strip_rows(spec, kind):
             tiles = pixels.rows * cdiv(strips, config.block_m)
         elif column_rows(spec, kind, config):
             tiles = pixels.batch * strips * cdiv(pixels.height, config.block_m)
@@ -419,7 +502,10 @@ class DepthwiseGemm(Family):
         return column_step_rows(spec, config) if strip_columns(spec, kind, config) else 0
 
     def slide_rows(self, spec: ConvSpec, kind: str, config: KernelConfig, pixels: Optional[PixelSpace]) -> int:
-        """The forward sliding down the output rows (sliding_rows): SLIDING_ROWS, the most a block has."""
+        """The forward sliding down the output rows (sliding_rows): SLIDING_ROWS, the most a block has; the
+        grad-input, the most row groups a block has (grad_input_block_groups)."""
+        if kind == "grad_input":
+            return grad_input_block_groups(spec)
         return SLIDING_ROWS if sliding_rows(spec, kind, config, pixels) else 0
 
     def halo(self, spec: ConvSpec, config: KernelConfig, kind: str = "forward",
@@ -447,7 +533,28 @@ class DepthwiseGemm(Family):
     def requested(self, desc, problem, programs: int, arguments: dict):
         if desc.kind == "grad_weight":
             return self._grad_weight_requested(desc, problem, programs, arguments)
+        if desc.kind == "grad_input":
+            return self._grad_input_requested(desc, problem, programs, arguments)
         return self._forward_requested(desc, problem, programs, arguments)
+
+    def _grad_input_requested(self, desc, problem, programs: int, arguments: dict):
+        """Per program and channel: the band blocks of every kernel row and band step built once (a weight
+        segment each); at each step (the block's row groups and the lag before them) each band step's tile of
+        the step's grad_out row, the columns up to the span (whole vectors), and a dot for every kernel row."""
+        spec, config = problem.spec, desc.config
+        m, n, k = config.block_m, config.block_n, config.block_k
+        alignment = grad_input_alignment(spec, desc.row_alignment)
+        span = grad_input_span(spec, k, alignment)
+        steps = cdiv(span, k)
+        reached = [min(k, cdiv(span - step * k, alignment) * alignment) for step in range(steps)]
+        channels = programs * n
+        strips = cdiv(arguments["width"], k)
+        groups = grad_input_groups(spec, arguments["height"])
+        lag = row_reach(spec) // spec.stride[0]
+        rows = sliding_block_rows(groups, arguments["batch"] * strips, m, grad_input_block_groups(spec)) + lag
+        segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
+        loaded = channels * (rows * m * sum(reached) + spec.kernel_size[0] * steps * segment)
+        return loaded * ELEMENT_BYTES[spec.dtype], channels * rows * spec.kernel_size[0] * steps * 2 * m * k * k
 
     def _grad_weight_requested(self, desc, problem, programs: int, arguments: dict):
         """Per step and channel: in each pass over the kernel rows a [block_m, block_k] grad_out tile, and the

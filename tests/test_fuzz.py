@@ -63,6 +63,7 @@ import gconvgen
 from gconvgen import knobs
 from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
 from gconvgen.compiler.families import igemm_rows, suiting_first
+from gconvgen.compiler.families import depthwise_gemm
 from gconvgen.compiler.families.depthwise_gemm import SLIDING_OPEN_ROWS, sliding_block_rows
 from gconvgen.compiler.families.igemm_rows import open_rows, rows_per_program
 from gconvgen.compiler.plan import grad_input_as_forward, plan, transposed_conv
@@ -101,6 +102,7 @@ SMALL_TILES = {
     ("forward", "depthwise1d"): ((8, 16), (8, 16), (0,), (1, 2)),
     ("grad_input", "igemm"): ((16, 32, 64), (16,), (16, 32), (1, 4)),
     ("grad_input", "depthwise"): ((8, 16, 32, 64), (1, 2, 8), (0,), (1, 4)),
+    ("grad_input", "depthwise_gemm"): ((16, 32), (1, 2, 4), (16, 32), (1, 4)),
     ("grad_weight", "igemm"): ((16,), (16, 32), (16, 32), (1, 4)),
     ("grad_weight", "igemm_rows"): ((16,), (16, 32), (16, 32), (1, 4)),
     ("grad_weight", "depthwise"): ((1, 4, 16, 32), (1, 2, 8), (0,), (1, 4)),
@@ -162,8 +164,8 @@ class ConvProblem:
 @dataclass(frozen=True)
 class GradientProblem:
     """A forward problem trained through: ``grad_input`` "default" (the planner's, maybe the transposed
-    forward), "direct" (a non-DEFAULT choice: the grad-input kernel, with ``grad_input_config`` or its
-    default) or "transposed" (a tuned choice of the transposed conv's forward with the direct depthwise
+    forward), "direct" (a non-DEFAULT choice: the grad-input kernel of ``grad_input_family``, None the
+    planner's first, with ``grad_input_config`` or its default) or "transposed" (a tuned choice of the transposed conv's forward with the direct depthwise
     family, a route the planner offers but never takes untuned); ``grad_weight_family`` None is the planner's
     default grad-weight kernel, else that family's is forced, with ``grad_weight_config`` (None: its default
     config). ``at_kinks``: the input and residual are zeros, so each pre-activation is its bias exactly (drawn
@@ -177,6 +179,7 @@ class GradientProblem:
     at_kinks: bool = False
     programs: int = 1  # what the split reductions (grad-weight, grad-bias) aim to fill: > 1 splits their pixels
     specials: tuple = ()  # (flat index, NaN or +-inf) put into x
+    grad_input_family: str | None = None
 
 
 def sides_of(problem: ConvProblem) -> tuple[int, int, int, int]:
@@ -546,6 +549,13 @@ def iterations(problem: ConvProblem, desc) -> int:
     if desc.family == "igemm_rows":  # out_rows + open_rows - 1 steps, each every tap's dot
         return (math.prod(desc.grid(pixels)) * rows_steps * taps
                 * -(-desc.spec.in_channels_per_group // desc.config.block_k))
+    if desc.family == "depthwise_gemm" and desc.kind == "grad_input":  # sliding down grad_out's rows
+        spec, k = desc.spec, desc.config.block_k
+        pairs = problem.batch * -(-problem.size[1] // k)
+        groups = depthwise_gemm.grad_input_groups(spec, problem.size[0])
+        slides = (sliding_block_rows(groups, pairs, desc.config.block_m, depthwise_gemm.grad_input_block_groups(spec))
+                  + (problem.kernel[0] - 1) * problem.dilation[0] // problem.stride[0])
+        return math.prod(desc.grid(pixels)) * problem.kernel[0] * slides * -(-depthwise_gemm.grad_input_span(spec, k, 1) // k)
     if desc.family == "depthwise_gemm":  # sliding down the rows: each step every kernel row's dots
         reach = (problem.kernel[0] - 1) * problem.dilation[0]
         pairs = problem.batch * -(-out_w // desc.config.block_k)
@@ -686,13 +696,13 @@ def gradient_problems(draw) -> GradientProblem:
     problem = draw(conv_problems(specials=False, max_channels=8, kernel_sides=(1, 2, 3, 4, 5),
                                  wide_odds=1 if transposable else 8, transposable=transposable))
     spec = spec_of(problem)
-    backward = plan(spec).backward_family
     bias_free = dataclasses.replace(spec, bias=False)
+    grad_input_family = draw(st.sampled_from(plan(bias_free).grad_input_families))
     # the transposed route twice as often where there is one: grouped convs have one only at stride 1
     routes = ("default", "direct") + (("transposed",) * 2 if transposed_conv(bias_free) else ())
     direct = "default" if problem.kernel == (7, 7) else draw(st.sampled_from(routes))
     grad_weight_family = draw(st.sampled_from((None, *plan(bias_free).grad_weight_families)))
-    families = {"grad_input": backward, "grad_weight": grad_weight_family}
+    families = {"grad_input": grad_input_family, "grad_weight": grad_weight_family}
     configs = {}
     for kind in (("grad_input",) if direct == "direct" else ()) + (("grad_weight",) if grad_weight_family else ()):
         config = draw(small_configs(kind, families[kind]))
@@ -706,7 +716,7 @@ def gradient_problems(draw) -> GradientProblem:
     programs = draw(st.sampled_from((1, 1, 3, 64)))
     specials = draw(special_values(2)) if not at_kinks and draw(st.integers(0, 4)) == 0 else ()
     return GradientProblem(problem, direct, grad_input_config, grad_weight_family, grad_weight_config, at_kinks,
-                           programs, specials)
+                           programs, specials, grad_input_family=grad_input_family if direct == "direct" else None)
 
 
 # ---------------------------------------------------------------------------------------------- the checks
@@ -761,8 +771,8 @@ def check_gradients(case: GradientProblem) -> None:
         grad_output[near_a_kink(problem, leaves64, dtype)] = 0
     wanted = torch.autograd.grad(expected, list(leaves64.values()), grad_output.double())
 
-    grad_input = (DEFAULT if case.grad_input == "default" else Choice(KERNEL, case.grad_input_config, None)
-                  if case.grad_input == "direct" else
+    grad_input = (DEFAULT if case.grad_input == "default"
+                  else Choice(KERNEL, case.grad_input_config, case.grad_input_family) if case.grad_input == "direct" else
                   Choice(KERNEL, None, _transposed_forced_family(problem), transposed=True))
     grad_weight = (DEFAULT if case.grad_weight_family is None
                    else Choice(KERNEL, case.grad_weight_config, case.grad_weight_family))
@@ -1002,6 +1012,53 @@ def test_conv2d_forward_banded_sliding(problem, nan_filled_outputs):
     the output rows and holds its band blocks (sliding_rows): rows before and past a block's, several blocks down
     the rows, several tiles, dilated and strided heights, non-finite inputs, both layouts."""
     check_forward(problem)
+
+
+@st.composite
+def banded_grad_input(draw) -> GradientProblem:
+    """Depthwise conv2d problems at a stride, trained through with the input gradient forced onto the banded
+    kernel (depthwise_gemm.strided_grad_input): strides of 1 to 3 rows and 1, 2 or 4 columns (not both 1),
+    windows of 1 to 7 rows (dilated now and then) of at most SLIDING_OPEN_ROWS open rows, paddings from none to
+    one past the reach, maps of 1 to 40 rows (one to three blocks of row groups; rows and columns no window
+    reaches), strided widths, several tiles, strips of 16 and 32 columns; both layouts, every dtype, views,
+    NaN/inf inputs, 64-bit offsets (conv_problems)."""
+    problem = draw(conv_problems(families=("depthwise_gemm",), max_channels=4, kernel_sides=(1, 2, 3, 5, 7),
+                                 extents=("tiny", "small", "long_rows")))
+    assume(problem.out_channels == problem.in_channels and problem.api == "conv2d")
+    kernel_h, dilation_h = draw(st.integers(1, 7)), draw(st.sampled_from((1, 1, 2)))
+    stride = (draw(st.sampled_from((1, 2, 2, 3))), draw(st.sampled_from((1, 2, 2, 4))))
+    assume(stride != (1, 1))
+    reach = (kernel_h - 1) * dilation_h
+    top, bottom = draw(st.integers(0, reach + 1)), draw(st.integers(0, reach + 1))
+    height = draw(st.sampled_from((1, 2, 5, 16, 17, 33, 40)))
+    left, right = (problem.padding[2:] if isinstance(problem.padding, tuple)
+                   else ((problem.kernel[1] - 1) * problem.dilation[1] // 2,) * 2)
+    width, batch = problem.size[1], problem.batch
+    if draw(st.integers(0, 3)) == 0:  # rows of 6 or 7 strips of 16 in 3 images: two tiles of 16 triples or more
+        width, batch = draw(st.integers(81, 100)), 3
+    problem = dataclasses.replace(problem, kernel=(kernel_h, problem.kernel[1]), stride=stride,
+                                  dilation=(dilation_h, problem.dilation[1]), size=(height, width), batch=batch,
+                                  unbatched=problem.unbatched and batch == 1, padding=(top, bottom, left, right),
+                                  family=None, config=None, specials=(), residual_specials=())
+    assume(min(output_size(problem)) >= 1)
+    spec = dataclasses.replace(spec_of(problem), bias=False)
+    assume(depthwise_gemm.strided_grad_input(spec))
+    config = KernelConfig(draw(st.sampled_from((16, 32))), draw(st.sampled_from((1, 2, 4))),
+                          draw(st.sampled_from((16, 16, 32))), num_stages=1)
+    desc = described(spec, "grad_input", "depthwise_gemm", config)
+    assume(desc is not None)
+    cheap = iterations(problem, desc) <= MAX_ITERATIONS
+    specials = draw(special_values(2)) if draw(st.integers(0, 3)) == 0 else ()
+    return GradientProblem(problem, "direct", config if cheap else None, specials=specials,
+                           grad_input_family="depthwise_gemm")
+
+
+@settings(max_examples=budget(0.15))
+@given(case=banded_grad_input())
+def test_gradients_banded_grad_input(case, nan_filled_outputs):
+    """The banded grad-input at a stride, forced: its tile of (batch, block of row groups, strip) triples slides
+    down grad_out's rows and stores a group of stride_h rows a step; every gradient against torch's."""
+    check_gradients(case)
 
 
 @st.composite

@@ -28,6 +28,8 @@ VARIANTS = [
     (64, 64, 64, (1, 8), (1, 1), (0, 0, 7, 0), (1, 1), False, "strict", (2, 1, 100)),  # causal k8: tap loop, strips
     (32, 32, 32, (1, 256), (1, 1), (0, 0, 255, 0), (1, 1), True, "strict", (1, 1, 300)),  # causal k256: strips
     (24, 24, 24, (3, 5), (1, 3), (1, 1, 2, 2), (1, 1), False, "strict", (2, 9, 50)),  # stride 3: a main tile past 3 x BLOCK_K
+    (96, 96, 96, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False, "strict", (4, 20)),   # MobileNetV2 dw3 s2: banded grad-input
+    (8, 8, 8, (2, 5), (3, 4), (0, 1, 2, 2), (1, 1), False, "strict", (2, 13, 37)),   # banded grad-input, strides 3 x 4
 ]
 SHARED_MEMORY_BYTES = 227 * 1024  # an sm_90 SM's opt-in limit
 
@@ -53,6 +55,9 @@ SCRIPT = textwrap.dedent("""
             if problem.kind == "grad_weight":
                 prepared = launch.prepare_grad_weight(problem.spec, t["x"], t["out"], t["grad_w"], choice, 4,
                                                       inspection.INSPECT_TARGET)
+            elif problem.kind == "grad_input":
+                prepared = launch.prepare_grad_input(problem.spec, t["out"], t["weight"], t["grad_x"], choice,
+                                                     inspection.INSPECT_TARGET)
             else:
                 prepared = launch.prepare_forward(problem.spec, t["x"], t["weight"], t["bias"], t["out"], choice,
                                                   inspection.INSPECT_TARGET)
@@ -77,7 +82,9 @@ SCRIPT = textwrap.dedent("""
         for family in plan(spec).families:  # every forward family the tuner may pick
             results.append(compile_problem(forward, family))
         if turn == index % 4:  # each variant's backward kernels in one dtype, the dtypes rotating
-            results.append(compile_problem(forward.backward("grad_input")))
+            grad_input = forward.backward("grad_input")
+            for family in plan(grad_input.spec).grad_input_families:  # every grad-input family the tuner may pick
+                results.append(compile_problem(grad_input, family))
             grad_weight = forward.backward("grad_weight")
             for family in plan(grad_weight.spec).grad_weight_families:  # every grad-weight family the tuner may pick
                 results.append(compile_problem(grad_weight, family))

@@ -397,7 +397,8 @@ def test_grad_input_tuning_times_the_transposed_forward_and_the_op_runs_what_won
 def test_a_transposed_record_for_a_conv_that_is_not_its_own_transpose_is_ignored(tmp_path):
     forward = _problem(4, 4, 4, 3, 2, 1, 1, 6)  # stride 2: no transposed forward
     problem = forward.backward("grad_input")
-    assert grad_input_offers(problem.spec, knobs.padding_budget()) == (("depthwise", False),)
+    # the direct kernel and, at a stride, the banded one (float32: not the default); no transposed forward
+    assert grad_input_offers(problem.spec, knobs.padding_budget()) == (("depthwise", False), ("depthwise_gemm", False))
     config = default_config(forward.spec, "depthwise", "forward", interpret=True)
     with knobs.scoped(CACHE_DIR=tmp_path):
         database().record({key_of(problem, "interpreter", False): {**kernel_record(config, "depthwise", True),

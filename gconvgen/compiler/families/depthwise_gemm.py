@@ -558,9 +558,10 @@ class DepthwiseGemm(Family):
         return loaded * ELEMENT_BYTES[spec.dtype], channels * rows * spec.kernel_size[0] * steps * 2 * m * k * k
 
     def _grad_weight_requested(self, desc, problem, programs: int, arguments: dict):
-        """Per step and channel: in each pass over the kernel rows a [block_m, block_k] grad_out tile, and the
-        input band's main and halo tiles of block_m rows, for each kernel row ("flat") or once a pass
-        (strip_columns); each kernel row a dot of the grad_out tile with its input tiles."""
+        """Per step and channel: in each pass over the kernel rows a [block_m, block_k] grad_out tile (in columns
+        of strips, strip_columns, its step_rows output rows: the rest are masked, no load), and the input
+        band's main and halo tiles of block_m rows, for each kernel row ("flat") or once a pass (strip_columns);
+        each kernel row a dot of the grad_out tile with its input tiles."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         band = grad_weight_main(spec, k) + desc.halo_tile
@@ -568,7 +569,8 @@ class DepthwiseGemm(Family):
         kernel_h = spec.kernel_size[0]
         passes = cdiv(kernel_h, desc.tap_tile)
         x_rows = (passes if desc.step_rows else kernel_h) * m
-        loaded = steps * (passes * m * k + x_rows * band) * ELEMENT_BYTES[spec.dtype]
+        grad_out_rows = passes * (desc.step_rows or m)
+        loaded = steps * (grad_out_rows * k + x_rows * band) * ELEMENT_BYTES[spec.dtype]
         return loaded, steps * kernel_h * 2 * k * m * band
 
     def _forward_requested(self, desc, problem, programs: int, arguments: dict):

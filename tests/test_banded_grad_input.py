@@ -10,7 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from conftest import assert_close, reference_conv2d
+import torch.nn.functional as F
+
+import gconvgen
+from conftest import assert_close, reference_conv2d, spy_on_kernels
 from gconvgen.compiler.families import depthwise_gemm
 from gconvgen.compiler.lowering import KERNEL, Choice
 from gconvgen.compiler.plan import grad_input_offers, plan
@@ -56,6 +59,27 @@ def test_strided_grad_input_on_the_band_matches_torch(channels, batch, size, ker
     assert prepared.desc.family == "depthwise_gemm" and prepared.desc.kind == "grad_input"
     launch.run(prepared)
     assert_close(grad_x, expected, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("data_format", ["NCL", "NLC"])
+def test_a_strided_depthwise_conv1d_trains_through_the_banded_grad_input(data_format, monkeypatch):
+    """A depthwise conv1d at stride 2 in bfloat16 (a downsampling layer of an audio or sequence model): its input
+    gradient runs the banded kernel by default, in either layout, against torch's float64 gradient."""
+    ran = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family))
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 45, generator=generator, dtype=torch.float64)
+    weight = torch.randn(6, 1, 5, generator=generator, dtype=torch.float64)
+    x64 = x.clone().requires_grad_()
+    out = F.conv1d(x64, weight, None, 2, 2, 1, 6)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).bfloat16()
+    (expected,) = torch.autograd.grad(out, x64, grad_out.double())
+    nlc = data_format == "NLC"
+    given = (x.transpose(1, 2).contiguous() if nlc else x).bfloat16().requires_grad_()
+    keras = weight.permute(2, 1, 0)  # NLC takes a Keras weight [k, in_channels / groups, out_channels]
+    got = gconvgen.conv1d(given, (keras if nlc else weight).bfloat16(), None, 2, 2, 1, 6, data_format=data_format)
+    (grad_x,) = torch.autograd.grad(got, given, grad_out.transpose(1, 2) if nlc else grad_out)
+    assert ("grad_input", "depthwise_gemm") in ran, ran
+    assert_close(grad_x.transpose(1, 2) if nlc else grad_x, expected, torch.bfloat16)
 
 
 @pytest.mark.parametrize("kernel, stride, dtype, multiplier, offered, default", [

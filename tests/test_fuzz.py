@@ -1018,7 +1018,7 @@ def test_conv2d_forward_banded_sliding(problem, nan_filled_outputs):
 @st.composite
 def banded_grad_input(draw) -> GradientProblem:
     """Depthwise conv2d problems at a stride, trained through with the input gradient forced onto the banded
-    kernel (depthwise_gemm.strided_grad_input): strides of 1 to 3 rows and 1, 2 or 4 columns (not both 1),
+    kernel (depthwise_gemm.strided_grad_input): strides of 1 to 3 rows and 1 to 16 columns (not both 1),
     windows of 1 to 7 rows (dilated now and then) of at most SLIDING_OPEN_ROWS open rows, paddings from none to
     one past the reach, maps of 1 to 40 rows (one to three blocks of row groups; rows and columns no window
     reaches), strided widths, several tiles, strips of 16 and 32 columns; both layouts, every dtype, views,
@@ -1027,7 +1027,7 @@ def banded_grad_input(draw) -> GradientProblem:
                                  extents=("tiny", "small", "long_rows")))
     assume(problem.out_channels == problem.in_channels and problem.api == "conv2d")
     kernel_h, dilation_h = draw(st.integers(1, 7)), draw(st.sampled_from((1, 1, 2)))
-    stride = (draw(st.sampled_from((1, 2, 2, 3))), draw(st.sampled_from((1, 2, 2, 4))))
+    stride = (draw(st.sampled_from((1, 2, 2, 3))), draw(st.sampled_from((1, 2, 2, 4, 8, 16))))
     assume(stride != (1, 1))
     reach = (kernel_h - 1) * dilation_h
     top, bottom = draw(st.integers(0, reach + 1)), draw(st.integers(0, reach + 1))

@@ -28,8 +28,13 @@ VARIANTS = [
     (64, 64, 64, (1, 8), (1, 1), (0, 0, 7, 0), (1, 1), False, "strict", (2, 1, 100)),  # causal k8: tap loop, strips
     (32, 32, 32, (1, 256), (1, 1), (0, 0, 255, 0), (1, 1), True, "strict", (1, 1, 300)),  # causal k256: strips
     (24, 24, 24, (3, 5), (1, 3), (1, 1, 2, 2), (1, 1), False, "strict", (2, 9, 50)),  # stride 3: a main tile past 3 x BLOCK_K
-    (96, 96, 96, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False, "strict", (4, 20)),   # MobileNetV2 dw3 s2: banded grad-input
-    (8, 8, 8, (2, 5), (3, 4), (0, 1, 2, 2), (1, 1), False, "strict", (2, 13, 37)),   # banded grad-input, strides 3 x 4
+    # banded grad-input at a stride (each variant's backward takes dtype index % 4: float64, float32, float16,
+    # bfloat16): strides 3 x 4; a dilated dw5 at stride 2 x 8; MobileNetV2's dw3 at stride 2; a dw7 at stride 2
+    # (7 open rows, 14 held band blocks in NCHW)
+    (8, 8, 8, (2, 5), (3, 4), (0, 1, 2, 2), (1, 1), False, "strict", (2, 13, 37)),
+    (12, 12, 12, (5, 5), (2, 8), (2, 2, 4, 4), (1, 2), False, "strict", (2, 11, 70)),
+    (96, 96, 96, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False, "strict", (4, 20)),
+    (64, 64, 64, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), False, "strict", (2, 30)),
 ]
 SHARED_MEMORY_BYTES = 227 * 1024  # an sm_90 SM's opt-in limit
 
@@ -121,6 +126,8 @@ def test_every_variant_compiles_for_sm90_as_launched():
     assert any(uri.startswith("depthwise_gemm") for uri in uris) and any(uri.startswith("grad_weight") for uri in uris)
     assert any(uri.startswith("grad_weight_depthwise_gemm") for uri in uris)
     assert any(uri.startswith("grad_weight_depthwise_ci") for uri in uris)
+    for dtype in ("float16", "bfloat16"):  # the banded grad-input, in the dtypes it is the default for
+        assert any(uri.startswith("grad_input_depthwise_gemm") and dtype in uri for uri in uris), dtype
     assert any(uri.startswith("depthwise1d") for uri in uris) and any(uri.startswith("igemm_ci768") for uri in uris)
 
 

@@ -138,9 +138,9 @@ EXTENTS: dict[str, Callable[[Problem], int]] = {
     "output_width": lambda p: p.output_size[1],
     # the banded kernel's tile rows: strips of 16 output columns (its narrowest) of every output row
     "output_strips": lambda p: p.batch * p.output_size[0] * -(-p.output_size[1] // 16),
-    # ... and of its strided grad-input: strips of 16 input columns of every input row
+    # ... and of its strided grad-input: strips of 16 input columns of every group of stride_h input rows
     "input_width": lambda p: p.width,
-    "input_strips": lambda p: p.batch * p.height * -(-p.width // 16),
+    "input_strips": lambda p: p.batch * -(-p.height // p.spec.stride[0]) * -(-p.width // 16),
     # in_channels_per_group x taps: the forward's reduction, and the columns of a grad-weight tile
     "weight_columns": lambda p: p.spec.in_channels_per_group * p.spec.kernel_size[0] * p.spec.kernel_size[1],
     # out_channels_per_group x taps: the reduction of grad-input

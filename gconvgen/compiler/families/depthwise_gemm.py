@@ -164,12 +164,14 @@ def strided_grad_input(spec: ConvSpec) -> bool:
     of the transposed conv, plan.transposed_conv), along the width a power of two up to 16 (its strips of
     BLOCK_K >= 16 columns start BLOCK_K / stride_w grad_out columns apart), holding at most SLIDING_OPEN_ROWS
     open rows (grad_input_slots) and SLIDING_BAND_BLOCKS band blocks (kernel rows x band steps at 16-column
-    strips)."""
+    strips, in NCHW with each band starting on a 16-byte vector, the most its rows can be aligned to)."""
     stride_w = spec.stride[1]
     if not (spec.is_depthwise and spec.out_channels == spec.in_channels and spec.stride != (1, 1)
             and stride_w <= 16 and stride_w & (stride_w - 1) == 0):
         return False
-    held = spec.kernel_size[0] * cdiv(grad_input_span(spec, DOT_SIDES[0], 1), DOT_SIDES[0])
+    vector = 16 // ELEMENT_BYTES[spec.dtype] if band_dot(spec) == "rows" else 1
+    span = grad_input_span(spec, DOT_SIDES[0], grad_input_alignment(spec, vector))
+    held = spec.kernel_size[0] * cdiv(span, DOT_SIDES[0])
     return grad_input_slots(spec) <= SLIDING_OPEN_ROWS and held <= SLIDING_BAND_BLOCKS
 
 

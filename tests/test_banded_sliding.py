@@ -22,7 +22,7 @@ from test_sm90_compile import compiled_rows
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # channels, multiplier, batch, (H, W), kernel, stride, padding (top, bottom, left, right), dilation, layout, config:
-# 20 output rows in two blocks of 10; one output row, from the padding alone; a window taller than the map; a
+# 20 output rows in 7 blocks of up to 3 (2 images of one strip split to fill a tile); one output row, from the padding alone; a window taller than the map; a
 # dilated height reaching 6 rows; width-strided with a channel multiplier; 3 images x 2 blocks x 6 strips in two
 # tiles of 32 triples, the last one part full; a 2-row window, each input row in two open rows; strided heights:
 # 2 (both phases read), 3 with a dilation of 2 (a phase no kernel row reads), 3 past a 2-row window
@@ -80,7 +80,7 @@ def test_an_inf_past_a_band_blocks_reach_stays_out_of_the_sum(nan_filled_outputs
 
 
 def test_a_window_that_could_slide_takes_the_flat_tile_where_the_flat_grid_keeps_more_sms_busy(nan_filled_outputs):
-    """One image of 600 rows of 10 columns: 3 sliding programs (38 blocks of 16 rows, 16 a tile) against 38 flat
+    """One image of 600 rows of 10 columns: 2 sliding programs (19 blocks of 32 rows, 16 a tile) against 38 flat
     ones (SLIDING_LEAST_PROGRAMS or more), so the flat tile, whose tiles are any rows' strips; against torch."""
     x = torch.randn(1, 1, 600, 10, dtype=torch.float64)
     weight = torch.randn(1, 1, 3, 3, dtype=torch.float64)

@@ -161,6 +161,23 @@ def test_backward_tuning_checks_every_candidate_against_aten_backward(kind):
         Problem(forward.spec, 2, 7, 7, kind)
 
 
+def test_strided_depthwise_grad_input_tuning_times_the_direct_and_the_banded_kernel():
+    """At a stride a depthwise conv has no transposed forward: grad-input tuning times the direct kernel and the
+    banded one (space grad_input_depthwise_gemm) beside aten, every candidate checked against aten's backward;
+    the banded GPU space keeps strips of at most 32 columns and tiles within the (row group, strip) pairs."""
+    forward = _problem(8, 8, 8, 3, 2, 1, 2, 9, dtype="bfloat16", layout="nhwc")  # MobileNetV2-like dw3 at stride 2
+    problem = forward.backward("grad_input")
+    result = tuner.tune(problem, CPU)
+    routes = {(trial.family, trial.transposed) for trial in result.trials if trial.config is not None}
+    assert routes == {("depthwise", False), ("depthwise_gemm", False)}, result.trials
+    assert all(trial.status == "ok" for trial in result.trials), result.trials
+    layer = suites.load_suite("headline").select(("mbv2-dw3-s2",)).layers[0]
+    space = load_space("grad_input_depthwise_gemm", "gpu")
+    for layout in ("nhwc", "nchw"):
+        configs = space.stage_one(layer.problem("bfloat16", layout).backward("grad_input"), H200)
+        assert configs and all(c.block_k <= 32 for c in configs), layout
+
+
 def test_banded_gpu_space_for_a_31x31_depthwise_layer():
     layer = suites.load_suite("headline").select(("replknet-dw31",)).layers[0]
     space = load_space("depthwise_gemm", "gpu")

@@ -339,14 +339,16 @@ class DepthwiseGemm(Family):
             # instructions than the copy's pace allows (causal k8 modelled 47% of its floor on 8 warps, 96% on 4)
             return KernelConfig(128, 1, 16, num_warps=4, num_stages=3)
         if band_dot(spec) == "rows" and sliding_rows(spec, kind):
-            # 64 triples on 4 warps, one stage: ConvNeXt's dw7 44.8% of its floor modelled (128 on 8 warps: 34.7;
-            # 128 on 4 spilled 328 B), EfficientNet's dw5 54.0 (41.9). A window of up to NARROW_BAND_COLUMNS
-            # columns takes strips of 32: each strip's band starts band_shift columns early, on an aligned one,
-            # and its second band step reads whole vectors, a share of the input that a wider strip halves
-            # (MobileNetV2's dw3: 1.8x the ideal bytes, 55.1%, at 16; 1.5x, 67.2%, at 32; at stride 2 69.8 ->
-            # 76.3); wider windows' band FLOPs and registers grow more (ConvNeXt's dw7: 41.0% and 232 B spilled)
+            # on 4 warps, one stage (ConvNeXt's dw7 at 64 triples: 44.8% of its floor modelled, 34.7 at 128 on 8
+            # warps, 128 on 4 spilled 328 B). A window of up to NARROW_BAND_COLUMNS columns takes 64 triples in
+            # strips of 32: each strip's band starts band_shift columns early, on an aligned one, and its second
+            # band step reads whole vectors, a share of the input that a wider strip halves (MobileNetV2's dw3:
+            # 1.8x the ideal bytes, 55.1%, at 16; 1.5x, 67.2%, at 32; at stride 2 69.8 -> 76.3). Wider windows'
+            # band FLOPs and registers grow more (ConvNeXt's dw7 in strips of 32: 41.0% and 232 B spilled):
+            # strips of 16, in 32 triples, whose programs issue half the instructions (in blocks of 32 rows,
+            # EfficientNet's dw5 60.0 -> 67.0%, ConvNeXt's dw7 51.7 -> 52.5, at 768 channels on 7 x 7 10.6 -> 18.9)
             narrow = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1 <= NARROW_BAND_COLUMNS
-            return KernelConfig(64, 1, 32 if narrow else strip, num_warps=4, num_stages=1)
+            return KernelConfig(64 if narrow else 32, 1, 32 if narrow else strip, num_warps=4, num_stages=1)
         if band_dot(spec) == "rows":  # one channel's 2-D dot: 128 rows on 8 warps (wgmma, no spills at k7 and k31)
             config = KernelConfig(128, 1, strip, num_warps=8, num_stages=3)
             while config.num_stages > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:

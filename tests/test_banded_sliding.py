@@ -22,10 +22,11 @@ from test_sm90_compile import compiled_rows
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # channels, multiplier, batch, (H, W), kernel, stride, padding (top, bottom, left, right), dilation, layout, config:
-# 20 output rows in 7 blocks of up to 3 (2 images of one strip split to fill a tile); one output row, from the padding alone; a window taller than the map; a
-# dilated height reaching 6 rows; width-strided with a channel multiplier; 3 images x 2 blocks x 6 strips in two
-# tiles of 32 triples, the last one part full; a 2-row window, each input row in two open rows; strided heights:
-# 2 (both phases read), 3 with a dilation of 2 (a phase no kernel row reads), 3 past a 2-row window
+# 20 output rows in 7 blocks of up to 3 (2 images of one strip split to fill a tile); one output row, from the
+# padding alone; a window taller than the map; a dilated height reaching 6 rows; width-strided with a channel
+# multiplier; 3 images x 2 blocks x 6 strips in two tiles of 32 triples, the last one part full; a 2-row window,
+# each input row in two open rows; strided heights: 2 (both phases read), 3 with a dilation of 2 (a phase no
+# kernel row reads), 3 past a 2-row window
 CASES = [
     (4, 1, 2, (20, 9), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "nhwc", KernelConfig(16, 4, 16, num_stages=1)),
     (3, 1, 1, (1, 7), (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), "nchw", KernelConfig(16, 2, 16, num_stages=1)),

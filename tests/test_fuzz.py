@@ -165,10 +165,10 @@ class ConvProblem:
 class GradientProblem:
     """A forward problem trained through: ``grad_input`` "default" (the planner's, maybe the transposed
     forward), "direct" (a non-DEFAULT choice: the grad-input kernel of ``grad_input_family``, None the
-    planner's first, with ``grad_input_config`` or its default) or "transposed" (a tuned choice of the transposed conv's forward with the direct depthwise
-    family, a route the planner offers but never takes untuned); ``grad_weight_family`` None is the planner's
-    default grad-weight kernel, else that family's is forced, with ``grad_weight_config`` (None: its default
-    config). ``at_kinks``: the input and residual are zeros, so each pre-activation is its bias exactly (drawn
+    planner's first, with ``grad_input_config`` or its default) or "transposed" (a tuned choice of the
+    transposed conv's forward with the direct depthwise family, a route the planner offers but never takes
+    untuned); ``grad_weight_family`` None is the planner's default grad-weight kernel, else that family's is
+    forced, with ``grad_weight_config`` (None: its default config). ``at_kinks``: the input and residual are zeros, so each pre-activation is its bias exactly (drawn
     at the activations' kinks: -3, 0, 3, 6). ``specials``: NaN and infinities in x."""
 
     conv: ConvProblem

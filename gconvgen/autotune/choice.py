@@ -83,7 +83,7 @@ def _usable(key: str, choice: Choice, spec: ConvSpec, kind: str, padding_budget:
         offered = grad_input_offers(spec, padding_budget)
     else:
         offered = tuple((family, False) for family in conv_plan.grad_weight_families)
-    # a record naming no family asks for the planner's default family, or the direct grad-input kernel
+    # a record naming no family asks for the planner's default family, or its first grad-input kernel
     family = choice.family or (conv_plan.grad_input_families[0] if kind == "grad_input" else offered[0][0])
     try:
         if (family, choice.transposed) not in offered:

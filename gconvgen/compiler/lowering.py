@@ -213,9 +213,10 @@ def choose_family(fields: dict, ctx: Context) -> None:
         ordered = (default, *(name for name in offered if name != default))
         default = suiting_first(ordered, conv_plan.spec, ctx.kind, ctx.pixels)[0]
     chosen = ctx.choice.family or default
-    transposed = " (or a transposed choice of a forward family, plan.grad_input_offers)" if ctx.kind == "grad_input" else ""
-    check(chosen in offered,
-          f"family={chosen!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; use one of {offered}{transposed}")
+    transposed = (" (or a transposed choice of a forward family, plan.grad_input_offers)"
+                  if ctx.kind == "grad_input" else "")
+    check(chosen in offered, f"family={chosen!r} cannot compute the {ctx.kind} kernel of {conv_plan.spec}; "
+                             f"use one of {offered}{transposed}")
     fields.update(family=chosen, template=TEMPLATES[ctx.kind, chosen], spec=conv_plan.spec)
 
 

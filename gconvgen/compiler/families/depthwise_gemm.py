@@ -406,7 +406,8 @@ class DepthwiseGemm(Family):
         while config.block_n > 1 and self._row_accumulators(config, spec) > accumulator_budget(spec, config):
             config = replace(config, block_n=config.block_n // 2)  # a wide window's halo (causal k256)
         narrow = replace(config, num_warps=4)
-        if columns and spec.kernel_size[0] * self._row_accumulators(narrow, spec) <= accumulator_budget(spec, narrow):
+        one_pass = spec.kernel_size[0] * self._row_accumulators(narrow, spec) <= accumulator_budget(spec, narrow)
+        if columns and one_pass:
             # every kernel row in one pass on 4 warps too: twice the programs an SM, fewer instructions issued
             # (ShuffleNetV2's dw3 at 4 channels on 14 x 14: 27.7% of its floor modelled, 20.7% on 8 warps); where
             # 4 warps would take two passes they read the input twice (MobileNetV2's dw3: 25.3%, 50.6% on 8)

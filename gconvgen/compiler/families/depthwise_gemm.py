@@ -130,20 +130,15 @@ def sliding_rows(spec: ConvSpec, kind: str, config: Optional[KernelConfig] = Non
     return sliding >= SLIDING_LEAST_PROGRAMS or flat < SLIDING_LEAST_PROGRAMS
 
 
-def sliding_tiles(config: KernelConfig, pixels: PixelSpace) -> int:
-    """The tiles of BLOCK_M (batch, block of rows, strip) triples of a sliding forward over ``pixels``."""
+def sliding_tiles(config: KernelConfig, pixels: PixelSpace, height: Optional[int] = None,
+                  most: int = SLIDING_ROWS) -> int:
+    """The tiles of BLOCK_M (batch, block of rows, strip) triples of a sliding forward over ``pixels``; with
+    ``height`` and ``most``, of a tile sliding down that many rows (the banded grad-input's row groups) in
+    blocks of at most ``most``."""
+    height = pixels.height if height is None else height
     strips = cdiv(pixels.width, config.block_k)
-    rows = sliding_block_rows(pixels.height, pixels.batch * strips, config.block_m)
-    return cdiv(pixels.batch * cdiv(pixels.height, rows) * strips, config.block_m)
-
-
-def grad_input_tiles(spec: ConvSpec, config: KernelConfig, pixels: PixelSpace) -> int:
-    """The tiles of BLOCK_M (batch, block of row groups, strip) triples of a banded grad-input over ``pixels``
-    (grad_x's)."""
-    strips = cdiv(pixels.width, config.block_k)
-    groups = grad_input_groups(spec, pixels.height)
-    rows = sliding_block_rows(groups, pixels.batch * strips, config.block_m, grad_input_block_groups(spec))
-    return cdiv(pixels.batch * cdiv(groups, rows) * strips, config.block_m)
+    rows = sliding_block_rows(height, pixels.batch * strips, config.block_m, most)
+    return cdiv(pixels.batch * cdiv(height, rows) * strips, config.block_m)
 
 
 def grad_input_block_groups(spec: ConvSpec) -> int:
@@ -470,7 +465,9 @@ class DepthwiseGemm(Family):
             return (cdiv(spec.out_channels, config.block_n), splits)
         strips = cdiv(pixels.width, config.block_k)
         if kind == "grad_input":
-            tiles = grad_input_tiles(spec, config, pixels)
+            # (batch, block of row groups, strip) triples over grad_x's pixels
+            tiles = sliding_tiles(config, pixels, grad_input_groups(spec, pixels.height),
+                                  grad_input_block_groups(spec))
         elif strip_rows(spec, kind):
             tiles = pixels.rows * cdiv(strips, config.block_m)
         elif column_rows(spec, kind, config):

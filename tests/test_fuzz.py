@@ -64,6 +64,7 @@ from gconvgen import knobs
 from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
 from gconvgen.compiler.families import igemm_rows, suiting_first
 from gconvgen.compiler.families import depthwise_gemm
+from gconvgen.compiler.families.depthwise_dense import dense_steps, reached_pixels
 from gconvgen.compiler.families.depthwise_gemm import SLIDING_OPEN_ROWS, sliding_block_rows
 from gconvgen.compiler.families.igemm_rows import open_rows, rows_per_program
 from gconvgen.compiler.plan import grad_input_as_forward, plan, transposed_conv
@@ -75,7 +76,7 @@ from conftest import TOLERANCES, spy_on_kernels
 # NaN and inf inputs make the interpreter's numpy say so; a division by zero would still show
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
 
-FAMILIES = ("igemm", "igemm_rows", "depthwise", "depthwise_gemm", "depthwise1d")
+FAMILIES = ("igemm", "igemm_rows", "depthwise", "depthwise_gemm", "depthwise1d", "depthwise_dense")
 IGEMM = ("igemm", "igemm_rows")  # the implicit GEMMs: flat tiles, and tiles that slide down the rows
 ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -100,6 +101,7 @@ SMALL_TILES = {
     ("forward", "depthwise"): ((8, 16, 32, 64), (1, 2, 4, 8), (0,), (1, 4)),
     ("forward", "depthwise_gemm"): ((16,), (1, 2, 4, 8), (16,), (1, 4)),
     ("forward", "depthwise1d"): ((8, 16), (8, 16), (0,), (1, 2)),
+    ("forward", "depthwise_dense"): ((16,), (16, 32), (16, 32), (1, 4)),
     ("grad_input", "igemm"): ((16, 32, 64), (16,), (16, 32), (1, 4)),
     ("grad_input", "depthwise"): ((8, 16, 32, 64), (1, 2, 8), (0,), (1, 4)),
     ("grad_input", "depthwise_gemm"): ((16, 32), (1, 2, 4), (16, 32), (1, 4)),
@@ -495,11 +497,12 @@ def forward_choice(problem: ConvProblem) -> Choice:
 
 
 def tolerates_nonfinite_spread(desc) -> bool:
-    """The README's known limit: the banded kernel and packed narrow igemm groups (several groups in one
-    program's block-diagonal weight tile) may spread an inf or NaN input to neighbouring outputs as NaN. The
-    igemm grad-weights keep only the diagonal blocks of their products, so packing spreads nothing there."""
-    return desc.family == "depthwise_gemm" or (desc.family in IGEMM and desc.groups_per_program > 1
-                                               and desc.kind != "grad_weight")
+    """The README's known limit: the banded and dense depthwise kernels and packed narrow igemm groups (several
+    groups in one program's block-diagonal weight tile) may spread an inf or NaN input to neighbouring outputs as
+    NaN. The igemm grad-weights keep only the diagonal blocks of their products, so packing spreads nothing
+    there."""
+    return desc.family in ("depthwise_gemm", "depthwise_dense") or (desc.family in IGEMM and desc.groups_per_program > 1
+                                                                    and desc.kind != "grad_weight")
 
 
 # ---------------------------------------------------------------------------------------------- strategies
@@ -562,6 +565,9 @@ def iterations(problem: ConvProblem, desc) -> int:
         slides = sliding_block_rows(out_h, pairs, desc.config.block_m) + reach if desc.slide_rows else 1
         return (math.prod(desc.grid(pixels)) * problem.kernel[0] * slides
                 * band_steps(desc.spec, desc.config.block_k, desc.band_shift))
+    if desc.family == "depthwise_dense":  # each tile of output pixels steps through the input rows it reaches
+        steps = dense_steps(desc.spec, desc.config.block_n, desc.config.block_k, out_h, out_w, *problem.size)
+        return math.prod(desc.grid(pixels)) * max(1, steps) // -(-(out_h * out_w) // desc.config.block_n)
     return math.prod(desc.grid(pixels)) * taps
 
 
@@ -597,7 +603,7 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
     than ``max_iterations`` interpreted iterations gives way to the family's default."""
     family = draw(st.sampled_from(families))
     # a transposable problem is grouped a third of the time (a transpose at stride 1 only), else depthwise
-    depthwise = (family in ("depthwise", "depthwise_gemm", "depthwise1d")
+    depthwise = (family in ("depthwise", "depthwise_gemm", "depthwise1d", "depthwise_dense")
                  or (family is None and draw(st.integers(0, 2) if transposable else st.integers(0, 1)) > 0))
     policy = "strict" if transposable else draw(st.sampled_from(("strict", "pad")))
     if depthwise:  # groups = in_channels; a channel multiplier, or uneven outputs under 'pad'
@@ -693,7 +699,10 @@ def gradient_problems(draw) -> GradientProblem:
     # the direct depthwise grad-input costs the interpreter about 50 ms a tap and program: smaller problems,
     # and 7 x 7 (half precision, whose transposed forward is the banded kernel) only by default
     transposable = draw(st.integers(0, 3)) == 0
-    problem = draw(conv_problems(specials=False, max_channels=8, kernel_sides=(1, 2, 3, 4, 5),
+    # the forward forced onto any family but the dense one, which has no gradient kernels of its own (its input
+    # gradient by default, the transposed conv's forward on a small map, is drawn here)
+    problem = draw(conv_problems(families=tuple(f for f in FAMILIES if f != "depthwise_dense") + (None,),
+                                 specials=False, max_channels=8, kernel_sides=(1, 2, 3, 4, 5),
                                  wide_odds=1 if transposable else 8, transposable=transposable))
     spec = spec_of(problem)
     bias_free = dataclasses.replace(spec, bias=False)
@@ -925,6 +934,51 @@ def test_conv2d_forward_depthwise_gemm(problem, nan_filled_outputs):
 @settings(max_examples=budget(0.25))
 @given(problem=conv_problems(families=("depthwise1d",)))
 def test_conv2d_forward_depthwise1d(problem, nan_filled_outputs):
+    check_forward(problem)
+
+
+def dense_maps():
+    """Depthwise problems forced onto the dense kernel: windows up to 13 x 13, on maps up to 9 x 9 (and rows of
+    20), often smaller than the window, so that a tile's windows reach past the map, every row or a few."""
+    return conv_problems(families=("depthwise_dense",), kernel_sides=(1, 2, 3, 5, 7, 9, 13),
+                         extents=("tiny", "small", "small", "long_rows"))
+
+
+@settings(max_examples=budget(0.25))
+@given(problem=dense_maps())
+@example(
+    problem=ConvProblem(api='conv2d',
+     batch=3,
+     in_channels=63,
+     out_channels=126,
+     groups=63,
+     size=(2, 6),
+     kernel=(1, 1),
+     stride=(2, 1),
+     padding='same',
+     dilation=(1, 2),
+     policy='strict',
+     layout='nchw',
+     view='padded_rows',
+     weight_memory='width_step',
+     dtype='bfloat16',
+     bias=True,
+     bias_strided=False,
+     activation='none',
+     residual=False,
+     residual_view='per_channel',
+     family='depthwise_dense',
+     config=None,
+     specials=((2209, -math.inf), (9979, math.nan), (12684, math.nan)),
+     residual_specials=(),
+     unbatched=False,
+     wide_index=False,
+     max_rows=0,
+     seed=254634),
+).via('discovered failure')
+def test_conv2d_forward_depthwise_dense(problem, nan_filled_outputs):
+    """The dense kernel: tiles of output pixels whose windows reach all of a small map or some of its rows,
+    windows larger than the map, strides, dilations, several tiles, non-finite inputs, both layouts."""
     check_forward(problem)
 
 
@@ -1459,7 +1513,8 @@ def drawn_problems():
             "default": drawn(conv_problems(families=(None,)), 200),
             "gradients": drawn(gradient_problems(), 600), "banded_rows": drawn(banded_rows(), 200),
             "direct_rows": drawn(direct_rows(), 200), "sequences": drawn(sequence_problems(), 200),
-            "banded_columns": drawn(banded_columns(), 100), "banded_sliding": drawn(banded_sliding(), 100)}
+            "banded_columns": drawn(banded_columns(), 100), "banded_sliding": drawn(banded_sliding(), 100),
+            "dense": drawn(dense_maps(), 100)}
 
 
 def _transposed_forced_family(problem: ConvProblem) -> str:
@@ -1533,6 +1588,20 @@ def _pixel_row_tiles(problem: ConvProblem) -> int:
     (0: flat tiles)."""
     desc = described(spec_of(problem), "forward", problem.family, problem.config)
     return -(-output_size(problem)[1] // desc.config.block_m) if desc is not None and desc.halo_tile else 0
+
+
+def _dense_tiles(problem: ConvProblem) -> tuple[int, bool]:
+    """(tiles of output pixels, whether a tile's steps start past the map's first row) of the dense forward
+    launch of the problem; (0, False) where another family runs it."""
+    with launch_variant(problem):
+        desc = described(spec_of(problem), "forward", problem.family, problem.config)
+    if desc is None or desc.family != "depthwise_dense":
+        return 0, False
+    out_h, out_w = output_size(problem)
+    block_n, block_k = desc.config.block_n, desc.config.block_k
+    starts = [reached_pixels(desc.spec, q0, block_n, block_k, out_h, out_w, *problem.size)[0]
+              for q0 in range(0, out_h * out_w, block_n)]
+    return len(starts), any(start > 0 for start in starts)
 
 
 def _default_grad_weight_family(problem: ConvProblem) -> str:
@@ -1674,6 +1743,20 @@ DOMAIN = [
        p.layout == layout) for layout in ("nchw", "channels_last")],
     *[(f"banded sliding in {dtype}", "banded_sliding",
        lambda p, dtype=dtype: _sliding_blocks(p)[1] and p.dtype == dtype) for dtype in DTYPES],
+    ("dense in one tile of output pixels", "dense", lambda p: _dense_tiles(p)[0] == 1),
+    ("dense in several tiles of output pixels", "dense", lambda p: _dense_tiles(p)[0] > 1),
+    ("dense with a tile whose windows skip the first rows", "dense", lambda p: _dense_tiles(p)[1]),
+    ("dense with a window larger than the map", "dense",
+     lambda p: _dense_tiles(p)[0] and (p.kernel[0] > p.size[0] or p.kernel[1] > p.size[1])),
+    ("dense, dilated", "dense", lambda p: _dense_tiles(p)[0] and max(p.dilation) > 1),
+    *[(f"dense at stride {s}", "dense", lambda p, s=s: _dense_tiles(p)[0] and s in p.stride) for s in (2, 3)],
+    ("dense with a channel multiplier", "dense", lambda p: _dense_tiles(p)[0] and p.out_channels > p.groups),
+    ("dense with a NaN or inf input", "dense", lambda p: _dense_tiles(p)[0] and bool(p.specials)),
+    ("dense with 64-bit offsets", "dense", lambda p: _dense_tiles(p)[0] and p.wide_index),
+    *[(f"dense, {layout}", "dense", lambda p, layout=layout: _dense_tiles(p)[0] and p.layout == layout)
+      for layout in LAYOUTS],
+    *[(f"dense in {dtype}", "dense", lambda p, dtype=dtype: _dense_tiles(p)[0] and p.dtype == dtype)
+      for dtype in DTYPES],
     ("direct depthwise in one row's pixel tiles", "direct_rows", lambda p: _pixel_row_tiles(p) > 0),
     ("direct depthwise in several tiles of one row's pixels", "direct_rows", lambda p: _pixel_row_tiles(p) > 1),
     ("direct depthwise in row tiles, dilated", "direct_rows", lambda p: _pixel_row_tiles(p) and p.dilation[1] > 1),
@@ -1721,7 +1804,7 @@ GRADIENT_DOMAIN = [
     # draws, 7 x 7 in half precision, leave out; tests/test_backward.py
     # test_channels_last_depthwise_grad_input_runs_the_transposed_forward runs it)
     *[(f"the transposed grad_input by default, as {f}", lambda c, f=f: c.grad_input == "default"
-       and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm", "igemm")],
+       and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm", "depthwise_dense", "igemm")],
     ("grad_input forced onto the transposed forward of a grouped conv", lambda c: c.grad_input == "transposed"
      and c.conv.groups < c.conv.in_channels),
     ("grad_input forced onto the transposed forward of a grouped conv, dilated", lambda c: c.grad_input == "transposed"

@@ -18,6 +18,7 @@ from ..tiles import DEFAULT_WAVES, H200_SMS, MAX_STAGES, NUM_WARPS, KernelConfig
 from .base import Family
 from .depthwise import Depthwise
 from .depthwise1d import Depthwise1d
+from .depthwise_dense import DepthwiseDense
 from .depthwise_gemm import DepthwiseGemm
 from .igemm import Igemm
 from .igemm_rows import IgemmRows
@@ -25,7 +26,7 @@ from .reduce import Reduce
 
 # registry order breaks ties between families the planner ranks alike
 FAMILIES: dict[str, Family] = {family.name: family for family in (
-    Igemm(), IgemmRows(), Depthwise(), DepthwiseGemm(), Depthwise1d(), Reduce())}
+    Igemm(), IgemmRows(), Depthwise(), DepthwiseGemm(), Depthwise1d(), DepthwiseDense(), Reduce())}
 
 
 def family(name: str) -> Family:
@@ -64,9 +65,12 @@ def grad_weight_families(spec: ConvSpec) -> tuple[str, ...]:
 
 
 def suiting_first(names: tuple[str, ...], spec: ConvSpec, kind: str, pixels: PixelSpace) -> tuple[str, ...]:
-    """``names`` in their order, those whose family suits a launch of kernel ``kind`` over ``pixels`` first
-    (Family.suits): the first is the one an untuned launch takes."""
-    return tuple(sorted(names, key=lambda name: not family(name).suits(spec, kind, pixels)))
+    """``names`` in their order, those whose family claims a launch of kernel ``kind`` over ``pixels`` first
+    (Family.claims), then those it suits (Family.suits): the first is the one an untuned launch takes."""
+    def order(name: str) -> tuple[bool, bool]:
+        owner = family(name)
+        return not owner.claims(spec, kind, pixels), not owner.suits(spec, kind, pixels)
+    return tuple(sorted(names, key=order))
 
 
 def backward_family(spec: ConvSpec) -> str:

@@ -44,6 +44,12 @@ class Family:
         lowering passes over a family that ranks first but does not suit the launch's shape)."""
         return True
 
+    def claims(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
+        """Whether an untuned launch of kernel ``kind`` over ``pixels`` takes this family ahead of the plan's
+        default, where the planner offers it (a family whose edge depends on the map, which the plan does not
+        know: the dense depthwise product on small maps)."""
+        return False
+
     # ------------------------------------------------------------------ tiles and grid
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         raise NotImplementedError(f"the {self.name} family has no default config")

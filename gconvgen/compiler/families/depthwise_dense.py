@@ -1,0 +1,128 @@
+"""The dense depthwise family (templates/depthwise_dense.py.jinja): a depthwise conv of a small map as a product
+of each channel's flattened map with a dense matrix T[input pixels, output pixels] of its taps, built from the
+weight in registers, on tensor cores. Where the window covers most of the map, T is mostly taps: RepLKNet's
+27 x 27 window on a 14 x 14 map reaches all 196 input pixels from each output pixel, so the product issues 196
+products an output where the window has 729 taps (533 of them on the padding), and reads x once a tile of
+output pixels, where the band re-reads it for every kernel row and band step. On larger maps most of T is zero:
+the band (depthwise_gemm) or the direct kernel wins there. Its input gradient at stride 1 is the forward of the
+transposed conv, which this family serves too; its weight gradient is the band's or the direct kernel's."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+from ...ir import ConvSpec
+from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv, pow2_between
+from .base import Family
+from .igemm import DOT_SIDES
+
+# A launch claims this family (untuned) where T's block-rows a tile steps through hold at most this many input
+# pixels a window tap: RepLKNet's dw27 on 14 x 14 0.27 (the window reaches past the map), ConvNeXt's dw7 on
+# 7 x 7 1.0; wider maps' windows reach a few of the rows a tile steps through, and the band beats T's zeros
+DENSE_PIXELS_PER_TAP = 2
+DENSE_MAX_PIXELS = 1024  # ... and output maps of at most this many pixels
+
+
+def channel_tile(spec: ConvSpec) -> int:
+    """The channels a program takes by default: a 16-byte vector of them in channels_last (a dot batched over
+    them), one in NCHW (a 2-D dot, wgmma on sm_90)."""
+    return 16 // ELEMENT_BYTES[spec.dtype] if spec.layout == "nhwc" else 1
+
+
+def reached_pixels(spec: ConvSpec, q0: int, block_n: int, block_k: int, out_height: int, out_width: int,
+                   height: int, width: int) -> tuple[int, int]:
+    """The flattened input pixels [first, end) that the tile of output pixels [q0, q0 + block_n) steps through,
+    as the template computes them: the rows its windows reach, from a multiple of block_k."""
+    out_pixels = out_height * out_width
+    first_row = max(q0 // out_width * spec.stride[0] - spec.padding[0], 0)
+    reach = (spec.kernel_size[0] - 1) * spec.dilation[0]
+    last_row = min((min(q0 + block_n, out_pixels) - 1) // out_width * spec.stride[0] - spec.padding[0] + reach,
+                   height - 1)
+    return first_row * width // block_k * block_k, (last_row + 1) * width
+
+
+def dense_steps(spec: ConvSpec, block_n: int, block_k: int, out_height: int, out_width: int, height: int,
+                width: int) -> int:
+    """The steps of block_k input pixels that every tile of block_n output pixels of one (sample tile, channel)
+    takes."""
+    steps = 0
+    for q0 in range(0, out_height * out_width, block_n):
+        first, end = reached_pixels(spec, q0, block_n, block_k, out_height, out_width, height, width)
+        steps += max(0, cdiv(end - first, block_k))
+    return steps
+
+
+class DepthwiseDense(Family):
+    name = "depthwise_dense"
+    templates = {"forward": "depthwise_dense.py.jinja"}
+    limits = {"block_m": DOT_SIDES, "block_n": DOT_SIDES, "block_k": DOT_SIDES}
+
+    def rank(self, spec: ConvSpec) -> Optional[int]:
+        """Every depthwise conv; never the planner's default (a small map claims it, DepthwiseDense.claims)."""
+        return 3 if spec.is_depthwise else None
+
+    def claims(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
+        """A half-precision forward over an output map of at most DENSE_MAX_PIXELS pixels whose input pixels
+        (at the stride) are at most DENSE_PIXELS_PER_TAP a window tap, so that T is mostly taps."""
+        if kind != "forward" or spec.dtype not in ("float16", "bfloat16"):
+            return False
+        out_pixels = pixels.height * pixels.width
+        in_pixels = out_pixels * spec.stride[0] * spec.stride[1]
+        return out_pixels <= DENSE_MAX_PIXELS and in_pixels <= DENSE_PIXELS_PER_TAP * self.taps(spec)
+
+    def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
+        """(samples, output pixels, input pixels a step): a [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] dot a
+        channel and step, 64 x 64 x 16 on 4 warps. Steps of 16 input pixels keep T's block in few registers
+        (RepLKNet's dw27 on 14 x 14 in NCHW: 41.8% of its floor modelled, 35.0% at 32); 64 output pixels read
+        x once for 64 of them (30.5% at 32); 64 samples share each block of T (at 32, 19.8%). In channels_last
+        filling the device shrinks the tile (filled): 8 channels a program make 64 x fewer programs."""
+        if interpret:
+            return KernelConfig(16, 16, 16, num_stages=1)
+        return KernelConfig(64, 64, 16, num_warps=4, num_stages=1)
+
+    def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
+        """Tiles no larger than the batch and the output map (powers of two, at least tl.dot's 16)."""
+        pixel_tile = pow2_between(pixels.height * pixels.width, DOT_SIDES[0], 1 << 30)
+        return replace(config, block_m=min(config.block_m, pow2_between(pixels.batch, DOT_SIDES[0], 1 << 30)),
+                       block_n=min(config.block_n, pixel_tile), block_k=min(config.block_k, pixel_tile))
+
+    def keeps_floor(self, config: KernelConfig, spec: ConvSpec) -> bool:
+        """tl.dot's 16 rows and columns."""
+        return config.block_m >= DOT_SIDES[0] and config.block_n >= DOT_SIDES[0]
+
+    def groups_per_program(self, spec: ConvSpec, config: KernelConfig, kind: str) -> int:
+        """A depthwise group is a channel: a 16-byte vector of them in channels_last, one in NCHW."""
+        return channel_tile(spec)
+
+    def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
+             splits: int = 1, channels: int = 0) -> tuple[int, ...]:
+        """(sample tiles x tiles of output pixels, channel tiles of ``packed`` channels)."""
+        tiles = cdiv(pixels.batch, config.block_m) * cdiv(pixels.height * pixels.width, config.block_n)
+        return (tiles, cdiv(spec.out_channels, packed))
+
+    def weight_layout(self, kind: str, weight_memory: str) -> str:
+        """hwio: a tap's channels are one vector (the batched dot's gathers of T)."""
+        return "hwio"
+
+    def band_dot(self, spec: ConvSpec) -> str:
+        """"channels" (a dot batched over channels_last's contiguous channels) or "rows" (a 2-D dot a channel)."""
+        return "channels" if spec.layout == "nhwc" else "rows"
+
+    def tile_depth(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
+        return channel_tile(spec)  # a [channels, block_m, block_n] accumulator
+
+    def operand_bytes(self, config: KernelConfig, spec: ConvSpec) -> int:
+        """num_stages x the channels x (the [block_m, block_k] x tile + T's [block_k, block_n] block)."""
+        tile = config.block_m * config.block_k + config.block_k * config.block_n
+        return config.num_stages * channel_tile(spec) * tile * ELEMENT_BYTES[spec.dtype]
+
+    def requested(self, desc, problem, programs: int, arguments: dict):
+        """Per (sample tile, channel) and step of each tile of output pixels: a [block_m, block_k] x tile and T's
+        [block_k, block_n] block, each element of it a load of the weight; a dot of the two."""
+        spec, config = problem.spec, desc.config
+        m, n, k = config.block_m, config.block_n, config.block_k
+        steps = dense_steps(spec, n, k, arguments["out_height"], arguments["out_width"], arguments["height"],
+                            arguments["width"])
+        channels = cdiv(arguments["batch"], m) * cdiv(spec.out_channels, desc.groups_per_program) * desc.groups_per_program
+        loaded = channels * steps * (m * k + k * n) * ELEMENT_BYTES[spec.dtype]
+        return loaded, channels * steps * 2 * m * n * k

@@ -700,7 +700,7 @@ def gradient_problems(draw) -> GradientProblem:
     # and 7 x 7 (half precision, whose transposed forward is the banded kernel) only by default
     transposable = draw(st.integers(0, 3)) == 0
     # the forward forced onto any family but the dense one, which has no gradient kernels of its own (its input
-    # gradient by default, the transposed conv's forward on a small map, is drawn here)
+    # gradient, the transposed conv's forward on a small map from a batch of 8: tests/test_dense_depthwise.py)
     problem = draw(conv_problems(families=tuple(f for f in FAMILIES if f != "depthwise_dense") + (None,),
                                  specials=False, max_channels=8, kernel_sides=(1, 2, 3, 4, 5),
                                  wide_odds=1 if transposable else 8, transposable=transposable))
@@ -1660,10 +1660,11 @@ def _default_forward_family(problem: ConvProblem) -> str:
 
 DOMAIN = [
     *[(f"family {f} forced", "conv2d", lambda p, f=f: p.family == f) for f in FAMILIES],
-    # igemm_rows is the default only where its grid fills an H200 (IgemmRows.suits), far past these maps: its
-    # choice is tested on real layers' shapes (test_igemm_rows.py)
+    # igemm_rows is the default only where its grid fills an H200 (IgemmRows.suits), and the dense kernel from a
+    # batch of 8 (DepthwiseDense.claims), both past these draws: their choice is tested on real layers' shapes
+    # (test_igemm_rows.py, test_dense_depthwise.py)
     *[(f"family {f} as the default", "default", lambda p, f=f: _spec_family(p) == f) for f in FAMILIES
-      if f != "igemm_rows"],
+      if f not in ("igemm_rows", "depthwise_dense")],
     *[(f"conv1d family {f} forced", "conv1d", lambda p, f=f: p.family == f) for f in FAMILIES],
     *[(f"family {f} over several programs", "conv2d", lambda p, f=f: p.family == f and _programs(p) > 2)
       for f in FAMILIES],
@@ -1804,7 +1805,7 @@ GRADIENT_DOMAIN = [
     # draws, 7 x 7 in half precision, leave out; tests/test_backward.py
     # test_channels_last_depthwise_grad_input_runs_the_transposed_forward runs it)
     *[(f"the transposed grad_input by default, as {f}", lambda c, f=f: c.grad_input == "default"
-       and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm", "depthwise_dense", "igemm")],
+       and _transposed_family(c.conv) == f) for f in ("depthwise1d", "depthwise_gemm", "igemm")],
     ("grad_input forced onto the transposed forward of a grouped conv", lambda c: c.grad_input == "transposed"
      and c.conv.groups < c.conv.in_channels),
     ("grad_input forced onto the transposed forward of a grouped conv, dilated", lambda c: c.grad_input == "transposed"

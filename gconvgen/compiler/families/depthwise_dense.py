@@ -16,11 +16,17 @@ from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv, pow2_between
 from .base import Family
 from .igemm import DOT_SIDES
 
-# A launch claims this family (untuned) where T's block-rows a tile steps through hold at most this many input
-# pixels a window tap: RepLKNet's dw27 on 14 x 14 0.27 (the window reaches past the map), ConvNeXt's dw7 on
-# 7 x 7 1.0; wider maps' windows reach a few of the rows a tile steps through, and the band beats T's zeros
-DENSE_PIXELS_PER_TAP = 2
+# A launch claims this family (untuned) where the input map has at most this many pixels a window tap (modelled
+# % of the floor, channels_last / NCHW, here against the band, bfloat16 at batch 64): RepLKNet's dw27 on 14 x 14
+# (0.27 a tap) 32.7 / 41.8 against 2.8 / 3.1, a dw13 on 7 x 7 (0.29) 33.0 / 51.0 against 3.2 / 2.5, a dw5 on
+# 7 x 7 (2.0) 40.8 / 49.9 against 23.3 / 23.5, a dw9 on 14 x 14 (2.4) 24.4 / 29.2 against 8.8 / 8.6; past it the
+# band wins in one layout or both: a dw7 on 14 x 14 (4.0) 27.7 / 31.8 against 36.6 / 48.8, a dw3 on 7 x 7 (5.4)
+# 40.7 / 46.6 against 43.6 / 18.2
+DENSE_PIXELS_PER_TAP = 3
 DENSE_MAX_PIXELS = 1024  # ... and output maps of at most this many pixels
+# ... of at least tl.dot's 16 (a tile of output pixels) in batches of at least half its 16 rows (samples): a
+# one-token prompt of Mamba's k4 at batch 1 modelled 1.2% of its floor here, 10.3% on depthwise1d
+DENSE_LEAST_PIXELS, DENSE_LEAST_BATCH = 16, 8
 
 
 def channel_tile(spec: ConvSpec) -> int:
@@ -62,23 +68,28 @@ class DepthwiseDense(Family):
         return 3 if spec.is_depthwise else None
 
     def claims(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
-        """A half-precision forward over an output map of at most DENSE_MAX_PIXELS pixels whose input pixels
-        (at the stride) are at most DENSE_PIXELS_PER_TAP a window tap, so that T is mostly taps."""
-        if kind != "forward" or spec.dtype not in ("float16", "bfloat16"):
+        """A half-precision forward over an output map of DENSE_LEAST_PIXELS to DENSE_MAX_PIXELS pixels, in
+        batches of DENSE_LEAST_BATCH or more, whose input pixels (at the stride) are at most
+        DENSE_PIXELS_PER_TAP a window tap, so that T is mostly taps."""
+        if kind != "forward" or spec.dtype not in ("float16", "bfloat16") or pixels.batch < DENSE_LEAST_BATCH:
             return False
         out_pixels = pixels.height * pixels.width
         in_pixels = out_pixels * spec.stride[0] * spec.stride[1]
-        return out_pixels <= DENSE_MAX_PIXELS and in_pixels <= DENSE_PIXELS_PER_TAP * self.taps(spec)
+        return (DENSE_LEAST_PIXELS <= out_pixels <= DENSE_MAX_PIXELS
+                and in_pixels <= DENSE_PIXELS_PER_TAP * self.taps(spec))
 
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         """(samples, output pixels, input pixels a step): a [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] dot a
-        channel and step, 64 x 64 x 16 on 4 warps. Steps of 16 input pixels keep T's block in few registers
-        (RepLKNet's dw27 on 14 x 14 in NCHW: 41.8% of its floor modelled, 35.0% at 32); 64 output pixels read
-        x once for 64 of them (30.5% at 32); 64 samples share each block of T (at 32, 19.8%). In channels_last
-        filling the device shrinks the tile (filled): 8 channels a program make 64 x fewer programs."""
+        channel and step. Steps of 16 input pixels keep T's block in few registers (RepLKNet's dw27 on 14 x 14
+        in NCHW: 41.8% of its floor modelled, 35.0% at 32); 64 samples share each block of T (19.8% at 32).
+        NCHW: 64 output pixels, which read x once for 64 of them (30.5% at 32), on 4 warps. channels_last: 8
+        channels' [8, 64, 32] accumulators on 8 warps (64 registers a thread; [8, 64, 64] on 4 spilled 12 KB on
+        a dw31 on 28 x 28), filled to the device by fewer samples a tile where the channels are few (filled)."""
         if interpret:
             return KernelConfig(16, 16, 16, num_stages=1)
-        return KernelConfig(64, 64, 16, num_warps=4, num_stages=1)
+        if spec.layout == "nchw":
+            return KernelConfig(64, 64, 16, num_warps=4, num_stages=1)
+        return KernelConfig(64, 32, 16, num_warps=8, num_stages=1)
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """Tiles no larger than the batch and the output map (powers of two, at least tl.dot's 16)."""

@@ -1,0 +1,214 @@
+"""The dense depthwise family (families/depthwise_dense.py, templates/depthwise_dense.py.jinja): a small map's
+depthwise conv as each channel's flattened map times a dense matrix of its taps, on tensor cores. Its named
+edges against torch's float64 conv (every element written), the launches it claims by default, and what it
+does for sm_90. The property-based fuzz forces it too (tests/test_fuzz.py test_conv2d_forward_depthwise_dense)."""
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import pytest
+import torch
+
+import torch.nn.functional as F
+
+import gconvgen
+from conftest import assert_close, reference_conv2d, spy_on_kernels
+from gconvgen.autotune import choice
+from gconvgen.compiler.families import suiting_first
+from gconvgen.compiler.families.depthwise_dense import dense_steps, reached_pixels
+from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice
+from gconvgen.compiler.plan import plan
+from gconvgen.compiler.tiles import KernelConfig, PixelSpace
+from gconvgen.ir import ConvSpec
+from gconvgen.runtime import launch
+from test_sm90_compile import compiled_rows
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+# channels, multiplier, batch, (H, W) of x, kernel, stride, padding (top, bottom, left, right), dilation, layout,
+# config: a 9 x 9 window on a 5 x 5 map (it reaches past the map on every side); ConvNeXt's 7 x 7 on 7 x 7 in two
+# tiles of 32 output pixels; a 3 x 3 window on 12 x 10, whose tiles step through a few rows from past the first;
+# stride 2 and dilation 2 with uneven padding; a channel multiplier of 2; padding past the window's reach (rows
+# and columns of outputs no input reaches); an output of width 1; 17 images (two tiles of 16 samples); a 13 x 1
+# window down a 20 x 3 map in steps of 32 pixels that cross rows
+CASES = [
+    (3, 1, 2, (5, 5), (9, 9), (1, 1), (4, 4, 4, 4), (1, 1), "nchw", KernelConfig(16, 16, 16, num_stages=1)),
+    (4, 1, 2, (7, 7), (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), "nhwc", KernelConfig(16, 32, 16, num_stages=1)),
+    (2, 1, 1, (12, 10), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "nchw", KernelConfig(16, 16, 16, num_stages=1)),
+    (3, 1, 2, (9, 11), (3, 3), (2, 2), (2, 0, 1, 3), (2, 2), "nhwc", KernelConfig(16, 16, 32, num_stages=1)),
+    (3, 2, 2, (6, 5), (3, 5), (1, 1), (1, 1, 2, 2), (1, 1), "nchw", KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 1, 1, (4, 6), (3, 3), (1, 1), (3, 2, 3, 3), (1, 1), "nhwc", KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 1, 2, (6, 1), (3, 1), (1, 1), (1, 1, 0, 0), (1, 1), "nchw", KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 1, 17, (3, 3), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "nhwc", KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 1, 1, (20, 3), (13, 1), (1, 1), (6, 6, 0, 0), (1, 1), "nchw", KernelConfig(16, 16, 32, num_stages=1)),
+]
+
+
+def _run(channels, multiplier, batch, size, kernel, stride, padding, dilation, layout, config, dtype, *,
+         bias=True, specials=(), x_view=None):
+    """The forced dense forward of a fresh random conv and torch's float64 one (bias, relu epilogue)."""
+    generator = torch.Generator().manual_seed(hash((channels, size, kernel, layout)) % 2**31)
+    memory = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = torch.randn(batch, channels, *size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    for index, value in specials:
+        x.view(-1)[index] = value
+    x = x.contiguous(memory_format=memory) if x_view is None else x_view(x)
+    weight = torch.randn(channels * multiplier, 1, *kernel, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    b = torch.randn(channels * multiplier, generator=generator, dtype=torch.float64).to(DTYPES[dtype]) if bias else None
+    expected = torch.relu(reference_conv2d(x, weight, b, stride, padding, dilation, channels))
+    forced = Choice(KERNEL, config, "depthwise_dense")
+    with choice.overridden(lambda spec, kind, *_: forced if kind == "forward" else DEFAULT, every_call=False):
+        got = gconvgen.conv2d(x, weight, b, stride, padding, dilation, channels, activation="relu")
+    return got, expected
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("case", CASES)
+def test_the_dense_forward_matches_torch(case, dtype, nan_filled_outputs, monkeypatch):
+    ran = spy_on_kernels(monkeypatch, lambda desc: desc.family)
+    got, expected = _run(*case, dtype)
+    assert ran == ["depthwise_dense"], ran
+    assert_close(got, expected, DTYPES[dtype])
+
+
+def test_the_dense_forward_in_float64(nan_filled_outputs):
+    got, expected = _run(*CASES[3], "float64")
+    assert torch.isfinite(got).all()  # every element written
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("view", ["storage_offset", "width_step"])
+def test_the_dense_forward_reads_views(view, nan_filled_outputs):
+    """An input at a storage offset, and one every other column of a wider tensor (its width stride 2)."""
+    def x_view(x):
+        if view == "storage_offset":
+            return torch.cat([torch.zeros(7, dtype=x.dtype), x.reshape(-1)])[7:].view(x.shape)
+        return torch.repeat_interleave(x, 2, dim=3)[..., ::2]
+    got, expected = _run(*CASES[0][:-1], KernelConfig(16, 16, 16, num_stages=1), "float32", x_view=x_view)
+    assert_close(got, expected, torch.float32)
+
+
+def test_a_nan_input_stays_nan_in_every_output_whose_window_holds_it(nan_filled_outputs):
+    """Where torch's output is NaN, so is ours (an inf or NaN may spread to other outputs of its map: the
+    README's known limit, T's zeros times it)."""
+    got, expected = _run(*CASES[2], "float32", specials=((17, float("nan")), (130, float("inf"))))
+    assert expected.isnan().any()
+    assert got[expected.isnan()].isnan().all()
+
+
+@pytest.mark.parametrize("data_format", ["NCL", "NLC"])
+def test_a_long_window_on_a_short_row_runs_dense(data_format, monkeypatch, nan_filled_outputs):
+    """A depthwise conv1d of a 31-tap window on 24 positions in bfloat16 (a wide filter on a short sequence), a
+    batch of 8: the dense kernel by default, against torch's float64 conv."""
+    ran = spy_on_kernels(monkeypatch, lambda desc: desc.family)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 5, 24, generator=generator, dtype=torch.float64)
+    weight = torch.randn(5, 1, 31, generator=generator, dtype=torch.float64)
+    expected = F.conv1d(x.bfloat16().double(), weight.bfloat16().double(), None, 1, 15, 1, 5)
+    nlc = data_format == "NLC"
+    given = (x.transpose(1, 2).contiguous() if nlc else x).bfloat16()
+    keras = weight.permute(2, 1, 0)  # NLC takes a Keras weight [k, in_channels / groups, out_channels]
+    got = gconvgen.conv1d(given, (keras if nlc else weight).bfloat16(), None, 1, 15, 1, 5, data_format=data_format)
+    assert ran == ["depthwise_dense"], ran
+    assert_close(got.transpose(1, 2) if nlc else got, expected, torch.bfloat16)
+
+
+def _untuned_forward_family(spec: ConvSpec, batch: int, height: int, width: int) -> str:
+    pixels = PixelSpace.of("forward", batch, height, width, height, width)
+    return suiting_first(plan(spec).families, spec, "forward", pixels)[0]
+
+
+@pytest.mark.parametrize("kernel, size, batch, dtype, layout, dense", [
+    ((27, 27), 14, 64, "bfloat16", "nchw", True),   # RepLKNet's dw27 on its 14 x 14 map
+    ((7, 7), 7, 64, "float16", "nhwc", True),       # ConvNeXt's dw7 on its last stage's 7 x 7
+    ((9, 9), 14, 8, "bfloat16", "nhwc", True),      # 196 pixels, 81 taps (2.4 a tap), a batch of 8
+    ((7, 7), 14, 64, "bfloat16", "nhwc", False),    # 196 pixels, 49 taps (4.0 a tap): the band
+    ((7, 7), 56, 64, "bfloat16", "nhwc", False),    # ConvNeXt's first stage's 56 x 56
+    ((3, 3), 7, 64, "bfloat16", "nchw", False),     # 9 taps on 49 pixels: T mostly zeros
+    ((7, 7), 7, 4, "bfloat16", "nchw", False),      # 4 samples fill a quarter of tl.dot's rows
+    ((3, 3), 3, 64, "bfloat16", "nchw", False),     # 9 output pixels, a tile of 16
+    ((27, 27), 14, 64, "float32", "nchw", False),   # float32: a dot is no faster than the FMAs
+])
+def test_small_maps_that_the_window_covers_claim_the_dense_kernel(kernel, size, batch, dtype, layout, dense):
+    padding = kernel[0] // 2
+    spec = ConvSpec(64, 64, 64, kernel, (1, 1), (padding,) * 4, dtype=dtype, layout=layout)
+    assert "depthwise_dense" in plan(spec).families  # offered to the tuner everywhere
+    assert (_untuned_forward_family(spec, batch, size, size) == "depthwise_dense") == dense
+
+
+def test_the_stride_one_input_gradient_of_a_small_map_runs_dense(monkeypatch):
+    """RepLKNet-like: a 9 x 9 window on a 6 x 6 map in bfloat16 at batch 8 trains through the dense kernel both
+    ways (the input gradient is the transposed conv's forward), against torch's float64 gradient."""
+    ran = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family))
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(8, 4, 6, 6, generator=generator, dtype=torch.float64).bfloat16()
+    weight = torch.randn(4, 1, 9, 9, generator=generator, dtype=torch.float64).bfloat16()
+    x64 = x.double().requires_grad_()
+    out = F.conv2d(x64, weight.double(), None, 1, 4, 1, 4)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).bfloat16()
+    (expected,) = torch.autograd.grad(out, x64, grad_out.double())
+    given = x.clone().requires_grad_()
+    got = gconvgen.conv2d(given, weight, None, 1, 4, 1, 4)
+    assert_close(got, out.detach(), torch.bfloat16)
+    (grad_x,) = torch.autograd.grad(got, given, grad_out)
+    assert ("forward", "depthwise_dense") in ran and ran.count(("forward", "depthwise_dense")) == 2, ran
+    assert_close(grad_x, expected, torch.bfloat16)
+
+
+def test_every_program_of_the_grid_writes_some_of_the_output(nan_filled_outputs):
+    """The grid is no larger than the tiles need: without its last program some of the output stays NaN."""
+    channels, multiplier, batch, size, kernel, stride, padding, dilation, layout, config = CASES[7]
+    spec = ConvSpec(channels, channels, channels, kernel, stride, padding, dilation, False, "float32", layout)
+    x = torch.randn(batch, channels, *size).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, 1, *kernel)
+    for shortened in (True, False):
+        out = torch.full((batch, channels, *size), float("nan")).contiguous(memory_format=torch.channels_last)
+        prepared = launch.prepare_forward(spec, x, weight, None, out, Choice(KERNEL, config, "depthwise_dense"))
+        if shortened:
+            assert prepared.grid[0] > 1
+            prepared = dataclasses.replace(prepared, grid=(prepared.grid[0] - 1, *prepared.grid[1:]))
+        launch.run(prepared)
+        assert torch.isnan(out).any() == shortened
+
+
+def test_a_tile_steps_through_the_rows_its_windows_reach():
+    """A 3 x 3 window on 12 x 10: the tile of output pixels 32-47 (rows 3-4) reaches input rows 2-5, pixels
+    20-59, from the step of 16 that holds pixel 20; the whole map's tiles take 2-4 steps each (8 tiles: 28)."""
+    spec = ConvSpec(2, 2, 2, (3, 3), (1, 1), (1, 1, 1, 1))
+    assert reached_pixels(spec, 32, 16, 16, 12, 10, 12, 10) == (16, 60)
+    assert reached_pixels(spec, 0, 16, 16, 12, 10, 12, 10) == (0, 30)
+    assert dense_steps(spec, 16, 16, 12, 10, 12, 10) == sum(
+        -(-(end - first) // 16) for first, end in (reached_pixels(spec, q0, 16, 16, 12, 10, 12, 10)
+                                                     for q0 in range(0, 120, 16)))
+
+
+SCRIPT = textwrap.dedent("""
+    import json
+    from gconvgen.autotune import suites
+    from gconvgen.tools.inspection import inspect_problem
+    rows = []
+    for layer in suites.load_suite("secondary").layers:
+        if layer.id not in ("replknet-dw27", "convnext-dw7-768"):
+            continue
+        for layout in ("nhwc", "nchw"):
+            for kind in ("forward", "grad_input"):
+                problem = layer.problem("bfloat16", layout)
+                row = inspect_problem(problem if kind == "forward" else problem.backward(kind))
+                rows.append({"layer": layer.id, "layout": layout, "kind": kind, "family": row.family,
+                             "spill": row.figures.spill_bytes, "tc": row.figures.tensor_core,
+                             "bytes": row.requested_over_ideal_bytes, "percent": row.model.percent_of_floor})
+    print(json.dumps(rows))
+""")
+
+
+def test_small_maps_run_dense_on_tensor_cores_for_sm90():
+    """RepLKNet's dw27 on 14 x 14 and ConvNeXt's dw7 on 7 x 7, forward and input gradient as inspect compiles
+    them, both layouts: the dense kernel, no spill, on wgmma (NCHW) or mma.sync (the batched dot), and under
+    inspect's model at least 25% of the floor (the band before: 2.8-3.1% and 18.9%)."""
+    rows = compiled_rows(SCRIPT)
+    assert len(rows) == 8
+    for row in rows:
+        assert row["family"] == "depthwise_dense" and row["spill"] == 0, row
+        assert row["tc"] == ("wgmma" if row["layout"] == "nchw" else "mma.sync"), row
+        assert row["percent"] >= 25, row

@@ -134,6 +134,7 @@ class DepthwiseDense(Family):
         m, n, k = config.block_m, config.block_n, config.block_k
         steps = dense_steps(spec, n, k, arguments["out_height"], arguments["out_width"], arguments["height"],
                             arguments["width"])
-        channels = cdiv(arguments["batch"], m) * cdiv(spec.out_channels, desc.groups_per_program) * desc.groups_per_program
+        packed = desc.groups_per_program
+        channels = cdiv(arguments["batch"], m) * cdiv(spec.out_channels, packed) * packed
         loaded = channels * steps * (m * k + k * n) * ELEMENT_BYTES[spec.dtype]
         return loaded, channels * steps * 2 * m * n * k

@@ -124,9 +124,9 @@ def test_depthwise_tuning_times_both_families_and_records_the_winners():
     problem = _problem(8, 8, 8, 5, 1, 2, 2, 6, layout="nhwc", bias=True)  # depthwise 5x5, channels_last
     result = tuner.tune(problem, CPU)
     families = {trial.family for trial in result.trials if trial.config is not None}
-    assert families == {"depthwise", "depthwise_gemm"}
+    assert families == {"depthwise", "depthwise_gemm", "depthwise_dense"}
     assert all(trial.status == "ok" for trial in result.trials), [t for t in result.trials if t.status != "ok"]
-    assert {"default", "depthwise_gemm default"} <= {trial.name for trial in result.trials}
+    assert {"default", "depthwise_gemm default", "depthwise_dense default"} <= {trial.name for trial in result.trials}
     record = result.record()
     winner = result.winner
     assert record["choice"] == (ATEN if winner.config is None else "kernel")
@@ -187,6 +187,18 @@ def test_banded_gpu_space_for_a_31x31_depthwise_layer():
     assert all(c.block_n >= 4 for c in nhwc) and {4, 8} <= {c.block_n for c in nhwc}  # 8- and 16-byte vectors
     assert all(1024 <= c.block_m * c.block_n * c.block_k <= 16384 for c in nhwc + nchw)
     assert {c.block_k for c in nchw} >= {16, 32}                       # narrow and wide strips compete
+
+
+def test_dense_gpu_space_for_a_small_map():
+    """RepLKNet's dw27 on 14 x 14 at batch 64: the dense space keeps tiles of at most the batch's samples and an
+    image's 196 pixels (256 rounded up), their accumulators within 16384 (8 channels a program in channels_last)."""
+    layer = suites.load_suite("secondary").select(("replknet-dw27",)).layers[0]
+    space = load_space("depthwise_dense", "gpu")
+    for layout, channels in (("nhwc", 8), ("nchw", 1)):
+        configs = space.stage_one(layer.problem("bfloat16", layout), H200)
+        assert configs and all(c.block_m <= 64 and c.block_n <= 256 and c.block_k <= 64 for c in configs), layout
+        assert all(1024 <= channels * c.block_m * c.block_n <= 16384 for c in configs), layout
+        assert {c.block_n for c in configs} >= {32, 64}, layout
 
 
 # ---------------------------------------------------------------------------------------------- the runtime

@@ -140,6 +140,10 @@ EXTENTS: dict[str, Callable[[Problem], int]] = {
     "output_strips": lambda p: p.batch * p.output_size[0] * -(-p.output_size[1] // 16),
     # ... and of its strided grad-input: strips of 16 input columns of every group of stride_h input rows
     "input_width": lambda p: p.width,
+    # the dense depthwise kernel's tile sides: samples, one image's output pixels, one image's input pixels
+    "batch": lambda p: p.batch,
+    "output_map": lambda p: p.output_size[0] * p.output_size[1],
+    "input_map": lambda p: p.height * p.width,
     "input_strips": lambda p: p.batch * -(-p.height // p.spec.stride[0]) * -(-p.width // 16),
     # in_channels_per_group x taps: the forward's reduction, and the columns of a grad-weight tile
     "weight_columns": lambda p: p.spec.in_channels_per_group * p.spec.kernel_size[0] * p.spec.kernel_size[1],
@@ -162,7 +166,8 @@ def tile_within(configs, problem, facts, family, params):
 
 def tile_elements(configs, problem, facts, family, params):
     """Keep tiles of min <= outputs <= max: BLOCK_M * BLOCK_N, times BLOCK_K columns for depthwise_gemm, times
-    the padded taps for depthwise grad-weight (its step gathers a [BLOCK_M, taps, BLOCK_N] window)."""
+    the padded taps for depthwise grad-weight (its step gathers a [BLOCK_M, taps, BLOCK_N] window), times the
+    channels a program takes for depthwise_dense (Family.tile_depth)."""
     low, high = params.get("min", 0), params.get("max", float("inf"))
     owner = family_of_space(family)
     return [c for c in configs if low <= c.block_m * c.block_n * owner.tile_depth(c, problem.spec, problem.kind) <= high]

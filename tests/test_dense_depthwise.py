@@ -31,7 +31,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # tiles of 32 output pixels; a 3 x 3 window on 12 x 10, whose tiles step through a few rows from past the first;
 # stride 2 and dilation 2 with uneven padding; a channel multiplier of 2; padding past the window's reach (rows
 # and columns of outputs no input reaches); an output of width 1; 17 images (two tiles of 16 samples); a 13 x 1
-# window down a 20 x 3 map in steps of 32 pixels that cross rows
+# window down a 20 x 3 map in steps of 32 pixels that cross rows; rows of 37 columns, wider than the tiles of
+# 16 output pixels and steps of 16 input pixels (a tile in one row steps through its windows' columns alone);
+# one row of 70 columns (a 1-D conv's map), stride 2 along it
 CASES = [
     (3, 1, 2, (5, 5), (9, 9), (1, 1), (4, 4, 4, 4), (1, 1), "nchw", KernelConfig(16, 16, 16, num_stages=1)),
     (4, 1, 2, (7, 7), (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), "nhwc", KernelConfig(16, 32, 16, num_stages=1)),
@@ -42,6 +44,8 @@ CASES = [
     (2, 1, 2, (6, 1), (3, 1), (1, 1), (1, 1, 0, 0), (1, 1), "nchw", KernelConfig(16, 16, 16, num_stages=1)),
     (2, 1, 17, (3, 3), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "nhwc", KernelConfig(16, 16, 16, num_stages=1)),
     (2, 1, 1, (20, 3), (13, 1), (1, 1), (6, 6, 0, 0), (1, 1), "nchw", KernelConfig(16, 16, 32, num_stages=1)),
+    (2, 1, 2, (3, 37), (3, 5), (1, 1), (1, 1, 2, 2), (1, 1), "nhwc", KernelConfig(16, 16, 16, num_stages=1)),
+    (3, 1, 1, (1, 70), (1, 9), (1, 2), (0, 0, 4, 3), (1, 1), "nchw", KernelConfig(16, 16, 16, num_stages=1)),
 ]
 
 
@@ -172,15 +176,34 @@ def test_every_program_of_the_grid_writes_some_of_the_output(nan_filled_outputs)
         assert torch.isnan(out).any() == shortened
 
 
-def test_a_tile_steps_through_the_rows_its_windows_reach():
-    """A 3 x 3 window on 12 x 10: the tile of output pixels 32-47 (rows 3-4) reaches input rows 2-5, pixels
-    20-59, from the step of 16 that holds pixel 20; the whole map's tiles take 2-4 steps each (8 tiles: 28)."""
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("block_n, block_k", [(16, 16), (32, 16), (16, 32), (64, 64)])
+def test_a_tile_steps_through_every_input_pixel_its_windows_reach(case, block_n, block_k):
+    """reached_pixels (what the template steps through) against the pixels each tile's windows reach, counted
+    tap by tap: within the map, from a multiple of BLOCK_K, holding every reached pixel."""
+    channels, multiplier, batch, (height, width), kernel, stride, padding, dilation, *_ = case
+    spec = ConvSpec(channels, channels * multiplier, channels, kernel, stride, padding, dilation)
+    out_height, out_width = spec.output_size(height, width)
+    out_pixels = out_height * out_width
+    for q0 in range(0, out_pixels, block_n):
+        first, end = reached_pixels(spec, q0, block_n, block_k, out_height, out_width, height, width)
+        reached = {row * width + column
+                   for q in range(q0, min(q0 + block_n, out_pixels))
+                   for i in range(kernel[0]) for j in range(kernel[1])
+                   if 0 <= (row := q // out_width * stride[0] - padding[0] + i * dilation[0]) < height
+                   and 0 <= (column := q % out_width * stride[1] - padding[2] + j * dilation[1]) < width}
+        assert first % block_k == 0 and first >= 0 and end <= height * width, (q0, first, end)
+        assert all(first <= pixel < end for pixel in reached), (q0, first, end, sorted(reached))
+
+
+def test_a_tile_in_one_row_steps_through_its_windows_columns_alone():
+    """A 1-D conv of 4 taps on 2048 positions: a tile of 64 outputs steps through 67 inputs (5 steps of 16 from a
+    multiple of 16), not the row; a 3 x 3 window on 12 x 10 in tiles of 16 pixels (two rows) through its rows."""
+    causal = ConvSpec(8, 8, 8, (1, 4), (1, 1), (0, 0, 3, 0))
+    assert reached_pixels(causal, 640, 64, 16, 1, 2048, 1, 2048) == (624, 704)
+    assert dense_steps(causal, 64, 16, 1, 2048, 1, 2048) == 32 * 5 - 1  # the first tile reads no input before 0
     spec = ConvSpec(2, 2, 2, (3, 3), (1, 1), (1, 1, 1, 1))
-    assert reached_pixels(spec, 32, 16, 16, 12, 10, 12, 10) == (16, 60)
-    assert reached_pixels(spec, 0, 16, 16, 12, 10, 12, 10) == (0, 30)
-    assert dense_steps(spec, 16, 16, 12, 10, 12, 10) == sum(
-        -(-(end - first) // 16) for first, end in (reached_pixels(spec, q0, 16, 16, 12, 10, 12, 10)
-                                                     for q0 in range(0, 120, 16)))
+    assert reached_pixels(spec, 32, 16, 16, 12, 10, 12, 10) == (16, 60)  # output rows 3-4: input rows 2-5
 
 
 SCRIPT = textwrap.dedent("""

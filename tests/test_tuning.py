@@ -53,7 +53,9 @@ def test_tuner_rejects_wrong_candidates_and_drops_failing_ones():
     status = {trial.name: trial for trial in result.trials}
     assert status["zeros"].status == "wrong" and status["zeros"].time_ms is None
     assert status["one-element-off"].status == "wrong", status["one-element-off"]
-    assert status["igemm_rows m48 n16 k16 w4 s2"].status == "failed", status["igemm_rows m48 n16 k16 w4 s2"]
+    # on an 8 x 8 map igemm_rows does not suit the launch (IgemmRows.suits), so the untuned call runs the flat
+    # igemm: the tuner's "default" and its extra configs are the flat igemm's
+    assert status["igemm m48 n16 k16 w4 s2"].status == "failed", status["igemm m48 n16 k16 w4 s2"]
     assert status[ATEN].status == "ok" and status["default"].status == "ok"
     correct = [trial for trial in result.trials if trial.status == "ok"]
     assert len(correct) >= 3 and all(trial.time_ms > 0 for trial in correct)
@@ -120,7 +122,7 @@ def test_depthwise_gpu_space_fits_tiles_to_the_layout():
     assert all(1024 <= c.block_m * c.block_n <= 4096 for c in nchw + nhwc)
 
 
-def test_depthwise_tuning_times_both_families_and_records_the_winners():
+def test_depthwise_tuning_times_every_family_and_records_the_winners():
     problem = _problem(8, 8, 8, 5, 1, 2, 2, 6, layout="nhwc", bias=True)  # depthwise 5x5, channels_last
     result = tuner.tune(problem, CPU)
     families = {trial.family for trial in result.trials if trial.config is not None}
@@ -187,6 +189,21 @@ def test_banded_gpu_space_for_a_31x31_depthwise_layer():
     assert all(c.block_n >= 4 for c in nhwc) and {4, 8} <= {c.block_n for c in nhwc}  # 8- and 16-byte vectors
     assert all(1024 <= c.block_m * c.block_n * c.block_k <= 16384 for c in nhwc + nchw)
     assert {c.block_k for c in nchw} >= {16, 32}                       # narrow and wide strips compete
+
+
+def test_the_tuners_default_is_what_an_untuned_call_runs_on_a_small_map():
+    """ConvNeXt's dw7 on a 7 x 7 map in bfloat16 at batch 8: the dense kernel claims the untuned forward, and at
+    stride 1 the input gradient's transposed forward, so the tuner times it first (its "default"), then the
+    plan's other offers."""
+    problem = _problem(16, 16, 16, 7, 1, 3, 8, 7, dtype="bfloat16", layout="nhwc")
+    forward = tuner._search_spaces(problem)
+    assert forward[0][:2] == ("depthwise_dense", "depthwise_dense")
+    assert {family for family, *_ in forward} == {"depthwise_dense", "depthwise_gemm", "depthwise"}
+    grad_input = tuner._search_spaces(problem.backward("grad_input"))
+    assert grad_input[0][0] == "depthwise_dense" and grad_input[0][3]  # the transposed forward
+    assert ("depthwise", "grad_input_depthwise") in {(family, space) for family, space, *_ in grad_input}
+    large = _problem(16, 16, 16, 7, 1, 3, 8, 56, dtype="bfloat16", layout="nhwc")
+    assert tuner._search_spaces(large)[0][0] == "depthwise_gemm"
 
 
 def test_dense_gpu_space_for_a_small_map():

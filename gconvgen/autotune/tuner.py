@@ -164,13 +164,21 @@ def _search_spaces(problem: Problem) -> list[tuple[str, str, Problem, bool]]:
     grad-weight kernel (plan.grad_weight_families, space ``grad_weight_<family>``)."""
     budget = knobs.padding_budget()
     spec = problem.spec
-    if problem.kind == "forward":
-        return [(family, family, problem, False) for family in planned(spec, budget).families]
+    if problem.kind == "forward":  # the first that claims or suits the launch's pixels (Family.claims, suits)
+        offered = suiting_first(planned(spec, budget).families, spec, "forward", problem.pixel_space)
+        return [(family, family, problem, False) for family in offered]
     if problem.kind == "grad_input":
         transposed = transposed_conv(spec)
         forward = None if transposed is None else Problem(transposed, problem.batch, *problem.output_size)
-        return [(family, family, forward, True) if is_transposed else (family, f"grad_input_{family}", problem, False)
-                for family, is_transposed in grad_input_offers(spec, budget)]
+        offers = grad_input_offers(spec, budget)
+        direct = [(family, f"grad_input_{family}", problem, False) for family, is_transposed in offers
+                  if not is_transposed]
+        if forward is None:
+            return direct
+        forwards = suiting_first(tuple(family for family, is_transposed in offers if is_transposed), transposed,
+                                 "forward", forward.pixel_space)
+        transposed_forwards = [(family, family, forward, True) for family in forwards]
+        return transposed_forwards + direct if offers[0][1] else direct + transposed_forwards
     # the family an untuned call runs first (the first that suits the launch's pixels, Family.suits)
     offered = suiting_first(planned(spec, budget).grad_weight_families, spec, "grad_weight", problem.pixel_space)
     return [(family, f"{problem.kind}_{family}", problem, False) for family in offered]

@@ -81,7 +81,8 @@ def plan(in_channels, out_channels, groups, kernel, stride, padding, dilation, i
     transposed = grad_input_as_forward(backward_spec, budget)
     offers = ", ".join(f"{name} ({'transposed forward' if is_transposed else 'direct'})"
                        for name, is_transposed in grad_input_offers(backward_spec, budget))
-    click.echo(f"grad_input kernels offered (untuned runs the first; tuning times each): {offers}")
+    click.echo(f"grad_input kernels offered (untuned runs the first, a transposed forward the first that claims or "
+               f"suits the launch's map; tuning times each): {offers}")
     click.echo("grad_weight kernels offered (untuned runs the first that suits the launch's shape; tuning times each): "
                + ", ".join(plan_spec(backward_spec, padding_budget=padding_budget).grad_weight_families))
     for each in ("forward", "grad_input", "grad_weight", "grad_bias"):

@@ -38,13 +38,17 @@ def channel_tile(spec: ConvSpec) -> int:
 def reached_pixels(spec: ConvSpec, q0: int, block_n: int, block_k: int, out_height: int, out_width: int,
                    height: int, width: int) -> tuple[int, int]:
     """The flattened input pixels [first, end) that the tile of output pixels [q0, q0 + block_n) steps through,
-    as the template computes them: the rows its windows reach, from a multiple of block_k."""
-    out_pixels = out_height * out_width
-    first_row = max(q0 // out_width * spec.stride[0] - spec.padding[0], 0)
-    reach = (spec.kernel_size[0] - 1) * spec.dilation[0]
-    last_row = min((min(q0 + block_n, out_pixels) - 1) // out_width * spec.stride[0] - spec.padding[0] + reach,
-                   height - 1)
-    return first_row * width // block_k * block_k, (last_row + 1) * width
+    as the template computes them: the rows its windows reach, and where the tile lies in one output row (a 1-D
+    conv's always) the columns, from a multiple of block_k (end <= first: none)."""
+    q_last = min(q0 + block_n, out_height * out_width) - 1
+    (stride_h, stride_w), (top, _, left, _) = spec.stride, spec.padding
+    reach_h, reach_w = ((k - 1) * d for k, d in zip(spec.kernel_size, spec.dilation))
+    first_row = max(q0 // out_width * stride_h - top, 0)
+    last_row = min(q_last // out_width * stride_h - top + reach_h, height - 1)
+    one_row = q0 // out_width == q_last // out_width
+    first_column = max(q0 % out_width * stride_w - left, 0) if one_row else 0
+    last_column = min(q_last % out_width * stride_w - left + reach_w, width - 1) if one_row else width - 1
+    return (first_row * width + first_column) // block_k * block_k, last_row * width + last_column + 1
 
 
 def dense_steps(spec: ConvSpec, block_n: int, block_k: int, out_height: int, out_width: int, height: int,

@@ -103,8 +103,9 @@ def test_depthwise_offers_both_forward_families_and_wide_windows_default_to_tens
     sliding = plan(ConvSpec(8, 8, 8, (3, 3), (2, 2), dtype="float16", layout="nchw"))
     assert plan(ConvSpec(8, 8, 8, (7, 7), dtype="float32", layout="nhwc")).family == "depthwise"  # no faster dot
     assert plan(ConvSpec(8, 8, 8, (3, 3), dtype="float32", layout="nhwc")).family == "depthwise"
-    assert narrow.families == ("depthwise", "depthwise_gemm")
-    assert wide.families == ("depthwise_gemm", "depthwise")
+    # the dense kernel is offered to every depthwise conv, never the plan's default (a small map claims it)
+    assert narrow.families == ("depthwise", "depthwise_gemm", "depthwise_dense")
+    assert wide.families == ("depthwise_gemm", "depthwise", "depthwise_dense")
     assert sliding.families[0] == "depthwise_gemm"
     assert narrow.backward_family == wide.backward_family == sliding.backward_family == "depthwise"
     chosen = plan(ConvSpec(8, 8, 8, (5, 5)), family="depthwise_gemm")  # as a tuning result picks it

@@ -18,10 +18,10 @@ from .igemm import DOT_SIDES
 
 # A launch claims this family (untuned) where the input map has at most this many pixels a window tap (modelled
 # % of the floor, channels_last / NCHW, here against the band, bfloat16 at batch 64): RepLKNet's dw27 on 14 x 14
-# (0.27 a tap) 32.7 / 41.8 against 2.8 / 3.1, a dw13 on 7 x 7 (0.29) 33.0 / 51.0 against 3.2 / 2.5, a dw5 on
-# 7 x 7 (2.0) 40.8 / 49.9 against 23.3 / 23.5, a dw9 on 14 x 14 (2.4) 24.4 / 29.2 against 8.8 / 8.6; past it the
-# band wins in one layout or both: a dw7 on 14 x 14 (4.0) 27.7 / 31.8 against 36.6 / 48.8, a dw3 on 7 x 7 (5.4)
-# 40.7 / 46.6 against 43.6 / 18.2
+# (0.27 a tap) 32.7 / 41.8 against 2.8 / 3.1, a dw13 on 7 x 7 (0.29) 33.0 / 50.5 against 3.2 / 2.5, a dw5 on
+# 7 x 7 (2.0) 40.8 / 49.5 against 23.3 / 23.5, a dw9 on 14 x 14 (2.4) 24.8 / 29.6 against 8.8 / 8.6; past it the
+# band wins in one layout or both: a dw7 on 14 x 14 (4.0) 28.1 / 32.3 against 36.6 / 48.8, a dw3 on 7 x 7 (5.4)
+# 40.7 / 46.2 against 43.6 / 18.2
 DENSE_PIXELS_PER_TAP = 3
 DENSE_MAX_PIXELS = 1024  # ... and output maps of at most this many pixels
 # ... of at least tl.dot's 16 (a tile of output pixels) in batches of at least half its 16 rows (samples): a

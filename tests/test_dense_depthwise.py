@@ -126,7 +126,7 @@ def _untuned_forward_family(spec: ConvSpec, batch: int, height: int, width: int)
 @pytest.mark.parametrize("kernel, size, batch, dtype, layout, dense", [
     ((27, 27), 14, 64, "bfloat16", "nchw", True),   # RepLKNet's dw27 on its 14 x 14 map
     ((7, 7), 7, 64, "float16", "nhwc", True),       # ConvNeXt's dw7 on its last stage's 7 x 7
-    ((9, 9), 14, 8, "bfloat16", "nhwc", True),      # 196 pixels, 81 taps (2.4 a tap), a batch of 8
+    ((9, 9), 14, 64, "bfloat16", "nhwc", True),     # 196 pixels, 81 taps (2.4 a tap)
     ((7, 7), 14, 64, "bfloat16", "nhwc", False),    # 196 pixels, 49 taps (4.0 a tap): the band
     ((7, 7), 56, 64, "bfloat16", "nhwc", False),    # ConvNeXt's first stage's 56 x 56
     ((3, 3), 7, 64, "bfloat16", "nchw", False),     # 9 taps on 49 pixels: T mostly zeros
@@ -139,6 +139,17 @@ def test_small_maps_that_the_window_covers_claim_the_dense_kernel(kernel, size, 
     spec = ConvSpec(64, 64, 64, kernel, (1, 1), (padding,) * 4, dtype=dtype, layout=layout)
     assert "depthwise_dense" in plan(spec).families  # offered to the tuner everywhere
     assert (_untuned_forward_family(spec, batch, size, size) == "depthwise_dense") == dense
+
+
+@pytest.mark.parametrize("taps, length, dense", [
+    (16, 48, True),     # a short window on a short row: T's blocks 4.0 elements a pixel of the batch
+    (64, 192, False),   # a long window on a short row: 6.7, the band reads the row once
+    (256, 512, False),  # 15
+])
+def test_a_short_row_claims_the_dense_kernel_where_the_batch_shares_its_blocks(taps, length, dense):
+    """Causal depthwise conv1d rows at batch 8 in bfloat16 (DENSE_BLOCK_ELEMENTS_PER_PIXEL)."""
+    spec = ConvSpec(64, 64, 64, (1, taps), (1, 1), (0, 0, taps - 1, 0), dtype="bfloat16")
+    assert (_untuned_forward_family(spec, 8, 1, length) == "depthwise_dense") == dense
 
 
 def test_the_stride_one_input_gradient_of_a_small_map_runs_dense(monkeypatch):

@@ -27,6 +27,15 @@ DENSE_MAX_PIXELS = 1024  # ... and output maps of at most this many pixels
 # ... of at least tl.dot's 16 (a tile of output pixels) in batches of at least half its 16 rows (samples): a
 # one-token prompt of Mamba's k4 at batch 1 modelled 1.2% of its floor here, 10.3% on depthwise1d
 DENSE_LEAST_PIXELS, DENSE_LEAST_BATCH = 16, 8
+# ... and where T's blocks (each built once for a tile of samples), counted at 64 x 16 pixels a block, are at most
+# this many elements for each pixel of the batch's input and output: the batch shares them (modelled % of the
+# floor, channels_last / NCHW, against the band). A long 1-D window on a short row at batch 8 builds many a
+# sample, where the band reads the row once: a causal k64 on 192 positions 6.7 (12.8 / 11.1 against 24.1 / 12.4),
+# on 128 6.0 (14.2 / 11.7 against 16.2 / 8.3), a k256 on 512 15 (5.0 / 5.4 against 9.8 / 12.5). A 2-D window on
+# a map of a few rows builds few: RepLKNet's dw27 on 14 x 14 at batch 64 2.1, a dw31 on 28 x 28 5.4 (16.5 / 23.3
+# against 11.6 / 7.2), a dw7 on 7 x 7 at batch 8 5.2 (11.0 / 8.3 against 9.7 / 7.0); so does a short window on a
+# short row: a causal k16 on 48 positions at batch 8 4.0 (22.7 / 12.7 against 11.0 / 4.2)
+DENSE_BLOCK_ELEMENTS_PER_PIXEL = 5.5
 
 
 def channel_tile(spec: ConvSpec) -> int:
@@ -73,14 +82,23 @@ class DepthwiseDense(Family):
 
     def claims(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
         """A half-precision forward over an output map of DENSE_LEAST_PIXELS to DENSE_MAX_PIXELS pixels, in
-        batches of DENSE_LEAST_BATCH or more, whose input pixels (at the stride) are at most
-        DENSE_PIXELS_PER_TAP a window tap, so that T is mostly taps."""
+        batches of DENSE_LEAST_BATCH or more, whose input pixels are at most DENSE_PIXELS_PER_TAP a window tap
+        (T is mostly taps) and whose T blocks at most DENSE_BLOCK_ELEMENTS_PER_PIXEL a pixel of the batch."""
         if kind != "forward" or spec.dtype not in ("float16", "bfloat16") or pixels.batch < DENSE_LEAST_BATCH:
             return False
-        out_pixels = pixels.height * pixels.width
-        in_pixels = out_pixels * spec.stride[0] * spec.stride[1]
-        return (DENSE_LEAST_PIXELS <= out_pixels <= DENSE_MAX_PIXELS
-                and in_pixels <= DENSE_PIXELS_PER_TAP * self.taps(spec))
+        out_height, out_width = pixels.height, pixels.width
+        out_pixels = out_height * out_width
+        if not DENSE_LEAST_PIXELS <= out_pixels <= DENSE_MAX_PIXELS:
+            return False
+        # the input that output map needs (a stride may leave a few more rows or columns unread)
+        height, width = (max(1, (out - 1) * stride + (k - 1) * dilation + 1 - before - after)
+                         for out, stride, k, dilation, before, after in zip(
+                             (out_height, out_width), spec.stride, spec.kernel_size, spec.dilation,
+                             spec.padding[::2], spec.padding[1::2]))
+        if height * width > DENSE_PIXELS_PER_TAP * self.taps(spec):
+            return False
+        blocks = dense_steps(spec, 64, 16, out_height, out_width, height, width) * 64 * 16
+        return blocks <= DENSE_BLOCK_ELEMENTS_PER_PIXEL * pixels.batch * (height * width + out_pixels)
 
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         """(samples, output pixels, input pixels a step): a [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] dot a

@@ -1509,7 +1509,7 @@ def drawn(strategy, count: int) -> list:
 
 @pytest.fixture(scope="module")
 def drawn_problems():
-    return {"conv2d": drawn(conv_problems(), 600), "conv1d": drawn(conv_problems(api="conv1d"), 200),
+    return {"conv2d": drawn(conv_problems(), 1000), "conv1d": drawn(conv_problems(api="conv1d"), 200),
             "default": drawn(conv_problems(families=(None,)), 200),
             "gradients": drawn(gradient_problems(), 600), "banded_rows": drawn(banded_rows(), 200),
             "direct_rows": drawn(direct_rows(), 200), "sequences": drawn(sequence_problems(), 200),

@@ -14,6 +14,7 @@ from typing import Optional
 from ...ir import ConvSpec
 from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv, pow2_between
 from .base import Family
+from .depthwise_gemm import band_dot
 from .igemm import DOT_SIDES
 
 # A launch claims this family (untuned) where the input map has at most this many pixels a window tap (modelled
@@ -41,7 +42,7 @@ DENSE_BLOCK_ELEMENTS_PER_PIXEL = 5.5
 def channel_tile(spec: ConvSpec) -> int:
     """The channels a program takes by default: a 16-byte vector of them in channels_last (a dot batched over
     them), one in NCHW (a 2-D dot, wgmma on sm_90)."""
-    return 16 // ELEMENT_BYTES[spec.dtype] if spec.layout == "nhwc" else 1
+    return 16 // ELEMENT_BYTES[spec.dtype] if band_dot(spec) == "channels" else 1
 
 
 def reached_pixels(spec: ConvSpec, q0: int, block_n: int, block_k: int, out_height: int, out_width: int,
@@ -138,8 +139,9 @@ class DepthwiseDense(Family):
         return "hwio"
 
     def band_dot(self, spec: ConvSpec) -> str:
-        """"channels" (a dot batched over channels_last's contiguous channels) or "rows" (a 2-D dot a channel)."""
-        return "channels" if spec.layout == "nhwc" else "rows"
+        """The banded kernel's dot by layout (depthwise_gemm.band_dot): batched over channels_last's channels,
+        else a 2-D dot a channel."""
+        return band_dot(spec)
 
     def tile_depth(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
         return channel_tile(spec)  # a [channels, block_m, block_n] accumulator

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
-from ...ir import ConvSpec
+from ...ir import ConvSpec, check
 from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv, pow2_between
 from .base import Family
 from .depthwise_gemm import band_dot
@@ -37,12 +37,31 @@ DENSE_LEAST_PIXELS, DENSE_LEAST_BATCH = 16, 8
 # against 11.6 / 7.2), a dw7 on 7 x 7 at batch 8 5.2 (11.0 / 8.3 against 9.7 / 7.0); so does a short window on a
 # short row: a causal k16 on 48 positions at batch 8 4.0 (22.7 / 12.7 against 11.0 / 4.2)
 DENSE_BLOCK_ELEMENTS_PER_PIXEL = 5.5
+# The grad-weight's channels a program in channels_last: a quarter of a 16-byte vector (its band of x, held a
+# channel, would not fit the registers of a whole vector's channels)
+GRAD_WEIGHT_CHANNEL_SHARE = 4
+# The most elements of the grad-weight's band of x a step: BLOCK_M x BLOCK_N x tap columns x channels
+GRAD_WEIGHT_BAND_ELEMENTS = 16384
 
 
-def channel_tile(spec: ConvSpec) -> int:
-    """The channels a program takes by default: a 16-byte vector of them in channels_last (a dot batched over
-    them), one in NCHW (a 2-D dot, wgmma on sm_90)."""
-    return 16 // ELEMENT_BYTES[spec.dtype] if band_dot(spec) == "channels" else 1
+def channel_tile(spec: ConvSpec, kind: str = "forward") -> int:
+    """The channels a program takes: a 16-byte vector of them in channels_last (a dot batched over them), one in
+    NCHW (a 2-D dot, wgmma on sm_90). The grad-weight holds a band of x a channel ([BLOCK_M, BLOCK_N x tap
+    columns]) and takes a quarter of the vector (GRAD_WEIGHT_CHANNEL_SHARE)."""
+    if band_dot(spec) != "channels":
+        return 1
+    vector = 16 // ELEMENT_BYTES[spec.dtype]
+    return max(1, vector // GRAD_WEIGHT_CHANNEL_SHARE) if kind == "grad_weight" else vector
+
+
+def tap_columns(spec: ConvSpec) -> int:
+    """The grad-weight's tap columns a channel (the window's width, a power of two of at least tl.dot's 16)."""
+    return pow2_between(spec.kernel_size[1], DOT_SIDES[0], 1 << 30)
+
+
+def band_elements(spec: ConvSpec, config: KernelConfig) -> int:
+    """The elements of the grad-weight's band of x a step: channels x samples x output columns x tap columns."""
+    return channel_tile(spec, "grad_weight") * config.block_m * config.block_n * tap_columns(spec)
 
 
 def reached_pixels(spec: ConvSpec, q0: int, block_n: int, block_k: int, out_height: int, out_width: int,
@@ -74,12 +93,18 @@ def dense_steps(spec: ConvSpec, block_n: int, block_k: int, out_height: int, out
 
 class DepthwiseDense(Family):
     name = "depthwise_dense"
-    templates = {"forward": "depthwise_dense.py.jinja"}
+    templates = {"forward": "depthwise_dense.py.jinja", "grad_weight": "depthwise_dense_grad_weight.py.jinja"}
     limits = {"block_m": DOT_SIDES, "block_n": DOT_SIDES, "block_k": DOT_SIDES}
 
     def rank(self, spec: ConvSpec) -> Optional[int]:
         """Every depthwise conv; never the planner's default (a small map claims it, DepthwiseDense.claims)."""
         return 3 if spec.is_depthwise else None
+
+    def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
+        """Every depthwise conv whose band of x fits at the least tile (GRAD_WEIGHT_BAND_ELEMENTS: windows up to
+        64 columns wide in NCHW); never the planner's default (a small map claims it, DepthwiseDense.claims)."""
+        least = KernelConfig(DOT_SIDES[0], DOT_SIDES[0], DOT_SIDES[0])
+        return 3 if spec.is_depthwise and band_elements(spec, least) <= GRAD_WEIGHT_BAND_ELEMENTS else None
 
     def claims(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
         """A half-precision forward over an output map of DENSE_LEAST_PIXELS to DENSE_MAX_PIXELS pixels, in
@@ -108,6 +133,8 @@ class DepthwiseDense(Family):
         NCHW: 64 output pixels, which read x once for 64 of them (30.5% at 32), on 4 warps. channels_last: 8
         channels' [8, 64, 32] accumulators on 8 warps (64 registers a thread; [8, 64, 64] on 4 spilled 12 KB on
         a dw31 on 28 x 28), filled to the device by fewer samples a tile where the channels are few (filled)."""
+        if kind == "grad_weight":
+            return KernelConfig(16, 16, 16, num_warps=4, num_stages=1)
         if interpret:
             return KernelConfig(16, 16, 16, num_stages=1)
         if spec.layout == "nchw":
@@ -115,7 +142,15 @@ class DepthwiseDense(Family):
         return KernelConfig(64, 32, 16, num_warps=8, num_stages=1)
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
-        """Tiles no larger than the batch and the output map (powers of two, at least tl.dot's 16)."""
+        """Tiles no larger than the batch and the output map (powers of two, at least tl.dot's 16). The
+        grad-weight's tile covers the output map (up to 64 columns and 32 rows) and takes as many samples a
+        step as its band of x holds (GRAD_WEIGHT_BAND_ELEMENTS)."""
+        if kind == "grad_weight":
+            block_n = pow2_between(pixels.width, DOT_SIDES[0], 64)
+            block_k = pow2_between(pixels.height, DOT_SIDES[0], 32)
+            fits = GRAD_WEIGHT_BAND_ELEMENTS // band_elements(spec, KernelConfig(1, block_n, block_k))
+            block_m = pow2_between(min(pixels.batch, fits), DOT_SIDES[0], 64)
+            return replace(config, block_m=block_m, block_n=block_n, block_k=block_k)
         pixel_tile = pow2_between(pixels.height * pixels.width, DOT_SIDES[0], 1 << 30)
         return replace(config, block_m=min(config.block_m, pow2_between(pixels.batch, DOT_SIDES[0], 1 << 30)),
                        block_n=min(config.block_n, pixel_tile), block_k=min(config.block_k, pixel_tile))
@@ -125,14 +160,30 @@ class DepthwiseDense(Family):
         return config.block_m >= DOT_SIDES[0] and config.block_n >= DOT_SIDES[0]
 
     def groups_per_program(self, spec: ConvSpec, config: KernelConfig, kind: str) -> int:
-        """A depthwise group is a channel: a 16-byte vector of them in channels_last, one in NCHW."""
-        return channel_tile(spec)
+        """A depthwise group is a channel: a 16-byte vector of them in channels_last (a quarter of one for the
+        grad-weight), one in NCHW. Raises ValueError for a grad-weight tile whose band of x would pass
+        GRAD_WEIGHT_BAND_ELEMENTS."""
+        if kind == "grad_weight":
+            band = band_elements(spec, config)
+            check(band <= GRAD_WEIGHT_BAND_ELEMENTS,
+                  f"block_m={config.block_m}, block_n={config.block_n}: the depthwise_dense grad-weight's band of x "
+                  f"would hold {band} elements a step (channels x samples x output columns x tap columns), past "
+                  f"{GRAD_WEIGHT_BAND_ELEMENTS}; use fewer samples (block_m) or output columns (block_n)",
+                  ValueError)
+        return channel_tile(spec, kind)
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
-        """(sample tiles x tiles of output pixels, channel tiles of ``packed`` channels)."""
+        """(sample tiles x tiles of output pixels, channel tiles of ``packed`` channels); grad-weight: (channel
+        tiles, splits of the batch)."""
+        if kind == "grad_weight":
+            return (cdiv(spec.out_channels, packed), splits)
         tiles = cdiv(pixels.batch, config.block_m) * cdiv(pixels.height * pixels.width, config.block_n)
         return (tiles, cdiv(spec.out_channels, packed))
+
+    def reduction_units(self, spec: Optional[ConvSpec], config: KernelConfig, pixels: PixelSpace) -> int:
+        """The grad-weight sums over samples (each step takes every output pixel of BLOCK_M of them)."""
+        return pixels.batch
 
     def weight_layout(self, kind: str, weight_memory: str) -> str:
         """hwio: a tap's channels are one vector (the batched dot's gathers of T)."""
@@ -144,7 +195,7 @@ class DepthwiseDense(Family):
         return band_dot(spec)
 
     def tile_depth(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
-        return channel_tile(spec)  # a [channels, block_m, block_n] accumulator
+        return channel_tile(spec, kind)  # a [channels, block_m, block_n] accumulator
 
     def operand_bytes(self, config: KernelConfig, spec: ConvSpec) -> int:
         """num_stages x the channels x (the [block_m, block_k] x tile + T's [block_k, block_n] block)."""
@@ -155,6 +206,8 @@ class DepthwiseDense(Family):
         """Per (sample tile, channel) and step of each tile of output pixels: a [block_m, block_k] x tile and T's
         [block_k, block_n] block, each element of it a load of the weight; a dot of the two."""
         spec, config = problem.spec, desc.config
+        if desc.kind == "grad_weight":
+            return self._grad_weight_requested(desc, problem, arguments)
         m, n, k = config.block_m, config.block_n, config.block_k
         steps = dense_steps(spec, n, k, arguments["out_height"], arguments["out_width"], arguments["height"],
                             arguments["width"])
@@ -162,3 +215,25 @@ class DepthwiseDense(Family):
         channels = cdiv(arguments["batch"], m) * cdiv(spec.out_channels, packed) * packed
         loaded = channels * steps * (m * k + k * n) * ELEMENT_BYTES[spec.dtype]
         return loaded, channels * steps * 2 * m * n * k
+
+    def _grad_weight_requested(self, desc, problem, arguments: dict):
+        """Per channel and step of BLOCK_M samples, for each tile of BLOCK_K output rows and BLOCK_N output columns:
+        the grad_out tile once, and a row of the tile's input columns for each input row its windows reach; a
+        [BLOCK_K, BLOCK_M x BLOCK_N] x [BLOCK_M x BLOCK_N, tap columns] dot a row."""
+        spec, config = problem.spec, desc.config
+        m, n, k = config.block_m, config.block_n, config.block_k
+        (stride_h, stride_w), (dilation_h, dilation_w) = spec.stride, spec.dilation
+        kernel_h, kernel_w = spec.kernel_size
+        out_height, out_width, height = arguments["out_height"], arguments["out_width"], arguments["height"]
+        in_columns = pow2_between((n - 1) * stride_w + (kernel_w - 1) * dilation_w + 1, 1, 1 << 30)
+        rows_reached = 0
+        for row0 in range(0, out_height, k):
+            last = min(row0 + k, out_height) - 1
+            first_in, end_in = max(row0 * stride_h - spec.padding[0], 0), min(
+                last * stride_h - spec.padding[0] + (kernel_h - 1) * dilation_h + 1, height)
+            rows_reached += max(0, end_in - first_in)
+        column_tiles = cdiv(out_width, n)
+        steps = cdiv(arguments["batch"], m) * spec.out_channels
+        loaded = steps * column_tiles * (cdiv(out_height, k) * k * m * n + rows_reached * m * in_columns)
+        flops = steps * column_tiles * rows_reached * 2 * k * m * n * tap_columns(spec)
+        return loaded * ELEMENT_BYTES[spec.dtype], flops

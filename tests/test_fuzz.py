@@ -64,7 +64,7 @@ from gconvgen import knobs
 from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
 from gconvgen.compiler.families import igemm_rows, suiting_first
 from gconvgen.compiler.families import depthwise_gemm
-from gconvgen.compiler.families.depthwise_dense import dense_steps, reached_pixels
+from gconvgen.compiler.families.depthwise_dense import dense_grad_weight_steps, dense_steps, reached_pixels
 from gconvgen.compiler.families.depthwise_gemm import SLIDING_OPEN_ROWS, sliding_block_rows
 from gconvgen.compiler.families.igemm_rows import open_rows, rows_per_program
 from gconvgen.compiler.plan import grad_input_as_forward, plan, transposed_conv
@@ -102,6 +102,7 @@ SMALL_TILES = {
     ("forward", "depthwise_gemm"): ((16,), (1, 2, 4, 8), (16,), (1, 4)),
     ("forward", "depthwise1d"): ((8, 16), (8, 16), (0,), (1, 2)),
     ("forward", "depthwise_dense"): ((16,), (16, 32), (16, 32), (1, 4)),
+    ("grad_weight", "depthwise_dense"): ((16,), (16,), (16,), (1, 4)),
     ("grad_input", "igemm"): ((16, 32, 64), (16,), (16, 32), (1, 4)),
     ("grad_input", "depthwise"): ((8, 16, 32, 64), (1, 2, 8), (0,), (1, 4)),
     ("grad_input", "depthwise_gemm"): ((16, 32), (1, 2, 4), (16, 32), (1, 4)),
@@ -544,6 +545,9 @@ def iterations(problem: ConvProblem, desc) -> int:
     pixels = PixelSpace.of(desc.kind, problem.batch, *problem.size, out_h, out_w)
     taps = problem.kernel[0] * problem.kernel[1]
     rows_steps = rows_per_program(out_h) + open_rows(desc.spec) - 1 if desc.family == "igemm_rows" else 1
+    if desc.kind == "grad_weight" and desc.family == "depthwise_dense":  # each input row and column tile reached
+        return (math.prod(desc.grid(pixels)) * -(-problem.batch // desc.config.block_m)
+                * dense_grad_weight_steps(desc.spec, desc.config, out_h, out_w, *problem.size))
     if desc.kind == "grad_weight":  # igemm_rows: each tile out_rows + open_rows - 1 steps
         return math.prod(desc.grid(pixels)) * -(-desc.reduction_units(pixels) // desc.reduction_block) * rows_steps
     if desc.family == "igemm":  # a strided grad-input's program takes the taps reaching its phase
@@ -1514,7 +1518,10 @@ def drawn_problems():
             "gradients": drawn(gradient_problems(), 600), "banded_rows": drawn(banded_rows(), 200),
             "direct_rows": drawn(direct_rows(), 200), "sequences": drawn(sequence_problems(), 200),
             "banded_columns": drawn(banded_columns(), 100), "banded_sliding": drawn(banded_sliding(), 100),
-            "dense": drawn(dense_maps(), 100)}
+            "dense": drawn(dense_maps(), 100),
+            # each family forced, apart: in the conv2d sample a family's share of problems over several programs
+            # is a few in a thousand, and a full run's draws differ from a file's own (seen: igemm's 5 to 0)
+            **{f"forced {f}": drawn(conv_problems(families=(f,)), 150) for f in FAMILIES}}
 
 
 def _transposed_forced_family(problem: ConvProblem) -> str:
@@ -1666,7 +1673,7 @@ DOMAIN = [
     *[(f"family {f} as the default", "default", lambda p, f=f: _spec_family(p) == f) for f in FAMILIES
       if f not in ("igemm_rows", "depthwise_dense")],
     *[(f"conv1d family {f} forced", "conv1d", lambda p, f=f: p.family == f) for f in FAMILIES],
-    *[(f"family {f} over several programs", "conv2d", lambda p, f=f: p.family == f and _programs(p) > 2)
+    *[(f"family {f} over several programs", f"forced {f}", lambda p, f=f: p.family == f and _programs(p) > 2)
       for f in FAMILIES],
     ("a 1 x 1 output", "conv2d", lambda p: output_size(p) == (1, 1)),
     ("an output of width 1 and height > 1", "conv2d", lambda p: output_size(p)[1] == 1 and output_size(p)[0] > 1),

@@ -199,7 +199,7 @@ class Modelled:
     time_s: float                 # the slowest of the three (inf when no program fits an SM)
     bound: str                    # "bytes", "flops", "issue", or "occupancy" when no program fits
     percent_of_floor: float       # floor_s / time_s x 100, at most 100
-    unit: str                     # "wgmma", "mma.sync" or "fma": where the issued FLOPs run
+    unit: str                     # "wgmma", "mma.sync", "wgmma+mma.sync" or "fma": where the issued FLOPs run
     requested_bytes: float
     issued_flops: float
     loop_trips: float             # passes a warp makes through the innermost loop (0: no loop)
@@ -267,7 +267,9 @@ def model_kernel(figures: sass.KernelFigures, fits: sass.Occupancy, problem: Pro
         notes.append("bytes: the ideal bytes (the family models no tiles)")
     requested_bytes = (1.0 if requested_over_ideal is None else requested_over_ideal) * ideal_bytes
     unit = "fma" if figures.tensor_core == "none" else figures.tensor_core
-    rate = {"wgmma": MATRIX_RATES[dtype], "mma.sync": MATRIX_RATES[dtype] * MMA_SYNC_SHARE}.get(unit, FMA_RATES[dtype])
+    # a kernel with dots on both units is taken at the slower one's rate for all its FLOPs (an upper bound)
+    rate = {"wgmma": MATRIX_RATES[dtype]}.get(unit, MATRIX_RATES[dtype] * MMA_SYNC_SHARE if "mma.sync" in unit
+                                              else FMA_RATES[dtype])
 
     warps, loop = figures.num_warps, figures.inner_loop_instructions
     trips = 0.0

@@ -256,11 +256,12 @@ def parse_sass(text: str) -> list[tuple[int, str, str]]:
 
 
 def tensor_core(opcodes: list[str]) -> str:
-    """"wgmma" if any warpgroup MMA is emitted, else "mma.sync" if any warp MMA is, else "none"."""
+    """"wgmma" if only warpgroup MMAs are emitted, "mma.sync" if only warp MMAs are, "wgmma+mma.sync" if both
+    are (a kernel with dots of both shapes), else "none"."""
     names = {opcode.split(".")[0] for opcode in opcodes}
-    if names & set(WGMMA_OPCODES):
-        return "wgmma"
-    return "mma.sync" if names & set(MMA_SYNC_OPCODES) else "none"
+    units = [unit for unit, unit_opcodes in (("wgmma", WGMMA_OPCODES), ("mma.sync", MMA_SYNC_OPCODES))
+             if names & set(unit_opcodes)]
+    return "+".join(units) or "none"
 
 
 def access_widths(opcodes: list[str], name: str) -> dict[int, int]:

@@ -37,17 +37,26 @@ DENSE_LEAST_PIXELS, DENSE_LEAST_BATCH = 16, 8
 # against 11.6 / 7.2), a dw7 on 7 x 7 at batch 8 5.2 (11.0 / 8.3 against 9.7 / 7.0); so does a short window on a
 # short row: a causal k16 on 48 positions at batch 8 4.0 (22.7 / 12.7 against 11.0 / 4.2)
 DENSE_BLOCK_ELEMENTS_PER_PIXEL = 5.5
-# The grad-weight's channels a program in channels_last: a quarter of a 16-byte vector (its band of x, held a
-# channel, would not fit the registers of a whole vector's channels)
+# The grad-weight claims (untuned) one tile of output pixels (16 x 16) in batches of at least this many, whose
+# input map has at most this many pixels a tap (modelled % of the floor, channels_last / NCHW, bfloat16, here
+# against the band): RepLKNet's dw27 on 14 x 14 (0.27 a tap) 60.4 / 56.4 against 3.7 / 3.9, a dw31 on 16 x 16
+# 91.0 / 91.0 against 5.2 / 5.0, ConvNeXt's dw7 on 7 x 7 (1.0) 20.5 / 15.3 against 6.9 / 14.7, a dw9 on 14 x 14
+# (2.4) 30.5 / 40.7 against 10.6 / 14.0, a dw7 on 14 x 14 (4.0) 30.5 / 40.7 against 15.6 / 27.2, a dw5 on 14 x 14
+# (7.8) 35.6 / 35.3 against 23.9 / 26.6; past it the band wins: a dw3 on 14 x 14 (21.8) 15.5 / 36.1 against
+# 27.7 / 40.8, a dw3 on 10 x 10 (11.1) 29.0 / 25.4 against 20.3 / 26.4. At batch 32 a dw7 on 7 x 7 modelled
+# 15.0 / 10.5 against 5.9 / 12.4, at 16 8.5 / 6.7 against 4.4 / 8.4: a step's 64 samples share its diagonal dot
+DENSE_GRAD_WEIGHT_PIXELS_PER_TAP, DENSE_GRAD_WEIGHT_LEAST_BATCH = 8, 64
+# The grad-weight's channels a program in channels_last: a quarter of a 16-byte vector (what it holds a channel,
+# held_elements, would not fit the registers of a whole vector's channels)
 GRAD_WEIGHT_CHANNEL_SHARE = 4
-# The most elements of the grad-weight's band of x a step: BLOCK_M x BLOCK_N x tap columns x channels
-GRAD_WEIGHT_BAND_ELEMENTS = 16384
+# The most elements a grad-weight program holds a step (held_elements)
+GRAD_WEIGHT_HELD_ELEMENTS = 65536
 
 
 def channel_tile(spec: ConvSpec, kind: str = "forward") -> int:
     """The channels a program takes: a 16-byte vector of them in channels_last (a dot batched over them), one in
-    NCHW (a 2-D dot, wgmma on sm_90). The grad-weight holds a band of x a channel ([BLOCK_M, BLOCK_N x tap
-    columns]) and takes a quarter of the vector (GRAD_WEIGHT_CHANNEL_SHARE)."""
+    NCHW (a 2-D dot, wgmma on sm_90). The grad-weight holds a channel's products of pairs and diagonal matrix
+    and takes a quarter of the vector (GRAD_WEIGHT_CHANNEL_SHARE)."""
     if band_dot(spec) != "channels":
         return 1
     vector = 16 // ELEMENT_BYTES[spec.dtype]
@@ -59,9 +68,13 @@ def tap_columns(spec: ConvSpec) -> int:
     return pow2_between(spec.kernel_size[1], DOT_SIDES[0], 1 << 30)
 
 
-def band_elements(spec: ConvSpec, config: KernelConfig) -> int:
-    """The elements of the grad-weight's band of x a step: channels x samples x output columns x tap columns."""
-    return channel_tile(spec, "grad_weight") * config.block_m * config.block_n * tap_columns(spec)
+def held_elements(spec: ConvSpec, config: KernelConfig) -> int:
+    """What a grad-weight program holds a step, in elements: for each of its channels the grad_out tile
+    [BLOCK_K x BLOCK_N, BLOCK_M], the products of pairs [BLOCK_K, BLOCK_N x BLOCK_N] and the diagonal matrix
+    [BLOCK_N x BLOCK_N, tap columns]."""
+    pairs = config.block_n * config.block_n
+    tile = config.block_k * config.block_n * config.block_m + config.block_k * pairs + pairs * tap_columns(spec)
+    return channel_tile(spec, "grad_weight") * tile
 
 
 def reached_pixels(spec: ConvSpec, q0: int, block_n: int, block_k: int, out_height: int, out_width: int,
@@ -101,27 +114,35 @@ class DepthwiseDense(Family):
         return 3 if spec.is_depthwise else None
 
     def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
-        """Every depthwise conv whose band of x fits at the least tile (GRAD_WEIGHT_BAND_ELEMENTS: windows up to
-        64 columns wide in NCHW); never the planner's default (a small map claims it, DepthwiseDense.claims)."""
+        """Every depthwise conv whose least tile holds at most GRAD_WEIGHT_HELD_ELEMENTS (windows up to 64
+        columns wide in NCHW, 32 in channels_last); never the planner's default (a small map claims it,
+        DepthwiseDense.claims)."""
         least = KernelConfig(DOT_SIDES[0], DOT_SIDES[0], DOT_SIDES[0])
-        return 3 if spec.is_depthwise and band_elements(spec, least) <= GRAD_WEIGHT_BAND_ELEMENTS else None
+        return 3 if spec.is_depthwise and held_elements(spec, least) <= GRAD_WEIGHT_HELD_ELEMENTS else None
 
     def claims(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
         """A half-precision forward over an output map of DENSE_LEAST_PIXELS to DENSE_MAX_PIXELS pixels, in
         batches of DENSE_LEAST_BATCH or more, whose input pixels are at most DENSE_PIXELS_PER_TAP a window tap
-        (T is mostly taps) and whose T blocks at most DENSE_BLOCK_ELEMENTS_PER_PIXEL a pixel of the batch."""
-        if kind != "forward" or spec.dtype not in ("float16", "bfloat16") or pixels.batch < DENSE_LEAST_BATCH:
+        (T is mostly taps) and whose T blocks at most DENSE_BLOCK_ELEMENTS_PER_PIXEL a pixel of the batch; a
+        half-precision grad-weight over one tile of output pixels (16 x 16, two rows or more), in batches of
+        DENSE_GRAD_WEIGHT_LEAST_BATCH or more, whose input pixels are at most DENSE_GRAD_WEIGHT_PIXELS_PER_TAP
+        a tap."""
+        if kind not in ("forward", "grad_weight") or spec.dtype not in ("float16", "bfloat16"):
             return False
         out_height, out_width = pixels.height, pixels.width
         out_pixels = out_height * out_width
-        if not DENSE_LEAST_PIXELS <= out_pixels <= DENSE_MAX_PIXELS:
-            return False
         # the input that output map needs (a stride may leave a few more rows or columns unread)
         height, width = (max(1, (out - 1) * stride + (k - 1) * dilation + 1 - before - after)
                          for out, stride, k, dilation, before, after in zip(
                              (out_height, out_width), spec.stride, spec.kernel_size, spec.dilation,
                              spec.padding[::2], spec.padding[1::2]))
-        if height * width > DENSE_PIXELS_PER_TAP * self.taps(spec):
+        pixels_per_tap = height * width / self.taps(spec)
+        if kind == "grad_weight":
+            return (pixels.batch >= DENSE_GRAD_WEIGHT_LEAST_BATCH and 1 < out_height <= DOT_SIDES[0]
+                    and out_width <= DOT_SIDES[0] and pixels_per_tap <= DENSE_GRAD_WEIGHT_PIXELS_PER_TAP)
+        if pixels.batch < DENSE_LEAST_BATCH or not DENSE_LEAST_PIXELS <= out_pixels <= DENSE_MAX_PIXELS:
+            return False
+        if pixels_per_tap > DENSE_PIXELS_PER_TAP:
             return False
         blocks = dense_steps(spec, 64, 16, out_height, out_width, height, width) * 64 * 16
         return blocks <= DENSE_BLOCK_ELEMENTS_PER_PIXEL * pixels.batch * (height * width + out_pixels)
@@ -134,7 +155,7 @@ class DepthwiseDense(Family):
         channels' [8, 64, 32] accumulators on 8 warps (64 registers a thread; [8, 64, 64] on 4 spilled 12 KB on
         a dw31 on 28 x 28), filled to the device by fewer samples a tile where the channels are few (filled)."""
         if kind == "grad_weight":
-            return KernelConfig(16, 16, 16, num_warps=4, num_stages=1)
+            return KernelConfig(16, 16, 16, num_warps=8, num_stages=1)
         if interpret:
             return KernelConfig(16, 16, 16, num_stages=1)
         if spec.layout == "nchw":
@@ -143,14 +164,13 @@ class DepthwiseDense(Family):
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """Tiles no larger than the batch and the output map (powers of two, at least tl.dot's 16). The
-        grad-weight's tile covers the output map (up to 64 columns and 32 rows) and takes as many samples a
-        step as its band of x holds (GRAD_WEIGHT_BAND_ELEMENTS)."""
+        grad-weight: tiles of 16 x 16 output pixels (the diagonal matrix grows as the square of the columns), as
+        many samples a step as it holds (GRAD_WEIGHT_HELD_ELEMENTS), up to 64."""
         if kind == "grad_weight":
-            block_n = pow2_between(pixels.width, DOT_SIDES[0], 64)
-            block_k = pow2_between(pixels.height, DOT_SIDES[0], 32)
-            fits = GRAD_WEIGHT_BAND_ELEMENTS // band_elements(spec, KernelConfig(1, block_n, block_k))
-            block_m = pow2_between(min(pixels.batch, fits), DOT_SIDES[0], 64)
-            return replace(config, block_m=block_m, block_n=block_n, block_k=block_k)
+            block_m = 64
+            while block_m > DOT_SIDES[0] and held_elements(spec, replace(config, block_m=block_m)) > GRAD_WEIGHT_HELD_ELEMENTS:
+                block_m //= 2
+            return replace(config, block_m=min(block_m, pow2_between(pixels.batch, DOT_SIDES[0], 1 << 30)))
         pixel_tile = pow2_between(pixels.height * pixels.width, DOT_SIDES[0], 1 << 30)
         return replace(config, block_m=min(config.block_m, pow2_between(pixels.batch, DOT_SIDES[0], 1 << 30)),
                        block_n=min(config.block_n, pixel_tile), block_k=min(config.block_k, pixel_tile))
@@ -161,15 +181,15 @@ class DepthwiseDense(Family):
 
     def groups_per_program(self, spec: ConvSpec, config: KernelConfig, kind: str) -> int:
         """A depthwise group is a channel: a 16-byte vector of them in channels_last (a quarter of one for the
-        grad-weight), one in NCHW. Raises ValueError for a grad-weight tile whose band of x would pass
-        GRAD_WEIGHT_BAND_ELEMENTS."""
+        grad-weight), one in NCHW. Raises ValueError for a grad-weight tile that would hold more than
+        GRAD_WEIGHT_HELD_ELEMENTS."""
         if kind == "grad_weight":
-            band = band_elements(spec, config)
-            check(band <= GRAD_WEIGHT_BAND_ELEMENTS,
-                  f"block_m={config.block_m}, block_n={config.block_n}: the depthwise_dense grad-weight's band of x "
-                  f"would hold {band} elements a step (channels x samples x output columns x tap columns), past "
-                  f"{GRAD_WEIGHT_BAND_ELEMENTS}; use fewer samples (block_m) or output columns (block_n)",
-                  ValueError)
+            held = held_elements(spec, config)
+            check(held <= GRAD_WEIGHT_HELD_ELEMENTS,
+                  f"block_m={config.block_m}, block_n={config.block_n}, block_k={config.block_k}: a depthwise_dense "
+                  f"grad-weight program would hold {held} elements a step (held_elements), past "
+                  f"{GRAD_WEIGHT_HELD_ELEMENTS}; use fewer samples (block_m), output columns (block_n) or rows "
+                  f"(block_k)", ValueError)
         return channel_tile(spec, kind)
 
     def grid(self, kind: str, spec: Optional[ConvSpec], config: KernelConfig, packed: int, pixels: PixelSpace, *,
@@ -218,22 +238,36 @@ class DepthwiseDense(Family):
 
     def _grad_weight_requested(self, desc, problem, arguments: dict):
         """Per channel and step of BLOCK_M samples, for each tile of BLOCK_K output rows and BLOCK_N output columns:
-        the grad_out tile once, and a row of the tile's input columns for each input row its windows reach; a
-        [BLOCK_K, BLOCK_M x BLOCK_N] x [BLOCK_M x BLOCK_N, tap columns] dot a row."""
+        the grad_out tile once, and for each tile of BLOCK_N input columns its windows reach, a [BLOCK_M, BLOCK_N]
+        x tile of each input row they reach; two dots a row: [BLOCK_K x BLOCK_N, BLOCK_M] x [BLOCK_M, BLOCK_N],
+        and [BLOCK_K, BLOCK_N x BLOCK_N] x [BLOCK_N x BLOCK_N, tap columns] (TF32 in half precision: counted
+        twice, at half the rate of the 16-bit dot)."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
-        (stride_h, stride_w), (dilation_h, dilation_w) = spec.stride, spec.dilation
-        kernel_h, kernel_w = spec.kernel_size
-        out_height, out_width, height = arguments["out_height"], arguments["out_width"], arguments["height"]
-        in_columns = pow2_between((n - 1) * stride_w + (kernel_w - 1) * dilation_w + 1, 1, 1 << 30)
-        rows_reached = 0
-        for row0 in range(0, out_height, k):
-            last = min(row0 + k, out_height) - 1
-            first_in, end_in = max(row0 * stride_h - spec.padding[0], 0), min(
-                last * stride_h - spec.padding[0] + (kernel_h - 1) * dilation_h + 1, height)
-            rows_reached += max(0, end_in - first_in)
-        column_tiles = cdiv(out_width, n)
+        out_height, out_width = arguments["out_height"], arguments["out_width"]
+        rows = dense_grad_weight_steps(spec, config, out_height, out_width, arguments["height"], arguments["width"])
         steps = cdiv(arguments["batch"], m) * spec.out_channels
-        loaded = steps * column_tiles * (cdiv(out_height, k) * k * m * n + rows_reached * m * in_columns)
-        flops = steps * column_tiles * rows_reached * 2 * k * m * n * tap_columns(spec)
+        loaded = steps * (cdiv(out_height, k) * cdiv(out_width, n) * k * n * m + rows * m * n)
+        diagonal_share = 2 if spec.dtype in ("float16", "bfloat16") else 1
+        flops = steps * rows * 2 * (k * n * m * n + diagonal_share * k * n * n * tap_columns(spec))
         return loaded * ELEMENT_BYTES[spec.dtype], flops
+
+
+def dense_grad_weight_steps(spec: ConvSpec, config: KernelConfig, out_height: int, out_width: int, height: int,
+                            width: int) -> int:
+    """The input rows a grad-weight program loads for each step of samples: over its tiles of output rows and
+    columns, the input rows of each tile's reach times its tiles of input columns."""
+    row_steps = sum(max(0, end - first) for first, end in (
+        reached_range(spec, 0, start, config.block_k, out_height, height) for start in range(0, out_height, config.block_k)))
+    column_tiles = sum(cdiv(max(0, end - first), config.block_n) for first, end in (
+        reached_range(spec, 1, start, config.block_n, out_width, width) for start in range(0, out_width, config.block_n)))
+    return row_steps * column_tiles
+
+
+def reached_range(spec: ConvSpec, axis: int, start: int, block: int, out_extent: int, extent: int) -> tuple[int, int]:
+    """The input rows (axis 0) or columns (1) [first, end) that the windows of output rows or columns
+    [start, start + block) reach, as the grad-weight template computes them."""
+    stride, dilation, before = spec.stride[axis], spec.dilation[axis], spec.padding[2 * axis]
+    last = min(start + block, out_extent) - 1
+    reach = (spec.kernel_size[axis] - 1) * dilation + 1
+    return max(start * stride - before, 0), min(last * stride - before + reach, extent)

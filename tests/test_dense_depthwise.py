@@ -246,3 +246,174 @@ def test_small_maps_run_dense_on_tensor_cores_for_sm90():
         assert row["family"] == "depthwise_dense" and row["spill"] == 0, row
         assert row["tc"] == ("wgmma" if row["layout"] == "nchw" else "mma.sync"), row
         assert row["percent"] >= 25, row
+
+
+# ---------------------------------------------------------------------------------------------- grad-weight
+
+# channels, multiplier, batch, (H, W) of x, kernel, stride, padding (top, bottom, left, right), dilation, config:
+# a 9 x 9 window on a 5 x 5 map (past the map on every side); ConvNeXt's 7 x 7 on 7 x 7 at the interpreter's
+# default; a 20 x 18 map, past one tile of 16 x 16 output pixels both ways (tiles of input columns each reaches);
+# stride 2 x 3 with dilation 2 in height and uneven padding; a channel multiplier of 2; padding past the window's
+# reach; an output of width 1; one row of 40 columns at stride 2 (a 1-D conv's, several column tiles); a 1 x 1
+# window; 17 images (two steps of 16 samples)
+GRAD_WEIGHT_CASES = [
+    (3, 1, 2, (5, 5), (9, 9), (1, 1), (4, 4, 4, 4), (1, 1), KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 1, 2, (7, 7), (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), None),
+    (2, 1, 1, (20, 18), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), KernelConfig(16, 16, 16, num_stages=1)),
+    (3, 1, 2, (9, 11), (3, 5), (2, 3), (2, 0, 1, 3), (2, 1), KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 2, 2, (6, 5), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 1, 1, (4, 6), (3, 3), (1, 1), (3, 2, 3, 3), (1, 1), KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 1, 2, (6, 1), (3, 1), (1, 1), (1, 1, 0, 0), (1, 1), KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 1, 2, (1, 40), (1, 9), (1, 2), (0, 0, 4, 3), (1, 1), KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 1, 2, (3, 4), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), KernelConfig(16, 16, 16, num_stages=1)),
+    (2, 1, 17, (3, 3), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), KernelConfig(16, 16, 16, num_stages=1)),
+]
+
+
+def _grad_weight(channels, multiplier, batch, size, kernel, stride, padding, dilation, config, dtype, layout, *,
+                 specials=(), splits=3):
+    """The forced dense grad-weight (twice) of fresh random x and grad_out, and torch's float64 one."""
+    generator = torch.Generator().manual_seed(hash((channels, batch, size, kernel, stride)) % 2**31)
+    out_channels = channels * multiplier
+    x = torch.randn(batch, channels, *size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    for index, value in specials:
+        x.view(-1)[index] = value
+    padded = F.pad(x.double(), (padding[2], padding[3], padding[0], padding[1]))
+    out_size = F.conv2d(padded, torch.zeros(out_channels, 1, *kernel, dtype=torch.float64), None, stride, 0,
+                        dilation, channels).shape
+    grad_out = torch.randn(out_size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    if layout == "nhwc":
+        x, grad_out = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad_out))
+    expected = torch.nn.grad.conv2d_weight(padded, (out_channels, 1, *kernel), grad_out.double(), stride, 0, dilation,
+                                           channels)
+    spec = ConvSpec(channels, out_channels, channels, kernel, stride, padding, dilation, False, dtype, layout)
+    runs = []
+    for _ in range(2):
+        grad_w = torch.full((out_channels, 1, *kernel), float("nan"), dtype=DTYPES[dtype])
+        launch.grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, config, "depthwise_dense"), splits=splits)
+        runs.append(grad_w)
+    return runs, expected
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("case", GRAD_WEIGHT_CASES)
+def test_the_dense_grad_weight_matches_torch_bitwise_every_run(case, dtype, layout):
+    runs, expected = _grad_weight(*case, dtype, layout)
+    assert torch.equal(runs[0], runs[1]), "two runs differ"
+    assert not runs[0].isnan().any(), "an element was not written"
+    scale = expected.abs().max().item() + 1.0
+    tolerance = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    assert (runs[0].double() - expected).abs().max().item() <= tolerance * scale
+
+
+def test_a_nan_input_makes_every_tap_that_reads_it_nan_in_the_grad_weight():
+    """Where torch's weight gradient is NaN, so is ours (an inf or NaN may spread to other taps of its channel:
+    the README's known limit, a pair in no window times it in the diagonal dot)."""
+    runs, expected = _grad_weight(*GRAD_WEIGHT_CASES[2][:-1], KernelConfig(16, 16, 16, num_stages=1), "float32",
+                                  "nchw", specials=((17, float("nan")), (390, float("inf"))))
+    assert expected.isnan().any()
+    assert runs[0][expected.isnan()].isnan().all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_training_takes_the_forced_dense_grad_weight(layout, monkeypatch, nan_filled_outputs):
+    """Through autograd: conv2d's weight gradient by the dense kernel (a choice forced for it alone) matches
+    torch's float64 one, and the input gradient the default's."""
+    ran = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family))
+    memory = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 6, 7, generator=generator, dtype=torch.float64).contiguous(memory_format=memory)
+    weight = torch.randn(4, 1, 5, 5, generator=generator, dtype=torch.float64)
+    grad = torch.randn(3, 4, 6, 7, generator=generator, dtype=torch.float64)
+    x32, w32 = (t.float().requires_grad_() for t in (x, weight))
+    forced = Choice(KERNEL, KernelConfig(16, 16, 16, num_stages=1), "depthwise_dense")
+    with choice.overridden(lambda spec, kind, *_: forced if kind == "grad_weight" else DEFAULT, every_call=False):
+        gconvgen.conv2d(x32, w32, None, 1, 2, 1, 4).backward(grad.float())
+    x64, w64 = (t.clone().requires_grad_() for t in (x, weight))
+    F.conv2d(x64, w64, None, 1, 2, 1, 4).backward(grad)
+    assert ("grad_weight", "depthwise_dense") in ran, ran
+    assert_close(w32.grad, w64.grad, torch.float32)
+    assert_close(x32.grad, x64.grad, torch.float32)
+
+
+def _grad_weight_pixels(batch, size):
+    return PixelSpace.of("grad_weight", batch, *size, *size)
+
+
+@pytest.mark.parametrize("kernel, size, batch, dtype, claimed", [
+    ((27, 27), (14, 14), 64, "bfloat16", True),   # RepLKNet's dw27 (0.27 input pixels a tap)
+    ((7, 7), (7, 7), 64, "float16", True),       # ConvNeXt's dw7 on its last stage (1.0)
+    ((5, 5), (14, 14), 64, "bfloat16", True),    # 7.8 pixels a tap
+    ((3, 3), (14, 14), 64, "bfloat16", False),   # 21.8: the band's
+    ((7, 7), (7, 7), 32, "bfloat16", False),     # fewer samples than a step's 64
+    ((7, 7), (7, 7), 64, "float32", False),      # float32 takes the band (its float32 windows) or direct
+    ((7, 7), (17, 7), 64, "bfloat16", False),    # past one tile of 16 output rows
+    ((1, 9), (1, 16), 64, "bfloat16", False),    # one output row: a 1-D conv's
+])
+def test_the_dense_grad_weight_claims_one_tile_of_a_small_map(kernel, size, batch, dtype, claimed):
+    """DepthwiseDense.claims for the weight gradient: half precision, a batch of 64 or more, one tile of 16 x 16
+    output pixels (two rows or more) whose input has at most 8 pixels a tap (DENSE_GRAD_WEIGHT_PIXELS_PER_TAP)."""
+    spec = ConvSpec(8, 8, 8, kernel, padding=tuple(k // 2 for k in kernel for _ in (0, 1)), dtype=dtype)
+    families = plan(spec).grad_weight_families
+    assert "depthwise_dense" in families and families[0] != "depthwise_dense"
+    first = suiting_first(families, spec, "grad_weight", _grad_weight_pixels(batch, size))[0]
+    assert (first == "depthwise_dense") == claimed
+
+
+def test_the_dense_grad_weight_default_fills_a_step_with_64_samples():
+    """On a GPU, steps of 64 samples where the batch has them (fewer otherwise), tiles of 16 x 16 output pixels;
+    a config that would hold too much is refused with what to shrink."""
+    from gconvgen.compiler.families import default_config
+    for layout, expected in (("nchw", 64), ("nhwc", 64)):
+        spec = ConvSpec(512, 512, 512, (27, 27), padding=(13, 13, 13, 13), dtype="bfloat16", layout=layout)
+        config = default_config(spec, "depthwise_dense", "grad_weight", interpret=False,
+                                pixels=_grad_weight_pixels(64, (14, 14)))
+        assert (config.block_m, config.block_n, config.block_k) == (expected, 16, 16)
+        small = default_config(spec, "depthwise_dense", "grad_weight", interpret=False,
+                               pixels=_grad_weight_pixels(20, (14, 14)))
+        assert small.block_m == 32
+    spec = ConvSpec(8, 8, 8, (7, 7), padding=(3, 3, 3, 3), dtype="bfloat16", layout="nhwc")
+    with pytest.raises(ValueError, match="block_m=128, block_n=16.*use fewer samples"):
+        launch.grad_weight(spec, torch.randn(2, 8, 7, 7).bfloat16(), torch.randn(2, 8, 7, 7).bfloat16(),
+                           torch.empty(8, 1, 7, 7, dtype=torch.bfloat16),
+                           Choice(KERNEL, KernelConfig(128, 16, 16), "depthwise_dense"))
+
+
+def test_windows_too_wide_for_the_held_tiles_are_not_offered():
+    """The least tile holds a diagonal matrix of 256 pairs x the tap columns: windows up to 128 columns in NCHW, 64
+    in channels_last (two channels a program) are offered; wider ones are not."""
+    def offered(width, layout):
+        spec = ConvSpec(8, 8, 8, (1, width), dtype="bfloat16", layout=layout)
+        return "depthwise_dense" in plan(spec).grad_weight_families
+    assert offered(128, "nchw") and not offered(129, "nchw")
+    assert offered(64, "nhwc") and not offered(65, "nhwc")
+
+
+GRAD_WEIGHT_SCRIPT = textwrap.dedent("""
+    import json
+    from gconvgen.autotune import suites
+    from gconvgen.tools.inspection import inspect_problem
+    rows = []
+    for layer in suites.load_suite("secondary").layers:
+        if layer.id not in ("replknet-dw27", "convnext-dw7-768"):
+            continue
+        for layout in ("nchw", "nhwc"):
+            row = inspect_problem(layer.problem("bfloat16", layout).backward("grad_weight"))
+            rows.append({"id": layer.id, "layout": layout, "family": row.family, "spill": row.figures.spill_bytes,
+                         "tc": row.figures.tensor_core, "bytes": row.requested_over_ideal_bytes,
+                         "percent": row.model.percent_of_floor})
+    print(json.dumps(rows))
+""")
+
+
+def test_small_map_weight_gradients_run_dense_for_sm90():
+    """RepLKNet's dw27 on 14 x 14 and ConvNeXt's dw7 on 7 x 7 (768 channels), as inspect compiles their weight
+    gradients: the dense kernel, no spill, tensor cores, x and grad_out read about once, and in the model
+    RepLKNet's at 50% of the floor or more (the band: 3.7-3.9%), ConvNeXt's at 15% or more (6.9-14.7%)."""
+    rows = compiled_rows(GRAD_WEIGHT_SCRIPT)
+    assert len(rows) == 4
+    for row in rows:
+        assert row["family"] == "depthwise_dense" and row["spill"] == 0 and row["tc"] != "none", row
+        assert row["percent"] >= (50 if row["id"] == "replknet-dw27" else 15), row
+        assert row["bytes"] <= (1.5 if row["id"] == "replknet-dw27" else 4.0), row

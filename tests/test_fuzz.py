@@ -1796,7 +1796,15 @@ GRADIENT_DOMAIN = [
     ("grad_input forced onto the transposed forward", lambda c: c.grad_input == "transposed"),
     ("grad_weight with a small config", lambda c: c.grad_weight_config is not None),
     *[(f"grad_weight forced onto {f}", lambda c, f=f: c.grad_weight_family == f)
-      for f in ("depthwise", "depthwise_gemm", "igemm", "igemm_rows")],
+      for f in ("depthwise", "depthwise_gemm", "depthwise_dense", "igemm", "igemm_rows")],
+    # the dense grad-weight's edges (its default needs a batch of 64, its maps past one tile of 16 x 16 output
+    # pixels more than these draws: tests/test_dense_depthwise.py)
+    ("grad_weight forced onto depthwise_dense with a small config", lambda c: c.grad_weight_family == "depthwise_dense"
+     and c.grad_weight_config is not None),
+    ("grad_weight forced onto depthwise_dense, strided or dilated", lambda c: c.grad_weight_family == "depthwise_dense"
+     and (max(c.conv.stride) > 1 or max(c.conv.dilation) > 1)),
+    ("grad_weight forced onto depthwise_dense with a NaN or inf input", lambda c: c.specials
+     and c.grad_weight_family == "depthwise_dense"),
     ("grad_weight forced onto igemm_rows, several row blocks", lambda c: c.grad_weight_family == "igemm_rows"
      and c.conv.max_rows and output_size(c.conv)[0] > c.conv.max_rows),
     ("grad_weight forced onto igemm_rows, strided or dilated in height", lambda c: c.grad_weight_family == "igemm_rows"

@@ -114,8 +114,8 @@ class DepthwiseDense(Family):
         return 3 if spec.is_depthwise else None
 
     def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
-        """Every depthwise conv whose least tile holds at most GRAD_WEIGHT_HELD_ELEMENTS (windows up to 64
-        columns wide in NCHW, 32 in channels_last); never the planner's default (a small map claims it,
+        """Every depthwise conv whose least tile holds at most GRAD_WEIGHT_HELD_ELEMENTS (windows up to 128
+        columns wide in NCHW, 64 in channels_last); never the planner's default (a small map claims it,
         DepthwiseDense.claims)."""
         least = KernelConfig(DOT_SIDES[0], DOT_SIDES[0], DOT_SIDES[0])
         return 3 if spec.is_depthwise and held_elements(spec, least) <= GRAD_WEIGHT_HELD_ELEMENTS else None

@@ -102,7 +102,7 @@ SMALL_TILES = {
     ("forward", "depthwise_gemm"): ((16,), (1, 2, 4, 8), (16,), (1, 4)),
     ("forward", "depthwise1d"): ((8, 16), (8, 16), (0,), (1, 2)),
     ("forward", "depthwise_dense"): ((16,), (16, 32), (16, 32), (1, 4)),
-    ("grad_weight", "depthwise_dense"): ((16,), (16,), (16,), (1, 4)),
+    ("grad_weight", "depthwise_dense"): ((16,), (8, 16), (8, 16), (1, 4)),
     ("grad_input", "igemm"): ((16, 32, 64), (16,), (16, 32), (1, 4)),
     ("grad_input", "depthwise"): ((8, 16, 32, 64), (1, 2, 8), (0,), (1, 4)),
     ("grad_input", "depthwise_gemm"): ((16, 32), (1, 2, 4), (16, 32), (1, 4)),
@@ -520,6 +520,8 @@ def small_configs(draw, kind: str, family: str) -> KernelConfig | None:
     if draw(st.integers(0, 2)) == 0:
         return None
     *sides, warps = (draw(st.sampled_from(options)) for options in SMALL_TILES[kind, family])
+    if (kind, family) == ("grad_weight", "depthwise_dense"):  # square tiles of 8 x 8, or 16 x 16 row by row
+        sides[2] = sides[1]
     return KernelConfig(*sides, num_warps=warps, num_stages=draw(st.sampled_from((1, 2))))
 
 
@@ -1515,7 +1517,8 @@ def drawn(strategy, count: int) -> list:
 def drawn_problems():
     return {"conv2d": drawn(conv_problems(), 1000), "conv1d": drawn(conv_problems(api="conv1d"), 200),
             "default": drawn(conv_problems(families=(None,)), 200),
-            "gradients": drawn(gradient_problems(), 600), "banded_rows": drawn(banded_rows(), 200),
+            # gradients: 2000, where a few entries of GRADIENT_DOMAIN had 0 to 3 in 600 (a banded grad-input forced)
+            "gradients": drawn(gradient_problems(), 2000), "banded_rows": drawn(banded_rows(), 200),
             "direct_rows": drawn(direct_rows(), 200), "sequences": drawn(sequence_problems(), 200),
             "banded_columns": drawn(banded_columns(), 100), "banded_sliding": drawn(banded_sliding(), 100),
             "dense": drawn(dense_maps(), 100),
@@ -1799,8 +1802,9 @@ GRADIENT_DOMAIN = [
       for f in ("depthwise", "depthwise_gemm", "depthwise_dense", "igemm", "igemm_rows")],
     # the dense grad-weight's edges (its default needs a batch of 64, its maps past one tile of 16 x 16 output
     # pixels more than these draws: tests/test_dense_depthwise.py)
-    ("grad_weight forced onto depthwise_dense with a small config", lambda c: c.grad_weight_family == "depthwise_dense"
-     and c.grad_weight_config is not None),
+    *[(f"grad_weight forced onto depthwise_dense in tiles of {side} x {side}", lambda c, side=side:
+       c.grad_weight_family == "depthwise_dense" and c.grad_weight_config is not None
+       and c.grad_weight_config.block_n == side) for side in (8, 16)],
     ("grad_weight forced onto depthwise_dense, strided or dilated", lambda c: c.grad_weight_family == "depthwise_dense"
      and (max(c.conv.stride) > 1 or max(c.conv.dilation) > 1)),
     ("grad_weight forced onto depthwise_dense with a NaN or inf input", lambda c: c.specials

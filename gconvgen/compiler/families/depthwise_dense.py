@@ -37,20 +37,24 @@ DENSE_LEAST_PIXELS, DENSE_LEAST_BATCH = 16, 8
 # against 11.6 / 7.2), a dw7 on 7 x 7 at batch 8 5.2 (11.0 / 8.3 against 9.7 / 7.0); so does a short window on a
 # short row: a causal k16 on 48 positions at batch 8 4.0 (22.7 / 12.7 against 11.0 / 4.2)
 DENSE_BLOCK_ELEMENTS_PER_PIXEL = 5.5
-# The grad-weight claims (untuned) one tile of output pixels (16 x 16) in batches of at least this many, whose
-# input map has at most this many pixels a tap (modelled % of the floor, channels_last / NCHW, bfloat16, here
-# against the band): RepLKNet's dw27 on 14 x 14 (0.27 a tap) 60.4 / 56.4 against 3.7 / 3.9, a dw31 on 16 x 16
-# 91.0 / 91.0 against 5.2 / 5.0, ConvNeXt's dw7 on 7 x 7 (1.0) 20.5 / 15.3 against 6.9 / 14.7, a dw9 on 14 x 14
-# (2.4) 30.5 / 40.7 against 10.6 / 14.0, a dw7 on 14 x 14 (4.0) 30.5 / 40.7 against 15.6 / 27.2, a dw5 on 14 x 14
-# (7.8) 35.6 / 35.3 against 23.9 / 26.6; past it the band wins: a dw3 on 14 x 14 (21.8) 15.5 / 36.1 against
-# 27.7 / 40.8, a dw3 on 10 x 10 (11.1) 29.0 / 25.4 against 20.3 / 26.4. At batch 32 a dw7 on 7 x 7 modelled
-# 15.0 / 10.5 against 5.9 / 12.4, at 16 8.5 / 6.7 against 4.4 / 8.4: a step's 64 samples share its diagonal dot
-DENSE_GRAD_WEIGHT_PIXELS_PER_TAP, DENSE_GRAD_WEIGHT_LEAST_BATCH = 8, 64
+# The grad-weight claims (untuned) one tile of output pixels (16 x 16, two rows or more) whose input map has at most
+# this many pixels a tap, in batches of at least (rows, square tiles) samples (modelled % of the floor,
+# channels_last / NCHW, bfloat16, batch 64 unless said, here against the band). Square tiles (pairs_tile, maps of
+# at most 8 x 8): ConvNeXt's dw7 on 7 x 7 76.7 / 63.9 against 6.9 / 14.7, a dw3 on 7 x 7 (5.4 a tap) 75.7 / 58.2
+# against 11.8 / 13.3, a dw13 75.6 / 64.3 against 2.8 / 3.0; a dw7 at batch 32 51.4 / 44.3 against 5.9 / 12.4 (at
+# 8 and 16 the channels_last defaults spilled 12-44 bytes: the band there). Tiles of rows: RepLKNet's dw27 on
+# 14 x 14 (0.27 a tap) 60.4 / 56.5 against 3.7 / 3.9, a dw31 on 16 x 16 91.0 / 91.0 against 5.2 / 5.0, a dw9 on
+# 14 x 14 (2.4) 30.5 / 40.7 against 10.6 / 14.0, a dw7 (4.0) 30.5 / 40.7 against 15.6 / 27.2, a dw5 (7.8) 30.5 /
+# 40.6 against 24.7 / 26.6; past 8 a tap the band wins: a dw3 on 14 x 14 (21.8) 15.5 / 36.8 against 27.7 / 40.8, on
+# 10 x 10 (11.1) 29.0 / 27.9 against 20.3 / 26.4. A step's 64 samples share the diagonal dots' work
+DENSE_GRAD_WEIGHT_PIXELS_PER_TAP, DENSE_GRAD_WEIGHT_LEAST_BATCH = 8, {False: 64, True: 32}
 # The grad-weight's channels a program in channels_last: a quarter of a 16-byte vector (what it holds a channel,
 # held_elements, would not fit the registers of a whole vector's channels)
 GRAD_WEIGHT_CHANNEL_SHARE = 4
 # The most elements a grad-weight program holds a step (held_elements)
 GRAD_WEIGHT_HELD_ELEMENTS = 65536
+# The side of the grad-weight's square tiles of output and input pixels that it pairs at once (pairs_tile)
+PAIRS_SIDE = 8
 
 
 def channel_tile(spec: ConvSpec, kind: str = "forward") -> int:
@@ -70,11 +74,21 @@ def tap_columns(spec: ConvSpec) -> int:
 
 def held_elements(spec: ConvSpec, config: KernelConfig) -> int:
     """What a grad-weight program holds a step, in elements: for each of its channels the grad_out tile
-    [BLOCK_K x BLOCK_N, BLOCK_M], the products of pairs [BLOCK_K, BLOCK_N x BLOCK_N] and the diagonal matrix
-    [BLOCK_N x BLOCK_N, tap columns]."""
-    pairs = config.block_n * config.block_n
-    tile = config.block_k * config.block_n * config.block_m + config.block_k * pairs + pairs * tap_columns(spec)
-    return channel_tile(spec, "grad_weight") * tile
+    [BLOCK_K x BLOCK_N, BLOCK_M], the products of pairs and the 0/1 matrices of the diagonal dots (pairs_tile)."""
+    tile = config.block_k * config.block_n
+    if pairs_tile(config):  # G [tile, tile], E_w [tile, tap columns], E_h [tap rows (16 or more), tile]
+        rows = max(DOT_SIDES[0], pow2_between(spec.kernel_size[0], 1, 1 << 30))
+        held = tile * config.block_m + tile * tile + tile * tap_columns(spec) + rows * tile
+    else:  # G [tile, BLOCK_N], E [BLOCK_N x BLOCK_N, tap columns]
+        pairs = config.block_n * config.block_n
+        held = tile * config.block_m + config.block_k * pairs + pairs * tap_columns(spec)
+    return channel_tile(spec, "grad_weight") * held
+
+
+def pairs_tile(config: KernelConfig) -> bool:
+    """Whether the grad-weight takes its output pixels in square tiles of PAIRS_SIDE x PAIRS_SIDE and pairs them
+    with input tiles of that shape (a last stage's 7 x 7 map in one), rather than row by input row."""
+    return config.block_n < DOT_SIDES[0]
 
 
 def reached_pixels(spec: ConvSpec, q0: int, block_n: int, block_k: int, out_height: int, out_width: int,
@@ -107,7 +121,8 @@ def dense_steps(spec: ConvSpec, block_n: int, block_k: int, out_height: int, out
 class DepthwiseDense(Family):
     name = "depthwise_dense"
     templates = {"forward": "depthwise_dense.py.jinja", "grad_weight": "depthwise_dense_grad_weight.py.jinja"}
-    limits = {"block_m": DOT_SIDES, "block_n": DOT_SIDES, "block_k": DOT_SIDES}
+    # the grad-weight's square tiles of PAIRS_SIDE output pixels a side take block_n = block_k = 8
+    limits = {"block_m": DOT_SIDES, "block_n": (PAIRS_SIDE, DOT_SIDES[1]), "block_k": (PAIRS_SIDE, DOT_SIDES[1])}
 
     def rank(self, spec: ConvSpec) -> Optional[int]:
         """Every depthwise conv; never the planner's default (a small map claims it, DepthwiseDense.claims)."""
@@ -138,8 +153,10 @@ class DepthwiseDense(Family):
                              spec.padding[::2], spec.padding[1::2]))
         pixels_per_tap = height * width / self.taps(spec)
         if kind == "grad_weight":
-            return (pixels.batch >= DENSE_GRAD_WEIGHT_LEAST_BATCH and 1 < out_height <= DOT_SIDES[0]
-                    and out_width <= DOT_SIDES[0] and pixels_per_tap <= DENSE_GRAD_WEIGHT_PIXELS_PER_TAP)
+            square = out_height <= PAIRS_SIDE and out_width <= PAIRS_SIDE
+            least_batch = DENSE_GRAD_WEIGHT_LEAST_BATCH[square]
+            return (pixels.batch >= least_batch and 1 < out_height <= DOT_SIDES[0] and out_width <= DOT_SIDES[0]
+                    and pixels_per_tap <= DENSE_GRAD_WEIGHT_PIXELS_PER_TAP)
         if pixels.batch < DENSE_LEAST_BATCH or not DENSE_LEAST_PIXELS <= out_pixels <= DENSE_MAX_PIXELS:
             return False
         if pixels_per_tap > DENSE_PIXELS_PER_TAP:
@@ -164,9 +181,14 @@ class DepthwiseDense(Family):
 
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """Tiles no larger than the batch and the output map (powers of two, at least tl.dot's 16). The
-        grad-weight: tiles of 16 x 16 output pixels (the diagonal matrix grows as the square of the columns), as
-        many samples a step as it holds (GRAD_WEIGHT_HELD_ELEMENTS), up to 64."""
+        grad-weight: square tiles of PAIRS_SIDE output pixels a side paired with input tiles where they cover the
+        map (pairs_tile), else tiles of 16 x 16 output pixels taken row by input row (the diagonal matrix grows as
+        the square of the columns); as many samples a step as it holds (GRAD_WEIGHT_HELD_ELEMENTS), up to 64."""
         if kind == "grad_weight":
+            pairs = pixels.height <= PAIRS_SIDE and pixels.width <= PAIRS_SIDE
+            side = PAIRS_SIDE if pairs else DOT_SIDES[0]
+            config = replace(config, block_n=side, block_k=side,
+                             num_warps=4 if pairs and band_dot(spec) == "rows" else config.num_warps)
             block_m = 64
             while block_m > DOT_SIDES[0] and held_elements(spec, replace(config, block_m=block_m)) > GRAD_WEIGHT_HELD_ELEMENTS:
                 block_m //= 2
@@ -183,6 +205,12 @@ class DepthwiseDense(Family):
         """A depthwise group is a channel: a 16-byte vector of them in channels_last (a quarter of one for the
         grad-weight), one in NCHW. Raises ValueError for a grad-weight tile that would hold more than
         GRAD_WEIGHT_HELD_ELEMENTS."""
+        square = config.block_n == config.block_k == PAIRS_SIDE
+        check(kind == "grad_weight" and (square or not pairs_tile(config) and config.block_k >= DOT_SIDES[0])
+              or kind != "grad_weight" and min(config.block_n, config.block_k) >= DOT_SIDES[0],
+              f"block_n={config.block_n}, block_k={config.block_k}: the depthwise_dense {kind} takes tiles of "
+              f"{DOT_SIDES[0]} or more a side" + (f", or {PAIRS_SIDE} both (square tiles of output pixels paired "
+                                                  "with input tiles)" if kind == "grad_weight" else ""), ValueError)
         if kind == "grad_weight":
             held = held_elements(spec, config)
             check(held <= GRAD_WEIGHT_HELD_ELEMENTS,
@@ -245,22 +273,31 @@ class DepthwiseDense(Family):
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         out_height, out_width = arguments["out_height"], arguments["out_width"]
-        rows = dense_grad_weight_steps(spec, config, out_height, out_width, arguments["height"], arguments["width"])
         steps = cdiv(arguments["batch"], m) * spec.out_channels
-        loaded = steps * (cdiv(out_height, k) * cdiv(out_width, n) * k * n * m + rows * m * n)
-        diagonal_share = 2 if spec.dtype in ("float16", "bfloat16") else 1
-        flops = steps * rows * 2 * (k * n * m * n + diagonal_share * k * n * n * tap_columns(spec))
+        inputs = dense_grad_weight_steps(spec, config, out_height, out_width, arguments["height"], arguments["width"])
+        tile, columns = k * n, tap_columns(spec)
+        if pairs_tile(config):  # an input tile: a dot of the two tiles, then E_w's and E_h's
+            rows = max(DOT_SIDES[0], pow2_between(spec.kernel_size[0], 1, 1 << 30))
+            x_tile, products, diagonals = tile * m, tile * m * tile, tile * tile * columns + rows * tile * columns
+        else:  # an input row: a dot of the tile with the row, then E's
+            x_tile, products, diagonals = m * n, tile * m * n, k * n * n * columns
+        loaded = steps * (cdiv(out_height, k) * cdiv(out_width, n) * tile * m + inputs * x_tile)
+        diagonal_share = 2 if spec.dtype in ("float16", "bfloat16") else 1  # TF32: half the 16-bit rate
+        flops = steps * inputs * 2 * (products + diagonal_share * diagonals)
         return loaded * ELEMENT_BYTES[spec.dtype], flops
 
 
 def dense_grad_weight_steps(spec: ConvSpec, config: KernelConfig, out_height: int, out_width: int, height: int,
                             width: int) -> int:
-    """The input rows a grad-weight program loads for each step of samples: over its tiles of output rows and
-    columns, the input rows of each tile's reach times its tiles of input columns."""
-    row_steps = sum(max(0, end - first) for first, end in (
-        reached_range(spec, 0, start, config.block_k, out_height, height) for start in range(0, out_height, config.block_k)))
-    column_tiles = sum(cdiv(max(0, end - first), config.block_n) for first, end in (
-        reached_range(spec, 1, start, config.block_n, out_width, width) for start in range(0, out_width, config.block_n)))
+    """The input a grad-weight program loads for each step of samples, in x tiles: over its tiles of output rows
+    and columns, the input rows of each tile's reach (square tiles: its tiles of input rows) times its tiles of
+    input columns."""
+    k, n = config.block_k, config.block_n
+    per_row = 1 if not pairs_tile(config) else k
+    row_steps = sum(cdiv(max(0, end - first), per_row) for first, end in (
+        reached_range(spec, 0, start, k, out_height, height) for start in range(0, out_height, k)))
+    column_tiles = sum(cdiv(max(0, end - first), n) for first, end in (
+        reached_range(spec, 1, start, n, out_width, width) for start in range(0, out_width, n)))
     return row_steps * column_tiles
 
 

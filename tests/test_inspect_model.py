@@ -113,6 +113,10 @@ def test_few_programs_use_few_schedulers_and_tensor_cores():
                                     PROBLEM, 132, 1.0, 1e9)
     assert sync.flops_s == pytest.approx(1e9 / 132 / (790e12 / 2 / 132))
     assert wgmma.flops_s == pytest.approx(1e9 / 132 / (790e12 / 132)) and wgmma.unit == "wgmma"
+    # a kernel with dots on both units: all of its FLOPs at the slower one's rate (an upper bound on its time)
+    mixed = inspection.model_kernel(_figures(tensor_core="wgmma+mma.sync"), Occupancy(4, "registers", 4, 228, 16, 32),
+                                    PROBLEM, 132, 1.0, 1e9)
+    assert mixed.flops_s == pytest.approx(sync.flops_s) and mixed.unit == "wgmma+mma.sync"
 
 
 def test_a_kernel_that_fits_no_sm_and_the_cap():

@@ -232,3 +232,7 @@ def test_sass_listing_is_read():
     assert loops(instructions) == [(0x130, 0x170)]  # the branch to itself after EXIT is no loop
     assert innermost_loop(instructions) == (0x130, 0x170)
     assert tensor_core(opcodes) == "mma.sync"
+    # a kernel with dots of both shapes (the dense grad-weight: its pairs' dot on wgmma, its diagonal dots on
+    # warp MMAs) says so; the model takes its FLOPs at the slower unit's rate
+    assert tensor_core([*opcodes, "HGMMA.64x16x16.F32.BF16"]) == "wgmma+mma.sync"
+    assert tensor_core(["HGMMA.64x16x16.F32.BF16"]) == "wgmma"

@@ -231,9 +231,23 @@ def fills_the_gpu(configs, problem, facts, family, params):
     return [c for c in configs if programs(c) == most]
 
 
+def lowers(configs, problem, facts, family, params):
+    """Keep the configs the family's lowering takes for the problem (it raises ValueError for the others, e.g. the
+    dense grad-weight's tiles that would hold too much or are neither square of 8 nor 16 a side)."""
+    def takes(config: KernelConfig) -> bool:
+        try:
+            lowered(problem.spec, problem.kind, problem.spec.dtype, Choice(KERNEL, config, family_of_space(family).name),
+                    False, False, False, problem.pixel_space, knobs.padding_budget())
+        except ValueError:
+            return False
+        return True
+
+    return [c for c in configs if takes(c)]
+
+
 RULES: dict[str, Rule] = {rule.__name__: rule for rule in (
     tile_within, group_packing, tile_elements, tile_fits_layout, shared_memory_fits, fills_the_gpu, channels_per_warp,
-    accumulators_fit,
+    accumulators_fit, lowers,
 )}
 
 

@@ -53,6 +53,12 @@ DENSE_GRAD_WEIGHT_PIXELS_PER_TAP, DENSE_GRAD_WEIGHT_LEAST_BATCH = 8, {False: 64,
 GRAD_WEIGHT_CHANNEL_SHARE = 4
 # The most elements a grad-weight program holds a step (held_elements)
 GRAD_WEIGHT_HELD_ELEMENTS = 65536
+# The grad-weight's samples a step (on 8 warps), for NCHW tiles of rows; half that for square tiles and in
+# channels_last (two channels a program). Chosen so that neither Triton 3.9 nor 3.6 (the GPU machine's) spills
+# (modelled % of the floor, 3.9 / 3.6): RepLKNet's dw27 on 14 x 14, NCHW at 64 56.5 / 60.4; channels_last at 64
+# 60.4 / spilled 1244 bytes on 3.6, at 32 38.2 / 40.3; ConvNeXt's dw7 on 7 x 7 (square tiles), channels_last at 64
+# 76.7 / spilled 24, at 32 71.3 / 76.7; NCHW at 64 on 4 warps 63.9 / spilled 24, at 32 47.3 / 65.6
+GRAD_WEIGHT_SAMPLES = 64
 # The side of the grad-weight's square tiles of output and input pixels that it pairs at once (pairs_tile)
 PAIRS_SIDE = 8
 
@@ -170,9 +176,10 @@ class DepthwiseDense(Family):
         in NCHW: 41.8% of its floor modelled, 35.0% at 32); 64 samples share each block of T (19.8% at 32).
         NCHW: 64 output pixels, which read x once for 64 of them (30.5% at 32), on 4 warps. channels_last: 8
         channels' [8, 64, 32] accumulators on 8 warps (64 registers a thread; [8, 64, 64] on 4 spilled 12 KB on
-        a dw31 on 28 x 28), filled to the device by fewer samples a tile where the channels are few (filled)."""
+        a dw31 on 28 x 28), filled to the device by fewer samples a tile where the channels are few (filled).
+        grad-weight: (samples a step, output columns a tile, output rows a tile), fitted to the map (fitted)."""
         if kind == "grad_weight":
-            return KernelConfig(16, 16, 16, num_warps=8, num_stages=1)
+            return KernelConfig(DOT_SIDES[0] if interpret else GRAD_WEIGHT_SAMPLES, 16, 16, num_warps=8, num_stages=1)
         if interpret:
             return KernelConfig(16, 16, 16, num_stages=1)
         if spec.layout == "nchw":
@@ -183,16 +190,13 @@ class DepthwiseDense(Family):
         """Tiles no larger than the batch and the output map (powers of two, at least tl.dot's 16). The
         grad-weight: square tiles of PAIRS_SIDE output pixels a side paired with input tiles where they cover the
         map (pairs_tile), else tiles of 16 x 16 output pixels taken row by input row (the diagonal matrix grows as
-        the square of the columns); as many samples a step as it holds (GRAD_WEIGHT_HELD_ELEMENTS), up to 64."""
+        the square of the columns); GRAD_WEIGHT_SAMPLES a step in NCHW rows, half that otherwise."""
         if kind == "grad_weight":
             pairs = pixels.height <= PAIRS_SIDE and pixels.width <= PAIRS_SIDE
             side = PAIRS_SIDE if pairs else DOT_SIDES[0]
-            config = replace(config, block_n=side, block_k=side,
-                             num_warps=4 if pairs and band_dot(spec) == "rows" else config.num_warps)
-            block_m = 64
-            while block_m > DOT_SIDES[0] and held_elements(spec, replace(config, block_m=block_m)) > GRAD_WEIGHT_HELD_ELEMENTS:
-                block_m //= 2
-            return replace(config, block_m=min(block_m, pow2_between(pixels.batch, DOT_SIDES[0], 1 << 30)))
+            most = GRAD_WEIGHT_SAMPLES if band_dot(spec) == "rows" and not pairs else GRAD_WEIGHT_SAMPLES // 2
+            return replace(config, block_n=side, block_k=side,
+                           block_m=min(most, pow2_between(pixels.batch, DOT_SIDES[0], 1 << 30)))
         pixel_tile = pow2_between(pixels.height * pixels.width, DOT_SIDES[0], 1 << 30)
         return replace(config, block_m=min(config.block_m, pow2_between(pixels.batch, DOT_SIDES[0], 1 << 30)),
                        block_n=min(config.block_n, pixel_tile), block_k=min(config.block_k, pixel_tile))

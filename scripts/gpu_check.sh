@@ -8,10 +8,12 @@
 #   3. a short tune of the headline suite in channels_last (each layer's record is written as it finishes,
 #      so a tune cut short by its time limit keeps what it tuned);
 #   4. the headline suite forward in NCHW and channels_last against F.conv2d, and forward + backward in
-#      channels_last against PyTorch eager;
+#      channels_last against PyTorch eager; then forward + backward of the secondary suite's small maps
+#      (RepLKNet's dw27 on 14 x 14, ConvNeXt's dw7 on 7 x 7: the dense kernels) in both layouts;
 #   5. `gconvgen inspect` of the same kernels (static sm_90 figures, run on the CPU cores meanwhile),
 #      so static figures and measured times sit side by side.
-# Writes at most 10 files to OUT_DIR (limits on a GPU: 120 + 30 + 90 + 45 + 60 + 110 + 45 s). Every step has its own time limit; a failed step does not stop the rest.
+# Writes at most 10 files to OUT_DIR (limits on a GPU: 120 + 30 + 90 + 45 + 45 + 110 + 45 + 40 s). Every step has
+# its own time limit; a failed step does not stop the rest.
 #
 #   scripts/gpu_check.sh [OUT_DIR]            (OUT_DIR defaults to $OUT, else ./gconvgen-gpu-check)
 #   GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh /tmp/dry   a dry run of every step on the CPU (smoke suite,
@@ -38,10 +40,12 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export GCONVGEN_CACHE_DIR="${GCONVGEN_CACHE_DIR:-$(mktemp -d)/gconvgen}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"  # Triton 3.9's default, said aloud
 if [ "$device" = cuda ]; then
-    suite=headline; tests_limit=120; tune_limit=60; bench_limit=110; backward_limit=45
+    suite=headline; tests_limit=120; tune_limit=45; bench_limit=110; backward_limit=45; small_maps_limit=40
+    small_maps=(--suite secondary --layer replknet-dw27 --layer convnext-dw7-768)
     test_args=(--device cuda)
 else
-    suite=smoke; tests_limit=600; tune_limit=300; bench_limit=300; backward_limit=300
+    suite=smoke; tests_limit=600; tune_limit=300; bench_limit=300; backward_limit=300; small_maps_limit=300
+    small_maps=(--suite smoke)
     test_args=(-k "grouped or depthwise and not fuzz")
 fi
 cd "$root" || exit 1
@@ -191,6 +195,9 @@ timeout "$bench_limit" "$python" -m gconvgen bench --suite "$suite" --layout bot
     --json "$out/bench-forward.json" --markdown "$out/bench-forward.md" > "$out/bench.log" 2>&1 || status=1
 say "bench forward + backward, channels_last"
 timeout "$backward_limit" "$python" -m gconvgen bench --suite "$suite" --layout nhwc --device "$device" \
+    --backward >> "$out/bench.log" 2>&1 || status=1
+say "bench forward + backward, small maps (dense kernels), both layouts"
+timeout "$small_maps_limit" "$python" -m gconvgen bench "${small_maps[@]}" --layout both --device "$device" \
     --backward >> "$out/bench.log" 2>&1 || status=1
 "$python" -m gconvgen cache export "$out/tuning-db.json" >> "$out/bench.log" 2>&1 || true
 

@@ -395,7 +395,8 @@ def test_the_dense_grad_weight_default_steps_through_samples():
     with pytest.raises(ValueError, match="block_n=8, block_k=16: .* or 8 both"):
         launch.grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, KernelConfig(16, 8, 16), "depthwise_dense"))
     with pytest.raises(ValueError, match="block_n=8, block_k=8: the depthwise_dense forward takes tiles of 16"):
-        launch.forward(spec, x, grad_w, None, torch.empty_like(x), Choice(KERNEL, KernelConfig(16, 8, 8), "depthwise_dense"))
+        launch.forward(spec, x, grad_w, None, torch.empty_like(x),
+                       Choice(KERNEL, KernelConfig(16, 8, 8), "depthwise_dense"))
 
 
 def test_windows_too_wide_for_the_held_tiles_are_not_offered():

@@ -236,8 +236,9 @@ def lowers(configs, problem, facts, family, params):
     dense grad-weight's tiles that would hold too much or are neither square of 8 nor 16 a side)."""
     def takes(config: KernelConfig) -> bool:
         try:
-            lowered(problem.spec, problem.kind, problem.spec.dtype, Choice(KERNEL, config, family_of_space(family).name),
-                    False, False, False, problem.pixel_space, knobs.padding_budget())
+            lowered(problem.spec, problem.kind, problem.spec.dtype,
+                    Choice(KERNEL, config, family_of_space(family).name), False, False, False, problem.pixel_space,
+                    knobs.padding_budget())
         except ValueError:
             return False
         return True

@@ -40,6 +40,9 @@ TOLERANCES = {
 }
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def interpreter_and_private_cache(request, tmp_path_factory):
     cache = tmp_path_factory.mktemp("gconvgen-cache")
@@ -131,6 +134,46 @@ def assert_close(actual, expected, dtype):
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert torch.isfinite(actual).all(), "some output elements were not written (NaN sentinel survived)"
     torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol)
+
+
+def depthwise_grad_weight_runs(family, channels, multiplier, batch, size, kernel, stride, padding, dilation, config,
+                               dtype, layout, *, specials=(), splits=3):
+    """The depthwise weight gradient of fresh random x and grad_out by ``family``'s kernel with ``config`` (run
+    twice, each into a NaN-filled tensor, the batch's reduction in ``splits``), and torch's in float64. ``specials``:
+    (flat index, value) pairs put into x."""
+    from gconvgen.compiler.lowering import KERNEL, Choice
+    from gconvgen.ir import ConvSpec
+    from gconvgen.runtime import launch
+
+    generator = torch.Generator().manual_seed(hash((channels, batch, size, kernel, stride)) % 2**31)
+    out_channels = channels * multiplier
+    x = torch.randn(batch, channels, *size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    for index, value in specials:
+        x.view(-1)[index] = value
+    padded = F.pad(x.double(), (padding[2], padding[3], padding[0], padding[1]))
+    out_size = F.conv2d(padded, torch.zeros(out_channels, 1, *kernel, dtype=torch.float64), None, stride, 0,
+                        dilation, channels).shape
+    grad_out = torch.randn(out_size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
+    if layout == "nhwc":
+        x, grad_out = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad_out))
+    expected = torch.nn.grad.conv2d_weight(padded, (out_channels, 1, *kernel), grad_out.double(), stride, 0, dilation,
+                                           channels)
+    spec = ConvSpec(channels, out_channels, channels, kernel, stride, padding, dilation, False, dtype, layout)
+    runs = []
+    for _ in range(2):
+        grad_w = torch.full((out_channels, 1, *kernel), float("nan"), dtype=DTYPES[dtype])
+        launch.grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, config, family), splits=splits)
+        runs.append(grad_w)
+    return runs, expected
+
+
+def assert_same_every_run_and_close(runs, expected, dtype):
+    """Two runs bitwise equal, every element written, within the dtype's tolerance of the largest magnitude."""
+    assert torch.equal(runs[0], runs[1]), "two runs differ"
+    assert not runs[0].isnan().any(), "an element was not written"
+    scale = expected.abs().max().item() + 1.0
+    tolerance = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    assert (runs[0].double() - expected).abs().max().item() <= tolerance * scale
 
 
 def spy_on_kernels(monkeypatch, entry=lambda desc: desc) -> list:

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import assert_same_every_run_and_close, depthwise_grad_weight_runs
 from gconvgen.compiler.lowering import KERNEL, Choice
 from gconvgen.compiler.plan import plan
 from gconvgen.compiler.tiles import KernelConfig
@@ -122,28 +122,9 @@ CASES = [
 @pytest.mark.parametrize("channels, multiplier, size, kernel, stride, padding, dilation, config", CASES)
 def test_banded_grad_weight_matches_torch_bitwise_every_run(channels, multiplier, size, kernel, stride, padding,
                                                             dilation, config, dtype, layout):
-    generator = torch.Generator().manual_seed(hash((channels, size, kernel, stride)) % 2**31)
-    out_channels = channels * multiplier
-    x = torch.randn(2, channels, *size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
-    padded = F.pad(x.double(), (padding[2], padding[3], padding[0], padding[1]))
-    out_size = F.conv2d(padded, torch.zeros(out_channels, 1, *kernel, dtype=torch.float64), None, stride, 0,
-                        dilation, channels).shape
-    grad_out = torch.randn(out_size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
-    if layout == "nhwc":
-        x, grad_out = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad_out))
-    expected = torch.nn.grad.conv2d_weight(padded, (out_channels, 1, *kernel), grad_out.double(), stride, 0, dilation,
-                                           channels)
-    spec = ConvSpec(channels, out_channels, channels, kernel, stride, padding, dilation, False, dtype, layout)
-    runs = []
-    for _ in range(2):
-        grad_w = torch.full((out_channels, 1, *kernel), float("nan"), dtype=DTYPES[dtype])
-        launch.grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, config, "depthwise_gemm"), splits=3)
-        runs.append(grad_w)
-    assert torch.equal(runs[0], runs[1]), "two runs differ"
-    assert not runs[0].isnan().any(), "an element was not written"
-    scale = expected.abs().max().item() + 1.0
-    tolerance = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2}[dtype]
-    assert (runs[0].double() - expected).abs().max().item() <= tolerance * scale
+    runs, expected = depthwise_grad_weight_runs("depthwise_gemm", channels, multiplier, 2, size, kernel, stride,
+                                                padding, dilation, config, dtype, layout)
+    assert_same_every_run_and_close(runs, expected, dtype)
 
 
 SCRIPT = textwrap.dedent("""

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import gconvgen
-from conftest import assert_close, reference_conv2d, spy_on_kernels
+from conftest import (assert_close, assert_same_every_run_and_close, depthwise_grad_weight_runs, reference_conv2d,
+                      spy_on_kernels)
 from gconvgen.autotune import choice
 from gconvgen.compiler.families import suiting_first
 from gconvgen.compiler.families.depthwise_dense import dense_steps, reached_pixels
@@ -280,29 +281,9 @@ GRAD_WEIGHT_CASES = [
 ]
 
 
-def _grad_weight(channels, multiplier, batch, size, kernel, stride, padding, dilation, config, dtype, layout, *,
-                 specials=(), splits=3):
-    """The forced dense grad-weight (twice) of fresh random x and grad_out, and torch's float64 one."""
-    generator = torch.Generator().manual_seed(hash((channels, batch, size, kernel, stride)) % 2**31)
-    out_channels = channels * multiplier
-    x = torch.randn(batch, channels, *size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
-    for index, value in specials:
-        x.view(-1)[index] = value
-    padded = F.pad(x.double(), (padding[2], padding[3], padding[0], padding[1]))
-    out_size = F.conv2d(padded, torch.zeros(out_channels, 1, *kernel, dtype=torch.float64), None, stride, 0,
-                        dilation, channels).shape
-    grad_out = torch.randn(out_size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
-    if layout == "nhwc":
-        x, grad_out = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad_out))
-    expected = torch.nn.grad.conv2d_weight(padded, (out_channels, 1, *kernel), grad_out.double(), stride, 0, dilation,
-                                           channels)
-    spec = ConvSpec(channels, out_channels, channels, kernel, stride, padding, dilation, False, dtype, layout)
-    runs = []
-    for _ in range(2):
-        grad_w = torch.full((out_channels, 1, *kernel), float("nan"), dtype=DTYPES[dtype])
-        launch.grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, config, "depthwise_dense"), splits=splits)
-        runs.append(grad_w)
-    return runs, expected
+def _grad_weight(*case, specials=(), splits=3):
+    """The forced dense grad-weight of a case (twice) and torch's float64 one."""
+    return depthwise_grad_weight_runs("depthwise_dense", *case, specials=specials, splits=splits)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -310,17 +291,14 @@ def _grad_weight(channels, multiplier, batch, size, kernel, stride, padding, dil
 @pytest.mark.parametrize("case", GRAD_WEIGHT_CASES)
 def test_the_dense_grad_weight_matches_torch_bitwise_every_run(case, dtype, layout):
     runs, expected = _grad_weight(*case, dtype, layout)
-    assert torch.equal(runs[0], runs[1]), "two runs differ"
-    assert not runs[0].isnan().any(), "an element was not written"
-    scale = expected.abs().max().item() + 1.0
-    tolerance = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2}[dtype]
-    assert (runs[0].double() - expected).abs().max().item() <= tolerance * scale
+    assert_same_every_run_and_close(runs, expected, dtype)
 
 
-def test_a_nan_input_makes_every_tap_that_reads_it_nan_in_the_grad_weight():
-    """Where torch's weight gradient is NaN, so is ours (an inf or NaN may spread to other taps of its channel:
-    the README's known limit, a pair in no window times it in the diagonal dot)."""
-    runs, expected = _grad_weight(*GRAD_WEIGHT_CASES[2][:-1], KernelConfig(16, 16, 16, num_stages=1), "float32",
+@pytest.mark.parametrize("side", [16, 8])
+def test_a_nan_input_makes_every_tap_that_reads_it_nan_in_the_grad_weight(side):
+    """Where torch's weight gradient is NaN, so is ours, in both tile forms (an inf or NaN may spread to other taps
+    of its channel: the README's known limit, a pair in no window times it in the diagonal dot)."""
+    runs, expected = _grad_weight(*GRAD_WEIGHT_CASES[2][:-1], KernelConfig(16, side, side, num_stages=1), "float32",
                                   "nchw", specials=((17, float("nan")), (390, float("inf"))))
     assert expected.isnan().any()
     assert runs[0][expected.isnan()].isnan().all()

@@ -5,7 +5,10 @@ weight in registers, on tensor cores. Where the window covers most of the map, T
 products an output where the window has 729 taps (533 of them on the padding), and reads x once a tile of
 output pixels, where the band re-reads it for every kernel row and band step. On larger maps most of T is zero:
 the band (depthwise_gemm) or the direct kernel wins there. Its input gradient at stride 1 is the forward of the
-transposed conv, which this family serves too; its weight gradient is the band's or the direct kernel's."""
+transposed conv, which this family serves too. Its weight gradient (templates/depthwise_dense_grad_weight.py.jinja)
+is T's adjoint: the products of every pair of output and input pixels, summed over samples, are one dot, and a
+second dot against a 0/1 matrix sums each tap's diagonal of them; on a small map it replaces the band's, which
+re-reads x for every kernel row (RepLKNet's dw27: 49-53x the ideal bytes)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -269,11 +272,12 @@ class DepthwiseDense(Family):
         return loaded, channels * steps * 2 * m * n * k
 
     def _grad_weight_requested(self, desc, problem, arguments: dict):
-        """Per channel and step of BLOCK_M samples, for each tile of BLOCK_K output rows and BLOCK_N output columns:
-        the grad_out tile once, and for each tile of BLOCK_N input columns its windows reach, a [BLOCK_M, BLOCK_N]
-        x tile of each input row they reach; two dots a row: [BLOCK_K x BLOCK_N, BLOCK_M] x [BLOCK_M, BLOCK_N],
-        and [BLOCK_K, BLOCK_N x BLOCK_N] x [BLOCK_N x BLOCK_N, tap columns] (TF32 in half precision: counted
-        twice, at half the rate of the 16-bit dot)."""
+        """Per channel and step of BLOCK_M samples, for each tile of BLOCK_K x BLOCK_N output pixels: the grad_out
+        tile once, then the x it reaches (dense_grad_weight_steps): tiles of rows, for each tile of BLOCK_N input
+        columns a [BLOCK_M, BLOCK_N] x tile of each input row, with a [BLOCK_K x BLOCK_N, BLOCK_M] x [BLOCK_M,
+        BLOCK_N] dot and a [BLOCK_K, BLOCK_N x BLOCK_N] x [BLOCK_N x BLOCK_N, tap columns] one; square tiles, each
+        input tile of the same shape with a dot of the two tiles and the two diagonal dots. The diagonal dots run
+        on TF32 in half precision: counted twice, at half the rate of the 16-bit dot."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         out_height, out_width = arguments["out_height"], arguments["out_width"]

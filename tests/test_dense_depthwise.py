@@ -413,3 +413,25 @@ def test_small_map_weight_gradients_run_dense_for_sm90():
     for row in rows:
         assert row["family"] == "depthwise_dense" and row["spill"] == 0 and row["tc"] != "none", row
         assert row["percent"] >= 35 and row["bytes"] <= 1.5, row
+
+
+@pytest.mark.parametrize("side", [16, 8])
+def test_an_inf_grad_out_makes_every_tap_of_its_channel_nonfinite(side):
+    """torch multiplies each grad_out element by every tap's input, the padding's zeros included, so an inf one
+    turns each tap of its channel inf or NaN, those only the padding reaches too (here a 5-row window on a map of
+    1 row, as in the long fuzz's case, where kernel rows 3 and 4 came out 0). Ours: NaN where torch's is NaN,
+    non-finite where it is inf (the README's known limit); the other channels as torch's."""
+    spec = ConvSpec(3, 3, 3, (5, 4), (3, 2), (4, 4, 1, 2), (2, 1), False, "float32", "nchw")
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 1, 4, generator=generator, dtype=torch.float64)
+    padded = F.pad(x, (1, 2, 4, 4))
+    grad_out = torch.randn(F.conv2d(padded, torch.zeros(3, 1, 5, 4, dtype=torch.float64), None, (3, 2), 0, (2, 1),
+                                    3).shape, generator=generator, dtype=torch.float64)
+    grad_out[1, 2, 0, 1] = float("-inf")
+    expected = torch.nn.grad.conv2d_weight(padded, (3, 1, 5, 4), grad_out, (3, 2), 0, (2, 1), 3)
+    assert not expected[2].isfinite().any() and expected[2].isnan().any() and expected[:2].isfinite().all()
+    got = torch.full((3, 1, 5, 4), float("nan"))
+    launch.grad_weight(spec, x.float(), grad_out.float(), got, Choice(KERNEL, KernelConfig(16, side, side),
+                                                                      "depthwise_dense"))
+    assert not got[2].isfinite().any() and got[2][expected[2].isnan()].isnan().all()
+    torch.testing.assert_close(got[:2].double(), expected[:2], atol=1e-4, rtol=1e-4)

@@ -49,7 +49,9 @@ DENSE_BLOCK_ELEMENTS_PER_PIXEL = 5.5
 # 14 x 14 (0.27 a tap) 60.4 / 56.5 against 3.7 / 3.9, a dw31 on 16 x 16 91.0 / 91.0 against 5.2 / 5.0, a dw9 on
 # 14 x 14 (2.4) 30.5 / 40.7 against 10.6 / 14.0, a dw7 (4.0) 30.5 / 40.7 against 15.6 / 27.2, a dw5 (7.8) 30.5 /
 # 40.6 against 24.7 / 26.6; past 8 a tap the band wins: a dw3 on 14 x 14 (21.8) 15.5 / 36.8 against 27.7 / 40.8, on
-# 10 x 10 (11.1) 29.0 / 27.9 against 20.3 / 26.4. A step's 64 samples share the diagonal dots' work
+# 10 x 10 (11.1) 29.0 / 27.9 against 20.3 / 26.4. A step's 64 samples share the diagonal dots' work. (The dense
+# figures here and at GRAD_WEIGHT_SAMPLES predate the kernel's check of grad_out for non-finite values, which took
+# 2-13 points off the suites' two layers.)
 DENSE_GRAD_WEIGHT_PIXELS_PER_TAP, DENSE_GRAD_WEIGHT_LEAST_BATCH = 8, {False: 64, True: 32}
 # The grad-weight's channels a program in channels_last: a quarter of a 16-byte vector (what it holds a channel,
 # held_elements, would not fit the registers of a whole vector's channels)

@@ -83,13 +83,18 @@ def tap_columns(spec: ConvSpec) -> int:
     return pow2_between(spec.kernel_size[1], DOT_SIDES[0], 1 << 30)
 
 
+def tap_rows(spec: ConvSpec) -> int:
+    """The square-tile grad-weight's kernel rows, E_h's rows (the window's height, a power of two of at least
+    tl.dot's 16)."""
+    return pow2_between(spec.kernel_size[0], DOT_SIDES[0], 1 << 30)
+
+
 def held_elements(spec: ConvSpec, config: KernelConfig) -> int:
     """What a grad-weight program holds a step, in elements: for each of its channels the grad_out tile
     [BLOCK_K x BLOCK_N, BLOCK_M], the products of pairs and the 0/1 matrices of the diagonal dots (pairs_tile)."""
     tile = config.block_k * config.block_n
     if pairs_tile(config):  # G [tile, tile], E_w [tile, tap columns], E_h [tap rows (16 or more), tile]
-        rows = max(DOT_SIDES[0], pow2_between(spec.kernel_size[0], 1, 1 << 30))
-        held = tile * config.block_m + tile * tile + tile * tap_columns(spec) + rows * tile
+        held = tile * config.block_m + tile * tile + tile * tap_columns(spec) + tap_rows(spec) * tile
     else:  # G [tile, BLOCK_N], E [BLOCK_N x BLOCK_N, tap columns]
         pairs = config.block_n * config.block_n
         held = tile * config.block_m + config.block_k * pairs + pairs * tap_columns(spec)
@@ -287,8 +292,8 @@ class DepthwiseDense(Family):
         inputs = dense_grad_weight_steps(spec, config, out_height, out_width, arguments["height"], arguments["width"])
         tile, columns = k * n, tap_columns(spec)
         if pairs_tile(config):  # an input tile: a dot of the two tiles, then E_w's and E_h's
-            rows = max(DOT_SIDES[0], pow2_between(spec.kernel_size[0], 1, 1 << 30))
-            x_tile, products, diagonals = tile * m, tile * m * tile, tile * tile * columns + rows * tile * columns
+            x_tile, products = tile * m, tile * m * tile
+            diagonals = tile * tile * columns + tap_rows(spec) * tile * columns
         else:  # an input row: a dot of the tile with the row, then E's
             x_tile, products, diagonals = m * n, tile * m * n, k * n * n * columns
         loaded = steps * (cdiv(out_height, k) * cdiv(out_width, n) * tile * m + inputs * x_tile)

@@ -585,3 +585,52 @@ def test_strided_depthwise_grad_input_takes_one_phase_a_program(size, kernel, st
     grad_x, expected = _grad_input_under(small, x, weight, stride, padding, dilation, channels)
     assert_close(grad_x, expected, torch.float32)
     assert ("grad_input", "depthwise", stride if channels_last else (stride[0], 1)) in loaded
+
+
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_nchw_backward_stages_grad_output_once(activation, monkeypatch, nan_filled_outputs):
+    """An NCHW grouped conv on the igemm families reads channels_last copies of its activations: the grad-input
+    and the grad-weight kernels both read grad_output, and share one copy of it (launch.sharing_copies), cold and
+    warm, through the plain and the fused op; the gradients match F.conv2d's."""
+    launches = []
+
+    def spy(prepared, target, device, values, partials, result):
+        launches.append((prepared.desc.kind, prepared.desc.stage_channels_last, dict(zip(
+            prepared.desc.arguments.names, values))))
+        return launched(prepared, target, device, values, partials, result)
+
+    launched = launch._launched
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+    weight = torch.randn(8, 4, 3, 3, requires_grad=True)
+    for call in range(2):  # cold, then warm
+        out = gconvgen.conv2d(x, weight, None, 1, 1, 1, 2, activation=activation)
+        grad = torch.randn_like(out)
+        launches.clear()
+        monkeypatch.setattr(launch, "_launched", spy)
+        grad_x, grad_w = torch.autograd.grad(out, (x, weight), grad)
+        monkeypatch.setattr(launch, "_launched", launched)
+        # the grad-input is the transposed conv's forward, whose x is grad_output; the fused op's relu has its
+        # gradient made by torch first, a new tensor
+        assert [(kind, stages) for kind, stages, _ in launches] == [("forward", True), ("grad_weight", True)]
+        (_, _, grad_input), (_, _, grad_weight) = launches
+        assert grad_input["x_ptr"].data_ptr() == grad_weight["grad_out_ptr"].data_ptr()  # one copy, both read it
+        assert grad_input["x_ptr"].is_contiguous(memory_format=torch.channels_last)
+        x64, weight64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+        pre = reference_conv2d(x64, weight64, None, 1, (1, 1, 1, 1), 1, 2)
+        expected = torch.autograd.grad(pre.relu() if activation == "relu" else pre, (x64, weight64), grad.double())
+        assert_close(grad_x, expected[0], torch.float32)
+        assert_close(grad_w, expected[1], torch.float32)
+
+
+def test_a_shared_copy_follows_in_place_changes():
+    """Inside launch.sharing_copies a second copy of the same tensor is the first one, unless the tensor (or a
+    view of it) changed in place since; outside, every call copies."""
+    tensor = torch.randn(2, 3, 4, 5)
+    with launch.sharing_copies():
+        first = launch.channels_last_copy(tensor)
+        assert launch.channels_last_copy(tensor) is first
+        assert first.is_contiguous(memory_format=torch.channels_last) and torch.equal(first, tensor)
+        tensor[0].add_(1.0)  # through a view: the version counter is shared
+        second = launch.channels_last_copy(tensor)
+        assert second is not first and torch.equal(second, tensor)
+    assert launch.channels_last_copy(tensor) is not launch.channels_last_copy(tensor)

@@ -16,7 +16,7 @@ and the exact aten form otherwise (said once, refused under GCONVGEN_FALLBACK=er
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -190,6 +190,17 @@ def _grad_weight(grad_output: torch.Tensor, x: torch.Tensor, weight_size: Sequen
     return call(conv2d_grad_weight_op, run_grad_weight, grad_output, x, weight_size, *conv)
 
 
+def input_and_weight_gradients(grad_output: torch.Tensor, x: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                               input_size: Sequence[int], weight_size: Sequence[int], conv: tuple,
+                               needs_x: bool, needs_weight: bool):
+    """(grad x, grad weight) of a conv from grad_output, each None where not needed. The two kernels share a
+    channels_last copy of grad_output where both stage it (launch.sharing_copies)."""
+    with launch.sharing_copies():
+        grad_x = _grad_input(grad_output, weight, input_size, conv) if needs_x else None
+        grad_weight = _grad_weight(grad_output, x, weight_size, conv) if needs_weight else None
+    return grad_x, grad_weight
+
+
 def _setup_context(ctx, inputs, output) -> None:
     """Save only what the needed gradients read: x for the weight's, the weight for x's."""
     x, weight, bias, stride, padding, dilation, groups, channel_policy = inputs
@@ -207,8 +218,8 @@ def _backward(ctx, grad_output: torch.Tensor):
     needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     # autograd may hand over any strides (an expanded scalar, a transposed view): give the kernels x's layout
     grad_output = grad_output.contiguous(memory_format=ctx.grad_memory_format)
-    grad_x = _grad_input(grad_output, weight, ctx.input_size, ctx.conv) if needs_x else None
-    grad_weight = _grad_weight(grad_output, x, ctx.weight_size, ctx.conv) if needs_weight else None
+    grad_x, grad_weight = input_and_weight_gradients(grad_output, x, weight, ctx.input_size, ctx.weight_size,
+                                                     ctx.conv, needs_x, needs_weight)
     grad_bias = call(conv2d_grad_bias_op, run_grad_bias, grad_output) if needs_bias else None
     return grad_x, grad_weight, grad_bias, None, None, None, None, None
 

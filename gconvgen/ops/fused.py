@@ -25,7 +25,7 @@ from ..runtime import launch
 from ..autotune.choice import choice_for
 from ..runtime.fallback import aten_conv2d
 from .autograd import bilinear_tangent, register_autograd
-from .backward import _grad_input, _grad_weight, conv2d_grad_bias_op, run_grad_bias
+from .backward import conv2d_grad_bias_op, input_and_weight_gradients, run_grad_bias
 from .conv2d import conv2d
 from .dispatch import (allocate_output, call, fallback, op_arguments, output_memory_format, spec_for_call, warm_key,
                        warm_or_cold)
@@ -101,8 +101,8 @@ def _backward(ctx, grad: torch.Tensor):
     grad_pre = activations.gradient(grad, ctx.activation, pre=pre, out=out)
     grad_pre = grad_pre.contiguous(memory_format=output_memory_format(x))
     needs_x, needs_weight, needs_bias, needs_residual = ctx.needs_input_grad[:4]
-    grad_x = _grad_input(grad_pre, weight, tuple(x.shape), ctx.conv) if needs_x else None
-    grad_weight = _grad_weight(grad_pre, x, tuple(weight.shape), ctx.conv) if needs_weight else None
+    grad_x, grad_weight = input_and_weight_gradients(grad_pre, x, weight, tuple(x.shape), tuple(weight.shape),
+                                                     ctx.conv, needs_x, needs_weight)
     grad_bias = call(conv2d_grad_bias_op, run_grad_bias, grad_pre) if needs_bias and ctx.has_bias else None
     grad_residual = grad_pre if needs_residual and ctx.has_residual else None
     return grad_x, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None

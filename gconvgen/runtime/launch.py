@@ -14,10 +14,12 @@ plan or lowering. A remembered launch keeps none of its call's tensors. The keys
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import triton
@@ -81,11 +83,41 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
     return desc if alignment == 1 else lowered_for(spec, kind, *facts, alignment)
 
 
+# The channels_last copies made inside ``sharing_copies``, by the tensor copied: (that tensor, its copy)
+_shared_copies: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("gconvgen_shared_copies",
+                                                                               default=None)
+
+
+@contextlib.contextmanager
+def sharing_copies() -> Iterator[None]:
+    """Within: the launches that stage the same activation (channels_last_copy) share one copy of it. The
+    backward's two kernels both read grad_output; where both stage it (an NCHW layer on a family that reads
+    channels_last), the grad-input's copy serves the grad-weight too, one read and one write of grad_output
+    fewer. The copies are dropped on leaving."""
+    token = _shared_copies.set({})
+    try:
+        yield
+    finally:
+        _shared_copies.reset(token)
+
+
+def channels_last_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a channels_last tensor (itself where it is one); inside ``sharing_copies``, the copy made
+    there before of the same tensor, unless it changed since (its version counter, which its views share)."""
+    shared = _shared_copies.get()
+    if shared is None or tensor.is_inference():  # an inference tensor has no version counter
+        return tensor.contiguous(memory_format=torch.channels_last)
+    key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, tensor._version)
+    if key not in shared:  # the entry holds the tensor, so its memory is not reused for another while it lasts
+        shared[key] = (tensor, tensor.contiguous(memory_format=torch.channels_last))
+    return shared[key][1]
+
+
 # how a launch derives an operand from the tensor it is given, by name (see Launch.derived)
 DERIVATIONS: dict[str, Callable[[torch.Tensor, KernelDesc], torch.Tensor]] = {
     "transposed": lambda tensor, desc: weights.transposed(tensor, desc.spec.groups),  # the transposed conv's
     "weight_copy": lambda tensor, desc: weights.hwio_copy(tensor),  # the only layout copied (weights.needs_copy)
-    "channels_last": lambda tensor, desc: tensor.contiguous(memory_format=torch.channels_last),
+    "channels_last": lambda tensor, desc: channels_last_copy(tensor),
 }
 
 
@@ -290,8 +322,8 @@ def _staging(desc: KernelDesc) -> tuple[str, ...]:
 
 def staged(activation: torch.Tensor, desc: KernelDesc) -> torch.Tensor:
     """The activation a kernel reads, as it wants it: a channels_last copy when ``desc.stage_channels_last``
-    (see lowering.choose_layout_constants), else itself."""
-    return activation.contiguous(memory_format=torch.channels_last) if desc.stage_channels_last else activation
+    (see lowering.choose_layout_constants; shared inside ``sharing_copies``), else itself."""
+    return channels_last_copy(activation) if desc.stage_channels_last else activation
 
 
 # ---------------------------------------------------------------------------------------------- the four kinds

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -116,7 +116,8 @@ def inspect_problem(problem: Problem, tuned_target: str = DEFAULT_TUNED_TARGET) 
         compiled = sass.compile_like_launch(kernel, arguments, constexprs, num_warps=meta["num_warps"],
                                             num_stages=meta["num_stages"])
     programs = math.prod(prepared.grid)
-    requested, issued = tiling_figures(desc, problem, prepared.grid, prepared.arguments())
+    shared = problem.kind == "grad_weight" and desc.stage_channels_last and stages_grad_output(problem, tuned_target)
+    requested, issued = tiling_figures(desc, problem, prepared.grid, prepared.arguments(), shared)
     figures = sass.figures(compiled)
     fits = sass.occupancy(figures.registers, figures.num_warps, figures.shared_memory_bytes)
     rounds = programs / (H200_SMS * fits.programs_per_sm) if fits.programs_per_sm else math.inf
@@ -124,6 +125,12 @@ def inspect_problem(problem: Problem, tuned_target: str = DEFAULT_TUNED_TARGET) 
     return Inspection(problem.describe(), problem.kind, desc.family, config_name(desc.config, None), desc.uri,
                       figures, programs, programs / H200_SMS, requested, issued, fits, rounds,
                       model_kernel(figures, fits, problem, programs, requested, flops, notes))
+
+
+def stages_grad_output(problem: Problem, tuned_target: str = DEFAULT_TUNED_TARGET) -> bool:
+    """Whether ``problem``'s grad-input kernel reads a channels_last copy of grad_output: in a training step the
+    grad-weight then reads that copy too (launch.sharing_copies), and makes none of its own."""
+    return prepared_launch(replace(problem, kind="grad_input"), tuned_target).desc.stage_channels_last
 
 
 def ideal_bytes_and_flops(problem: Problem) -> tuple[int, int]:
@@ -137,12 +144,13 @@ def ideal_bytes_and_flops(problem: Problem) -> tuple[int, int]:
     return element * (x + out + weight), 2 * out * spec.in_channels_per_group * taps
 
 
-def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
-                   arguments: dict) -> tuple[Optional[float], Optional[float]]:
+def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...], arguments: dict,
+                   shared_grad_output: bool = False) -> tuple[Optional[float], Optional[float]]:
     """(global bytes the programs request / ideal bytes, tensor-core FLOPs issued / useful FLOPs) of the
     tiling, counting every operand tile each program loads (L2 may serve repeats: this bounds traffic
-    from above) and a staged activation's copy; each family models its own operand tiles (Family.requested).
-    None where the family's model is not written (the direct depthwise grad-input kernel)."""
+    from above) and a staged activation's copy, but not a grad-weight's copy of grad_output that the grad-input
+    made (``shared_grad_output``, stages_grad_output); each family models its own operand tiles
+    (Family.requested). None where the family's model is not written (the direct depthwise grad-input kernel)."""
     spec = problem.spec
     ideal_bytes, useful_flops = ideal_bytes_and_flops(problem)
     element = ELEMENT_BYTES[spec.dtype]
@@ -155,7 +163,8 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...],
     if desc.stage_channels_last:  # the runtime's channels_last copies of the activations read: once in, once out
         x = problem.batch * spec.in_channels * problem.height * problem.width
         grad_out = problem.output_pixels * spec.out_channels
-        writes += 2 * {"forward": x, "grad_input": grad_out, "grad_weight": x + grad_out}[desc.kind] * element
+        grad_weight = x + (0 if shared_grad_output else grad_out)
+        writes += 2 * {"forward": x, "grad_input": grad_out, "grad_weight": grad_weight}[desc.kind] * element
     modelled = family(desc.family).requested(desc, problem, programs, arguments)
     if modelled is None:
         return None, None

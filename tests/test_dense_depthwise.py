@@ -227,7 +227,7 @@ SCRIPT = textwrap.dedent("""
         if layer.id not in ("replknet-dw27", "convnext-dw7-768"):
             continue
         for layout in ("nhwc", "nchw"):
-            for kind in ("forward", "grad_input"):
+            for kind in ("forward", "grad_input", "grad_weight"):
                 problem = layer.problem("bfloat16", layout)
                 row = inspect_problem(problem if kind == "forward" else problem.backward(kind))
                 rows.append({"layer": layer.id, "layout": layout, "kind": kind, "family": row.family,
@@ -237,11 +237,17 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_small_maps_run_dense_on_tensor_cores_for_sm90():
-    """RepLKNet's dw27 on 14 x 14 and ConvNeXt's dw7 on 7 x 7, forward and input gradient as inspect compiles
-    them, both layouts: the dense kernel, no spill, on wgmma (NCHW) or mma.sync (the batched dot), and under
-    inspect's model at least 25% of the floor (the band before: 2.8-3.1% and 18.9%)."""
-    rows = compiled_rows(SCRIPT)
+@pytest.fixture(scope="module")
+def small_map_rows() -> list:
+    """RepLKNet's dw27 on 14 x 14 and ConvNeXt's dw7 on 7 x 7 (768 channels), each kind in both layouts, as
+    inspect compiles them for sm_90: one subprocess for the file's two tests."""
+    return compiled_rows(SCRIPT)
+
+
+def test_small_maps_run_dense_on_tensor_cores_for_sm90(small_map_rows):
+    """Forward and input gradient: the dense kernel, no spill, on wgmma (NCHW) or mma.sync (the batched dot),
+    and under inspect's model at least 25% of the floor (the band before: 2.8-3.1% and 18.9%)."""
+    rows = [row for row in small_map_rows if row["kind"] != "grad_weight"]
     assert len(rows) == 8
     for row in rows:
         assert row["family"] == "depthwise_dense" and row["spill"] == 0, row
@@ -387,28 +393,11 @@ def test_windows_too_wide_for_the_held_tiles_are_not_offered():
     assert offered(64, "nhwc") and not offered(65, "nhwc")
 
 
-GRAD_WEIGHT_SCRIPT = textwrap.dedent("""
-    import json
-    from gconvgen.autotune import suites
-    from gconvgen.tools.inspection import inspect_problem
-    rows = []
-    for layer in suites.load_suite("secondary").layers:
-        if layer.id not in ("replknet-dw27", "convnext-dw7-768"):
-            continue
-        for layout in ("nchw", "nhwc"):
-            row = inspect_problem(layer.problem("bfloat16", layout).backward("grad_weight"))
-            rows.append({"id": layer.id, "layout": layout, "family": row.family, "spill": row.figures.spill_bytes,
-                         "tc": row.figures.tensor_core, "bytes": row.requested_over_ideal_bytes,
-                         "percent": row.model.percent_of_floor})
-    print(json.dumps(rows))
-""")
-
-
-def test_small_map_weight_gradients_run_dense_for_sm90():
-    """RepLKNet's dw27 on 14 x 14 (tiles of rows) and ConvNeXt's dw7 on 7 x 7 (768 channels, square tiles), as
-    inspect compiles their weight gradients: the dense kernel, no spill, tensor cores, x and grad_out read about
-    once, and in the model at 35% of the floor or more (the band: 3.7-3.9% and 6.9-14.7%)."""
-    rows = compiled_rows(GRAD_WEIGHT_SCRIPT)
+def test_small_map_weight_gradients_run_dense_for_sm90(small_map_rows):
+    """Their weight gradients (RepLKNet's in tiles of rows, ConvNeXt's in square tiles): the dense kernel, no
+    spill, tensor cores, x and grad_out read about once, and in the model at 35% of the floor or more (the band:
+    3.7-3.9% and 6.9-14.7%)."""
+    rows = [row for row in small_map_rows if row["kind"] == "grad_weight"]
     assert len(rows) == 4
     for row in rows:
         assert row["family"] == "depthwise_dense" and row["spill"] == 0 and row["tc"] != "none", row

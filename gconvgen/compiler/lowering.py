@@ -105,6 +105,8 @@ class KernelDesc:
     halo_tile: int              # the side of each halo tile (families' halo: depthwise1d.halo_tile, ...); 0 without
     row_alignment: int          # kernels reading or writing vectors (Family.reads_aligned_rows): what
     #                             every row, channel and pixel start they read and write is a multiple of
+    read_alignment: int         # ... and what those they read are (row_alignment or more): a staged read is a
+    #                             channels_last copy, its pixel starts multiples of its channels
     weight_layout: str          # the weight memory the kernel reads at literal strides: hwio, ohwi or strided
     band_dot: str               # depthwise_gemm: "rows" (a 2-D dot per channel) or "channels" (batched); else "none"
     band_shift: int             # banded rows: input columns a strip's band starts before its window (an aligned column)
@@ -303,11 +305,18 @@ def choose_row_alignment(fields: dict, ctx: Context) -> None:
     multiple of, runtime/launch.py _aligned_rows). The banded kernel also starts each strip's input band
     band_shift columns before its window, on an aligned column (strips are BLOCK_K x stride >= 16 columns
     apart), so its rows are aligned vector loads (cp.async on sm_90); its band blocks start as many columns
-    later. Others: 1 and 0."""
+    later. Others: 1 and 0. ``read_alignment``: what the rows the kernel reads are multiples of, at least that;
+    the igemm kernels round their (staged) reads to it, their writes to row_alignment."""
     owner, spec = family(fields["family"]), fields["spec"]
-    alignment = (ctx.row_alignment if spec is not None and owner.reads_aligned_rows(spec, fields["band_dot"], ctx.kind)
-                 else 1)
-    fields.update(row_alignment=alignment, band_shift=owner.band_shift(spec, alignment) if spec is not None else 0)
+    aligned = spec is not None and owner.reads_aligned_rows(spec, fields["band_dot"], ctx.kind)
+    alignment = ctx.row_alignment if aligned else 1
+    # a staged read is the runtime's channels_last copy (launch.staged): whatever the launch writes (an NCHW
+    # output of 7-wide rows aligns nothing), its pixel starts are multiples of its channels
+    read = {"forward": (spec.in_channels,), "grad_input": (spec.out_channels,),
+            "grad_weight": (spec.in_channels, spec.out_channels)}.get(ctx.kind) if aligned else None
+    staged = row_alignment(ctx.dtype, read) if read and fields["stage_channels_last"] else 1
+    fields.update(row_alignment=alignment, read_alignment=max(alignment, staged),
+                  band_shift=owner.band_shift(spec, alignment) if spec is not None else 0)
 
 
 def choose_tap_tile(fields: dict, ctx: Context) -> None:

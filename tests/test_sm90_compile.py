@@ -191,3 +191,20 @@ def test_nchw_grouped_kernels_read_channels_as_vectors_through_a_pipeline(tmp_pa
             assert "128" in figures["global_load_widths"], row
         else:
             assert figures["async_copies"]["cp.async"] > 0, row
+
+
+def test_a_staged_read_of_888_channels_stays_vectors_beside_7_wide_outputs(tmp_path):
+    """RegNetY-1.6GF's stage 4 in NCHW (888 channels, a multiple of 8 but not of 16; a 7 x 7 map, whose output
+    rows align nothing): its forward and grad-input read the channels_last copy of their input through cp.async
+    vectors, no 2-byte global load, no spill (desc.read_alignment; before it, 16 scalar loads and no cp.async)."""
+    report = tmp_path / "inspect.json"
+    done = subprocess.run([sys.executable, "-m", "gconvgen", "inspect", "--suite", "offsuite", "--layer",
+                           "regnety1.6gf-s4", "--layout", "nchw", "--kind", "forward", "--kind", "grad_input",
+                           "--json", str(report)], capture_output=True, text=True, env=_compiler_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(report.read_text())
+    assert sorted(row["kind"] for row in rows) == ["forward", "grad_input"]
+    for row in rows:
+        figures = row["figures"]
+        assert figures["spill_bytes"] == 0 and figures["async_copies"]["cp.async"] > 0, row
+        assert "16" not in figures["global_load_widths"] and "16" not in figures.get("cp_async_widths", {}), row

@@ -107,6 +107,18 @@ def test_the_default_slides_down_rows_of_narrow_groups_on_maps_that_fill_the_dev
     assert launch.prepare_forward(spec, x, weight, None, out).desc.family == first
 
 
+@pytest.mark.parametrize("kernel, offered", [((7, 7), True), ((1, 49), True), ((1, 50), False), ((1, 128), False)])
+def test_windows_of_more_taps_than_a_step_unrolls_are_left_to_the_flat_igemm(kernel, offered):
+    """A row's step unrolls a dot a tap (a 1 x 128 window compiled for over ten minutes in float64): past
+    MAX_TAPS the planner does not offer the family, and forcing it names the ones it does."""
+    assert igemm_rows.MAX_TAPS == 49
+    spec = ConvSpec(96, 96, 2, kernel, padding=(kernel[0] // 2,) * 2 + (kernel[1] // 2,) * 2, dtype="float64")
+    assert ("igemm_rows" in plan(spec).families) == offered and "igemm" in plan(spec).families
+    if not offered:
+        with pytest.raises(ValueError, match=r"family='igemm_rows' cannot compute .* use one of \('igemm',\)"):
+            plan(spec, family="igemm_rows")
+
+
 def test_a_program_takes_the_height_in_even_parts_of_at_most_max_rows():
     assert [igemm_rows.rows_per_program(h) for h in (1, 7, 8, 9, 14, 19, 56)] == [1, 7, 8, 5, 7, 7, 8]
     assert igemm_rows.open_rows(ConvSpec(4, 4, 2, (3, 3))) == 3

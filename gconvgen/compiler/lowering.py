@@ -68,6 +68,9 @@ class Choice:
 
 DEFAULT = Choice("default")
 LAUNCH_FIELDS = ("config", "groups_per_program")  # KernelDesc's launch constexprs; every other field is source
+# Source fields that render nothing of their own where they equal another field: left out of the uri's hash
+# there, so that kernels which do not use them keep their names (and Triton's cache of them)
+SAME_AS = {"read_alignment": "row_alignment"}
 
 
 
@@ -135,8 +138,10 @@ class KernelDesc:
         grad_bias) and a hash of every source field, so two descriptions share a uri exactly when they render
         the same source. E.g. ``igemm_ci4_co4_g32_k3x3_s1x1_d1x1_p1_1_1_1_nhwc_bfloat16_bias_3f09c1d2a4b5e6f7``.
         The launch fields (``LAUNCH_FIELDS``: the tile config and group packing) are constexprs passed at
-        launch: one module serves every config."""
-        source = tuple((name, getattr(self, name)) for name in self.__dataclass_fields__ if name not in LAUNCH_FIELDS)
+        launch: one module serves every config; a field equal to the one it defaults to (``SAME_AS``) is not
+        hashed."""
+        source = tuple((name, getattr(self, name)) for name in self.__dataclass_fields__ if name not in LAUNCH_FIELDS
+                       and not (name in SAME_AS and getattr(self, name) == getattr(self, SAME_AS[name])))
         digest = hashlib.blake2b(repr(source).encode(), digest_size=8).hexdigest()
         if self.kind == "grad_bias":
             return f"grad_bias_{self.dtype}_{digest}"

@@ -38,6 +38,9 @@ GRAD_WEIGHT_ACCUMULATOR_ELEMENTS = 9 * 32 * 32
 # The grad-weight's step, block_m x block_n x block_k products a tap, at most: 16 x 16 x 64 (ResNeXt: 214
 # registers on 4 warps); 32 x 32 x 32 spilled 48 B on RegNetY-1.6GF (24 channels a group), 32 x 32 x 16 none
 GRAD_WEIGHT_STEP_PRODUCTS = 16 * 16 * 64
+# A row's step unrolls a dot for every tap of the window: windows of more taps are left to the flat igemm, which
+# loops over them (a 1 x 128 window, wav2vec2's positional conv, compiled for over ten minutes in float64)
+MAX_TAPS = 7 * 7
 
 
 def open_rows(spec: ConvSpec) -> int:
@@ -71,8 +74,8 @@ class IgemmRows(Igemm):
         MAX_DEFAULT_GROUP_OUTPUTS output channels, or of at most HELD_CHANNELS whose default tile holds its
         weights (holds_weights): a step re-reading every tap's weight tile outweighs the input rows it saves for
         wider groups (RegNetY-8GF's 56 a group, weights re-read: 14.7% of its floor modelled against the flat tile's
-        16.7%; held: 39.9%)."""
-        if spec.is_depthwise:
+        16.7%; held: 39.9%). Not windows of more than MAX_TAPS taps, whose unrolled steps compile for minutes."""
+        if spec.is_depthwise or self.taps(spec) > MAX_TAPS:
             return None
         if spec.kernel_size[0] == 1:
             return 2

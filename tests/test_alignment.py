@@ -5,10 +5,14 @@ rows, channels or pixels are not aligned, through the launcher itself (any outpu
 torch in float64 with every element written; and an aligned launch must take the rounded (vector) variant."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from gconvgen.compiler import codegen, lowering
 from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice
 from gconvgen.ir import ConvSpec
 from gconvgen.runtime import launch
@@ -110,3 +114,20 @@ def test_a_staged_read_stays_aligned_when_the_output_is_not(family):
     launch.run(prepared)
     expected = torch.nn.grad.conv2d_input((2, 16, 7, 7), weight.double(), grad_out.double(), padding=1, groups=2)
     assert_close(grad_x, expected, torch.float32)
+
+
+def test_a_read_alignment_equal_to_the_row_alignment_renders_and_names_the_kernel_as_without_it():
+    """read_alignment is hashed into the uri and named in the source only where it differs from row_alignment
+    (lowering.SAME_AS): kernels that do not use it keep their names, and Triton's cache of them."""
+    spec = ConvSpec(16, 16, 2, (3, 3), (1, 1), (1, 1, 1, 1))
+    x, weight = torch.randn(2, 16, 8, 8), torch.randn(16, 8, 3, 3)
+    desc = launch.prepare_forward(spec, x, weight, None, torch.empty(2, 16, 8, 8), Choice(KERNEL, None, "igemm")).desc
+    assert desc.read_alignment == desc.row_alignment == 4
+    source = codegen.render(desc)
+    assert "read_alignment" not in source and "desc.row_alignment" in source
+    wider = dataclasses.replace(desc, read_alignment=8)
+    assert wider.uri != desc.uri and "desc.read_alignment" in codegen.render(wider)
+    digest = desc.uri.rsplit("_", 1)[1]  # the hash of every source field but read_alignment
+    fields = tuple((name, getattr(desc, name)) for name in desc.__dataclass_fields__
+                   if name not in lowering.LAUNCH_FIELDS and name != "read_alignment")
+    assert digest == hashlib.blake2b(repr(fields).encode(), digest_size=8).hexdigest()

@@ -275,6 +275,9 @@ BANDED_ROWS = [
     P(1, 2, 1, 64, 20, 1, 1, (5, 2), "nchw", "bfloat16", 16, 16, True, id="strips-aligned-rows-band-shift-3"),
     P(2, 3, 1, 59, 9, 2, 1, (4, 4), "nchw", "float16", 16, 16, False, id="flat-stride-2"),
     P(2, 4, 1, 45, 5, 3, 2, (3, 3), "nhwc", "float32", 32, 16, False, id="flat-stride-3-dilated"),
+    # windows past STRIP_WINDOW (128 columns) take flat tiles at stride 1 too
+    P(2, 2, 1, 150, 130, 1, 1, (129, 0), "nchw", "bfloat16", 16, 16, False, id="flat-causal-k130"),
+    P(1, 3, 1, 140, 65, 1, 2, (64, 64), "nhwc", "float32", 16, 16, False, id="flat-dilated-window-129-wide"),
 ]
 
 
@@ -284,8 +287,9 @@ def test_banded_rows_match_torch(batch, channels, multiplier, length, kernel_w, 
                                  dtype, block_m, block_k, strips, nan_filled_outputs, monkeypatch):
     """conv1d on the banded kernel, both tilings of its rows: one row's consecutive strips with the input loaded
     once and each band step's tile gathered from it (families.depthwise_gemm.strip_rows: a height-1 window at
-    stride 1), or strips of any rows, each step's tile loaded. Rows shorter than a tile or than the window,
-    halos past the row's end, several tiles a row, dilation, channel multipliers; every output written."""
+    stride 1 of at most STRIP_WINDOW columns), or strips of any rows, each step's tile loaded. Rows shorter than a
+    tile or than the window, halos past the row's end, several tiles a row, dilation, channel multipliers; every
+    output written."""
     from gconvgen.autotune import choice
     from gconvgen.compiler.families.depthwise_gemm import strip_rows
     from gconvgen.compiler.lowering import Choice, KERNEL, KernelConfig

@@ -60,7 +60,7 @@ from hypothesis import seed as fixed_seed
 from hypothesis import strategies as st
 
 import gconvgen
-from gconvgen import knobs
+from gconvgen import knobs, memo
 from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
 from gconvgen.compiler.families import igemm_rows, suiting_first
 from gconvgen.compiler.families import depthwise_gemm
@@ -132,7 +132,9 @@ class ConvProblem:
     ``residual_specials`` into the residual's. ``unbatched``: the API is given [C, H, W] ([C, L]) tensors.
     ``wide_index``: every launch takes its kernels' 64-bit offset variant (as one past 2**31 elements would).
     ``max_rows``: igemm_rows programs take at most this many output rows (0: its MAX_ROWS), so that the tiny
-    maps here span several programs down their rows."""
+    maps here span several programs down their rows. ``strip_window``: the banded kernel takes one row's strips
+    for windows of at most this many columns (0: its STRIP_WINDOW), so that windows the draws reach take the
+    flat tiles of wider ones."""
 
     api: str
     batch: int
@@ -161,6 +163,7 @@ class ConvProblem:
     unbatched: bool = False
     wide_index: bool = False
     max_rows: int = 0
+    strip_window: int = 0
     seed: int = 0
 
 
@@ -483,13 +486,19 @@ def kernels_launched():
 @contextlib.contextmanager
 def launch_variant(problem: ConvProblem):
     """Inside the block, launches take the 64-bit offset variant of their kernels where ``problem.wide_index``
-    (launch.needs_wide_index answers yes; the tensors stay small), else what their sizes need; and igemm_rows
-    programs take at most ``problem.max_rows`` output rows where it is set (igemm_rows.MAX_ROWS otherwise)."""
+    (launch.needs_wide_index answers yes; the tensors stay small), else what their sizes need; igemm_rows
+    programs take at most ``problem.max_rows`` output rows where it is set (igemm_rows.MAX_ROWS otherwise); and
+    the banded kernel takes one row's strips for windows of at most ``problem.strip_window`` columns where it is
+    set (depthwise_gemm.STRIP_WINDOW otherwise; the memos of launches lowered under the other are emptied)."""
     with contextlib.ExitStack() as stack:
         if problem.wide_index:
             stack.enter_context(unittest.mock.patch.object(launch, "needs_wide_index", lambda *_: True))
         if problem.max_rows:
             stack.enter_context(unittest.mock.patch.object(igemm_rows, "MAX_ROWS", problem.max_rows))
+        if problem.strip_window:
+            stack.callback(memo.reset)
+            stack.enter_context(unittest.mock.patch.object(depthwise_gemm, "STRIP_WINDOW", problem.strip_window))
+            memo.reset()
         yield
 
 
@@ -680,6 +689,7 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
     problem = dataclasses.replace(
         problem, unbatched=batch == 1 and draw(st.booleans()), wide_index=draw(st.integers(0, 4)) == 0,
         max_rows=draw(st.sampled_from((0, 1, 1, 2, 3))),
+        strip_window=draw(st.sampled_from((0, 0, 8))) if family == "depthwise_gemm" else 0,
         residual_specials=draw(special_values(2)) if specials and problem.residual else ())
     try:
         spec = spec_of(problem)
@@ -1000,7 +1010,8 @@ def banded_rows():
 def test_conv1d_forward_banded_rows(problem, nan_filled_outputs):
     """The banded kernel on 1-D rows: wide windows (up to 40 taps, dilated) over rows of up to 300 positions,
     where a tile of one row's strips loads its input once and gathers each band step's tile (strip_rows),
-    its halo from the next tile, and flat tiles at stride > 1."""
+    its halo from the next tile, and flat tiles at stride > 1 and for windows past the strips' widest
+    (strip_window)."""
     check_forward(problem)
 
 
@@ -1580,7 +1591,8 @@ def _programs(problem: ConvProblem) -> int:
 
 def _strip_tiles(problem: ConvProblem) -> int:
     """How many tiles of one row's strips the banded forward launch of the problem has a row (0: flat tiles)."""
-    desc = described(spec_of(problem), "forward", problem.family, problem.config)
+    with launch_variant(problem):
+        desc = described(spec_of(problem), "forward", problem.family, problem.config)
     if not desc.halo_tile:
         return 0
     return -(-(-(-output_size(problem)[1] // desc.config.block_k)) // desc.config.block_m)
@@ -1753,6 +1765,8 @@ DOMAIN = [
        lambda p, layout=layout: p.layout == layout and _strip_tiles(p) > 0) for layout in ("nchw", "channels_last")],
     ("banded rows in several tiles of one row's strips", "banded_rows", lambda p: _strip_tiles(p) > 1),
     ("banded rows in flat tiles", "banded_rows", lambda p: _strip_tiles(p) == 0 and output_size(p)[1] > 16),
+    ("banded rows in flat tiles at stride 1 (a window past the strips' widest)", "banded_rows",
+     lambda p: p.strip_window and p.stride[1] == 1 and _strip_tiles(p) == 0 and output_size(p)[1] > 16),
     ("banded rows with a NaN or inf input", "banded_rows", lambda p: bool(p.specials)),
     ("banded columns in one tile down a column", "banded_columns", lambda p: _column_tiles(p) == 1),
     ("banded columns in several tiles down a column", "banded_columns", lambda p: _column_tiles(p) > 1),

@@ -28,7 +28,12 @@ COLUMNS_ACCUMULATOR_REGISTERS = 80
 MIN_GRAD_WEIGHT_ROW = 7  # grad-weight output rows narrower than this take the direct kernel by default
 MIN_FLOAT32_GRAD_WEIGHT_ROW = 8  # ... in float32 (ConvNeXt's dw7 at 7 x 7: 2.7% of its floor here, 4.0% direct)
 FLOAT32_GRAD_WEIGHT_TAPS = (3, 64)  # float32 grad-weight windows the band takes by default (grad_weight_rank)
-STRIP_STEPS_AT_8_CHANNELS = 4  # channels_last forward: band steps a program of 8 channels' strips unrolls at most
+# One row's strips (strip_rows) for windows of at most this many columns; wider ones take flat tiles, each band
+# step loading its own input tile: a strip's band steps grow with the window, and gathering each one's tile from
+# registers costs more instructions than re-reading it (causal conv1d, NCHW / channels_last, % of the floor
+# modelled, strips -> flat: k128 49.9 / 66.3 -> 49.6 / 31.8; k192 35.3 / 20.4 -> 39.6 / 23.8; k256 27.3 / 16.0 ->
+# 33.2 / 19.1)
+STRIP_WINDOW = 128
 KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep operands in registers beside them
 COLUMNS_ROWS_AT_ONCE = 8  # in columns of strips (RepLKNet's dw31 at 16 rows a pass spilled 8 B in NCHW)
 COLUMN_KERNEL_ROWS = 16  # channels_last forward windows of this many rows or more take tiles of one column's rows
@@ -80,10 +85,17 @@ def band_operand_bytes(config: KernelConfig, spec: ConvSpec) -> int:
 def strip_rows(spec: ConvSpec, kind: str) -> bool:
     """Whether the forward kernel's tile is consecutive strips of one output row ("strips" in the template),
     which lets it load its input once and gather each band step's tile from registers: a height-1 window (a
-    1-D conv's, whose rows are long) at stride 1, where band step s of strip i reads what step 0 of strip i + s
-    reads. Other windows take strips of any rows ("flat"): a 2-D map's rows are a few strips long, and at
-    stride s a step's tile is not another strip's."""
-    return kind == "forward" and spec.kernel_size[0] == 1 and spec.stride[1] == 1
+    1-D conv's, whose rows are long) of at most STRIP_WINDOW columns at stride 1, where band step s of strip i
+    reads what step 0 of strip i + s reads. Other windows take strips of any rows ("flat"): a 2-D map's rows
+    are a few strips long, at stride s a step's tile is not another strip's, and past STRIP_WINDOW the
+    gathers cost more than the loads they save."""
+    return (kind == "forward" and spec.kernel_size[0] == 1 and spec.stride[1] == 1
+            and window_width(spec) <= STRIP_WINDOW)
+
+
+def window_width(spec: ConvSpec) -> int:
+    """The input columns one output column's window spans: (kernel_w - 1) x dilation_w + 1."""
+    return (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
 
 
 def column_rows(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
@@ -182,8 +194,7 @@ def grad_input_slots(spec: ConvSpec) -> int:
 def grad_input_lead(spec: ConvSpec, alignment: int) -> int:
     """The grad_out columns a banded grad-input strip reads before its first grad_x column's (over stride_w):
     how far back the window reaches, rounded up to a multiple of ``alignment`` (the template's lead)."""
-    window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
-    return cdiv((window_width - 1 - spec.padding[2]) // spec.stride[1], alignment) * alignment
+    return cdiv((window_width(spec) - 1 - spec.padding[2]) // spec.stride[1], alignment) * alignment
 
 
 def grad_input_span(spec: ConvSpec, block_k: int, alignment: int) -> int:
@@ -229,8 +240,7 @@ def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
     """How many [block_k, block_k] band matrices cover the input band of one strip of block_k output
     columns: band_shift columns read early (KernelDesc.band_shift), then (block_k - 1) x stride + the
     window's width columns, in block_k steps."""
-    window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
-    return -(-(band_shift + (block_k - 1) * spec.stride[1] + window_width) // block_k)
+    return -(-(band_shift + (block_k - 1) * spec.stride[1] + window_width(spec)) // block_k)
 
 
 def kernel_rows_at_once(spec: ConvSpec, config: KernelConfig, halo_tile: int) -> int:
@@ -270,8 +280,7 @@ def grad_weight_main(spec: ConvSpec, block_k: int) -> int:
 def grad_weight_halo(spec: ConvSpec, block_k: int, band_shift: int) -> int:
     """Input columns a grad-weight strip of block_k outputs reads past its main tile (0: none): it reads
     band_shift + (block_k - 1) x stride + the window's width columns from its main tile (grad_weight_main) on."""
-    window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
-    return max(0, band_shift + (block_k - 1) * spec.stride[1] + window_width - grad_weight_main(spec, block_k))
+    return max(0, band_shift + (block_k - 1) * spec.stride[1] + window_width(spec) - grad_weight_main(spec, block_k))
 
 
 class DepthwiseGemm(Family):
@@ -345,14 +354,18 @@ class DepthwiseGemm(Family):
             narrow = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1 <= NARROW_BAND_COLUMNS
             return KernelConfig(64 if narrow else 32, 1, 32 if narrow else strip, num_warps=4, num_stages=1)
         if band_dot(spec) == "rows":  # one channel's 2-D dot: 128 rows on 8 warps (wgmma, no spills at k7 and k31)
+            # a height-1 window past STRIP_WINDOW in strips of 64 columns: each band step re-reads its input tile,
+            # and wider strips take fewer steps (causal k256: 19.9% of its floor modelled at 32, 33.2% at 64;
+            # RepLKNet's dw31 on 56-wide rows keeps 32: 7.2%, 6.1% at 64)
+            strip = 64 if spec.kernel_size[0] == 1 and window_width(spec) > STRIP_WINDOW else strip
             config = KernelConfig(128, 1, strip, num_warps=8, num_stages=3)
             while config.num_stages > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
                 config = replace(config, num_stages=config.num_stages - 1)  # float64 tiles are larger
             return config
-        # channels_last: 8 channels for 16-byte loads; 8 warps hold the batched dot without spilling at k7 and k31.
-        # One row's strips with more than STRIP_STEPS_AT_8_CHANNELS band steps, unrolled, take 4 (causal k256: 8
-        # spilled 196 B at 255 registers; 4 take 213, no spill)
-        channels = 4 if strip_rows(spec, kind) and band_steps(spec, strip, 0) > STRIP_STEPS_AT_8_CHANNELS else 8
+        # channels_last: 8 channels for 16-byte loads; 8 warps hold the batched dot without spilling at k7 and k31,
+        # and one row's strips up to STRIP_WINDOW, 5 band steps unrolled (causal k128: 186 registers, 66.3% of its
+        # floor modelled; 30.1% at 4 channels)
+        channels = 8
         if sliding_rows(spec, kind) and spec.out_channels % 8:
             # channel rows that are not whole 16-byte vectors load in narrower pieces: 4 channels, twice the
             # programs (ShuffleNetV2's 116 channels, 14 x 14 at batch 64: 8 kept 30 sliding programs, too few, and
@@ -610,8 +623,8 @@ class DepthwiseGemm(Family):
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         steps = band_steps(spec, k, desc.band_shift)
-        window_width = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1
-        reached = [min(k, cdiv(max(0, window_width + desc.band_shift - spec.stride[1] + k * (spec.stride[1] - step)),
+        width = window_width(spec)
+        reached = [min(k, cdiv(max(0, width + desc.band_shift - spec.stride[1] + k * (spec.stride[1] - step)),
                                desc.row_alignment) * desc.row_alignment) if step else k for step in range(steps)]
         channels = programs * n
         strips = cdiv(arguments["out_width"], k)

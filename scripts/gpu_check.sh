@@ -11,10 +11,10 @@
 #      channels_last against PyTorch eager; then forward + backward of the secondary suite's small maps
 #      (RepLKNet's dw27 on 14 x 14, ConvNeXt's dw7 on 7 x 7: the dense kernels) in both layouts, and of two
 #      NCHW grouped layers (ResNeXt's l1, RegNetY-1.6GF's stage 3: staged channels_last, one copy of grad_output
-#      for both backward kernels);
+#      for both backward kernels), and of the sequence suite's causal k128 and k256 in both layouts;
 #   5. `gconvgen inspect` of the same kernels (static sm_90 figures, run on the CPU cores meanwhile),
 #      so static figures and measured times sit side by side.
-# Writes at most 10 files to OUT_DIR (limits on a GPU: 120 + 30 + 90 + 45 + 110 + 40 + 35 + 25 s). Every step has
+# Writes at most 10 files to OUT_DIR (limits on a GPU: 120 + 30 + 90 + 45 + 90 + 40 + 35 + 25 + 20 s). Every step has
 # its own time limit; a failed step does not stop the rest.
 #
 #   scripts/gpu_check.sh [OUT_DIR]            (OUT_DIR defaults to $OUT, else ./gconvgen-gpu-check)
@@ -42,14 +42,16 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export GCONVGEN_CACHE_DIR="${GCONVGEN_CACHE_DIR:-$(mktemp -d)/gconvgen}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"  # Triton 3.9's default, said aloud
 if [ "$device" = cuda ]; then
-    suite=headline; tests_limit=120; tune_limit=45; bench_limit=110; backward_limit=40; small_maps_limit=35
+    suite=headline; tests_limit=120; tune_limit=45; bench_limit=90; backward_limit=40; small_maps_limit=35
     small_maps=(--suite secondary --layer replknet-dw27 --layer convnext-dw7-768)
     nchw_grouped=(--suite headline --layer resnext50-l1 --layer regnety1.6gf-s3); nchw_grouped_limit=25
+    long_windows=(--suite sequence --layer causal-k128 --layer causal-k256); long_windows_limit=20
     test_args=(--device cuda)
 else
     suite=smoke; tests_limit=600; tune_limit=300; bench_limit=300; backward_limit=300; small_maps_limit=300
     small_maps=(--suite smoke)
     nchw_grouped=(--suite smoke); nchw_grouped_limit=300
+    long_windows=(--suite smoke --layer smoke-causal1d); long_windows_limit=300
     test_args=(-k "grouped or depthwise and not fuzz")
 fi
 cd "$root" || exit 1
@@ -205,6 +207,9 @@ timeout "$small_maps_limit" "$python" -m gconvgen bench "${small_maps[@]}" --lay
     --backward >> "$out/bench.log" 2>&1 || status=1
 say "bench forward + backward, NCHW grouped layers"
 timeout "$nchw_grouped_limit" "$python" -m gconvgen bench "${nchw_grouped[@]}" --layout nchw --device "$device" \
+    --backward >> "$out/bench.log" 2>&1 || status=1
+say "bench forward + backward, long causal windows (strips at k128, flat tiles at k256), both layouts"
+timeout "$long_windows_limit" "$python" -m gconvgen bench "${long_windows[@]}" --layout both --device "$device" \
     --backward >> "$out/bench.log" 2>&1 || status=1
 "$python" -m gconvgen cache export "$out/tuning-db.json" >> "$out/bench.log" 2>&1 || true
 

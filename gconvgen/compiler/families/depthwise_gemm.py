@@ -351,7 +351,7 @@ class DepthwiseGemm(Family):
             # band FLOPs and registers grow more (ConvNeXt's dw7 in strips of 32: 41.0% and 232 B spilled):
             # strips of 16, in 32 triples, whose programs issue half the instructions (in blocks of 32 rows,
             # EfficientNet's dw5 60.0 -> 67.0%, ConvNeXt's dw7 51.7 -> 52.5, at 768 channels on 7 x 7 10.6 -> 18.9)
-            narrow = (spec.kernel_size[1] - 1) * spec.dilation[1] + 1 <= NARROW_BAND_COLUMNS
+            narrow = window_width(spec) <= NARROW_BAND_COLUMNS
             return KernelConfig(64 if narrow else 32, 1, 32 if narrow else strip, num_warps=4, num_stages=1)
         if band_dot(spec) == "rows":  # one channel's 2-D dot: 128 rows on 8 warps (wgmma, no spills at k7 and k31)
             # a height-1 window past STRIP_WINDOW in strips of 64 columns: each band step re-reads its input tile,

@@ -173,3 +173,37 @@ def test_the_gpu_search_space_keeps_one_kernel_rows_accumulators_in_registers():
     assert kept and max(config.block_n for config in kept) <= 4
     for config in kept:
         assert family("depthwise_gemm").accumulator_registers(config, spec, "grad_weight") <= 128 * 32 * config.num_warps
+
+
+@pytest.mark.parametrize("layout, least", [("nhwc", 1), ("nchw", 4)])
+def test_a_dot_batched_over_channels_splits_a_small_maps_reduction_down_to_one_block(layout, least):
+    """ConvNeXt's dw7 at batch 1 (96 channels, 56 x 56): channels_last's few channel tiles split their strips
+    down to one block a split to fill an H200 (24 programs otherwise); NCHW's one-channel dot keeps four blocks
+    a split, each of which sums its taps' diagonals once a channel."""
+    from gconvgen.compiler.lowering import PixelSpace, default_config, lower
+    from gconvgen.compiler.tiles import H200_SMS
+    spec = ConvSpec(96, 96, 96, (7, 7), padding=(3, 3, 3, 3), dtype="bfloat16", layout=layout)
+    pixels = PixelSpace.of("grad_weight", 1, 56, 56, 56, 56)
+    config = default_config(spec, "depthwise_gemm", "grad_weight", interpret=False, pixels=pixels)
+    desc = lower(plan(spec), "grad_weight", choice=Choice(KERNEL, config, "depthwise_gemm"), interpret=False,
+                 allow_tf32=False)
+    assert desc.least_split_blocks == least
+    units = desc.reduction_units(pixels)
+    blocks = -(-units // desc.reduction_block)
+    tiles = -(-96 // config.block_n)
+    splits, per_split = launch.split_pixels(units, desc.reduction_block, tiles, 4 * H200_SMS,
+                                            least_blocks=desc.least_split_blocks)
+    assert splits == max(1, min(-(-4 * H200_SMS // tiles), blocks // least)), (splits, blocks, tiles)
+    assert per_split >= least * desc.reduction_block or splits == 1
+    if layout == "nhwc":
+        assert splits > 1  # one block a split: more programs than channel tiles
+
+
+def test_conv1d_channels_last_weight_gradients_take_32_column_strips_up_to_128_columns():
+    from gconvgen.compiler.families.depthwise_gemm import WIDE_STRIP_WINDOW
+    from gconvgen.compiler.lowering import default_config
+    for taps in (2, 4, 64, WIDE_STRIP_WINDOW, WIDE_STRIP_WINDOW + 1, 256):
+        spec = ConvSpec(1536, 1536, 1536, (1, taps), padding=(0, 0, taps - 1, 0), dtype="bfloat16", layout="nhwc")
+        config = default_config(spec, "depthwise_gemm", "grad_weight", interpret=False)
+        assert (config.block_m, config.block_n) == (16, 4), (taps, config)
+        assert config.block_k == (32 if taps <= WIDE_STRIP_WINDOW else 16), (taps, config)

@@ -1671,6 +1671,21 @@ def _banded_grad_weight_tile(case) -> str:
     return "columns, strided" if problem.stride[0] > 1 else "columns"
 
 
+def _banded_grad_weight_split_small(case) -> bool:
+    """Whether the banded grad-weight a case forced onto it runs as a dot batched over channels whose reduction
+    the launch (for ``case.programs``) splits finer than four blocks a split would."""
+    if case.grad_weight_family != "depthwise_gemm":
+        return False
+    problem = case.conv
+    pixels = PixelSpace.of("grad_weight", problem.batch, *problem.size, *output_size(problem))
+    desc = lower(plan(spec_of(problem)), "grad_weight", choice=Choice(KERNEL, case.grad_weight_config, "depthwise_gemm"),
+                 interpret=True, allow_tf32=False, pixels=pixels)
+    units = desc.reduction_units(pixels)
+    splits, _ = launch.split_pixels(units, desc.reduction_block, math.prod(desc.grid(pixels)[:-1]), case.programs,
+                                    least_blocks=desc.least_split_blocks)
+    return desc.band_dot == "channels" and splits > max(1, -(-units // desc.reduction_block) // 4)
+
+
 def _grad_input_phases(case, family: str) -> int:
     """The stride's phases the grad-input kernel of ``family`` (depthwise: the direct kernel, igemm: the
     implicit GEMM) takes one of a program for a case (the product of desc.phases; 0 where the case's input
@@ -1855,6 +1870,11 @@ GRADIENT_DOMAIN = [
      and (c.grad_weight_family or _default_grad_weight_family(c.conv)) == "igemm_rows"),
     *[(f"grad_weight forced onto the banded kernel's {t} tile", lambda c, t=t: _banded_grad_weight_tile(c) == t)
       for t in ("columns", "columns, strided", "flat")],
+    # (the fuzz's tiny maps split only the columns tile's reduction that finely: the flat tile's splits, strips
+    # that start mid-row and steps over several rows, are tests/test_banded_grad_weight.py's named cases, which
+    # ask for three splits, in both layouts)
+    ("grad_weight forced onto the banded kernel's columns tile batched over channels, under four blocks a split",
+     lambda c: _banded_grad_weight_tile(c) == "columns" and _banded_grad_weight_split_small(c)),
     *[(f"grad_weight by default on {f}", lambda c, f=f: c.grad_weight_family is None
        and _default_grad_weight_family(c.conv) == f)
       for f in ("depthwise", "depthwise_gemm", "igemm", "igemm_rows")],

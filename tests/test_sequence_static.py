@@ -58,3 +58,37 @@ def test_sequence_suite_forward_kernels_at_memory_speed_shape():
                 # once) over the ideal's one read and one write, plus the weight segments
                 assert not row["strips"], row
                 assert row["bytes"] <= 1.1 * (row["band_steps"] + 1) / 2, row
+
+
+GRAD_WEIGHT_SCRIPT = textwrap.dedent("""
+    import json
+    from gconvgen.autotune import suites
+    from gconvgen.tools.inspection import inspect_problem
+    rows = []
+    for layer in suites.load_suite("sequence").layers:
+        if layer.size == 1:  # the one-token prompt: the direct kernel, nothing to tile
+            continue
+        row = inspect_problem(layer.problem("bfloat16", "nhwc").backward("grad_weight"))
+        rows.append({"id": layer.id, "taps": layer.kernel, "family": row.family, "config": row.config,
+                     "spill": row.figures.spill_bytes, "bytes": row.requested_over_ideal_bytes,
+                     "percent": row.model.percent_of_floor})
+    print(json.dumps(rows))
+""")
+
+
+def test_channels_last_conv1d_weight_gradients_read_x_fewer_times_over():
+    """The banded grad-weight of the sequence suite's layers in channels_last: 4 channels of 32-column strips
+    up to 128 columns (16 wider), no spill. A strip of 32 grad_out columns reads its band of 32 + the window's
+    input columns (the halo tile a power of two), so x is read (32 + halo) / 32 times and grad_out once, and the
+    modelled share of the floor
+    is what those bytes allow (at 16-column strips: Mamba's k4 66.7%, k64 32.3%, k128 20.0%)."""
+    rows = compiled_rows(GRAD_WEIGHT_SCRIPT)
+    assert len(rows) == 8
+    for row in rows:
+        assert row["family"] == "depthwise_gemm" and row["spill"] == 0, row
+        strip = 32 if row["taps"] <= 128 else 16
+        assert row["config"].split()[1:3] == ["n4", f"k{strip}"], row
+        halo = max(16, 1 << (row["taps"] - 1).bit_length())  # the band past a strip, in a power-of-two tile
+        assert row["bytes"] <= 1.05 * (1 + (strip + halo) / strip) / 2, row
+    percent = {row["id"]: row["percent"] for row in rows}
+    assert percent["mamba-k4"] >= 75 and percent["causal-k64"] >= 45 and percent["causal-k128"] >= 30, percent

@@ -183,6 +183,11 @@ class KernelDesc:
         """What a split reduction over ``pixels`` sums: output pixels, or the banded grad-weight's strips."""
         return family(self.family).reduction_units(self.spec, self.config, pixels)
 
+    @property
+    def least_split_blocks(self) -> int:
+        """Blocks of reduction_block units each split of a reduction keeps at least."""
+        return family(self.family).least_split_blocks(self.band_dot)
+
 
 # ---------------------------------------------------------------------------------------------- lowering passes
 # Each pass reads the context and writes fields; the description is built from the fields at the end.

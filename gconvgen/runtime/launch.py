@@ -28,6 +28,7 @@ from ..memo import registered
 from ..compiler import codegen
 from .. import knobs
 from ..compiler.arguments import ArgumentTable
+from ..compiler.families.base import MIN_BLOCKS_PER_SPLIT
 from ..ir import ConvSpec, check
 from ..compiler.plan import grad_input_as_forward, transposed_conv
 from ..compiler.lowering import (
@@ -36,8 +37,6 @@ from ..compiler.lowering import (
 from . import cache, warm, weights
 from .device import allows_tf32, device_target, on_device, target_programs
 
-# a reduction is split only while every split keeps at least this many blocks of pixels to sum
-MIN_BLOCKS_PER_SPLIT = 4
 _KERNELS: dict[tuple[str, str], object] = {}  # (uri, target) -> the loaded @triton.jit function
 
 
@@ -398,7 +397,7 @@ def prepare_grad_weight(spec: ConvSpec, x: torch.Tensor, grad_output: torch.Tens
     pixels = desc.reduction_units(space)
     tiles = desc.grid(space)[:-1]
     splits, pixels_per_split = split_pixels(pixels, desc.reduction_block, math.prod(tiles),
-                                            target_programs(x.device), splits)
+                                            target_programs(x.device), splits, desc.least_split_blocks)
     partials = _partials_for(grad_w, splits)
     return _prepared(desc, (*tiles, splits), {"x": x, "grad_output": grad_output, "partials": partials}, grad_w,
                      "partials", (pixels, pixels_per_split), partials if splits > 1 else None,
@@ -468,15 +467,16 @@ def _dtype_name(tensor: torch.Tensor) -> str:
 
 
 def split_pixels(pixels: int, block_pixels: int, tiles: int, programs: int,
-                 splits: Optional[int] = None) -> tuple[int, int]:
+                 splits: Optional[int] = None, least_blocks: int = MIN_BLOCKS_PER_SPLIT) -> tuple[int, int]:
     """(splits, pixels_per_split) for a reduction over ``pixels`` done by ``tiles`` programs per split.
 
     Without ``splits``: as many as fill ``programs`` programs, while each split keeps at least
-    MIN_BLOCKS_PER_SPLIT blocks. pixels_per_split is a multiple of block_pixels, and no split is empty.
+    ``least_blocks`` blocks (the kernel's KernelDesc.least_split_blocks). pixels_per_split is a multiple of
+    block_pixels, and no split is empty.
     """
     blocks = triton.cdiv(pixels, block_pixels)
     if splits is None:
-        splits = min(triton.cdiv(programs, tiles), max(1, blocks // MIN_BLOCKS_PER_SPLIT))
+        splits = min(triton.cdiv(programs, tiles), max(1, blocks // least_blocks))
     check(isinstance(splits, int) and splits >= 1, f"splits={splits!r} must be an int >= 1")
     pixels_per_split = triton.cdiv(blocks, min(splits, blocks)) * block_pixels
     return triton.cdiv(pixels, pixels_per_split), pixels_per_split

@@ -94,7 +94,8 @@ def prepared_launch(problem: Problem, tuned_target: str = DEFAULT_TUNED_TARGET) 
     first = launch.prepare_grad_weight(spec, t["x"], t["out"], t["grad_w"], choice, 1, INSPECT_TARGET)
     pixels = first.arguments()["pixels"]
     tiles = math.prod(first.grid[:-1])
-    splits, _ = launch.split_pixels(pixels, first.desc.reduction_block, tiles, 4 * H200_SMS)
+    splits, _ = launch.split_pixels(pixels, first.desc.reduction_block, tiles, 4 * H200_SMS,
+                                    least_blocks=first.desc.least_split_blocks)
     return launch.prepare_grad_weight(spec, t["x"], t["out"], t["grad_w"], choice, splits, INSPECT_TARGET)
 
 

@@ -9,6 +9,10 @@ from typing import Optional
 from ...ir import ConvSpec
 from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv
 
+# a reduction is split only while every split keeps at least this many blocks of pixels to sum (each split pays
+# its program's set-up and epilogue once)
+MIN_BLOCKS_PER_SPLIT = 4
+
 
 class Family:
     """One kernel family. ``name`` is what tuning records and KernelDescs hold; ``templates`` maps each
@@ -82,6 +86,10 @@ class Family:
     def reduction_units(self, spec: Optional[ConvSpec], config: KernelConfig, pixels: PixelSpace) -> int:
         """What a split reduction sums over (the kernel's ``pixels`` argument): output pixels."""
         return pixels.pixels
+
+    def least_split_blocks(self, band_dot: str) -> int:
+        """Blocks of reduction_block units each split of a reduction keeps at least (launch.split_pixels)."""
+        return MIN_BLOCKS_PER_SPLIT
 
     # ------------------------------------------------------------------ lowering decisions
     def stages_channels_last(self, layout: str) -> bool:

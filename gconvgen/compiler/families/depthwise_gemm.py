@@ -25,6 +25,12 @@ ACCUMULATOR_REGISTERS = {"rows": 64, "channels": 48}
 # channels and ConvNeXt's dw7 at 4: every kernel row in one pass; RepLKNet's dw31 at 4: 6 rows a pass, where 8
 # spilled 512 B on Triton 3.6)
 COLUMNS_ACCUMULATOR_REGISTERS = 80
+# ... and for a height-1 window's batched dot (conv1d in channels_last), whose one kernel row is the whole pass:
+# 4 channels of 32-column strips at k128 (193 registers; 248 on Triton 3.6, no spill)
+ROW_WINDOW_ACCUMULATOR_REGISTERS = 80
+# a height-1 grad-weight window of at most this many columns takes 32-column strips in channels_last, wider ones
+# 16 (causal k256 at 32 columns spilled 1.7 KB on Triton 3.6, at 1 or 2 channels; 0 on 3.9 at 2)
+WIDE_STRIP_WINDOW = 128
 MIN_GRAD_WEIGHT_ROW = 7  # grad-weight output rows narrower than this take the direct kernel by default
 MIN_FLOAT32_GRAD_WEIGHT_ROW = 8  # ... in float32 (ConvNeXt's dw7 at 7 x 7: 2.7% of its floor here, 4.0% direct)
 FLOAT32_GRAD_WEIGHT_TAPS = (3, 64)  # float32 grad-weight windows the band takes by default (grad_weight_rank)
@@ -265,9 +271,11 @@ def row_accumulators(spec: ConvSpec, config: KernelConfig, halo_tile: int) -> in
 
 
 def accumulator_budget(spec: ConvSpec, config: KernelConfig) -> int:
-    """ACCUMULATOR_REGISTERS (COLUMNS_ACCUMULATOR_REGISTERS for a batched dot in columns of strips) of every
-    thread of ``config``."""
+    """ACCUMULATOR_REGISTERS (COLUMNS_ACCUMULATOR_REGISTERS for a batched dot in columns of strips,
+    ROW_WINDOW_ACCUMULATOR_REGISTERS for one of a height-1 window) of every thread of ``config``."""
     dot = band_dot(spec)
+    if dot == "channels" and spec.kernel_size[0] == 1:
+        return ROW_WINDOW_ACCUMULATOR_REGISTERS * 32 * config.num_warps
     columns = dot == "channels" and strip_columns(spec, "grad_weight", config)
     return (COLUMNS_ACCUMULATOR_REGISTERS if columns else ACCUMULATOR_REGISTERS[dot]) * 32 * config.num_warps
 
@@ -394,7 +402,8 @@ class DepthwiseGemm(Family):
         channels_last: 8 channels (16-byte loads) of 16-column strips batched, one stage (two made ptxas spill
         on Mamba's k4 at 64 registers and RepLKNet's k31 at 255, for the same modelled time), 32 strips a step;
         in columns of strips 64 rows a step (ConvNeXt's dw7 at 56 x 56: 58 output rows a step against 26 at 32),
-        and 4 channels where 8 would not take every kernel row in one pass (dw7: 48% against 25% in two passes).
+        and 4 channels where 8 would not take every kernel row in one pass (dw7: 48% against 25% in two passes);
+        a height-1 window 4 channels of 32-column strips (16 past WIDE_STRIP_WINDOW), 16 strips a step.
         Accumulators per kernel row: channels x strip x (strip x stride + halo) fp32."""
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 4), 16, num_stages=1)
@@ -404,11 +413,19 @@ class DepthwiseGemm(Family):
             while config.block_k > DOT_SIDES[0] and self._row_accumulators(config, spec) > accumulator_budget(spec, config):
                 config = replace(config, block_k=config.block_k // 2)  # a wide window's halo (causal k256)
             return config
-        # channel rows that are not whole 16-byte vectors (ShuffleNet's 116) load element by element, and 8
-        # channels' element loads spilled 40 B: 4 channels then
-        channels = 8 if spec.out_channels % 8 == 0 else 4
-        config = KernelConfig(64 if columns else 32, pow2_between(spec.out_channels, 1, channels), 16, num_warps=8,
-                              num_stages=1)
+        if spec.kernel_size[0] == 1:
+            # a height-1 window: 4 channels of 32-column strips, 16 strips a step, so each input column is read
+            # (32 + halo) / 32 times, not (16 + halo) / 16 (% of the floor modelled in channels_last, 8 or fewer
+            # channels of 16-column strips -> this: Mamba's k4 66.7 -> 80.0, causal k16 64.6 -> 80.0, k64 32.3 ->
+            # 50.0, k128 20.0 -> 33.4); past WIDE_STRIP_WINDOW columns 16-column strips (causal k256: 8.6 -> 11.2)
+            strip = 32 if window_width(spec) <= WIDE_STRIP_WINDOW else 16
+            config = KernelConfig(16, pow2_between(spec.out_channels, 1, 4), strip, num_warps=8, num_stages=1)
+        else:
+            # channel rows that are not whole 16-byte vectors (ShuffleNet's 116) load element by element, and 8
+            # channels' element loads spilled 40 B: 4 channels then
+            channels = 8 if spec.out_channels % 8 == 0 else 4
+            config = KernelConfig(64 if columns else 32, pow2_between(spec.out_channels, 1, channels), 16,
+                                  num_warps=8, num_stages=1)
         if columns and spec.kernel_size[0] * self._row_accumulators(config, spec) > accumulator_budget(spec, config):
             config = replace(config, block_n=min(config.block_n, 4))
         while config.block_n > 1 and self._row_accumulators(config, spec) > accumulator_budget(spec, config):
@@ -504,6 +521,14 @@ class DepthwiseGemm(Family):
 
     def band_dot(self, spec: ConvSpec) -> str:
         return band_dot(spec)
+
+    def least_split_blocks(self, band_dot: str) -> int:
+        """A dot batched over channels (channels_last) splits its reduction down to one block a split: a small
+        map's few channel tiles otherwise leave most SMs idle (% of the floor modelled at least 4 / 2 / 1 blocks a
+        split: ConvNeXt's dw7 at batch 1, 24 / 48 / 96 programs: 8.6 / 12.8 / 16.8; RepLKNet's dw31 at batch 1:
+        6.0 / 9.2 / 9.0). One channel at a time ("rows") keeps the default: each split sums its taps' diagonals
+        once a channel (ConvNeXt's dw7 at batch 1 in NCHW: 27.1 / 14.8 / 10.4)."""
+        return 1 if band_dot == "channels" else super().least_split_blocks(band_dot)
 
     def reads_aligned_rows(self, spec: ConvSpec, band_dot: str, kind: str = "forward") -> bool:
         """The "rows" dot on NCHW reads each strip's input band (and grad-weight its grad_out strips) as

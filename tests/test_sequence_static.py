@@ -48,6 +48,11 @@ def test_sequence_suite_forward_kernels_at_memory_speed_shape():
             assert row["family"] == "depthwise_gemm" and row["taps"] > 4, row
             assert row["tensor_core"] in ("wgmma", "mma.sync"), row
             assert row["flops"] <= 4.0, row
+            if row["layout"] == "nhwc" and row["taps"] >= 64:
+                # each band step's weight segment (8 channels' rows of 64 or more taps) starts on an even tap
+                # (the templates' segment_lead), so loads 32 bits or more at a time: the bias is the one 16-bit load
+                # (7, 11 and 19 of them at k64, k128 and k256 when the segment started on an odd tap)
+                assert row["loads"].get("16", 0) <= row["bias"], row
             if row["taps"] <= STRIP_WINDOW:
                 # one row's strips: the input loaded once (main and halo tiles), plus each band step's weight
                 # segment

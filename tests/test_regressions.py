@@ -278,3 +278,34 @@ def test_convert_says_why_it_skips_a_weight_normed_conv():
     model = gconvgen.convert(nn.Sequential(conv))
     (name, reason), = model.gconvgen_report.skipped
     assert "parametrized" in reason and "remove_parametrizations" in reason
+
+
+def test_interpreters_before_triton_3_9_take_one_element_scalars_as_range_bounds(monkeypatch):
+    """Triton's interpreter before 3.9 (3.6 on the GPU machine) holds a kernel's scalars as one-element arrays
+    and passes them to int() for a range bound, which numpy 2.4 refuses: every split reduction's
+    ``range(first, end, BLOCK)`` failed (TypeError: only 0-dimensional arrays can be converted to Python
+    scalars). gconvgen wraps the interpreter's tensor patching to squeeze them first (runtime.device)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import triton
+    from triton.runtime import interpreter
+
+    from gconvgen.runtime import device
+
+    class Scope:  # the interpreter's _LangPatchScope, as far as the patching uses it
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    def patch_tensor_before_3_9(tensor, scope):  # Triton 3.6's _patch_lang_tensor, as far as __index__ goes
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    class Scalar:
+        def __init__(self, value):
+            self.handle = SimpleNamespace(data=np.array([value], dtype=np.int32))
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_tensor_before_3_9, raising=False)
+    device._index_scalars_of_any_shape()
+    interpreter._patch_lang_tensor(Scalar, Scope())
+    assert list(range(Scalar(1), Scalar(7), Scalar(2))) == [1, 3, 5]

@@ -14,6 +14,28 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
+def _index_scalars_of_any_shape() -> None:
+    """Let the interpreter of Triton before 3.9 take a kernel's scalars as Python ints under numpy 2.4 and later.
+    Its scalars are one-element arrays, which its ``tensor.__index__`` (``range`` bounds, e.g. a split
+    reduction's ``range(first, end, BLOCK)``) passes to ``int()``: numpy 2.4 refuses arrays of one or more
+    dimensions there. Triton 3.9 squeezes them first; this gives the older interpreters the same, once a
+    process, by wrapping the function that patches ``tl.tensor`` for an interpreted run."""
+    import triton
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if patch_tensor is None or version >= (3, 9) or getattr(patch_tensor, "squeezes_scalars", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.squeezes_scalars = True
+    interpreter._patch_lang_tensor = patched
+
+
 @memoized()
 def device_target(device: torch.device) -> str:
     """What a compiled kernel is specific to: 'interpreter', or the GPU's name and capability."""
@@ -26,6 +48,7 @@ def device_target(device: torch.device) -> str:
         check(not isinstance(tl.zeros, triton.JITFunction),
               "TRITON_INTERPRET=1 was set after Triton was imported, so Triton's own functions cannot run in its "
               "interpreter; set TRITON_INTERPRET=1 before importing gconvgen or triton", RuntimeError)
+        _index_scalars_of_any_shape()
         return "interpreter"
     major, minor = torch.cuda.get_device_capability(device)
     return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,4 +206,7 @@ def test_inspect_shows_progress_and_no_fp_fusion_warning(tmp_path):
                          cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "smoke-dw3 nhwc" in run.stdout and "compiling for sm_90" in run.stderr and "1/1" in run.stderr
+    header, row = run.stdout.splitlines()[0], next(line for line in run.stdout.splitlines() if "smoke-dw3" in line)
+    stores = header.index("stores")  # the kernel's global stores by width, under their column
+    assert re.fullmatch(r"(\d+:\d+ ?)+", row[stores:header.index("async")].strip()), row
     assert "TRITON_DEFAULT_FP_FUSION" not in run.stderr + run.stdout

@@ -200,8 +200,8 @@ def inspect(suite_name, layer_ids, dtype, layout, kinds, json_path) -> None:
     """Compile each layer's kernels for sm_90 on this machine, as the runtime would launch them on an H200
     (tuned or default config, run-time specialisation), and print what the compiler emitted: registers,
     spills, shared memory, programs resident per SM and what limits them, tensor-core instruction,
-    global-load and cp.async widths, the innermost loop's and the whole body's instructions, programs as
-    waves on 132 SMs and as rounds of SM slots, the tiling's requested/ideal bytes and issued/useful
+    global load, global store and cp.async widths, the innermost loop's and the whole body's instructions,
+    programs as waves on 132 SMs and as rounds of SM slots, the tiling's requested/ideal bytes and issued/useful
     tensor-core FLOPs; then a modelled time on an H200 and the share of the roofline floor it allows, per
     kernel and per layer (forward; forward + backward), with their geometric means per layout. Static
     figures and a model, not timings. Needs TRITON_INTERPRET unset."""
@@ -243,11 +243,13 @@ def inspect(suite_name, layer_ids, dtype, layout, kinds, json_path) -> None:
 
 
 _INSPECT_HEADER = (f"{'layer':<22} {'kind':<11} {'family':<14} {'config':<20} {'regs':>4} {'spill':>5} {'smem':>6} "
-                   f"{'occ':<9} {'tc':<8} {'loads (bits:n)':<22} {'async (bits:n)':<16} {'loop':>5} {'trips':>6} "
+                   f"{'occ':<9} {'tc':<8} {'loads (bits:n)':<22} {'stores':<11} {'async (bits:n)':<16} {'loop':>5} "
+                   f"{'trips':>6} "
                    f"{'sass':>5} {'waves':>6} {'rounds':>6} {'bytes':>6} {'flops':>6} {'modelled us':>11} "
                    f"{'bound':<6} {'modelled %floor':>15}")
 _INSPECT_LEGEND = """\
-occ = programs resident on one SM and the resource that limits them; async = cp.async widths (+ TMA loads);
+occ = programs resident on one SM and the resource that limits them; loads, stores = global loads and stores by width
+(bits:count, '-': none); async = cp.async widths (+ TMA loads);
 loop = the innermost loop's SASS instructions ('-': straight-line code), trips = a warp's modelled passes through it,
 sass = the whole kernel's instructions; rounds = programs / (132 SMs x occ); bytes = requested/ideal; flops =
 tensor-core issued/useful; modelled us = modelled time on an H200, bound = its slowest term (bytes, flops, issue);
@@ -259,7 +261,8 @@ def _inspection_line(label: str, kind: str, row) -> str:
     """One row of inspect's table: the compiler's figures, occupancy, waves and rounds, the tiling's two
     ratios, and the model's time and share of the floor."""
     f, model = row.figures, row.model
-    loads = " ".join(f"{bits}:{count}" for bits, count in sorted(f.global_load_widths.items()))
+    loads, stores = (" ".join(f"{bits}:{count}" for bits, count in sorted(widths.items())) or "-"
+                     for widths in (f.global_load_widths, f.global_store_widths))
     copies = [f"{bits}:{count}" for bits, count in sorted(f.cp_async_widths.items())]
     copies += [f"{name}:{f.async_copies[name]}" for name in ("tma", "tma_store") if f.async_copies.get(name)]
     occupancy = f"{row.occupancy.programs_per_sm} {_LIMITERS[row.occupancy.limiter]}"
@@ -270,7 +273,8 @@ def _inspection_line(label: str, kind: str, row) -> str:
     loop = f.inner_loop_instructions or "-"
     trips = f"{model.loop_trips:.0f}" if f.inner_loop_instructions else "-"
     return (f"{label:<22} {kind:<11} {row.family:<14} {row.config:<20} {f.registers:>4} {f.spill_bytes:>5} "
-            f"{f.shared_memory_bytes:>6} {occupancy:<9} {f.tensor_core:<8} {loads:<22} {' '.join(copies) or '-':<16} "
+            f"{f.shared_memory_bytes:>6} {occupancy:<9} {f.tensor_core:<8} {loads:<22} {stores:<11} "
+            f"{' '.join(copies) or '-':<16} "
             f"{loop:>5} {trips:>6} {f.sass_instructions:>5} {row.waves:>6.1f} {row.rounds:>6.2f} "
             f"{ratio(row.requested_over_ideal_bytes):>6} {ratio(row.issued_over_useful_flops):>6} "
             f"{model.time_s * 1e6:>11.2f} {model.bound:<6} {model.percent_of_floor:>15.1f}")

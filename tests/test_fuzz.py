@@ -64,6 +64,7 @@ from gconvgen import knobs, memo
 from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, KernelConfig, PixelSpace, band_steps, lower
 from gconvgen.compiler.families import igemm_rows, suiting_first
 from gconvgen.compiler.families import depthwise_gemm
+from gconvgen.compiler.families.base import MIN_BLOCKS_PER_SPLIT
 from gconvgen.compiler.families.depthwise_dense import dense_grad_weight_steps, dense_steps, reached_pixels
 from gconvgen.compiler.families.depthwise_gemm import SLIDING_OPEN_ROWS, sliding_block_rows
 from gconvgen.compiler.families.igemm_rows import open_rows, rows_per_program
@@ -1657,33 +1658,40 @@ def _default_grad_weight_family(problem: ConvProblem) -> str:
     return suiting_first(plan(spec).grad_weight_families, spec, "grad_weight", pixels)[0]
 
 
-def _banded_grad_weight_tile(case) -> str:
-    """The tile of the banded grad-weight a case forced onto it runs: "columns" (strip_columns; "columns,
-    strided" at a stride in height), "flat" or "" where it is not forced there."""
+def _forced_banded_grad_weight(case):
+    """(the description, its pixels) of the banded grad-weight a case forced onto it; None where not forced."""
     if case.grad_weight_family != "depthwise_gemm":
-        return ""
+        return None
     problem = case.conv
     pixels = PixelSpace.of("grad_weight", problem.batch, *problem.size, *output_size(problem))
     desc = lower(plan(spec_of(problem)), "grad_weight", choice=Choice(KERNEL, case.grad_weight_config, "depthwise_gemm"),
                  interpret=True, allow_tf32=False, pixels=pixels)
-    if not desc.step_rows:
+    return desc, pixels
+
+
+def _banded_grad_weight_tile(case) -> str:
+    """The tile of the banded grad-weight a case forced onto it runs: "columns" (strip_columns; "columns,
+    strided" at a stride in height), "flat" or "" where it is not forced there."""
+    forced = _forced_banded_grad_weight(case)
+    if forced is None:
+        return ""
+    if not forced[0].step_rows:
         return "flat"
-    return "columns, strided" if problem.stride[0] > 1 else "columns"
+    return "columns, strided" if case.conv.stride[0] > 1 else "columns"
 
 
 def _banded_grad_weight_split_small(case) -> bool:
     """Whether the banded grad-weight a case forced onto it runs as a dot batched over channels whose reduction
-    the launch (for ``case.programs``) splits finer than four blocks a split would."""
-    if case.grad_weight_family != "depthwise_gemm":
+    the launch (for ``case.programs``) splits finer than MIN_BLOCKS_PER_SPLIT blocks a split would."""
+    forced = _forced_banded_grad_weight(case)
+    if forced is None:
         return False
-    problem = case.conv
-    pixels = PixelSpace.of("grad_weight", problem.batch, *problem.size, *output_size(problem))
-    desc = lower(plan(spec_of(problem)), "grad_weight", choice=Choice(KERNEL, case.grad_weight_config, "depthwise_gemm"),
-                 interpret=True, allow_tf32=False, pixels=pixels)
+    desc, pixels = forced
     units = desc.reduction_units(pixels)
     splits, _ = launch.split_pixels(units, desc.reduction_block, math.prod(desc.grid(pixels)[:-1]), case.programs,
                                     least_blocks=desc.least_split_blocks)
-    return desc.band_dot == "channels" and splits > max(1, -(-units // desc.reduction_block) // 4)
+    blocks = -(-units // desc.reduction_block)
+    return desc.band_dot == "channels" and splits > max(1, blocks // MIN_BLOCKS_PER_SPLIT)
 
 
 def _grad_input_phases(case, family: str) -> int:

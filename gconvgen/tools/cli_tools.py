@@ -244,8 +244,7 @@ def inspect(suite_name, layer_ids, dtype, layout, kinds, json_path) -> None:
 
 _INSPECT_HEADER = (f"{'layer':<22} {'kind':<11} {'family':<14} {'config':<20} {'regs':>4} {'spill':>5} {'smem':>6} "
                    f"{'occ':<9} {'tc':<8} {'loads (bits:n)':<22} {'stores':<11} {'async (bits:n)':<16} {'loop':>5} "
-                   f"{'trips':>6} "
-                   f"{'sass':>5} {'waves':>6} {'rounds':>6} {'bytes':>6} {'flops':>6} {'modelled us':>11} "
+                   f"{'trips':>6} {'sass':>5} {'waves':>6} {'rounds':>6} {'bytes':>6} {'flops':>6} {'modelled us':>11} "
                    f"{'bound':<6} {'modelled %floor':>15}")
 _INSPECT_LEGEND = """\
 occ = programs resident on one SM and the resource that limits them; loads, stores = global loads and stores by width
@@ -274,9 +273,8 @@ def _inspection_line(label: str, kind: str, row) -> str:
     trips = f"{model.loop_trips:.0f}" if f.inner_loop_instructions else "-"
     return (f"{label:<22} {kind:<11} {row.family:<14} {row.config:<20} {f.registers:>4} {f.spill_bytes:>5} "
             f"{f.shared_memory_bytes:>6} {occupancy:<9} {f.tensor_core:<8} {loads:<22} {stores:<11} "
-            f"{' '.join(copies) or '-':<16} "
-            f"{loop:>5} {trips:>6} {f.sass_instructions:>5} {row.waves:>6.1f} {row.rounds:>6.2f} "
-            f"{ratio(row.requested_over_ideal_bytes):>6} {ratio(row.issued_over_useful_flops):>6} "
+            f"{' '.join(copies) or '-':<16} {loop:>5} {trips:>6} {f.sass_instructions:>5} {row.waves:>6.1f} "
+            f"{row.rounds:>6.2f} {ratio(row.requested_over_ideal_bytes):>6} {ratio(row.issued_over_useful_flops):>6} "
             f"{model.time_s * 1e6:>11.2f} {model.bound:<6} {model.percent_of_floor:>15.1f}")
 
 

@@ -109,7 +109,7 @@ SMALL_TILES = {
     ("grad_input", "depthwise_gemm"): ((16, 32), (1, 2, 4), (16, 32), (1, 4)),
     ("grad_weight", "igemm"): ((16,), (16, 32), (16, 32), (1, 4)),
     ("grad_weight", "igemm_rows"): ((16,), (16, 32), (16, 32), (1, 4)),
-    ("grad_weight", "depthwise"): ((1, 4, 16, 32), (1, 2, 8), (0,), (1, 4)),
+    ("grad_weight", "depthwise"): ((1, 4, 16, 32), (1, 2, 8, 64), (0,), (1, 4)),
     ("grad_weight", "depthwise_gemm"): ((16, 32), (1, 2, 4), (16, 32), (1, 4)),
 }
 

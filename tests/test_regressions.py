@@ -10,7 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import gconvgen
-from conftest import assert_close
+from gconvgen.autotune import choice
+from gconvgen.compiler.lowering import DEFAULT, KERNEL, Choice, default_config
+from gconvgen.compiler.tiles import PixelSpace
+from gconvgen.ir import ConvSpec
+from conftest import assert_close, spy_on_kernels
 
 P = pytest.param
 
@@ -71,6 +75,32 @@ def test_one_token_mamba_prefill(nan_filled_outputs):
     out = gconvgen.conv1d(x, weight, bias, padding="causal", groups=16, activation="silu")
     expected = F.silu(F.conv1d(F.pad(x.double(), (3, 0)), weight.double(), bias.double(), groups=16))
     assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("data_format", ["NCL", "NLC"])
+def test_one_token_prompts_weight_gradient_on_its_gpu_tile(data_format, monkeypatch, nan_filled_outputs):
+    """A grad-weight over fewer pixels than a step takes one step of all of them, on a wider channel tile (the
+    GPU default the interpreter never picks itself: forced here); 80 channels leave the second tile partial."""
+    spec = ConvSpec(80, 80, 80, (1, 4), padding=(0, 0, 3, 0), bias=True, layout="nchw" if data_format == "NCL" else "nhwc")
+    config = default_config(spec, "depthwise", "grad_weight", interpret=False, pixels=PixelSpace(2, 1, 2))
+    assert (config.block_m, config.block_n) == (2, 64), config
+    x = torch.randn(2, 80, 1, requires_grad=True)
+    weight, bias = torch.randn(80, 1, 4, requires_grad=True), torch.randn(80, requires_grad=True)
+    x64, weight64, bias64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    grad = torch.randn(2, 80, 1)
+    launched = spy_on_kernels(monkeypatch, lambda desc: (desc.family, desc.config) if desc.kind == "grad_weight" else None)
+    with choice.overridden(lambda s, kind, *_: Choice(KERNEL, config, "depthwise") if kind == "grad_weight" else DEFAULT):
+        if data_format == "NCL":
+            out = gconvgen.conv1d(x, weight, bias, padding="causal", groups=80)
+        else:
+            out = gconvgen.conv1d(x.transpose(1, 2), weight.permute(2, 1, 0), bias, padding="causal", groups=80,
+                                  data_format="NLC").transpose(1, 2)
+        out.backward(grad)
+    F.conv1d(F.pad(x64, (3, 0)), weight64, bias64, groups=80).backward(grad.double())
+    assert launched == [("depthwise", config)]
+    assert_close(weight.grad, weight64.grad, torch.float32)
+    assert_close(x.grad, x64.grad, torch.float32)
+    assert_close(bias.grad, bias64.grad, torch.float32)
 
 
 @pytest.mark.parametrize("width", [3, 5, 7])

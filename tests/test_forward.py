@@ -275,9 +275,12 @@ BANDED_ROWS = [
     P(1, 2, 1, 64, 20, 1, 1, (5, 2), "nchw", "bfloat16", 16, 16, True, id="strips-aligned-rows-band-shift-3"),
     P(2, 3, 1, 59, 9, 2, 1, (4, 4), "nchw", "float16", 16, 16, False, id="flat-stride-2"),
     P(2, 4, 1, 45, 5, 3, 2, (3, 3), "nhwc", "float32", 32, 16, False, id="flat-stride-3-dilated"),
-    # windows past STRIP_WINDOW (128 columns) take flat tiles at stride 1 too
-    P(2, 2, 1, 150, 130, 1, 1, (129, 0), "nchw", "bfloat16", 16, 16, False, id="flat-causal-k130"),
-    P(1, 3, 1, 140, 65, 1, 2, (64, 64), "nhwc", "float32", 16, 16, False, id="flat-dilated-window-129-wide"),
+    # windows past STRIP_WINDOW (128 columns) take the wide tile (the main tile's strips and as many again), past
+    # twice that flat tiles at stride 1 too
+    P(2, 2, 1, 150, 130, 1, 1, (129, 0), "nchw", "bfloat16", 16, 16, "wide", id="wide-causal-k130"),
+    P(1, 3, 1, 140, 65, 1, 2, (64, 64), "nhwc", "float32", 16, 16, "wide", id="wide-dilated-window-129-wide"),
+    P(2, 3, 1, 300, 256, 1, 1, (255, 0), "nhwc", "bfloat16", 16, 16, "wide", id="wide-causal-k256-channels-last"),
+    P(1, 2, 1, 400, 65, 1, 5, (320, 0), "nchw", "bfloat16", 16, 16, False, id="flat-dilated-window-321-wide"),
 ]
 
 
@@ -287,7 +290,8 @@ def test_banded_rows_match_torch(batch, channels, multiplier, length, kernel_w, 
                                  dtype, block_m, block_k, strips, nan_filled_outputs, monkeypatch):
     """conv1d on the banded kernel, both tilings of its rows: one row's consecutive strips with the input loaded
     once and each band step's tile gathered from it (families.depthwise_gemm.strip_rows: a height-1 window at
-    stride 1 of at most STRIP_WINDOW columns), or strips of any rows, each step's tile loaded. Rows shorter than a
+    stride 1 of at most 2 x STRIP_WINDOW columns, past STRIP_WINDOW from the wide tile), or strips of any rows, each
+    step's tile loaded. Rows shorter than a
     tile or than the window, halos past the row's end, several tiles a row, dilation, channel multipliers; every
     output written."""
     from gconvgen.autotune import choice
@@ -308,7 +312,9 @@ def test_banded_rows_match_torch(batch, channels, multiplier, length, kernel_w, 
                               groups=channels, data_format="NLC" if nlc else "NCL")
     (desc,) = launched
     assert desc.family == "depthwise_gemm" and desc.weight_layout == "strided"
-    assert strip_rows(desc.spec, "forward") == strips and (desc.halo_tile > 0) == strips
+    assert strip_rows(desc.spec, "forward") == bool(strips) and (desc.halo_tile > 0) == bool(strips)
+    # the wide tile: a halo tile as long as the main tile, loaded with it as one
+    assert (desc.halo_tile == desc.config.block_m) == (strips == "wide")
     assert desc.band_dot == ("channels" if nlc else "rows")  # channels_last memory: the dot batched over channels
     # 16-byte aligned rows start each strip's band on an aligned column, band_shift columns early
     assert desc.band_shift == (-padding[0] % desc.row_alignment if not nlc else 0)

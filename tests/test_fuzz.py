@@ -134,8 +134,8 @@ class ConvProblem:
     ``wide_index``: every launch takes its kernels' 64-bit offset variant (as one past 2**31 elements would).
     ``max_rows``: igemm_rows programs take at most this many output rows (0: its MAX_ROWS), so that the tiny
     maps here span several programs down their rows. ``strip_window``: the banded kernel takes one row's strips
-    for windows of at most this many columns (0: its STRIP_WINDOW), so that windows the draws reach take the
-    flat tiles of wider ones."""
+    for windows of at most this many columns (0: its STRIP_WINDOW), and up to twice as many on the wide tile, so
+    that windows the draws reach take the wide tile and the flat tiles of wider ones."""
 
     api: str
     batch: int
@@ -490,7 +490,8 @@ def launch_variant(problem: ConvProblem):
     (launch.needs_wide_index answers yes; the tensors stay small), else what their sizes need; igemm_rows
     programs take at most ``problem.max_rows`` output rows where it is set (igemm_rows.MAX_ROWS otherwise); and
     the banded kernel takes one row's strips for windows of at most ``problem.strip_window`` columns where it is
-    set (depthwise_gemm.STRIP_WINDOW otherwise; the memos of launches lowered under the other are emptied)."""
+    set, twice as many on the wide tile (depthwise_gemm.STRIP_WINDOW otherwise; the memos of launches lowered
+    under the other are emptied)."""
     with contextlib.ExitStack() as stack:
         if problem.wide_index:
             stack.enter_context(unittest.mock.patch.object(launch, "needs_wide_index", lambda *_: True))
@@ -690,7 +691,7 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
     problem = dataclasses.replace(
         problem, unbatched=batch == 1 and draw(st.booleans()), wide_index=draw(st.integers(0, 4)) == 0,
         max_rows=draw(st.sampled_from((0, 1, 1, 2, 3))),
-        strip_window=draw(st.sampled_from((0, 0, 8))) if family == "depthwise_gemm" else 0,
+        strip_window=draw(st.sampled_from((0, 0, 8, 16))) if family == "depthwise_gemm" else 0,
         residual_specials=draw(special_values(2)) if specials and problem.residual else ())
     try:
         spec = spec_of(problem)
@@ -1011,8 +1012,8 @@ def banded_rows():
 def test_conv1d_forward_banded_rows(problem, nan_filled_outputs):
     """The banded kernel on 1-D rows: wide windows (up to 40 taps, dilated) over rows of up to 300 positions,
     where a tile of one row's strips loads its input once and gathers each band step's tile (strip_rows),
-    its halo from the next tile, and flat tiles at stride > 1 and for windows past the strips' widest
-    (strip_window)."""
+    its halo from the next tile, past STRIP_WINDOW from the wide tile (the main tile's strips and as many again),
+    and flat tiles at stride > 1 and for windows past twice STRIP_WINDOW (strip_window: 8 or 16 here)."""
     check_forward(problem)
 
 
@@ -1590,11 +1591,12 @@ def _programs(problem: ConvProblem) -> int:
         return math.prod(desc.grid(PixelSpace.of("forward", problem.batch, *problem.size, out_h, out_w)))
 
 
-def _strip_tiles(problem: ConvProblem) -> int:
-    """How many tiles of one row's strips the banded forward launch of the problem has a row (0: flat tiles)."""
+def _strip_tiles(problem: ConvProblem, wide: bool = False) -> int:
+    """How many tiles of one row's strips the banded forward launch of the problem has a row (0: flat tiles; with
+    ``wide``, 0 unless on the wide tile, whose halo tile is as long as its main tile)."""
     with launch_variant(problem):
         desc = described(spec_of(problem), "forward", problem.family, problem.config)
-    if not desc.halo_tile:
+    if not desc.halo_tile or (wide and desc.halo_tile != desc.config.block_m):
         return 0
     return -(-(-(-output_size(problem)[1] // desc.config.block_k)) // desc.config.block_m)
 
@@ -1787,6 +1789,9 @@ DOMAIN = [
     *[(f"banded rows in one row's strips, {layout}", "banded_rows",
        lambda p, layout=layout: p.layout == layout and _strip_tiles(p) > 0) for layout in ("nchw", "channels_last")],
     ("banded rows in several tiles of one row's strips", "banded_rows", lambda p: _strip_tiles(p) > 1),
+    # (several wide tiles a row need rows past 256 outputs here: test_forward's banded rows at k256 has them)
+    ("banded rows in one row's strips on the wide tile (a window past STRIP_WINDOW)", "banded_rows",
+     lambda p: p.strip_window and _strip_tiles(p, wide=True) > 0),
     ("banded rows in flat tiles", "banded_rows", lambda p: _strip_tiles(p) == 0 and output_size(p)[1] > 16),
     ("banded rows in flat tiles at stride 1 (a window past the strips' widest)", "banded_rows",
      lambda p: p.strip_window and p.stride[1] == 1 and _strip_tiles(p) == 0 and output_size(p)[1] > 16),

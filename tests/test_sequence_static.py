@@ -58,6 +58,12 @@ def test_sequence_suite_forward_kernels_at_memory_speed_shape():
                 # segment
                 assert row["strips"], row
                 assert row["bytes"] <= (1.2 if row["taps"] <= 64 else 1.5), row
+            elif row["taps"] <= 2 * STRIP_WINDOW:
+                # one row's strips on the wide tile: the main tile's strips and as many again, loaded once (a
+                # halo of fewer strips is loaded whole), plus each band step's weight segment; the flat tiles of
+                # each band step loaded its own tile read 5.2x the ideal bytes at k256 in channels_last
+                assert row["strips"], row
+                assert row["bytes"] <= 2.0, row
             else:
                 # flat tiles: each band step loads its own input tile, so x is read once a step (and y written
                 # once) over the ideal's one read and one write, plus the weight segments

@@ -34,11 +34,12 @@ WIDE_STRIP_WINDOW = 128
 MIN_GRAD_WEIGHT_ROW = 7  # grad-weight output rows narrower than this take the direct kernel by default
 MIN_FLOAT32_GRAD_WEIGHT_ROW = 8  # ... in float32 (ConvNeXt's dw7 at 7 x 7: 2.7% of its floor here, 4.0% direct)
 FLOAT32_GRAD_WEIGHT_TAPS = (3, 64)  # float32 grad-weight windows the band takes by default (grad_weight_rank)
-# One row's strips (strip_rows) for windows of at most this many columns; wider ones take flat tiles, each band
-# step loading its own input tile: a strip's band steps grow with the window, and gathering each one's tile from
-# registers costs more instructions than re-reading it (causal conv1d, NCHW / channels_last, % of the floor
-# modelled, strips -> flat: k128 49.9 / 66.3 -> 49.6 / 31.8; k192 35.3 / 20.4 -> 39.6 / 23.8; k256 27.3 / 16.0 ->
-# 33.2 / 19.1)
+# One row's strips (strip_rows) for windows of at most this many columns, each band step's tile gathered from a
+# main tile or a halo tile of fewer strips past it. Up to twice as wide (cuDNN's 256 columns), a strip's band steps
+# take one gather each from a wide tile, the main tile's strips and as many again (Family.halo): two gathers and a
+# select a step cost more instructions than re-reading each step's tile (causal conv1d, NCHW / channels_last, % of
+# the floor modelled, strips -> flat: k192 35.3 / 20.4 -> 39.6 / 23.8; k256 27.3 / 16.0 -> 33.2 / 19.1), one
+# gather fewer (k256 on the wide tile: 45.6 / 40.5). Wider windows take flat tiles, each band step loading its own.
 STRIP_WINDOW = 128
 KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep operands in registers beside them
 COLUMNS_ROWS_AT_ONCE = 8  # in columns of strips (RepLKNet's dw31 at 16 rows a pass spilled 8 B in NCHW)
@@ -91,12 +92,19 @@ def band_operand_bytes(config: KernelConfig, spec: ConvSpec) -> int:
 def strip_rows(spec: ConvSpec, kind: str) -> bool:
     """Whether the forward kernel's tile is consecutive strips of one output row ("strips" in the template),
     which lets it load its input once and gather each band step's tile from registers: a height-1 window (a
-    1-D conv's, whose rows are long) of at most STRIP_WINDOW columns at stride 1, where band step s of strip i
-    reads what step 0 of strip i + s reads. Other windows take strips of any rows ("flat"): a 2-D map's rows
-    are a few strips long, at stride s a step's tile is not another strip's, and past STRIP_WINDOW the
-    gathers cost more than the loads they save."""
+    1-D conv's, whose rows are long) of at most 2 x STRIP_WINDOW columns at stride 1 (past STRIP_WINDOW on the
+    wide tile, wide_strips), where band step s of strip i reads what step 0 of strip i + s reads. Other windows
+    take strips of any rows ("flat"): a 2-D map's rows are a few strips long, at stride s a step's tile is not
+    another strip's, and past 2 x STRIP_WINDOW the gathers cost more than the loads they save."""
     return (kind == "forward" and spec.kernel_size[0] == 1 and spec.stride[1] == 1
-            and window_width(spec) <= STRIP_WINDOW)
+            and window_width(spec) <= 2 * STRIP_WINDOW)
+
+
+def wide_strips(spec: ConvSpec, kind: str) -> bool:
+    """Whether one row's strips (strip_rows) take their band steps' tiles from a wide tile, the main tile's strips
+    and as many again loaded at once (the template's halo tile as long as its main tile): a window past
+    STRIP_WINDOW columns."""
+    return strip_rows(spec, kind) and window_width(spec) > STRIP_WINDOW
 
 
 def window_width(spec: ConvSpec) -> int:
@@ -362,9 +370,9 @@ class DepthwiseGemm(Family):
             narrow = window_width(spec) <= NARROW_BAND_COLUMNS
             return KernelConfig(64 if narrow else 32, 1, 32 if narrow else strip, num_warps=4, num_stages=1)
         if band_dot(spec) == "rows":  # one channel's 2-D dot: 128 rows on 8 warps (wgmma, no spills at k7 and k31)
-            # a height-1 window past STRIP_WINDOW in strips of 64 columns: each band step re-reads its input tile,
-            # and wider strips take fewer steps (causal k256: 19.9% of its floor modelled at 32, 33.2% at 64;
-            # RepLKNet's dw31 on 56-wide rows keeps 32: 7.2%, 6.1% at 64)
+            # a height-1 window on flat tiles (past 2 x STRIP_WINDOW, or strided) in strips of 64 columns: each
+            # band step re-reads its input tile, and wider strips take fewer steps (causal k256 on flat tiles: 19.9%
+            # of its floor modelled at 32, 33.2% at 64; RepLKNet's dw31 on 56-wide rows keeps 32: 7.2%, 6.1% at 64)
             strip = 64 if spec.kernel_size[0] == 1 and window_width(spec) > STRIP_WINDOW else strip
             config = KernelConfig(128, 1, strip, num_warps=8, num_stages=3)
             while config.num_stages > 1 and band_operand_bytes(config, spec) > DEFAULT_SHARED_MEMORY_BYTES:
@@ -372,7 +380,8 @@ class DepthwiseGemm(Family):
             return config
         # channels_last: 8 channels for 16-byte loads; 8 warps hold the batched dot without spilling at k7 and k31,
         # and one row's strips up to STRIP_WINDOW, 5 band steps unrolled (causal k128: 186 registers, 66.3% of its
-        # floor modelled; 30.1% at 4 channels)
+        # floor modelled; 30.1% at 4 channels), and on the wide tile up to twice that (causal k256: 10 band steps,
+        # 255 registers and no spill on Triton 3.9 and 3.6, 40.5%; 28.6% in tiles of 16 strips)
         channels = 8
         if sliding_rows(spec, kind) and spec.out_channels % 8:
             # channel rows that are not whole 16-byte vectors load in narrower pieces: 4 channels, twice the
@@ -564,12 +573,14 @@ class DepthwiseGemm(Family):
         power of two >= 16 columns (tl.dot's least side). The forward of one row's strips (strip_rows): the
         band_steps - 1 strips its band steps reach past the tile; in columns (column_rows), the row_reach input
         rows its kernel rows read past its rows; either loaded as one tile of a power of two, with at least one
-        element a thread."""
+        element a thread, and on the wide tile (wide_strips) at least the main tile's strips."""
         if strip_rows(spec, kind) or column_rows(spec, kind, config):
             ahead = band_steps(spec, config.block_k, band_shift) - 1 if strip_rows(spec, kind) else row_reach(spec)
             # at least an element a thread: Triton 3.6's gather from a smaller tile fails to compile
             channels = config.block_n if band_dot(spec) == "channels" else 1
             least = cdiv(32 * config.num_warps, config.block_k * channels)
+            if wide_strips(spec, kind):  # at least as long as the main tile: as long, the wide tile
+                least = max(least, config.block_m)
             return (0, ahead), pow2_between(ahead, least, 1 << 30)
         reach = grad_weight_halo(spec, config.block_k, band_shift) if kind == "grad_weight" else 0
         return (0, reach), pow2_between(reach, DOT_SIDES[0], 1 << 30) if reach else 0

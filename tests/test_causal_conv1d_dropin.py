@@ -378,3 +378,90 @@ def test_empty_rows_batches_and_channels(shape):
         assert out.shape == shape
         if isinstance(result, tuple):  # the last width - 1 inputs: the states when there is no input
             assert torch.equal(result[1], torch.cat([kwargs["initial_states"], x], dim=-1)[..., -3:])
+
+
+# ---------------------------------------------------------------------------------------------- causal-conv1d's own module paths
+
+
+def test_the_packages_module_paths_name_the_same_functions():
+    """Code that imports causal-conv1d's modules (its tests do) switches by the package prefix alone."""
+    import gconvgen.causal_conv1d as dropin
+    from gconvgen.causal_conv1d import causal_conv1d_interface, causal_conv1d_varlen
+    for name in ("causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_ref", "causal_conv1d_update_ref"):
+        assert getattr(causal_conv1d_interface, name) is getattr(dropin, name)
+    for name in ("causal_conv1d_varlen_states", "causal_conv1d_varlen_states_ref"):
+        assert getattr(causal_conv1d_varlen, name) is getattr(dropin, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width, seqlen, states", [
+    P(4, 37, True, id="w4-L37-states"), P(2, 1, False, id="w2-L1"), P(3, 2, True, id="w3-L2-states"),
+    P(1, 5, True, id="w1-no-state"),
+])
+def test_reference_of_the_prefill_is_its_definition(width, seqlen, states, dtype):
+    """causal_conv1d_ref against the float64 definition (computing in the float32 weight's precision, its output
+    and final states in x's dtype), and the kernel against causal_conv1d_ref, as causal-conv1d's tests compare."""
+    from gconvgen.causal_conv1d import causal_conv1d_ref
+    batch, dim = 2, 16
+    x = channel_last(batch, dim, seqlen, dtype)
+    weight, bias = torch.randn(dim, width), torch.randn(dim)
+    initial = torch.randn(batch, dim, width - 1, dtype=dtype) if states else None
+    final_out = torch.full((batch, dim, width - 1), float("nan"), dtype=dtype)
+    out, final = causal_conv1d_ref(x, weight, bias, initial_states=initial, return_final_states=True,
+                                   final_states_out=final_out, activation="silu")
+    expected, expected_final = reference_fn(x, weight, bias, initial, silu=True)
+    assert_close(out, expected, dtype)
+    assert final is final_out and torch.equal(final.double(), expected_final)
+    kernel_out, kernel_final = causal_conv1d_fn(x, weight, bias, initial_states=initial, return_final_states=True,
+                                                activation="silu")
+    assert_close(kernel_out, out.double(), dtype)
+    assert torch.equal(kernel_final, final)
+    assert causal_conv1d_ref(x, weight).dtype == dtype
+
+
+@pytest.mark.parametrize("width, seqlen, extra_state, circular", [
+    P(4, 1, 0, False, id="w4-one-token"), P(3, 4, 2, False, id="w3-four-tokens-longer-state"),
+    P(4, 5, 3, True, id="w4-five-tokens-circular"), P(2, 9, 0, True, id="w2-more-tokens-than-state-circular"),
+])
+def test_reference_of_the_update_is_its_definition(width, seqlen, extra_state, circular):
+    """causal_conv1d_update_ref against the float64 definition, output and state, and against the kernel's
+    update of its own copy of the state."""
+    from gconvgen.causal_conv1d import causal_conv1d_update_ref
+    batch, dim = 3, 16
+    x = torch.randn(batch, dim, seqlen)
+    state = torch.randn(batch, dim, width - 1 + extra_state)
+    weight, bias = torch.randn(dim, width), torch.randn(dim)
+    cache_seqlens = torch.randint(0, 20, (batch,), dtype=torch.int32) if circular else None
+    expected, expected_state = reference_update(x, state, weight, bias, True, cache_seqlens)
+    kernel_state = state.clone()
+    out = causal_conv1d_update_ref(x, state, weight, bias, "silu", cache_seqlens=cache_seqlens)
+    assert_close(out, expected, torch.float32)
+    assert torch.equal(state.double(), expected_state)
+    kernel_out = causal_conv1d_update(x, kernel_state, weight, bias, "silu", cache_seqlens=cache_seqlens)
+    assert_close(kernel_out, out.double(), torch.float32)
+    assert torch.equal(kernel_state, state)
+    if seqlen == 1:  # one token: [batch, dim] in, [batch, dim] out
+        one = causal_conv1d_update_ref(x[..., 0], torch.randn(batch, dim, width - 1 + extra_state), weight)
+        assert one.shape == (batch, dim)
+
+
+def test_reference_of_the_varlen_states_is_the_kernels():
+    """causal_conv1d_varlen_states_ref and the kernel: sequences shorter and longer than the state, and an empty
+    one."""
+    from gconvgen.causal_conv1d import causal_conv1d_varlen_states_ref
+    dim, state_len = 8, 5
+    cu_seqlens = torch.tensor([0, 3, 12, 12, 13, 18], dtype=torch.int32)
+    x = torch.randn(18, dim)
+    states = causal_conv1d_varlen_states_ref(x, cu_seqlens, state_len)
+    assert states.shape == (5, dim, state_len) and torch.equal(states[2], torch.zeros(dim, state_len))
+    assert torch.equal(states[1], x[7:12].T) and torch.equal(states[0][:, 2:], x[0:3].T)
+    assert torch.equal(states[0][:, :2], torch.zeros(dim, 2))
+    assert torch.equal(causal_conv1d_varlen_states(x, cu_seqlens, state_len), states)
+
+
+def test_references_refuse_what_the_package_refuses():
+    from gconvgen.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+    with pytest.raises(ValueError, match="activation='relu'"):
+        causal_conv1d_ref(torch.randn(1, 4, 3), torch.randn(4, 2), activation="relu")
+    with pytest.raises(ValueError, match="state_len=2; it must hold at least width - 1 = 3"):
+        causal_conv1d_update_ref(torch.randn(1, 4), torch.randn(1, 4, 2), torch.randn(4, 4))

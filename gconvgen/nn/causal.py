@@ -281,6 +281,22 @@ def _rewrite_packed(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
 # ---------------------------------------------------------------------------------------------- decode
 
 
+def _checked_update(x: object, conv_state: object, weight: object) -> tuple[torch.Tensor, int]:
+    """A decode step's x as [batch, dim, seqlen] (a one-token [batch, dim] x unsqueezed) and the weight's width,
+    checked with conv_state [rows, dim, state_len >= width - 1]."""
+    check(isinstance(x, torch.Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
+    check(x.dim() in (2, 3), f"x has shape {tuple(x.shape)}; expected (batch, dim) or (batch, dim, seqlen)")
+    x3 = x.unsqueeze(-1) if x.dim() == 2 else x
+    _check_tensor("x", x3, (None, None, None), "(batch, dim) or (batch, dim, seqlen)")
+    dim = x3.shape[1]
+    width = _checked_weight(weight, dim)
+    _check_tensor("conv_state", conv_state, (None, dim, None), f"(batch, dim, state_len) with dim = {dim}")
+    state_len = conv_state.shape[-1]
+    check(state_len >= width - 1, f"conv_state has state_len={state_len}; it must hold at least width - 1 = "
+                                  f"{width - 1} inputs")
+    return x3, width
+
+
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
                          cache_seqlens: Optional[torch.Tensor] = None,
@@ -293,17 +309,10 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     Returns out in x's shape and dtype: act(bias + the causal conv of the state followed by x), computed
     in the weight's precision (float32 at least) and rounded once."""
     act = _silu_or_none(activation)
-    check(isinstance(x, torch.Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
-    check(x.dim() in (2, 3), f"x has shape {tuple(x.shape)}; expected (batch, dim) or (batch, dim, seqlen)")
-    one_token = x.dim() == 2
-    x3 = x.unsqueeze(-1) if one_token else x
-    _check_tensor("x", x3, (None, None, None), "(batch, dim) or (batch, dim, seqlen)")
+    x3, width = _checked_update(x, conv_state, weight)
     batch, dim, seqlen = x3.shape
-    width = _checked_weight(weight, dim)
-    _check_tensor("conv_state", conv_state, (None, dim, None), f"(batch, dim, state_len) with dim = {dim}")
+    one_token = x.dim() == 2
     state_len = conv_state.shape[-1]
-    check(state_len >= width - 1, f"conv_state has state_len={state_len}; it must hold at least width - 1 = "
-                                  f"{width - 1} inputs")
     check(conv_state.dtype == x.dtype, f"conv_state.dtype={conv_state.dtype} does not match x.dtype={x.dtype}; "
                                        f"the state holds past inputs: cast it with .to({x.dtype})", TypeError)
     if bias is not None:

@@ -396,7 +396,7 @@ def test_the_packages_module_paths_name_the_same_functions():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("width, seqlen, states", [
     P(4, 37, True, id="w4-L37-states"), P(2, 1, False, id="w2-L1"), P(3, 2, True, id="w3-L2-states"),
-    P(1, 5, True, id="w1-no-state"),
+    P(1, 5, True, id="w1-empty-state"),
 ])
 def test_reference_of_the_prefill_is_its_definition(width, seqlen, states, dtype):
     """causal_conv1d_ref against the float64 definition (computing in the float32 weight's precision, its output
@@ -440,6 +440,10 @@ def test_reference_of_the_update_is_its_definition(width, seqlen, extra_state, c
     kernel_out = causal_conv1d_update(x, kernel_state, weight, bias, "silu", cache_seqlens=cache_seqlens)
     assert_close(kernel_out, out.double(), torch.float32)
     assert torch.equal(kernel_state, state)
+    if circular:  # width 1: a circular buffer of no inputs
+        empty = torch.randn(batch, dim, 0)
+        assert torch.equal(causal_conv1d_update_ref(x, empty, weight[:, :1], cache_seqlens=cache_seqlens),
+                           causal_conv1d_update(x, empty.clone(), weight[:, :1], cache_seqlens=cache_seqlens))
     if seqlen == 1:  # one token: [batch, dim] in, [batch, dim] out
         one = causal_conv1d_update_ref(x[..., 0], torch.randn(batch, dim, width - 1 + extra_state), weight)
         assert one.shape == (batch, dim)

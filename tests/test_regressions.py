@@ -84,6 +84,9 @@ def test_one_token_prompts_weight_gradient_on_its_gpu_tile(data_format, monkeypa
     spec = ConvSpec(80, 80, 80, (1, 4), padding=(0, 0, 3, 0), bias=True, layout="nchw" if data_format == "NCL" else "nhwc")
     config = default_config(spec, "depthwise", "grad_weight", interpret=False, pixels=PixelSpace(2, 1, 2))
     assert (config.block_m, config.block_n) == (2, 64), config
+    # 20 pixels still fill the 32-pixel step: the tile is as it was (a wider one would only hold more registers)
+    assert default_config(spec, "depthwise", "grad_weight", interpret=False, pixels=PixelSpace(1, 20, 1)) == \
+        default_config(spec, "depthwise", "grad_weight", interpret=False, pixels=PixelSpace(1, 64, 1))
     x = torch.randn(2, 80, 1, requires_grad=True)
     weight, bias = torch.randn(80, 1, 4, requires_grad=True), torch.randn(80, requires_grad=True)
     x64, weight64, bias64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))

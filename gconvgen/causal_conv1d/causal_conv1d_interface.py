@@ -49,7 +49,7 @@ def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: 
     """causal_conv1d_update's definition: x [batch, dim] (one token) or [batch, dim, seqlen] after the state
     conv_state [batch, dim, state_len] (state_len >= width - 1), in the weight's dtype; the state keeps the last
     state_len inputs (in place), or with ``cache_seqlens`` [batch] is a circular buffer whose next write is at
-    cache_seqlens % state_len. Returns the seqlen outputs in x's dtype, [batch, dim] for a one-token x."""
+    cache_seqlens % state_len (of more tokens than it holds, the last ones). Returns the seqlen outputs in x's dtype, [batch, dim] for a one-token x."""
     act = _silu_or_none(activation)
     one_token = isinstance(x, torch.Tensor) and x.dim() == 2
     x, width = _checked_update(x, conv_state, weight)
@@ -63,11 +63,16 @@ def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: 
     else:
         _check_tensor("cache_seqlens", cache_seqlens, (batch,), f"(batch,) = ({batch},)", floating=False)
         offsets = cache_seqlens.long()[:, None]
-        read = torch.remainder(offsets + torch.arange(1 - width, 0, device=x.device), state_len)
-        history = conv_state.gather(2, read[:, None, :].expand(batch, dim, width - 1))
+        history = conv_state[..., :0]  # width 1: the window reads nothing before x
+        if width > 1:
+            read = torch.remainder(offsets + torch.arange(1 - width, 0, device=x.device), state_len)
+            history = conv_state.gather(2, read[:, None, :].expand(batch, dim, width - 1))
         inputs = torch.cat([history, x], dim=-1).to(weight.dtype)
-        written = torch.remainder(offsets + torch.arange(seqlen, device=x.device), state_len)
-        conv_state.scatter_(2, written[:, None, :].expand(batch, dim, seqlen), x.to(conv_state.dtype))
+        kept = min(seqlen, state_len)  # a token that a later one of x writes over is not written
+        if kept:
+            written = torch.remainder(offsets + torch.arange(seqlen - kept, seqlen, device=x.device), state_len)
+            conv_state.scatter_(2, written[:, None, :].expand(batch, dim, kept),
+                                x[..., seqlen - kept:].to(conv_state.dtype))
     out = F.conv1d(inputs, weight.unsqueeze(1), bias, groups=dim)[..., -seqlen:]
     out = (out if act is None else F.silu(out)).to(dtype_in)
     return out.squeeze(-1) if one_token else out

@@ -138,15 +138,16 @@ class Depthwise(Family):
     def fitted(self, config: KernelConfig, spec: ConvSpec, kind: str, pixels: PixelSpace) -> KernelConfig:
         """A tile of one row's pixels (row_tiles) no wider than the row (a power of two), with at least an
         element a thread (_gather_rows). A grad-weight over fewer pixels than a step: one step of all of them
-        (a power of two), whose window leaves room for twice the channels up to GRAD_WEIGHT_FEW_PIXELS_CHANNELS
-        (Mamba's k4 on a one-token prompt gathered 32 rows for one pixel: 3.7% of its floor modelled in
-        channels_last, 2.3% in NCL; one row of 32 channels 21.4 / 22.5%, of 64 37.2 / 41.0%, of 128 23.2 / 33.3)."""
+        (a power of two), whose window holds as many times more channels as it holds fewer pixels, up to
+        GRAD_WEIGHT_FEW_PIXELS_CHANNELS (Mamba's k4 on a one-token prompt gathered 32 rows for one pixel: 3.7% of
+        its floor modelled in channels_last, 2.3% in NCL; one row of 32 channels 21.4 / 22.5%, of 64 37.2 / 41.0%,
+        of 128 23.2 / 33.3)."""
         if kind == "grad_weight":
             if pixels.pixels >= config.block_m:
                 return config
-            channels = pow2_between(spec.out_channels, config.block_n,
-                                    max(config.block_n, GRAD_WEIGHT_FEW_PIXELS_CHANNELS))
-            return replace(config, block_m=pow2_between(pixels.pixels, 1, config.block_m), block_n=channels)
+            rows = pow2_between(pixels.pixels, 1, config.block_m)
+            wider = min(GRAD_WEIGHT_FEW_PIXELS_CHANNELS, config.block_n * config.block_m // rows)
+            return replace(config, block_m=rows, block_n=pow2_between(spec.out_channels, config.block_n, wider))
         if not row_tiles(spec, kind, config):
             return config
         return replace(config, block_m=min(config.block_m, pow2_between(pixels.width, _gather_rows(config), 1 << 30)))

@@ -101,9 +101,11 @@ def strip_rows(spec: ConvSpec, kind: str) -> bool:
 
 
 def wide_strips(spec: ConvSpec, kind: str) -> bool:
-    """Whether one row's strips (strip_rows) take their band steps' tiles from a wide tile, the main tile's strips
-    and as many again loaded at once (the template's halo tile as long as its main tile): a window past
-    STRIP_WINDOW columns."""
+    """Whether one row's strips (strip_rows) take a halo tile at least as long as the main tile (Family.halo): a
+    window past STRIP_WINDOW columns. The template loads a halo tile exactly as long as the main tile with it, as
+    one wide tile, and takes each band step's tile in one gather from it (whatever the window: a short window's
+    halo tile is that long where an element a thread needs it); a longer halo tile (band steps that reach past
+    the main tile's strips) stays apart."""
     return strip_rows(spec, kind) and window_width(spec) > STRIP_WINDOW
 
 
@@ -380,7 +382,7 @@ class DepthwiseGemm(Family):
             return config
         # channels_last: 8 channels for 16-byte loads; 8 warps hold the batched dot without spilling at k7 and k31,
         # and one row's strips up to STRIP_WINDOW, 5 band steps unrolled (causal k128: 186 registers, 66.3% of its
-        # floor modelled; 30.1% at 4 channels), and on the wide tile up to twice that (causal k256: 10 band steps,
+        # floor modelled; 30.1% at 4 channels), and on the wide tile up to twice that (causal k256: 9 band steps,
         # 255 registers and no spill on Triton 3.9 and 3.6, 40.5%; 28.6% in tiles of 16 strips)
         channels = 8
         if sliding_rows(spec, kind) and spec.out_channels % 8:

@@ -548,10 +548,11 @@ def test_strided_grouped_grad_input_takes_one_phase_a_program(size, kernel, stri
                                                               nan_filled_outputs):
     """A strided grouped input gradient runs the implicit GEMM in phases of the stride (Igemm.phases: each
     program's pixels share their rows modulo the stride, in channels_last their columns too, and it reduces
-    over the taps reaching them alone, none where a dilation the stride shares leaves a phase unreached), on
-    16-pixel tiles that cross the phases' rows and the batch, and matches F.conv2d's gradient with every
-    element written."""
-    loaded = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family, desc.phases))
+    over the taps reaching them alone, none where a dilation the stride shares leaves a phase unreached; in
+    NCHW at a stride of 2 along the width a program takes both column phases in turn, interleaved for its
+    store), on 16-pixel tiles that cross the phases' rows and the batch, and matches F.conv2d's gradient with
+    every element written."""
+    loaded = spy_on_kernels(monkeypatch, lambda desc: (desc.kind, desc.family, desc.phases, desc.interleave_columns))
     in_per_group, out_per_group = per_group
     x = torch.randn(3, groups * in_per_group, *size)
     x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
@@ -559,7 +560,9 @@ def test_strided_grouped_grad_input_takes_one_phase_a_program(size, kernel, stri
     small = Choice(KERNEL, KernelConfig(16, 16, 16, num_stages=1), "igemm")
     grad_x, expected = _grad_input_under(small, x, weight, stride, padding, dilation, groups)
     assert_close(grad_x, expected, torch.float32)
-    assert ("grad_input", "igemm", stride if channels_last else (stride[0], 1)) in loaded
+    interleaved = not channels_last and stride[1] == 2
+    phases = stride if channels_last or interleaved else (stride[0], 1)
+    assert ("grad_input", "igemm", phases, interleaved) in loaded
 
 
 @pytest.mark.parametrize("size, kernel, stride, padding, dilation, multiplier", [

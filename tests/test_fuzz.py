@@ -563,8 +563,9 @@ def iterations(problem: ConvProblem, desc) -> int:
                 * dense_grad_weight_steps(desc.spec, desc.config, out_h, out_w, *problem.size))
     if desc.kind == "grad_weight":  # igemm_rows: each tile out_rows + open_rows - 1 steps
         return math.prod(desc.grid(pixels)) * -(-desc.reduction_units(pixels) // desc.reduction_block) * rows_steps
-    if desc.family == "igemm":  # a strided grad-input's program takes the taps reaching its phase
-        return (math.prod(desc.grid(pixels)) * -(-taps // math.prod(desc.phases))
+    if desc.family == "igemm":  # a strided grad-input's program takes the taps reaching its phase (phases)
+        phases = desc.phases[0] * (1 if desc.interleave_columns else desc.phases[1])
+        return (math.prod(desc.grid(pixels)) * -(-taps // phases)
                 * -(-desc.spec.in_channels_per_group // desc.config.block_k))
     if desc.family == "igemm_rows":  # out_rows + open_rows - 1 steps, each every tap's dot
         return (math.prod(desc.grid(pixels)) * rows_steps * taps
@@ -1700,13 +1701,25 @@ def _grad_input_phases(case, family: str) -> int:
     """The stride's phases the grad-input kernel of ``family`` (depthwise: the direct kernel, igemm: the
     implicit GEMM) takes one of a program for a case (the product of desc.phases; 0 where the case's input
     gradient runs another kernel)."""
+    desc = _grad_input_desc(case, family)
+    return 0 if desc is None else math.prod(desc.phases)
+
+
+def _grad_input_desc(case, family: str):
+    """The grad-input kernel description of ``family`` for a case (None where its input gradient runs another
+    kernel)."""
     if _grad_input_family(case) != family:
-        return 0
+        return None
     spec = dataclasses.replace(spec_of(case.conv), bias=False)
     pixels = PixelSpace.of("grad_input", case.conv.batch, *case.conv.size, *output_size(case.conv))
-    desc = lower(plan(spec), "grad_input", choice=Choice(KERNEL, case.grad_input_config, family), interpret=True,
+    return lower(plan(spec), "grad_input", choice=Choice(KERNEL, case.grad_input_config, family), interpret=True,
                  allow_tf32=False, pixels=pixels)
-    return math.prod(desc.phases)
+
+
+def _interleaved(case) -> bool:
+    """Whether a case's grad-input runs the igemm kernel in interleaved column phases."""
+    desc = _grad_input_desc(case, "igemm")
+    return desc is not None and desc.interleave_columns
 
 
 def _grad_input_family(case) -> str | None:
@@ -1918,9 +1931,14 @@ GRADIENT_DOMAIN = [
         (f"{f} grad_input in phases with a NaN or inf input", lambda c, f=f: _grad_input_phases(c, f) > 1
          and c.specials),
         (f"{f} grad_input in phases of rows alone, strided NCHW", lambda c, f=f: _grad_input_phases(c, f) > 1
-         and c.conv.layout == "nchw" and c.conv.stride[1] > 1),
+         and c.conv.layout == "nchw" and c.conv.stride[1] > 1 and _grad_input_desc(c, f).phases[1] == 1),
         (f"{f} grad_input in phases with 64-bit offsets", lambda c, f=f: _grad_input_phases(c, f) > 1
          and c.conv.wide_index))],
+    # (Igemm.interleaves_columns: a stride of 2 along an NCHW width; widths 1 and odd, dilated)
+    *[(f"igemm grad_input in interleaved column phases{what}", lambda c, when=when: _interleaved(c) and when(c))
+      for what, when in (("", lambda c: True), (", an odd width", lambda c: c.conv.size[1] % 2),
+                         (", dilated", lambda c: max(c.conv.dilation) > 1),
+                         (" with a NaN or inf input", lambda c: bool(c.specials)))],
     *[(f"grad_input {route} with 64-bit offsets", lambda c, route=route: c.grad_input == route and c.conv.wide_index)
       for route in ("direct", "default")],
     *[(f"grad_weight on {f} with 64-bit offsets", lambda c, f=f: c.conv.wide_index

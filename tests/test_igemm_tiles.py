@@ -4,6 +4,9 @@ exactly those tiles against torch's float64 conv (every output element written),
 specialises them (wav2vec2's positional conv: what they save, and no spill)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -15,7 +18,7 @@ from gconvgen.compiler.lowering import KERNEL, Choice
 from gconvgen.compiler.tiles import KernelConfig
 from gconvgen.ir import ConvSpec
 from gconvgen.runtime import launch
-from test_sm90_compile import compiled_rows
+from test_sm90_compile import _compiler_env, compiled_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -102,3 +105,57 @@ def test_the_positional_conv_reads_a_third_less_for_sm90():
     for row in rows:
         assert row["family"] == "igemm" and row["spill"] == 0, row
         assert row["bytes"] <= 56, row
+
+
+# NCHW grad-inputs at a stride of 2 along the width, each program both column phases of a row phase, interleaved
+# for the store (Igemm.interleaves_columns): input widths 1 (column phase 1 empty), 2, 5 and 9 (odd: the tile's
+# last pixel of a row past the width), a dilation of 2 (column phase 1 reached by no tap), a stride of 3 x 2, a
+# stride of 2 x 1 (rows alone); 16-pixel tiles over several programs, batch 1 and 2
+INTERLEAVED = [
+    # batch, (H, W), kernel, stride, padding, dilation
+    (2, (5, 1), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    (1, (3, 2), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    (2, (7, 5), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    (1, (6, 9), (3, 2), (2, 2), (1, 0, 0, 1), (1, 1)),
+    (2, (8, 9), (3, 3), (2, 2), (2, 2, 2, 2), (2, 2)),
+    (1, (10, 8), (3, 3), (3, 2), (1, 1, 1, 1), (1, 1)),
+    (2, (6, 7), (3, 3), (2, 1), (1, 1, 1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("batch, size, kernel, stride, padding, dilation", INTERLEAVED)
+def test_an_nchw_strided_grad_input_interleaves_its_column_phases(batch, size, kernel, stride, padding, dilation,
+                                                                  nan_filled_outputs):
+    spec = ConvSpec(12, 24, 3, kernel, stride, padding, dilation, dtype="float32", layout="nchw")
+    generator = torch.Generator().manual_seed(hash((batch, size, kernel, stride)) % 2**31)
+    x = torch.randn(batch, 12, *size, generator=generator, dtype=torch.float64)
+    weight = torch.randn(24, 4, *kernel, generator=generator, dtype=torch.float64)
+    x_ref, weight_in = x.clone().requires_grad_(), weight.float()
+    out = reference_conv2d(x_ref, weight, None, stride, padding, dilation, 3)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    out.backward(grad_out)
+    # grad_out a view at a storage offset, every other channel of a wider tensor
+    wide = torch.randn(grad_out.shape[0], 2 * grad_out.shape[1] + 1, *grad_out.shape[2:], generator=generator)
+    wide[:, 1::2] = grad_out.float()
+    grad_x = torch.empty(x.shape, dtype=torch.float32)
+    prepared = launch.prepare_grad_input(spec, wide[:, 1::2], weight_in, grad_x,
+                                         Choice(KERNEL, KernelConfig(16, 16, 16, num_stages=1), "igemm"))
+    assert prepared.desc.interleave_columns == (stride[1] == 2)
+    launch.run(prepared)
+    assert_close(grad_x, x_ref.grad, torch.float32)
+
+
+def test_an_nchw_strided_grad_input_stores_vectors_of_half_the_work_for_sm90(tmp_path):
+    """ResNeXt-50's layer2.0 grad-input in NCHW as inspect compiles it: both column phases of a row phase a program,
+    interleaved, so it issues 2x the useful FLOPs and requests at most 3.2x the ideal bytes (whole rows a phase:
+    4.0x and 5.0x), its stores 16-byte vectors, no spill."""
+    report = tmp_path / "inspect.json"
+    done = subprocess.run([sys.executable, "-m", "gconvgen", "inspect", "--layer", "resnext50-l2-s2", "--layout", "nchw",
+                           "--kind", "grad_input", "--json", str(report)], capture_output=True, text=True,
+                          env=_compiler_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = json.loads(report.read_text())
+    figures = row["figures"]
+    assert row["family"] == "igemm" and figures["spill_bytes"] == 0, row
+    assert set(figures["global_store_widths"]) == {"128"}, row
+    assert row["issued_over_useful_flops"] <= 2.0 and row["requested_over_ideal_bytes"] <= 3.2, row

@@ -121,6 +121,8 @@ class KernelDesc:
     #                             a block of them has; else 0
     phases: tuple[int, int]     # depthwise and igemm grad-input: (row, column) phases of the stride, one a
     #                             program (Family.phases); else (1, 1)
+    interleave_columns: bool    # igemm grad-input of an NCHW output: a program takes every column phase of its row
+    #                             phase in turn and stores them interleaved along the width (Family.interleaves_columns)
     held_weights: int           # igemm_rows forward: the most weight elements (taps x BLOCK_K x BLOCK_N) a
     #                             program of one channel step loads once and holds through its rows
     #                             (Family.held_weights); 0: never held
@@ -335,13 +337,15 @@ def choose_tap_tile(fields: dict, ctx: Context) -> None:
     its accumulators allow at its config (Family.tap_tile), and when its tile is consecutive rows of a column,
     the output rows of a step (Family.step_rows); the banded forward that slides down the output rows, its open
     rows (Family.slide_rows). A strided grad-input's programs each take one phase of the
-    stride, so that a tap that reaches none of its pixels is skipped (Family.phases). The sliding igemm holds
+    stride, so that a tap that reaches none of its pixels is skipped (Family.phases), or every column phase of
+    one row phase in turn (Family.interleaves_columns). The sliding igemm holds
     weights of one channel step up to a size (Family.held_weights)."""
     spec, owner = fields["spec"], family(fields["family"])
     fields.update(tap_tile=owner.tap_tile(spec, ctx.kind, fields["config"], fields["halo_tile"]) if spec else 0,
                   step_rows=owner.step_rows(spec, ctx.kind, fields["config"]) if spec else 0,
                   slide_rows=owner.slide_rows(spec, ctx.kind, fields["config"], ctx.pixels) if spec else 0,
                   phases=owner.phases(spec, ctx.kind) if spec else (1, 1),
+                  interleave_columns=owner.interleaves_columns(spec, ctx.kind) if spec else False,
                   held_weights=owner.held_weights(ctx.kind) if spec else 0)
 
 

@@ -77,7 +77,13 @@ class Family:
              splits: int = 1, channels: int = 0) -> tuple[int, ...]:
         """The launch grid (see families.grid_of)."""
         channels = spec.in_channels if kind == "grad_input" else spec.out_channels
-        return (pixels.tiles(config.block_m, self.phases(spec, kind)), cdiv(channels, config.block_n))
+        return (self.pixel_tiles(spec, kind, config, pixels), cdiv(channels, config.block_n))
+
+    def pixel_tiles(self, spec: ConvSpec, kind: str, config: KernelConfig, pixels: PixelSpace) -> int:
+        """The grid's pixel tiles: of one phase of the stride each (Family.phases), or of one row phase each where a
+        program takes every column phase in turn (Family.interleaves_columns)."""
+        phases = self.phases(spec, kind)
+        return pixels.tiles(config.block_m, phases) // (phases[1] if self.interleaves_columns(spec, kind) else 1)
 
     def reduction_block(self, config: KernelConfig) -> int:
         """Units a split reduction (grad_weight, grad_bias) sums per step: a split's range is a multiple."""
@@ -126,6 +132,12 @@ class Family:
         """(row phases, column phases): kernel ``kind``'s programs each take input pixels of one phase, their
         rows and columns modulo these (KernelDesc.phases); (1, 1): any pixels."""
         return (1, 1)
+
+    def interleaves_columns(self, spec: ConvSpec, kind: str) -> bool:
+        """Whether a program of kernel ``kind`` in phases of the stride takes every column phase of its row phase
+        in turn, BLOCK_M pixels of each, and interleaves them along the width to store them
+        (KernelDesc.interleave_columns); the grid then has a program for every row phase's tile."""
+        return False
 
     def held_weights(self, kind: str) -> int:
         """The most weight elements a program of kernel ``kind`` loads once and holds (KernelDesc.held_weights);

@@ -116,10 +116,17 @@ class Igemm(Family):
         modulo stride_h (and in channels_last their columns modulo stride_w), and reduce over the taps that
         reach that phase alone (ResNeXt-50's layer2.0 3 x 3 at stride 2 in channels_last: every tap loaded
         and multiplied for every pixel, 8.9x the ideal bytes requested and 8x the useful FLOPs issued). An NCHW
-        phase keeps whole rows, so that its stores stay 16-byte vectors along the width."""
+        output is stored along the width: at a stride of 2 there a program takes both column phases in turn and
+        interleaves them (interleaves_columns), so that its stores stay 16-byte vectors (ResNeXt-50's layer2.0 in
+        NCHW: 5.0x the ideal bytes and 4.0x the useful FLOPs with whole rows a phase); at other strides a phase
+        keeps whole rows."""
         if kind != "grad_input":
             return (1, 1)
-        return (spec.stride[0], spec.stride[1] if spec.layout == "nhwc" else 1)
+        return (spec.stride[0], spec.stride[1] if spec.layout == "nhwc" or spec.stride[1] == 2 else 1)
+
+    def interleaves_columns(self, spec: ConvSpec, kind: str) -> bool:
+        """An NCHW grad-input in column phases (phases): their outputs interleave along the width."""
+        return spec.layout != "nhwc" and self.phases(spec, kind)[1] > 1
 
     def groups_per_program(self, spec: ConvSpec, config: KernelConfig, kind: str) -> int:
         """As many consecutive groups as fill the channel tile (block_n for the forward and grad-input,
@@ -134,7 +141,7 @@ class Igemm(Family):
             columns = packed * spec.in_channels_per_group * self.taps(spec)
             return (cdiv(packed * spec.out_channels_per_group, config.block_m) * cdiv(columns, config.block_n),
                     cdiv(spec.groups, packed), splits)
-        return (pixels.tiles(config.block_m, self.phases(spec, kind)),
+        return (self.pixel_tiles(spec, kind, config, pixels),
                 cdiv(packed * packed_channels(spec, kind), config.block_n), cdiv(spec.groups, packed))
 
     def reduction_block(self, config: KernelConfig) -> int:
@@ -162,7 +169,9 @@ class Igemm(Family):
                      "grad_input": packed * spec.out_channels_per_group * taps,
                      "grad_weight": arguments.get("pixels_per_split", 0)}[desc.kind]
         # forward and grad-input reduce tap by tap: each tap's channels take whole steps; a phase of the stride
-        # takes the taps reaching it, each tap one phase's (as many programs as any other phase's)
-        steps = (taps * math.ceil(reduction / taps / k) / math.prod(desc.phases) if desc.reduction_order == "tap_major"
+        # takes the taps reaching it, each tap one phase's (as many programs as any other phase's), and a program
+        # of interleaved column phases each of its phases' taps
+        phases = desc.phases[0] * (1 if desc.interleave_columns else desc.phases[1])
+        steps = (taps * math.ceil(reduction / taps / k) / phases if desc.reduction_order == "tap_major"
                  else math.ceil(reduction / k))
         return programs * steps * (m * k + k * n) * ELEMENT_BYTES[spec.dtype], programs * steps * 2 * m * n * k

@@ -32,15 +32,31 @@ HELD_WEIGHT_ELEMENTS = 9 * 64 * 64
 # A program's open accumulators (open_rows x block_m x block_n fp32) at most: 3 x [128, 32] on 4 warps, or
 # 3 x [128, 64] on 8 (96 registers a thread)
 ACCUMULATOR_ELEMENTS = 3 * 128 * 64
-# The grad-weight's accumulators, one [block_m, block_n] a tap, at most: 9 taps of [32, 32] on 4 warps (72
-# registers a thread); wider groups take several channel tiles, windows of more taps the flat grad-weight
-GRAD_WEIGHT_ACCUMULATOR_ELEMENTS = 9 * 32 * 32
+# The grad-weight's accumulators, one [block_m, block_n] a tap, at most this many registers a thread: 9 taps of
+# [64, 64] on 8 warps (a group of RegNetY-8GF's 56 channels a program: 207 registers, no spill; 39.2% of its floor
+# modelled against 25.9% at [64, 16], whose four column tiles each read grad_out again); wider groups take several
+# channel tiles. Windows of up to GRAD_WEIGHT_TAPS taps; wider ones the flat grad-weight, whose steps loop over
+# the taps (a 7 x 7 window would unroll 49 dots a step)
+GRAD_WEIGHT_ACCUMULATOR_REGISTERS = 144
+GRAD_WEIGHT_TAPS = 25
 # The grad-weight's step, block_m x block_n x block_k products a tap, at most: 16 x 16 x 64 (ResNeXt: 214
 # registers on 4 warps); 32 x 32 x 32 spilled 48 B on RegNetY-1.6GF (24 channels a group), 32 x 32 x 16 none
 GRAD_WEIGHT_STEP_PRODUCTS = 16 * 16 * 64
 # A row's step unrolls a dot for every tap of the window: windows of more taps are left to the flat igemm, which
 # loops over them (a 1 x 128 window, wav2vec2's positional conv, compiled for over ten minutes in float64)
 MAX_TAPS = 7 * 7
+
+
+def grad_weight_accumulators(spec: ConvSpec, warps: int) -> int:
+    """The grad-weight's accumulator elements at most on ``warps`` warps: GRAD_WEIGHT_ACCUMULATOR_REGISTERS a
+    thread, at half precision; half as many in float32 and float64 (two registers an element in float64; a
+    float32 dot without TF32 is FMAs on register tiles: [64, 64] spilled 3.9 KB on RegNetY-8GF, [64, 16] 1.9 KB)."""
+    return GRAD_WEIGHT_ACCUMULATOR_REGISTERS * 32 * warps // (1 if spec.dtype in ("bfloat16", "float16") else 2)
+
+
+def pow2_floor(value: int) -> int:
+    """The power of two at or below ``value`` (1 for values under 2)."""
+    return 1 << max(0, value.bit_length() - 1)
 
 
 def open_rows(spec: ConvSpec) -> int:
@@ -84,13 +100,13 @@ class IgemmRows(Igemm):
         return 0 if outputs <= MAX_DEFAULT_GROUP_OUTPUTS or held else 2
 
     def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
-        """The default grad-weight for windows taller than one row whose accumulators, one a tap at the
-        default tile, fit GRAD_WEIGHT_ACCUMULATOR_ELEMENTS (every 3 x 3 window: ResNeXt's groups of 4-64
-        channels, RegNetY's 24 and 56, in tiles of at most 32 x 32 channels); None elsewhere (7 x 7)."""
-        if spec.is_depthwise or spec.kernel_size[0] == 1:
+        """The default grad-weight for windows taller than one row, of up to GRAD_WEIGHT_TAPS taps, whose
+        accumulators, one a tap at the default tile, fit GRAD_WEIGHT_ACCUMULATOR_REGISTERS (every 3 x 3 window:
+        ResNeXt's groups of 4-64 channels, RegNetY's 24 and 56); None elsewhere (7 x 7)."""
+        if spec.is_depthwise or spec.kernel_size[0] == 1 or self.taps(spec) > GRAD_WEIGHT_TAPS:
             return None
         config = self.default_config(spec, "grad_weight", interpret=False)
-        fits = self.taps(spec) * config.block_m * config.block_n <= GRAD_WEIGHT_ACCUMULATOR_ELEMENTS
+        fits = self.taps(spec) * config.block_m * config.block_n <= grad_weight_accumulators(spec, config.num_warps)
         return 0 if fits else None
 
     def suits(self, spec: ConvSpec, kind: str, pixels: PixelSpace) -> bool:
@@ -113,16 +129,17 @@ class IgemmRows(Igemm):
         """The flat igemm's forward tile, block_m pixels of (batch, column) a row, halved while the open rows'
         accumulators pass ACCUMULATOR_ELEMENTS; in fewer stages while its operands pass the shared memory of
         DEFAULT_SHARED_MEMORY_BYTES. Grad-weight: (the packed groups' output channels, up to 64, their input
-        channels, up to 32 and as the taps' accumulators allow (GRAD_WEIGHT_ACCUMULATOR_ELEMENTS for a 3 x 3
-        window), pixels a step up to GRAD_WEIGHT_STEP_PRODUCTS for each 4 warps), groups packed as the
-        output-channel tile allows; 8 warps for 64 output channels. A group's output channels in one tile read
-        its input once (RegNetY-8GF's 56 a group: 21.7% of its floor modelled at 32 x 32, 25.9% at 64 x 16)."""
+        channels, up to 64 and as the taps' accumulators allow (grad_weight_accumulators), pixels a step up to
+        GRAD_WEIGHT_STEP_PRODUCTS for each 4 warps), groups packed as the output-channel tile allows; 8 warps
+        for 64 output channels. A group's output channels in one tile read its input once, its input channels
+        its grad_out once (RegNetY-8GF's 56 a group: 21.7% of its floor modelled at 32 x 32, 25.9% at 64 x 16,
+        39.2% at 64 x 64)."""
         if kind == "grad_weight":
             block_m = pow2_between(spec.out_channels_per_group, 16, 64)
             packed = min(spec.groups, max(1, block_m // spec.out_channels_per_group))
-            columns = max(16, min(32, GRAD_WEIGHT_ACCUMULATOR_ELEMENTS // (9 * block_m)))
-            block_n = pow2_between(packed * spec.in_channels_per_group, 16, columns)
             warps = 8 if block_m > 32 else 4
+            columns = grad_weight_accumulators(spec, warps) // (self.taps(spec) * block_m)
+            block_n = pow2_between(packed * spec.in_channels_per_group, 16, max(16, min(64, pow2_floor(columns))))
             block_k = pow2_between(GRAD_WEIGHT_STEP_PRODUCTS * warps // 4 // (block_m * block_n), 16, 64)
             return KernelConfig(block_m, block_n, block_k, num_warps=warps, num_stages=1 if interpret else 2)
         config = super().default_config(spec, kind, interpret=interpret)

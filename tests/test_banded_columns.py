@@ -12,7 +12,7 @@ import torch
 
 from conftest import assert_close, reference_conv2d
 from gconvgen.compiler.families import default_config, depthwise_gemm
-from gconvgen.compiler.lowering import KERNEL, Choice
+from gconvgen.compiler.lowering import KERNEL, Choice, lower
 from gconvgen.compiler.plan import plan
 from gconvgen.compiler.tiles import KernelConfig, PixelSpace
 from gconvgen.ir import ConvSpec
@@ -33,20 +33,25 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("channels, multiplier, size, kernel, padding, dilation, config", CASES)
 def test_tiles_of_a_columns_rows_match_torch(channels, multiplier, size, kernel, padding, dilation, config, dtype,
-                                             nan_filled_outputs):
+                                             layout, nan_filled_outputs):
+    """In channels_last, and in NCHW on the runtime's channels_last copy of x, its output written NCHW
+    (DepthwiseGemm.stages_channels_last)."""
     generator = torch.Generator().manual_seed(hash((channels, size, kernel)) % 2**31)
+    memory = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     x = torch.randn(2, channels, *size, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=memory)
     weight = torch.randn(channels * multiplier, 1, *kernel, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
     bias = torch.randn(channels * multiplier, generator=generator, dtype=torch.float64).to(DTYPES[dtype])
-    spec = ConvSpec(channels, channels * multiplier, channels, kernel, (1, 1), padding, dilation, True, dtype, "nhwc")
+    spec = ConvSpec(channels, channels * multiplier, channels, kernel, (1, 1), padding, dilation, True, dtype, layout)
     expected = reference_conv2d(x.double(), weight.double(), bias.double(), (1, 1), padding, dilation, channels)
-    out = torch.empty(expected.shape, dtype=DTYPES[dtype]).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(expected.shape, dtype=DTYPES[dtype]).contiguous(memory_format=memory)
     prepared = launch.prepare_forward(spec, x, weight, bias, out, Choice(KERNEL, config, "depthwise_gemm"))
     assert prepared.desc.step_rows == config.block_m, "not the tile of a column's rows"
+    assert prepared.desc.stage_channels_last == (layout == "nchw")
     launch.run(prepared)
     assert_close(out, expected, DTYPES[dtype])
 
@@ -57,8 +62,8 @@ def test_tiles_of_a_columns_rows_match_torch(channels, multiplier, size, kernel,
     ((31, 31), "nhwc", 14, 64, False),  # fewer than COLUMN_ROWS output rows: the flat tile
     ((31, 31), "nhwc", 56, 1, False),  # a tile halved under COLUMN_ROWS to fill the device: the flat tile
     ((15, 15), "nhwc", 56, 64, False),  # a window of fewer than COLUMN_KERNEL_ROWS rows
-    ((31, 31), "nchw", 56, 64, False),  # one channel's dot at a time
-])
+    ((31, 31), "nchw", 56, 64, False),  # one channel's dot at a time (the NCHW conv's own tile; its kernel is
+])                                      # the channels_last conv's on a staged copy: the next test)
 def test_tall_channels_last_windows_take_a_columns_rows_on_a_gpu_by_default(kernel, layout, rows, batch, columns):
     spec = ConvSpec(128, 128, 128, kernel, padding=tuple(k // 2 for k in kernel for _ in (0, 1)), dtype="bfloat16",
                     layout=layout)
@@ -66,6 +71,19 @@ def test_tall_channels_last_windows_take_a_columns_rows_on_a_gpu_by_default(kern
     config = default_config(spec, "depthwise_gemm", "forward", interpret=False,
                             pixels=PixelSpace.of("forward", batch, rows, 56, rows, 56))
     assert depthwise_gemm.column_rows(spec, "forward", config) == columns, config
+
+
+@pytest.mark.parametrize("kernel, stride, staged", [((31, 31), (1, 1), True), ((17, 3), (1, 2), True),
+                                                    ((15, 15), (1, 1), False), ((31, 31), (2, 2), False)])
+def test_a_tall_nchw_window_takes_a_columns_rows_on_a_channels_last_copy(kernel, stride, staged):
+    """An NCHW forward window of at least COLUMN_KERNEL_ROWS rows at stride 1 along the height: the runtime copies
+    x to channels_last and the kernel is the channels_last conv's, in columns of strips on a GPU by default."""
+    spec = ConvSpec(128, 128, 128, kernel, stride, tuple(k // 2 for k in kernel for _ in (0, 1)), dtype="bfloat16",
+                    layout="nchw")
+    desc = lower(plan(spec), "forward", interpret=False, allow_tf32=False,
+                 pixels=PixelSpace.of("forward", 64, 56, 56, *spec.output_size(56, 56)))
+    assert (desc.stage_channels_last, desc.spec.layout == "nhwc") == (staged, staged)
+    assert (desc.band_dot, desc.step_rows > 0) == (("channels", True) if staged else ("rows", False))
 
 
 SCRIPT = textwrap.dedent("""

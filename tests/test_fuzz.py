@@ -1020,10 +1020,11 @@ def test_conv1d_forward_banded_rows(problem, nan_filled_outputs):
 
 @st.composite
 def banded_columns(draw):
-    """conv2d problems forced onto the banded kernel in channels_last with windows of 16 to 18 rows (dilated
-    now and then) over maps of 17 to 40 output rows: tiles of one column of strips' rows (column_rows), one or
-    two down a column, the halo past the tile, the map's last rows and its padding."""
-    problem = draw(conv_problems(families=("depthwise_gemm",), layouts=("channels_last", "nhwc"), max_channels=6,
+    """conv2d problems forced onto the banded kernel in channels_last, or in NCHW on the runtime's channels_last
+    copy (DepthwiseGemm.stages_channels_last), with windows of 16 to 18 rows (dilated now and then) over maps of
+    17 to 40 output rows: tiles of one column of strips' rows (column_rows), one or two down a column, the halo
+    past the tile, the map's last rows and its padding."""
+    problem = draw(conv_problems(families=("depthwise_gemm",), layouts=("channels_last", "nhwc", "nchw"), max_channels=6,
                                  kernel_sides=(1, 2, 3, 5), extents=("tiny", "small", "long_rows")))
     kernel_h, dilation_h = draw(st.sampled_from((16, 17, 18))), draw(st.sampled_from((1, 1, 2)))
     reach = (kernel_h - 1) * dilation_h
@@ -1044,9 +1045,9 @@ def banded_columns(draw):
 @settings(max_examples=budget(0.1))
 @given(problem=banded_columns())
 def test_conv2d_forward_banded_columns(problem, nan_filled_outputs):
-    """The banded kernel in channels_last on windows of at least COLUMN_KERNEL_ROWS rows, where a tile of one
-    column of strips' output rows loads each band step's input once and gathers each kernel row's tile
-    (column_rows): its halo past the tile, rows past the map, dilated heights, non-finite inputs."""
+    """The banded kernel in channels_last (NCHW: on a staged copy) on windows of at least COLUMN_KERNEL_ROWS rows,
+    where a tile of one column of strips' output rows loads each band step's input once and gathers each kernel
+    row's tile (column_rows): its halo past the tile, rows past the map, dilated heights, non-finite inputs."""
     check_forward(problem)
 
 
@@ -1605,11 +1606,16 @@ def _strip_tiles(problem: ConvProblem, wide: bool = False) -> int:
 def _column_tiles(problem: ConvProblem) -> int:
     """How many tiles of one column of strips' rows the banded forward launch of the problem has down a column
     (0: flat tiles)."""
+    desc = _forward_desc(problem)
+    return -(-output_size(problem)[0] // desc.step_rows) if desc.step_rows else 0
+
+
+def _forward_desc(problem: ConvProblem):
+    """The forward kernel description of the problem's launch."""
     with launch_variant(problem):
         pixels = PixelSpace.of("forward", problem.batch, *problem.size, *output_size(problem))
-        desc = lower(plan(spec_of(problem)), "forward", choice=Choice(KERNEL, problem.config, problem.family),
+        return lower(plan(spec_of(problem)), "forward", choice=Choice(KERNEL, problem.config, problem.family),
                      interpret=True, allow_tf32=False, pixels=pixels)
-    return -(-output_size(problem)[0] // desc.step_rows) if desc.step_rows else 0
 
 
 def _sliding_blocks(problem: ConvProblem) -> tuple[int, int]:
@@ -1814,6 +1820,8 @@ DOMAIN = [
     ("banded columns, dilated in height", "banded_columns", lambda p: _column_tiles(p) and p.dilation[0] > 1),
     ("banded columns with a NaN or inf input", "banded_columns", lambda p: _column_tiles(p) and bool(p.specials)),
     ("banded columns with 64-bit offsets", "banded_columns", lambda p: _column_tiles(p) and p.wide_index),
+    ("banded columns on a staged copy of an NCHW input", "banded_columns",
+     lambda p: _column_tiles(p) and _forward_desc(p).stage_channels_last),
     *[(f"banded columns in {dtype}", "banded_columns", lambda p, dtype=dtype: _column_tiles(p) and p.dtype == dtype)
       for dtype in DTYPES],
     ("banded sliding in one block down the rows", "banded_sliding", lambda p: _sliding_blocks(p)[1] == 1),

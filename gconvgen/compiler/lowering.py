@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from ..memo import memoized
@@ -250,9 +250,14 @@ def choose_layout_constants(fields: dict, ctx: Context) -> None:
     ``gconvgen bench`` times as part of the call) and the kernel reads 16-byte runs of channels through its
     pipelined loop. Outputs are written through their own strides. The direct depthwise kernels are not
     staged: they are bound by memory traffic, which a copy would double, and their NCHW loads run along
-    the width, consecutive lanes on consecutive addresses."""
-    layout = ctx.plan.spec.layout if ctx.plan is not None else "strided"
-    stage = family(fields["family"]).stages_channels_last(layout)
+    the width, consecutive lanes on consecutive addresses. The banded forward of a window of many rows in NCHW is
+    staged too (DepthwiseGemm.stages_channels_last), and computes the channels_last conv: the description's
+    spec is that conv's, its output written through the NCHW strides."""
+    spec, owner = fields["spec"], family(fields["family"])
+    stage = spec is not None and owner.stages_channels_last(spec, ctx.kind)
+    if stage and owner.computes_staged_as_channels_last():
+        fields["spec"] = spec = replace(spec, layout="nhwc")
+    layout = spec.layout if spec is not None else "strided"
     fields.update(channels_contiguous=layout == "nhwc" or stage, width_contiguous=layout == "nchw" and not stage,
                   stage_channels_last=stage)
 

@@ -98,8 +98,13 @@ class Family:
         return MIN_BLOCKS_PER_SPLIT
 
     # ------------------------------------------------------------------ lowering decisions
-    def stages_channels_last(self, layout: str) -> bool:
-        """Whether the runtime copies an activation of ``layout`` to channels_last for this family's kernels."""
+    def stages_channels_last(self, spec: ConvSpec, kind: str) -> bool:
+        """Whether the runtime copies the activation kernel ``kind`` of ``spec`` reads to channels_last."""
+        return False
+
+    def computes_staged_as_channels_last(self) -> bool:
+        """Whether a staged kernel of this family computes the channels_last conv (its output written through
+        its own strides), not the conv of the spec's layout with channels_last reads (lowering.choose_layout_constants)."""
         return False
 
     def reduction_order(self, kind: str, channels_contiguous: bool) -> str:

@@ -147,9 +147,9 @@ class Igemm(Family):
     def reduction_block(self, config: KernelConfig) -> int:
         return config.block_k
 
-    def stages_channels_last(self, layout: str) -> bool:
+    def stages_channels_last(self, spec: ConvSpec, kind: str) -> bool:
         """Tiles are a run of channels per tap, which NCHW memory can only gather an element at a time."""
-        return layout != "nhwc"
+        return spec.layout != "nhwc"
 
     def reduction_order(self, kind: str, channels_contiguous: bool) -> str:
         if kind in ("forward", "grad_input"):

@@ -151,6 +151,12 @@ class KernelDesc:
         return "_".join([*prefix, self.spec.name, digest])
 
     @property
+    def takes_row_alignment(self) -> bool:
+        """Whether the launch's row alignment reaches this kernel (choose_row_alignment)."""
+        return self.spec is not None and aligns_rows(family(self.family), self.spec, self.band_dot, self.kind,
+                                                     self.stage_channels_last)
+
+    @property
     def kernel_name(self) -> str:
         """The Triton function's name in the rendered module: ``gconvgen_`` + its uri."""
         return "gconvgen_" + self.uri
@@ -315,6 +321,11 @@ def choose_band_dot(fields: dict, ctx: Context) -> None:
     fields["band_dot"] = family(fields["family"]).band_dot(fields["spec"])
 
 
+def aligns_rows(owner, spec: ConvSpec, dot: str, kind: str, staged: bool) -> bool:
+    """Whether a kernel of family ``owner`` takes the launch's row alignment (choose_row_alignment)."""
+    return owner.reads_aligned_rows(spec, dot, kind) or (staged and owner.computes_staged_as_channels_last())
+
+
 def choose_row_alignment(fields: dict, ctx: Context) -> None:
     """Kernels that read or write activations as vectors (Family.reads_aligned_rows: depthwise1d, the banded
     kernel's "rows" dot on NCHW, igemm's channels_last pixels and NCHW output rows) take the launch's row
@@ -323,9 +334,11 @@ def choose_row_alignment(fields: dict, ctx: Context) -> None:
     band_shift columns before its window, on an aligned column (strips are BLOCK_K x stride >= 16 columns
     apart), so its rows are aligned vector loads (cp.async on sm_90); its band blocks start as many columns
     later. Others: 1 and 0. ``read_alignment``: what the rows the kernel reads are multiples of, at least that;
-    the igemm kernels round their (staged) reads to it, their writes to row_alignment."""
+    the igemm kernels round their (staged) reads to it, their writes to row_alignment. A kernel computing the
+    channels_last conv of a staged NCHW input (Family.computes_staged_as_channels_last) writes its NCHW output's
+    rows as vectors."""
     owner, spec = family(fields["family"]), fields["spec"]
-    aligned = spec is not None and owner.reads_aligned_rows(spec, fields["band_dot"], ctx.kind)
+    aligned = spec is not None and aligns_rows(owner, spec, fields["band_dot"], ctx.kind, fields["stage_channels_last"])
     alignment = ctx.row_alignment if aligned else 1
     # a staged read is the runtime's channels_last copy (launch.staged): whatever the launch writes (an NCHW
     # output of 7-wide rows aligns nothing), its pixel starts are multiples of its channels

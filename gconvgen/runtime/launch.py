@@ -32,7 +32,7 @@ from ..compiler.families.base import MIN_BLOCKS_PER_SPLIT
 from ..ir import ConvSpec, check
 from ..compiler.plan import grad_input_as_forward, transposed_conv
 from ..compiler.lowering import (
-    DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, PixelSpace, family, lowered_for, needs_wide_index,
+    DEFAULT, NO_EPILOGUE, Choice, Epilogue, KernelDesc, PixelSpace, lowered_for, needs_wide_index,
     row_alignment)
 from . import cache, warm, weights
 from .device import allows_tf32, device_target, on_device, target_programs
@@ -76,7 +76,7 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
     facts = (dtype or spec.dtype, choice, target == "interpreter", allows_tf32(device) if device.type == "cuda" else False,
              needs_wide_index(largest, pixels.pixels), pixels, epilogue, weight_memory)
     desc = lowered_for(spec, kind, *facts)
-    if spec is None or not family(desc.family).reads_aligned_rows(spec, desc.band_dot, kind):
+    if not desc.takes_row_alignment:
         return desc
     alignment = _aligned_rows(spec, desc, *rows)
     return desc if alignment == 1 else lowered_for(spec, kind, *facts, alignment)

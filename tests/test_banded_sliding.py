@@ -145,7 +145,7 @@ SCRIPT = textwrap.dedent("""
             row = inspect_problem(forward)
             rows.append({"layer": layer.id, "layout": layout, "family": row.family, "spill": row.figures.spill_bytes,
                          "sliding": prepared_launch(forward).desc.slide_rows, "bytes": row.requested_over_ideal_bytes,
-                         "percent": row.model.percent_of_floor})
+                         "percent": row.model.percent_of_floor, "stores": row.figures.global_store_widths})
     print(json.dumps(rows))
 """)
 
@@ -153,9 +153,12 @@ SCRIPT = textwrap.dedent("""
 def test_short_depthwise_windows_read_each_input_row_once_for_sm90():
     """MobileNetV2's dw3 (at strides 1 and 2), EfficientNet's dw5 and ConvNeXt's dw7 forward as inspect compiles
     them, both layouts: sliding down the rows, no spill, at most 2.2x the ideal bytes (ConvNeXt's flat band tiles:
-    8.6-9.0x) and at least 40% of the floor modelled (the direct kernels and flat band tiles before: 11-54%)."""
+    8.6-9.0x) and at least 40% of the floor modelled (the direct kernels and flat band tiles before: 11-54%); their
+    outputs stored as vectors of at least 8 bytes (NCHW rows of 56 and 28 columns before their alignment reached the
+    template: 2-byte stores)."""
     rows = compiled_rows(SCRIPT)
     assert len(rows) == 8
     for row in rows:
         assert row["family"] == "depthwise_gemm" and row["sliding"] > 0 and row["spill"] == 0, row
         assert row["bytes"] <= 2.2 and row["percent"] >= 40, row
+        assert row["stores"] and min(int(bits) for bits in row["stores"]) >= 64, row

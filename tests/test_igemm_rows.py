@@ -193,11 +193,12 @@ def _grad_weight_of(in_c, out_c, groups, size, kernel, stride, padding, dilation
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_whole_group_grad_weight_tile_matches_torch(dtype, layout):
     """The GPU default grad-weight tile of 56 channels a group (RegNetY-8GF's), a group's 64 x 64 output and input
-    channels a program, under the interpreter on a small map in two splits: every weight element written."""
+    channels a program in bfloat16 (64 x 16 in float32), under the interpreter on a small map in two splits: every
+    weight element written."""
     spec, x, grad_out, expected = _grad_weight_of(112, 112, 2, (5, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1),
                                                   "strict", dtype, layout)
     config = igemm_rows.IgemmRows().default_config(spec, "grad_weight", interpret=False)
-    assert (config.block_m, config.block_n) == ((64, 64) if dtype == "bfloat16" else (64, 32))
+    assert (config.block_m, config.block_n) == ((64, 64) if dtype == "bfloat16" else (64, 16))
     grad_w = torch.full(expected.shape, float("nan"), dtype=DTYPES[dtype])
     launch.run(launch.prepare_grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, config, "igemm_rows"), 2))
     assert not grad_w.isnan().any(), "a weight element was not written"
@@ -245,7 +246,7 @@ def test_the_grad_weight_takes_its_row_blocks_from_its_units(max_rows, monkeypat
     (336, 14, (3, 3), "igemm_rows"),   # RegNetY-1.6GF stage 3: 24 channels a group
     (896, 16, (3, 3), "igemm_rows"),   # RegNetY-8GF stage 3: 56 a group, in 64 x 64 channel tiles on 8 warps
     (128, 32, (5, 5), "igemm_rows"),   # 25 taps of 16 x 16 accumulators
-    (128, 32, (7, 7), "igemm"),        # 49 taps: past GRAD_WEIGHT_TAPS
+    (128, 32, (7, 7), "igemm"),        # 49 taps of 16 x 16 accumulators would not fit
     (128, 32, (1, 3), "igemm"),        # a one-row window: no rows to slide down
 ])
 def test_the_default_grad_weight_slides_down_rows_where_its_tap_accumulators_fit(in_c, groups, kernel, first):

@@ -32,13 +32,14 @@ HELD_WEIGHT_ELEMENTS = 9 * 64 * 64
 # A program's open accumulators (open_rows x block_m x block_n fp32) at most: 3 x [128, 32] on 4 warps, or
 # 3 x [128, 64] on 8 (96 registers a thread)
 ACCUMULATOR_ELEMENTS = 3 * 128 * 64
-# The grad-weight's accumulators, one [block_m, block_n] a tap, at most this many registers a thread: 9 taps of
-# [64, 64] on 8 warps (a group of RegNetY-8GF's 56 channels a program: 207 registers, no spill; 39.2% of its floor
-# modelled against 25.9% at [64, 16], whose four column tiles each read grad_out again); wider groups take several
-# channel tiles. Windows of up to GRAD_WEIGHT_TAPS taps; wider ones the flat grad-weight, whose steps loop over
-# the taps (a 7 x 7 window would unroll 49 dots a step)
+# The grad-weight's accumulators, one [block_m, block_n] a tap, at most: 9 taps of [32, 32] (72 registers a thread
+# on 4 warps); wider groups take several channel tiles, windows of more taps the flat grad-weight. Half-precision
+# windows of up to 9 taps (3 x 3), this many registers a thread: [64, 64] on 8 warps (a group of RegNetY-8GF's 56
+# channels a program: 207 registers, no spill; 39.2% of its floor modelled against 25.9% at [64, 16], whose four
+# column tiles each read grad_out again). Not in float32 (a dot without TF32 is FMAs on register tiles: [64, 64]
+# spilled 3.9 KB on RegNetY-8GF) nor float64, nor wider windows (5 x 3 in float32 at [64, 16]: 7.8 KB)
+GRAD_WEIGHT_ACCUMULATOR_ELEMENTS = 9 * 32 * 32
 GRAD_WEIGHT_ACCUMULATOR_REGISTERS = 144
-GRAD_WEIGHT_TAPS = 25
 # The grad-weight's step, block_m x block_n x block_k products a tap, at most: 16 x 16 x 64 (ResNeXt: 214
 # registers on 4 warps); 32 x 32 x 32 spilled 48 B on RegNetY-1.6GF (24 channels a group), 32 x 32 x 16 none
 GRAD_WEIGHT_STEP_PRODUCTS = 16 * 16 * 64
@@ -49,9 +50,10 @@ MAX_TAPS = 7 * 7
 
 def grad_weight_accumulators(spec: ConvSpec, warps: int) -> int:
     """The grad-weight's accumulator elements at most on ``warps`` warps: GRAD_WEIGHT_ACCUMULATOR_REGISTERS a
-    thread, at half precision; half as many in float32 and float64 (two registers an element in float64; a
-    float32 dot without TF32 is FMAs on register tiles: [64, 64] spilled 3.9 KB on RegNetY-8GF, [64, 16] 1.9 KB)."""
-    return GRAD_WEIGHT_ACCUMULATOR_REGISTERS * 32 * warps // (1 if spec.dtype in ("bfloat16", "float16") else 2)
+    thread for a half-precision window of up to 9 taps, else GRAD_WEIGHT_ACCUMULATOR_ELEMENTS."""
+    if spec.dtype in ("bfloat16", "float16") and spec.kernel_size[0] * spec.kernel_size[1] <= 9:
+        return GRAD_WEIGHT_ACCUMULATOR_REGISTERS * 32 * warps
+    return GRAD_WEIGHT_ACCUMULATOR_ELEMENTS
 
 
 def pow2_floor(value: int) -> int:
@@ -100,10 +102,10 @@ class IgemmRows(Igemm):
         return 0 if outputs <= MAX_DEFAULT_GROUP_OUTPUTS or held else 2
 
     def grad_weight_rank(self, spec: ConvSpec) -> Optional[int]:
-        """The default grad-weight for windows taller than one row, of up to GRAD_WEIGHT_TAPS taps, whose
-        accumulators, one a tap at the default tile, fit GRAD_WEIGHT_ACCUMULATOR_REGISTERS (every 3 x 3 window:
-        ResNeXt's groups of 4-64 channels, RegNetY's 24 and 56); None elsewhere (7 x 7)."""
-        if spec.is_depthwise or spec.kernel_size[0] == 1 or self.taps(spec) > GRAD_WEIGHT_TAPS:
+        """The default grad-weight for windows taller than one row whose accumulators, one a tap at the default
+        tile, fit grad_weight_accumulators (every 3 x 3 window: ResNeXt's groups of 4-64 channels, RegNetY's 24
+        and 56); None elsewhere (7 x 7)."""
+        if spec.is_depthwise or spec.kernel_size[0] == 1:
             return None
         config = self.default_config(spec, "grad_weight", interpret=False)
         fits = self.taps(spec) * config.block_m * config.block_n <= grad_weight_accumulators(spec, config.num_warps)
@@ -138,8 +140,10 @@ class IgemmRows(Igemm):
             block_m = pow2_between(spec.out_channels_per_group, 16, 64)
             packed = min(spec.groups, max(1, block_m // spec.out_channels_per_group))
             warps = 8 if block_m > 32 else 4
-            columns = grad_weight_accumulators(spec, warps) // (self.taps(spec) * block_m)
-            block_n = pow2_between(packed * spec.in_channels_per_group, 16, max(16, min(64, pow2_floor(columns))))
+            # (sized as for a 3 x 3 window; up to 64 where the registers bound the accumulators, else 32)
+            columns = grad_weight_accumulators(spec, warps) // (9 * block_m)
+            most = 64 if grad_weight_accumulators(spec, warps) > GRAD_WEIGHT_ACCUMULATOR_ELEMENTS else 32
+            block_n = pow2_between(packed * spec.in_channels_per_group, 16, max(16, min(most, pow2_floor(columns))))
             block_k = pow2_between(GRAD_WEIGHT_STEP_PRODUCTS * warps // 4 // (block_m * block_n), 16, 64)
             return KernelConfig(block_m, block_n, block_k, num_warps=warps, num_stages=1 if interpret else 2)
         config = super().default_config(spec, kind, interpret=interpret)

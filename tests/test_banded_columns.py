@@ -115,3 +115,18 @@ def test_replknet_forward_reads_its_input_once_a_band_step_for_sm90():
         assert row["family"] == "depthwise_gemm" and row["columns"] > 0 and row["spill"] == 0, row
         assert row["bytes"] <= (6 if row["layout"] == "nhwc" else 7) and row["percent"] >= 11, row
         assert set(row["stores"]) == {"128"}, row
+
+
+def test_the_tuner_shapes_a_staged_nchw_forward_as_the_channels_last_kernel_it_runs():
+    """RepLKNet's dw31 in NCHW: the tuner's default and its space's rules take the channels_last conv the staged
+    kernel computes (families.kernel_spec), so the default it times is the config an untuned call runs."""
+    from gconvgen.autotune import suites
+    from gconvgen.autotune.space import DeviceFacts
+    from gconvgen.autotune.tuner import families_of
+    from gconvgen.compiler.families import kernel_spec
+    layer = next(layer for layer in suites.load_suite("headline").layers if layer.id == "replknet-dw31")
+    problem = layer.problem("bfloat16", "nchw")
+    banded = next(f for f in families_of(problem, DeviceFacts("cuda:90", 132, 232448)) if f.name == "depthwise_gemm")
+    assert kernel_spec(problem.spec, "depthwise_gemm", "forward").layout == "nhwc"
+    untuned = lower(plan(problem.spec), "forward", interpret=False, allow_tf32=False, pixels=problem.pixel_space)
+    assert banded.default == untuned.config and untuned.config.block_n == 8, (banded.default, untuned.config)

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from .. import knobs
-from ..compiler.families import family_of_space
+from ..compiler.families import family_of_space, kernel_spec
 from ..ir import ConvSpec, check
 from ..compiler.lowering import KERNEL, Choice, KernelConfig, PixelSpace, lowered, packed_channels
 from ..memo import memoized
@@ -164,18 +164,24 @@ def tile_within(configs, problem, facts, family, params):
     return _within(configs, params["axis"], EXTENTS[params["extent"]](problem), params.get("min", 1))
 
 
+def _kernel_spec(problem, space: str) -> ConvSpec:
+    """The conv the kernel of search space ``space`` computes for the problem (families.kernel_spec)."""
+    return kernel_spec(problem.spec, family_of_space(space).name, problem.kind)
+
+
 def tile_elements(configs, problem, facts, family, params):
     """Keep tiles of min <= outputs <= max: BLOCK_M * BLOCK_N, times BLOCK_K columns for depthwise_gemm, times
     the padded taps for depthwise grad-weight (its step gathers a [BLOCK_M, taps, BLOCK_N] window), times the
     channels a program takes for depthwise_dense (Family.tile_depth)."""
     low, high = params.get("min", 0), params.get("max", float("inf"))
-    owner = family_of_space(family)
-    return [c for c in configs if low <= c.block_m * c.block_n * owner.tile_depth(c, problem.spec, problem.kind) <= high]
+    owner, spec = family_of_space(family), _kernel_spec(problem, family)
+    return [c for c in configs if low <= c.block_m * c.block_n * owner.tile_depth(c, spec, problem.kind) <= high]
 
 
 def tile_fits_layout(configs, problem, facts, family, params):
-    """channels_last: channel tiles of at least nhwc_min_block_n; NCHW: pixel tiles of at least nchw_min_block_m."""
-    spec = problem.spec
+    """channels_last: channel tiles of at least nhwc_min_block_n; NCHW: pixel tiles of at least nchw_min_block_m
+    (the layout of the conv the kernel computes: a staged one's is channels_last)."""
+    spec = _kernel_spec(problem, family)
     if spec.layout == "nhwc":
         least = min(params["nhwc_min_block_n"], triton.next_power_of_2(spec.out_channels))
         return [c for c in configs if c.block_n >= least]
@@ -198,17 +204,17 @@ def shared_memory_fits(configs, problem, facts, family, params):
     the channels in flight x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_K) for depthwise_gemm's input tile and band
     (tiles.band_operand_bytes)."""
     limit = facts.shared_memory_bytes or params["default_bytes"]
-    owner = family_of_space(family)
-    return [c for c in configs if owner.operand_bytes(c, problem.spec) <= limit]
+    owner, spec = family_of_space(family), _kernel_spec(problem, family)
+    return [c for c in configs if owner.operand_bytes(c, spec) <= limit]
 
 
 def accumulators_fit(configs, problem, facts, family, params):
     """Drop configs whose accumulators need more than max_registers registers a thread
     (Family.accumulator_registers: the banded grad-weight's one kernel row at the least, which no pass
     can split further)."""
-    owner = family_of_space(family)
+    owner, spec = family_of_space(family), _kernel_spec(problem, family)
     return [c for c in configs
-            if owner.accumulator_registers(c, problem.spec, problem.kind) <= params["max_registers"] * 32 * c.num_warps]
+            if owner.accumulator_registers(c, spec, problem.kind) <= params["max_registers"] * 32 * c.num_warps]
 
 
 def channels_per_warp(configs, problem, facts, family, params):

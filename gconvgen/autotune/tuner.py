@@ -17,6 +17,7 @@ import torch
 
 from .. import knobs
 from ..ir import check
+from ..compiler.families import kernel_spec
 from ..compiler.lowering import ATEN, KERNEL, Choice, KernelConfig, default_config, suiting_first
 from ..compiler.plan import grad_input_offers, planned, transposed_conv
 from ..runtime import launch
@@ -188,7 +189,8 @@ def families_of(problem: Problem, facts: DeviceFacts) -> list[Family]:
     """The kernel families tuning ``problem`` searches (see _search_spaces) on a device of ``facts``."""
     interpret = facts.kind == "interpreter"
     return [Family(family, load_space(space, facts.kind),
-                   default_config(shaped.spec, family, shaped.kind, interpret=interpret, pixels=shaped.pixel_space),
+                   default_config(kernel_spec(shaped.spec, family, shaped.kind), family, shaped.kind,
+                                  interpret=interpret, pixels=shaped.pixel_space),
                    shaped, transposed)
             for family, space, shaped, transposed in _search_spaces(problem)]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..memo import memoized
@@ -23,7 +23,7 @@ from .plan import Plan, planned
 # the families' and tiles' names are re-exported: a config is part of the lowered description
 from .families import (  # noqa: F401
     FAMILIES as _REGISTRY, GRAD_BIAS_FAMILY, TEMPLATES, check_config, default_config, family, grid_of,
-    groups_per_program, suiting_first)
+    groups_per_program, kernel_spec, suiting_first)
 from .families.depthwise import depthwise_grad_weight_config, tap_tile  # noqa: F401
 from .families.depthwise1d import window_halo  # noqa: F401
 from .families.depthwise_gemm import band_dot, band_operand_bytes, band_steps  # noqa: F401
@@ -261,8 +261,8 @@ def choose_layout_constants(fields: dict, ctx: Context) -> None:
     spec is that conv's, its output written through the NCHW strides."""
     spec, owner = fields["spec"], family(fields["family"])
     stage = spec is not None and owner.stages_channels_last(spec, ctx.kind)
-    if stage and owner.computes_staged_as_channels_last():
-        fields["spec"] = spec = replace(spec, layout="nhwc")
+    if stage:
+        fields["spec"] = spec = kernel_spec(spec, fields["family"], ctx.kind)
     layout = spec.layout if spec is not None else "strided"
     fields.update(channels_contiguous=layout == "nhwc" or stage, width_contiguous=layout == "nchw" and not stage,
                   stage_channels_last=stage)

@@ -94,6 +94,16 @@ def check_config(config: KernelConfig, family_name: str) -> None:
     check(1 <= config.num_stages <= MAX_STAGES, f"num_stages={config.num_stages} must be in [1, {MAX_STAGES}]")
 
 
+def kernel_spec(spec: ConvSpec, family_name: str, kind: str) -> ConvSpec:
+    """The conv that family ``family_name``'s kernel ``kind`` computes for ``spec``: spec itself, or where the family
+    stages the activation and computes the channels_last conv of the copy (Family.computes_staged_as_channels_last),
+    spec in channels_last (its output written through the launch's strides)."""
+    owner = family(family_name)
+    if owner.stages_channels_last(spec, kind) and owner.computes_staged_as_channels_last():
+        return replace(spec, layout="nhwc")
+    return spec
+
+
 def default_config(spec: Optional[ConvSpec], family_name: str, kind: str, *, interpret: bool,
                    pixels: Optional[PixelSpace] = None) -> KernelConfig:
     """A sound config chosen at once from the spec (the family's ``default_config``) and, when given, the

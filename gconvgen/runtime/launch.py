@@ -73,8 +73,11 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
     largest = max(tensor.untyped_storage().nbytes() // tensor.element_size() - 1 for tensor in tensors
                   if tensor is not None)
     target = target or device_target(device)
+    # a grad-input in interleaved column phases (KernelDesc.interleave_columns) flattens its rows over the width
+    # rounded up to even: up to twice the pixels at width 1
+    flat = pixels.pixels * (2 if kind == "grad_input" else 1)
     facts = (dtype or spec.dtype, choice, target == "interpreter", allows_tf32(device) if device.type == "cuda" else False,
-             needs_wide_index(largest, pixels.pixels), pixels, epilogue, weight_memory)
+             needs_wide_index(largest, flat), pixels, epilogue, weight_memory)
     desc = lowered_for(spec, kind, *facts)
     if not desc.takes_row_alignment:
         return desc

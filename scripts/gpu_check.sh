@@ -10,11 +10,12 @@
 #   4. the headline suite forward in NCHW and channels_last against F.conv2d, and forward + backward in
 #      channels_last against PyTorch eager; then forward + backward of the secondary suite's small maps
 #      (RepLKNet's dw27 on 14 x 14, ConvNeXt's dw7 on 7 x 7: the dense kernels) in both layouts, and of two
-#      NCHW grouped layers (ResNeXt's l1, RegNetY-1.6GF's stage 3: staged channels_last, one copy of grad_output
-#      for both backward kernels), and of the sequence suite's causal k128 and k256 in both layouts;
+#      NCHW grouped layers (ResNeXt's l1, RegNetY-1.6GF's stage 3: read in place, then again staged channels_last
+#      with one copy of grad_output for both backward kernels, the way wider groups run), and of the sequence
+#      suite's causal k128 and k256 in both layouts;
 #   5. `gconvgen inspect` of the same kernels (static sm_90 figures, run on the CPU cores meanwhile),
 #      so static figures and measured times sit side by side.
-# Writes at most 10 files to OUT_DIR (limits on a GPU: 120 + 30 + 90 + 45 + 90 + 40 + 35 + 25 + 20 s). Every step has
+# Writes at most 10 files to OUT_DIR (limits on a GPU: 120 + 30 + 90 + 45 + 90 + 40 + 35 + 2 x 25 + 20 s). Every step has
 # its own time limit; a failed step does not stop the rest.
 #
 #   scripts/gpu_check.sh [OUT_DIR]            (OUT_DIR defaults to $OUT, else ./gconvgen-gpu-check)
@@ -205,8 +206,15 @@ timeout "$backward_limit" "$python" -m gconvgen bench --suite "$suite" --layout 
 say "bench forward + backward, small maps (dense kernels), both layouts"
 timeout "$small_maps_limit" "$python" -m gconvgen bench "${small_maps[@]}" --layout both --device "$device" \
     --backward >> "$out/bench.log" 2>&1 || status=1
-say "bench forward + backward, NCHW grouped layers"
+say "bench forward + backward, NCHW grouped layers: read in place, then staged channels_last"
 timeout "$nchw_grouped_limit" "$python" -m gconvgen bench "${nchw_grouped[@]}" --layout nchw --device "$device" \
+    --backward >> "$out/bench.log" 2>&1 || status=1
+# the same layers with their NCHW activations staged as wider groups are (igemm_rows.IN_PLACE_GROUP_CHANNELS 0)
+echo "== the NCHW grouped layers again, staged channels_last (IN_PLACE_GROUP_CHANNELS 0)" >> "$out/bench.log"
+timeout "$nchw_grouped_limit" "$python" -c "from gconvgen.compiler.families import igemm_rows
+igemm_rows.IN_PLACE_GROUP_CHANNELS = 0
+from gconvgen.tools.cli import main
+main(prog_name='gconvgen staged')" bench "${nchw_grouped[@]}" --layout nchw --device "$device" \
     --backward >> "$out/bench.log" 2>&1 || status=1
 say "bench forward + backward, long causal windows (strips at k128, flat tiles at k256), both layouts"
 timeout "$long_windows_limit" "$python" -m gconvgen bench "${long_windows[@]}" --layout both --device "$device" \

@@ -94,25 +94,27 @@ def test_an_aligned_igemm_launch_takes_the_vector_variant(layout):
     assert launch.prepare_forward(spec, x, weight, None, unaligned, DEFAULT).desc.row_alignment == 1
 
 
-@pytest.mark.parametrize("family", ["igemm", "igemm_rows"])
-def test_a_staged_read_stays_aligned_when_the_output_is_not(family):
+@pytest.mark.parametrize("family, channels", [("igemm", 16), ("igemm_rows", 80)])
+def test_a_staged_read_stays_aligned_when_the_output_is_not(family, channels):
     """An NCHW grouped conv reads the runtime's channels_last copy of x, whose pixel starts are multiples of its
     channels: an output whose rows align nothing (7 wide, or a view with slack) leaves its reads vectors
-    (desc.read_alignment), its writes elements; the result matches torch with every element written."""
-    spec = ConvSpec(16, 16, 2, (3, 3), (1, 1), (1, 1, 1, 1))
-    x, weight = torch.randn(2, 16, 7, 7), torch.randn(16, 8, 3, 3)
+    (desc.read_alignment), its writes elements; the result matches torch with every element written. (igemm_rows
+    stages groups wider than IN_PLACE_GROUP_CHANNELS: 40 here.)"""
+    spec = ConvSpec(channels, channels, 2, (3, 3), (1, 1), (1, 1, 1, 1))
+    x, weight = torch.randn(2, channels, 7, 7), torch.randn(channels, channels // 2, 3, 3)
     expected = F.conv2d(x.double(), weight.double(), padding=1, groups=2)
-    for out in (torch.full((2, 16, 7, 7), float("nan")), _view((2, 16, 7, 7), "nchw", (1, 1, 1))):
+    for out in (torch.full((2, channels, 7, 7), float("nan")), _view((2, channels, 7, 7), "nchw", (1, 1, 1))):
         prepared = launch.prepare_forward(spec, x, weight, None, out, Choice(KERNEL, None, family))
-        assert (prepared.desc.row_alignment, prepared.desc.read_alignment) == (1, 4)  # 16 channels of float32
+        assert prepared.desc.stage_channels_last
+        assert (prepared.desc.row_alignment, prepared.desc.read_alignment) == (1, 4)  # 16 or 80 float32 channels
         launch.run(prepared)
         assert_close(out, expected, torch.float32)
-    grad_x = torch.full((2, 16, 7, 7), float("nan"))
-    grad_out = torch.randn(2, 16, 7, 7)
+    grad_x = torch.full((2, channels, 7, 7), float("nan"))
+    grad_out = torch.randn(2, channels, 7, 7)
     prepared = launch.prepare_grad_input(spec, grad_out, weight, grad_x, Choice(KERNEL, None, "igemm"))
     assert (prepared.desc.row_alignment, prepared.desc.read_alignment) == (1, 4)
     launch.run(prepared)
-    expected = torch.nn.grad.conv2d_input((2, 16, 7, 7), weight.double(), grad_out.double(), padding=1, groups=2)
+    expected = torch.nn.grad.conv2d_input((2, channels, 7, 7), weight.double(), grad_out.double(), padding=1, groups=2)
     assert_close(grad_x, expected, torch.float32)
 
 

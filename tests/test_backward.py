@@ -17,6 +17,7 @@ from gconvgen.compiler import codegen
 from gconvgen import knobs
 from gconvgen.tools.bench_backward import format_table, time_forward_backward
 from gconvgen.compiler.lowering import KERNEL, Choice, KernelConfig, lower
+from gconvgen.compiler.families import igemm_rows
 from gconvgen.compiler.plan import plan
 from gconvgen.runtime import launch, weights
 from gconvgen.ops.backward import conv2d_grad_bias_op, conv2d_grad_input_op, conv2d_grad_weight_op
@@ -591,20 +592,24 @@ def test_strided_depthwise_grad_input_takes_one_phase_a_program(size, kernel, st
 
 
 @pytest.mark.parametrize("activation", ["none", "relu"])
-def test_nchw_backward_stages_grad_output_once(activation, monkeypatch, nan_filled_outputs):
-    """An NCHW grouped conv on the igemm families reads channels_last copies of its activations: the grad-input
-    and the grad-weight kernels both read grad_output, and share one copy of it (launch.sharing_copies), cold and
-    warm, through the plain and the fused op; the gradients match F.conv2d's."""
+@pytest.mark.parametrize("channels", [8, 80])
+def test_nchw_backward_stages_grad_output_once(channels, activation, monkeypatch, nan_filled_outputs):
+    """An NCHW grouped conv's backward on the igemm families: the grad-input (the transposed conv's forward,
+    here the flat igemm, which stages) and the grad-weight both read grad_output. Where both read channels_last
+    copies (igemm_rows' grad-weight stages groups wider than IN_PLACE_GROUP_CHANNELS: 40 channels here) they
+    share one copy (launch.sharing_copies), cold and warm, through the plain and the fused op; narrow groups (4
+    channels) the grad-weight reads in place. The gradients match F.conv2d's."""
     launches = []
+    wide = channels // 2 > igemm_rows.IN_PLACE_GROUP_CHANNELS
 
     def spy(prepared, target, device, values, partials, result):
-        launches.append((prepared.desc.kind, prepared.desc.stage_channels_last, dict(zip(
+        launches.append((prepared.desc.kind, prepared.desc.family, prepared.desc.stage_channels_last, dict(zip(
             prepared.desc.arguments.names, values))))
         return launched(prepared, target, device, values, partials, result)
 
     launched = launch._launched
-    x = torch.randn(2, 8, 5, 6, requires_grad=True)
-    weight = torch.randn(8, 4, 3, 3, requires_grad=True)
+    x = torch.randn(2, channels, 5, 6, requires_grad=True)
+    weight = torch.randn(channels, channels // 2, 3, 3, requires_grad=True)
     for call in range(2):  # cold, then warm
         out = gconvgen.conv2d(x, weight, None, 1, 1, 1, 2, activation=activation)
         grad = torch.randn_like(out)
@@ -614,10 +619,13 @@ def test_nchw_backward_stages_grad_output_once(activation, monkeypatch, nan_fill
         monkeypatch.setattr(launch, "_launched", launched)
         # the grad-input is the transposed conv's forward, whose x is grad_output; the fused op's relu has its
         # gradient made by torch first, a new tensor
-        assert [(kind, stages) for kind, stages, _ in launches] == [("forward", True), ("grad_weight", True)]
-        (_, _, grad_input), (_, _, grad_weight) = launches
-        assert grad_input["x_ptr"].data_ptr() == grad_weight["grad_out_ptr"].data_ptr()  # one copy, both read it
+        assert [launched_[:3] for launched_ in launches] == [("forward", "igemm", True),
+                                                            ("grad_weight", "igemm_rows", wide)]
+        (*_, grad_input), (*_, grad_weight) = launches
         assert grad_input["x_ptr"].is_contiguous(memory_format=torch.channels_last)
+        # one copy both read, or the grad-weight reads grad_output where it lies
+        assert (grad_input["x_ptr"].data_ptr() == grad_weight["grad_out_ptr"].data_ptr()) == wide
+        assert grad_weight["grad_out_ptr"].is_contiguous(memory_format=torch.channels_last) == wide
         x64, weight64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
         pre = reference_conv2d(x64, weight64, None, 1, (1, 1, 1, 1), 1, 2)
         expected = torch.autograd.grad(pre.relu() if activation == "relu" else pre, (x64, weight64), grad.double())

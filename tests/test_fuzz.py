@@ -135,7 +135,9 @@ class ConvProblem:
     ``max_rows``: igemm_rows programs take at most this many output rows (0: its MAX_ROWS), so that the tiny
     maps here span several programs down their rows. ``strip_window``: the banded kernel takes one row's strips
     for windows of at most this many columns (0: its STRIP_WINDOW), and up to twice as many on the wide tile, so
-    that windows the draws reach take the wide tile and the flat tiles of wider ones."""
+    that windows the draws reach take the wide tile and the flat tiles of wider ones. ``staged``: igemm_rows copies
+    an NCHW or strided activation channels_last for groups of any width (IN_PLACE_GROUP_CHANNELS 0), as it does
+    groups wider than that, where it otherwise reads the narrow groups drawn here in place."""
 
     api: str
     batch: int
@@ -165,6 +167,7 @@ class ConvProblem:
     wide_index: bool = False
     max_rows: int = 0
     strip_window: int = 0
+    staged: bool = False
     seed: int = 0
 
 
@@ -491,7 +494,8 @@ def launch_variant(problem: ConvProblem):
     programs take at most ``problem.max_rows`` output rows where it is set (igemm_rows.MAX_ROWS otherwise); and
     the banded kernel takes one row's strips for windows of at most ``problem.strip_window`` columns where it is
     set, twice as many on the wide tile (depthwise_gemm.STRIP_WINDOW otherwise; the memos of launches lowered
-    under the other are emptied)."""
+    under the other are emptied); igemm_rows stages NCHW activations of any group width where
+    ``problem.staged`` (igemm_rows.IN_PLACE_GROUP_CHANNELS 0, memos emptied likewise)."""
     with contextlib.ExitStack() as stack:
         if problem.wide_index:
             stack.enter_context(unittest.mock.patch.object(launch, "needs_wide_index", lambda *_: True))
@@ -500,6 +504,10 @@ def launch_variant(problem: ConvProblem):
         if problem.strip_window:
             stack.callback(memo.reset)
             stack.enter_context(unittest.mock.patch.object(depthwise_gemm, "STRIP_WINDOW", problem.strip_window))
+            memo.reset()
+        if problem.staged:
+            stack.callback(memo.reset)
+            stack.enter_context(unittest.mock.patch.object(igemm_rows, "IN_PLACE_GROUP_CHANNELS", 0))
             memo.reset()
         yield
 
@@ -693,6 +701,8 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
         problem, unbatched=batch == 1 and draw(st.booleans()), wide_index=draw(st.integers(0, 4)) == 0,
         max_rows=draw(st.sampled_from((0, 1, 1, 2, 3))),
         strip_window=draw(st.sampled_from((0, 0, 8, 16))) if family == "depthwise_gemm" else 0,
+        # (from the seed, not a draw of its own: a draw here moves every later one, and the domain's samples)
+        staged=family in (None, "igemm_rows") and not depthwise and problem.seed % 4 == 0,
         residual_specials=draw(special_values(2)) if specials and problem.residual else ())
     try:
         spec = spec_of(problem)
@@ -1667,6 +1677,20 @@ def _default_grad_weight_family(problem: ConvProblem) -> str:
     return suiting_first(plan(spec).grad_weight_families, spec, "grad_weight", pixels)[0]
 
 
+def _igemm_rows_grad_weight_staged(case) -> bool | None:
+    """Whether the igemm_rows grad-weight of an NCHW case reads channels_last copies of its activations (None:
+    another family's grad-weight runs, or the layout is channels_last)."""
+    problem = case.conv
+    if problem.layout != "nchw" or (case.grad_weight_family or _default_grad_weight_family(problem)) != "igemm_rows":
+        return None
+    pixels = PixelSpace.of("grad_weight", problem.batch, *problem.size, *output_size(problem))
+    with launch_variant(problem):
+        desc = lower(plan(dataclasses.replace(spec_of(problem), bias=False)), "grad_weight",
+                     choice=Choice(KERNEL, case.grad_weight_config, "igemm_rows"), interpret=True, allow_tf32=False,
+                     pixels=pixels)
+    return desc.stage_channels_last
+
+
 def _forced_banded_grad_weight(case):
     """(the description, its pixels) of the banded grad-weight a case forced onto it; None where not forced."""
     if case.grad_weight_family != "depthwise_gemm":
@@ -1799,6 +1823,11 @@ DOMAIN = [
     ("igemm_rows, dilated in height", "conv2d", lambda p: _row_blocks(p) and p.dilation[0] > 1 and p.kernel[0] > 1),
     ("igemm_rows with one output row", "conv2d", lambda p: _row_blocks(p) and output_size(p)[0] == 1),
     ("igemm_rows with a NaN or inf input", "conv2d", lambda p: _row_blocks(p) and bool(p.specials)),
+    *[(f"igemm_rows reading an NCHW input in place, {view} view", "conv2d",
+       lambda p, view=view: _row_blocks(p) and p.layout == "nchw" and p.view == view
+       and not _forward_desc(p).stage_channels_last) for view in ("dense", "storage_offset", "width_step")],
+    ("igemm_rows on a staged copy of an NCHW input", "conv2d",
+     lambda p: _row_blocks(p) and _forward_desc(p).stage_channels_last),
     *[(f"{a} with a residual", "conv2d", lambda p, a=a: p.activation == a and p.residual) for a in ACTIVATIONS],
     *[(f"{a} without a residual", "conv2d", lambda p, a=a: p.activation == a and not p.residual)
       for a in ACTIVATIONS],
@@ -1900,6 +1929,8 @@ GRADIENT_DOMAIN = [
      and c.conv.max_rows and output_size(c.conv)[0] > c.conv.max_rows),
     ("grad_weight forced onto igemm_rows, strided or dilated in height", lambda c: c.grad_weight_family == "igemm_rows"
      and (c.conv.stride[0] > 1 or c.conv.dilation[0] > 1)),
+    *[(f"grad_weight on igemm_rows, NCHW {how}", lambda c, staged=staged: _igemm_rows_grad_weight_staged(c) is staged)
+      for how, staged in (("in place", False), ("on staged copies", True))],
     ("grad_weight on igemm_rows with a NaN or inf input", lambda c: c.specials
      and (c.grad_weight_family or _default_grad_weight_family(c.conv)) == "igemm_rows"),
     *[(f"grad_weight forced onto the banded kernel's {t} tile", lambda c, t=t: _banded_grad_weight_tile(c) == t)

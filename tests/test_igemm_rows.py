@@ -146,15 +146,16 @@ SCRIPT = textwrap.dedent("""
 
 def test_resnext_forwards_slide_down_rows_on_wgmma_for_sm90():
     """ResNeXt-50's grouped 3 x 3 forwards as inspect compiles them: the sliding rows on wgmma, no spill, at
-    most 2.6x the ideal bytes in channels_last (the flat tile requested 5.6x) and 3.6x in NCHW (6.6x, the
-    staging copy counted); their one channel step's weight tiles are loaded before the rows, so the pipelined
-    loop copies only 16-byte input vectors."""
+    most 2.6x the ideal bytes in either layout (the flat tile requested 5.6x; NCHW staged channels_last 3.2-3.5x,
+    the copy counted, where it is now read in place: IgemmRows.stages_channels_last) and at least 40% of the
+    floor modelled (29-31% staged). Their one channel step's weight tiles are loaded before the rows, so the
+    pipelined loop copies only 16-byte input vectors in channels_last; NCHW's 2-byte loads go through registers."""
     rows = compiled_rows(SCRIPT)
     assert len(rows) == 6
     for row in rows:
         assert row["family"] == "igemm_rows" and row["spill"] == 0 and row["tensor_core"] == "wgmma", row
-        assert row["bytes"] <= (2.6 if row["layout"] == "nhwc" else 3.6), row
-        assert set(row["async"]) == {"128"}, row
+        assert row["bytes"] <= 2.6 and row["percent"] >= 40, row
+        assert set(row["async"]) == ({"128"} if row["layout"] == "nhwc" else set()), row
 
 
 @pytest.mark.parametrize("max_rows", [1, 3, 8])

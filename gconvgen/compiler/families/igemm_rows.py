@@ -46,6 +46,10 @@ GRAD_WEIGHT_STEP_PRODUCTS = 16 * 16 * 64
 # A row's step unrolls a dot for every tap of the window: windows of more taps are left to the flat igemm, which
 # loops over them (a 1 x 128 window, wav2vec2's positional conv, compiled for over ten minutes in float64)
 MAX_TAPS = 7 * 7
+# NCHW (and strided) activations of groups of at most this many channels, in and out, are read where they lie
+# (reads_in_place), not staged channels_last: see IgemmRows.stages_channels_last
+IN_PLACE_GROUP_CHANNELS = 32
+IN_PLACE_STEP_ELEMENTS = 16  # ... and a grad-weight step's elements a thread at most, reading in place
 
 
 def grad_weight_accumulators(spec: ConvSpec, warps: int) -> int:
@@ -59,6 +63,13 @@ def grad_weight_accumulators(spec: ConvSpec, warps: int) -> int:
 def pow2_floor(value: int) -> int:
     """The power of two at or below ``value`` (1 for values under 2)."""
     return 1 << max(0, value.bit_length() - 1)
+
+
+def reads_in_place(spec: ConvSpec) -> bool:
+    """Whether this family's kernels read ``spec``'s NCHW or strided activations where they lie, element by
+    element along the width (IgemmRows.stages_channels_last): groups of at most IN_PLACE_GROUP_CHANNELS channels."""
+    return (spec.layout != "nhwc"
+            and max(spec.in_channels_per_group, spec.out_channels_per_group) <= IN_PLACE_GROUP_CHANNELS)
 
 
 def open_rows(spec: ConvSpec) -> int:
@@ -127,13 +138,24 @@ class IgemmRows(Igemm):
     def computes_backward(self, spec: ConvSpec) -> bool:
         return False  # the gradients run the flat igemm's kernels
 
+    def stages_channels_last(self, spec: ConvSpec, kind: str) -> bool:
+        """NCHW activations of narrow groups (reads_in_place: ResNeXt's 4-16 channels, RegNetY-1.6GF's 24) are
+        read where they lie: a row's step loads each input row once a kernel column, 2-byte elements along the
+        width (a tap's column shift leaves no vector aligned), where a channels_last copy costs one read and
+        one write of the whole activation, about the ideal bytes of the conv again. Modelled, % of the floor,
+        staged -> in place: ResNeXt-50's layer1 forward 29.0 -> 40.9, layer2.0 (stride 2) 31.2 -> 62.4,
+        RegNetY-1.6GF's stage 3 22.4 -> 28.8, bound by the bytes either way (the loop's issue grows, 274 -> 365
+        instructions on layer1, under them). Wider groups keep the copy: RegNetY-8GF's 56 channels held in one
+        64-channel step spilled 16 B at 255 registers in place."""
+        return super().stages_channels_last(spec, kind) and not reads_in_place(spec)
+
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         """The flat igemm's forward tile, block_m pixels of (batch, column) a row, halved while the open rows'
         accumulators pass ACCUMULATOR_ELEMENTS; in fewer stages while its operands pass the shared memory of
         DEFAULT_SHARED_MEMORY_BYTES. Grad-weight: (the packed groups' output channels, up to 64, their input
         channels, up to 64 and as the taps' accumulators allow (grad_weight_accumulators), pixels a step up to
         GRAD_WEIGHT_STEP_PRODUCTS for each 4 warps), groups packed as the output-channel tile allows; 8 warps
-        for 64 output channels. A group's output channels in one tile read its input once, its input channels
+        for 64 output channels or for a deep step read in place (IN_PLACE_STEP_ELEMENTS). A group's output channels in one tile read its input once, its input channels
         its grad_out once (RegNetY-8GF's 56 a group: 21.7% of its floor modelled at 32 x 32, 25.9% at 64 x 16,
         39.2% at 64 x 64)."""
         if kind == "grad_weight":
@@ -145,6 +167,13 @@ class IgemmRows(Igemm):
             most = 64 if grad_weight_accumulators(spec, warps) > GRAD_WEIGHT_ACCUMULATOR_ELEMENTS else 32
             block_n = pow2_between(packed * spec.in_channels_per_group, 16, max(16, min(most, pow2_floor(columns))))
             block_k = pow2_between(GRAD_WEIGHT_STEP_PRODUCTS * warps // 4 // (block_m * block_n), 16, 64)
+            # reading in place, a step's elements (a grad_out tile and an input tile a phase and kernel column)
+            # are loaded one by one: 8 warps where they pass IN_PLACE_STEP_ELEMENTS a thread on 4 (ResNeXt-50's
+            # layer1 at 16 x 16 x 64, 32 a thread: 12 B spilled at 255 registers on 4, none at 215 on 8), the step
+            # left as it is (RegNetY-1.6GF's 32 x 32 x 16 on 8 spilled 36 B at 128 registers on Triton 3.6)
+            step = block_m * block_k + len(row_phases(spec)) * spec.kernel_size[1] * block_k * block_n
+            if reads_in_place(spec) and step > IN_PLACE_STEP_ELEMENTS * 32 * warps:
+                warps = 8
             return KernelConfig(block_m, block_n, block_k, num_warps=warps, num_stages=1 if interpret else 2)
         config = super().default_config(spec, kind, interpret=interpret)
         while config.block_m > 16 and open_rows(spec) * config.block_m * config.block_n > ACCUMULATOR_ELEMENTS:

@@ -60,11 +60,6 @@ def grad_weight_accumulators(spec: ConvSpec, warps: int) -> int:
     return GRAD_WEIGHT_ACCUMULATOR_ELEMENTS
 
 
-def pow2_floor(value: int) -> int:
-    """The power of two at or below ``value`` (1 for values under 2)."""
-    return 1 << max(0, value.bit_length() - 1)
-
-
 def reads_in_place(spec: ConvSpec) -> bool:
     """Whether this family's kernels read ``spec``'s NCHW or strided activations where they lie, element by
     element along the width (IgemmRows.stages_channels_last): groups of at most IN_PLACE_GROUP_CHANNELS channels."""
@@ -162,10 +157,11 @@ class IgemmRows(Igemm):
             block_m = pow2_between(spec.out_channels_per_group, 16, 64)
             packed = min(spec.groups, max(1, block_m // spec.out_channels_per_group))
             warps = 8 if block_m > 32 else 4
-            # (sized as for a 3 x 3 window; up to 64 where the registers bound the accumulators, else 32)
-            columns = grad_weight_accumulators(spec, warps) // (9 * block_m)
-            most = 64 if grad_weight_accumulators(spec, warps) > GRAD_WEIGHT_ACCUMULATOR_ELEMENTS else 32
-            block_n = pow2_between(packed * spec.in_channels_per_group, 16, max(16, min(most, pow2_floor(columns))))
+            # (sized as for a 3 x 3 window, a power of two of at least 16: 9 x 512 x warps or 9 x 1024 elements
+            # over 9 x block_m; up to 64 where the registers bound the accumulators, else 32)
+            accumulators = grad_weight_accumulators(spec, warps)
+            most = 64 if accumulators > GRAD_WEIGHT_ACCUMULATOR_ELEMENTS else 32
+            block_n = pow2_between(packed * spec.in_channels_per_group, 16, min(most, accumulators // (9 * block_m)))
             block_k = pow2_between(GRAD_WEIGHT_STEP_PRODUCTS * warps // 4 // (block_m * block_n), 16, 64)
             # reading in place, a step's elements (a grad_out tile and an input tile a phase and kernel column)
             # are loaded one by one: 8 warps where they pass IN_PLACE_STEP_ELEMENTS a thread on 4 (ResNeXt-50's

@@ -118,6 +118,30 @@ def test_a_staged_read_stays_aligned_when_the_output_is_not(family, channels):
     assert_close(grad_x, expected, torch.float32)
 
 
+def test_an_input_read_in_place_leaves_the_output_rows_their_own_alignment():
+    """igemm_rows reads a narrow group's NCHW input in place, element by element (KernelDesc.rounds_reads is
+    False): an input view whose rows align nothing (8 of 9 columns) leaves the dense output's rows their 16-byte
+    alignment, and the grad-weight, which writes no activation, one alignment whatever its inputs' rows; the
+    results match torch with every element written."""
+    spec = ConvSpec(8, 8, 2, (3, 3), (1, 1), (1, 1, 1, 1))
+    x, weight = torch.randn(2, 8, 6, 9)[..., :8], torch.randn(8, 4, 3, 3)
+    out = torch.full((2, 8, 6, 8), float("nan"))
+    prepared = launch.prepare_forward(spec, x, weight, None, out, Choice(KERNEL, None, "igemm_rows"))
+    assert not prepared.desc.stage_channels_last and not prepared.desc.rounds_reads
+    assert prepared.desc.row_alignment == 4  # the output's 8-wide rows of float32
+    launch.run(prepared)
+    assert_close(out, F.conv2d(x.double(), weight.double(), padding=1, groups=2), torch.float32)
+    grad_out = torch.randn(2, 8, 6, 8)
+    descs = [launch.prepare_grad_weight(spec, activation, grad_out, torch.empty(8, 4, 3, 3),
+                                        Choice(KERNEL, None, "igemm_rows"), 1).desc
+             for activation in (x, x.contiguous())]
+    assert descs[0] == descs[1] and not descs[0].stage_channels_last
+    grad_w = torch.full((8, 4, 3, 3), float("nan"))
+    launch.run(launch.prepare_grad_weight(spec, x, grad_out, grad_w, Choice(KERNEL, None, "igemm_rows"), 1))
+    expected = torch.nn.grad.conv2d_weight(x.double(), (8, 4, 3, 3), grad_out.double(), padding=1, groups=2)
+    assert_close(grad_w, expected, torch.float32)
+
+
 def test_a_read_alignment_equal_to_the_row_alignment_renders_and_names_the_kernel_as_without_it():
     """read_alignment is hashed into the uri and named in the source only where it differs from row_alignment
     (lowering.SAME_AS): kernels that do not use it keep their names, and Triton's cache of them."""

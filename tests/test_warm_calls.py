@@ -27,7 +27,7 @@ def launched(monkeypatch):
 @pytest.mark.parametrize("data_format, groups, weight_layout, x_layout", [
     ("NCHW", 4, "oihw", torch.channels_last),              # igemm, weight copied to hwio on every call
     ("NCHW", 4, "channels_last", torch.channels_last),     # igemm, an ohwi weight read as it is
-    ("NCHW", 4, "oihw", torch.contiguous_format),          # igemm, an NCHW input read in place
+    ("NCHW", 4, "oihw", torch.contiguous_format),          # igemm, NCHW input staged channels_last on every call
     ("NCHW", 8, "oihw", torch.channels_last),              # depthwise
     ("NHWC", 4, "hwio", torch.channels_last),              # Keras tensors
 ])

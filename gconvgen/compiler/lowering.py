@@ -157,6 +157,12 @@ class KernelDesc:
                                                      self.stage_channels_last)
 
     @property
+    def rounds_reads(self) -> bool:
+        """Whether the kernel rounds the strides of the activations it reads by the row alignment
+        (Family.rounds_reads): the launch measures only those it rounds."""
+        return family(self.family).rounds_reads(self.channels_contiguous)
+
+    @property
     def kernel_name(self) -> str:
         """The Triton function's name in the rendered module: ``gconvgen_`` + its uri."""
         return "gconvgen_" + self.uri
@@ -252,7 +258,8 @@ def choose_layout_constants(fields: dict, ctx: Context) -> None:
     The igemm kernels read their activations (x; grad_out) as [pixels, channels] tiles, a run of channels
     per tap. In NCHW memory such a tile is a gather, an address per element (pixels are contiguous only
     within a row, and a flattened pixel tile crosses rows at any offset), so NCHW or strided activations are
-    staged: the runtime copies them to channels_last (one read and one write of each, which
+    staged (but for igemm_rows on groups of at most IN_PLACE_GROUP_CHANNELS, which reads them in place, an
+    element at a time: IgemmRows.stages_channels_last): the runtime copies them to channels_last (one read and one write of each, which
     ``gconvgen bench`` times as part of the call) and the kernel reads 16-byte runs of channels through its
     pipelined loop. Outputs are written through their own strides. The direct depthwise kernels are not
     staged: they are bound by memory traffic, which a copy would double, and their NCHW loads run along

@@ -307,8 +307,9 @@ def _aligned_rows(spec: ConvSpec, desc: KernelDesc, read: tuple[tuple[torch.Tens
                   written: tuple[torch.Tensor, ...]) -> int:
     """What the row and pixel starts of the activations the kernel of ``desc`` reads (each with its channel
     count) and writes are multiples of (lowering.row_alignment over _aligned_row_values): a read activation
-    that the launch stages is its channels_last copy, whose pixel strides are multiples of its channels."""
-    values = [value for activation, channels in read
+    that the launch stages is its channels_last copy, whose pixel strides are multiples of its channels; one the
+    kernel reads element by element (KernelDesc.rounds_reads: NCHW read in place by an igemm) does not count."""
+    values = [value for activation, channels in (read if desc.rounds_reads else ())
               for value in ((channels,) if desc.stage_channels_last else _aligned_row_values(activation, spec.layout))]
     values += [value for activation in written for value in _aligned_row_values(activation, spec.layout)]
     return row_alignment(spec.dtype, tuple(values))

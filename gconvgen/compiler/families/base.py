@@ -122,6 +122,12 @@ class Family:
         the launch's row alignment, KernelDesc.row_alignment)."""
         return False
 
+    def rounds_reads(self, channels_contiguous: bool) -> bool:
+        """Whether a kernel that takes the launch's row alignment rounds the strides of the activations it reads
+        by it (so that the launch measures them too, launch._aligned_rows), given whether it reads them with
+        channels contiguous (channels_last or staged)."""
+        return True
+
     def band_shift(self, spec: ConvSpec, row_alignment: int) -> int:
         return 0
 

@@ -107,6 +107,11 @@ class Igemm(Family):
         its rows (16-byte vectors along the width, not 2-byte elements)."""
         return True
 
+    def rounds_reads(self, channels_contiguous: bool) -> bool:
+        """Only channels_last pixels (read or staged) are vectors; NCHW activations read in place
+        (IgemmRows.stages_channels_last) are read element by element, their strides as they are."""
+        return channels_contiguous
+
     def refit(self, config: KernelConfig, spec: ConvSpec, kind: str) -> KernelConfig:
         """The reduction step follows the packed groups, the warps the tile."""
         return self._config(spec, kind, config.block_m, config.block_n, interpret=False)

@@ -150,9 +150,9 @@ class IgemmRows(Igemm):
         DEFAULT_SHARED_MEMORY_BYTES. Grad-weight: (the packed groups' output channels, up to 64, their input
         channels, up to 64 and as the taps' accumulators allow (grad_weight_accumulators), pixels a step up to
         GRAD_WEIGHT_STEP_PRODUCTS for each 4 warps), groups packed as the output-channel tile allows; 8 warps
-        for 64 output channels or for a deep step read in place (IN_PLACE_STEP_ELEMENTS). A group's output channels in one tile read its input once, its input channels
-        its grad_out once (RegNetY-8GF's 56 a group: 21.7% of its floor modelled at 32 x 32, 25.9% at 64 x 16,
-        39.2% at 64 x 64)."""
+        for 64 output channels or for a deep step read in place (IN_PLACE_STEP_ELEMENTS). A group's output
+        channels in one tile read its input once, its input channels its grad_out once (RegNetY-8GF's 56 a
+        group: 21.7% of its floor modelled at 32 x 32, 25.9% at 64 x 16, 39.2% at 64 x 64)."""
         if kind == "grad_weight":
             block_m = pow2_between(spec.out_channels_per_group, 16, 64)
             packed = min(spec.groups, max(1, block_m // spec.out_channels_per_group))

@@ -99,7 +99,7 @@ def test_a_staged_read_stays_aligned_when_the_output_is_not(family, channels):
     """An NCHW grouped conv reads the runtime's channels_last copy of x, whose pixel starts are multiples of its
     channels: an output whose rows align nothing (7 wide, or a view with slack) leaves its reads vectors
     (desc.read_alignment), its writes elements; the result matches torch with every element written. (igemm_rows
-    stages groups wider than IN_PLACE_GROUP_CHANNELS: 40 here.)"""
+    stages what IgemmRows.reads_in_place refuses: 40 channels a group, three open rows of 64 columns.)"""
     spec = ConvSpec(channels, channels, 2, (3, 3), (1, 1), (1, 1, 1, 1))
     x, weight = torch.randn(2, channels, 7, 7), torch.randn(channels, channels // 2, 3, 3)
     expected = F.conv2d(x.double(), weight.double(), padding=1, groups=2)

@@ -17,7 +17,7 @@ from gconvgen.compiler import codegen
 from gconvgen import knobs
 from gconvgen.tools.bench_backward import format_table, time_forward_backward
 from gconvgen.compiler.lowering import KERNEL, Choice, KernelConfig, lower
-from gconvgen.compiler.families import igemm_rows
+from gconvgen.compiler.families import family
 from gconvgen.compiler.plan import plan
 from gconvgen.runtime import launch, weights
 from gconvgen.ops.backward import conv2d_grad_bias_op, conv2d_grad_input_op, conv2d_grad_weight_op
@@ -596,11 +596,13 @@ def test_strided_depthwise_grad_input_takes_one_phase_a_program(size, kernel, st
 def test_nchw_backward_stages_grad_output_once(channels, activation, monkeypatch, nan_filled_outputs):
     """An NCHW grouped conv's backward on the igemm families: the grad-input (the transposed conv's forward,
     here the flat igemm, which stages) and the grad-weight both read grad_output. Where both read channels_last
-    copies (igemm_rows' grad-weight stages groups wider than IN_PLACE_GROUP_CHANNELS: 40 channels here) they
-    share one copy (launch.sharing_copies), cold and warm, through the plain and the fused op; narrow groups (4
-    channels) the grad-weight reads in place. The gradients match F.conv2d's."""
+    copies (igemm_rows stages what IgemmRows.reads_in_place refuses: 40 channels a group here, three open rows
+    of 64 columns) they share one copy (launch.sharing_copies), cold and warm, through the plain and the fused
+    op; narrow groups (4 channels) the grad-weight reads in place. The gradients match F.conv2d's."""
     launches = []
-    wide = channels // 2 > igemm_rows.IN_PLACE_GROUP_CHANNELS
+    spec = gconvgen.ConvSpec(channels, channels, 2, (3, 3), (1, 1), (1, 1, 1, 1))
+    wide = not family("igemm_rows").reads_in_place(spec)
+    assert wide == (channels == 80)
 
     def spy(prepared, target, device, values, partials, result):
         launches.append((prepared.desc.kind, prepared.desc.family, prepared.desc.stage_channels_last, dict(zip(

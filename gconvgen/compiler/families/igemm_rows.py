@@ -47,8 +47,10 @@ GRAD_WEIGHT_STEP_PRODUCTS = 16 * 16 * 64
 # loops over them (a 1 x 128 window, wav2vec2's positional conv, compiled for over ten minutes in float64)
 MAX_TAPS = 7 * 7
 # NCHW (and strided) activations of groups of at most this many channels, in and out, are read where they lie
-# (reads_in_place), not staged channels_last: see IgemmRows.stages_channels_last
-IN_PLACE_GROUP_CHANNELS = 32
+# (IgemmRows.reads_in_place), not staged channels_last, where the forward's open accumulators hold at most
+# IN_PLACE_OPEN_COLUMNS columns (open rows x block_n): see IgemmRows.stages_channels_last
+IN_PLACE_GROUP_CHANNELS = 64
+IN_PLACE_OPEN_COLUMNS = 2 * 64
 IN_PLACE_STEP_ELEMENTS = 16  # ... and a grad-weight step's elements a thread at most, reading in place
 
 
@@ -58,13 +60,6 @@ def grad_weight_accumulators(spec: ConvSpec, warps: int) -> int:
     if spec.dtype in ("bfloat16", "float16") and spec.kernel_size[0] * spec.kernel_size[1] <= 9:
         return GRAD_WEIGHT_ACCUMULATOR_REGISTERS * 32 * warps
     return GRAD_WEIGHT_ACCUMULATOR_ELEMENTS
-
-
-def reads_in_place(spec: ConvSpec) -> bool:
-    """Whether this family's kernels read ``spec``'s NCHW or strided activations where they lie, element by
-    element along the width (IgemmRows.stages_channels_last): groups of at most IN_PLACE_GROUP_CHANNELS channels."""
-    return (spec.layout != "nhwc"
-            and max(spec.in_channels_per_group, spec.out_channels_per_group) <= IN_PLACE_GROUP_CHANNELS)
 
 
 def open_rows(spec: ConvSpec) -> int:
@@ -134,15 +129,28 @@ class IgemmRows(Igemm):
         return False  # the gradients run the flat igemm's kernels
 
     def stages_channels_last(self, spec: ConvSpec, kind: str) -> bool:
-        """NCHW activations of narrow groups (reads_in_place: ResNeXt's 4-16 channels, RegNetY-1.6GF's 24) are
-        read where they lie: a row's step loads each input row once a kernel column, 2-byte elements along the
-        width (a tap's column shift leaves no vector aligned), where a channels_last copy costs one read and
-        one write of the whole activation, about the ideal bytes of the conv again. Modelled, % of the floor,
-        staged -> in place: ResNeXt-50's layer1 forward 29.0 -> 40.9, layer2.0 (stride 2) 31.2 -> 62.4,
-        RegNetY-1.6GF's stage 3 22.4 -> 28.8, bound by the bytes either way (the loop's issue grows, 274 -> 365
-        instructions on layer1, under them). Wider groups keep the copy: RegNetY-8GF's 56 channels held in one
-        64-channel step spilled 16 B at 255 registers in place."""
-        return super().stages_channels_last(spec, kind) and not reads_in_place(spec)
+        """NCHW activations that reads_in_place allows are read where they lie: a row's step loads each input
+        row once a kernel column, 2-byte elements along the width (a tap's column shift leaves no vector
+        aligned), where a channels_last copy costs one read and one write of the whole activation, about the
+        ideal bytes of the conv again. Modelled, % of the floor, staged -> in place: ResNeXt-50's layer1
+        forward 29.0 -> 40.9, layer2.0 (stride 2) 31.2 -> 62.4, RegNetY-1.6GF's stage 3 22.4 -> 28.8,
+        ResNeXt-101's layer4.0 29.8 -> 55.7, bound by the bytes either way (the loop's issue grows, 274 -> 365
+        instructions on layer1, under them)."""
+        return super().stages_channels_last(spec, kind) and not self.reads_in_place(spec)
+
+    def reads_in_place(self, spec: ConvSpec) -> bool:
+        """Whether this family's kernels read ``spec``'s NCHW or strided activations where they lie, element by
+        element along the width (stages_channels_last): groups of at most IN_PLACE_GROUP_CHANNELS channels whose
+        forward tile's open accumulators hold at most IN_PLACE_OPEN_COLUMNS columns (open rows x block_n), for
+        the input tiles read into registers beside them (not through cp.async into shared memory). RegNetY-8GF's
+        56 channels a group, three open rows of 64 columns (a stride of 1), spilled 16 B at 255 registers in
+        place; ResNeXt-101's 64, two rows at a stride of 2, none (238 registers), nor ResNeXt-50's 3 x 16 and
+        RegNetY-1.6GF's 3 x 32."""
+        channels = max(spec.in_channels_per_group, spec.out_channels_per_group)
+        if spec.layout == "nhwc" or channels > IN_PLACE_GROUP_CHANNELS:
+            return False
+        config = self.default_config(spec, "forward", interpret=False)
+        return open_rows(spec) * config.block_n <= IN_PLACE_OPEN_COLUMNS
 
     def default_config(self, spec: Optional[ConvSpec], kind: str, *, interpret: bool) -> KernelConfig:
         """The flat igemm's forward tile, block_m pixels of (batch, column) a row, halved while the open rows'
@@ -168,7 +176,7 @@ class IgemmRows(Igemm):
             # layer1 at 16 x 16 x 64, 32 a thread: 12 B spilled at 255 registers on 4, none at 215 on 8), the step
             # left as it is (RegNetY-1.6GF's 32 x 32 x 16 on 8 spilled 36 B at 128 registers on Triton 3.6)
             step = block_m * block_k + len(row_phases(spec)) * spec.kernel_size[1] * block_k * block_n
-            if reads_in_place(spec) and step > IN_PLACE_STEP_ELEMENTS * 32 * warps:
+            if self.reads_in_place(spec) and step > IN_PLACE_STEP_ELEMENTS * 32 * warps:
                 warps = 8
             return KernelConfig(block_m, block_n, block_k, num_warps=warps, num_stages=1 if interpret else 2)
         config = super().default_config(spec, kind, interpret=interpret)

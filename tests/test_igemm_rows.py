@@ -40,6 +40,8 @@ CASES = [
     (40, 40, 2, (17, 3), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "strict", KernelConfig(16, 32, 16, num_stages=1)),
     (7, 5, 2, (12, 7), (3, 3), (1, 1), (2, 2, 1, 1), (1, 1), "pad", SMALL),
     (112, 112, 2, (6, 5), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "strict", None),  # 56 a group: one step of 64, held
+    # 64 a group at a stride of 2: two open rows, NCHW read in place (IgemmRows.reads_in_place), weights held
+    (128, 128, 2, (7, 6), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), "strict", None),
 ]
 
 

@@ -258,8 +258,8 @@ def choose_layout_constants(fields: dict, ctx: Context) -> None:
     The igemm kernels read their activations (x; grad_out) as [pixels, channels] tiles, a run of channels
     per tap. In NCHW memory such a tile is a gather, an address per element (pixels are contiguous only
     within a row, and a flattened pixel tile crosses rows at any offset), so NCHW or strided activations are
-    staged (but for igemm_rows on groups of at most IN_PLACE_GROUP_CHANNELS, which reads them in place, an
-    element at a time: IgemmRows.stages_channels_last): the runtime copies them to channels_last (one read and one write of each, which
+    staged, but where igemm_rows reads them in place, an element at a time (IgemmRows.reads_in_place): the
+    runtime copies them to channels_last (one read and one write of each, which
     ``gconvgen bench`` times as part of the call) and the kernel reads 16-byte runs of channels through its
     pipelined loop. Outputs are written through their own strides. The direct depthwise kernels are not
     staged: they are bound by memory traffic, which a copy would double, and their NCHW loads run along

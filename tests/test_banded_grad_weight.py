@@ -114,6 +114,13 @@ CASES = [
     (3, 1, (31, 9), (3, 3), (3, 1), (1, 2, 1, 1), (1, 1), KernelConfig(32, 2, 16, num_stages=1)),
     (2, 1, (13, 7), (3, 3), (2, 1), (2, 2, 1, 1), (2, 1), KernelConfig(16, 2, 16, num_stages=1)),
     (2, 1, (12, 6), (9, 3), (1, 1), (4, 4, 1, 1), (1, 1), KernelConfig(32, 2, 16, num_stages=1)),
+    # in pieces (strip_pieces): a causal k40 (its band one column early in NCHW float32), a k33 centred on a row
+    # shorter than the window plus its padding, a k64 on two rows of two tiles of 16 strips, a k35 on a map of 3
+    # rows with padding rows (a height-1 window on a 2-D map)
+    (3, 1, (1, 100), (1, 40), (1, 1), (0, 0, 39, 0), (1, 1), None),
+    (3, 1, (1, 20), (1, 33), (1, 1), (0, 0, 16, 16), (1, 1), KernelConfig(16, 2, 16, num_stages=1)),
+    (2, 2, (2, 270), (1, 64), (1, 1), (0, 0, 63, 0), (1, 1), KernelConfig(16, 4, 16, num_stages=1)),
+    (2, 1, (3, 40), (1, 35), (2, 1), (1, 0, 5, 3), (1, 1), KernelConfig(32, 1, 32, num_stages=1)),
 ]
 
 
@@ -125,6 +132,25 @@ def test_banded_grad_weight_matches_torch_bitwise_every_run(channels, multiplier
     runs, expected = depthwise_grad_weight_runs("depthwise_gemm", channels, multiplier, 2, size, kernel, stride,
                                                 padding, dilation, config, dtype, layout)
     assert_same_every_run_and_close(runs, expected, dtype)
+
+
+@pytest.mark.parametrize("size, kernel, padding, config, pieces, shift", [
+    ((1, 100), (1, 40), (0, 0, 39, 0), None, 4, 1),
+    ((2, 270), (1, 64), (0, 0, 63, 0), KernelConfig(16, 4, 16, num_stages=1), 5, 1),
+    ((1, 100), (1, 32), (0, 0, 31, 0), None, 0, 1),            # PIECES_WINDOW: the flat tile
+    ((1, 300), (1, 280), (0, 0, 279, 0), KernelConfig(16, 4, 16, num_stages=1), 0, 1),  # 19 pieces past 16 strips
+])
+def test_wide_height_one_windows_take_the_grad_weight_in_pieces(size, kernel, padding, config, pieces, shift):
+    """A height-1 window wider than PIECES_WINDOW columns at stride 1 takes one row's strips in pieces where
+    the pieces reach at most BLOCK_M strips past a tile's first; NCHW float32 rows aligned to 4 elements start
+    its band a column early for a causal k40 or k64 (band_shift 1)."""
+    spec = ConvSpec(3, 3, 3, kernel, padding=padding)
+    x = torch.randn(2, 3, *size)
+    grad_out = torch.randn(2, 3, size[0], size[1] + padding[2] + padding[3] - kernel[1] + 1)
+    prepared = launch.prepare_grad_weight(spec, x, grad_out, torch.empty(3, 1, *kernel),
+                                          Choice(KERNEL, config, "depthwise_gemm"))
+    assert prepared.desc.pieces == pieces
+    assert prepared.desc.band_shift == shift
 
 
 SCRIPT = textwrap.dedent("""
@@ -160,6 +186,35 @@ def test_depthwise_grad_weight_on_tensor_cores_for_sm90():
         assert row["bytes"] <= 2.05, row
         assert row["percent"] >= 45.0, row
     assert all(row["tensor_core"] == "wgmma" for row in rows if row["id"] == "mamba-causal" and row["layout"] == "nchw")
+
+
+PIECES_SCRIPT = textwrap.dedent("""
+    import json
+    from gconvgen.autotune import suites
+    from gconvgen.tools.inspection import inspect_problem, prepared_launch
+    rows = []
+    for layer in suites.load_suite("sequence").layers:
+        if layer.id not in ("causal-k64", "causal-k256"):
+            continue
+        for layout in ("nchw", "nhwc"):
+            problem = layer.problem("bfloat16", layout).backward("grad_weight")
+            row = inspect_problem(problem)
+            rows.append({"id": layer.id, "layout": layout, "family": row.family, "spill": row.figures.spill_bytes,
+                         "bytes": row.requested_over_ideal_bytes, "percent": row.model.percent_of_floor,
+                         "pieces": prepared_launch(problem).desc.pieces})
+    print(json.dumps(rows))
+""")
+
+
+def test_wide_causal_grad_weights_in_pieces_for_sm90():
+    """The causal k64 and k256 weight gradients (cuDNN's widest) as inspect compiles them: in pieces, within
+    1.3x the ideal bytes (the flat tile re-read each input column for every strip whose band held it: k256
+    4.97x / 8.95x, 20.1 / 11.2% of the floor), no spill, and at 55% of the floor or more in the model."""
+    rows = compiled_rows(PIECES_SCRIPT)
+    assert len(rows) == 4
+    for row in rows:
+        assert row["family"] == "depthwise_gemm" and row["pieces"] > 0 and row["spill"] == 0, row
+        assert row["bytes"] <= 1.3 and row["percent"] >= 55.0, row
 
 
 def test_the_gpu_search_space_keeps_one_kernel_rows_accumulators_in_registers():
@@ -199,11 +254,16 @@ def test_a_dot_batched_over_channels_splits_a_small_maps_reduction_down_to_one_b
         assert splits > 1  # one block a split: more programs than channel tiles
 
 
-def test_conv1d_channels_last_weight_gradients_take_32_column_strips_up_to_128_columns():
-    from gconvgen.compiler.families.depthwise_gemm import WIDE_STRIP_WINDOW
+@pytest.mark.parametrize("taps, layout, expected", [
+    (2, "nhwc", (16, 4, 32, 8)), (4, "nhwc", (16, 4, 32, 8)), (32, "nhwc", (16, 4, 32, 8)),
+    (64, "nhwc", (32, 4, 16, 4)), (128, "nhwc", (32, 4, 16, 8)), (256, "nhwc", (32, 1, 16, 8)),
+    (64, "nchw", (32, 4, 16, 4)), (128, "nchw", (32, 4, 16, 8)), (256, "nchw", (32, 1, 16, 8))])
+def test_conv1d_weight_gradient_defaults(taps, layout, expected):
+    """channels_last windows up to PIECES_WINDOW columns: 16 strips of 32 columns a step, 4 channels batched.
+    Wider ones in pieces (DepthwiseGemm._pieces_config), either layout: 32 strips of 16 columns a step, 4
+    channels on 4 warps, on 8 where their accumulators pass 64 registers a thread (k128), one channel where they
+    still would (k256)."""
     from gconvgen.compiler.lowering import default_config
-    for taps in (2, 4, 64, WIDE_STRIP_WINDOW, WIDE_STRIP_WINDOW + 1, 256):
-        spec = ConvSpec(1536, 1536, 1536, (1, taps), padding=(0, 0, taps - 1, 0), dtype="bfloat16", layout="nhwc")
-        config = default_config(spec, "depthwise_gemm", "grad_weight", interpret=False)
-        assert (config.block_m, config.block_n) == (16, 4), (taps, config)
-        assert config.block_k == (32 if taps <= WIDE_STRIP_WINDOW else 16), (taps, config)
+    spec = ConvSpec(1536, 1536, 1536, (1, taps), padding=(0, 0, taps - 1, 0), dtype="bfloat16", layout=layout)
+    config = default_config(spec, "depthwise_gemm", "grad_weight", interpret=False)
+    assert (config.block_m, config.block_n, config.block_k, config.num_warps) == expected

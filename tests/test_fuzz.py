@@ -137,7 +137,9 @@ class ConvProblem:
     for windows of at most this many columns (0: its STRIP_WINDOW), and up to twice as many on the wide tile, so
     that windows the draws reach take the wide tile and the flat tiles of wider ones. ``staged``: igemm_rows copies
     an NCHW or strided activation channels_last for groups of any width (IN_PLACE_GROUP_CHANNELS 0), as it does
-    groups wider than that, where it otherwise reads the narrow groups drawn here in place."""
+    groups wider than that, where it otherwise reads the narrow groups drawn here in place. ``pieces``: the banded
+    grad-weight takes one row's strips in pieces for height-1 windows of any width (PIECES_WINDOW 0), as it does
+    windows wider than the draws reach."""
 
     api: str
     batch: int
@@ -168,6 +170,7 @@ class ConvProblem:
     max_rows: int = 0
     strip_window: int = 0
     staged: bool = False
+    pieces: bool = False
     seed: int = 0
 
 
@@ -495,7 +498,9 @@ def launch_variant(problem: ConvProblem):
     the banded kernel takes one row's strips for windows of at most ``problem.strip_window`` columns where it is
     set, twice as many on the wide tile (depthwise_gemm.STRIP_WINDOW otherwise; the memos of launches lowered
     under the other are emptied); igemm_rows stages NCHW activations of any group width where
-    ``problem.staged`` (igemm_rows.IN_PLACE_GROUP_CHANNELS 0, memos emptied likewise)."""
+    ``problem.staged`` (igemm_rows.IN_PLACE_GROUP_CHANNELS 0, memos emptied likewise); the banded grad-weight takes
+    one row's strips in pieces for height-1 windows of any width where ``problem.pieces`` (PIECES_WINDOW 0,
+    likewise)."""
     with contextlib.ExitStack() as stack:
         if problem.wide_index:
             stack.enter_context(unittest.mock.patch.object(launch, "needs_wide_index", lambda *_: True))
@@ -508,6 +513,10 @@ def launch_variant(problem: ConvProblem):
         if problem.staged:
             stack.callback(memo.reset)
             stack.enter_context(unittest.mock.patch.object(igemm_rows, "IN_PLACE_GROUP_CHANNELS", 0))
+            memo.reset()
+        if problem.pieces:
+            stack.callback(memo.reset)
+            stack.enter_context(unittest.mock.patch.object(depthwise_gemm, "PIECES_WINDOW", 0))
             memo.reset()
         yield
 
@@ -703,6 +712,7 @@ def conv_problems(draw, api: str = "conv2d", families: tuple = FAMILIES + (None,
         strip_window=draw(st.sampled_from((0, 0, 8, 16))) if family == "depthwise_gemm" else 0,
         # (from the seed, not a draw of its own: a draw here moves every later one, and the domain's samples)
         staged=family in (None, "igemm_rows") and not depthwise and problem.seed % 4 == 0,
+        pieces=depthwise and problem.seed % 3 == 1,
         residual_specials=draw(special_values(2)) if specials and problem.residual else ())
     try:
         spec = spec_of(problem)
@@ -1143,6 +1153,42 @@ def banded_grad_input(draw) -> GradientProblem:
                            grad_input_family="depthwise_gemm")
 
 
+@st.composite
+def banded_pieces(draw) -> GradientProblem:
+    """conv1d problems trained through with the weight gradient forced onto the banded kernel's tile of one row's
+    strips in pieces (strip_pieces; pieces: any window width): windows of 1 to 64 taps at stride 1 without
+    dilation, rows of up to 300 positions (several tiles of a row's strips), causal, same, valid and one-sided
+    paddings, tiles of 16 and 32 strips of 16 and 32 columns, 1 to 4 channels a program; both layouts, every
+    dtype, views, NaN/inf inputs, 64-bit offsets (conv_problems), the reduction split as on a GPU."""
+    problem = draw(conv_problems(api="conv1d", families=("depthwise_gemm",), max_channels=6,
+                                 kernel_sides=(1, 2, 5, 9, 17, 24, 40, 64),
+                                 extents=("tiny", "long_rows", "sequence")))
+    problem = dataclasses.replace(problem, stride=(1, 1), dilation=(1, 1), family=None, config=None, pieces=True,
+                                  specials=(), residual_specials=())
+    config = KernelConfig(draw(st.sampled_from((16, 32))), draw(st.sampled_from((1, 2, 4))),
+                          draw(st.sampled_from((16, 16, 32))), num_stages=1)
+    if draw(st.integers(0, 3)) == 0:  # 17 to 19 strips of 16: a row's strips in two tiles of 16
+        problem = dataclasses.replace(problem, size=(1, draw(st.integers(257, 300))))
+        config = dataclasses.replace(config, block_m=16, block_k=16)
+    spec = dataclasses.replace(spec_of(problem), bias=False)
+    with launch_variant(problem):
+        desc = described(spec, "grad_weight", "depthwise_gemm", config)
+    assume(desc is not None and desc.pieces)
+    specials = draw(special_values(2)) if draw(st.integers(0, 3)) == 0 else ()
+    return GradientProblem(problem, grad_weight_family="depthwise_gemm", grad_weight_config=config,
+                           programs=draw(st.sampled_from((1, 4))), specials=specials)
+
+
+@settings(max_examples=budget(0.15))
+@given(case=banded_pieces())
+def test_gradients_banded_pieces(case, nan_filled_outputs):
+    """The banded grad-weight of a height-1 window in pieces, forced: a step's strips of one row, the wide tile
+    of its input strips and the pieces' reach past them (the row's end, padding before it), each piece's tile
+    gathered, and the taps of each block of offsets from two pieces' accumulators; every gradient against
+    torch's."""
+    check_gradients(case)
+
+
 @settings(max_examples=budget(0.15))
 @given(case=banded_grad_input())
 # a map of one column (found by the long profile): grad_out [2, 2, 1, 1] reads as channels_last, so the spec is,
@@ -1570,7 +1616,7 @@ def drawn_problems():
             "gradients": drawn(gradient_problems(), 2000), "banded_rows": drawn(banded_rows(), 200),
             "direct_rows": drawn(direct_rows(), 200), "sequences": drawn(sequence_problems(), 200),
             "banded_columns": drawn(banded_columns(), 100), "banded_sliding": drawn(banded_sliding(), 100),
-            "dense": drawn(dense_maps(), 100),
+            "dense": drawn(dense_maps(), 100), "banded_pieces": drawn(banded_pieces(), 100),
             # each family forced, apart: in the conv2d sample a family's share of problems over several programs
             # is a few in a thousand
             **{f"forced {f}": drawn(conv_problems(families=(f,)), 150) for f in FAMILIES}}
@@ -1697,20 +1743,34 @@ def _forced_banded_grad_weight(case):
         return None
     problem = case.conv
     pixels = PixelSpace.of("grad_weight", problem.batch, *problem.size, *output_size(problem))
-    desc = lower(plan(spec_of(problem)), "grad_weight", choice=Choice(KERNEL, case.grad_weight_config, "depthwise_gemm"),
-                 interpret=True, allow_tf32=False, pixels=pixels)
+    with launch_variant(problem):
+        desc = lower(plan(spec_of(problem)), "grad_weight",
+                     choice=Choice(KERNEL, case.grad_weight_config, "depthwise_gemm"), interpret=True,
+                     allow_tf32=False, pixels=pixels)
     return desc, pixels
 
 
 def _banded_grad_weight_tile(case) -> str:
     """The tile of the banded grad-weight a case forced onto it runs: "columns" (strip_columns; "columns,
-    strided" at a stride in height), "flat" or "" where it is not forced there."""
+    strided" at a stride in height), "pieces" (strip_pieces), "flat" or "" where it is not forced there."""
     forced = _forced_banded_grad_weight(case)
     if forced is None:
         return ""
+    if forced[0].pieces:
+        return "pieces"
     if not forced[0].step_rows:
         return "flat"
     return "columns, strided" if case.conv.stride[0] > 1 else "columns"
+
+
+def _pieces_strip_tiles(case) -> int:
+    """How many tiles of one row's strips the banded grad-weight a case forced onto its pieces tile has a row (0:
+    another tile)."""
+    forced = _forced_banded_grad_weight(case)
+    if forced is None or not forced[0].pieces:
+        return 0
+    config = forced[0].config
+    return -(-(-(-output_size(case.conv)[1] // config.block_k)) // config.block_m)
 
 
 def _banded_grad_weight_split_small(case) -> bool:
@@ -1844,6 +1904,18 @@ DOMAIN = [
     ("banded rows in flat tiles at stride 1 (a window past the strips' widest)", "banded_rows",
      lambda p: p.strip_window and p.stride[1] == 1 and _strip_tiles(p) == 0 and output_size(p)[1] > 16),
     ("banded rows with a NaN or inf input", "banded_rows", lambda p: bool(p.specials)),
+    *[(f"the banded grad-weight in pieces, {what}", "banded_pieces", condition) for what, condition in (
+        ("one tile of a row's strips", lambda c: _pieces_strip_tiles(c) == 1),
+        ("a row's strips in several tiles", lambda c: _pieces_strip_tiles(c) > 1),
+        ("one piece", lambda c: _forced_banded_grad_weight(c)[0].pieces == 1),
+        ("five pieces or more", lambda c: _forced_banded_grad_weight(c)[0].pieces >= 5),
+        ("32-column strips", lambda c: _forced_banded_grad_weight(c)[0].config.block_k == 32),
+        ("causal", lambda c: c.conv.padding == "causal"),
+        ("in channels_last", lambda c: c.conv.layout != "nchw"),
+        ("on a view", lambda c: c.conv.view != "dense"),
+        ("with a NaN or inf input", lambda c: bool(c.specials)),
+        ("split", lambda c: c.programs > 1),
+        ("64-bit offsets", lambda c: c.conv.wide_index))],
     ("banded columns in one tile down a column", "banded_columns", lambda p: _column_tiles(p) == 1),
     ("banded columns in several tiles down a column", "banded_columns", lambda p: _column_tiles(p) > 1),
     ("banded columns, dilated in height", "banded_columns", lambda p: _column_tiles(p) and p.dilation[0] > 1),

@@ -117,6 +117,8 @@ class KernelDesc:
     #                             kernel rows (banded) whose sums a program holds at once; else 0
     step_rows: int              # banded grad-weight in columns of strips (strip_columns): the output rows of a
     #                             step's BLOCK_M input rows; else 0
+    pieces: int                 # banded grad-weight of a wide height-1 window (strip_pieces): the BLOCK_K-column
+    #                             pieces of a strip's input band, an accumulator each; else 0
     slide_rows: int             # banded forward sliding down the output rows (Family.slide_rows): the most rows
     #                             a block of them has; else 0
     phases: tuple[int, int]     # depthwise and igemm grad-input: (row, column) phases of the stride, one a
@@ -360,7 +362,8 @@ def choose_tap_tile(fields: dict, ctx: Context) -> None:
     """Depthwise grad-weight sums many taps from each grad_out tile it loads: the direct kernel every tap (a
     [taps, channels] accumulator of tap_tile rows), the banded kernel tap_tile kernel rows a pass, as many as
     its accumulators allow at its config (Family.tap_tile), and when its tile is consecutive rows of a column,
-    the output rows of a step (Family.step_rows); the banded forward that slides down the output rows, its open
+    the output rows of a step (Family.step_rows), and when it is one row's strips of a wide height-1 window, the
+    pieces of a strip's band (Family.pieces); the banded forward that slides down the output rows, its open
     rows (Family.slide_rows). A strided grad-input's programs each take one phase of the
     stride, so that a tap that reaches none of its pixels is skipped (Family.phases), or every column phase of
     one row phase in turn (Family.interleaves_columns). The sliding igemm holds
@@ -368,6 +371,7 @@ def choose_tap_tile(fields: dict, ctx: Context) -> None:
     spec, owner = fields["spec"], family(fields["family"])
     fields.update(tap_tile=owner.tap_tile(spec, ctx.kind, fields["config"], fields["halo_tile"]) if spec else 0,
                   step_rows=owner.step_rows(spec, ctx.kind, fields["config"]) if spec else 0,
+                  pieces=owner.pieces(spec, ctx.kind, fields["config"], fields["band_shift"]) if spec else 0,
                   slide_rows=owner.slide_rows(spec, ctx.kind, fields["config"], ctx.pixels) if spec else 0,
                   phases=owner.phases(spec, ctx.kind) if spec else (1, 1),
                   interleave_columns=owner.interleaves_columns(spec, ctx.kind) if spec else False,

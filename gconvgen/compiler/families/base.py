@@ -159,6 +159,11 @@ class Family:
         """The output rows a step of a tile of one column's rows takes (KernelDesc.step_rows); 0 otherwise."""
         return 0
 
+    def pieces(self, spec: ConvSpec, kind: str, config: KernelConfig, band_shift: int) -> int:
+        """The BLOCK_K-column pieces of a strip's input band a grad-weight tile of one row's strips holds an
+        accumulator each for (KernelDesc.pieces); 0: not that tile."""
+        return 0
+
     def slide_rows(self, spec: ConvSpec, kind: str, config: KernelConfig, pixels: Optional[PixelSpace]) -> int:
         """The most output rows a block of a forward tile sliding down them takes (KernelDesc.slide_rows), for a
         launch over ``pixels`` (None: not known); 0: the tile does not slide."""

@@ -41,6 +41,10 @@ FLOAT32_GRAD_WEIGHT_TAPS = (3, 64)  # float32 grad-weight windows the band takes
 # the floor modelled, strips -> flat: k192 35.3 / 20.4 -> 39.6 / 23.8; k256 27.3 / 16.0 -> 33.2 / 19.1), one
 # gather fewer (k256 on the wide tile: 45.6 / 40.5). Wider windows take flat tiles, each band step loading its own.
 STRIP_WINDOW = 128
+# A height-1 grad-weight window wider than this many columns, at stride 1 without dilation, takes one row's strips
+# in pieces (strip_pieces)
+PIECES_WINDOW = 32
+PIECES_ACCUMULATOR_REGISTERS = 64  # ... whose accumulators take at most this many fp32 registers a thread
 KERNEL_ROWS_AT_ONCE = 4  # and at most this many rows: each row's dots keep operands in registers beside them
 COLUMNS_ROWS_AT_ONCE = 8  # in columns of strips (RepLKNet's dw31 at 16 rows a pass spilled 8 B in NCHW)
 COLUMN_KERNEL_ROWS = 16  # channels_last forward windows of this many rows or more take tiles of one column's rows
@@ -240,6 +244,24 @@ def strip_columns(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
     return kind == "grad_weight" and spec.kernel_size[0] > 1 and config.block_m >= 2 * row_reach(spec)
 
 
+def strip_pieces(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
+    """Whether the grad-weight tile is BLOCK_M consecutive strips of one output row, its input band cut into
+    pieces of BLOCK_K columns ("pieces" in the template): a height-1 window wider than PIECES_WINDOW columns at
+    stride 1 without dilation, whose pieces (piece_count, at any band_shift) reach at most BLOCK_M strips past the
+    tile's first. Piece p of strip i's band is the input strip i + p, so a step loads its input once, BLOCK_M strips
+    and the pieces' reach past them, and takes each piece's tile in one gather from it; the flat tile's band of
+    main and halo tiles re-reads every input column for each strip whose band holds it (causal k256: 17 times)."""
+    return (kind == "grad_weight" and spec.kernel_size[0] == 1 and spec.stride[1] == 1 and spec.dilation[1] == 1
+            and window_width(spec) > PIECES_WINDOW
+            and piece_count(spec, config.block_k, config.block_k - 1) - 1 <= config.block_m)
+
+
+def piece_count(spec: ConvSpec, block_k: int, band_shift: int) -> int:
+    """The pieces of block_k columns that cover a strip's input band (strip_pieces): band_shift columns read early,
+    then (block_k - 1) + the window's width columns."""
+    return cdiv(band_shift + block_k - 1 + window_width(spec), block_k)
+
+
 def column_step_rows(spec: ConvSpec, config: KernelConfig) -> int:
     """The output rows of a step of BLOCK_M input rows in columns of strips: (BLOCK_M - row_reach) // stride_h,
     the most whose windows the tile holds, and few enough that the rows the template's rotation wraps around
@@ -277,6 +299,9 @@ def row_accumulators(spec: ConvSpec, config: KernelConfig, halo_tile: int) -> in
     halo_tile], two registers each in float64."""
     channels = config.block_n if band_dot(spec) == "channels" else 1
     registers = 2 if spec.dtype == "float64" else 1
+    if strip_pieces(spec, "grad_weight", config):  # [channels, block_k, block_k] a piece, at the most pieces
+        pieces = piece_count(spec, config.block_k, config.block_k - 1)
+        return config.block_n * pieces * config.block_k * config.block_k * registers
     return channels * config.block_k * (grad_weight_main(spec, config.block_k) + halo_tile) * registers
 
 
@@ -418,6 +443,9 @@ class DepthwiseGemm(Family):
         Accumulators per kernel row: channels x strip x (strip x stride + halo) fp32."""
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 4), 16, num_stages=1)
+        pieces = KernelConfig(32, pow2_between(spec.out_channels, 1, 4), 16, num_warps=4, num_stages=1)
+        if strip_pieces(spec, "grad_weight", pieces):
+            return self._pieces_config(spec, pieces)
         columns = strip_columns(spec, "grad_weight", KernelConfig(64, 1, 16))
         if band_dot(spec) == "rows":
             config = KernelConfig(64, 1, 16 if columns else 64, num_warps=8, num_stages=2)
@@ -448,6 +476,21 @@ class DepthwiseGemm(Family):
             # (ShuffleNetV2's dw3 at 4 channels on 14 x 14: 27.7% of its floor modelled, 20.7% on 8 warps); where
             # 4 warps would take two passes they read the input twice (MobileNetV2's dw3: 25.3%, 50.6% on 8)
             config = narrow
+        return config
+
+    def _pieces_config(self, spec: ConvSpec, config: KernelConfig) -> KernelConfig:
+        """In pieces (strip_pieces): 32 strips of 16 columns a step, 4 channels batched on 4 warps; on 8 where
+        their accumulators would pass PIECES_ACCUMULATOR_REGISTERS a thread, and one channel where they still
+        would. % of the floor modelled, NCHW / channels_last, bfloat16 at batch 8 on 2048 positions (against the
+        flat tile): causal k64 94.0 / 94.0 (66.7 / 50.0), k128 65.2 / 59.1 (50.1 / 33.4), k256 66.0 / 60.2
+        (20.1 / 11.2); no spill on Triton 3.9 or 3.6, where k256 on 2 channels spilled 60 B on 8 warps and
+        56-76 B on 4, and 4 channels on 8 warps 60 B."""
+        def per_thread(config: KernelConfig) -> int:
+            return self._row_accumulators(config, spec) // (32 * config.num_warps)
+        if per_thread(config) > PIECES_ACCUMULATOR_REGISTERS:
+            config = replace(config, num_warps=8)
+        if per_thread(config) > PIECES_ACCUMULATOR_REGISTERS:
+            config = replace(config, block_n=1)
         return config
 
     def accumulator_registers(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
@@ -523,6 +566,8 @@ class DepthwiseGemm(Family):
         """grad-weight sums strips of BLOCK_K output columns, over every output row; in columns of strips
         (strip_columns), BLOCK_M units a step of column_step_rows output rows of one column."""
         strips = cdiv(pixels.width, config.block_k)
+        if strip_pieces(spec, "grad_weight", config):
+            return pixels.rows * cdiv(strips, config.block_m) * config.block_m
         if strip_columns(spec, "grad_weight", config):
             return pixels.batch * strips * cdiv(pixels.height, column_step_rows(spec, config)) * config.block_m
         return pixels.rows * strips
@@ -574,6 +619,10 @@ class DepthwiseGemm(Family):
             return config.block_m
         return column_step_rows(spec, config) if strip_columns(spec, kind, config) else 0
 
+    def pieces(self, spec: ConvSpec, kind: str, config: KernelConfig, band_shift: int) -> int:
+        """grad-weight in pieces (strip_pieces): the pieces of a strip's input band (piece_count)."""
+        return piece_count(spec, config.block_k, band_shift) if strip_pieces(spec, kind, config) else 0
+
     def slide_rows(self, spec: ConvSpec, kind: str, config: KernelConfig, pixels: Optional[PixelSpace]) -> int:
         """The forward sliding down the output rows (sliding_rows): SLIDING_ROWS, the most a block has; the
         grad-input, the most row groups a block has (grad_input_block_groups)."""
@@ -587,7 +636,8 @@ class DepthwiseGemm(Family):
         power of two >= 16 columns (tl.dot's least side). The forward of one row's strips (strip_rows): the
         band_steps - 1 strips its band steps reach past the tile; in columns (column_rows), the row_reach input
         rows its kernel rows read past its rows; either loaded as one tile of a power of two, with at least one
-        element a thread, and on the wide tile (wide_strips) at least the main tile's strips."""
+        element a thread, and on the wide tile (wide_strips) at least the main tile's strips. A grad-weight in
+        pieces (strip_pieces) has no halo tile: its step's input is one tile of strips."""
         if strip_rows(spec, kind) or column_rows(spec, kind, config):
             ahead = band_steps(spec, config.block_k, band_shift) - 1 if strip_rows(spec, kind) else row_reach(spec)
             # at least an element a thread: Triton 3.6's gather from a smaller tile fails to compile
@@ -597,6 +647,8 @@ class DepthwiseGemm(Family):
                 least = max(least, config.block_m)
             return (0, ahead), pow2_between(ahead, least, 1 << 30)
         reach = grad_weight_halo(spec, config.block_k, band_shift) if kind == "grad_weight" else 0
+        if strip_pieces(spec, kind, config):  # the reach is the band's pieces past the first, no tile of its own
+            return (0, reach), 0
         return (0, reach), pow2_between(reach, DOT_SIDES[0], 1 << 30) if reach else 0
 
     def tile_depth(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
@@ -635,11 +687,15 @@ class DepthwiseGemm(Family):
         """Per step and channel: in each pass over the kernel rows a [block_m, block_k] grad_out tile (in columns
         of strips, strip_columns, its step_rows output rows: the rest are masked, no load), and the input
         band's main and halo tiles of block_m rows, for each kernel row ("flat") or once a pass (strip_columns);
-        each kernel row a dot of the grad_out tile with its input tiles."""
+        each kernel row a dot of the grad_out tile with its input tiles. In pieces (strip_pieces): the step's
+        grad_out tile and its input strips with the pieces' reach past them, once, and a dot for each piece."""
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         band = grad_weight_main(spec, k) + desc.halo_tile
         steps = programs * n * -(-arguments.get("pixels_per_split", 0) // m)
+        if desc.pieces:  # strip_pieces: the step's strips of grad_out and of input, and the pieces' reach past them
+            loaded = steps * (m + m + desc.pieces - 1) * k * ELEMENT_BYTES[spec.dtype]
+            return loaded, steps * desc.pieces * 2 * k * m * k
         kernel_h = spec.kernel_size[0]
         passes = cdiv(kernel_h, desc.tap_tile)
         x_rows = (passes if desc.step_rows else kernel_h) * m

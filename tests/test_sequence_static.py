@@ -59,11 +59,12 @@ def test_sequence_suite_forward_kernels_at_memory_speed_shape():
                 assert row["strips"], row
                 assert row["bytes"] <= (1.2 if row["taps"] <= 64 else 1.5), row
             elif row["taps"] <= 2 * STRIP_WINDOW:
-                # one row's strips on the wide tile: the main tile's strips and as many again, loaded once (a
-                # halo of fewer strips is loaded whole), plus each band step's weight segment; the flat tiles of
-                # each band step loaded its own tile read 5.2x the ideal bytes at k256 in channels_last
+                # one row's strips on the wide tile (the main tile's strips and as many again), of which the
+                # strips the band steps read are loaded once, plus each band step's weight segment; the flat tiles
+                # of each band step loaded its own tile read 5.2x the ideal bytes at k256 in channels_last, the
+                # whole wide tile 1.8x
                 assert row["strips"], row
-                assert row["bytes"] <= 2.0, row
+                assert row["bytes"] <= 1.45, row
             else:
                 # flat tiles: each band step loads its own input tile, so x is read once a step (and y written
                 # once) over the ideal's one read and one write, plus the weight segments
@@ -88,18 +89,25 @@ GRAD_WEIGHT_SCRIPT = textwrap.dedent("""
 
 
 def test_channels_last_conv1d_weight_gradients_read_x_fewer_times_over():
-    """The banded grad-weight of the sequence suite's layers in channels_last: 4 channels of 32-column strips
-    up to 128 columns (16 wider), no spill. A strip of 32 grad_out columns reads its band of 32 + the window's
-    input columns (the halo tile a power of two), so x is read (32 + halo) / 32 times and grad_out once, and the
-    modelled share of the floor
-    is what those bytes allow (at 16-column strips: Mamba's k4 66.7%, k64 32.3%, k128 20.0%)."""
+    """The banded grad-weight of the sequence suite's layers in channels_last, no spill. Up to PIECES_WINDOW
+    columns 4 channels of 32-column strips: a strip of 32 grad_out columns reads its band of 32 + the window's
+    input columns (the halo tile a power of two), so x is read (32 + halo) / 32 times and grad_out once. Wider
+    windows in pieces (strip_pieces): a step's 32 strips of 16 columns read their input strips once, with the
+    pieces' reach past them, within 1.3x the ideal bytes (the flat tile's 16-column strips read k256's x 17 times:
+    8.95x, 11.2% of the floor), and the modelled share of the floor is what the bytes, FLOPs and instructions allow
+    (Mamba's k4 66.7%, k64 32.3%, k128 20.0% at 16-column strips; k64 50.0%, k128 33.4% at 32)."""
+    from gconvgen.compiler.families.depthwise_gemm import PIECES_WINDOW
     rows = compiled_rows(GRAD_WEIGHT_SCRIPT)
     assert len(rows) == 8
     for row in rows:
         assert row["family"] == "depthwise_gemm" and row["spill"] == 0, row
-        strip = 32 if row["taps"] <= 128 else 16
-        assert row["config"].split()[1:3] == ["n4", f"k{strip}"], row
+        if row["taps"] > PIECES_WINDOW:
+            assert row["config"].split()[0] == "m32" and row["config"].split()[2] == "k16", row
+            assert row["bytes"] <= 1.3, row
+            continue
+        assert row["config"].split()[1:3] == ["n4", "k32"], row
         halo = max(16, 1 << (row["taps"] - 1).bit_length())  # the band past a strip, in a power-of-two tile
-        assert row["bytes"] <= 1.05 * (1 + (strip + halo) / strip) / 2, row
+        assert row["bytes"] <= 1.05 * (1 + (32 + halo) / 32) / 2, row
     percent = {row["id"]: row["percent"] for row in rows}
-    assert percent["mamba-k4"] >= 75 and percent["causal-k64"] >= 45 and percent["causal-k128"] >= 30, percent
+    assert percent["mamba-k4"] >= 75 and percent["causal-k64"] >= 90, percent
+    assert percent["causal-k128"] >= 55 and percent["causal-k256"] >= 55, percent

@@ -705,7 +705,7 @@ class DepthwiseGemm(Family):
 
     def _forward_requested(self, desc, problem, programs: int, arguments: dict):
         """Per channel and kernel row: the input, each band step's tile ("flat") or the main and halo tiles
-        once (strip_rows), and each band step's weight segment; in columns (column_rows) the main and halo tiles
+        once (strip_rows; of the wide tile the strips the band steps read), and each band step's weight segment; in columns (column_rows) the main and halo tiles
         of each band step once for every kernel row; sliding down the rows (sliding_rows) each band step's tile
         of an input row once for every kernel row, a program's rows and the window's reach past them."""
         if desc.slide_rows:
@@ -716,6 +716,8 @@ class DepthwiseGemm(Family):
         rows = programs * n * spec.kernel_size[0]
         if desc.step_rows:
             tiles = steps * (m + desc.halo_tile) * k / spec.kernel_size[0]
+        elif wide_strips(spec, desc.kind) and desc.halo_tile == m:  # the wide tile, as far as the band steps read
+            tiles = (m + steps - 1) * k
         else:
             tiles = (m + desc.halo_tile) * k if desc.halo_tile else steps * m * k
         segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT

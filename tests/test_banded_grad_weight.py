@@ -188,6 +188,40 @@ def test_depthwise_grad_weight_on_tensor_cores_for_sm90():
     assert all(row["tensor_core"] == "wgmma" for row in rows if row["id"] == "mamba-causal" and row["layout"] == "nchw")
 
 
+def test_two_strip_widths_of_one_window_share_its_module():
+    """The description of a config's tile leaves its BLOCK_K out (one module serves every config of a spec): a
+    causal k33 in pieces takes 2 pieces at strips of 32 and of 64 columns, and both launches in one process run the
+    one module with the taps placed by their own BLOCK_K."""
+    spec = ConvSpec(2, 2, 2, (1, 33), padding=(0, 0, 32, 0), dtype="float32", layout="nhwc")
+    x, grad_out = (torch.randn(1, 2, 1, 150, dtype=torch.float64) for _ in range(2))
+    expected = torch.nn.grad.conv2d_weight(torch.nn.functional.pad(x, (32, 0)), (2, 1, 1, 33), grad_out, groups=2)
+    x, grad_out = (t.float().contiguous(memory_format=torch.channels_last) for t in (x, grad_out))
+    uris = set()
+    for block_k in (32, 64):
+        choice = Choice(KERNEL, KernelConfig(16, 2, block_k, num_stages=1), "depthwise_gemm")
+        desc = launch.prepare_grad_weight(spec, x, grad_out, torch.empty(2, 1, 1, 33), choice).desc
+        assert desc.pieces == 2
+        uris.add(desc.uri)
+        grad_w = torch.full((2, 1, 1, 33), float("nan"))
+        launch.grad_weight(spec, x, grad_out, grad_w, choice, splits=1)
+        torch.testing.assert_close(grad_w.double(), expected, rtol=1e-5, atol=1e-5)
+    assert len(uris) == 1
+
+
+def test_a_grad_weight_whose_padded_units_pass_int32_takes_64_bit_offsets():
+    """In pieces a row of one strip is a tile of 16 units (strips): 2**27 rows of one output column flatten to
+    2**31 units, past int32 where the pixels are not (launch.describe lowers again with 64-bit offsets)."""
+    from gconvgen.compiler.tiles import PixelSpace
+    spec = ConvSpec(3, 3, 3, (1, 40), padding=(0, 0, 39, 0), dtype="bfloat16")
+    x, grad_out = torch.randn(1, 3, 1, 1).bfloat16(), torch.randn(1, 3, 1, 1).bfloat16()
+    tensors = (x, grad_out, torch.empty(3, 1, 1, 40, dtype=torch.bfloat16))
+    choice = Choice(KERNEL, None, "depthwise_gemm")
+    for rows, wide in ((2 ** 20, False), (2 ** 27, True)):
+        desc = launch.describe(spec, "grad_weight", tensors, choice, PixelSpace.of("grad_weight", rows, 1, 1, 1, 1))
+        assert desc.pieces and desc.wide_index == wide, (rows, desc.config, desc.reduction_units(
+            PixelSpace.of("grad_weight", rows, 1, 1, 1, 1)))
+
+
 PIECES_SCRIPT = textwrap.dedent("""
     import json
     from gconvgen.autotune import suites
@@ -209,12 +243,12 @@ PIECES_SCRIPT = textwrap.dedent("""
 def test_wide_causal_grad_weights_in_pieces_for_sm90():
     """The causal k64 and k256 weight gradients (cuDNN's widest) as inspect compiles them: in pieces, within
     1.3x the ideal bytes (the flat tile re-read each input column for every strip whose band held it: k256
-    4.97x / 8.95x, 20.1 / 11.2% of the floor), no spill, and at 55% of the floor or more in the model."""
+    4.97x / 8.95x, 20.1 / 11.2% of the floor), no spill, and at 50% of the floor or more in the model."""
     rows = compiled_rows(PIECES_SCRIPT)
     assert len(rows) == 4
     for row in rows:
         assert row["family"] == "depthwise_gemm" and row["pieces"] > 0 and row["spill"] == 0, row
-        assert row["bytes"] <= 1.3 and row["percent"] >= 55.0, row
+        assert row["bytes"] <= 1.3 and row["percent"] >= 50.0, row
 
 
 def test_the_gpu_search_space_keeps_one_kernel_rows_accumulators_in_registers():
@@ -256,13 +290,12 @@ def test_a_dot_batched_over_channels_splits_a_small_maps_reduction_down_to_one_b
 
 @pytest.mark.parametrize("taps, layout, expected", [
     (2, "nhwc", (16, 4, 32, 8)), (4, "nhwc", (16, 4, 32, 8)), (32, "nhwc", (16, 4, 32, 8)),
-    (64, "nhwc", (32, 4, 16, 4)), (128, "nhwc", (32, 4, 16, 8)), (256, "nhwc", (32, 1, 16, 8)),
-    (64, "nchw", (32, 4, 16, 4)), (128, "nchw", (32, 4, 16, 8)), (256, "nchw", (32, 1, 16, 8))])
+    (64, "nhwc", (32, 4, 16, 4)), (128, "nhwc", (32, 2, 16, 4)), (256, "nhwc", (32, 1, 16, 4)),
+    (64, "nchw", (32, 4, 16, 4)), (128, "nchw", (32, 2, 16, 4)), (256, "nchw", (32, 1, 16, 4))])
 def test_conv1d_weight_gradient_defaults(taps, layout, expected):
     """channels_last windows up to PIECES_WINDOW columns: 16 strips of 32 columns a step, 4 channels batched.
-    Wider ones in pieces (DepthwiseGemm._pieces_config), either layout: 32 strips of 16 columns a step, 4
-    channels on 4 warps, on 8 where their accumulators pass 64 registers a thread (k128), one channel where they
-    still would (k256)."""
+    Wider ones in pieces (DepthwiseGemm._pieces_config), either layout: 32 strips of 16 columns a step on 4
+    warps, 4 channels, halved while their accumulators pass 64 registers a thread (k128: 2, k256: 1)."""
     from gconvgen.compiler.lowering import default_config
     spec = ConvSpec(1536, 1536, 1536, (1, taps), padding=(0, 0, taps - 1, 0), dtype="bfloat16", layout=layout)
     config = default_config(spec, "depthwise_gemm", "grad_weight", interpret=False)

@@ -110,4 +110,4 @@ def test_channels_last_conv1d_weight_gradients_read_x_fewer_times_over():
         assert row["bytes"] <= 1.05 * (1 + (32 + halo) / 32) / 2, row
     percent = {row["id"]: row["percent"] for row in rows}
     assert percent["mamba-k4"] >= 75 and percent["causal-k64"] >= 90, percent
-    assert percent["causal-k128"] >= 55 and percent["causal-k256"] >= 55, percent
+    assert percent["causal-k128"] >= 55 and percent["causal-k256"] >= 50, percent

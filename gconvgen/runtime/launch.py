@@ -79,6 +79,11 @@ def describe(spec: Optional[ConvSpec], kind: str, tensors: tuple[Optional[torch.
     facts = (dtype or spec.dtype, choice, target == "interpreter", allows_tf32(device) if device.type == "cuda" else False,
              needs_wide_index(largest, flat), pixels, epilogue, weight_memory)
     desc = lowered_for(spec, kind, *facts)
+    if kind == "grad_weight" and not desc.wide_index and needs_wide_index(0, desc.reduction_units(pixels)
+                                                                           + desc.reduction_block):
+        # a split reduction's units may pad the pixels (tiles of a row's strips, of a column's rows)
+        facts = facts[:4] + (True,) + facts[5:]
+        desc = lowered_for(spec, kind, *facts)
     if not desc.takes_row_alignment:
         return desc
     alignment = _aligned_rows(spec, desc, *rows)

@@ -26,10 +26,12 @@ ACCUMULATOR_REGISTERS = {"rows": 64, "channels": 48}
 # spilled 512 B on Triton 3.6)
 COLUMNS_ACCUMULATOR_REGISTERS = 80
 # ... and for a height-1 window's batched dot (conv1d in channels_last), whose one kernel row is the whole pass:
-# 4 channels of 32-column strips at k128 (193 registers; 248 on Triton 3.6, no spill)
+# 4 channels of 32-column strips at k128 (193 registers; 248 on Triton 3.6, no spill; in pieces now, or on flat
+# tiles where dilated or strided)
 ROW_WINDOW_ACCUMULATOR_REGISTERS = 80
 # a height-1 grad-weight window of at most this many columns takes 32-column strips in channels_last, wider ones
-# 16 (causal k256 at 32 columns spilled 1.7 KB on Triton 3.6, at 1 or 2 channels; 0 on 3.9 at 2)
+# 16 (causal k256 at 32 columns spilled 1.7 KB on Triton 3.6, at 1 or 2 channels; 0 on 3.9 at 2), where it does not
+# take pieces (strip_pieces: at stride 1 without dilation past PIECES_WINDOW)
 WIDE_STRIP_WINDOW = 128
 MIN_GRAD_WEIGHT_ROW = 7  # grad-weight output rows narrower than this take the direct kernel by default
 MIN_FLOAT32_GRAD_WEIGHT_ROW = 8  # ... in float32 (ConvNeXt's dw7 at 7 x 7: 2.7% of its floor here, 4.0% direct)
@@ -247,13 +249,14 @@ def strip_columns(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
 def strip_pieces(spec: ConvSpec, kind: str, config: KernelConfig) -> bool:
     """Whether the grad-weight tile is BLOCK_M consecutive strips of one output row, its input band cut into
     pieces of BLOCK_K columns ("pieces" in the template): a height-1 window wider than PIECES_WINDOW columns at
-    stride 1 without dilation, whose pieces (piece_count, at any band_shift) reach at most BLOCK_M strips past the
-    tile's first. Piece p of strip i's band is the input strip i + p, so a step loads its input once, BLOCK_M strips
-    and the pieces' reach past them, and takes each piece's tile in one gather from it; the flat tile's band of
-    main and halo tiles re-reads every input column for each strip whose band holds it (causal k256: 17 times)."""
+    stride 1 without dilation, whose pieces (piece_count, at any band_shift) are at most BLOCK_M, so that the wide
+    tile of 2 x BLOCK_M strips holds the step's and the pieces' reach past them with its last strip to spare
+    (never loaded: a strip past the row's end reads it). Piece p of strip i's band is the input strip i + p, so a
+    step loads its input once and takes each piece's tile in one gather from it; the flat tile's band of main and
+    halo tiles re-reads every input column for each strip whose band holds it (causal k256: 17 times)."""
     return (kind == "grad_weight" and spec.kernel_size[0] == 1 and spec.stride[1] == 1 and spec.dilation[1] == 1
             and window_width(spec) > PIECES_WINDOW
-            and piece_count(spec, config.block_k, config.block_k - 1) - 1 <= config.block_m)
+            and piece_count(spec, config.block_k, config.block_k - 1) <= config.block_m)
 
 
 def piece_count(spec: ConvSpec, block_k: int, band_shift: int) -> int:
@@ -439,7 +442,9 @@ class DepthwiseGemm(Family):
         on Mamba's k4 at 64 registers and RepLKNet's k31 at 255, for the same modelled time), 32 strips a step;
         in columns of strips 64 rows a step (ConvNeXt's dw7 at 56 x 56: 58 output rows a step against 26 at 32),
         and 4 channels where 8 would not take every kernel row in one pass (dw7: 48% against 25% in two passes);
-        a height-1 window 4 channels of 32-column strips (16 past WIDE_STRIP_WINDOW), 16 strips a step.
+        a height-1 window 4 channels of 32-column strips (16 past WIDE_STRIP_WINDOW), 16 strips a step, where it
+        does not take pieces: a height-1 window wider than PIECES_WINDOW at stride 1 without dilation takes one
+        row's strips in pieces, in either layout (_pieces_config).
         Accumulators per kernel row: channels x strip x (strip x stride + halo) fp32."""
         if interpret:
             return KernelConfig(32, pow2_between(spec.out_channels, 1, 4), 16, num_stages=1)
@@ -479,18 +484,15 @@ class DepthwiseGemm(Family):
         return config
 
     def _pieces_config(self, spec: ConvSpec, config: KernelConfig) -> KernelConfig:
-        """In pieces (strip_pieces): 32 strips of 16 columns a step, 4 channels batched on 4 warps; on 8 where
-        their accumulators would pass PIECES_ACCUMULATOR_REGISTERS a thread, and one channel where they still
-        would. % of the floor modelled, NCHW / channels_last, bfloat16 at batch 8 on 2048 positions (against the
-        flat tile): causal k64 94.0 / 94.0 (66.7 / 50.0), k128 65.2 / 59.1 (50.1 / 33.4), k256 66.0 / 60.2
-        (20.1 / 11.2); no spill on Triton 3.9 or 3.6, where k256 on 2 channels spilled 60 B on 8 warps and
-        56-76 B on 4, and 4 channels on 8 warps 60 B."""
-        def per_thread(config: KernelConfig) -> int:
-            return self._row_accumulators(config, spec) // (32 * config.num_warps)
-        if per_thread(config) > PIECES_ACCUMULATOR_REGISTERS:
-            config = replace(config, num_warps=8)
-        if per_thread(config) > PIECES_ACCUMULATOR_REGISTERS:
-            config = replace(config, block_n=1)
+        """In pieces (strip_pieces): 32 strips of 16 columns a step on 4 warps, 4 channels batched, halved while
+        their accumulators would pass PIECES_ACCUMULATOR_REGISTERS a thread. % of the floor modelled, NCL /
+        channels_last, bfloat16 at batch 8 on 2048 positions (against the flat tile): causal k64 94.0 / 94.0
+        (66.7 / 50.0), k128 on 2 channels 63.6 / 57.9 (50.1 / 33.4), k256 on one 56.4 / 52.3 (20.1 / 11.2); no
+        spill on Triton 3.9 or 3.6, where 4 channels on 8 warps spilled 24 B at k128 (3.9) and 60 B at k256 (3.6),
+        2 channels 56-76 B at k256, and one channel on 8 warps 24 B at k256 (3.9)."""
+        while config.block_n > 1 and (self._row_accumulators(config, spec) // (32 * config.num_warps)
+                                      > PIECES_ACCUMULATOR_REGISTERS):
+            config = replace(config, block_n=config.block_n // 2)
         return config
 
     def accumulator_registers(self, config: KernelConfig, spec: ConvSpec, kind: str) -> int:
@@ -510,7 +512,8 @@ class DepthwiseGemm(Family):
         one column's rows (strip_columns) no taller than the map and the window's reach (a power of two, at least
         16); on a map shorter than the window's reach, a flat tile. A sliding forward's strip no wider than its
         rows' power of two, at least 16 (ShuffleNetV2's dw3 on 14 columns in NCHW: 22.6% in strips of 32,
-        74.3% in 16)."""
+        74.3% in 16). A grad-weight in pieces (strip_pieces) no more strips a step than a row has (a power of
+        two, at least 16)."""
         if kind == "grad_input" or (kind == "forward" and sliding_rows(spec, kind)):
             return replace(config, block_k=min(config.block_k, pow2_between(pixels.width, DOT_SIDES[0], 1 << 30)))
         if strip_rows(spec, kind):
@@ -521,6 +524,11 @@ class DepthwiseGemm(Family):
             return replace(config, block_m=min(config.block_m, rows if rows >= COLUMN_ROWS else COLUMN_ROWS // 2))
         if kind != "grad_weight":
             return config
+        if strip_pieces(spec, kind, config):
+            # no more strips a step than the row has (a power of two, at least 16): a short row would leave the
+            # rest of the tile idle; where its pieces then pass BLOCK_M, the flat tile
+            strips = cdiv(pixels.width, config.block_k)
+            return replace(config, block_m=min(config.block_m, pow2_between(strips, DOT_SIDES[0], 1 << 30)))
         if strip_columns(spec, kind, config):
             rows = pow2_between(pixels.height * spec.stride[0] + row_reach(spec), DOT_SIDES[0], 1 << 30)
             if pixels.height < row_reach(spec):
@@ -647,7 +655,7 @@ class DepthwiseGemm(Family):
                 least = max(least, config.block_m)
             return (0, ahead), pow2_between(ahead, least, 1 << 30)
         reach = grad_weight_halo(spec, config.block_k, band_shift) if kind == "grad_weight" else 0
-        if strip_pieces(spec, kind, config):  # the reach is the band's pieces past the first, no tile of its own
+        if strip_pieces(spec, kind, config):  # the pieces past a strip's first hold the reach: no tile of its own
             return (0, reach), 0
         return (0, reach), pow2_between(reach, DOT_SIDES[0], 1 << 30) if reach else 0
 
@@ -716,7 +724,7 @@ class DepthwiseGemm(Family):
         rows = programs * n * spec.kernel_size[0]
         if desc.step_rows:
             tiles = steps * (m + desc.halo_tile) * k / spec.kernel_size[0]
-        elif wide_strips(spec, desc.kind) and desc.halo_tile == m:  # the wide tile, as far as the band steps read
+        elif strip_rows(spec, desc.kind) and desc.halo_tile == m:  # the wide tile, as far as the band steps read
             tiles = (m + steps - 1) * k
         else:
             tiles = (m + desc.halo_tile) * k if desc.halo_tile else steps * m * k

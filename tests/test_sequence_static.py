@@ -36,7 +36,10 @@ def test_sequence_suite_forward_kernels_at_memory_speed_shape():
     assert len(rows) == 18
     for row in rows:
         assert row["spill"] == 0, row
-        if row["id"] == "mamba-k4-prompt1":  # one token: the weight is most of the bytes, nothing to tile
+        if row["id"] == "mamba-k4-prompt1":
+            # one token: the tile's 8 positions read the one there is and no halo (a masked lane requests
+            # nothing; counted whole, 3.5x), the weight most of the bytes; too short for vectors
+            assert row["bytes"] <= 1.05, row
             continue
         if row["family"] == "depthwise1d":
             # one read of x (its halo in whole 16-byte vectors), one write of y: within 1.2x of the ideal
@@ -57,14 +60,15 @@ def test_sequence_suite_forward_kernels_at_memory_speed_shape():
                 # one row's strips: the input loaded once (main and halo tiles), plus each band step's weight
                 # segment
                 assert row["strips"], row
-                assert row["bytes"] <= (1.2 if row["taps"] <= 64 else 1.5), row
+                assert row["bytes"] <= 1.2, row
             elif row["taps"] <= 2 * STRIP_WINDOW:
                 # one row's strips on the wide tile (the main tile's strips and as many again), of which the
                 # strips the band steps read are loaded once, plus each band step's weight segment; the flat tiles
                 # of each band step loaded its own tile read 5.2x the ideal bytes at k256 in channels_last, the
-                # whole wide tile 1.8x
+                # whole wide tile 1.8x. Past 1.2x in channels_last (1.3x): 32 strips a program, each band step's
+                # segment of 8 channels' weights beside them (64 strips spilled)
                 assert row["strips"], row
-                assert row["bytes"] <= 1.45, row
+                assert row["bytes"] <= (1.2 if row["layout"] == "nchw" else 1.35), row
             else:
                 # flat tiles: each band step loads its own input tile, so x is read once a step (and y written
                 # once) over the ideal's one read and one write, plus the weight segments
@@ -111,3 +115,13 @@ def test_channels_last_conv1d_weight_gradients_read_x_fewer_times_over():
     percent = {row["id"]: row["percent"] for row in rows}
     assert percent["mamba-k4"] >= 75 and percent["causal-k64"] >= 90, percent
     assert percent["causal-k128"] >= 55 and percent["causal-k256"] >= 50, percent
+
+
+def test_a_tile_counts_the_positions_its_bounds_mask_reads():
+    """The tile models' in_bounds: a masked lane requests nothing, so a tile past either end of [0, limit)
+    counts only what lies inside (a one-token prompt's 8-position tile reads one position, its front halo none)."""
+    from gconvgen.compiler.tiles import in_bounds
+    assert in_bounds(range(0, 16, 8), 0, 8, 10) == 8 + 2
+    assert in_bounds(range(0, 16, 8), -4, 4, 10) == 0 + 4  # front halos: [-4, 0) and [4, 8)
+    assert in_bounds(range(-255, 2048 - 255, 1024), 0, 1280, 2048) == 1025 + 1279  # causal k256's wide tiles
+    assert in_bounds([0], 0, 8, 1) == 1 and in_bounds([0], -4, 4, 1) == 0

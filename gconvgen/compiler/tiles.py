@@ -84,3 +84,9 @@ def pow2_between(value: int, low: int, high: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """a / b rounded up: tiles covering an extent."""
     return -(-a // b)
+
+
+def in_bounds(starts, offset: int, length: int, limit: int) -> int:
+    """The positions of [start + offset, start + offset + length) inside [0, limit), summed over ``starts``: what
+    a tile at each start reads where its bounds mask stops it (a masked lane requests nothing)."""
+    return sum(max(0, min(start + offset + length, limit) - max(start + offset, 0)) for start in starts)

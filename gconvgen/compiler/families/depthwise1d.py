@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ...ir import ConvSpec, check
-from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv, pow2_between
+from ..tiles import ELEMENT_BYTES, KernelConfig, PixelSpace, cdiv, in_bounds, pow2_between
 from .base import Family
 from .depthwise_gemm import is_wide_window
 
@@ -121,7 +121,19 @@ class Depthwise1d(Family):
         return window_halo(spec), halo_tile(spec, config.block_n, config.num_warps, config.block_m)
 
     def requested(self, desc, problem, programs: int, arguments: dict):
-        """Its input window once (main tile and whole halo tiles), k weight rows."""
+        """Each program's input window (main tile and whole halo tiles) and k weight rows, as far as the masks
+        let it read: positions in [0, width) of input rows in [0, height), channels below out_channels (a masked
+        lane requests nothing: a one-token prompt's tile of BLOCK_M positions reads one, its halo none)."""
         spec, config = problem.spec, desc.config
-        window = config.block_m * spec.stride[1] + sum(desc.halo_tile for side in desc.halo if side)
-        return programs * (window * config.block_n + self.taps(spec) * config.block_n) * ELEMENT_BYTES[spec.dtype], None
+        main = config.block_m * spec.stride[1]
+        width, halo = arguments["width"], desc.halo_tile
+        starts = range(0, cdiv(arguments["out_width"], config.block_m) * main, main)
+        front, back = desc.halo
+        row = (in_bounds(starts, 0, main, width) + (in_bounds(starts, -halo, halo, width) if front else 0)
+               + (in_bounds(starts, main, halo, width) if back else 0))
+        (stride_h, _), (pad_top, *_), (dilation_h, _) = spec.stride, spec.padding, spec.dilation
+        rows_read = sum(0 <= out_h * stride_h - pad_top + tap_h * dilation_h < arguments["height"]
+                        for out_h in range(arguments["out_height"]) for tap_h in range(spec.kernel_size[0]))
+        tiles = arguments["batch"] * arguments["out_height"] * len(starts)
+        loaded = spec.out_channels * (arguments["batch"] * rows_read * row + tiles * self.taps(spec))
+        return loaded * ELEMENT_BYTES[spec.dtype], None

@@ -10,7 +10,7 @@ from typing import Optional
 
 from ...ir import ConvSpec
 from ..tiles import (DEFAULT_SHARED_MEMORY_BYTES, ELEMENT_BYTES, H200_SMS, KernelConfig, PixelSpace, cdiv,
-                     pow2_between)
+                     in_bounds, pow2_between)
 from .base import Family
 from .igemm import DOT_SIDES
 from .igemm_rows import open_rows, row_phases
@@ -712,24 +712,51 @@ class DepthwiseGemm(Family):
         return loaded, steps * kernel_h * 2 * k * m * band
 
     def _forward_requested(self, desc, problem, programs: int, arguments: dict):
-        """Per channel and kernel row: the input, each band step's tile ("flat") or the main and halo tiles
-        once (strip_rows; of the wide tile the strips the band steps read), and each band step's weight segment; in columns (column_rows) the main and halo tiles
+        """Per channel and kernel row: the input, each band step's tile ("flat"), and each band step's weight
+        segment; one row's strips apart (_strips_requested); in columns (column_rows) the main and halo tiles
         of each band step once for every kernel row; sliding down the rows (sliding_rows) each band step's tile
         of an input row once for every kernel row, a program's rows and the window's reach past them."""
         if desc.slide_rows:
             return self._sliding_requested(desc, problem, programs, arguments)
+        if desc.halo_tile and not desc.step_rows:
+            return self._strips_requested(desc, problem, programs, arguments)
         spec, config = problem.spec, desc.config
         m, n, k = config.block_m, config.block_n, config.block_k
         steps = band_steps(spec, k, desc.band_shift)
         rows = programs * n * spec.kernel_size[0]
-        if desc.step_rows:
-            tiles = steps * (m + desc.halo_tile) * k / spec.kernel_size[0]
-        elif strip_rows(spec, desc.kind) and desc.halo_tile == m:  # the wide tile, as far as the band steps read
-            tiles = (m + steps - 1) * k
-        else:
-            tiles = (m + desc.halo_tile) * k if desc.halo_tile else steps * m * k
+        tiles = steps * (m + desc.halo_tile) * k / spec.kernel_size[0] if desc.step_rows else steps * m * k
         segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
         return rows * (tiles + steps * segment) * ELEMENT_BYTES[spec.dtype], rows * steps * 2 * m * k * k
+
+    def _strips_requested(self, desc, problem, programs: int, arguments: dict):
+        """One row's strips (strip_rows): per program, channel and kernel row the main and halo tiles once (of the
+        wide tile the strips the band steps read) and each band step's weight segment, as far as the masks let
+        them read (a masked lane requests nothing): input columns in [0, width) of input rows in [0, height),
+        offsets of the segment that are taps (the segment's lead of at most one offset left out)."""
+        spec, config = problem.spec, desc.config
+        m, n, k = config.block_m, config.block_n, config.block_k
+        steps = band_steps(spec, k, desc.band_shift)
+        width, window, dilation = arguments["width"], window_width(spec), spec.dilation[1]
+        tiles = cdiv(cdiv(arguments["out_width"], k), m)
+        lead = spec.padding[2] + desc.band_shift
+        starts = range(-lead, tiles * m * k - lead, m * k)  # each tile's first input column
+        if desc.halo_tile == m:  # the wide tile
+            row = in_bounds(starts, 0, (m + steps - 1) * k, width)
+        else:
+            row = in_bounds(starts, 0, m * k, width) + in_bounds(starts, m * k, desc.halo_tile * k, width)
+        (stride_h, _), (pad_top, *_), (dilation_h, _) = spec.stride, spec.padding, spec.dilation
+        rows_read = sum(0 <= out_h * stride_h - pad_top + tap_h * dilation_h < arguments["height"]
+                        for out_h in range(arguments["out_height"]) for tap_h in range(spec.kernel_size[0]))
+        segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
+        taps = 0
+        for step in range(steps):
+            first = step * k - desc.band_shift - (k - 1) * spec.stride[1]
+            low, high = max(first, 0), min(first + segment, window)
+            taps += max(0, cdiv(high, dilation) - cdiv(low, dilation))  # offsets that are multiples of the dilation
+        channels = spec.out_channels if desc.band_dot == "channels" else cdiv(spec.out_channels, n) * n
+        tile_rows = arguments["batch"] * arguments["out_height"] * spec.kernel_size[0] * tiles
+        loaded = channels * (arguments["batch"] * rows_read * row + tile_rows * taps)
+        return loaded * ELEMENT_BYTES[spec.dtype], programs * n * spec.kernel_size[0] * steps * 2 * m * k * k
 
     def _sliding_requested(self, desc, problem, programs: int, arguments: dict):
         """Sliding down the rows (sliding_rows): per program and channel, the band blocks of every kernel row and

@@ -467,5 +467,9 @@ def test_references_refuse_what_the_package_refuses():
     from gconvgen.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
     with pytest.raises(ValueError, match="activation='relu'"):
         causal_conv1d_ref(torch.randn(1, 4, 3), torch.randn(4, 2), activation="relu")
+    # causal-conv1d raises NotImplementedError for it: a caller's handler of either type catches it
+    for call in (causal_conv1d_ref, causal_conv1d_fn):
+        with pytest.raises(NotImplementedError, match="activation='gelu'"):
+            call(torch.randn(1, 4, 3), torch.randn(4, 2), activation="gelu")
     with pytest.raises(ValueError, match="state_len=2; it must hold at least width - 1 = 3"):
         causal_conv1d_update_ref(torch.randn(1, 4), torch.randn(1, 4, 2), torch.randn(4, 4))

@@ -46,9 +46,15 @@ __all__ = ["causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_varlen_sta
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+class UnsupportedActivation(ValueError, NotImplementedError):
+    """An activation the causal conv does not fuse: a ValueError, as gconvgen's input errors are, and the
+    NotImplementedError causal-conv1d raises for it, so a caller's handler of either catches it."""
+
+
 def _silu_or_none(activation: object) -> Optional[str]:
     check(activation in (None, "silu", "swish"),
-          f"activation={activation!r} is not supported; use None, 'silu' or 'swish' (silu's other name)")
+          f"activation={activation!r} is not supported; use None, 'silu' or 'swish' (silu's other name)",
+          UnsupportedActivation)
     return None if activation is None else "silu"
 
 

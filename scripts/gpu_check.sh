@@ -216,7 +216,8 @@ igemm_rows.IN_PLACE_GROUP_CHANNELS = 0
 from gconvgen.tools.cli import main
 main(prog_name='gconvgen staged')" bench "${nchw_grouped[@]}" --layout nchw --device "$device" \
     --backward >> "$out/bench.log" 2>&1 || status=1
-say "bench forward + backward, long causal windows (one row's strips at k128, the wide tile at k256; the grad-weight in pieces), both layouts"
+say "bench forward + backward, long causal windows (one row's strips at k128, the wide tile at k256; the" \
+    "grad-weight in pieces), both layouts"
 timeout "$long_windows_limit" "$python" -m gconvgen bench "${long_windows[@]}" --layout both --device "$device" \
     --backward >> "$out/bench.log" 2>&1 || status=1
 "$python" -m gconvgen cache export "$out/tuning-db.json" >> "$out/bench.log" 2>&1 || true

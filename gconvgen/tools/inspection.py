@@ -150,9 +150,10 @@ def tiling_figures(desc: KernelDesc, problem: Problem, grid: tuple[int, ...], ar
     """(global bytes the programs request / ideal bytes, tensor-core FLOPs issued / useful FLOPs) of the
     tiling, counting every operand tile each program loads (L2 may serve repeats: this bounds traffic
     from above; a masked lane requests nothing, which depthwise1d's and the banded forward's one-row strips count,
-    the other tile models counting their tiles whole) and a staged activation's copy, but not a grad-weight's copy of grad_output that the grad-input
-    made (``shared_grad_output``, stages_grad_output); each family models its own operand tiles
-    (Family.requested). None where the family's model is not written (the direct depthwise grad-input kernel)."""
+    the other tile models counting their tiles whole) and a staged activation's copy, but not a grad-weight's
+    copy of grad_output that the grad-input made (``shared_grad_output``, stages_grad_output); each family models
+    its own operand tiles (Family.requested). None where the family's model is not written (the direct
+    depthwise grad-input kernel)."""
     spec = problem.spec
     ideal_bytes, useful_flops = ideal_bytes_and_flops(problem)
     element = ELEMENT_BYTES[spec.dtype]

@@ -197,3 +197,11 @@ class Family:
     @staticmethod
     def taps(spec: ConvSpec) -> int:
         return math.prod(spec.kernel_size)
+
+    @staticmethod
+    def rows_in_bounds(spec: ConvSpec, arguments: dict) -> int:
+        """(output row, kernel row) pairs of one image whose input row lies in [0, height): the rows a tile
+        model's masks let it read (the rest are the conv's padding)."""
+        (stride_h, _), (pad_top, *_), (dilation_h, _) = spec.stride, spec.padding, spec.dilation
+        return sum(0 <= out_h * stride_h - pad_top + tap_h * dilation_h < arguments["height"]
+                   for out_h in range(arguments["out_height"]) for tap_h in range(spec.kernel_size[0]))

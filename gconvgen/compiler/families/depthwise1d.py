@@ -131,9 +131,7 @@ class Depthwise1d(Family):
         front, back = desc.halo
         row = (in_bounds(starts, 0, main, width) + (in_bounds(starts, -halo, halo, width) if front else 0)
                + (in_bounds(starts, main, halo, width) if back else 0))
-        (stride_h, _), (pad_top, *_), (dilation_h, _) = spec.stride, spec.padding, spec.dilation
-        rows_read = sum(0 <= out_h * stride_h - pad_top + tap_h * dilation_h < arguments["height"]
-                        for out_h in range(arguments["out_height"]) for tap_h in range(spec.kernel_size[0]))
+        rows_read = self.rows_in_bounds(spec, arguments)
         tiles = arguments["batch"] * arguments["out_height"] * len(starts)
         loaded = spec.out_channels * (arguments["batch"] * rows_read * row + tiles * self.taps(spec))
         return loaded * ELEMENT_BYTES[spec.dtype], None

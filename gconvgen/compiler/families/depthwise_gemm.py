@@ -277,6 +277,12 @@ def row_reach(spec: ConvSpec) -> int:
     return (spec.kernel_size[0] - 1) * spec.dilation[0]
 
 
+def band_segment(spec: ConvSpec, block_k: int) -> int:
+    """The weight offsets a band block is gathered from (the template's SEGMENT): block_k x the least power of two
+    past stride_w, which holds its block_k + (block_k - 1) x stride_w offsets."""
+    return block_k * 2 ** spec.stride[1].bit_length()
+
+
 def band_steps(spec: ConvSpec, block_k: int, band_shift: int) -> int:
     """How many [block_k, block_k] band matrices cover the input band of one strip of block_k output
     columns: band_shift columns read early (KernelDesc.band_shift), then (block_k - 1) x stride + the
@@ -687,7 +693,7 @@ class DepthwiseGemm(Family):
         groups = grad_input_groups(spec, arguments["height"])
         lag = row_reach(spec) // spec.stride[0]
         rows = sliding_block_rows(groups, arguments["batch"] * strips, m, grad_input_block_groups(spec)) + lag
-        segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
+        segment = band_segment(spec, k)
         loaded = channels * (rows * m * sum(reached) + spec.kernel_size[0] * steps * segment)
         return loaded * ELEMENT_BYTES[spec.dtype], channels * rows * spec.kernel_size[0] * steps * 2 * m * k * k
 
@@ -725,7 +731,7 @@ class DepthwiseGemm(Family):
         steps = band_steps(spec, k, desc.band_shift)
         rows = programs * n * spec.kernel_size[0]
         tiles = steps * (m + desc.halo_tile) * k / spec.kernel_size[0] if desc.step_rows else steps * m * k
-        segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
+        segment = band_segment(spec, k)
         return rows * (tiles + steps * segment) * ELEMENT_BYTES[spec.dtype], rows * steps * 2 * m * k * k
 
     def _strips_requested(self, desc, problem, programs: int, arguments: dict):
@@ -744,10 +750,8 @@ class DepthwiseGemm(Family):
             row = in_bounds(starts, 0, (m + steps - 1) * k, width)
         else:
             row = in_bounds(starts, 0, m * k, width) + in_bounds(starts, m * k, desc.halo_tile * k, width)
-        (stride_h, _), (pad_top, *_), (dilation_h, _) = spec.stride, spec.padding, spec.dilation
-        rows_read = sum(0 <= out_h * stride_h - pad_top + tap_h * dilation_h < arguments["height"]
-                        for out_h in range(arguments["out_height"]) for tap_h in range(spec.kernel_size[0]))
-        segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
+        rows_read = self.rows_in_bounds(spec, arguments)
+        segment = band_segment(spec, k)
         taps = 0
         for step in range(steps):
             first = step * k - desc.band_shift - (k - 1) * spec.stride[1]
@@ -772,6 +776,6 @@ class DepthwiseGemm(Family):
         channels = programs * n
         strips = cdiv(arguments["out_width"], k)
         rows = sliding_block_rows(arguments["out_height"], arguments["batch"] * strips, m) + open_rows(spec) - 1
-        segment = k * 2 ** spec.stride[1].bit_length()  # the template's SEGMENT
+        segment = band_segment(spec, k)
         loaded = channels * (rows * len(row_phases(spec)) * m * sum(reached) + spec.kernel_size[0] * steps * segment)
         return loaded * ELEMENT_BYTES[spec.dtype], channels * rows * spec.kernel_size[0] * steps * 2 * m * k * k
